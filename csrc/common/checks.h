@@ -1,0 +1,77 @@
+// Input checks shared by every native op (CPU and CUDA bind layers). Each message names the op,
+// the argument, what was expected and what was given; fastdl/_checks.py mirrors them for Triton.
+#pragma once
+
+#include <cmath>
+#include <initializer_list>
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace fastdl::checks {
+
+inline std::string dtype_list(std::initializer_list<c10::ScalarType> allowed) {
+  std::ostringstream s;
+  const char* sep = "";
+  for (auto t : allowed) {
+    s << sep << c10::toString(t);
+    sep = ", ";
+  }
+  return s.str();
+}
+
+inline void dtype(const char* op, const char* arg, const at::Tensor& t,
+                  std::initializer_list<c10::ScalarType> allowed) {
+  for (auto a : allowed)
+    if (t.scalar_type() == a) return;
+  TORCH_CHECK_TYPE(false, op, ": ", arg, " has dtype ", t.scalar_type(),
+                   "; supported dtypes: ", dtype_list(allowed));
+}
+
+inline void same_device(const char* op, const char* arg, const at::Tensor& t,
+                        const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(),
+              " but x is on ", ref.device(), "; all tensors must be on the same device");
+}
+
+inline void same_shape(const char* op, const char* arg, const at::Tensor& t,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", arg, " must have the shape of x ", ref.sizes(),
+              ", got ", t.sizes());
+}
+
+inline void positive_eps(const char* op, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a positive finite number, got ",
+              eps);
+}
+
+inline bool reduced_precision(c10::ScalarType t) {
+  return t == at::kBFloat16 || t == at::kHalf;
+}
+
+// A per-feature parameter (weight, bias, running statistic): `numel` elements on x's device,
+// dtype x.dtype or float32 when x is bfloat16/float16 (the mixed precision torch also accepts).
+inline void param(const char* op, const char* arg, const std::optional<at::Tensor>& p,
+                  const at::Tensor& x, int64_t numel) {
+  if (!p.has_value()) return;
+  same_device(op, arg, *p, x);
+  TORCH_CHECK(p->numel() == numel, op, ": ", arg, " must have ", numel, " elements, got shape ",
+              p->sizes());
+  bool ok = p->scalar_type() == x.scalar_type() ||
+            (reduced_precision(x.scalar_type()) && p->scalar_type() == at::kFloat);
+  TORCH_CHECK_TYPE(ok, op, ": ", arg, " has dtype ", p->scalar_type(), " but x has dtype ",
+                   x.scalar_type(), "; expected ", x.scalar_type(),
+                   reduced_precision(x.scalar_type()) ? " or Float" : "");
+}
+
+// x viewed as (rows, normalized_numel).
+inline void normalized_numel(const char* op, const at::Tensor& x, int64_t n) {
+  TORCH_CHECK(n >= 1, op, ": normalized_numel must be >= 1, got ", n);
+  TORCH_CHECK(x.dim() >= 1 && x.numel() % n == 0, op, ": x of shape ", x.sizes(),
+              " cannot be viewed as rows of normalized_numel=", n);
+}
+
+}  // namespace fastdl::checks

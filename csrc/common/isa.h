@@ -1,0 +1,18 @@
+// Run-time CPU ISA dispatch. Kernels are compiled once per ISA (csrc/cpu/isa/*.cpp, each
+// under its own `#pragma GCC target`), and the bind layer picks the table for cpu_isa().
+#pragma once
+
+namespace fastdl {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best ISA this CPU supports (AVX-512 needs F+BW+VL+DQ; AVX2 needs AVX2+FMA).
+Isa detect_cpu_isa();
+// The ISA kernels use: detect_cpu_isa(), lowered by FASTDL_CPU_ISA or set_cpu_isa().
+Isa cpu_isa();
+// Lower (or restore) the ISA in use; asking for more than the CPU supports is an error.
+void set_cpu_isa(Isa isa);
+const char* isa_name(Isa isa);
+Isa parse_isa(const char* name);
+
+}  // namespace fastdl

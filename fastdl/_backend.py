@@ -1,0 +1,57 @@
+"""Which kernels run a CUDA tensor: the hand-written CUDA ones ("native"), Triton ("triton"),
+or "auto", the faster of the two as measured (AUTO below, from bench/results).
+
+CPU tensors always run the C++ kernels, except that with TRITON_INTERPRET=1 and the backend
+set to "triton" they run the Triton kernels through the interpreter (how the tests cover them).
+"""
+
+import os
+
+from fastdl import _ext
+
+BACKENDS = ("native", "triton", "auto")
+# The faster CUDA backend per family, as measured by `python -m bench` on a GPU.
+AUTO = {"norm": "native"}
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"fastdl.backend: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_current = _validate(os.environ.get("FASTDL_BACKEND", "auto"))
+
+
+def get_backend() -> str:
+    """The backend in force: 'native', 'triton' or 'auto'."""
+    return _current
+
+
+class backend:
+    """Set the CUDA backend, as a setter (``fastdl.backend("triton")``) or for a block
+    (``with fastdl.backend("native"): ...``), restoring the previous one on exit."""
+
+    def __init__(self, name: str):
+        global _current
+        self._previous = _current
+        _current = _validate(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _current
+        _current = self._previous
+        return False
+
+
+def resolve(family: str, device_type: str) -> str:
+    """'native' or 'triton' for a tensor of this device type, under the backend in force."""
+    if device_type != "cuda":
+        return "triton" if _current == "triton" and _ext.TRITON_INTERPRET else "native"
+    if _current != "auto":
+        return _current
+    if AUTO[family] == "native" and not _ext.native_cuda() and _ext.HAS_TRITON:
+        return "triton"
+    return AUTO[family]

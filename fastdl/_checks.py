@@ -1,0 +1,77 @@
+"""Input checks for the Python side (public functions and Triton ops). The messages mirror
+csrc/common/checks.h: they name the op, the argument, what was expected and what was given."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+REDUCED = (torch.bfloat16, torch.float16)
+
+
+def dtype(op: str, arg: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(a).removeprefix("torch.") for a in allowed)
+        raise TypeError(f"{op}: {arg} has dtype {t.dtype}; supported dtypes: {names}")
+
+
+def same_device(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise RuntimeError(
+            f"{op}: {arg} is on {t.device} but x is on {ref.device}; "
+            "all tensors must be on the same device"
+        )
+
+
+def same_shape(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.shape != ref.shape:
+        raise RuntimeError(
+            f"{op}: {arg} must have the shape of x {list(ref.shape)}, got {list(t.shape)}"
+        )
+
+
+def positive_eps(op: str, eps: float) -> None:
+    if not (math.isfinite(eps) and eps > 0):
+        raise RuntimeError(f"{op}: eps must be a positive finite number, got {eps}")
+
+
+def param(op: str, arg: str, p: torch.Tensor | None, x: torch.Tensor, numel: int) -> None:
+    """A per-feature parameter: `numel` elements on x's device, dtype x.dtype (or float32 when x
+    is bfloat16/float16)."""
+    if p is None:
+        return
+    same_device(op, arg, p, x)
+    if p.numel() != numel:
+        raise RuntimeError(f"{op}: {arg} must have {numel} elements, got shape {list(p.shape)}")
+    if not (p.dtype == x.dtype or (x.dtype in REDUCED and p.dtype == torch.float32)):
+        extra = " or torch.float32" if x.dtype in REDUCED else ""
+        raise TypeError(
+            f"{op}: {arg} has dtype {p.dtype} but x has dtype {x.dtype}; expected {x.dtype}{extra}"
+        )
+
+
+def normalized_numel(op: str, x: torch.Tensor, n: int) -> None:
+    if n < 1:
+        raise RuntimeError(f"{op}: normalized_numel must be >= 1, got {n}")
+    if x.dim() < 1 or x.numel() % n != 0:
+        raise RuntimeError(
+            f"{op}: x of shape {list(x.shape)} cannot be viewed as rows of normalized_numel={n}"
+        )
+
+
+def normalized_shape(op: str, x: torch.Tensor, shape: int | Sequence[int]) -> tuple[int, ...]:
+    """The normalized_shape as a tuple, checked against x's trailing dimensions."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape) :]) != shape:
+        raise RuntimeError(
+            f"{op}: normalized_shape {list(shape)} must match the trailing dimensions of x, "
+            f"got x of shape {list(x.shape)}"
+        )
+    return shape
+
+
+def param_shape(op: str, arg: str, p: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    if p is not None and tuple(p.shape) != shape:
+        raise RuntimeError(
+            f"{op}: {arg} must have shape normalized_shape {list(shape)}, got {list(p.shape)}"
+        )

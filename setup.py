@@ -1,0 +1,48 @@
+"""Builds fastdl._C: csrc/cpu always, csrc/cuda when torch has CUDA (and FASTDL_NO_CUDA is unset).
+
+Switches: DEBUG=1 (-O0 -g), FASTDL_NO_CUDA=1 (CPU only even when torch has CUDA).
+The CPU ISA is chosen at run time (csrc/common/isa.cpp): the default build never uses
+-march=native, because the machine that builds a wheel is not the one that runs it.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+WITH_CUDA = (
+    torch.version.cuda is not None
+    and CUDA_HOME is not None
+    and os.environ.get("FASTDL_NO_CUDA", "0") != "1"
+)
+
+
+def sources(*patterns):
+    return sorted(f for p in patterns for f in glob.glob(p, recursive=True))
+
+
+def extension():
+    opt = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
+    cxx = [*opt, "-std=c++17", "-Wall", "-Wno-unknown-pragmas", "-fvisibility=hidden"]
+    srcs = sources("csrc/*.cpp", "csrc/common/*.cpp", "csrc/cpu/*.cpp", "csrc/cpu/isa/*.cpp")
+    kwargs = {"include_dirs": [os.path.abspath("csrc")], "extra_compile_args": {"cxx": cxx}}
+    if not WITH_CUDA:
+        return CppExtension("fastdl._C", srcs, **kwargs)
+    nvcc = [*opt, "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    for arch in os.environ.get("FASTDL_CUDA_ARCHS", "80;90a").split(";"):
+        nvcc += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    kwargs["extra_compile_args"] = {"cxx": [*cxx, "-DFASTDL_WITH_CUDA"], "nvcc": nvcc}
+    srcs += sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
+    return CUDAExtension("fastdl._C", srcs, **kwargs)
+
+
+setup(
+    packages=["fastdl", "fastdl.ops", "fastdl.nn", "fastdl.models", "fastdl.kernels"],
+    package_dir={"fastdl.kernels": "kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

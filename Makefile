@@ -22,7 +22,7 @@ $(VENV)/.deps: pyproject.toml
 	touch $@
 
 $(VENV)/.ext: $(VENV)/.deps $(EXT_SRCS)
-	MAX_JOBS=$${MAX_JOBS:-$$(nproc)} $(PY) setup.py -q build_ext --inplace
+	mkdir -p build && MAX_JOBS=$${MAX_JOBS:-$$(nproc)} flock build/.lock $(PY) setup.py -q build_ext --inplace
 	touch $@
 
 build: $(VENV)/.ext

@@ -27,12 +27,12 @@ def sources(*patterns):
 
 def extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
-    cxx = [*opt, "-std=c++17", "-Wall", "-Wno-unknown-pragmas", "-fvisibility=hidden"]
+    cxx = [*opt, "-std=c++20", "-Wall", "-Wno-unknown-pragmas", "-fvisibility=hidden"]
     srcs = sources("csrc/*.cpp", "csrc/common/*.cpp", "csrc/cpu/*.cpp", "csrc/cpu/isa/*.cpp")
     kwargs = {"include_dirs": [os.path.abspath("csrc")], "extra_compile_args": {"cxx": cxx}}
     if not WITH_CUDA:
         return CppExtension("fastdl._C", srcs, **kwargs)
-    nvcc = [*opt, "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = [*opt, "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     for arch in os.environ.get("FASTDL_CUDA_ARCHS", "80;90a").split(";"):
         nvcc += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     kwargs["extra_compile_args"] = {"cxx": [*cxx, "-DFASTDL_WITH_CUDA"], "nvcc": nvcc}

@@ -33,8 +33,20 @@ def channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _empty_grad(x: torch.Tensor, ref: torch.Tensor | None, wanted: bool) -> torch.Tensor:
-    return torch.empty_like(ref) if wanted and ref is not None else x.new_empty(0)
+def _param_grad(x: torch.Tensor, numel: int, wanted: bool) -> torch.Tensor:
+    # Parameter gradients come back flat, in the statistics dtype; autograd casts and reshapes.
+    return x.new_empty(numel if wanted else 0, dtype=_stat_dtype(x))
+
+
+def _spec(p: torch.Tensor | None) -> tuple[torch.Size, torch.dtype] | None:
+    return None if p is None else (p.shape, p.dtype)
+
+
+def _as_param(grad: torch.Tensor, spec, wanted: bool) -> torch.Tensor | None:
+    if not wanted:
+        return None
+    shape, dtype = spec
+    return grad.view(shape).to(dtype)
 
 
 # ---------------------------------------------------------------- fake kernels (all backends)
@@ -50,7 +62,8 @@ def _layer_norm_fwd_fake(x, residual, weight, bias, normalized_numel, eps):
 
 def _layer_norm_bwd_fake(grad_out, grad_sum, input, mean, rstd, weight, normalized_numel, mask):
     gi = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-    return gi, _empty_grad(input, weight, mask[1]), _empty_grad(input, weight, mask[2])
+    n = normalized_numel
+    return gi, _param_grad(input, n, mask[1]), _param_grad(input, n, mask[2])
 
 
 def _rms_norm_fwd_fake(x, residual, weight, normalized_numel, eps):
@@ -60,7 +73,7 @@ def _rms_norm_fwd_fake(x, residual, weight, normalized_numel, eps):
 
 def _rms_norm_bwd_fake(grad_out, grad_sum, input, rstd, weight, normalized_numel, mask):
     gi = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-    return gi, _empty_grad(input, weight, mask[1])
+    return gi, _param_grad(input, normalized_numel, mask[1])
 
 
 def _bn_like(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +88,8 @@ def _batch_norm_fwd_fake(x, weight, bias, running_mean, running_var, training, e
 
 
 def _batch_norm_bwd_fake(grad_out, x, weight, bias, save_mean, save_invstd, training, relu, mask):
-    return _bn_like(x), _empty_grad(x, weight, mask[1]), _empty_grad(x, weight, mask[2])
+    c = x.shape[1]
+    return _bn_like(x), _param_grad(x, c, mask[1]), _param_grad(x, c, mask[2])
 
 
 # ---------------------------------------------------------------- autograd (all backends)
@@ -87,6 +101,7 @@ def _norm_setup(ctx, inputs, output):
     weight, n = inputs[2], inputs[4 if has_bias else 3]
     stats = output[2:]
     ctx.n, ctx.has_residual = n, residual is not None
+    ctx.params = (_spec(weight), _spec(inputs[3] if has_bias else None))
     ctx.save_for_backward(output[1] if residual is not None else x, *stats, weight)
 
 
@@ -97,7 +112,8 @@ def _layer_norm_backward(bwd):
         mask = [nx or nr, nw, nb]
         gi, gw, gb = bwd(g_out, g_sum if ctx.has_residual else None, inp, mean, rstd, weight,
                          ctx.n, mask)
-        return _input_grads(ctx, gi, nx, nr) + (gw if nw else None, gb if nb else None, None, None)
+        w, b = ctx.params
+        return (*_input_grads(ctx, gi, nx, nr), _as_param(gw, w, nw), _as_param(gb, b, nb), None, None)
 
     return backward
 
@@ -108,7 +124,7 @@ def _rms_norm_backward(bwd):
         nx, nr, nw = ctx.needs_input_grad[:3]
         gi, gw = bwd(g_out, g_sum if ctx.has_residual else None, inp, rstd, weight, ctx.n,
                      [nx or nr, nw])
-        return _input_grads(ctx, gi, nx, nr) + (gw if nw else None, None, None)
+        return (*_input_grads(ctx, gi, nx, nr), _as_param(gw, ctx.params[0], nw), None, None)
 
     return backward
 
@@ -121,6 +137,7 @@ def _input_grads(ctx, gi, nx, nr):
 def _batch_norm_setup(ctx, inputs, output):
     x, weight, bias, _rm, _rv, training, _eps, relu = inputs
     ctx.training, ctx.relu = training, relu
+    ctx.params = (_spec(weight), _spec(bias))
     ctx.save_for_backward(x, weight, bias if relu else None, output[1], output[2])
 
 
@@ -132,7 +149,8 @@ def _batch_norm_backward(bwd):
             raise RuntimeError("fastdl.batch_norm: running_mean/running_var take no gradient")
         gi, gw, gb = bwd(g_out, x, weight, bias, mean, invstd, ctx.training, ctx.relu,
                          [nx, nw, nb])
-        return (gi if nx else None, gw if nw else None, gb if nb else None) + (None,) * 5
+        w, b = ctx.params
+        return (gi if nx else None, _as_param(gw, w, nw), _as_param(gb, b, nb), *(None,) * 5)
 
     return backward
 

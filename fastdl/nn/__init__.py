@@ -1,0 +1,5 @@
+"""Drop-in modules, state_dict-compatible with their torch.nn twins."""
+
+from fastdl.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "RMSNorm"]

@@ -18,7 +18,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	$(PIP) install setuptools wheel ninja
-	$(PIP) install --no-build-isolation -e ".[test,bench,dev]"
+	FASTDL_NO_EXT=1 $(PIP) install --no-build-isolation -e ".[test,bench,dev]"
 	touch $@
 
 $(VENV)/.ext: $(VENV)/.deps $(EXT_SRCS)

@@ -1,6 +1,8 @@
 """Builds fastdl._C: csrc/cpu always, csrc/cuda when torch has CUDA (and FASTDL_NO_CUDA is unset).
 
-Switches: DEBUG=1 (-O0 -g), FASTDL_NO_CUDA=1 (CPU only even when torch has CUDA).
+Switches: DEBUG=1 (-O0 -g), FASTDL_NO_CUDA=1 (CPU only even when torch has CUDA),
+FASTDL_NO_EXT=1 (no extension: the Makefile installs the package and its dependencies that
+way, then builds the extension in place once with `setup.py build_ext --inplace`).
 The CPU ISA is chosen at run time (csrc/common/isa.cpp): the default build never uses
 -march=native, because the machine that builds a wheel is not the one that runs it.
 """
@@ -8,9 +10,8 @@ The CPU ISA is chosen at run time (csrc/common/isa.cpp): the default build never
 import glob
 import os
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 DEBUG = os.environ.get("DEBUG", "0") == "1"
@@ -43,6 +44,6 @@ def extension():
 setup(
     packages=["fastdl", "fastdl.ops", "fastdl.nn", "fastdl.models", "fastdl.kernels"],
     package_dir={"fastdl.kernels": "kernels"},
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("FASTDL_NO_EXT", "0") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

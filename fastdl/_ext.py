@@ -62,7 +62,9 @@ def available_backends() -> dict[str, str]:
     else:
         cpu_state = f"available (ISA {_C.cpu_isa()}, best {_C.best_cpu_isa()})"
         if not _C.has_cuda():
-            cuda_state = "missing (fastdl._C built without CUDA: torch has no CUDA or FASTDL_NO_CUDA)"
+            cuda_state = (
+                "missing (fastdl._C built without CUDA: torch has no CUDA or FASTDL_NO_CUDA)"
+            )
         else:
             cuda_state = "available" if cuda else "built, no GPU visible"
     return {"cpu (C++)": cpu_state, "cuda (native .cu)": cuda_state, "triton": triton_state}

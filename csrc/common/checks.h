@@ -33,8 +33,8 @@ inline void dtype(const char* op, const char* arg, const at::Tensor& t,
 
 inline void same_device(const char* op, const char* arg, const at::Tensor& t,
                         const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(),
-              " but x is on ", ref.device(), "; all tensors must be on the same device");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(), " but x is on ",
+              ref.device(), "; all tensors must be on the same device");
 }
 
 inline void same_shape(const char* op, const char* arg, const at::Tensor& t,

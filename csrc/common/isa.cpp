@@ -49,7 +49,9 @@ std::atomic<int>& current() {
 }
 }  // namespace
 
-Isa cpu_isa() { return static_cast<Isa>(current().load(std::memory_order_relaxed)); }
+Isa cpu_isa() {
+  return static_cast<Isa>(current().load(std::memory_order_relaxed));
+}
 
 void set_cpu_isa(Isa isa) {
   TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(detect_cpu_isa()), "fastdl: this CPU ",

@@ -30,7 +30,11 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
 
 def channels_last(x: torch.Tensor) -> bool:
     """Whether batch_norm keeps x in channels_last (the rule every backend follows)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def _param_grad(x: torch.Tensor, numel: int, wanted: bool) -> torch.Tensor:
@@ -110,10 +114,17 @@ def _layer_norm_backward(bwd):
         inp, mean, rstd, weight = ctx.saved_tensors
         nx, nr, nw, nb = ctx.needs_input_grad[:4]
         mask = [nx or nr, nw, nb]
-        gi, gw, gb = bwd(g_out, g_sum if ctx.has_residual else None, inp, mean, rstd, weight,
-                         ctx.n, mask)
+        gi, gw, gb = bwd(
+            g_out, g_sum if ctx.has_residual else None, inp, mean, rstd, weight, ctx.n, mask
+        )
         w, b = ctx.params
-        return (*_input_grads(ctx, gi, nx, nr), _as_param(gw, w, nw), _as_param(gb, b, nb), None, None)
+        return (
+            *_input_grads(ctx, gi, nx, nr),
+            _as_param(gw, w, nw),
+            _as_param(gb, b, nb),
+            None,
+            None,
+        )
 
     return backward
 
@@ -122,8 +133,9 @@ def _rms_norm_backward(bwd):
     def backward(ctx, g_out, g_sum, _g_rstd):
         inp, rstd, weight = ctx.saved_tensors
         nx, nr, nw = ctx.needs_input_grad[:3]
-        gi, gw = bwd(g_out, g_sum if ctx.has_residual else None, inp, rstd, weight, ctx.n,
-                     [nx or nr, nw])
+        gi, gw = bwd(
+            g_out, g_sum if ctx.has_residual else None, inp, rstd, weight, ctx.n, [nx or nr, nw]
+        )
         return (*_input_grads(ctx, gi, nx, nr), _as_param(gw, ctx.params[0], nw), None, None)
 
     return backward
@@ -147,8 +159,7 @@ def _batch_norm_backward(bwd):
         nx, nw, nb = ctx.needs_input_grad[:3]
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             raise RuntimeError("fastdl.batch_norm: running_mean/running_var take no gradient")
-        gi, gw, gb = bwd(g_out, x, weight, bias, mean, invstd, ctx.training, ctx.relu,
-                         [nx, nw, nb])
+        gi, gw, gb = bwd(g_out, x, weight, bias, mean, invstd, ctx.training, ctx.relu, [nx, nw, nb])
         w, b = ctx.params
         return (gi if nx else None, _as_param(gw, w, nw), _as_param(gb, b, nb), *(None,) * 5)
 
@@ -196,7 +207,9 @@ def _triton_ops() -> SimpleNamespace | None:
     return _register(
         SimpleNamespace(
             **{
-                n: torch.library.custom_op(f"fastdl::{n}_triton", getattr(launchers, n), mutates_args=())
+                n: torch.library.custom_op(
+                    f"fastdl::{n}_triton", getattr(launchers, n), mutates_args=()
+                )
                 for n in OPS
             }
         )
@@ -346,8 +359,9 @@ def batch_norm(
         raise RuntimeError(f"{op}: running_mean and running_var are required in eval mode")
     ops = _ops(op, x)
     rm, rv = (None, None) if training else (running_mean, running_var)
-    out, mean, invstd = ops.batch_norm_fwd(x, weight, bias, rm, rv, training, eps,
-                                           activation == "relu")
+    out, mean, invstd = ops.batch_norm_fwd(
+        x, weight, bias, rm, rv, training, eps, activation == "relu"
+    )
     if training and running_mean is not None and running_var is not None and count > 0:
         _update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
     return out

@@ -232,7 +232,15 @@ def _ops(op: str, x: torch.Tensor) -> SimpleNamespace:
 # ---------------------------------------------------------------- public functions
 
 
+def _same_device(op, x, **tensors):
+    # Also here, not only in the kernels: a "meta" argument would route the call to the fake.
+    for name, t in tensors.items():
+        if t is not None:
+            _checks.same_device(op, name, t, x)
+
+
 def _affine_norm_args(op, x, normalized_shape, weight, bias, eps):
+    _same_device(op, x, weight=weight, bias=bias)
     shape = _checks.normalized_shape(op, x, normalized_shape)
     _checks.param_shape(op, "weight", weight, shape)
     _checks.param_shape(op, "bias", bias, shape)
@@ -273,6 +281,7 @@ def add_layer_norm(
     Dtypes, backends and determinism as :func:`layer_norm`.
     """
     op = "fastdl.add_layer_norm"
+    _same_device(op, x, residual=residual)
     _checks.same_shape(op, "residual", residual, x)
     n = _affine_norm_args(op, x, normalized_shape, weight, bias, eps)
     out, s, _, _ = _ops(op, x).layer_norm_fwd(x, residual, weight, bias, n, eps)
@@ -280,7 +289,10 @@ def add_layer_norm(
 
 
 def _rms_eps(x: torch.Tensor, eps: float | None) -> float:
-    return torch.finfo(x.dtype).eps if eps is None else eps
+    if eps is not None:
+        return eps
+    # A non-float x has no finfo; any positive eps lets the op's dtype check give the message.
+    return torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 1.0
 
 
 def rms_norm(
@@ -309,6 +321,7 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``s = x + residual``; returns ``(rms_norm(s), s)``. See :func:`add_layer_norm`."""
     op = "fastdl.add_rms_norm"
+    _same_device(op, x, residual=residual)
     _checks.same_shape(op, "residual", residual, x)
     eps = _rms_eps(x, eps)
     n = _affine_norm_args(op, x, normalized_shape, weight, None, eps)
@@ -345,6 +358,7 @@ def batch_norm(
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     _checks.positive_eps(op, eps)
+    _same_device(op, x, weight=weight, bias=bias)
     c = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         _checks.param(op, name, t, x, c)
@@ -370,6 +384,7 @@ def batch_norm(
 @torch.no_grad()
 def _update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count):
     # The biased batch variance is recovered from the saved inverse std: var = invstd^-2 - eps.
+    # Computed in the statistics dtype and rounded once into bf16/fp16 running stats.
     var = invstd.reciprocal().square_().sub_(eps).mul_(count / (count - 1))
-    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-    running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+    for running, batch in ((running_mean, mean), (running_var, var)):
+        running.copy_(running.to(batch.dtype).mul_(1 - momentum).add_(batch, alpha=momentum))

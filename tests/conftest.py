@@ -1,0 +1,124 @@
+"""Backends the op-level tests run through, and per-test seeding.
+
+Without CUDA the Triton kernels run on CPU tensors through the Triton interpreter; the
+@triton.jit decorator reads TRITON_INTERPRET when the kernel module is imported, so it is set
+here, before anything imports triton or fastdl.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import fastdl  # noqa: E402
+from fastdl import _ext  # noqa: E402
+from fastdl.ops import norm  # noqa: E402
+
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way an op can run: fastdl.backend(name) with tensors on device."""
+
+    name: str
+    device: str
+    dtypes: tuple[torch.dtype, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name}-{self.device}"
+
+    @property
+    def interpreted(self) -> bool:
+        """Triton on CPU tensors: the interpreter, so only small shapes."""
+        return self.name == "triton" and self.device == "cpu"
+
+    @property
+    def ops(self):
+        """The raw norm ops of this backend (fastdl.ops.norm.NATIVE or .TRITON)."""
+        return norm.NATIVE if self.name == "native" else norm.TRITON
+
+    def missing(self) -> str | None:
+        if self.name == "native":
+            if _ext._C is None:
+                return "needs the built extension"
+            if self.device == "cuda" and not _ext.native_cuda():
+                return "needs the built extension with CUDA"
+        elif not _ext.HAS_TRITON or norm.TRITON is None:
+            return "needs triton"
+        return None
+
+
+NATIVE_CPU = Backend("native", "cpu", CPU_DTYPES)
+if CUDA:
+    BACKENDS = (
+        NATIVE_CPU,
+        Backend("native", "cuda", GPU_DTYPES),
+        Backend("triton", "cuda", GPU_DTYPES),
+    )
+else:
+    BACKENDS = (NATIVE_CPU, Backend("triton", "cpu", GPU_DTYPES))
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def case_id(case) -> str:
+    if isinstance(case, tuple):
+        return "x".join(map(str, case))
+    return str(case)
+
+
+def cases(native, interpreted=None, dtypes=True):
+    """pytest params (backend[, dtype], case) for ``@pytest.mark.parametrize("backend,dtype,case",
+    ...)``: ``native`` cases for compiled backends, ``interpreted`` (default: the same) for Triton
+    through the interpreter, each with every dtype the backend supports when ``dtypes`` (or the
+    dtypes in ``dtypes`` that the backend supports, when it is a tuple)."""
+    params = []
+    for b in BACKENDS:
+        for case in interpreted if (b.interpreted and interpreted is not None) else native:
+            wanted = b.dtypes if dtypes is True else [d for d in dtypes or () if d in b.dtypes]
+            for dt in wanted if dtypes else (None,):
+                values = (b, dt, case) if dtypes else (b, case)
+                ident = "-".join(filter(None, (str(b), dt and dtype_id(dt), case_id(case))))
+                params.append(pytest.param(*values, id=ident))
+    return params
+
+
+def _parametrized(metafunc, name: str) -> bool:
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else names
+        if name in names:
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc):
+    # A test that asks for `backend` without parametrizing it itself runs on every backend.
+    if "backend" in metafunc.fixturenames and not _parametrized(metafunc, "backend"):
+        metafunc.parametrize("backend", BACKENDS, ids=str, indirect=True)
+
+
+@pytest.fixture
+def backend(request):
+    """The Backend in force for the test (fastdl.backend(name) for its duration)."""
+    b = request.param
+    reason = b.missing()
+    if reason:
+        pytest.skip(reason)
+    with fastdl.backend(b.name):
+        yield b
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,208 @@
+"""The package: import and public API, `python -m fastdl info`, backend choice (setter, context
+manager, FASTDL_BACKEND), Triton ops' schemas against the native ones, and importing without the
+compiled extension."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import NATIVE_CPU
+
+import fastdl
+from fastdl import _ext
+from fastdl.ops import norm
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND_KEYS = ("cpu (C++)", "cuda (native .cu)", "triton")
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_public_api():
+    for name in fastdl.__all__:
+        assert hasattr(fastdl, name), name
+    for fn in (fastdl.layer_norm, fastdl.batch_norm):
+        assert "Deterministic" in fn.__doc__ and "Backends" in fn.__doc__
+    assert {"LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d"} <= set(fastdl.nn.__all__)
+
+
+def test_available_backends_names_each_backend():
+    states = fastdl.available_backends()
+    assert tuple(states) == BACKEND_KEYS
+    assert all(isinstance(s, str) and s for s in states.values())
+    if _ext._C is not None:
+        assert states["cpu (C++)"].startswith("available")
+        assert fastdl.cpu_isa() in states["cpu (C++)"]
+    if _ext.HAS_TRITON and (torch.cuda.is_available() or _ext.TRITON_INTERPRET):
+        assert states["triton"].startswith("available")
+    if not torch.cuda.is_available():
+        assert not states["cuda (native .cu)"].startswith("available")
+
+
+def test_info_command():
+    run = subprocess.run(
+        [sys.executable, "-m", "fastdl", "info"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert f"fastdl  {fastdl.__version__}" in out
+    assert torch.__version__ in out
+    assert "backends:" in out
+    for key in BACKEND_KEYS:
+        assert key in out
+    if _ext._C is not None:
+        assert f"cpu isa {fastdl.cpu_isa()}" in out
+    if _ext.HAS_TRITON:
+        import triton
+
+        assert triton.__version__ in out
+
+
+def test_info_rejects_unknown_command():
+    run = subprocess.run(
+        [sys.executable, "-m", "fastdl", "bogus"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0 and "invalid choice" in run.stderr
+
+
+def test_backend_setter_and_context_manager():
+    before = fastdl.get_backend()
+    try:
+        with fastdl.backend("triton") as ctx:
+            assert ctx is not None
+            assert fastdl.get_backend() == "triton"
+            with fastdl.backend("native"):
+                assert fastdl.get_backend() == "native"
+            assert fastdl.get_backend() == "triton"
+        assert fastdl.get_backend() == before
+        fastdl.backend("native")
+        assert fastdl.get_backend() == "native"
+        fastdl.backend("auto")
+        assert fastdl.get_backend() == "auto"
+    finally:
+        fastdl.backend(before)
+
+
+@pytest.mark.parametrize("name", ["cuda", "Triton", "", "torch"])
+def test_backend_rejects_unknown_names(name):
+    before = fastdl.get_backend()
+    with pytest.raises(ValueError, match=r"expected one of \('native', 'triton', 'auto'\)"):
+        fastdl.backend(name)
+    assert fastdl.get_backend() == before
+
+
+def test_backend_from_environment():
+    code = "import fastdl; print(fastdl.get_backend())"
+    run = _python(code, FASTDL_BACKEND="triton")  # not the default, so it was read
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "triton"
+    run = _python(code, FASTDL_BACKEND="fastest")
+    assert run.returncode != 0
+    assert "expected one of" in run.stderr and "'fastest'" in run.stderr
+
+
+@pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
+def test_cpu_tensors_dispatch_by_backend(backend, monkeypatch):
+    """CPU tensors run the C++ kernels, or the Triton ones under the interpreter when the backend
+    is "triton" and TRITON_INTERPRET=1."""
+    calls = []
+    for ns, label in ((norm.NATIVE, "native"), (norm.TRITON, "triton")):
+        if ns is None:
+            continue
+        for op in ("layer_norm_fwd", "rms_norm_fwd", "batch_norm_fwd"):
+            real = getattr(ns, op)
+            monkeypatch.setattr(
+                ns, op, lambda *a, real=real, label=label: calls.append(label) or real(*a)
+            )
+    x = torch.randn(4, 6)
+    interp = _ext.HAS_TRITON and _ext.TRITON_INTERPRET
+    for name, expect in (
+        ("native", "native"),
+        ("auto", "native"),
+        ("triton", "triton" if interp else "native"),
+    ):
+        calls.clear()
+        with fastdl.backend(name):
+            fastdl.layer_norm(x, 6)
+            fastdl.add_rms_norm(x, x, 6)
+            fastdl.batch_norm(x, None, None, training=True)
+        assert calls == [expect] * 3, (name, calls)
+
+
+@pytest.mark.skipif(not _ext.HAS_TRITON or norm.TRITON is None, reason="needs triton")
+@pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
+@pytest.mark.parametrize("op", norm.OPS)
+def test_triton_schema_matches_native(backend, op):
+    """Same argument names and types (Triton's inferred schema says SymInt for int) and the same
+    return types."""
+
+    def args(schema):
+        return [(a.name, str(a.type).replace("SymInt", "int")) for a in schema.arguments]
+
+    def returns(schema):
+        return [str(r.type) for r in schema.returns]
+
+    native = getattr(torch.ops.fastdl, op).default._schema
+    triton = getattr(torch.ops.fastdl, f"{op}_triton").default._schema
+    assert args(triton) == args(native)
+    assert returns(triton) == returns(native)
+
+
+def test_import_without_extension():
+    """fastdl imports when fastdl._C cannot be loaded; native ops then say the extension is not
+    built, and (with the interpreter) the Triton backend still runs on CPU tensors."""
+    run = _python(
+        """
+        import sys
+        sys.modules["fastdl._C"] = None  # makes `from fastdl import _C` fail
+        import torch
+        import torch.nn.functional as F
+        import fastdl
+        from fastdl import _ext
+
+        assert _ext._C is None
+        states = fastdl.available_backends()
+        assert "not built" in states["cpu (C++)"], states
+        assert "not built" in states["cuda (native .cu)"], states
+        for call in (lambda: fastdl.layer_norm(torch.randn(2, 3), 3), fastdl.cpu_isa,
+                     lambda: fastdl.batch_norm(torch.randn(4, 3), None, None, training=True)):
+            try:
+                call()
+            except RuntimeError as e:
+                assert "fastdl._C is not built" in str(e), e
+            else:
+                raise AssertionError("no error without the extension")
+        if _ext.HAS_TRITON and _ext.TRITON_INTERPRET:
+            x = torch.randn(3, 8)
+            with fastdl.backend("triton"):
+                out = fastdl.layer_norm(x, 8)
+            torch.testing.assert_close(out, F.layer_norm(x, (8,)), rtol=1e-5, atol=1e-5)
+            print("triton ran")
+        print("ok")
+        """
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("ok")
+    if _ext.HAS_TRITON and _ext.TRITON_INTERPRET:
+        assert "triton ran" in run.stdout

@@ -1,0 +1,101 @@
+"""The machine a run measures: a short name for its results file, versions, and its peaks
+(copy bandwidth and fp32 GEMM rate) measured in the same run, against which the rows report
+their fraction of peak."""
+
+import datetime
+import os
+import platform
+import re
+
+import torch
+
+import fastdl
+from bench import timing
+
+# Large enough that no cache holds them: src + dst of 2 x 256 MiB (1 GiB each on a GPU).
+COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
+# Square fp32 GEMM sizes that run near the rate of large ones without taking long.
+GEMM_N = {"cpu": 2048, "cuda": 8192}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()}, {_cores()} cores"
+
+
+def slug(device: torch.device) -> str:
+    """'h200' for an NVIDIA H200; 'intel-xeon-gold-6430-2c' for a CPU: model and core count."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).removeprefix("NVIDIA ")
+        suffix = ""
+    else:
+        name, suffix = _cpu_model(), f"-{_cores()}c"
+    name = re.sub(r"\((R|TM)\)|\bCPU\b|\bProcessor\b|@.*$", " ", name, flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + suffix
+
+
+def versions() -> dict[str, str | None]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {
+        "fastdl": fastdl.__version__,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+    }
+    if torch.version.cuda:
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def describe(device: torch.device) -> dict:
+    """The header of a results file, less the peaks."""
+    info = {
+        "machine": slug(device),
+        "device": device.type,
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+    if device.type == "cpu":
+        info["cpu_isa"] = fastdl.cpu_isa() if fastdl._ext._C is not None else None
+    return info
+
+
+def peaks(device: torch.device, plan: timing.Plan) -> dict:
+    """Copy bandwidth in GB/s (bytes read + written by ``dst.copy_(src)``) and fp32 GEMM rate
+    in GFLOP/s (``torch.mm`` at the float32 matmul precision in force)."""
+    numel = COPY_BYTES[device.type] // 4
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    n = GEMM_N[device.type]
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    t, _ = timing.interleaved(
+        {"copy": lambda: dst.copy_(src), "mm": lambda: torch.mm(a, b)}, device, plan
+    )
+    return {
+        "copy_gbps": 2 * src.numel() * src.element_size() / t["copy"] / 1e9,
+        "gemm_gflops": 2 * n**3 / t["mm"] / 1e9,
+        "gemm_precision": torch.get_float32_matmul_precision(),
+    }

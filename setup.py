@@ -28,9 +28,15 @@ def sources(*patterns):
 
 def extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
-    cxx = [*opt, "-std=c++20", "-Wall", "-Wno-unknown-pragmas", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The extension
+    # then resolves libgomp.so.1 to the copy torch has already loaded: one OpenMP runtime.
+    cxx = [*opt, "-std=c++20", "-Wall", "-fopenmp", "-fvisibility=hidden"]
     srcs = sources("csrc/*.cpp", "csrc/common/*.cpp", "csrc/cpu/*.cpp", "csrc/cpu/isa/*.cpp")
-    kwargs = {"include_dirs": [os.path.abspath("csrc")], "extra_compile_args": {"cxx": cxx}}
+    kwargs = {
+        "include_dirs": [os.path.abspath("csrc")],
+        "extra_compile_args": {"cxx": cxx},
+        "extra_link_args": ["-fopenmp"],
+    }
     if not WITH_CUDA:
         return CppExtension("fastdl._C", srcs, **kwargs)
     nvcc = [*opt, "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]

@@ -1,0 +1,302 @@
+// A small SIMD vector abstraction so each CPU kernel is written once for every ISA.
+//
+// Included *inside* an ISA namespace by csrc/cpu/isa/*.cpp, after `#pragma GCC target(...)` and
+// after the including file has pulled in <immintrin.h> and <cstdint>. FASTDL_VEC selects the
+// implementation of Vec<float>: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (portable arrays, which the
+// compiler auto-vectorizes for the baseline target). Vec<double> is always the portable array:
+// float64 exists for gradcheck and only needs to be exact, not fast.
+//
+// Everything here lives in the including ISA namespace and uses no std templates, so no symbol
+// compiled for AVX-512 can be picked by the linker for a caller running on a lesser CPU.
+//
+// Storage types: float, double and bf16 (bfloat16 bits). Loads widen to the accumulation type
+// (float for bf16), stores narrow with round-to-nearest-even, NaN -> quiet NaN (as c10::BFloat16).
+// Partial loads (n < W lanes) fill the remaining lanes with zero; partial stores write n lanes.
+
+struct bf16 {
+  uint16_t bits;
+};
+
+inline float widen(bf16 h) {
+  uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float widen(float f) {
+  return f;
+}
+inline double widen(double d) {
+  return d;
+}
+
+inline void narrow(float* p, float v) {
+  *p = v;
+}
+inline void narrow(double* p, double v) {
+  *p = v;
+}
+inline void narrow(bf16* p, float v) {
+  uint32_t u;
+  __builtin_memcpy(&u, &v, sizeof u);
+  if (v != v) {
+    p->bits = 0x7fc0;
+    return;
+  }
+  u += ((u >> 16) & 1u) + 0x7fffu;
+  p->bits = static_cast<uint16_t>(u >> 16);
+}
+
+// Portable N-lane vector of A (float or double); plain loops the optimizer vectorizes.
+template <typename A, int N>
+struct ArrVec {
+  static constexpr int W = N;
+  A v[N];
+
+  static ArrVec set1(A a) {
+    ArrVec r;
+    for (int i = 0; i < N; ++i) r.v[i] = a;
+    return r;
+  }
+  static ArrVec zero() { return set1(A(0)); }
+  template <typename T>
+  static ArrVec load(const T* p) {
+    ArrVec r;
+    for (int i = 0; i < N; ++i) r.v[i] = widen(p[i]);
+    return r;
+  }
+  template <typename T>
+  static ArrVec load(const T* p, int64_t n) {
+    ArrVec r = zero();
+    for (int i = 0; i < n; ++i) r.v[i] = widen(p[i]);
+    return r;
+  }
+  template <typename T>
+  void store(T* p) const {
+    for (int i = 0; i < N; ++i) narrow(p + i, v[i]);
+  }
+  template <typename T>
+  void store(T* p, int64_t n) const {
+    for (int i = 0; i < n; ++i) narrow(p + i, v[i]);
+  }
+  template <typename T>
+  void stream(T* p) const {
+    store(p);
+  }
+  static void fence() {}
+  // Lanes >= n set to zero.
+  ArrVec first(int64_t n) const {
+    ArrVec r = *this;
+    for (int i = static_cast<int>(n); i < N; ++i) r.v[i] = A(0);
+    return r;
+  }
+  // The value a bf16 store followed by a load would give (identity for wider storage).
+  ArrVec round_bf16() const {
+    ArrVec r;
+    for (int i = 0; i < N; ++i) {
+      bf16 h;
+      narrow(&h, static_cast<float>(v[i]));
+      r.v[i] = widen(h);
+    }
+    return r;
+  }
+  A sum() const {
+    // Pairwise, so the rounding does not grow with N.
+    A t[N];
+    for (int i = 0; i < N; ++i) t[i] = v[i];
+    for (int h = N / 2; h > 0; h /= 2)
+      for (int i = 0; i < h; ++i) t[i] += t[i + h];
+    return t[0];
+  }
+};
+
+template <typename A, int N>
+ArrVec<A, N> operator+(ArrVec<A, N> a, ArrVec<A, N> b) {
+  for (int i = 0; i < N; ++i) a.v[i] += b.v[i];
+  return a;
+}
+template <typename A, int N>
+ArrVec<A, N> operator-(ArrVec<A, N> a, ArrVec<A, N> b) {
+  for (int i = 0; i < N; ++i) a.v[i] -= b.v[i];
+  return a;
+}
+template <typename A, int N>
+ArrVec<A, N> operator*(ArrVec<A, N> a, ArrVec<A, N> b) {
+  for (int i = 0; i < N; ++i) a.v[i] *= b.v[i];
+  return a;
+}
+// a * b + c
+template <typename A, int N>
+ArrVec<A, N> fma(ArrVec<A, N> a, ArrVec<A, N> b, ArrVec<A, N> c) {
+  for (int i = 0; i < N; ++i) c.v[i] += a.v[i] * b.v[i];
+  return c;
+}
+// max(0, a), NaN propagating as torch.relu.
+template <typename A, int N>
+ArrVec<A, N> relu(ArrVec<A, N> a) {
+  for (int i = 0; i < N; ++i) a.v[i] = a.v[i] < A(0) ? A(0) : a.v[i];
+  return a;
+}
+// g where y > 0, else 0 (the ReLU backward mask; NaN y masks).
+template <typename A, int N>
+ArrVec<A, N> where_pos(ArrVec<A, N> y, ArrVec<A, N> g) {
+  for (int i = 0; i < N; ++i) g.v[i] = y.v[i] > A(0) ? g.v[i] : A(0);
+  return g;
+}
+
+#if FASTDL_VEC == 512
+
+struct VecF {
+  static constexpr int W = 16;
+  __m512 v;
+
+  static __mmask16 mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static __m512 from_bf16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  __m256i to_bf16() const {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    r = _mm512_srli_epi32(r, 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(r);
+  }
+
+  static VecF set1(float a) { return {_mm512_set1_ps(a)}; }
+  static VecF zero() { return {_mm512_setzero_ps()}; }
+  static VecF load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static VecF load(const bf16* p) {
+    return {from_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static VecF load(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(mask(n), p)}; }
+  static VecF load(const bf16* p, int64_t n) {
+    return {from_bf16(_mm256_maskz_loadu_epi16(mask(n), p))};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store(bf16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16()); }
+  void store(float* p, int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
+  void store(bf16* p, int64_t n) const { _mm256_mask_storeu_epi16(p, mask(n), to_bf16()); }
+  // Non-temporal stores; p must be aligned to W * sizeof(*p).
+  void stream(float* p) const { _mm512_stream_ps(p, v); }
+  void stream(bf16* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16()); }
+  static void fence() { _mm_sfence(); }
+  VecF first(int64_t n) const { return {_mm512_maskz_mov_ps(mask(n), v)}; }
+  VecF round_bf16() const { return {from_bf16(to_bf16())}; }
+  float sum() const { return _mm512_reduce_add_ps(v); }
+};
+
+inline VecF operator+(VecF a, VecF b) {
+  return {_mm512_add_ps(a.v, b.v)};
+}
+inline VecF operator-(VecF a, VecF b) {
+  return {_mm512_sub_ps(a.v, b.v)};
+}
+inline VecF operator*(VecF a, VecF b) {
+  return {_mm512_mul_ps(a.v, b.v)};
+}
+inline VecF fma(VecF a, VecF b, VecF c) {
+  return {_mm512_fmadd_ps(a.v, b.v, c.v)};
+}
+// MAXPS returns its second operand when either is NaN: NaN propagates as in torch.relu.
+inline VecF relu(VecF a) {
+  return {_mm512_max_ps(_mm512_setzero_ps(), a.v)};
+}
+inline VecF where_pos(VecF y, VecF g) {
+  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_GT_OQ), g.v)};
+}
+
+#elif FASTDL_VEC == 256
+
+struct VecF {
+  static constexpr int W = 8;
+  __m256 v;
+
+  static __m256i mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static __m256 from_bf16(__m128i h) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  __m128i to_bf16() const {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    r = _mm256_srli_epi32(r, 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    // Every lane is < 2^16, so the unsigned-saturating pack is exact; it packs per 128-bit half.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    return _mm256_castsi256_si128(packed);
+  }
+
+  static VecF set1(float a) { return {_mm256_set1_ps(a)}; }
+  static VecF zero() { return {_mm256_setzero_ps()}; }
+  static VecF load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static VecF load(const bf16* p) {
+    return {from_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  static VecF load(const float* p, int64_t n) { return {_mm256_maskload_ps(p, mask(n))}; }
+  static VecF load(const bf16* p, int64_t n) {
+    bf16 t[W] = {};
+    for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+    return load(t);
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(bf16* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16()); }
+  void store(float* p, int64_t n) const { _mm256_maskstore_ps(p, mask(n), v); }
+  void store(bf16* p, int64_t n) const {
+    bf16 t[W];
+    store(t);
+    for (int64_t i = 0; i < n; ++i) p[i] = t[i];
+  }
+  void stream(float* p) const { _mm256_stream_ps(p, v); }
+  void stream(bf16* p) const { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16()); }
+  static void fence() { _mm_sfence(); }
+  VecF first(int64_t n) const { return {_mm256_and_ps(v, _mm256_castsi256_ps(mask(n)))}; }
+  VecF round_bf16() const { return {from_bf16(to_bf16())}; }
+  float sum() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+inline VecF operator+(VecF a, VecF b) {
+  return {_mm256_add_ps(a.v, b.v)};
+}
+inline VecF operator-(VecF a, VecF b) {
+  return {_mm256_sub_ps(a.v, b.v)};
+}
+inline VecF operator*(VecF a, VecF b) {
+  return {_mm256_mul_ps(a.v, b.v)};
+}
+inline VecF fma(VecF a, VecF b, VecF c) {
+  return {_mm256_fmadd_ps(a.v, b.v, c.v)};
+}
+inline VecF relu(VecF a) {
+  return {_mm256_max_ps(_mm256_setzero_ps(), a.v)};
+}
+inline VecF where_pos(VecF y, VecF g) {
+  return {_mm256_and_ps(g.v, _mm256_cmp_ps(y.v, _mm256_setzero_ps(), _CMP_GT_OQ))};
+}
+
+#else
+
+using VecF = ArrVec<float, 8>;
+
+#endif
+
+template <typename A>
+struct VecOf {
+  using type = VecF;
+};
+template <>
+struct VecOf<double> {
+  using type = ArrVec<double, 8>;
+};
+template <typename A>
+using Vec = typename VecOf<A>::type;

@@ -300,3 +300,104 @@ struct VecOf<double> {
 };
 template <typename A>
 using Vec = typename VecOf<A>::type;
+
+// The accumulation type of a storage type: float for float and bf16, double for double.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using Acc = typename AccOf<T>::type;
+
+template <typename T>
+constexpr bool kIsBf16 = false;
+template <>
+constexpr bool kIsBf16<bf16> = true;
+
+// ---------------------------------------------------------------- loop helpers
+
+inline int64_t imin(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
+// Full (len == W, constant after inlining) or partial vector load/store.
+template <typename V, typename T>
+inline V ld(const T* p, int64_t len) {
+  return len == V::W ? V::load(p) : V::load(p, len);
+}
+template <typename V, typename T>
+inline void st(T* p, V v, int64_t len) {
+  if (len == V::W)
+    v.store(p);
+  else
+    v.store(p, len);
+}
+
+// Calls f(i, len) for the vectors covering [begin, end); the last one may be partial.
+template <int W, typename F>
+inline void for_vectors(int64_t begin, int64_t end, F&& f) {
+  int64_t i = begin;
+  for (; i + W <= end; i += W) f(i, int64_t{W});
+  if (i < end) f(i, end - i);
+}
+
+// Sum of f(i, len) over the vectors of [0, n), four independent accumulators for ILP; lanes of
+// a partial vector beyond len are cleared, so f need not care.
+template <typename V, typename F>
+inline V reduce(int64_t n, F&& f) {
+  constexpr int W = V::W;
+  V a0 = V::zero(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    a0 = a0 + f(i, int64_t{W});
+    a1 = a1 + f(i + W, int64_t{W});
+    a2 = a2 + f(i + 2 * W, int64_t{W});
+    a3 = a3 + f(i + 3 * W, int64_t{W});
+  }
+  for (; i + W <= n; i += W) a0 = a0 + f(i, int64_t{W});
+  if (i < n) a1 = a1 + f(i, n - i).first(n - i);
+  return (a0 + a1) + (a2 + a3);
+}
+
+struct StorePart {
+  int64_t len;
+  template <typename T, typename V>
+  void operator()(T* p, V v) const {
+    v.store(p, len);
+  }
+};
+struct StoreFull {
+  template <typename T, typename V>
+  void operator()(T* p, V v) const {
+    v.store(p);
+  }
+};
+struct StoreStream {
+  template <typename T, typename V>
+  void operator()(T* p, V v) const {
+    v.stream(p);
+  }
+};
+
+// Calls f(i, len, store) over [0, n) of an output row `out`; store(ptr, v) writes one vector.
+// With `stream`, full vectors are written non-temporally, aligned on `out` (other outputs
+// written by f must share out's alignment modulo W * sizeof(T)); the caller fences.
+template <typename V, typename T, typename F>
+inline void store_row(T* out, int64_t n, bool stream, F&& f) {
+  constexpr int W = V::W;
+  int64_t i = 0;
+  if (stream) {
+    constexpr uintptr_t kAlign = W * sizeof(T);
+    const uintptr_t mis = reinterpret_cast<uintptr_t>(out) % kAlign;
+    const int64_t head = imin(n, static_cast<int64_t>((kAlign - mis) % kAlign / sizeof(T)));
+    if (head > 0) f(int64_t{0}, head, StorePart{head});
+    for (i = head; i + W <= n; i += W) f(i, int64_t{W}, StoreStream{});
+  } else {
+    for (; i + W <= n; i += W) f(i, int64_t{W}, StoreFull{});
+  }
+  if (i < n) f(i, n - i, StorePart{n - i});
+}

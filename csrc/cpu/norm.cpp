@@ -11,9 +11,9 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <unordered_map>
 #include <optional>
 #include <tuple>
+#include <unordered_map>
 
 #include <sys/mman.h>
 
@@ -111,7 +111,9 @@ class OutputCache final : public c10::Allocator {
     if (p == nullptr) {
       TORCH_CHECK(posix_memalign(&p, kHugePage, bytes) == 0, "fastdl: out of memory allocating ",
                   bytes, " bytes");
+#ifdef MADV_HUGEPAGE
       madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP these are ordinary pages
+#endif
       std::lock_guard<std::mutex> lock(mu_);
       live_[p] = bytes;
     }
@@ -168,8 +170,7 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
 }
 
 bool stream_stores(int64_t bytes, std::initializer_list<const at::Tensor*> outs) {
-  static const int exp_stream = std::getenv("FASTDL_EXP_STREAM") ? std::atoi(std::getenv("FASTDL_EXP_STREAM")) : 1;
-  if (bytes < kStreamBytes || !exp_stream) return false;
+  if (bytes < kStreamBytes) return false;
   // Outputs written side by side must share their alignment (fresh allocations are 64-byte
   // aligned; anything else just uses ordinary stores).
   for (const at::Tensor* t : outs)
@@ -271,8 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_bwd(
   const at::Tensor input = input_.contiguous();
   // The fake kernel gives grad_input input's shape even when it is masked off; zeros then, so
   // no memory contents leak.
-  at::Tensor dx = want_dx ? new_output(input.sizes(), input.options())
-                          : at::zeros(input.sizes(), input.options());
+  at::Tensor dx = new_output(input.sizes(), input.options());
+  if (!want_dx) dx.zero_();
   at::Tensor dw = param_grad(input, n, want_dw);
   at::Tensor db = param_grad(input, n, want_db);
   const bool params = want_dw || (want_db && !kRms);
@@ -350,14 +351,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out,
 
 // ---------------------------------------------------------------- BatchNorm
 
-// x (N, C, *) in the layout the kernels read: channels_last is kept (rows of C), anything else
-// becomes contiguous NCHW.
+// x (N, C, *) in the layout the kernels read: channels_last is kept, anything else becomes
+// contiguous NCHW. Both channels_last and (N, C) (HW == 1, BatchNorm1d) are rows of C channels
+// in memory and take the row kernels.
 struct BnLayout {
   bool channels_last;
   int64_t N, C, HW;
   at::MemoryFormat format() const {
     return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   }
+  bool rows_of_c() const { return channels_last || HW == 1; }
 };
 
 BnLayout bn_layout(const char* op, const at::Tensor& x) {
@@ -399,10 +402,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
   at::Tensor out = new_output(x.sizes(), x.options(), l.format());
   at::Tensor mean, invstd;
   if (training) {
-    mean = at::zeros({l.C}, stat);
-    invstd = at::full({l.C}, 1.0 / std::sqrt(eps), stat);
+    // Written by the kernels; an empty batch normalizes as if its variance were 0.
+    mean = count == 0 ? at::zeros({l.C}, stat) : at::empty({l.C}, stat);
+    invstd = count == 0 ? at::full({l.C}, 1.0 / std::sqrt(eps), stat) : at::empty({l.C}, stat);
   } else {
-    mean = running_mean->reshape({l.C}).to(acc_type(x)).contiguous();
+    // A copy: an output must not alias the running_mean input (op schema).
+    mean = running_mean->reshape({l.C})
+               .to(acc_type(x), /*non_blocking=*/false, /*copy=*/true)
+               .contiguous();
     invstd = (running_var->reshape({l.C}).to(acc_type(x)) + eps).rsqrt_().contiguous();
   }
   if (x.numel() == 0) return {out, mean, invstd};
@@ -430,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
   };
   const NormKernels& k = kernels();
   const int dt = dtype_index(x);
-  if (!l.channels_last) {
+  if (!l.rows_of_c()) {
     at::parallel_for(0, l.C, 1, [&](int64_t c0, int64_t c1) { k.bn_fwd_nchw[dt](p, c0, c1); });
     return {out, mean, invstd};
   }
@@ -460,8 +467,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
   check_stat(op, "save_invstd", save_invstd, x_, l.C);
 
   const at::Tensor x = x_.contiguous(l.format());
-  at::Tensor dx = mask[0] ? new_output(x.sizes(), x.options(), l.format())
-                          : at::zeros(x.sizes(), x.options().memory_format(l.format()));
+  at::Tensor dx = new_output(x.sizes(), x.options(), l.format());
+  if (!mask[0]) dx.zero_();  // shaped as the fake kernel says even when masked off
   at::Tensor dw = param_grad(x, l.C, mask[1]);
   at::Tensor db = param_grad(x, l.C, mask[2]);
   if (x.numel() == 0 || !(mask[0] || mask[1] || mask[2])) {
@@ -474,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
   const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
   const at::Tensor w = param_acc(weight, x, l.C, 1.0);
   const at::Tensor b = param_acc(bias, x, l.C, 0.0);
-  BatchNormArgs p{
+  const BatchNormArgs p{
       .x = x.const_data_ptr(),
       .grad_out = dy.const_data_ptr(),
       .weight = w.const_data_ptr(),
@@ -495,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
   };
   const NormKernels& k = kernels();
   const int dt = dtype_index(x);
-  if (!l.channels_last) {
+  if (!l.rows_of_c()) {
     at::parallel_for(0, l.C, 1, [&](int64_t c0, int64_t c1) { k.bn_bwd_nchw[dt](p, c0, c1); });
     return {dx, dw, db};
   }

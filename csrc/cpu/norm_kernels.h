@@ -10,106 +10,8 @@
 // memory-bound op; outputs too large for the caches use non-temporal stores so the write does
 // not first read the destination line.
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using Acc = typename AccOf<T>::type;
-
-template <typename T>
-constexpr bool kIsBf16 = false;
-template <>
-constexpr bool kIsBf16<bf16> = true;
-
 // Elements reduced per statistics chunk: 16 KiB of float, which stays in L1 between the passes.
 constexpr int64_t kChunk = 4096;
-
-inline int64_t imin(int64_t a, int64_t b) {
-  return a < b ? a : b;
-}
-
-// Full (len == W, constant after inlining) or partial vector load/store.
-template <typename V, typename T>
-inline V ld(const T* p, int64_t len) {
-  return len == V::W ? V::load(p) : V::load(p, len);
-}
-template <typename V, typename T>
-inline void st(T* p, V v, int64_t len) {
-  if (len == V::W)
-    v.store(p);
-  else
-    v.store(p, len);
-}
-
-// Calls f(i, len) for the vectors covering [begin, end); the last one may be partial.
-template <int W, typename F>
-inline void for_vectors(int64_t begin, int64_t end, F&& f) {
-  int64_t i = begin;
-  for (; i + W <= end; i += W) f(i, int64_t{W});
-  if (i < end) f(i, end - i);
-}
-
-// Sum of f(i, len) over the vectors of [0, n), four independent accumulators for ILP; lanes of
-// a partial vector beyond len are cleared, so f need not care.
-template <typename V, typename F>
-inline V reduce(int64_t n, F&& f) {
-  constexpr int W = V::W;
-  V a0 = V::zero(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    a0 = a0 + f(i, int64_t{W});
-    a1 = a1 + f(i + W, int64_t{W});
-    a2 = a2 + f(i + 2 * W, int64_t{W});
-    a3 = a3 + f(i + 3 * W, int64_t{W});
-  }
-  for (; i + W <= n; i += W) a0 = a0 + f(i, int64_t{W});
-  if (i < n) a1 = a1 + f(i, n - i).first(n - i);
-  return (a0 + a1) + (a2 + a3);
-}
-
-struct StorePart {
-  int64_t len;
-  template <typename T, typename V>
-  void operator()(T* p, V v) const {
-    v.store(p, len);
-  }
-};
-struct StoreFull {
-  template <typename T, typename V>
-  void operator()(T* p, V v) const {
-    v.store(p);
-  }
-};
-struct StoreStream {
-  template <typename T, typename V>
-  void operator()(T* p, V v) const {
-    v.stream(p);
-  }
-};
-
-// Calls f(i, len, store) over [0, n) of an output row `out`; store(ptr, v) writes one vector.
-// With `stream`, full vectors are written non-temporally, aligned on `out` (other outputs
-// written by f must share out's alignment modulo W * sizeof(T)); the caller fences.
-template <typename V, typename T, typename F>
-inline void store_row(T* out, int64_t n, bool stream, F&& f) {
-  constexpr int W = V::W;
-  int64_t i = 0;
-  if (stream) {
-    constexpr uintptr_t kAlign = W * sizeof(T);
-    const uintptr_t mis = reinterpret_cast<uintptr_t>(out) % kAlign;
-    const int64_t head = imin(n, static_cast<int64_t>((kAlign - mis) % kAlign / sizeof(T)));
-    if (head > 0) f(int64_t{0}, head, StorePart{head});
-    for (i = head; i + W <= n; i += W) f(i, int64_t{W}, StoreStream{});
-  } else {
-    for (; i + W <= n; i += W) f(i, int64_t{W}, StoreFull{});
-  }
-  if (i < n) f(i, n - i, StorePart{n - i});
-}
 
 // Running count/mean/M2 merged chunk by chunk in double.
 struct Moments {
@@ -123,20 +25,29 @@ struct Moments {
   }
 };
 
-// Adds the chunks of the n values load(i, len) to m, two passes per chunk.
+// Adds one chunk to m: `segs` segments of `len` values, segment k read by load(k, i, l); two
+// passes (mean, then squared deviations) while the chunk sits in L1/L2.
+template <typename V, typename L>
+inline void add_chunk(Moments& m, int64_t segs, int64_t len, L&& load) {
+  V s = V::zero(), q = V::zero();
+  for (int64_t k = 0; k < segs; ++k)
+    s = s + reduce<V>(len, [&](int64_t i, int64_t l) { return load(k, i, l); });
+  const auto mu = s.sum() / (segs * len);
+  const V muv = V::set1(mu);
+  for (int64_t k = 0; k < segs; ++k)
+    q = q + reduce<V>(len, [&](int64_t i, int64_t l) {
+          const V d = load(k, i, l) - muv;
+          return d * d;
+        });
+  m.add(static_cast<double>(segs * len), mu, q.sum());
+}
+
+// Adds the n values load(i, len) to m, chunk by chunk.
 template <typename V, typename L>
 inline void add_moments(Moments& m, int64_t n, L&& load) {
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t len = imin(kChunk, n - c);
-    auto at = [&](int64_t i, int64_t l) { return load(c + i, l); };
-    const auto mu = reduce<V>(len, at).sum() / len;
-    const V muv = V::set1(mu);
-    const auto m2 = reduce<V>(len, [&](int64_t i, int64_t l) {
-                      const V d = at(i, l) - muv;
-                      return d * d;
-                    }).sum();
-    m.add(static_cast<double>(len), mu, m2);
-  }
+  for (int64_t c = 0; c < n; c += kChunk)
+    add_chunk<V>(m, 1, imin(kChunk, n - c),
+                 [&](int64_t, int64_t i, int64_t l) { return load(c + i, l); });
 }
 
 // ---------------------------------------------------------------- LayerNorm / RMSNorm rows
@@ -256,7 +167,7 @@ void row_norm_bwd(const RowNormBwd& p, int64_t r0, int64_t r1, void* dw, void* d
   A* dbp = static_cast<A*>(db);
   if (dwp == nullptr) return row_norm_bwd_rows<T, kRms, kGradSum, false>(p, r0, r1, dwp, dbp);
   for (int64_t j = 0; j < p.n; ++j) dwp[j] = A(0);
-  if (!kRms)
+  if constexpr (!kRms)
     for (int64_t j = 0; j < p.n; ++j) dbp[j] = A(0);
   row_norm_bwd_rows<T, kRms, kGradSum, true>(p, r0, r1, dwp, dbp);
 }
@@ -288,10 +199,17 @@ void bn_fwd_nchw_impl(const BatchNormArgs& p, int64_t c0, int64_t c1) {
   A* invstd = static_cast<A*>(p.invstd);
   for (int64_t c = c0; c < c1; ++c) {
     if (p.training) {
+      // Small planes are gathered into chunks of about kChunk values, large ones cut into them.
       Moments m;
-      for (int64_t i = 0; i < p.N; ++i) {
-        const T* plane = x + (i * C + c) * HW;
-        add_moments<V>(m, HW, [&](int64_t j, int64_t l) { return ld<V>(plane + j, l); });
+      const int64_t per = HW >= kChunk ? 1 : kChunk / HW;
+      for (int64_t i0 = 0; i0 < p.N; i0 += per) {
+        const T* plane = x + (i0 * C + c) * HW;
+        if (per == 1)
+          add_moments<V>(m, HW, [&](int64_t j, int64_t l) { return ld<V>(plane + j, l); });
+        else
+          add_chunk<V>(m, imin(per, p.N - i0), HW, [&](int64_t k, int64_t j, int64_t l) {
+            return ld<V>(plane + k * C * HW + j, l);
+          });
       }
       mean[c] = static_cast<A>(m.mean);
       invstd[c] = static_cast<A>(1.0 / __builtin_sqrt(m.m2 / m.count + p.eps));
@@ -337,21 +255,28 @@ void bn_bwd_nchw_impl(const BatchNormArgs& p, int64_t c0, int64_t c1) {
       const V g = ld<V>(gs + j, l);
       return kRelu ? where_pos(fma(d, scv, shv), g) : g;
     };
-    double sg = 0, sgd = 0;  // sum(g), sum(g * (x - mean))
+    // sum(g), sum(g * (x - mean)): float over about kChunk values, then double.
+    double sg = 0, sgd = 0;
     if (p.training || p.grad_weight != nullptr || p.grad_bias != nullptr) {
+      V vg = V::zero(), vgd = V::zero();
+      int64_t pending = 0;
       for (int64_t i = 0; i < p.N; ++i) {
         const T* xs = x + (i * C + c) * HW;
         const T* gs = gy + (i * C + c) * HW;
         for (int64_t k = 0; k < HW; k += kChunk) {
-          V vg = V::zero(), vgd = V::zero();
           for_vectors<W>(k, imin(HW, k + kChunk), [&](int64_t j, int64_t l) {
             V d;
             const V g = grad(xs, gs, j, l, d);
             vg = vg + g;
             vgd = fma(g, d, vgd);
           });
-          sg += vg.sum();
-          sgd += vgd.sum();
+          pending += imin(kChunk, HW - k);
+          if (pending >= kChunk || (i + 1 == p.N && k + kChunk >= HW)) {
+            sg += vg.sum();
+            sgd += vgd.sum();
+            vg = vgd = V::zero();
+            pending = 0;
+          }
         }
       }
     }
@@ -407,7 +332,9 @@ struct ChannelGroup {
 };
 
 // Rows of about 32 KiB of x per tile.
-inline int64_t cl_tile_rows(int64_t C) { return 8192 / C > 1 ? 8192 / C : 1; }
+inline int64_t cl_tile_rows(int64_t C) {
+  return 8192 / C > 1 ? 8192 / C : 1;
+}
 
 // Per block of block_rows rows: the per-channel mean and M2 ([block][2][C]).
 template <typename T>

@@ -43,7 +43,8 @@ struct RowNormBwd {
   bool stream;
 };
 
-// BatchNorm on x (N, C, HW) contiguous ("nchw") or (N * HW, C) ("channels_last").
+// BatchNorm on x (N, C, HW) contiguous ("nchw") or rows (N * HW, C) ("cl": channels_last, and
+// NCHW with HW == 1, which is the same memory).
 struct BatchNormArgs {
   const void* x;         // T
   const void* grad_out;  // T, backward only
@@ -55,7 +56,7 @@ struct BatchNormArgs {
   void* grad_weight;     // A (C), backward; null when not wanted
   void* grad_bias;       // A (C), backward; null when not wanted
   int64_t N, C, HW;
-  int64_t block_rows;  // channels_last: rows per partial-sum block
+  int64_t block_rows;  // cl: rows per partial-sum block
   double eps;
   bool training, relu, stream;
 };
@@ -84,13 +85,13 @@ struct NormKernels {
   BnRangeFn bn_fwd_nchw[kNumNormDtypes];
   // NCHW backward, channels [begin, end): grad_weight/grad_bias entries and grad_input.
   BnRangeFn bn_bwd_nchw[kNumNormDtypes];
-  // channels_last training statistics: per block of block_rows rows, the per-channel mean and
+  // cl training statistics: per block of block_rows rows, the per-channel mean and
   // M2 (partials laid out [block][2][C]); then bn_stats_cl_combine writes mean/invstd.
   BnBlockFn bn_stats_cl[kNumNormDtypes];
   BnCombineFn bn_stats_cl_combine[2];
-  // channels_last forward rows [r0, r1) from mean/invstd (sums unused).
+  // cl forward rows [r0, r1) from mean/invstd (sums unused).
   BnRowsFn bn_fwd_cl[kNumNormDtypes];
-  // channels_last backward: per block, the per-channel sums of g and g * (x - mean) (g masked
+  // cl backward: per block, the per-channel sums of g and g * (x - mean) (g masked
   // by the ReLU), laid out [block][2][C]; reduced by sum_blocks into `sums` (2 * C, A); then
   // grad_input rows [r0, r1).
   BnBlockFn bn_bwd_sums_cl[kNumNormDtypes];

@@ -3,8 +3,8 @@
 Switches: DEBUG=1 (-O0 -g), FASTDL_NO_CUDA=1 (CPU only even when torch has CUDA),
 FASTDL_NO_EXT=1 (no extension: the Makefile installs the package and its dependencies that
 way, then builds the extension in place once with `setup.py build_ext --inplace`).
-The CPU ISA is chosen at run time (csrc/common/isa.cpp): the default build never uses
--march=native, because the machine that builds a wheel is not the one that runs it.
+The CPU ISA is chosen at run time (csrc/common/isa.cpp): the default build never targets
+the build machine's own ISA, because the machine that builds a wheel is not the one that runs it.
 """
 
 import glob

@@ -18,7 +18,6 @@ import pytest  # noqa: E402
 
 import fastdl  # noqa: E402
 from fastdl import _ext  # noqa: E402
-from fastdl.ops import norm  # noqa: E402
 
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,10 +39,10 @@ class Backend:
         """Triton on CPU tensors: the interpreter, so only small shapes."""
         return self.name == "triton" and self.device == "cpu"
 
-    @property
-    def ops(self):
-        """The raw norm ops of this backend (fastdl.ops.norm.NATIVE or .TRITON)."""
-        return norm.NATIVE if self.name == "native" else norm.TRITON
+    def ops(self, family):
+        """The raw ops of this backend in ``family``, a fastdl.ops module (its NATIVE or TRITON
+        namespace)."""
+        return family.NATIVE if self.name == "native" else family.TRITON
 
     def missing(self) -> str | None:
         if self.name == "native":
@@ -51,7 +50,7 @@ class Backend:
                 return "needs the built extension"
             if self.device == "cuda" and not _ext.native_cuda():
                 return "needs the built extension with CUDA"
-        elif not _ext.HAS_TRITON or norm.TRITON is None:
+        elif not _ext.HAS_TRITON:
             return "needs triton"
         return None
 

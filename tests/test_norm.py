@@ -11,6 +11,7 @@ from conftest import case_id, cases
 from norm_ref import KIND, KINDS, check_norm, norm_inputs
 
 import fastdl
+from fastdl.ops import norm
 
 ROWS = (0, 1, 3, 113)
 SIZES = (1, 3, 40, 59, 111, 499, 4097)
@@ -223,12 +224,12 @@ def test_raw_forward_outputs(backend, dtype, case, residual):
     rstd_rms = (s64.square().mean(-1) + 1e-5).rsqrt()
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype != torch.float64 else {"rtol": 1e-12, "atol": 0}
 
-    out, s, mean, rstd = backend.ops.layer_norm_fwd(x, r, w, b, n, 1e-5)
+    out, s, mean, rstd = backend.ops(norm).layer_norm_fwd(x, r, w, b, n, 1e-5)
     assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
     assert mean.shape == rstd.shape == (rows,) and mean.dtype == rstd.dtype == stat
     torch.testing.assert_close(mean.double().cpu(), mean64.cpu(), **tol)
     torch.testing.assert_close(rstd.double().cpu(), rstd_ln.cpu(), **tol)
-    out2, s2, rstd2 = backend.ops.rms_norm_fwd(x, r, w, n, 1e-5)
+    out2, s2, rstd2 = backend.ops(norm).rms_norm_fwd(x, r, w, n, 1e-5)
     assert out2.shape == x.shape and out2.dtype == dtype
     assert rstd2.shape == (rows,) and rstd2.dtype == stat
     torch.testing.assert_close(rstd2.double().cpu(), rstd_rms.cpu(), **tol)
@@ -258,7 +259,7 @@ def test_raw_backward_output_mask(backend, mask):
     x = torch.randn(2, 3, 5, 8, device=dev)  # normalized over the last two dims
     g, gs = torch.randn_like(x), torch.randn_like(x)
     w = torch.randn(5, 8, device=dev)
-    ops = backend.ops
+    ops = backend.ops(norm)
     _, _, mean, rstd = ops.layer_norm_fwd(x, None, w, None, n, 1e-5)
     full = ops.layer_norm_bwd(g, gs, x, mean, rstd, w, n, [True, True, True])
     part = ops.layer_norm_bwd(g, gs, x, mean, rstd, w, n, list(mask))
@@ -284,7 +285,7 @@ def _check_masked(mask, part, full, x, n):
 def test_raw_backward_grad_sum_is_added(backend):
     dev, n = backend.device, 40
     x, g, gs = (torch.randn(6, n, device=dev) for _ in range(3))
-    ops = backend.ops
+    ops = backend.ops(norm)
     _, _, mean, rstd = ops.layer_norm_fwd(x, None, None, None, n, 1e-5)
     plain = ops.layer_norm_bwd(g, None, x, mean, rstd, None, n, [True, False, False])[0]
     summed = ops.layer_norm_bwd(g, gs, x, mean, rstd, None, n, [True, False, False])[0]
@@ -438,7 +439,7 @@ def test_unsupported_float_dtype(backend):
 
 
 def test_raw_op_bad_inputs(backend):
-    dev, ops = backend.device, backend.ops
+    dev, ops = backend.device, backend.ops(norm)
     x = torch.randn(4, 6, device=dev)
     with pytest.raises(RuntimeError, match="cannot be viewed as rows of normalized_numel=5"):
         ops.layer_norm_fwd(x, None, None, None, 5, 1e-5)

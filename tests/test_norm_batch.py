@@ -10,6 +10,7 @@ from conftest import case_id, cases
 from norm_ref import assert_matches, bn_inputs, check_bn
 
 import fastdl
+from fastdl.ops import norm
 
 NATIVE_SHAPES = [
     (7, 13),
@@ -46,8 +47,10 @@ def test_channels_last(backend, dtype, case, training, relu):
     assert not x.is_contiguous()
     out = check_bn(x, w, b, rm, rv, training, relu)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
-    save_mean, save_invstd = backend.ops.batch_norm_fwd(x, w, b, rm, rv, training, 1e-5, relu)[1:]
-    gi = backend.ops.batch_norm_bwd(
+    save_mean, save_invstd = backend.ops(norm).batch_norm_fwd(
+        x, w, b, rm, rv, training, 1e-5, relu
+    )[1:]
+    gi = backend.ops(norm).batch_norm_bwd(
         torch.randn_like(x), x, w, b, save_mean, save_invstd, training, relu, [True, True, True]
     )[0]
     assert gi.is_contiguous(memory_format=torch.channels_last) and not gi.is_contiguous()
@@ -154,12 +157,12 @@ def test_raw_stats_outputs(backend):
         stat = torch.float64 if dtype == torch.float64 else torch.float32
         tol = {"rtol": 1e-5, "atol": 1e-5}
         x64 = x.double()
-        _, mean, invstd = backend.ops.batch_norm_fwd(x, w, b, None, None, True, 1e-5, False)
+        _, mean, invstd = backend.ops(norm).batch_norm_fwd(x, w, b, None, None, True, 1e-5, False)
         assert mean.shape == invstd.shape == (3,) and mean.dtype == invstd.dtype == stat
         torch.testing.assert_close(mean.double(), x64.mean((0, 2)), **tol)
         expect = (x64.var((0, 2), unbiased=False) + 1e-5).rsqrt()
         torch.testing.assert_close(invstd.double(), expect, **tol)
-        _, mean, invstd = backend.ops.batch_norm_fwd(x, w, b, rm, rv, False, 1e-5, False)
+        _, mean, invstd = backend.ops(norm).batch_norm_fwd(x, w, b, rm, rv, False, 1e-5, False)
         assert mean.dtype == invstd.dtype == stat
         torch.testing.assert_close(mean.double(), rm.double(), **tol)
         torch.testing.assert_close(invstd.double(), (rv.double() + 1e-5).rsqrt(), **tol)

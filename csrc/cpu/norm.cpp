@@ -379,6 +379,18 @@ int64_t bn_block_rows(const BnLayout& l) {
   return std::max({int64_t{1}, 8192 / l.C, (rows + 4095) / 4096});
 }
 
+// The channels_last pass that follows a reduction pass over the same blocks: the same
+// block-to-thread split (parallel_for over blocks, grain 1), each thread walking its blocks
+// backwards, so it starts on the rows it read last, still in its L2 and the L3. x is too large
+// for the cache as a whole, and the order saves part of the second read.
+template <typename F>
+void for_blocks_reversed(const BatchNormArgs& p, int64_t blocks, const F& f) {
+  const int64_t rows = p.N * p.HW;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b1; b-- > b0;) f(b * p.block_rows, std::min(rows, (b + 1) * p.block_rows));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     const at::Tensor& x_, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
@@ -441,16 +453,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     at::parallel_for(0, l.C, 1, [&](int64_t c0, int64_t c1) { k.bn_fwd_nchw[dt](p, c0, c1); });
     return {out, mean, invstd};
   }
-  if (training) {
-    const int64_t blocks = (count + p.block_rows - 1) / p.block_rows;
-    at::Tensor part = at::empty({blocks, 2, l.C}, stat);
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      k.bn_stats_cl[dt](p, b0, b1, part.data_ptr());
-    });
-    k.bn_stats_cl_combine[dt == kF64](p, part.const_data_ptr(), blocks);
+  if (!training) {
+    at::parallel_for(0, count, std::max<int64_t>(1, kGrainElems / l.C),
+                     [&](int64_t r0, int64_t r1) { k.bn_fwd_cl[dt](p, r0, r1, nullptr); });
+    return {out, mean, invstd};
   }
-  at::parallel_for(0, count, std::max<int64_t>(1, kGrainElems / l.C),
-                   [&](int64_t r0, int64_t r1) { k.bn_fwd_cl[dt](p, r0, r1, nullptr); });
+  const int64_t blocks = (count + p.block_rows - 1) / p.block_rows;
+  at::Tensor part = at::empty({blocks, 2, l.C}, stat);
+  at::parallel_for(0, blocks, 1,
+                   [&](int64_t b0, int64_t b1) { k.bn_stats_cl[dt](p, b0, b1, part.data_ptr()); });
+  k.bn_stats_cl_combine[dt == kF64](p, part.const_data_ptr(), blocks);
+  for_blocks_reversed(p, blocks,
+                      [&](int64_t r0, int64_t r1) { k.bn_fwd_cl[dt](p, r0, r1, nullptr); });
   return {out, mean, invstd};
 }
 
@@ -521,9 +535,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     if (mask[2]) db.copy_(sums.slice(0, 0, l.C));
   }
   if (mask[0])
-    at::parallel_for(
-        0, count, std::max<int64_t>(1, kGrainElems / l.C),
-        [&](int64_t r0, int64_t r1) { k.bn_bwd_dx_cl[dt](p, r0, r1, sums.const_data_ptr()); });
+    for_blocks_reversed(p, (count + p.block_rows - 1) / p.block_rows, [&](int64_t r0, int64_t r1) {
+      k.bn_bwd_dx_cl[dt](p, r0, r1, sums.const_data_ptr());
+    });
   return {dx, dw, db};
 }
 

@@ -456,11 +456,9 @@ BwdPlan plan_bwd(const NormBwdParams& p) {
   const bool want_pg = p.grad_weight != nullptr || p.grad_bias != nullptr;
   if (b.fused) {
     b.block = row_block(b.l);
-    int per_sm = 1;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, norm_bwd_kernel<T, RMS>,
-                                                  int(b.block.x * b.block.y), 0);
+    const int per_sm = blocks_per_sm<norm_bwd_kernel<T, RMS>>(int(b.block.x * b.block.y));
     const int64_t blocks = (p.rows + b.block.y - 1) / b.block.y;
-    b.grid = dim3(unsigned(std::min<int64_t>(blocks, int64_t(std::max(per_sm, 1)) * sm_count())));
+    b.grid = dim3(unsigned(std::min<int64_t>(blocks, int64_t(per_sm) * sm_count())));
     b.parts = want_pg ? b.grid.x : 0;
     return b;
   }

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 
@@ -134,13 +135,39 @@ inline bool all_aligned(std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-// Streaming multiprocessors of the current device (the bind layer sets the device).
+constexpr int kMaxDevices = 64;
+
+// The current device (the bind layer sets it); 0 if the runtime cannot say.
+inline int current_device() {
+  int dev = 0;
+  return cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < kMaxDevices ? dev : 0;
+}
+
+// Streaming multiprocessors of the current device, queried once per device.
 inline int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return 1;
-  return std::max(sms, 1);
+  static std::atomic<int> cache[kMaxDevices] = {};
+  const int dev = current_device();
+  int sms = cache[dev].load(std::memory_order_relaxed);
+  if (sms > 0) return sms;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 1;
+  sms = std::max(sms, 1);
+  cache[dev].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+// Resident blocks per SM of `Kernel` at `threads` (a multiple of 32, at most 1024) threads per
+// block and no dynamic shared memory, queried once per device and block size: the occupancy
+// query costs microseconds, paid on every launch otherwise.
+template <auto Kernel>
+int blocks_per_sm(int threads) {
+  static std::atomic<int> cache[kMaxDevices][33] = {};
+  const int dev = current_device(), slot = std::clamp(threads / 32, 0, 32);
+  int n = cache[dev][slot].load(std::memory_order_relaxed);
+  if (n > 0) return n;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, 0) != cudaSuccess) n = 1;
+  n = std::max(n, 1);
+  cache[dev][slot].store(n, std::memory_order_relaxed);
+  return n;
 }
 
 // Calls f(T{}) with T the element type of `dtype`.

@@ -142,14 +142,23 @@ bool spmm_max(const SpmmArgs& p, int64_t r0, int64_t r1) {
       const int64_t n = imin(kScalarTile, F - f0);
       A best[kScalarTile];
       int64_t arg[kScalarTile];
-      for (int64_t f = 0; f < n; ++f) best[f] = A(0), arg[f] = -1;
-      for (int64_t e = e0; e < e1; ++e) {
+      if (e0 == e1) {
+        for (int64_t f = 0; f < n; ++f) best[f] = A(0), arg[f] = -1;
+      } else {
+        // The first entry initializes; the others replace it when strictly better (or NaN), a
+        // branch-free select the compiler vectorizes.
+        const A c0 = w != nullptr ? w[e0] : A(1);
+        const T* x0 = x + g.col[e0] * F + f0;
+        for (int64_t f = 0; f < n; ++f) best[f] = c0 * widen(x0[f]), arg[f] = e0;
+      }
+      for (int64_t e = e0 + 1; e < e1; ++e) {
+        if (e + kPrefetch < e1) prefetch_row(x + g.col[e + kPrefetch] * F + f0, n);
         const A c = w != nullptr ? w[e] : A(1);
         const T* xr = x + g.col[e] * F + f0;
         for (int64_t f = 0; f < n; ++f) {
           const A v = c * widen(xr[f]);
           const bool better = kMin ? v < best[f] : v > best[f];
-          const bool take = e == e0 || better || (v != v && best[f] == best[f]);
+          const bool take = better || (v != v && best[f] == best[f]);
           best[f] = take ? v : best[f];
           arg[f] = take ? e : arg[f];
         }

@@ -36,6 +36,51 @@ TORCH_LIBRARY(fastdl, m) {
       "batch_norm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- graph: a graph is a CSR by destination node (rowptr (rows + 1), col = source index, both
+  // int64); backward ops also take its transpose (t_rowptr, t_col = destination, t_perm = the
+  // CSR entry of each transposed entry) so gathered gradients need no atomics. Per-edge tensors
+  // (edge weights, alpha, dropout_mask, sddmm output) are in CSR entry order. x is (nodes, F).
+  // Masked-off gradients come back as empty tensors. Forward ops carry the transpose as optional
+  // inputs (unused by the forward: None when no gradient is needed) so autograd can save it.
+  m.def(
+      "spmm_fwd(Tensor rowptr, Tensor col, Tensor? weight, Tensor x, str reduce, "
+      "Tensor? t_rowptr, Tensor? t_col, Tensor? t_perm) "
+      "-> (Tensor out, Tensor arg)");
+  m.def(
+      "spmm_bwd(Tensor grad_out, Tensor rowptr, Tensor col, Tensor? weight, Tensor x, Tensor arg, "
+      "Tensor t_rowptr, Tensor t_col, Tensor t_perm, str reduce, bool[2] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_weight)");
+  // gcn: out = D^-1/2 (A + fill (1 + eps) I) D^-1/2 x with D the degrees of A + fill I; dinv is
+  // D^-1/2 (rows,). eps is a one-element tensor or None.
+  m.def(
+      "gcn_fwd(Tensor rowptr, Tensor col, Tensor? weight, Tensor x, Tensor? eps, float fill, "
+      "Tensor? t_rowptr, Tensor? t_col, Tensor? t_perm) "
+      "-> (Tensor out, Tensor dinv)");
+  m.def(
+      "gcn_bwd(Tensor grad_out, Tensor? weight, Tensor x, Tensor dinv, Tensor? eps, "
+      "Tensor t_rowptr, Tensor t_col, Tensor t_perm, float fill, bool[2] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_eps)");
+  // sddmm: out[e] = <a[src e], b[dst e]>.
+  m.def(
+      "sddmm_fwd(Tensor rowptr, Tensor col, Tensor a, Tensor b, Tensor? t_rowptr, Tensor? t_col, "
+      "Tensor? t_perm) -> Tensor");
+  m.def(
+      "sddmm_bwd(Tensor grad_out, Tensor rowptr, Tensor col, Tensor a, Tensor b, "
+      "Tensor t_rowptr, Tensor t_col, Tensor t_perm, bool[2] output_mask) "
+      "-> (Tensor grad_a, Tensor grad_b)");
+  // gat: h (N, heads, F); alpha (nnz, heads) the softmax weights before dropout; a_src/a_dst
+  // (N, heads) the per-node score halves.
+  m.def(
+      "gat_fwd(Tensor rowptr, Tensor col, Tensor h, Tensor att_src, Tensor att_dst, "
+      "float negative_slope, Tensor? dropout_mask, Tensor? t_rowptr, Tensor? t_col, "
+      "Tensor? t_perm) "
+      "-> (Tensor out, Tensor alpha, Tensor a_src, Tensor a_dst)");
+  m.def(
+      "gat_bwd(Tensor grad_out, Tensor rowptr, Tensor col, Tensor h, Tensor att_src, "
+      "Tensor att_dst, Tensor alpha, Tensor a_src, Tensor a_dst, Tensor? dropout_mask, "
+      "Tensor t_rowptr, Tensor t_col, Tensor t_perm, float negative_slope) "
+      "-> (Tensor grad_h, Tensor grad_att_src, Tensor grad_att_dst)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

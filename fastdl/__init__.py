@@ -4,12 +4,15 @@ custom ops, with drop-in nn modules and fastdl.patch(model)."""
 from fastdl import nn
 from fastdl._backend import backend, get_backend
 from fastdl._ext import available_backends, cpu_isa, set_cpu_isa
+from fastdl.graph import Graph
+from fastdl.ops.graph import gat_aggregate, gcn_aggregate, sddmm, spmm
 from fastdl.ops.norm import add_layer_norm, add_rms_norm, batch_norm, layer_norm, rms_norm
 from fastdl.patch import PatchReport, patch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Graph",
     "PatchReport",
     "add_layer_norm",
     "add_rms_norm",
@@ -17,10 +20,14 @@ __all__ = [
     "backend",
     "batch_norm",
     "cpu_isa",
+    "gat_aggregate",
+    "gcn_aggregate",
     "get_backend",
     "layer_norm",
     "nn",
     "patch",
     "rms_norm",
+    "sddmm",
     "set_cpu_isa",
+    "spmm",
 ]

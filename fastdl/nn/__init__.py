@@ -1,5 +1,15 @@
 """Drop-in modules, state_dict-compatible with their torch.nn twins."""
 
+from fastdl.nn.graph import GATConv, GCNConv, GINConv, SAGEConv
 from fastdl.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "RMSNorm"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "GATConv",
+    "GCNConv",
+    "GINConv",
+    "LayerNorm",
+    "RMSNorm",
+    "SAGEConv",
+]

@@ -1,0 +1,419 @@
+// CPU kernels of the graph family, written once on the Vec abstraction of common/vec.h and
+// compiled once per ISA: csrc/cpu/isa/*.cpp include this file inside their own namespace (after
+// vec.h), and export kGraphKernels. No torch, no std templates, no exceptions here (see vec.h).
+//
+// Row-wise sparse x dense products over a CSR ("pull" form, as in Yang, Buluc & Owens,
+// "Design principles for sparse matrix multiplication on the GPU", 2018, and the CPU kernels of
+// pytorch_sparse): each output row is accumulated in registers over its entries and written
+// once, so there are no atomics and the result does not depend on the thread count. The gathered
+// rows are the latency-bound part: they are prefetched kPrefetch entries ahead. Features are cut
+// into tiles of four vectors so the accumulators stay in registers.
+
+// Entries ahead whose gathered rows are prefetched: a few hundred cycles of memory latency
+// against roughly 20-40 cycles of work per entry and tile.
+constexpr int64_t kPrefetch = 8;
+// Features per tile of the scalar (max/min) kernels.
+constexpr int64_t kScalarTile = 64;
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t k = 0; k < n * static_cast<int64_t>(sizeof(T)); k += 64) __builtin_prefetch(c + k);
+}
+
+// Whether the entries [e0, e1) index inside the addressed arrays; checked for a whole row
+// before the row's gathers.
+inline bool entries_ok(const CsrView& g, int64_t e0, int64_t e1) {
+  uint64_t bad = 0;
+  for (int64_t e = e0; e < e1; ++e)
+    bad |=
+        static_cast<uint64_t>(static_cast<uint64_t>(g.col[e]) >= static_cast<uint64_t>(g.num_cols));
+  if (g.perm != nullptr)
+    for (int64_t e = e0; e < e1; ++e)
+      bad |= static_cast<uint64_t>(static_cast<uint64_t>(g.perm[e]) >=
+                                   static_cast<uint64_t>(g.perm_size));
+  return bad == 0;
+}
+
+inline float exp_acc(float v) {
+  return __builtin_expf(v);
+}
+inline double exp_acc(double v) {
+  return __builtin_exp(v);
+}
+
+// acc[k] = sum over entries e in [e0, e1) of coef(e) * x[col e, f0 + k W ...] for the n <= 4 W
+// features of the tile at f0 (kFull: n == 4 W).
+template <typename V, bool kFull, typename T, typename C>
+inline void gather_tile(V (&acc)[4], const int64_t* col, int64_t e0, int64_t e1, const T* x,
+                        int64_t stride, int64_t f0, int64_t n, C&& coef) {
+  constexpr int W = V::W;
+  for (auto& a : acc) a = V::zero();
+  for (int64_t e = e0; e < e1; ++e) {
+    if (e + kPrefetch < e1) prefetch_row(x + col[e + kPrefetch] * stride + f0, kFull ? 4 * W : n);
+    const T* xr = x + col[e] * stride + f0;
+    const V c = V::set1(coef(e));
+    if constexpr (kFull) {
+      for (int k = 0; k < 4; ++k) acc[k] = fma(c, V::load(xr + k * W), acc[k]);
+    } else {
+      for (int k = 0; k < 4 && k * W < n; ++k)
+        acc[k] = fma(c, ld<V>(xr + k * W, imin(W, n - k * W)), acc[k]);
+    }
+  }
+}
+
+// For each tile of the F features: gather_tile, then store(f0, n, acc).
+template <typename V, typename T, typename C, typename S>
+inline void gather_row(const int64_t* col, int64_t e0, int64_t e1, const T* x, int64_t stride,
+                       int64_t F, C&& coef, S&& store) {
+  constexpr int64_t kTile = 4 * V::W;
+  V acc[4];
+  int64_t f0 = 0;
+  for (; f0 + kTile <= F; f0 += kTile) {
+    gather_tile<V, true>(acc, col, e0, e1, x, stride, f0, kTile, coef);
+    store(f0, kTile, acc);
+  }
+  if (f0 < F) {
+    gather_tile<V, false>(acc, col, e0, e1, x, stride, f0, F - f0, coef);
+    store(f0, F - f0, acc);
+  }
+}
+
+// Writes the tile acc * scale (+ d * xd) to out[f0, f0 + n).
+template <typename V, typename T, typename A>
+inline void store_tile(T* out, const V (&acc)[4], int64_t f0, int64_t n, A scale, A d,
+                       const T* xd) {
+  constexpr int W = V::W;
+  for (int k = 0; k < 4 && k * W < n; ++k) {
+    const int64_t f = f0 + k * W, l = imin(W, n - k * W);
+    V v = acc[k] * V::set1(scale);
+    if (xd != nullptr) v = fma(V::set1(d), ld<V>(xd + f, l), v);
+    st(out + f, v, l);
+  }
+}
+
+// ---------------------------------------------------------------- spmm
+
+template <typename T>
+bool spmm_sum(const SpmmArgs& p, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  using V = Vec<A>;
+  const CsrView& g = p.g;
+  const A* w = static_cast<const A*>(p.w);
+  const A* cs = static_cast<const A*>(p.cs);
+  const A* rs = static_cast<const A*>(p.rs);
+  const A* ds = static_cast<const A*>(p.ds);
+  const T* x = static_cast<const T*>(p.x);
+  const T* xd = static_cast<const T*>(p.xd);
+  T* out = static_cast<T*>(p.out);
+  const int64_t F = p.F;
+  auto coef = [&](int64_t e) {
+    A c = w != nullptr ? w[g.perm != nullptr ? g.perm[e] : e] : A(1);
+    return cs != nullptr ? c * cs[g.col[e]] : c;
+  };
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
+    if (!entries_ok(g, e0, e1)) return false;
+    const A scale = rs != nullptr ? rs[i] : A(1);
+    const A d = ds != nullptr ? ds[i] : A(0);
+    const T* xdi = ds != nullptr ? xd + i * F : nullptr;
+    gather_row<V>(g.col, e0, e1, x, F, F, coef, [&](int64_t f0, int64_t n, const V(&acc)[4]) {
+      store_tile(out + i * F, acc, f0, n, scale, d, xdi);
+    });
+  }
+  return true;
+}
+
+// max/min: NaN wins (as torch's amax/amin); ties keep the first entry.
+template <typename T, bool kMin>
+bool spmm_max(const SpmmArgs& p, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  const CsrView& g = p.g;
+  const A* w = static_cast<const A*>(p.w);
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  const int64_t F = p.F;
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
+    if (!entries_ok(g, e0, e1)) return false;
+    T* o = out + i * F;
+    int64_t* ao = p.arg_out + i * F;
+    for (int64_t f0 = 0; f0 < F; f0 += kScalarTile) {
+      const int64_t n = imin(kScalarTile, F - f0);
+      A best[kScalarTile];
+      int64_t arg[kScalarTile];
+      if (e0 == e1) {
+        for (int64_t f = 0; f < n; ++f) best[f] = A(0), arg[f] = -1;
+      } else {
+        // The first entry initializes; the others replace it when strictly better (or NaN), a
+        // branch-free select the compiler vectorizes.
+        const A c0 = w != nullptr ? w[e0] : A(1);
+        const T* x0 = x + g.col[e0] * F + f0;
+        for (int64_t f = 0; f < n; ++f) best[f] = c0 * widen(x0[f]), arg[f] = e0;
+      }
+      for (int64_t e = e0 + 1; e < e1; ++e) {
+        if (e + kPrefetch < e1) prefetch_row(x + g.col[e + kPrefetch] * F + f0, n);
+        const A c = w != nullptr ? w[e] : A(1);
+        const T* xr = x + g.col[e] * F + f0;
+        for (int64_t f = 0; f < n; ++f) {
+          const A v = c * widen(xr[f]);
+          const bool better = kMin ? v < best[f] : v > best[f];
+          const bool take = better || (v != v && best[f] == best[f]);
+          best[f] = take ? v : best[f];
+          arg[f] = take ? e : arg[f];
+        }
+      }
+      for (int64_t f = 0; f < n; ++f) narrow(o + f0 + f, best[f]), ao[f0 + f] = arg[f];
+    }
+  }
+  return true;
+}
+
+// Over the transpose: out[j, f] = sum over t of [arg[col t, f] == perm t] * w[perm t] * x[col t,
+// f].
+template <typename T>
+bool spmm_max_bwd_x(const SpmmArgs& p, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  const CsrView& g = p.g;
+  const A* w = static_cast<const A*>(p.w);
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  const int64_t F = p.F;
+  for (int64_t j = r0; j < r1; ++j) {
+    const int64_t t0 = g.rowptr[j], t1 = g.rowptr[j + 1];
+    if (!entries_ok(g, t0, t1)) return false;
+    for (int64_t f0 = 0; f0 < F; f0 += kScalarTile) {
+      const int64_t n = imin(kScalarTile, F - f0);
+      A acc[kScalarTile];
+      for (int64_t f = 0; f < n; ++f) acc[f] = A(0);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i = g.col[t], q = g.perm[t];
+        const A c = w != nullptr ? w[q] : A(1);
+        const T* xr = x + i * F + f0;
+        const int64_t* ar = p.arg + i * F + f0;
+        for (int64_t f = 0; f < n; ++f) acc[f] += ar[f] == q ? c * widen(xr[f]) : A(0);
+      }
+      for (int64_t f = 0; f < n; ++f) narrow(out + j * F + f0 + f, acc[f]);
+    }
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------- per-entry dot products
+
+template <typename T>
+bool edge_dot(const EdgeDotArgs& p, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  using V = Vec<A>;
+  const CsrView& g = p.g;
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  const A* rs = static_cast<const A*>(p.rs);
+  const A* cs = static_cast<const A*>(p.cs);
+  A* out = static_cast<A*>(p.out);
+  const int64_t F = p.F;
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
+    if (!entries_ok(g, e0, e1)) return false;
+    const T* ar = a + i * F;
+    const A scale = rs != nullptr ? rs[i] : A(1);
+    for (int64_t e = e0; e < e1; ++e) {
+      if (e + kPrefetch < e1) prefetch_row(b + g.col[e + kPrefetch] * F, F);
+      const int64_t j = g.col[e];
+      const T* br = b + j * F;
+      A s = A(0);
+      if (p.arg != nullptr) {
+        const int64_t* am = p.arg + i * F;
+        for (int64_t f = 0; f < F; ++f) s += am[f] == e ? widen(ar[f]) * widen(br[f]) : A(0);
+      } else {
+        s = reduce<V>(F, [&](int64_t f, int64_t l) {
+              return ld<V>(ar + f, l) * ld<V>(br + f, l);
+            }).sum();
+      }
+      out[e] = s * scale * (cs != nullptr ? cs[j] : A(1));
+    }
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------- graph attention
+
+template <typename T>
+bool gat_scores(const GatArgs& p, int64_t n0, int64_t n1) {
+  using A = Acc<T>;
+  using V = Vec<A>;
+  const T* h = static_cast<const T*>(p.h);
+  const A* att_src = static_cast<const A*>(p.att_src);
+  const A* att_dst = static_cast<const A*>(p.att_dst);
+  const int64_t H = p.H, F = p.F;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t k = 0; k < H; ++k) {
+      const T* hr = h + (n * H + k) * F;
+      const A* as = att_src + k * F;
+      const A* ad = att_dst + k * F;
+      V s = V::zero(), d = V::zero();
+      for_vectors<V::W>(0, F, [&](int64_t f, int64_t l) {
+        const V v = ld<V>(hr + f, l);
+        s = fma(v, ld<V>(as + f, l), s);
+        d = fma(v, ld<V>(ad + f, l), d);
+      });
+      static_cast<A*>(p.a_src)[n * H + k] = s.sum();
+      static_cast<A*>(p.a_dst)[n * H + k] = d.sum();
+    }
+  return true;
+}
+
+template <typename A>
+inline A leaky(A z, A slope) {
+  return z > A(0) ? z : z * slope;
+}
+
+// Softmax attention rows (Velickovic et al., 2018), max-subtracted per row and head.
+template <typename T>
+bool gat_fwd(const GatArgs& p, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  using V = Vec<A>;
+  const CsrView& g = p.g;
+  const A* a_src = static_cast<const A*>(p.a_src);
+  const A* a_dst = static_cast<const A*>(p.a_dst);
+  const A* drop = static_cast<const A*>(p.drop);
+  A* alpha = static_cast<A*>(p.alpha);
+  const T* h = static_cast<const T*>(p.h);
+  T* out = static_cast<T*>(p.out);
+  const int64_t H = p.H, F = p.F;
+  const A slope = static_cast<A>(p.slope);
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
+    if (!entries_ok(g, e0, e1)) return false;
+    for (int64_t k = 0; k < H; ++k) {
+      const A ad = a_dst[i * H + k];
+      A m = -__builtin_inf();
+      for (int64_t e = e0; e < e1; ++e) {
+        const A s = leaky(a_src[g.col[e] * H + k] + ad, slope);
+        alpha[e * H + k] = s;
+        m = s > m || s != s ? s : m;
+      }
+      A sum = A(0);
+      for (int64_t e = e0; e < e1; ++e) {
+        const A v = exp_acc(alpha[e * H + k] - m);
+        alpha[e * H + k] = v;
+        sum += v;
+      }
+      const A inv = A(1) / sum;
+      for (int64_t e = e0; e < e1; ++e) alpha[e * H + k] *= inv;
+      auto coef = [&](int64_t e) {
+        return drop != nullptr ? alpha[e * H + k] * drop[e * H + k] : alpha[e * H + k];
+      };
+      T* o = out + (i * H + k) * F;
+      gather_row<V>(g.col, e0, e1, h + k * F, H * F, F, coef,
+                    [&](int64_t f0, int64_t n, const V(&acc)[4]) {
+                      store_tile(o, acc, f0, n, A(1), A(0), static_cast<const T*>(nullptr));
+                    });
+    }
+  }
+  return true;
+}
+
+// Backward, CSR rows i: with beta_e = alpha_e * drop_e and g_i = grad_out[i],
+//   dalpha_e = drop_e * <g_i, h[col e]>, ds_e = alpha_e * (dalpha_e - sum_e' alpha_e' dalpha_e'),
+//   dz_e = ds_e * LeakyReLU'(z_e), g_dst[i] = sum_e dz_e.
+template <typename T>
+bool gat_bwd_rows(const GatArgs& p, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  using V = Vec<A>;
+  const CsrView& g = p.g;
+  const A* a_src = static_cast<const A*>(p.a_src);
+  const A* a_dst = static_cast<const A*>(p.a_dst);
+  const A* drop = static_cast<const A*>(p.drop);
+  const A* alpha = static_cast<const A*>(p.alpha);
+  A* dz = static_cast<A*>(p.dz);
+  const T* h = static_cast<const T*>(p.h);
+  const T* grad = static_cast<const T*>(p.grad);
+  const int64_t H = p.H, F = p.F;
+  const A slope = static_cast<A>(p.slope);
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
+    if (!entries_ok(g, e0, e1)) return false;
+    for (int64_t k = 0; k < H; ++k) {
+      const T* gr = grad + (i * H + k) * F;
+      A t = A(0);
+      for (int64_t e = e0; e < e1; ++e) {
+        if (e + kPrefetch < e1) prefetch_row(h + (g.col[e + kPrefetch] * H + k) * F, F);
+        const T* hr = h + (g.col[e] * H + k) * F;
+        A da = reduce<V>(F, [&](int64_t f, int64_t l) {
+                 return ld<V>(gr + f, l) * ld<V>(hr + f, l);
+               }).sum();
+        if (drop != nullptr) da *= drop[e * H + k];
+        dz[e * H + k] = da;
+        t += alpha[e * H + k] * da;
+      }
+      const A ad = a_dst[i * H + k];
+      A gd = A(0);
+      for (int64_t e = e0; e < e1; ++e) {
+        const A z = a_src[g.col[e] * H + k] + ad;
+        const A v = alpha[e * H + k] * (dz[e * H + k] - t) * (z > A(0) ? A(1) : slope);
+        dz[e * H + k] = v;
+        gd += v;
+      }
+      static_cast<A*>(p.g_dst)[i * H + k] = gd;
+    }
+  }
+  return true;
+}
+
+// Backward, transpose rows j (col = destination i, perm = CSR entry q):
+//   g_src[j] = sum_t dz_q, grad_h[j] = sum_t beta_q g_i + g_src[j] att_src + g_dst[j] att_dst.
+template <typename T>
+bool gat_bwd_nodes(const GatArgs& p, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  using V = Vec<A>;
+  const CsrView& g = p.g;
+  const A* drop = static_cast<const A*>(p.drop);
+  const A* alpha = static_cast<const A*>(p.alpha);
+  const A* dz = static_cast<const A*>(p.dz);
+  const A* att_src = static_cast<const A*>(p.att_src);
+  const A* att_dst = static_cast<const A*>(p.att_dst);
+  const A* g_dst = static_cast<const A*>(p.g_dst);
+  const T* grad = static_cast<const T*>(p.grad);
+  T* out = static_cast<T*>(p.out);
+  const int64_t H = p.H, F = p.F;
+  for (int64_t j = r0; j < r1; ++j) {
+    const int64_t t0 = g.rowptr[j], t1 = g.rowptr[j + 1];
+    if (!entries_ok(g, t0, t1)) return false;
+    for (int64_t k = 0; k < H; ++k) {
+      A gs = A(0);
+      for (int64_t t = t0; t < t1; ++t) gs += dz[g.perm[t] * H + k];
+      static_cast<A*>(p.g_src)[j * H + k] = gs;
+      const A gd = g_dst[j * H + k];
+      auto coef = [&](int64_t t) {
+        const int64_t q = g.perm[t] * H + k;
+        return drop != nullptr ? alpha[q] * drop[q] : alpha[q];
+      };
+      T* o = out + (j * H + k) * F;
+      const A* as = att_src + k * F;
+      const A* at = att_dst + k * F;
+      gather_row<V>(g.col, t0, t1, grad + k * F, H * F, F, coef,
+                    [&](int64_t f0, int64_t n, const V(&acc)[4]) {
+                      for (int q = 0; q < 4 && q * V::W < n; ++q) {
+                        const int64_t f = f0 + q * V::W, l = imin(V::W, n - q * V::W);
+                        V v = fma(V::set1(gs), ld<V>(as + f, l), acc[q]);
+                        st(o + f, fma(V::set1(gd), ld<V>(at + f, l), v), l);
+                      }
+                    });
+    }
+  }
+  return true;
+}
+
+const GraphKernels kGraphKernels = {
+    .spmm_sum = {spmm_sum<float>, spmm_sum<double>, spmm_sum<bf16>},
+    .spmm_max = {{spmm_max<float, false>, spmm_max<float, true>},
+                 {spmm_max<double, false>, spmm_max<double, true>},
+                 {spmm_max<bf16, false>, spmm_max<bf16, true>}},
+    .spmm_max_bwd_x = {spmm_max_bwd_x<float>, spmm_max_bwd_x<double>, spmm_max_bwd_x<bf16>},
+    .edge_dot = {edge_dot<float>, edge_dot<double>, edge_dot<bf16>},
+    .gat_scores = {gat_scores<float>, gat_scores<double>, gat_scores<bf16>},
+    .gat_fwd = {gat_fwd<float>, gat_fwd<double>, gat_fwd<bf16>},
+    .gat_bwd_rows = {gat_bwd_rows<float>, gat_bwd_rows<double>, gat_bwd_rows<bf16>},
+    .gat_bwd_nodes = {gat_bwd_nodes<float>, gat_bwd_nodes<double>, gat_bwd_nodes<bf16>},
+};

@@ -1,0 +1,289 @@
+"""fastdl.Graph: a graph as a CSR by destination node, built once from a COO ``edge_index`` and
+validated once, with its transpose (by source node) built lazily for backward passes.
+
+Edge ``k`` of ``edge_index`` goes from ``edge_index[0, k]`` (source ``j``) to ``edge_index[1, k]``
+(destination ``i``), as in PyTorch Geometric: messages flow source -> destination and every op
+aggregates over each node's incoming edges. ``perm[e]`` is the edge id of CSR entry ``e`` (None
+when edge_index is already sorted by destination), so per-edge tensors given in edge order map
+onto CSR entries and back.
+"""
+
+import torch
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _fail(msg: str, exc: type[Exception] = ValueError) -> None:
+    raise exc(msg)
+
+
+def check_csr(op: str, rowptr: torch.Tensor, col: torch.Tensor, num_nodes: int) -> None:
+    """rowptr starts at 0, never decreases, ends at nnz; col in [0, num_nodes) (the C++ ops check
+    the same before any kernel reads memory)."""
+    for name, t in (("rowptr", rowptr), ("col", col)):
+        if t.dtype not in INDEX_DTYPES:
+            _fail(
+                f"{op}: {name} must be an integer index tensor (int64 or int32), got {t.dtype}",
+                TypeError,
+            )
+        if t.dim() != 1:
+            _fail(f"{op}: {name} must be 1-D, got shape {list(t.shape)}")
+    if rowptr.numel() != num_nodes + 1:
+        _fail(
+            f"{op}: rowptr must have num_nodes + 1 = {num_nodes + 1} entries, got {rowptr.numel()}"
+        )
+    if rowptr[0].item() != 0:
+        _fail(f"{op}: malformed CSR: rowptr[0] must be 0, got {rowptr[0].item()}")
+    if num_nodes and bool((rowptr[1:] < rowptr[:-1]).any()):
+        _fail(f"{op}: malformed CSR: rowptr decreases")
+    if rowptr[-1].item() != col.numel():
+        _fail(
+            f"{op}: malformed CSR: rowptr must end at the number of entries {col.numel()}, "
+            f"got {rowptr[-1].item()}"
+        )
+    _check_range(op, "col", col, num_nodes)
+
+
+def _check_range(op: str, name: str, idx: torch.Tensor, num_nodes: int) -> None:
+    if idx.numel() == 0:
+        return
+    lo, hi = idx.min().item(), idx.max().item()
+    if lo < 0 or hi >= num_nodes:
+        bad = lo if lo < 0 else hi
+        _fail(
+            f"{op}: {name} index {bad} out of range for num_nodes={num_nodes} (expected [0, "
+            f"{num_nodes}))",
+            IndexError,
+        )
+
+
+class Graph:
+    """A directed graph on ``num_nodes`` nodes as a CSR by destination node.
+
+    Build it with :meth:`from_edge_index` (COO, as PyTorch Geometric) or :meth:`from_csr`.
+    Attributes: ``rowptr`` (num_nodes + 1,) and ``col`` (num_edges,) int64, ``perm`` (CSR entry
+    -> edge id, or None), ``edge_weight`` (in CSR entry order, or None). Immutable; derived
+    structures (transpose, degrees) are cached.
+    """
+
+    def __init__(self, rowptr, col, num_nodes, perm=None, edge_weight=None, num_input_edges=None):
+        self.rowptr, self.col, self.num_nodes = rowptr, col, int(num_nodes)
+        self.perm, self.edge_weight = perm, edge_weight
+        # Length of the per-edge tensors users pass (edge_index order); perm indexes into them.
+        self.num_input_edges = col.numel() if num_input_edges is None else num_input_edges
+        self._transpose = None
+        self._inv_perm = None
+        self._no_loops = None
+        self._with_loops = None
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_edge_index(cls, edge_index, num_nodes, edge_weight=None) -> "Graph":
+        """Validate a COO ``edge_index`` (2, E) of int64/int32 indices in [0, num_nodes) (and
+        ``edge_weight`` (E,) when given) once, and sort it into a CSR by destination."""
+        op = "fastdl.Graph.from_edge_index"
+        if not isinstance(edge_index, torch.Tensor):
+            _fail(f"{op}: edge_index must be a tensor, got {type(edge_index).__name__}", TypeError)
+        if edge_index.dtype not in INDEX_DTYPES:
+            _fail(
+                f"{op}: edge_index must be an integer tensor (int64 or int32), got "
+                f"{edge_index.dtype}",
+                TypeError,
+            )
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            _fail(f"{op}: edge_index must have shape (2, E), got {list(edge_index.shape)}")
+        num_nodes = int(num_nodes)
+        if num_nodes < 0:
+            _fail(f"{op}: num_nodes must be >= 0, got {num_nodes}")
+        _check_range(op, "edge_index", edge_index, num_nodes)
+        num_edges = edge_index.shape[1]
+        if edge_weight is not None:
+            _check_edge_values(op, "edge_weight", edge_weight, edge_index, num_edges)
+        src, dst = edge_index[0].long(), edge_index[1].long()
+        if num_edges == 0 or bool((dst[1:] >= dst[:-1]).all()):
+            perm, col = None, src.contiguous()
+        else:
+            perm = torch.argsort(dst, stable=True)
+            col, dst = src[perm], dst[perm]
+        rowptr = _rowptr(dst, num_nodes)
+        if edge_weight is not None and perm is not None:
+            edge_weight = edge_weight[perm]
+        return cls(rowptr, col, num_nodes, perm, edge_weight)
+
+    @classmethod
+    def from_csr(cls, rowptr, col, num_nodes=None, edge_weight=None) -> "Graph":
+        """A graph from a CSR by destination (rowptr (N + 1,), col = source indices), validated
+        (rowptr starts at 0, never decreases, ends at nnz; col in range). edge_weight in CSR
+        entry order."""
+        op = "fastdl.Graph.from_csr"
+        num_nodes = rowptr.numel() - 1 if num_nodes is None else int(num_nodes)
+        check_csr(op, rowptr, col, num_nodes)
+        if edge_weight is not None:
+            _check_edge_values(op, "edge_weight", edge_weight, col, col.numel())
+        return cls(
+            rowptr.long().contiguous(), col.long().contiguous(), num_nodes, None, edge_weight
+        )
+
+    # ---------------------------------------------------------------- derived structure
+
+    @property
+    def num_edges(self) -> int:
+        return self.col.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.col.device
+
+    def __repr__(self) -> str:
+        w = ", weighted" if self.edge_weight is not None else ""
+        return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges}{w})"
+
+    def dst(self) -> torch.Tensor:
+        """The destination node of each CSR entry."""
+        counts = self.rowptr[1:] - self.rowptr[:-1]
+        return torch.repeat_interleave(torch.arange(self.num_nodes, device=self.device), counts)
+
+    def transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The CSR by source node: (t_rowptr, t_col = destination, t_perm = the CSR entry of each
+        transposed entry); built on first use and cached."""
+        if self._transpose is None:
+            t_perm = torch.argsort(self.col, stable=True)
+            t_col = self.dst()[t_perm]
+            self._transpose = (_rowptr(self.col[t_perm], self.num_nodes), t_col, t_perm)
+        return self._transpose
+
+    def inv_perm(self) -> torch.Tensor | None:
+        """Edge id -> CSR entry (None when the edges were already in CSR order)."""
+        if self.num_input_edges != self.num_edges:
+            raise RuntimeError(
+                "fastdl.Graph: this graph dropped or added edges; per-entry values have no "
+                "edge_index order"
+            )
+        if self.perm is None:
+            return None
+        if self._inv_perm is None:
+            inv = torch.empty_like(self.perm)
+            inv[self.perm] = torch.arange(self.perm.numel(), device=self.device)
+            self._inv_perm = inv
+        return self._inv_perm
+
+    def in_degree(self) -> torch.Tensor:
+        """Incoming edges per node (int64)."""
+        return self.rowptr[1:] - self.rowptr[:-1]
+
+    def out_degree(self) -> torch.Tensor:
+        """Outgoing edges per node (int64)."""
+        return torch.bincount(self.col, minlength=self.num_nodes)
+
+    def gcn_norm(self, improved: bool = False) -> torch.Tensor:
+        """The Kipf coefficients D^-1/2 (A + I) D^-1/2 of each CSR entry (self loops not
+        included; fastdl.gcn_aggregate computes them on the fly and never needs this)."""
+        w = self.edge_weight
+        if w is None:
+            w = torch.ones(self.num_edges, device=self.device)
+        deg = torch.zeros(self.num_nodes, dtype=w.dtype, device=self.device)
+        dinv = (deg.index_add(0, self.dst(), w) + (2.0 if improved else 1.0)).pow(-0.5)
+        return dinv[self.dst()] * w * dinv[self.col]
+
+    def without_self_loops(self) -> "Graph":
+        """:meth:`remove_self_loops`, computed once and cached (self when there are none)."""
+        if self._no_loops is None:
+            has = bool((self.col == self.dst()).any()) if self.num_edges else False
+            self._no_loops = self.remove_self_loops() if has else self
+        return self._no_loops
+
+    def with_self_loops(self) -> "Graph":
+        """Exactly one self loop per node (existing ones replaced), computed once and cached."""
+        if self._with_loops is None:
+            self._with_loops = self.without_self_loops().add_self_loops()
+        return self._with_loops
+
+    def add_self_loops(self, fill_value: float = 1.0) -> "Graph":
+        """A new graph with one self loop (weight ``fill_value`` when weighted) appended after
+        the existing incoming edges of every node."""
+        n, dev = self.num_nodes, self.device
+        counts = self.in_degree() + 1
+        rowptr = _rowptr_from_counts(counts)
+        loop_pos = rowptr[1:] - 1
+        keep = torch.ones(self.num_edges + n, dtype=torch.bool, device=dev)
+        keep[loop_pos] = False
+        col = torch.empty(self.num_edges + n, dtype=torch.long, device=dev)
+        col[keep] = self.col
+        col[loop_pos] = torch.arange(n, device=dev)
+        w = None
+        if self.edge_weight is not None:
+            w = self.edge_weight.new_empty(self.num_edges + n)
+            w[keep] = self.edge_weight
+            w[loop_pos] = fill_value
+        return Graph(rowptr, col, n, None, w)
+
+    def remove_self_loops(self) -> "Graph":
+        """A new graph without the edges i -> i; per-edge values in the original edge_index
+        order still apply to it (its perm maps each entry to its original edge)."""
+        keep = self.col != self.dst()
+        counts = torch.bincount(self.dst()[keep], minlength=self.num_nodes)
+        w = None if self.edge_weight is None else self.edge_weight[keep]
+        kept = keep.nonzero().view(-1)
+        perm = kept if self.perm is None else self.perm[kept]
+        return Graph(
+            _rowptr_from_counts(counts),
+            self.col[keep],
+            self.num_nodes,
+            perm,
+            w,
+            self.num_input_edges,
+        )
+
+    def to(self, device) -> "Graph":
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return Graph(
+            mv(self.rowptr),
+            mv(self.col),
+            self.num_nodes,
+            mv(self.perm),
+            mv(self.edge_weight),
+            self.num_input_edges,
+        )
+
+    # ---------------------------------------------------------------- per-edge values
+
+    def edge_values(self, op: str, name: str, values: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-edge ``values`` given in edge_index order, in CSR entry order (differentiably);
+        the graph's own edge_weight when values is None."""
+        if values is None:
+            return self.edge_weight
+        _check_edge_values(op, name, values, self.col, self.num_input_edges)
+        return values if self.perm is None else values[self.perm]
+
+    def to_edge_order(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-entry values in CSR order back in edge_index order (differentiably)."""
+        inv = self.inv_perm()
+        return values if inv is None else values[inv]
+
+
+def _check_edge_values(op, name, values, ref, num_edges):
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+        _fail(f"{op}: {name} must be a floating-point tensor, got {got}", TypeError)
+    if values.device != ref.device:
+        _fail(
+            f"{op}: {name} is on {values.device} but the graph is on {ref.device}; all tensors "
+            "must be on the same device",
+            RuntimeError,
+        )
+    if values.dim() != 1 or values.numel() != num_edges:
+        _fail(
+            f"{op}: {name} must have shape ({num_edges},) (one value per edge), got "
+            f"{list(values.shape)}"
+        )
+
+
+def _rowptr_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def _rowptr(sorted_rows: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    return _rowptr_from_counts(torch.bincount(sorted_rows, minlength=num_nodes))

@@ -1,0 +1,168 @@
+"""GNN layers on the fastdl graph ops: GCNConv, GATConv, SAGEConv (mean), GINConv.
+
+Constructor arguments, parameter names and shapes follow their PyTorch Geometric namesakes, so
+a PyG state_dict loads unchanged (``load_state_dict``). Each forward takes ``edge_index`` (2, E)
+or a prebuilt :class:`fastdl.Graph` (which skips the sort into CSR; pass one when the graph
+does not change between calls). Messages flow edge_index[0] -> edge_index[1], as in PyG.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from fastdl.graph import Graph
+from fastdl.ops import graph as F
+
+
+def _graph(edge_index, num_nodes: int) -> Graph:
+    if isinstance(edge_index, Graph):
+        return edge_index
+    return Graph.from_edge_index(edge_index, num_nodes)
+
+
+def _glorot(t: torch.Tensor) -> None:
+    # PyG's glorot: U(-a, a), a = sqrt(6 / (fan_in + fan_out)) over the last two dims.
+    a = math.sqrt(6.0 / (t.size(-2) + t.size(-1)))
+    nn.init.uniform_(t, -a, a)
+
+
+class GCNConv(nn.Module):
+    """Graph convolution (Kipf & Welling, 2017): ``D^-1/2 (A + I) D^-1/2 X W + b``, as PyG's
+    GCNConv (``lin.weight``, ``bias``); ``improved`` uses 2I. Self loops in the input are
+    replaced by the layer's own (PyG keeps their weights; the same for unweighted graphs).
+    ``cached`` keeps the Graph built from the first edge_index."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        improved: bool = False,
+        cached: bool = False,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.improved, self.cached = improved, cached
+        self._cached_graph = None
+        self.lin = nn.Linear(in_channels, out_channels, bias=False)
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _glorot(self.lin.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self._cached_graph = None
+
+    def _graph(self, edge_index, n: int) -> Graph:
+        if self.cached and self._cached_graph is not None:
+            return self._cached_graph
+        g = _graph(edge_index, n).without_self_loops()
+        if self.cached:
+            self._cached_graph = g
+        return g
+
+    def forward(self, x: torch.Tensor, edge_index, edge_weight=None) -> torch.Tensor:
+        g = self._graph(edge_index, x.size(0))
+        out = F.gcn_aggregate(g, self.lin(x), edge_weight, improved=self.improved)
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}"
+
+
+class GATConv(nn.Module):
+    """Graph attention (Velickovic et al., 2018), multi-head, as PyG's GATConv (``lin.weight``
+    (heads * out, in), ``att_src``/``att_dst`` (1, heads, out), ``bias``): heads concatenated
+    (``concat``) or averaged. Self loops are replaced by one per node (``add_self_loops``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        heads: int = 1,
+        concat: bool = True,
+        negative_slope: float = 0.2,
+        dropout: float = 0.0,
+        add_self_loops: bool = True,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
+        self.concat, self.negative_slope, self.dropout = concat, negative_slope, dropout
+        self.add_self_loops = add_self_loops
+        self.lin = nn.Linear(in_channels, heads * out_channels, bias=False)
+        self.att_src = nn.Parameter(torch.empty(1, heads, out_channels))
+        self.att_dst = nn.Parameter(torch.empty(1, heads, out_channels))
+        width = heads * out_channels if concat else out_channels
+        self.bias = nn.Parameter(torch.empty(width)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _glorot(self.lin.weight)
+        _glorot(self.att_src)
+        _glorot(self.att_dst)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
+        g = _graph(edge_index, x.size(0))
+        if self.add_self_loops:
+            g = g.with_self_loops()
+        h = self.lin(x).view(-1, self.heads, self.out_channels)
+        out = F.gat_aggregate(
+            g, h, self.att_src, self.att_dst, self.negative_slope, self.dropout, self.training
+        )
+        out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(1)
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, heads={self.heads}"
+
+
+class SAGEConv(nn.Module):
+    """GraphSAGE (Hamilton et al., 2017) with mean aggregation, as PyG's SAGEConv
+    (``lin_l`` on the neighbour mean, with bias; ``lin_r`` on the root, without)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        aggr: str = "mean",
+        root_weight: bool = True,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if aggr not in F.REDUCES:
+            raise ValueError(f"fastdl.nn.SAGEConv: aggr must be one of {F.REDUCES}, got {aggr!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.aggr, self.root_weight = aggr, root_weight
+        self.lin_l = nn.Linear(in_channels, out_channels, bias=bias)
+        self.lin_r = nn.Linear(in_channels, out_channels, bias=False) if root_weight else None
+
+    def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
+        g = _graph(edge_index, x.size(0))
+        out = self.lin_l(F.spmm(g, x, reduce=self.aggr))
+        return out + self.lin_r(x) if self.lin_r is not None else out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, aggr={self.aggr!r}"
+
+
+class GINConv(nn.Module):
+    """Graph isomorphism network layer (Xu et al., 2019): ``nn((1 + eps) x_i + sum_j x_j)``, as
+    PyG's GINConv (``nn.*``, ``eps`` a parameter when ``train_eps``, else a buffer)."""
+
+    def __init__(self, nn_module: nn.Module, eps: float = 0.0, train_eps: bool = False):
+        super().__init__()
+        self.nn = nn_module
+        self.initial_eps = eps
+        if train_eps:
+            self.eps = nn.Parameter(torch.tensor([eps]))
+        else:
+            self.register_buffer("eps", torch.tensor([eps]))
+
+    def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
+        g = _graph(edge_index, x.size(0))
+        return self.nn(F.spmm(g, x) + (1 + self.eps) * x)

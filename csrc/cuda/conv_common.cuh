@@ -106,23 +106,25 @@ inline bool use_direct(const ConvShape& g) {
 
 // The weight gradient's reduction over the N * P * Q output pixels is cut into `splits` chunks
 // (a multiple of kSplitAlign pixels each), fixed by the shapes alone so that results do not depend
-// on the GPU: enough chunks for ~2 waves of a large GPU, none shorter than kMinChunk pixels, and
-// at most kMaxWorkspace bytes of float32 partial sums.
+// on the GPU: with `blocks` blocks per chunk, enough chunks for kTargetBlocks blocks (two per SM
+// of a 132-SM H100/H200), none shorter than kMinChunk pixels, and at most kMaxWorkspace bytes of
+// float32 partial sums (whose write and re-read must stay small next to the GEMM itself).
 constexpr int64_t kSplitAlign = 32;
 constexpr int64_t kMinChunk = 512;
+constexpr int64_t kTargetBlocks = 264;
 constexpr int64_t kMaxWorkspace = int64_t(256) << 20;
+constexpr int kDepthwiseWgradCols = 32;  // channels per depthwise weight-gradient block
 
 struct WgradSplit {
   int64_t splits, chunk;  // chunk: pixels per split
 };
 
-inline WgradSplit wgrad_split(const ConvShape& g) {
+inline WgradSplit wgrad_split(const ConvShape& g, int64_t blocks) {
   const int64_t pixels = g.N * g.P * g.Q;
-  const int64_t wnumel = g.K * (g.C / g.groups) * g.R * g.S;
-  const int64_t blocks = std::max<int64_t>(1, wnumel / 8192);
-  int64_t s = std::min((512 + blocks - 1) / blocks, (pixels + kMinChunk - 1) / kMinChunk);
-  s = std::clamp<int64_t>(s, 1,
-                          std::max<int64_t>(1, kMaxWorkspace / (4 * std::max<int64_t>(wnumel, 1))));
+  const int64_t wnumel = std::max<int64_t>(1, g.K * (g.C / g.groups) * g.R * g.S);
+  blocks = std::max<int64_t>(1, blocks);
+  int64_t s = std::min((kTargetBlocks + blocks - 1) / blocks, (pixels + kMinChunk - 1) / kMinChunk);
+  s = std::clamp<int64_t>(s, 1, std::max<int64_t>(1, kMaxWorkspace / (4 * wnumel)));
   int64_t chunk = (pixels + s - 1) / s;
   chunk = (chunk + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
   return {std::max<int64_t>(1, (pixels + chunk - 1) / chunk), chunk};

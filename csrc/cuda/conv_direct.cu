@@ -17,7 +17,8 @@ namespace {
 using namespace conv_detail;
 
 constexpr int kThreads = 256;
-constexpr int kCols = 32, kRows = 8;  // column-reduction blocks: 32 columns x 8 row walkers
+// Column-reduction blocks: kCols columns x kRows row walkers.
+constexpr int kCols = kDepthwiseWgradCols, kRows = 8;
 
 unsigned grid_for(int64_t work, int threads) {
   return unsigned(std::clamp<int64_t>((work + threads - 1) / threads, 1, kMaxGrid));

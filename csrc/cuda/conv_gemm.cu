@@ -539,6 +539,13 @@ cudaError_t launch(GemmArgs a, DType dtype, const void* a_ptr, const void* b_ptr
   return cudaGetLastError();
 }
 
+// Blocks of one split of the weight gradient (wgrad_split's `blocks`).
+int64_t wgrad_blocks(const ConvShape& s) {
+  if (use_direct(s)) return (s.K + kDepthwiseWgradCols - 1) / kDepthwiseWgradCols * s.R * s.S;
+  const int64_t kg = s.K / s.groups, cols = s.R * s.S * (s.C / s.groups);
+  return (kg + kBM - 1) / kBM * ((cols + kBN - 1) / kBN) * s.groups;
+}
+
 }  // namespace
 
 cudaError_t conv_fprop(const ConvFpropParams& p, cudaStream_t stream) {
@@ -573,7 +580,7 @@ size_t conv_wgrad_workspace_bytes(const ConvWgradParams& p) {
   const ConvShape& s = p.g;
   const int64_t wnumel = s.K * (s.C / s.groups) * s.R * s.S;
   if (wnumel == 0 || s.N * s.P * s.Q == 0) return 0;
-  return size_t(wgrad_split(s).splits * wnumel) * sizeof(float);
+  return size_t(wgrad_split(s, wgrad_blocks(s)).splits * wnumel) * sizeof(float);
 }
 
 cudaError_t conv_wgrad(const ConvWgradParams& p, cudaStream_t stream) {
@@ -584,7 +591,7 @@ cudaError_t conv_wgrad(const ConvWgradParams& p, cudaStream_t stream) {
     const size_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
     return cudaMemsetAsync(p.grad_weight, 0, size_t(wnumel) * elem, stream);
   }
-  const WgradSplit sp = wgrad_split(s);
+  const WgradSplit sp = wgrad_split(s, wgrad_blocks(s));
   float* partial = static_cast<float*>(p.workspace);
   cudaError_t err;
   if (use_direct(s)) {

@@ -67,8 +67,8 @@ inline void pair(const char* op, const char* arg, at::IntArrayRef v, int64_t min
               ", got ", v);
 }
 
-// Shared checks of x and weight; `c_w` is the channel dim of weight that times groups must equal
-// x's channels (1 for conv2d, 0 for conv_transpose2d).
+// Shared checks of x and weight; `c_w` is weight's input-channel dim (1 for conv2d, 0 for
+// conv_transpose2d).
 inline void tensors(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t groups,
                     std::initializer_list<c10::ScalarType> dtypes, int c_w) {
   checks::dtype(op, "x", x, dtypes);
@@ -80,8 +80,10 @@ inline void tensors(const char* op, const at::Tensor& x, const at::Tensor& weigh
   TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
   const int64_t c = x.size(1);
   TORCH_CHECK(c % groups == 0, op, ": input channels ", c, " are not divisible by groups=", groups);
-  TORCH_CHECK(weight.size(c_w) * groups == c, op, ": x has ", c, " channels but weight of shape ",
-              weight.sizes(), " with groups=", groups, " expects ", weight.size(c_w) * groups);
+  // conv2d weight (K, C / groups, R, S); conv_transpose2d weight (C, C_out / groups, R, S).
+  const int64_t expected = c_w == 1 ? weight.size(1) * groups : weight.size(0);
+  TORCH_CHECK(expected == c, op, ": x has ", c, " channels but weight of shape ", weight.sizes(),
+              " with groups=", groups, " expects ", expected);
   if (c_w == 1)
     TORCH_CHECK(weight.size(0) % groups == 0, op, ": output channels ", weight.size(0),
                 " (weight.size(0)) are not divisible by groups=", groups);

@@ -1,5 +1,6 @@
 """Drop-in modules, state_dict-compatible with their torch.nn twins."""
 
+from fastdl.nn.conv import Conv2d, ConvTranspose2d
 from fastdl.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "RMSNorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "Conv2d", "ConvTranspose2d", "LayerNorm", "RMSNorm"]

@@ -2,11 +2,13 @@
 // the portable vectors for it): the fallback on any CPU and the reference for the SIMD builds.
 #include <cstdint>
 
+#include "cpu/conv_params.h"
 #include "cpu/norm_params.h"
 
 #define FASTDL_VEC 0
 namespace fastdl::cpu::scalar {
 #include "common/vec.h"
+#include "cpu/conv_kernels.h"
 #include "cpu/norm_kernels.h"
 }  // namespace fastdl::cpu::scalar
 #undef FASTDL_VEC
@@ -14,5 +16,8 @@ namespace fastdl::cpu::scalar {
 namespace fastdl::cpu {
 const NormKernels& norm_kernels_scalar() {
   return scalar::kNormKernels;
+}
+const ConvKernels& conv_kernels_scalar() {
+  return scalar::kConvKernels;
 }
 }  // namespace fastdl::cpu

@@ -81,6 +81,40 @@ TORCH_LIBRARY(fastdl, m) {
       "Tensor att_dst, Tensor alpha, Tensor a_src, Tensor a_dst, Tensor? dropout_mask, "
       "Tensor t_rowptr, Tensor t_col, Tensor t_perm, float negative_slope) "
       "-> (Tensor grad_h, Tensor grad_att_src, Tensor grad_att_dst)");
+  // ---- conv: x is (N, C_in, H, W), weight (C_out, C_in / groups, kH, kW) as in torch; any
+  // strides (kernels copy to the layout they need). The output keeps x's memory format:
+  // channels_last when x is channels_last (and not also contiguous, i.e. C > 1 and H*W > 1),
+  // contiguous NCHW otherwise (csrc/common/conv.h: conv_channels_last). padding is symmetric
+  // (the Python layer pads an uneven "same" beforehand). dtypes: x, weight, bias, residual share
+  // one dtype; parameter gradients come back in weight/bias's own shape and dtype.
+  // conv2d_fwd computes out = act(conv(x, weight) + bias + residual), activation one of
+  // "none", "relu", "silu", "gelu" (exact erf GELU). `pre` is the pre-activation
+  // conv + bias + residual, saved for the backward of silu/gelu; for "none" and "relu" it is an
+  // empty (0,) tensor (relu's backward reads `out` instead: out > 0 <=> pre > 0).
+  m.def(
+      "conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, str activation) -> (Tensor out, Tensor pre)");
+  // Backward of conv2d_fwd. `out` and `pre` are what the forward returned (out is read for
+  // relu, pre for silu/gelu; the other may be empty). output_mask = (input, weight, bias,
+  // pre-activation): grad_pre = grad_out * act'(pre) is the residual's gradient, only asked
+  // for when activation != "none" (then it is grad_out itself). Masked-off outputs are empty
+  // (0,) tensors. grad_input has x's shape and memory format.
+  m.def(
+      "conv2d_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor out, Tensor pre, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, "
+      "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_pre)");
+  // conv_transpose2d: x is (N, C_in, H, W), weight (C_in, C_out / groups, kH, kW) as in torch;
+  // the forward is the adjoint of conv2d (conv2d's input gradient) plus bias. Output size per
+  // dim: (in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1, with
+  // output_padding < max(stride, dilation). Memory format and masks as for conv2d.
+  m.def(
+      "conv_transpose2d_fwd(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] output_padding, int groups, int[2] dilation) -> Tensor");
+  m.def(
+      "conv_transpose2d_bwd(Tensor grad_out, Tensor x, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] output_padding, int groups, int[2] dilation, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

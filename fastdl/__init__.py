@@ -5,6 +5,8 @@ from fastdl import nn
 from fastdl._backend import backend, get_backend
 from fastdl._ext import available_backends, cpu_isa, set_cpu_isa
 from fastdl.graph import Graph
+from fastdl.nn.conv import fuse_conv_bn
+from fastdl.ops.conv import conv2d, conv_transpose2d
 from fastdl.ops.graph import gat_aggregate, gcn_aggregate, sddmm, spmm
 from fastdl.ops.norm import add_layer_norm, add_rms_norm, batch_norm, layer_norm, rms_norm
 from fastdl.patch import PatchReport, patch
@@ -19,7 +21,10 @@ __all__ = [
     "available_backends",
     "backend",
     "batch_norm",
+    "conv2d",
+    "conv_transpose2d",
     "cpu_isa",
+    "fuse_conv_bn",
     "gat_aggregate",
     "gcn_aggregate",
     "get_backend",

@@ -10,8 +10,16 @@ import os
 from fastdl import _ext
 
 BACKENDS = ("native", "triton", "auto")
-# The faster CUDA backend per family, as measured by `python -m bench` on a GPU.
-AUTO = {"norm": "native", "graph": "native"}
+# The faster CUDA backend per family, as measured by `python -m bench` on a GPU ("native" where
+# no GPU run has measured it yet).
+AUTO = {
+    "norm": "native",
+    "attention": "native",
+    "conv": "native",
+    "rnn": "native",
+    "graph": "native",
+    "int8": "native",
+}
 
 
 def _validate(name: str) -> str:

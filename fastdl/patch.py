@@ -12,6 +12,8 @@ TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.RMSNorm: fnn.RMSNorm,
     nn.BatchNorm1d: fnn.BatchNorm1d,
     nn.BatchNorm2d: fnn.BatchNorm2d,
+    nn.Conv2d: fnn.Conv2d,
+    nn.ConvTranspose2d: fnn.ConvTranspose2d,
 }
 
 

@@ -2,7 +2,8 @@
 
 CUDA: each csrc/cuda/*.cu is compiled with nvcc, once per arch (sm_80, sm_90a), warnings as
 errors, ``-Xptxas -v`` parsed: no kernel may spill registers or use a stack frame (local memory)
-unless LOCAL_MEMORY_ALLOWED names it with the reason. No .cu/.cuh includes a torch header, so
+unless LOCAL_MEMORY_ALLOWED names it with the reason; kernels named in TENSOR_CORE_KERNELS must
+issue mma/wgmma in their PTX. No .cu/.cuh includes a torch header, so
 the kernels compile standalone; the torch-facing csrc/cuda/*.cpp (bind layers) get a syntax
 check against the installed torch headers and the CUDA toolkit's.
 
@@ -22,12 +23,14 @@ TRITON_INTERPRET, which conftest.py sets on machines without CUDA and which turn
 functions into interpreter objects that cannot be compiled.
 """
 
+import functools
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,6 +46,12 @@ NVCC_FLAGS = ["-O3", "-DNDEBUG", "-std=c++20", "--expt-relaxed-constexpr", "-Xpt
 NVCC_FLAGS += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra"]
 # {(file, kernel name substring): reason} for kernels allowed to spill or use local memory.
 LOCAL_MEMORY_ALLOWED: dict[tuple[str, str], str] = {}
+# {(file, kernel name substring): reason} for kernels that must issue tensor-core mma/wgmma: every
+# kernel of the file whose demangled name contains the substring is checked in the PTX.
+TENSOR_CORE_KERNELS: dict[tuple[str, str], str] = {
+    ("conv_gemm.cu", "implicit_gemm_kernel<__half"): "fp16 conv implicit GEMM (issue 4)",
+    ("conv_gemm.cu", "implicit_gemm_kernel<__nv_bfloat16"): "bf16 conv implicit GEMM (issue 4)",
+}
 TORCH_HEADER = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2|pybind11)/', re.M)
 
 TRITON_CCS = {80: 163 * 1024, 90: 227 * 1024}  # arch: shared memory per block, bytes
@@ -170,6 +179,32 @@ def test_nvcc_no_warning_spill_or_local_memory(cu, arch, builds, record_property
         f"  {name}: {usage}" for name, usage in bad.items()
     )
     record_property("registers", {name: usage["registers"] for name, usage in report.items()})
+
+
+@functools.cache
+def _ptx_kernels(source: str) -> dict[str, str]:
+    """{demangled kernel name: its PTX} of a .cu file (compiled once per test session)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp, f"{source}.ptx")
+        cmd = [NVCC, "-ptx", str(CUDA_DIR / source), "-o", str(ptx), "-arch=compute_80"]
+        proc = _run([*cmd, *NVCC_FLAGS])
+        assert proc.returncode == 0, f"nvcc -ptx failed on {source}:\n{proc.stdout}{proc.stderr}"
+        text = ptx.read_text()
+    starts = list(re.finditer(r"^(?:\.visible\s+|\.weak\s+)*\.entry\s+(\w+)", text, re.M))
+    ends = [m.start() for m in starts[1:]] + [len(text)]
+    names = _demangle([m[1] for m in starts])
+    return {name: text[m.start() : end] for name, m, end in zip(names, starts, ends, strict=True)}
+
+
+@pytest.mark.parametrize(("source", "kernel"), sorted(TENSOR_CORE_KERNELS))
+def test_cuda_tensor_core_kernels_issue_mma(source, kernel):
+    if NVCC is None:
+        pytest.skip("needs nvcc (the CUDA toolkit)")
+    kernels = _ptx_kernels(source)
+    chosen = [name for name in kernels if kernel in name]
+    assert chosen, f"{source}: no kernel matching {kernel!r} in the PTX"
+    missing = [name for name in chosen if not MMA.search(kernels[name])]
+    assert not missing, f"{source}: no mma/wgmma in {missing}"
 
 
 @pytest.mark.parametrize("cpp", BIND_FILES)

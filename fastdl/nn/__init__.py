@@ -1,11 +1,14 @@
-"""Drop-in modules, state_dict-compatible with their torch.nn twins."""
+"""Drop-in modules, state_dict-compatible with their torch.nn (or PyG) twins."""
 
+from fastdl.nn.conv import Conv2d, ConvTranspose2d
 from fastdl.nn.graph import GATConv, GCNConv, GINConv, SAGEConv
 from fastdl.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
+    "Conv2d",
+    "ConvTranspose2d",
     "GATConv",
     "GCNConv",
     "GINConv",

@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include "cpu/graph_params.h"
+#include "cpu/conv_params.h"
 #include "cpu/norm_params.h"
 
 #pragma GCC push_options
@@ -15,6 +16,7 @@
 namespace fastdl::cpu::avx2 {
 #include "common/vec.h"
 #include "cpu/graph_kernels.h"
+#include "cpu/conv_kernels.h"
 #include "cpu/norm_kernels.h"
 }  // namespace fastdl::cpu::avx2
 #undef FASTDL_VEC
@@ -26,6 +28,9 @@ const NormKernels& norm_kernels_avx2() {
 }
 const GraphKernels& graph_kernels_avx2() {
   return avx2::kGraphKernels;
+}
+const ConvKernels& conv_kernels_avx2() {
+  return avx2::kConvKernels;
 }
 }  // namespace fastdl::cpu
 

@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include "cpu/graph_params.h"
+#include "cpu/conv_params.h"
 #include "cpu/norm_params.h"
 
 #pragma GCC push_options
@@ -20,6 +21,7 @@
 namespace fastdl::cpu::avx512 {
 #include "common/vec.h"
 #include "cpu/graph_kernels.h"
+#include "cpu/conv_kernels.h"
 #include "cpu/norm_kernels.h"
 }  // namespace fastdl::cpu::avx512
 #undef FASTDL_VEC
@@ -32,6 +34,9 @@ const NormKernels& norm_kernels_avx512() {
 }
 const GraphKernels& graph_kernels_avx512() {
   return avx512::kGraphKernels;
+}
+const ConvKernels& conv_kernels_avx512() {
+  return avx512::kConvKernels;
 }
 }  // namespace fastdl::cpu
 

@@ -3,12 +3,14 @@
 #include <cstdint>
 
 #include "cpu/graph_params.h"
+#include "cpu/conv_params.h"
 #include "cpu/norm_params.h"
 
 #define FASTDL_VEC 0
 namespace fastdl::cpu::scalar {
 #include "common/vec.h"
 #include "cpu/graph_kernels.h"
+#include "cpu/conv_kernels.h"
 #include "cpu/norm_kernels.h"
 }  // namespace fastdl::cpu::scalar
 #undef FASTDL_VEC
@@ -19,5 +21,8 @@ const NormKernels& norm_kernels_scalar() {
 }
 const GraphKernels& graph_kernels_scalar() {
   return scalar::kGraphKernels;
+}
+const ConvKernels& conv_kernels_scalar() {
+  return scalar::kConvKernels;
 }
 }  // namespace fastdl::cpu

@@ -1,0 +1,446 @@
+// CPU implementations of the conv ops (schemas in csrc/ops.cpp): checks (csrc/common/conv.h),
+// layouts, blocking and threading, and the GEMMs. The kernels around the GEMMs (im2col, col2im,
+// the fused epilogue, the direct depthwise conv) are in csrc/cpu/conv_kernels.h, compiled per
+// ISA.
+//
+// Every conv is an implicit GEMM on NHWC activations (conv_params.h): rows m = output pixels,
+// cut into blocks whose im2col panel fits in L2, each block's GEMM run by the BLAS torch links
+// (DESIGN §5: a hand-written micro-kernel would at best tie it) and its epilogue applied while
+// the block is in cache. NCHW inputs are read once into NHWC; 1x1 stride-1 convs need no im2col
+// (the NHWC input already is the GEMM operand). The backward reuses the same blocks:
+// grad_weight = col^T * grad_pre, grad_input = col2im(grad_pre * wmat^T). conv_transpose2d is the
+// adjoint conv2d (common/conv.h), so its forward is the conv2d input gradient.
+//
+// bfloat16 is computed in float32 (converted at the edges). Determinism: the weight/bias
+// gradient sums run over chunks of blocks fixed by the shapes alone, merged in a fixed order, so
+// results are bit-identical from run to run and for any number of threads.
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/conv.h"
+#include "common/isa.h"
+#include "cpu/conv_params.h"
+
+namespace fastdl::cpu {
+namespace {
+
+constexpr const char* kConv = "fastdl.conv2d";
+constexpr const char* kConvT = "fastdl.conv_transpose2d";
+constexpr std::initializer_list<c10::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kBFloat16};
+// Bytes of one block's im2col panel: it stays in L2 between im2col, GEMM and epilogue.
+constexpr int64_t kPanelBytes = int64_t{256} << 10;
+// Most partial sums of the weight gradient (chunks of blocks), and their total memory.
+constexpr int64_t kMaxChunks = 16;
+constexpr int64_t kPartialBytes = int64_t{64} << 20;
+
+const ConvKernels& kernels() {
+  switch (cpu_isa()) {
+#if defined(__x86_64__)
+    case Isa::kAvx512:
+      return conv_kernels_avx512();
+    case Isa::kAvx2:
+      return conv_kernels_avx2();
+#endif
+    default:
+      return conv_kernels_scalar();
+  }
+}
+
+template <typename T>
+constexpr int dt() {
+  return std::is_same_v<T, double> ? kConvF64 : kConvF32;
+}
+
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x in compute dtype, NHWC memory ((N, C, H, W) channels_last view).
+at::Tensor nhwc(const at::Tensor& x) {
+  return x.to(compute_type(x)).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace
+}  // namespace fastdl::cpu
+
+// The Fortran BLAS torch links (MKL on x86 wheels, OpenBLAS elsewhere) exports sgemm_/dgemm_;
+// at::native::cpublas::gemm wraps the same calls but is not exported from libtorch_cpu. Weak,
+// so that a torch without them still loads this extension (and takes the at::mm path below).
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*, const int*)
+    __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+namespace fastdl::cpu {
+namespace {
+
+template <typename T>
+auto* blas_gemm() {
+  if constexpr (std::is_same_v<T, float>)
+    return &sgemm_;
+  else
+    return &dgemm_;
+}
+
+// Row-major C (m x n, ldc) = op(A) * op(B) + beta * C; op(A) is m x k (A stored k x m when ta).
+// Block dimensions and leading dimensions fit in int (blocks are cut to the L2 size).
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B,
+          int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (auto* f = blas_gemm<T>(); f != nullptr) {
+    // Column-major BLAS sees every row-major matrix transposed: C^T = op(B)^T op(A)^T.
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const T one = T(1);
+    f(tb ? "T" : "N", ta ? "T" : "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    at::Tensor v =
+        at::from_blob(const_cast<T*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts);
+    return t ? v.t() : v;
+  };
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(c, c, view(A, m, k, lda, ta), view(B, k, n, ldb, tb), beta, 1);
+}
+
+struct Gemm {
+  ConvArgs a;
+  int64_t M, j, cg, kg, rows, blocks;
+  bool direct;  // 1x1, stride 1, no padding: the NHWC input is the GEMM operand itself
+};
+
+Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem) {
+  Gemm p{};
+  p.a =
+      ConvArgs{g.N,        g.C,     g.H,     g.W,     g.K,     g.R,      g.S, g.P, g.Q, g.stride_h,
+               g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, g.groups, 0,   0,   0,   act};
+  if (out_like.defined()) {
+    p.a.out_sn = out_like.stride(0);
+    p.a.out_sk = out_like.stride(1);
+    p.a.out_spq = out_like.stride(3);
+  }
+  p.M = g.N * g.P * g.Q;
+  p.cg = g.c_per_group();
+  p.kg = g.k_per_group();
+  p.j = g.R * g.S * p.cg;
+  p.direct =
+      g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+  p.rows = std::clamp<int64_t>(kPanelBytes / (elem * std::max(p.j, p.kg)), 16, 1024);
+  p.blocks = (p.M + p.rows - 1) / p.rows;
+  return p;
+}
+
+// (K, C/G, R, S) -> (G, R, S, C/G, K/G): each group's GEMM operand wmat[j, k].
+at::Tensor weight_matrix(const at::Tensor& w, const ConvArgs& a, at::ScalarType ct) {
+  return w.to(ct)
+      .reshape({a.groups, a.K / a.groups, a.C / a.groups, a.R, a.S})
+      .permute({0, 3, 4, 2, 1})
+      .contiguous();
+}
+
+// out (in its layout, via p.a.out_*) = epilogue(conv(x, wmat)).
+template <typename T>
+void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
+  const ConvKernels& kr = kernels();
+  at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> col(p.direct ? 0 : p.rows * p.j), acc(p.rows * p.kg);
+    ConvEpilogue eb = e;
+    eb.acc = acc.data();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
+      for (int64_t g = 0; g < p.a.groups; ++g) {
+        const T* A = x + m0 * p.a.C + g * p.cg;
+        if (!p.direct) {
+          kr.im2col[dt<T>()](p.a, x, m0, mb, g, col.data());
+          A = col.data();
+        }
+        gemm<T>(false, false, mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, wmat + g * p.j * p.kg, p.kg,
+                T(0), acc.data(), p.kg);
+        kr.epilogue[dt<T>()](p.a, eb, m0, mb, g);
+      }
+    }
+  });
+}
+
+// grad_x (N, H, W, C), zero-filled, += the input gradient of gpre (M, K).
+template <typename T>
+void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
+  const ConvKernels& kr = kernels();
+  const int64_t K = p.a.K, C = p.a.C;
+  if (p.direct) {  // rows map one to one onto input pixels: no scatter, any block split
+    at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
+        for (int64_t g = 0; g < p.a.groups; ++g)
+          gemm<T>(false, true, mb, p.cg, p.kg, gpre + m0 * K + g * p.kg, K, wmat + g * p.j * p.kg,
+                  p.kg, T(0), gx + m0 * C + g * p.cg, C);
+      }
+    });
+    return;
+  }
+  // col2im scatters into overlapping windows: one image per task, its blocks in order.
+  const int64_t pq = p.a.P * p.a.Q;
+  at::parallel_for(0, p.a.N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<T> gcol(p.rows * p.j);
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = n * pq; m0 < (n + 1) * pq; m0 += p.rows) {
+        const int64_t mb = std::min(p.rows, (n + 1) * pq - m0);
+        for (int64_t g = 0; g < p.a.groups; ++g) {
+          gemm<T>(false, true, mb, p.j, p.kg, gpre + m0 * K + g * p.kg, K, wmat + g * p.j * p.kg,
+                  p.kg, T(0), gcol.data(), p.j);
+          kr.col2im[dt<T>()](p.a, gcol.data(), m0, mb, g, gx);
+        }
+      }
+  });
+}
+
+// gw (G, R, S, C/G, K/G) = col^T gpre and gb (K) = column sums of gpre (either may be null).
+template <typename T>
+void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
+  const ConvKernels& kr = kernels();
+  const int64_t K = p.a.K, wsize = p.a.groups * p.j * p.kg, part = wsize + K;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min({p.blocks, kMaxChunks, kPartialBytes / (part * int64_t(sizeof(T)))}));
+  std::vector<T> partial(chunks * part, T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> col(p.direct || gw == nullptr ? 0 : p.rows * p.j);
+    for (int64_t c = c0; c < c1; ++c) {
+      T* pw = partial.data() + c * part;
+      T* pb = pw + wsize;
+      for (int64_t b = c * p.blocks / chunks; b < (c + 1) * p.blocks / chunks; ++b) {
+        const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
+        for (int64_t m = m0; gb != nullptr && m < m0 + mb; ++m)
+          for (int64_t k = 0; k < K; ++k) pb[k] += gpre[m * K + k];
+        for (int64_t g = 0; gw != nullptr && g < p.a.groups; ++g) {
+          const T* A = x + m0 * p.a.C + g * p.cg;
+          if (!p.direct) {
+            kr.im2col[dt<T>()](p.a, x, m0, mb, g, col.data());
+            A = col.data();
+          }
+          gemm<T>(true, false, p.j, p.kg, mb, A, p.direct ? p.a.C : p.j, gpre + m0 * K + g * p.kg,
+                  K, T(1), pw + g * p.j * p.kg, p.kg);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, part, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T s = T(0);
+      for (int64_t c = 0; c < chunks; ++c) s += partial[c * part + i];
+      if (i < wsize && gw != nullptr) gw[i] = s;
+      if (i >= wsize && gb != nullptr) gb[i - wsize] = s;
+    }
+  });
+}
+
+// (N, H, W, C) NHWC buffer -> (N, C, H, W) in `fmt` and `dtype`.
+at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype) {
+  return t.permute({0, 3, 1, 2}).contiguous(fmt).to(dtype);
+}
+
+// (G, R, S, C/G, K/G) -> torch's (K, C/G, R, S) layout.
+at::Tensor weight_from_matrix(const at::Tensor& m, const at::Tensor& w) {
+  return m.permute({0, 4, 3, 1, 2}).reshape(w.sizes()).to(w.scalar_type()).contiguous();
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
+                   const at::Tensor& bias, const at::Tensor& residual, at::Tensor& out,
+                   at::Tensor& pre) {
+  const at::Tensor xn = nhwc(x);
+  ConvEpilogue e{nullptr, ptr<T>(bias), ptr<T>(residual), out.data_ptr<T>(),
+                 pre.numel() > 0 ? pre.data_ptr<T>() : nullptr};
+  if (p.a.groups == p.a.C && p.a.K == p.a.C && p.a.C > 1) {
+    const at::Tensor w =
+        weight.to(out.scalar_type()).reshape({p.a.C, p.a.R * p.a.S}).t().contiguous();
+    const ConvKernels& kr = kernels();
+    at::parallel_for(0, p.a.N * p.a.P, 1, [&](int64_t r0, int64_t r1) {
+      kr.depthwise_fwd[dt<T>()](p.a, xn.const_data_ptr<T>(), w.const_data_ptr<T>(), e, r0, r1);
+    });
+    return;
+  }
+  const at::Tensor wm = weight_matrix(weight, p.a, out.scalar_type());
+  forward<T>(p, xn.const_data_ptr<T>(), wm.const_data_ptr<T>(), e);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias,
+                                              const std::optional<at::Tensor>& residual,
+                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef dilation, int64_t groups,
+                                              std::string_view activation) {
+  const auto g = conv::conv2d_geom(kConv, x, weight, stride, padding, dilation, groups, kDtypes);
+  const auto act = conv::parse_activation(kConv, activation);
+  conv::check_bias(kConv, bias, x, g.K);
+  conv::check_residual(kConv, residual, x, g);
+  const at::ScalarType ct = compute_type(x);
+  const auto opts = x.options().dtype(ct).memory_format(conv::memory_format(x));
+  at::Tensor out = at::empty({g.N, g.K, g.P, g.Q}, opts);
+  at::Tensor pre = conv::saves_pre(act) ? at::empty_like(out) : at::empty({0}, x.options());
+  if (out.numel() > 0) {
+    const Gemm p = plan(g, static_cast<int>(act), out, c10::elementSize(ct));
+    const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
+    const at::Tensor res =
+        residual.has_value() ? residual->to(ct).contiguous(conv::memory_format(x)) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(ct, "conv2d_fwd",
+                               [&] { conv_fwd_impl<scalar_t>(p, x, weight, b, res, out, pre); });
+  }
+  return {out.to(x.scalar_type()), pre.to(x.scalar_type())};
+}
+
+// Parameter and input gradients of the conv2d whose NHWC input is xn and whose pre-activation
+// gradient is gpre (M, K) row-major. Masked-off results stay undefined.
+struct ConvGrads {
+  at::Tensor input, weight, bias;
+};
+
+ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Tensor& gpre,
+                     const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype,
+                     bool want_input, bool want_weight, bool want_bias) {
+  const at::ScalarType ct = gpre.scalar_type();
+  const Gemm p = plan(g, 0, at::Tensor(), c10::elementSize(ct));
+  ConvGrads r;
+  const auto opts = gpre.options();
+  if (want_input) {
+    at::Tensor gx = at::zeros({g.N, g.H, g.W, g.C}, opts);
+    if (p.M > 0) {
+      const at::Tensor wm = weight_matrix(weight, p.a, ct);
+      AT_DISPATCH_FLOATING_TYPES(ct, "conv_dgrad", [&] {
+        backward_input<scalar_t>(p, gpre.const_data_ptr<scalar_t>(), wm.const_data_ptr<scalar_t>(),
+                                 gx.data_ptr<scalar_t>());
+      });
+    }
+    r.input = from_nhwc(gx, fmt, dtype);
+  }
+  if (want_weight || want_bias) {
+    at::Tensor gw = at::zeros({g.groups, g.R, g.S, g.c_per_group(), g.k_per_group()}, opts);
+    at::Tensor gb = at::zeros({g.K}, opts);
+    if (p.M > 0)
+      AT_DISPATCH_FLOATING_TYPES(ct, "conv_wgrad", [&] {
+        backward_params<scalar_t>(p, xn.const_data_ptr<scalar_t>(), gpre.const_data_ptr<scalar_t>(),
+                                  want_weight ? gw.data_ptr<scalar_t>() : nullptr,
+                                  want_bias ? gb.data_ptr<scalar_t>() : nullptr);
+      });
+    if (want_weight) r.weight = weight_from_matrix(gw, weight);
+    if (want_bias) r.bias = gb.to(dtype);
+  }
+  return r;
+}
+
+at::Tensor or_empty(const at::Tensor& t, const at::Tensor& x) {
+  return t.defined() ? t : at::empty({0}, x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& out, const at::Tensor& pre, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, std::string_view activation,
+    std::array<bool, 4> mask) {
+  const auto g = conv::conv2d_geom(kConv, x, weight, stride, padding, dilation, groups, kDtypes);
+  const auto act = conv::parse_activation(kConv, activation);
+  const std::vector<int64_t> osizes{g.N, g.K, g.P, g.Q};
+  conv::check_saved(kConv, "grad_out", grad_out, x, osizes);
+  if (act == conv::Activation::kRelu) conv::check_saved(kConv, "out", out, x, osizes);
+  if (conv::saves_pre(act)) conv::check_saved(kConv, "pre", pre, x, osizes);
+  const at::ScalarType ct = compute_type(x);
+  const at::MemoryFormat fmt = conv::memory_format(x);
+  // The pre-activation gradient as (M, K) rows: NHWC memory.
+  at::Tensor gpre;
+  if (act == conv::Activation::kNone) {
+    gpre = nhwc(grad_out);
+  } else {
+    const at::Tensor go = grad_out.to(ct).contiguous(fmt);
+    const at::Tensor saved = (act == conv::Activation::kRelu ? out : pre).to(ct).contiguous(fmt);
+    gpre =
+        at::empty({g.N, g.K, g.P, g.Q}, go.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const Gemm p = plan(g, static_cast<int>(act), go, c10::elementSize(ct));
+    const ConvKernels& kr = kernels();
+    AT_DISPATCH_FLOATING_TYPES(ct, "conv_epilogue_bwd", [&] {
+      const bool relu = act == conv::Activation::kRelu;
+      at::parallel_for(0, p.M, 256, [&](int64_t m0, int64_t m1) {
+        kr.epilogue_bwd[dt<scalar_t>()](
+            p.a, go.const_data_ptr<scalar_t>(), relu ? saved.const_data_ptr<scalar_t>() : nullptr,
+            relu ? nullptr : saved.const_data_ptr<scalar_t>(), gpre.data_ptr<scalar_t>(), m0, m1);
+      });
+    });
+  }
+  const at::Tensor xn = mask[1] ? nhwc(x) : at::Tensor();
+  ConvGrads r = conv_grads(g, xn, gpre, weight, fmt, x.scalar_type(), mask[0], mask[1], mask[2]);
+  at::Tensor gp = mask[3] ? gpre.contiguous(fmt).to(x.scalar_type()) : at::Tensor();
+  return {or_empty(r.input, x), or_empty(r.weight, x), or_empty(r.bias, x), or_empty(gp, x)};
+}
+
+at::Tensor conv_transpose2d_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                int64_t groups, at::IntArrayRef dilation) {
+  const auto g = conv::conv_transpose2d_geom(kConvT, x, weight, stride, padding, output_padding,
+                                             groups, dilation, kDtypes);
+  conv::check_bias(kConvT, bias, x, g.C);
+  at::Tensor out = conv_grads(g, at::Tensor(), nhwc(x), weight, conv::memory_format(x),
+                              compute_type(x), true, false, false)
+                       .input;
+  if (bias.has_value()) out.add_(bias->to(out.scalar_type()).view({1, g.C, 1, 1}));
+  return out.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
+    at::IntArrayRef dilation, std::array<bool, 3> mask) {
+  const auto g = conv::conv_transpose2d_geom(kConvT, x, weight, stride, padding, output_padding,
+                                             groups, dilation, kDtypes);
+  conv::check_saved(kConvT, "grad_out", grad_out, x, {g.N, g.C, g.H, g.W});
+  const at::ScalarType ct = compute_type(x);
+  const at::MemoryFormat fmt = conv::memory_format(x);
+  at::Tensor gi, gw, gb;
+  if (mask[0]) {
+    gi = at::empty({g.N, g.K, g.P, g.Q}, x.options().dtype(ct).memory_format(fmt));
+    if (gi.numel() > 0) {
+      const Gemm p = plan(g, 0, gi, c10::elementSize(ct));
+      AT_DISPATCH_FLOATING_TYPES(ct, "conv_transpose2d_dgrad", [&] {
+        const at::Tensor none;
+        at::Tensor no_pre = at::empty({0}, gi.options());
+        conv_fwd_impl<scalar_t>(p, grad_out, weight, none, none, gi, no_pre);
+      });
+    }
+    gi = gi.to(x.scalar_type());
+  }
+  if (mask[1])
+    gw = conv_grads(g, nhwc(grad_out), nhwc(x), weight, fmt, x.scalar_type(), false, true, false)
+             .weight;
+  if (mask[2]) gb = grad_out.to(ct).sum({0, 2, 3}).to(x.scalar_type());
+  return {or_empty(gi, x), or_empty(gw, x), or_empty(gb, x)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("conv2d_fwd", &conv2d_fwd);
+  m.impl("conv2d_bwd", &conv2d_bwd);
+  m.impl("conv_transpose2d_fwd", &conv_transpose2d_fwd);
+  m.impl("conv_transpose2d_bwd", &conv_transpose2d_bwd);
+}
+
+}  // namespace fastdl::cpu

@@ -1,0 +1,68 @@
+// The interface between csrc/cpu/conv.cpp (torch-facing: checks, layouts, blocking, threading,
+// the BLAS calls) and the conv kernels compiled once per ISA (csrc/cpu/isa/*.cpp): parameters on
+// raw pointers and a table of plain function pointers. Plain data only (see norm_params.h).
+//
+// Internally every conv runs on NHWC activations: the GEMM view of a conv2d is
+// out[m, k] = sum_j col[m, j] * wmat[j, k] with m = (n, p, q) an output pixel, j = (r, s, c) a
+// tap and channel of one group, k an output channel of that group (implicit GEMM, as cuDNN).
+// Element type T is float or double (bfloat16 is computed in float by conv.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace fastdl::cpu {
+
+struct ConvArgs {
+  int64_t N, C, H, W, K, R, S, P, Q;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
+  // Layout of out / residual / pre / grad_out, all in the output's memory format: element
+  // (n, k, pq) sits at n * out_sn + k * out_sk + pq * out_spq (pq = p * Q + q).
+  int64_t out_sn, out_sk, out_spq;
+  int activation;  // fastdl::conv::Activation
+};
+
+// Epilogue of one block of GEMM rows [m0, m0 + mb) and one group g: acc is (mb, K / groups),
+// row-major; bias (K) may be null, residual/pre may be null.
+struct ConvEpilogue {
+  const void* acc;
+  const void* bias;
+  const void* residual;
+  void* out;
+  void* pre;
+};
+
+// im2col of rows [m0, m0 + mb), group g, from x (N, H, W, C) into col (mb, R * S * C / groups).
+using Im2colFn = void (*)(const ConvArgs&, const void* x, int64_t m0, int64_t mb, int64_t g,
+                          void* col);
+// col2im: grad_x (N, H, W, C) += the scatter of gcol (mb, R * S * C / groups) of rows
+// [m0, m0 + mb), group g. Rows of different images never touch the same grad_x element.
+using Col2imFn = void (*)(const ConvArgs&, const void* gcol, int64_t m0, int64_t mb, int64_t g,
+                          void* grad_x);
+using EpilogueFn = void (*)(const ConvArgs&, const ConvEpilogue&, int64_t m0, int64_t mb,
+                            int64_t g);
+// Backward of the epilogue for rows [m0, m1): gpre (M, K) row-major = grad_out * act'(.), read
+// from out (relu) or pre (silu, gelu); grad_out/out/pre in the output layout.
+using EpilogueBwdFn = void (*)(const ConvArgs&, const void* grad_out, const void* out,
+                               const void* pre, void* gpre, int64_t m0, int64_t m1);
+// Depthwise (groups == C == K) direct conv on NHWC, vectorized over channels, for output rows
+// (n, p) in [r0, r1): out/pre via the epilogue of ConvEpilogue (acc unused).
+using DepthwiseFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_rsc,
+                                const ConvEpilogue&, int64_t r0, int64_t r1);
+
+enum ConvDtype : int { kConvF32 = 0, kConvF64 = 1, kNumConvDtypes = 2 };
+
+struct ConvKernels {
+  Im2colFn im2col[kNumConvDtypes];
+  Col2imFn col2im[kNumConvDtypes];
+  EpilogueFn epilogue[kNumConvDtypes];
+  EpilogueBwdFn epilogue_bwd[kNumConvDtypes];
+  DepthwiseFwdFn depthwise_fwd[kNumConvDtypes];
+};
+
+const ConvKernels& conv_kernels_scalar();
+#if defined(__x86_64__)
+const ConvKernels& conv_kernels_avx2();
+const ConvKernels& conv_kernels_avx512();
+#endif
+
+}  // namespace fastdl::cpu

@@ -1,0 +1,248 @@
+"""conv family: conv2d (all arguments, groups, depthwise, both layouts, fused epilogue) and
+conv_transpose2d on every backend, forward and backward, against float64 torch; empty and
+non-contiguous inputs; every bad input of issue 4."""
+
+import pytest
+import torch
+from conftest import cases
+from conv_ref import assert_close, make, ref_conv2d, ref_conv_transpose2d
+
+import fastdl
+
+# (N, C, H, W, K, R, S, stride, padding, dilation, groups)
+CONV_SHAPES = {
+    "3x3": (2, 3, 7, 9, 5, 3, 3, 1, 1, 1, 1),
+    "1x1": (2, 12, 5, 6, 10, 1, 1, 1, 0, 1, 1),
+    "1x1_s2_groups": (1, 6, 7, 7, 4, 1, 1, 2, 0, 1, 2),
+    "grouped_asym": (2, 6, 9, 7, 4, 3, 2, (2, 1), (1, 0), (1, 2), 2),
+    "depthwise": (2, 19, 6, 7, 19, 3, 3, 1, 1, 1, 19),
+    "depthwise_s2_dil": (1, 17, 9, 8, 17, 3, 3, 2, 2, 2, 17),
+    "depthwise_mult2": (1, 4, 5, 5, 8, 3, 3, 1, 1, 1, 4),
+    "5x5_s3": (3, 5, 11, 10, 7, 5, 5, 3, 2, 1, 1),
+    "stem_7x7": (1, 3, 15, 13, 9, 7, 7, 2, 3, 1, 1),
+    "one_channel": (1, 1, 4, 5, 1, 2, 2, 1, 0, 1, 1),
+}
+# The Triton interpreter is slow: one layout/epilogue variant per shape there.
+INTERPRETED = [
+    ("3x3", "cl_relu_res"),
+    ("grouped_asym", "nchw_gelu_res"),
+    ("depthwise_mult2", "strided_silu"),
+    ("1x1", "nchw"),
+]
+# (layout, activation, bias, residual)
+VARIANTS = {
+    "nchw": ("nchw", "none", True, False),
+    "cl_relu_res": ("channels_last", "relu", True, True),
+    "strided_silu": ("noncontig", "silu", False, False),
+    "nchw_gelu_res": ("nchw", "gelu", True, True),
+}
+
+
+def _conv_cases(shapes):
+    return [(s, v) for s in shapes for v in VARIANTS]
+
+
+def _double(t):
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,case",
+    cases(_conv_cases(CONV_SHAPES), INTERPRETED),
+    indirect=["backend"],
+)
+def test_conv2d(backend, dtype, case):
+    shape, variant = case
+    n, c, h, w, k, r, s, stride, padding, dilation, groups = CONV_SHAPES[shape]
+    layout, act, has_bias, has_res = VARIANTS[variant]
+    cl, dev = layout == "channels_last", backend.device
+    x = make((n, c, h, w), dtype, cl, layout == "noncontig", grad=True, device=dev)
+    wt = make((k, c // groups, r, s), dtype, grad=True, device=dev)
+    b = make((k,), dtype, grad=True, device=dev) if has_bias else None
+    out_shape = ref_conv2d(x.detach(), wt.detach(), b, stride, padding, dilation, groups).shape
+    res = make(tuple(out_shape), dtype, cl, grad=True, device=dev) if has_res else None
+    y = fastdl.conv2d(x, wt, b, stride, padding, dilation, groups, activation=act, residual=res)
+
+    leaves = [(t, _double(t)) for t in (x, wt, b, res)]
+    (xd, wd, bd, rd) = (d for _, d in leaves)
+    expected = ref_conv2d(xd, wd, bd, stride, padding, dilation, groups, act, rd)
+    assert y.dtype == dtype and y.shape == expected.shape
+    if cl and c > 1 and k > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert y.is_contiguous()
+    assert_close(y, expected, dtype)
+    g = torch.randn(expected.shape, dtype=torch.float64, device=dev)
+    (y * g.to(dtype)).sum().backward()
+    (expected * g.to(dtype).double()).sum().backward()
+    for got, want in leaves:
+        if got is not None:
+            assert got.grad.shape == got.shape and got.grad.dtype == dtype
+            assert_close(got.grad, want.grad, dtype, scale=4.0)
+
+
+# (N, C_in, H, W, C_out, k, stride, padding, output_padding, groups, dilation)
+CONVT_SHAPES = {
+    "dcgan_4x4_s2": (2, 6, 5, 5, 3, 4, 2, 1, 0, 1, 1),
+    "grouped_asym": (1, 6, 4, 3, 4, 3, (2, 1), (1, 0), (1, 0), 2, 1),
+    "dilated": (2, 3, 3, 4, 5, 3, 1, 0, 0, 1, 2),
+    "outpad_2": (1, 4, 3, 3, 4, 3, 3, 1, 2, 4, 1),
+}
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,case",
+    cases(
+        [(s, lay) for s in CONVT_SHAPES for lay in ("nchw", "channels_last")],
+        [("dcgan_4x4_s2", "channels_last"), ("grouped_asym", "nchw")],
+    ),
+    indirect=["backend"],
+)
+def test_conv_transpose2d(backend, dtype, case):
+    shape, layout = case
+    n, c, h, w, k, ks, stride, padding, opad, groups, dilation = CONVT_SHAPES[shape]
+    dev = backend.device
+    x = make((n, c, h, w), dtype, layout == "channels_last", grad=True, device=dev)
+    wt = make((c, k // groups, ks, ks), dtype, grad=True, device=dev)
+    b = make((k,), dtype, grad=True, device=dev)
+    y = fastdl.conv_transpose2d(x, wt, b, stride, padding, opad, groups, dilation)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, wt, b))
+    expected = ref_conv_transpose2d(xd, wd, bd, stride, padding, opad, groups, dilation)
+    assert y.dtype == dtype and y.shape == expected.shape
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, expected, dtype)
+    g = torch.randn(expected.shape, dtype=torch.float64, device=dev)
+    (y * g.to(dtype)).sum().backward()
+    (expected * g.to(dtype).double()).sum().backward()
+    for got, want in ((x, xd), (wt, wd), (b, bd)):
+        assert_close(got.grad, want.grad, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_empty_batch(backend, fmt):
+    x = torch.randn(0, 4, 6, 6).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(6, 2, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    y = fastdl.conv2d(x, w, b, padding=1, groups=2, activation="relu")
+    assert y.shape == (0, 6, 6, 6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    wt = torch.randn(4, 3, 4, 4, requires_grad=True)
+    yt = fastdl.conv_transpose2d(x, wt, None, 2, 1)
+    assert yt.shape == (0, 3, 12, 12)
+    yt.sum().backward()
+    assert torch.equal(wt.grad, torch.zeros_like(wt))
+
+
+@pytest.mark.parametrize(
+    "padding,kernel,dilation",
+    [("same", 3, 1), ("same", 4, 1), ("same", (2, 5), (3, 1)), ("valid", 3, 2)],
+)
+def test_string_padding_and_unbatched(backend, padding, kernel, dilation):
+    kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randn(3, 9, 8, dtype=torch.float32)
+    w = torch.randn(4, 3, *kernel)
+    y = fastdl.conv2d(x, w, None, 1, padding, dilation)
+    expected = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, padding, dilation)
+    assert y.shape == expected.shape
+    assert_close(y, expected, torch.float32)
+
+
+def test_nan_propagates(backend):
+    x = torch.randn(1, 2, 4, 4)
+    x[0, 1, 2, 2] = float("nan")
+    w = torch.randn(3, 2, 3, 3)
+    y = fastdl.conv2d(x, w, padding=1, activation="relu")
+    expected = torch.relu(torch.nn.functional.conv2d(x, w, padding=1))
+    assert torch.equal(y.isnan(), expected.isnan())
+
+
+def _bad(x=None, w=None, **kw):
+    x = torch.randn(2, 4, 6, 6) if x is None else x
+    w = torch.randn(6, 4, 3, 3) if w is None else w
+    return lambda: fastdl.conv2d(x, w, **kw)
+
+
+def _bad_t(x=None, w=None, **kw):
+    x = torch.randn(2, 4, 6, 6) if x is None else x
+    w = torch.randn(4, 3, 3, 3) if w is None else w
+    return lambda: fastdl.conv_transpose2d(x, w, **kw)
+
+
+BAD = {
+    "channels_vs_weight": (_bad(w=torch.randn(6, 3, 3, 3)), RuntimeError, "x has 4 channels"),
+    "channels_vs_groups": (_bad(w=torch.randn(6, 4, 3, 3), groups=3), RuntimeError, "divisible"),
+    "out_channels_vs_groups": (
+        _bad(w=torch.randn(5, 2, 3, 3), groups=2),
+        RuntimeError,
+        "output channels 5",
+    ),
+    "stride_zero": (_bad(stride=0), RuntimeError, "stride must be > 0"),
+    "dilation_negative": (_bad(dilation=(1, -1)), RuntimeError, "dilation must be > 0"),
+    "padding_negative": (_bad(padding=-1), RuntimeError, "padding must be >= 0"),
+    "kernel_too_large": (_bad(w=torch.randn(6, 4, 9, 3)), RuntimeError, "larger than the padded"),
+    "bias_size": (_bad(bias=torch.randn(5)), RuntimeError, r"bias must have shape \(6,\)"),
+    "activation": (_bad(activation="tanh"), RuntimeError, "activation must be one of"),
+    "residual_shape": (
+        _bad(residual=torch.randn(2, 6, 4, 5)),
+        RuntimeError,
+        "residual must have the output's shape",
+    ),
+    "mixed_dtypes": (_bad(w=torch.randn(6, 4, 3, 3, dtype=torch.float64)), TypeError, "weight"),
+    "residual_dtype": (
+        _bad(residual=torch.randn(2, 6, 4, 4, dtype=torch.float64)),
+        TypeError,
+        "residual has dtype",
+    ),
+    "int_dtype": (
+        _bad(x=torch.ones(2, 4, 6, 6, dtype=torch.int32), w=torch.ones(6, 4, 3, 3).int()),
+        TypeError,
+        "supported dtypes",
+    ),
+    "x_3d_bad": (_bad(x=torch.randn(4, 6)), RuntimeError, "4-D"),
+    "same_strided": (_bad(padding="same", stride=2), RuntimeError, "strided"),
+    "devices": (_bad(bias=torch.randn(6, device="meta")), RuntimeError, "same device"),
+    "t_output_padding": (
+        _bad_t(stride=2, output_padding=2),
+        RuntimeError,
+        "output_padding must be smaller than stride or dilation",
+    ),
+    "t_channels": (_bad_t(w=torch.randn(3, 3, 3, 3)), RuntimeError, "x has 4 channels"),
+    "t_bias": (_bad_t(bias=torch.randn(4)), RuntimeError, r"bias must have shape \(3,\)"),
+    "t_stride": (_bad_t(stride=(1, 0)), RuntimeError, "stride must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(backend, case):
+    fn, exc, match = BAD[case]
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+@pytest.mark.parametrize(
+    "case", ["bias_size", "activation", "t_output_padding", "kernel_too_large"]
+)
+def test_bad_input_raw_native_op(case):
+    """The C++ checks (csrc/common/conv.h) guard direct calls of the raw ops too."""
+    from fastdl.ops import conv as ops
+
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3)
+    calls = {
+        "bias_size": lambda: ops.NATIVE.conv2d_fwd(
+            x, w, torch.randn(5), None, [1, 1], [0, 0], [1, 1], 1, "none"
+        ),
+        "activation": lambda: ops.NATIVE.conv2d_fwd(
+            x, w, None, None, [1, 1], [0, 0], [1, 1], 1, "tanh"
+        ),
+        "t_output_padding": lambda: ops.NATIVE.conv_transpose2d_fwd(
+            x, torch.randn(4, 3, 3, 3), None, [2, 2], [0, 0], [2, 2], 1, [1, 1]
+        ),
+        "kernel_too_large": lambda: ops.NATIVE.conv2d_fwd(
+            x, torch.randn(6, 4, 9, 9), None, None, [1, 1], [1, 1], [1, 1], 1, "none"
+        ),
+    }
+    with pytest.raises(RuntimeError, match=BAD[case][2]):
+        calls[case]()

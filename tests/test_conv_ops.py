@@ -1,0 +1,173 @@
+"""The op contract (DESIGN §2) for the conv family: opcheck of every raw op on every backend,
+gradcheck in float64 (CPU native) through the fused epilogue, torch.compile(fullgraph=True)
+against eager, bit-identical repeated backward, and the CPU kernels under every ISA."""
+
+import pytest
+import torch
+from conftest import NATIVE_CPU
+from conv_ref import assert_close, ref_conv2d
+
+import fastdl
+from fastdl import _ext
+from fastdl.ops import conv as conv_ops
+
+S1, P1, D1 = [1, 1], [1, 1], [1, 1]
+
+
+def _samples(dev, grad):
+    """(id, op name, args) for every raw op; with `grad`, the differentiable inputs of the
+    forward ops require grad (opcheck then also tests the autograd registration)."""
+
+    def t(*shape, fmt=torch.contiguous_format):
+        return torch.randn(shape, device=dev).contiguous(memory_format=fmt).requires_grad_(grad)
+
+    x, w, b = t(2, 4, 5, 6), t(6, 4, 3, 3), t(6)
+    xc, res_c = t(2, 4, 5, 6, fmt=torch.channels_last), t(2, 6, 5, 6, fmt=torch.channels_last)
+    xg, wg = t(1, 6, 5, 5), t(4, 3, 2, 2)
+    xd, wd = t(1, 5, 4, 4), t(5, 1, 3, 3)
+    xt, wt, bt = t(2, 4, 3, 3), t(4, 3, 4, 4), t(3)
+    samples = [
+        ("fwd", "conv2d_fwd", (x, w, b, None, S1, P1, D1, 1, "none")),
+        ("fwd_cl_relu_res", "conv2d_fwd", (xc, w, b, res_c, S1, P1, D1, 1, "relu")),
+        ("fwd_grouped_gelu", "conv2d_fwd", (xg, wg, None, None, [2, 1], [0, 1], [1, 2], 2, "gelu")),
+        ("fwd_depthwise_silu", "conv2d_fwd", (xd, wd, None, None, S1, P1, D1, 5, "silu")),
+        ("t_fwd", "conv_transpose2d_fwd", (xt, wt, bt, [2, 2], S1, [0, 0], 1, D1)),
+        ("t_fwd_cl", "conv_transpose2d_fwd", (xc, wt, None, [1, 2], [0, 1], [0, 1], 1, D1)),
+    ]
+    if grad:
+        return samples
+    out, pre = conv_ops.NATIVE.conv2d_fwd(x, w, b, None, S1, P1, D1, 1, "gelu")
+    outc, _ = conv_ops.NATIVE.conv2d_fwd(xc, w, b, res_c, S1, P1, D1, 1, "relu")
+    g, gc = torch.randn_like(out), torch.randn_like(outc)
+    e = x.new_empty(0)
+    gt = torch.randn(2, 3, 6, 6, device=dev)
+    return [
+        *samples,
+        ("bwd_gelu", "conv2d_bwd", (g, x, w, e, pre, S1, P1, D1, 1, "gelu", [True] * 4)),
+        ("bwd_cl_relu", "conv2d_bwd", (gc, xc, w, outc, e, S1, P1, D1, 1, "relu", [True] * 4)),
+        (
+            "bwd_weight_only",
+            "conv2d_bwd",
+            (g, x, w, e, e, S1, P1, D1, 1, "none", [False, True, False, False]),
+        ),
+        (
+            "t_bwd",
+            "conv_transpose2d_bwd",
+            (gt, xt, wt, [2, 2], S1, [0, 0], 1, D1, [True, True, True]),
+        ),
+    ]
+
+
+IDS = [s[0] for s in _samples("cpu", False)]
+GRAD_IDS = [s[0] for s in _samples("cpu", True)]
+
+
+@pytest.mark.parametrize("sample", IDS)
+def test_opcheck(backend, sample):
+    _, op, args = next(s for s in _samples(backend.device, False) if s[0] == sample)
+    torch.library.opcheck(getattr(backend.ops(conv_ops), op), args)
+
+
+@pytest.mark.parametrize("sample", GRAD_IDS)
+def test_opcheck_requires_grad(backend, sample):
+    _, op, args = next(s for s in _samples(backend.device, True) if s[0] == sample)
+    torch.library.opcheck(getattr(backend.ops(conv_ops), op), args)
+
+
+def _t(*shape, fmt=torch.contiguous_format):
+    x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=fmt)
+    return x.requires_grad_()
+
+
+GRADCHECK = {
+    "conv_bias_relu_res": (
+        lambda x, w, b, r: fastdl.conv2d(x, w, b, 1, 1, activation="relu", residual=r),
+        (_t(2, 3, 4, 5), _t(4, 3, 3, 3), _t(4), _t(2, 4, 4, 5)),
+    ),
+    "conv_cl_silu_res": (
+        lambda x, w, r: fastdl.conv2d(x, w, None, 2, 1, activation="silu", residual=r),
+        (_t(1, 3, 5, 5, fmt=torch.channels_last), _t(2, 3, 2, 2), _t(1, 2, 3, 3)),
+    ),
+    "conv_grouped_gelu": (
+        lambda x, w, b: fastdl.conv2d(x, w, b, (1, 2), (0, 1), (2, 1), 2, activation="gelu"),
+        (_t(1, 4, 6, 5), _t(4, 2, 2, 3), _t(4)),
+    ),
+    "depthwise": (
+        lambda x, w, b: fastdl.conv2d(x, w, b, 1, 1, 1, 3),
+        (_t(2, 3, 4, 4), _t(3, 1, 3, 3), _t(3)),
+    ),
+    "conv_transpose": (
+        lambda x, w, b: fastdl.conv_transpose2d(x, w, b, 2, 1, 1, 2),
+        (_t(1, 4, 3, 3), _t(4, 1, 3, 3), _t(2)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", GRADCHECK)
+def test_gradcheck(case):
+    fn, args = GRADCHECK[case]
+    with fastdl.backend("native"):
+        assert torch.autograd.gradcheck(fn, args)
+
+
+def test_compile_fullgraph(backend):
+    def f(x, w, b, r, wt):
+        y = fastdl.conv2d(x, w, b, padding="same", activation="silu", residual=r)
+        return fastdl.conv_transpose2d(y, wt, None, 2, 1, 1)
+
+    dev = backend.device
+    x = torch.randn(2, 3, 6, 5, device=dev, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=dev, requires_grad=True)
+    b = torch.randn(4, device=dev, requires_grad=True)
+    r = torch.randn(2, 4, 6, 5, device=dev, requires_grad=True)
+    wt = torch.randn(4, 2, 3, 3, device=dev, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    y, y_eager = compiled(x, w, b, r, wt), f(x, w, b, r, wt)
+    torch.testing.assert_close(y, y_eager)
+    grads = torch.autograd.grad(y.sum(), (x, w, b, r, wt))
+    grads_eager = torch.autograd.grad(y_eager.sum(), (x, w, b, r, wt))
+    for a, e in zip(grads, grads_eager, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_backward_deterministic():
+    x = torch.randn(4, 16, 20, 20, requires_grad=True)
+    w = torch.randn(24, 16, 3, 3, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    g = torch.randn(4, 24, 20, 20)
+
+    def grads():
+        y = fastdl.conv2d(x, w, b, padding=1, activation="relu")
+        return torch.autograd.grad(y, (x, w, b), g)
+
+    first = grads()
+    for _ in range(2):
+        for a, e in zip(grads(), first, strict=True):
+            assert torch.equal(a, e)
+
+
+ORDER = ("scalar", "avx2", "avx512")
+ISAS = ORDER[: ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else ("scalar",)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_isa(isa):
+    x = torch.randn(2, 9, 7, 6, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(9, 1, 3, 3, requires_grad=True)
+    w2 = torch.randn(5, 9, 3, 2, requires_grad=True)
+    previous = _ext.cpu_isa()
+    _ext.set_cpu_isa(isa)
+    try:
+        with fastdl.backend(NATIVE_CPU.name):
+            y = fastdl.conv2d(x, w, None, 1, 1, 1, 9, activation="gelu")
+            z = fastdl.conv2d(y, w2, None, 2, (1, 0), activation="silu")
+            gx = torch.autograd.grad(z.sum(), x)[0]
+    finally:
+        _ext.set_cpu_isa(previous)
+    xd, wd, w2d = (t.detach().double().requires_grad_() for t in (x, w, w2))
+    zd = ref_conv2d(
+        ref_conv2d(xd, wd, None, 1, 1, 1, 9, "gelu"), w2d, None, 2, (1, 0), 1, 1, "silu"
+    )
+    assert_close(z, zd, torch.float32)
+    assert_close(gx, torch.autograd.grad(zd.sum(), xd)[0], torch.float32, scale=4.0)

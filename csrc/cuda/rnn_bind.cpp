@@ -297,15 +297,15 @@ LayerGrads layer_bwd(Cell cell, const rnn::Dims& d, const OptTensor& grad_y_,
     const at::Tensor prev = lstm ? prev_states(cs, *c0, sch, H) : hprev;
     at::Tensor direct = lstm ? at::Tensor() : at::empty({B, H}, f);
     cuda::RnnPersistParams pp = persist_params(cell, x_, sch, H, w_hh);
+    pp.gates = gates.data_ptr<float>();
+    pp.cs = lstm ? cs.data_ptr<float>() : nullptr;
+    pp.gy = grad_y ? grad_y->data_ptr() : nullptr;
+    pp.prev = prev.data_ptr<float>();
+    pp.dgates = dg.data_ptr<float>();
+    pp.dh = dh.data_ptr<float>();
+    pp.dc = lstm ? dc.data_ptr<float>() : nullptr;
+    pp.direct = lstm ? nullptr : direct.data_ptr<float>();
     if (!w_hr && cuda::rnn_persist_plan(pp, true) > 0) {
-      pp.gates = gates.data_ptr<float>();
-      pp.cs = lstm ? cs.data_ptr<float>() : nullptr;
-      pp.gy = grad_y ? grad_y->data_ptr() : nullptr;
-      pp.prev = prev.data_ptr<float>();
-      pp.dgates = dg.data_ptr<float>();
-      pp.dh = dh.data_ptr<float>();
-      pp.dc = lstm ? dc.data_ptr<float>() : nullptr;
-      pp.direct = lstm ? nullptr : direct.data_ptr<float>();
       C10_CUDA_CHECK(cuda::rnn_persist_bwd(pp, stream()));
     } else {
       cuda::RnnStepParams sp;

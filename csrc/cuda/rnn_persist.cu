@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* w = smem_weights<T>();
   const T* whh = static_cast<const T*>(p.w_hh);
   for (int idx = threadIdx.x; idx < l.rows * G; idx += kThreads) {
-    const int u = idx / G, k = idx - u * G;
+    const int k = idx / l.rows, u = idx - k * l.rows;  // u fastest: coalesced reads of W_hh
     w[u * l.stride + k] = u < nu ? whh[int64_t(k) * H + j0 + u] : from_float<T>(0.f);
   }
   __syncthreads();
@@ -259,6 +259,8 @@ int elem_size(DType d) {
 // apply. Sets the kernel's dynamic shared memory limit as a side effect.
 int plan(const RnnPersistParams& p, bool backward, Layout& l) {
   if (p.H % 4 != 0 || p.sch.B == 0 || p.sch.B > kMaxBatch || p.sch.T == 0) return 0;
+  // The backward's ended rows read the saved gates as a stand-in row with float4 loads.
+  if (backward && reinterpret_cast<uintptr_t>(p.gates) % 16 != 0) return 0;
   int dev = 0, coop = 0, optin = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess ||

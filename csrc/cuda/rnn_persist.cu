@@ -71,6 +71,7 @@ __device__ __forceinline__ void dot_tile(const T* w, int wstep, const float* con
   for (int i = 0; i < NR; ++i)
 #pragma unroll
     for (int t = 0; t < kBatch; ++t) acc[i][t] = 0.f;
+#pragma unroll 2
   for (int k = ks * 4; k < K; k += kSplit * 4) {
     float4 av[kBatch];
 #pragma unroll

@@ -51,8 +51,11 @@ struct RnnStepParams {
   const float* bias_h = nullptr;
   float* c = nullptr;  // (B, H) LSTM cell state, updated in place
   float* h = nullptr;  // (B, H) hidden state, updated in place; null for an LSTM with projection
-  float* r = nullptr;  // (B, H) LSTM with projection: o * tanh(c), what W_hr multiplies
-  void* y = nullptr;   // (T, B, H) output; null for an LSTM with projection
+  // (B, P) the hidden state rounded to `dtype` beside h, nullable: what a 16-bit recurrent GEMM
+  // multiplies (tensor cores), while the state itself stays float32 across steps.
+  void* h_lo = nullptr;
+  float* r = nullptr;      // (B, H) LSTM with projection: o * tanh(c), what W_hr multiplies
+  void* y = nullptr;       // (T, B, H) output; null for an LSTM with projection
   float* gates = nullptr;  // (T, B, S) saved: LSTM [i, f, g, o]; GRU [r, z, n, W_hn h + b_hn]
   float* cs = nullptr;     // (T, B, H) saved LSTM cell states
   // Backward. dh (B, H): gradient reaching this step's output from later steps (LSTM with
@@ -83,6 +86,7 @@ struct RnnProjParams {
   int64_t P = 0;
   const float* hp = nullptr;  // forward (B, P)
   float* h = nullptr;         // (B, P)
+  void* h_lo = nullptr;       // (B, P) h rounded to dtype, nullable (RnnStepParams::h_lo)
   void* y = nullptr;          // (T, B, P)
   // Backward: dhp = dh + gy[pos] on active rows, 0 on ended ones, written to dhp_step (B, P)
   // (what W_hr multiplies this step) and dhp_seq (T, B, P) (for grad_w_hr).

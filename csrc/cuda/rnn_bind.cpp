@@ -5,9 +5,10 @@
 //
 // Forward: the input projection of all steps is one GEMM with float32 output (16-bit operands on
 // tensor cores); then either the persistent kernel (W_hh on chip for the whole sequence) or, per
-// step, the recurrent GEMM h W_hh^T in float32 and the fused pointwise kernel. Backward: BPTT the
-// same two ways, then dx, dW_ih, dW_hh (and dW_hr) as single GEMMs over all steps (K = T * B).
-// States and every sum stay float32 across steps; outputs are rounded to x's dtype once.
+// step, the recurrent GEMM h W_hh^T and the fused pointwise kernel. Backward: BPTT the same two
+// ways (the stepwise GEMMs in float32: gradients are not rounded between steps), then dx, dW_ih,
+// dW_hh (and dW_hr) as single GEMMs over all steps (K = T * B). States and every sum stay float32
+// across steps; outputs are rounded to x's dtype once.
 #include <array>
 #include <optional>
 #include <tuple>
@@ -95,11 +96,16 @@ at::Tensor none(const at::Tensor& x) {
   return at::empty({0}, x.options());
 }
 
-// Stepwise forward loop shared by both cells (LSTM with projection included).
+// Stepwise forward loop shared by both cells (LSTM with projection included). 16-bit layers run
+// the recurrent GEMM on tensor cores from a rounded copy of h (as torch's own 16-bit RNNs round
+// h every step), float32 out; the state the cells update stays float32.
 void step_forward(cuda::RnnStepParams sp, const at::Tensor& h, const at::Tensor& w_hh,
                   const OptTensor& w_hr, const at::Tensor& y) {
   const int64_t B = sp.sch.B, G = w_hh.size(0);
-  const at::Tensor whh = f32(w_hh).t();
+  const bool lo = w_hh.scalar_type() != at::kFloat;
+  const at::Tensor h_lo = lo ? h.to(w_hh.scalar_type()) : h;
+  const at::Tensor whh = lo ? w_hh.t() : f32(w_hh).t();
+  sp.h_lo = lo ? h_lo.data_ptr() : nullptr;
   at::Tensor gh = at::empty({B, G}, h.options());
   sp.gh = gh.data_ptr<float>();
   at::Tensor r, hp, whr;
@@ -110,11 +116,22 @@ void step_forward(cuda::RnnStepParams sp, const at::Tensor& h, const at::Tensor&
     hp = at::empty({B, sp.P}, h.options());
     sp.r = r.data_ptr<float>();
     sp.h = nullptr;
+    sp.h_lo = nullptr;
     sp.y = nullptr;
-    pj = {sp.dtype, sp.sch, 0, sp.P, hp.data_ptr<float>(), h.data_ptr<float>(), y.data_ptr()};
+    pj = {sp.dtype,
+          sp.sch,
+          0,
+          sp.P,
+          hp.data_ptr<float>(),
+          h.data_ptr<float>(),
+          lo ? h_lo.data_ptr() : nullptr,
+          y.data_ptr()};
   }
   for (int64_t s = 0; s < sp.sch.T; ++s) {
-    at::mm_out(gh, h, whh);
+    if (lo)
+      at::mm_out(gh, h_lo, whh, at::kFloat);
+    else
+      at::mm_out(gh, h, whh);
     sp.step = s;
     C10_CUDA_CHECK(cuda::rnn_step_fwd(sp, stream()));
     if (!w_hr) continue;

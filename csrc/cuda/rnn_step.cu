@@ -51,6 +51,7 @@ __global__ void __launch_bounds__(kThreads) step_fwd_kernel(const RnnStepParams 
       if (p.r != nullptr) p.r[idx] = out;
     }
     if (p.h != nullptr) p.h[idx] = out;
+    if (p.h_lo != nullptr) static_cast<T*>(p.h_lo)[idx] = from_float<T>(out);
     if (p.y != nullptr) static_cast<T*>(p.y)[row * H + j] = from_float<T>(out);
     store_saved(p.gates + row * S, j, H, sv);
   }
@@ -96,6 +97,7 @@ __global__ void __launch_bounds__(kThreads) proj_fwd_kernel(const RnnProjParams 
     if (pos < 0) continue;
     const float v = p.hp[idx];
     p.h[idx] = v;
+    if (p.h_lo != nullptr) static_cast<T*>(p.h_lo)[idx] = from_float<T>(v);
     static_cast<T*>(p.y)[(pos * B + b) * P + j] = from_float<T>(v);
   }
 }

@@ -36,7 +36,8 @@ constexpr int kSplit = 8;    // lanes sharing one dot product (K split)
 constexpr int kBatch = 4;    // batch rows per lane group
 constexpr int kBwdRows = 4;  // columns of W_hh per lane group in the backward product
 // Above this batch the step's product is a real GEMM that cuBLAS runs on tensor cores faster
-// than this CUDA-core matrix-vector scheme; small batches are where persistence pays.
+// than this CUDA-core matrix-vector scheme; small batches are where persistence pays. An
+// estimate from FMA counts (not yet measured on a GPU): tune it on the H200 run.
 constexpr int64_t kMaxBatch = 256;
 
 template <Cell C>

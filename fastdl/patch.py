@@ -12,6 +12,10 @@ TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.RMSNorm: fnn.RMSNorm,
     nn.BatchNorm1d: fnn.BatchNorm1d,
     nn.BatchNorm2d: fnn.BatchNorm2d,
+    nn.LSTM: fnn.LSTM,
+    nn.GRU: fnn.GRU,
+    nn.LSTMCell: fnn.LSTMCell,
+    nn.GRUCell: fnn.GRUCell,
 }
 
 

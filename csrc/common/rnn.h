@@ -20,8 +20,8 @@ struct Dims {
 
 inline void shape(const char* op, const char* arg, const at::Tensor& t,
                   std::initializer_list<int64_t> want) {
-  TORCH_CHECK(t.sizes().equals(want), op, ": ", arg, " must have shape ",
-              c10::IntArrayRef(want), ", got ", t.sizes());
+  TORCH_CHECK(t.sizes().equals(want), op, ": ", arg, " must have shape ", c10::IntArrayRef(want),
+              ", got ", t.sizes());
 }
 
 // A tensor beside x: same device, same dtype.

@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include "cpu/norm_params.h"
+#include "cpu/rnn_params.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -14,6 +15,7 @@
 namespace fastdl::cpu::avx2 {
 #include "common/vec.h"
 #include "cpu/norm_kernels.h"
+#include "cpu/rnn_kernels.h"
 }  // namespace fastdl::cpu::avx2
 #undef FASTDL_VEC
 #pragma GCC pop_options
@@ -21,6 +23,9 @@ namespace fastdl::cpu::avx2 {
 namespace fastdl::cpu {
 const NormKernels& norm_kernels_avx2() {
   return avx2::kNormKernels;
+}
+const RnnKernels& rnn_kernels_avx2() {
+  return avx2::kRnnKernels;
 }
 }  // namespace fastdl::cpu
 

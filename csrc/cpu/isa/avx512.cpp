@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include "cpu/norm_params.h"
+#include "cpu/rnn_params.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
@@ -19,6 +20,7 @@
 namespace fastdl::cpu::avx512 {
 #include "common/vec.h"
 #include "cpu/norm_kernels.h"
+#include "cpu/rnn_kernels.h"
 }  // namespace fastdl::cpu::avx512
 #undef FASTDL_VEC
 #pragma GCC diagnostic pop
@@ -27,6 +29,9 @@ namespace fastdl::cpu::avx512 {
 namespace fastdl::cpu {
 const NormKernels& norm_kernels_avx512() {
   return avx512::kNormKernels;
+}
+const RnnKernels& rnn_kernels_avx512() {
+  return avx512::kRnnKernels;
 }
 }  // namespace fastdl::cpu
 

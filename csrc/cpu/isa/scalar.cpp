@@ -3,16 +3,21 @@
 #include <cstdint>
 
 #include "cpu/norm_params.h"
+#include "cpu/rnn_params.h"
 
 #define FASTDL_VEC 0
 namespace fastdl::cpu::scalar {
 #include "common/vec.h"
 #include "cpu/norm_kernels.h"
+#include "cpu/rnn_kernels.h"
 }  // namespace fastdl::cpu::scalar
 #undef FASTDL_VEC
 
 namespace fastdl::cpu {
 const NormKernels& norm_kernels_scalar() {
   return scalar::kNormKernels;
+}
+const RnnKernels& rnn_kernels_scalar() {
+  return scalar::kRnnKernels;
 }
 }  // namespace fastdl::cpu

@@ -9,6 +9,7 @@ from fastdl.nn.conv import fuse_conv_bn
 from fastdl.ops.conv import conv2d, conv_transpose2d
 from fastdl.ops.graph import gat_aggregate, gcn_aggregate, sddmm, spmm
 from fastdl.ops.norm import add_layer_norm, add_rms_norm, batch_norm, layer_norm, rms_norm
+from fastdl.ops.rnn import gru, gru_cell, lstm, lstm_cell
 from fastdl.patch import PatchReport, patch
 
 __version__ = "0.1.0"
@@ -28,7 +29,11 @@ __all__ = [
     "gat_aggregate",
     "gcn_aggregate",
     "get_backend",
+    "gru",
+    "gru_cell",
     "layer_norm",
+    "lstm",
+    "lstm_cell",
     "nn",
     "patch",
     "rms_norm",

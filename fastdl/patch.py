@@ -14,6 +14,10 @@ TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm2d: fnn.BatchNorm2d,
     nn.Conv2d: fnn.Conv2d,
     nn.ConvTranspose2d: fnn.ConvTranspose2d,
+    nn.LSTM: fnn.LSTM,
+    nn.GRU: fnn.GRU,
+    nn.LSTMCell: fnn.LSTMCell,
+    nn.GRUCell: fnn.GRUCell,
 }
 
 

@@ -3,8 +3,11 @@
 from fastdl.nn.conv import Conv2d, ConvTranspose2d
 from fastdl.nn.graph import GATConv, GCNConv, GINConv, SAGEConv
 from fastdl.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
+from fastdl.nn.rnn import GRU, LSTM, GRUCell, LSTMCell
 
 __all__ = [
+    "GRU",
+    "LSTM",
     "BatchNorm1d",
     "BatchNorm2d",
     "Conv2d",
@@ -12,6 +15,8 @@ __all__ = [
     "GATConv",
     "GCNConv",
     "GINConv",
+    "GRUCell",
+    "LSTMCell",
     "LayerNorm",
     "RMSNorm",
     "SAGEConv",

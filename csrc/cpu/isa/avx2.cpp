@@ -9,6 +9,7 @@
 #include "cpu/graph_params.h"
 #include "cpu/conv_params.h"
 #include "cpu/norm_params.h"
+#include "cpu/rnn_params.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -18,6 +19,7 @@ namespace fastdl::cpu::avx2 {
 #include "cpu/graph_kernels.h"
 #include "cpu/conv_kernels.h"
 #include "cpu/norm_kernels.h"
+#include "cpu/rnn_kernels.h"
 }  // namespace fastdl::cpu::avx2
 #undef FASTDL_VEC
 #pragma GCC pop_options
@@ -31,6 +33,9 @@ const GraphKernels& graph_kernels_avx2() {
 }
 const ConvKernels& conv_kernels_avx2() {
   return avx2::kConvKernels;
+}
+const RnnKernels& rnn_kernels_avx2() {
+  return avx2::kRnnKernels;
 }
 }  // namespace fastdl::cpu
 

@@ -9,6 +9,7 @@
 #include "cpu/graph_params.h"
 #include "cpu/conv_params.h"
 #include "cpu/norm_params.h"
+#include "cpu/rnn_params.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
@@ -23,6 +24,7 @@ namespace fastdl::cpu::avx512 {
 #include "cpu/graph_kernels.h"
 #include "cpu/conv_kernels.h"
 #include "cpu/norm_kernels.h"
+#include "cpu/rnn_kernels.h"
 }  // namespace fastdl::cpu::avx512
 #undef FASTDL_VEC
 #pragma GCC diagnostic pop
@@ -37,6 +39,9 @@ const GraphKernels& graph_kernels_avx512() {
 }
 const ConvKernels& conv_kernels_avx512() {
   return avx512::kConvKernels;
+}
+const RnnKernels& rnn_kernels_avx512() {
+  return avx512::kRnnKernels;
 }
 }  // namespace fastdl::cpu
 

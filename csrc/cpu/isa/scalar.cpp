@@ -5,6 +5,7 @@
 #include "cpu/graph_params.h"
 #include "cpu/conv_params.h"
 #include "cpu/norm_params.h"
+#include "cpu/rnn_params.h"
 
 #define FASTDL_VEC 0
 namespace fastdl::cpu::scalar {
@@ -12,6 +13,7 @@ namespace fastdl::cpu::scalar {
 #include "cpu/graph_kernels.h"
 #include "cpu/conv_kernels.h"
 #include "cpu/norm_kernels.h"
+#include "cpu/rnn_kernels.h"
 }  // namespace fastdl::cpu::scalar
 #undef FASTDL_VEC
 
@@ -24,5 +26,8 @@ const GraphKernels& graph_kernels_scalar() {
 }
 const ConvKernels& conv_kernels_scalar() {
   return scalar::kConvKernels;
+}
+const RnnKernels& rnn_kernels_scalar() {
+  return scalar::kRnnKernels;
 }
 }  // namespace fastdl::cpu

@@ -1,0 +1,471 @@
+// CPU implementations of the rnn ops (schemas and semantics in csrc/ops.cpp): one LSTM/GRU layer
+// in one direction over a whole sequence, forward and backpropagation through time.
+//
+// Forward: the input projection of every step is one large GEMM (both LSTM biases folded in
+// once); then per step the recurrent GEMM h W_hh^T (BLAS) and one fused pointwise pass
+// (csrc/cpu/rnn_kernels.h) that applies the gates, updates the state and writes the output and
+// what BPTT needs. Backward: per step the fused pointwise pass gives the gate gradients and
+// dh_{t-1} = dgates W_hh; the weight gradients and dx are single large GEMMs over all steps after
+// the loop (K = T * B instead of T GEMMs with K = B). Kernels compute in the accumulation type
+// (float for float32 and bfloat16, double for float64): bfloat16 tensors are widened once on
+// entry, so states and sums stay in float across steps, and outputs are rounded once.
+//
+// Deterministic: the same fixed sequence of GEMMs and row-parallel pointwise passes (each row
+// written by one thread) every run.
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include "common/isa.h"
+#include "common/rnn.h"
+#include "cpu/rnn_params.h"
+
+namespace fastdl::cpu {
+namespace {
+
+constexpr std::initializer_list<c10::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kBFloat16};
+// Pointwise elements per parallel task below which threading costs more than it saves.
+constexpr int64_t kGrainElems = 16384;
+// Batches up to this size run the forward as one parallel region over the whole sequence (the
+// seq kernels of rnn_kernels.h): per step a GEMV of a few rows, where a BLAS call and a
+// parallel_for per step would cost more than the arithmetic.
+constexpr int64_t kSeqMaxBatch = 4;
+
+const RnnKernels& kernels() {
+  switch (cpu_isa()) {
+#if defined(__x86_64__)
+    case Isa::kAvx512:
+      return rnn_kernels_avx512();
+    case Isa::kAvx2:
+      return rnn_kernels_avx2();
+#endif
+    default:
+      return rnn_kernels_scalar();
+  }
+}
+
+// Which position each row of the batch is at in processing step s (see csrc/ops.cpp).
+class Schedule {
+ public:
+  Schedule(const std::optional<at::Tensor>& lengths, int64_t T, int64_t B, bool reverse)
+      : T_(T), reverse_(reverse), pos_(B) {
+    if (lengths.has_value() && B > 0) {
+      const at::Tensor l = lengths->contiguous();
+      len_.assign(l.const_data_ptr<int64_t>(), l.const_data_ptr<int64_t>() + B);
+      min_len_ = *std::min_element(len_.begin(), len_.end());
+    }
+  }
+  int64_t len(int64_t b) const { return len_.empty() ? T_ : len_[b]; }
+  bool masked() const { return !len_.empty(); }
+  const int64_t* lengths() const { return len_.empty() ? nullptr : len_.data(); }
+  // Every row takes a step at s (no sequence has ended).
+  bool all_active(int64_t s) const { return len_.empty() || s < min_len_; }
+  // Every active row of step s is at the same position (then its rows of a sequence tensor are
+  // one contiguous (B, width) slice): always true going forward, and without lengths.
+  std::optional<int64_t> shared_position(int64_t s) const {
+    if (!reverse_) return s;
+    if (len_.empty()) return T_ - 1 - s;
+    return std::nullopt;
+  }
+  // Fills the positions of step s; returns them (valid until the next call).
+  const int64_t* step(int64_t s) {
+    for (size_t b = 0; b < pos_.size(); ++b) {
+      const int64_t L = len(b);
+      pos_[b] = s >= L ? -1 : (reverse_ ? L - 1 - s : s);
+    }
+    return pos_.data();
+  }
+
+ private:
+  int64_t T_;
+  bool reverse_;
+  std::vector<int64_t> len_;
+  int64_t min_len_ = 0;
+  std::vector<int64_t> pos_;
+};
+
+at::Tensor acc(const at::Tensor& t) {
+  return t.to(rnn::acc_type(t)).contiguous();
+}
+
+// A (T, B, D) buffer; zeros when some sequences end early, since the kernels skip those
+// positions and the backward GEMMs sum over all of them.
+at::Tensor seq_buffer(const Schedule& sch, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return sch.masked() ? at::zeros(sizes, opts) : at::empty(sizes, opts);
+}
+
+// The state before each position, (T, B, D): seq shifted by one step against the processing
+// direction, init at each sequence's first processed position.
+at::Tensor prev_states(const at::Tensor& seq, const at::Tensor& init, const Schedule& sch,
+                       bool reverse) {
+  const int64_t T = seq.size(0), B = seq.size(1);
+  if (T == 0) return seq.clone();
+  const at::Tensor first = init.unsqueeze(0);
+  if (!reverse) return at::cat({first, seq.narrow(0, 0, T - 1)});
+  at::Tensor prev = at::cat({seq.narrow(0, 1, T - 1), first});
+  if (sch.masked())
+    for (int64_t b = 0; b < B; ++b) prev[sch.len(b) - 1][b].copy_(init[b]);
+  return prev;
+}
+
+// Rows of a (T, B, D) sequence at this step's positions, as a (B, D) matrix: a view when they
+// share a position, else gathered into `buf` (rows of ended sequences: any valid row).
+at::Tensor step_rows(const at::Tensor& seq, Schedule& sch, int64_t s, const int64_t* pos,
+                     at::Tensor& buf) {
+  if (auto p = sch.shared_position(s)) return seq[*p];
+  const int64_t B = seq.size(1);
+  std::vector<int64_t> idx(B);
+  for (int64_t b = 0; b < B; ++b) idx[b] = std::max<int64_t>(pos[b], 0) * B + b;
+  const at::Tensor index = at::from_blob(idx.data(), {B}, at::kLong);
+  return at::index_select_out(buf, seq.view({-1, seq.size(2)}), 0, index);
+}
+
+// dst[row(b)] = src[b] for the active rows b (row(b) = pos[b] * B + b when dst is a sequence).
+void copy_active(const at::Tensor& src, at::Tensor& dst, const int64_t* pos, bool sequence) {
+  const int64_t B = src.size(0), bytes = src.size(1) * src.element_size();
+  const char* s = static_cast<const char*>(src.const_data_ptr());
+  char* d = static_cast<char*>(dst.data_ptr());
+  for (int64_t b = 0; b < B; ++b)
+    if (pos[b] >= 0) std::memcpy(d + (sequence ? pos[b] * B + b : b) * bytes, s + b * bytes, bytes);
+}
+
+// dst[b] = a[b] + (b_rows ? b_rows[pos[b]][b] : 0) for the active rows: the gradient reaching a
+// step's output from later steps and from y.
+void add_active(const at::Tensor& a, const std::optional<at::Tensor>& seq, at::Tensor& dst,
+                const int64_t* pos) {
+  const int64_t B = a.size(0);
+  for (int64_t b = 0; b < B; ++b) {
+    if (pos[b] < 0) continue;
+    at::Tensor out = dst[pos[b]][b];
+    if (seq.has_value())
+      at::add_out(out, a[b], (*seq)[pos[b]][b]);
+    else
+      out.copy_(a[b]);
+  }
+}
+
+void run_rows(RnnStepFn fn, const RnnStep& p, int64_t width) {
+  at::parallel_for(0, p.B, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(width, 1)),
+                   [&](int64_t b0, int64_t b1) { fn(p, b0, b1); });
+}
+
+// Runs the small-batch sequence kernel: threads own blocks of hidden units for the whole
+// sequence and meet at one barrier per step (h is double-buffered, so the barrier is all the
+// ordering needed). Returns the buffer holding the final h.
+void* run_sequence(RnnSeqStepFn fn, const RnnSeqFwd& p) {
+  const int64_t blocks = (p.H + kSeqUnits - 1) / kSeqUnits;
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), blocks));
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t j0 = std::min(p.H, blocks * t / n * kSeqUnits);
+    const int64_t j1 = std::min(p.H, blocks * (t + 1) / n * kSeqUnits);
+    for (int64_t s = 0; s < p.T; ++s) {
+      fn(p, s, j0, j1);
+#pragma omp barrier
+    }
+  }
+  return p.h[p.T & 1];
+}
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr() : nullptr;
+}
+
+std::optional<at::Tensor> acc_opt(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(acc(*t)) : std::nullopt;
+}
+
+at::Tensor state_grad(const std::optional<at::Tensor>& g, int64_t B, int64_t D,
+                      const at::TensorOptions& opts) {
+  return g.has_value() ? acc(*g).clone() : at::zeros({B, D}, opts);
+}
+
+at::Tensor none(const at::Tensor& x) {
+  return at::empty({0}, x.options());
+}
+
+// ---------------------------------------------------------------- LSTM
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(
+    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
+    const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr_,
+    const std::optional<at::Tensor>& lengths, bool reverse) {
+  const rnn::Dims d = rnn::check_layer("fastdl.lstm", kDtypes, 4, x_, h0_, &c0_, w_ih_, w_hh_, b_ih,
+                                       b_hh, w_hr_, lengths);
+  const auto [T, B, I, H, P, G, S] = d;
+  Schedule sch(lengths, T, B, reverse);
+  const at::Tensor x = acc(x_), w_ih = acc(w_ih_), w_hh = acc(w_hh_);
+  const std::optional<at::Tensor> w_hr = acc_opt(w_hr_);
+  const auto opts = x.options();
+  at::Tensor h = acc(h0_).clone(), c = acc(c0_).clone();
+  at::Tensor y = seq_buffer(sch, {T, B, P}, opts);
+  at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
+  at::Tensor cs = seq_buffer(sch, {T, B, H}, opts);
+  if (T > 0 && B > 0) {
+    at::Tensor gx = at::mm(x.view({T * B, I}), w_ih.t());
+    if (b_ih.has_value()) gx.add_(acc(*b_ih));
+    if (b_hh.has_value()) gx.add_(acc(*b_hh));
+    const bool dbl = x.scalar_type() == at::kDouble;
+    if (!w_hr && B <= kSeqMaxBatch) {
+      at::Tensor h2 = at::empty_like(h);
+      const at::Tensor wt = w_hh.t().contiguous();
+      const RnnSeqFwd p{.gx = gx.const_data_ptr(),
+                        .wt = wt.const_data_ptr(),
+                        .len = sch.lengths(),
+                        .h = {h.data_ptr(), h2.data_ptr()},
+                        .c = c.data_ptr(),
+                        .y = y.data_ptr(),
+                        .gates = gates.data_ptr(),
+                        .cs = cs.data_ptr(),
+                        .T = T,
+                        .B = B,
+                        .H = H,
+                        .reverse = reverse};
+      if (run_sequence(kernels().lstm_seq_fwd[dbl], p) != h.data_ptr()) h = h2;
+      const auto dtype = x_.scalar_type();
+      return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
+    }
+    at::Tensor gh = at::empty({B, G}, opts);
+    at::Tensor r = w_hr ? at::empty({B, H}, opts) : h;
+    at::Tensor hp = at::empty({B, P}, opts);
+    RnnStep p{.B = B,
+              .H = H,
+              .gx = gx.const_data_ptr(),
+              .gh = gh.const_data_ptr(),
+              .c = c.data_ptr(),
+              .out = r.data_ptr(),
+              .y = w_hr ? nullptr : y.data_ptr(),
+              .gates = gates.data_ptr(),
+              .cs = cs.data_ptr()};
+    const RnnStepFn fn = kernels().lstm_fwd[dbl];
+    for (int64_t s = 0; s < T; ++s) {
+      p.pos = sch.step(s);
+      at::mm_out(gh, h, w_hh.t());
+      run_rows(fn, p, G);
+      if (!w_hr) continue;
+      at::mm_out(hp, r, w_hr->t());
+      copy_active(hp, h, p.pos, false);
+      copy_active(hp, y, p.pos, true);
+    }
+  }
+  const auto dtype = x_.scalar_type();
+  return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at::Tensor>& grad_hn,
+               const std::optional<at::Tensor>& grad_cn, const at::Tensor& x_,
+               const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
+               const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
+               const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& y_,
+               const at::Tensor& gates_, const at::Tensor& cs_, std::array<bool, 2> mask) {
+  const char* op = "fastdl.lstm";
+  const rnn::Dims d = rnn::check_layer(op, kDtypes, 4, x_, h0_, &c0_, w_ih_, w_hh_, std::nullopt,
+                                       std::nullopt, w_hr_, lengths);
+  rnn::check_saved(op, d, x_, grad_y_, grad_hn, grad_cn, y_, gates_, &cs_);
+  const auto [T, B, I, H, P, G, S] = d;
+  Schedule sch(lengths, T, B, reverse);
+  const at::Tensor x = acc(x_), w_ih = acc(w_ih_), w_hh = acc(w_hh_);
+  const at::Tensor gates = gates_.contiguous(), cs = cs_.contiguous();
+  const std::optional<at::Tensor> w_hr = acc_opt(w_hr_), grad_y = acc_opt(grad_y_);
+  const auto opts = x.options();
+  at::Tensor dh = state_grad(grad_hn, B, P, opts), dc = state_grad(grad_cn, B, H, opts);
+  at::Tensor dg = seq_buffer(sch, {T, B, S}, opts);
+  // With a projection, the gradient of each step's projected output (T, B, P), for dw_hr.
+  at::Tensor dhp = w_hr ? seq_buffer(sch, {T, B, P}, opts) : at::Tensor();
+  if (T > 0 && B > 0) {
+    const at::Tensor c0 = acc(c0_);
+    const at::Tensor cprev = prev_states(cs, c0, sch, reverse);
+    at::Tensor dr = w_hr ? at::empty({B, H}, opts) : dh;
+    at::Tensor rows_g = at::empty({B, S}, opts), rows_p = at::empty({B, P}, opts);
+    at::Tensor dh_new = at::empty({B, P}, opts);
+    RnnStep p{.B = B,
+              .H = H,
+              .gates = const_cast<void*>(gates.const_data_ptr()),
+              .cs = const_cast<void*>(cs.const_data_ptr()),
+              .dh = dr.const_data_ptr(),
+              .gy = w_hr ? nullptr : ptr_or_null(grad_y),
+              .prev = cprev.const_data_ptr(),
+              .dgates = dg.data_ptr(),
+              .dc = dc.data_ptr()};
+    const RnnStepFn fn = kernels().lstm_bwd[x.scalar_type() == at::kDouble];
+    for (int64_t s = T - 1; s >= 0; --s) {
+      p.pos = sch.step(s);
+      if (w_hr) {
+        add_active(dh, grad_y, dhp, p.pos);
+        at::mm_out(dr, step_rows(dhp, sch, s, p.pos, rows_p), *w_hr);
+      }
+      run_rows(fn, p, G);
+      const at::Tensor dgs = step_rows(dg, sch, s, p.pos, rows_g);
+      if (sch.all_active(s)) {
+        at::mm_out(dh, dgs, w_hh);
+      } else {
+        at::mm_out(dh_new, dgs, w_hh);
+        copy_active(dh_new, dh, p.pos, false);
+      }
+    }
+  }
+  const auto dtype = x_.scalar_type();
+  const at::Tensor dg2 = dg.view({T * B, S});
+  at::Tensor gx = mask[0] ? at::mm(dg2, w_ih).view({T, B, I}).to(dtype) : none(x_);
+  at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
+  at::Tensor gw_hr = none(x_);
+  if (mask[1]) {
+    const at::Tensor hprev = prev_states(acc(y_), acc(h0_), sch, reverse);
+    gw_ih = at::mm(dg2.t(), x.view({T * B, I})).to(dtype);
+    gw_hh = at::mm(dg2.t(), hprev.view({T * B, P})).to(dtype);
+    const at::Tensor db = dg2.sum(0);
+    gb_ih = db.to(dtype);
+    gb_hh = db.to(dtype).clone();
+    if (w_hr) {
+      const at::Tensor r = gates.narrow(2, 3 * H, H) * at::tanh(cs);
+      gw_hr = at::mm(dhp.view({T * B, P}).t(), r.view({T * B, H})).to(dtype);
+    }
+  }
+  return {gx, dh.to(dtype), dc.to(dtype), gw_ih, gw_hh, gb_ih, gb_hh, gw_hr};
+}
+
+// ---------------------------------------------------------------- GRU
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
+    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& lengths, bool reverse) {
+  const rnn::Dims d = rnn::check_layer("fastdl.gru", kDtypes, 3, x_, h0_, nullptr, w_ih_, w_hh_,
+                                       b_ih, b_hh, std::nullopt, lengths);
+  const auto [T, B, I, H, P, G, S] = d;
+  Schedule sch(lengths, T, B, reverse);
+  const at::Tensor x = acc(x_), w_ih = acc(w_ih_), w_hh = acc(w_hh_);
+  const auto opts = x.options();
+  at::Tensor h = acc(h0_).clone();
+  at::Tensor y = seq_buffer(sch, {T, B, H}, opts);
+  at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
+  if (T > 0 && B > 0) {
+    at::Tensor gx = at::mm(x.view({T * B, I}), w_ih.t());
+    if (b_ih.has_value()) gx.add_(acc(*b_ih));
+    const std::optional<at::Tensor> bh = acc_opt(b_hh);
+    const bool dbl = x.scalar_type() == at::kDouble;
+    if (B <= kSeqMaxBatch) {
+      at::Tensor h2 = at::empty_like(h);
+      const at::Tensor wt = w_hh.t().contiguous();
+      const RnnSeqFwd p{.gx = gx.const_data_ptr(),
+                        .wt = wt.const_data_ptr(),
+                        .bh = bh ? bh->const_data_ptr() : nullptr,
+                        .len = sch.lengths(),
+                        .h = {h.data_ptr(), h2.data_ptr()},
+                        .y = y.data_ptr(),
+                        .gates = gates.data_ptr(),
+                        .T = T,
+                        .B = B,
+                        .H = H,
+                        .reverse = reverse};
+      if (run_sequence(kernels().gru_seq_fwd[dbl], p) != h.data_ptr()) h = h2;
+      const auto dtype = x_.scalar_type();
+      return {y.to(dtype), h.to(dtype), gates};
+    }
+    at::Tensor gh = at::empty({B, G}, opts);
+    RnnStep p{.B = B,
+              .H = H,
+              .gx = gx.const_data_ptr(),
+              .gh = gh.const_data_ptr(),
+              .h = h.data_ptr(),
+              .y = y.data_ptr(),
+              .gates = gates.data_ptr()};
+    const RnnStepFn fn = kernels().gru_fwd[dbl];
+    for (int64_t s = 0; s < T; ++s) {
+      p.pos = sch.step(s);
+      if (bh)
+        at::addmm_out(gh, *bh, h, w_hh.t());
+      else
+        at::mm_out(gh, h, w_hh.t());
+      run_rows(fn, p, G);
+    }
+  }
+  const auto dtype = x_.scalar_type();
+  return {y.to(dtype), h.to(dtype), gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(
+    const std::optional<at::Tensor>& grad_y_, const std::optional<at::Tensor>& grad_hn,
+    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+    const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& y_,
+    const at::Tensor& gates_, std::array<bool, 2> mask) {
+  const char* op = "fastdl.gru";
+  const rnn::Dims d = rnn::check_layer(op, kDtypes, 3, x_, h0_, nullptr, w_ih_, w_hh_, std::nullopt,
+                                       std::nullopt, std::nullopt, lengths);
+  rnn::check_saved(op, d, x_, grad_y_, grad_hn, std::nullopt, y_, gates_, nullptr);
+  const auto [T, B, I, H, P, G, S] = d;
+  Schedule sch(lengths, T, B, reverse);
+  const at::Tensor x = acc(x_), w_ih = acc(w_ih_), w_hh = acc(w_hh_);
+  const at::Tensor gates = gates_.contiguous();
+  const std::optional<at::Tensor> grad_y = acc_opt(grad_y_);
+  const auto opts = x.options();
+  at::Tensor dh = state_grad(grad_hn, B, H, opts);
+  at::Tensor dg = seq_buffer(sch, {T, B, S}, opts);
+  const at::Tensor hprev = prev_states(acc(y_), acc(h0_), sch, reverse);
+  if (T > 0 && B > 0) {
+    at::Tensor direct = at::empty({B, H}, opts), dh_new = at::empty({B, H}, opts);
+    at::Tensor rows = at::empty({B, S}, opts);
+    RnnStep p{.B = B,
+              .H = H,
+              .gates = const_cast<void*>(gates.const_data_ptr()),
+              .dh = dh.const_data_ptr(),
+              .gy = ptr_or_null(grad_y),
+              .prev = hprev.const_data_ptr(),
+              .dgates = dg.data_ptr(),
+              .dh_direct = direct.data_ptr()};
+    const RnnStepFn fn = kernels().gru_bwd[x.scalar_type() == at::kDouble];
+    for (int64_t s = T - 1; s >= 0; --s) {
+      p.pos = sch.step(s);
+      run_rows(fn, p, S);
+      const at::Tensor dgs = step_rows(dg, sch, s, p.pos, rows).narrow(1, 0, G);
+      if (sch.all_active(s)) {
+        at::addmm_out(dh, direct, dgs, w_hh);
+      } else {
+        at::addmm_out(dh_new, direct, dgs, w_hh);
+        copy_active(dh_new, dh, p.pos, false);
+      }
+    }
+  }
+  // dgates columns: [r, z] and n_pre multiply w_ih (its rows [0, 2H) and [2H, 3H)); [r, z] and
+  // W_hn h + b_hn multiply w_hh (columns [0, 3H)).
+  const auto dtype = x_.scalar_type();
+  const at::Tensor dg2 = dg.view({T * B, S});
+  const at::Tensor d_rz = dg2.narrow(1, 0, 2 * H), d_n = dg2.narrow(1, 3 * H, H);
+  at::Tensor gx = none(x_);
+  if (mask[0])
+    gx = at::addmm(at::mm(d_rz, w_ih.narrow(0, 0, 2 * H)), d_n, w_ih.narrow(0, 2 * H, H))
+             .view({T, B, I})
+             .to(dtype);
+  at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
+  if (mask[1]) {
+    const at::Tensor x2 = x.view({T * B, I});
+    gw_ih = at::cat({at::mm(d_rz.t(), x2), at::mm(d_n.t(), x2)}).to(dtype);
+    gw_hh = at::mm(dg2.narrow(1, 0, G).t(), hprev.view({T * B, H})).to(dtype);
+    const at::Tensor db = dg2.sum(0);
+    gb_ih = at::cat({db.narrow(0, 0, 2 * H), db.narrow(0, 3 * H, H)}).to(dtype);
+    gb_hh = db.narrow(0, 0, G).to(dtype).clone();
+  }
+  return {gx, dh.to(dtype), gw_ih, gw_hh, gb_ih, gb_hh};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("lstm_layer_fwd", &lstm_layer_fwd);
+  m.impl("lstm_layer_bwd", &lstm_layer_bwd);
+  m.impl("gru_layer_fwd", &gru_layer_fwd);
+  m.impl("gru_layer_bwd", &gru_layer_bwd);
+}
+
+}  // namespace fastdl::cpu

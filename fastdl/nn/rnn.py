@@ -1,0 +1,96 @@
+"""LSTM, GRU, LSTMCell, GRUCell on fastdl kernels, drop-ins for their torch.nn twins: same
+constructor, parameters, state_dict keys and repr, so a torch state_dict loads unchanged and
+fastdl.patch can swap classes in place. They only replace forward.
+
+LSTMCell and GRUCell subclass torch's cells. LSTM and GRU subclass torch's nn.RNNBase, as
+nn.LSTM and nn.GRU do, but not those classes themselves: Dynamo refuses to trace any instance of
+nn.LSTM / nn.GRU (torch._dynamo.config.allow_rnn), and these must run under
+torch.compile(fullgraph=True). So ``isinstance(m, nn.RNNBase)`` holds, ``isinstance(m,
+nn.LSTM)`` does not.
+
+They backpropagate in eval mode on every backend. A PackedSequence input gives a PackedSequence
+output with the input's batch_sizes and sorting (the packed path unpacks and repacks in Python,
+outside what torch.compile can trace without a graph break)."""
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from fastdl.ops import rnn as F
+
+
+def _unpack(input):
+    """(time-major padded input, lengths on its device) of a PackedSequence."""
+    padded, lengths = pad_packed_sequence(input)
+    return padded, lengths.to(padded.device)
+
+
+def _repack(y: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> PackedSequence:
+    """y (T, B, *) padded, in the original batch order, packed as ``like`` is."""
+    if like.sorted_indices is not None:
+        y = y.index_select(1, like.sorted_indices)
+        lengths = lengths.index_select(0, like.sorted_indices)
+    data, _ = torch._VF._pack_padded_sequence(y, lengths.cpu(), False)
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+class _RNNBase:
+    def _run(self, fn, input, hx):
+        if isinstance(input, PackedSequence):
+            x, lengths = _unpack(input)
+            y, state = fn(
+                x,
+                hx,
+                self._flat_weights,
+                self.bias,
+                self.num_layers,
+                self.dropout,
+                self.training,
+                self.bidirectional,
+                False,
+                lengths=lengths,
+            )
+            return _repack(y, lengths, input), state
+        return fn(
+            input,
+            hx,
+            self._flat_weights,
+            self.bias,
+            self.num_layers,
+            self.dropout,
+            self.training,
+            self.bidirectional,
+            self.batch_first,
+        )
+
+
+class LSTM(_RNNBase, nn.RNNBase):
+    """Drop-in for nn.LSTM (same arguments, proj_size included)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._run(F.lstm, input, hx)
+
+
+class GRU(_RNNBase, nn.RNNBase):
+    """Drop-in for nn.GRU."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._run(F.gru, input, hx)
+
+
+class LSTMCell(nn.LSTMCell):
+    def forward(self, input, hx=None):
+        return F.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+
+
+class GRUCell(nn.GRUCell):
+    def forward(self, input, hx=None):
+        return F.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)

@@ -1,0 +1,468 @@
+"""Recurrent family: LSTM and GRU cells and layers.
+
+Every op runs one layer in one direction over a whole sequence (schemas and semantics in
+csrc/ops.cpp): the forward over all time steps, and backpropagation through time in the backward
+op. The public functions loop here over layers and directions (so torch.compile sees a plain
+graph of custom ops), apply dropout between layers, and transpose batch_first; a cell is a layer
+over one step. Native kernels: C++ on CPU, CUDA on GPU; Triton kernels (kernels/rnn.py) are
+registered as ``fastdl::<op>_triton`` custom ops with the same schema. Both share the fake
+kernels and the autograd formulas below.
+"""
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from fastdl import _backend, _checks, _ext
+
+OPS = ("lstm_layer_fwd", "lstm_layer_bwd", "gru_layer_fwd", "gru_layer_bwd")
+LSTM, GRU = "fastdl.lstm", "fastdl.gru"
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- fake kernels (all backends)
+
+
+def _seq_fake(x, width, dtype=None):
+    return x.new_empty(x.shape[0], x.shape[1], width, dtype=dtype or x.dtype)
+
+
+def _lstm_layer_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    hidden = w_ih.shape[0] // 4
+    acc = _acc_dtype(x)
+    return (
+        _seq_fake(x, h0.shape[1]),
+        torch.empty_like(h0, memory_format=torch.contiguous_format),
+        torch.empty_like(c0, memory_format=torch.contiguous_format),
+        _seq_fake(x, 4 * hidden, acc),
+        _seq_fake(x, hidden, acc),
+    )
+
+
+def _grad_or_none(x, shape, wanted):
+    return x.new_empty(shape if wanted else (0,))
+
+
+def _lstm_layer_bwd_fake(
+    grad_y, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, y, gates, cs, mask
+):
+    g = w_ih.shape[0]
+    return (
+        _grad_or_none(x, x.shape, mask[0]),
+        x.new_empty(h0.shape),
+        x.new_empty(c0.shape),
+        _grad_or_none(x, w_ih.shape, mask[1]),
+        _grad_or_none(x, w_hh.shape, mask[1]),
+        _grad_or_none(x, (g,), mask[1]),
+        _grad_or_none(x, (g,), mask[1]),
+        _grad_or_none(x, w_hr.shape if w_hr is not None else (0,), mask[1] and w_hr is not None),
+    )
+
+
+def _gru_layer_fwd_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    hidden = w_ih.shape[0] // 3
+    return (
+        _seq_fake(x, hidden),
+        torch.empty_like(h0, memory_format=torch.contiguous_format),
+        _seq_fake(x, 4 * hidden, _acc_dtype(x)),
+    )
+
+
+def _gru_layer_bwd_fake(grad_y, grad_hn, x, h0, w_ih, w_hh, lengths, reverse, y, gates, mask):
+    g = w_ih.shape[0]
+    return (
+        _grad_or_none(x, x.shape, mask[0]),
+        x.new_empty(h0.shape),
+        _grad_or_none(x, w_ih.shape, mask[1]),
+        _grad_or_none(x, w_hh.shape, mask[1]),
+        _grad_or_none(x, (g,), mask[1]),
+        _grad_or_none(x, (g,), mask[1]),
+    )
+
+
+# ---------------------------------------------------------------- autograd (all backends)
+
+
+def _lstm_setup(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, lengths, reverse = inputs
+    ctx.reverse = reverse
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, output[0], *output[3:])
+
+
+def _lstm_backward(bwd):
+    def backward(ctx, g_y, g_hn, g_cn, _g_gates, _g_cs):
+        x, h0, c0, w_ih, w_hh, w_hr, lengths, y, gates, cs = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], any(need[3:8])]
+        gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = bwd(
+            g_y, g_hn, g_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, y, gates, cs, mask
+        )
+        grads = (gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr)
+        return *(g if n else None for g, n in zip(grads, need[:8], strict=True)), None, None
+
+    return backward
+
+
+def _gru_setup(ctx, inputs, output):
+    x, h0, w_ih, w_hh, _b_ih, _b_hh, lengths, reverse = inputs
+    ctx.reverse = reverse
+    ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, output[0], output[2])
+
+
+def _gru_backward(bwd):
+    def backward(ctx, g_y, g_hn, _g_gates):
+        x, h0, w_ih, w_hh, lengths, y, gates = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], any(need[2:6])]
+        grads = bwd(g_y, g_hn, x, h0, w_ih, w_hh, lengths, ctx.reverse, y, gates, mask)
+        return *(g if n else None for g, n in zip(grads, need[:6], strict=True)), None, None
+
+    return backward
+
+
+_FAKE = {
+    "lstm_layer_fwd": _lstm_layer_fwd_fake,
+    "lstm_layer_bwd": _lstm_layer_bwd_fake,
+    "gru_layer_fwd": _gru_layer_fwd_fake,
+    "gru_layer_bwd": _gru_layer_bwd_fake,
+}
+_AUTOGRAD = {"lstm_layer": (_lstm_setup, _lstm_backward), "gru_layer": (_gru_setup, _gru_backward)}
+
+
+def _register(ops: SimpleNamespace) -> SimpleNamespace:
+    for name in OPS:
+        torch.library.register_fake(getattr(ops, name), _FAKE[name])
+    for family, (setup, backward) in _AUTOGRAD.items():
+        torch.library.register_autograd(
+            getattr(ops, family + "_fwd"),
+            backward(getattr(ops, family + "_bwd")),
+            setup_context=setup,
+        )
+    return ops
+
+
+def _native_ops() -> SimpleNamespace | None:
+    if _ext._C is None:
+        return None
+    return _register(SimpleNamespace(**{n: getattr(torch.ops.fastdl, n).default for n in OPS}))
+
+
+def _triton_ops() -> SimpleNamespace | None:
+    if not _ext.HAS_TRITON:
+        return None
+    from fastdl.kernels import rnn as launchers
+
+    return _register(
+        SimpleNamespace(
+            **{
+                n: torch.library.custom_op(
+                    f"fastdl::{n}_triton", getattr(launchers, n), mutates_args=()
+                )
+                for n in OPS
+            }
+        )
+    )
+
+
+NATIVE = _native_ops()
+TRITON = _triton_ops()
+
+
+def _ops(op: str, x: torch.Tensor) -> SimpleNamespace:
+    if _backend.resolve("rnn", x.device.type) == "triton":
+        if TRITON is None:
+            raise RuntimeError(f"{op}: the Triton backend needs triton (pip install triton)")
+        return TRITON
+    _ext.require_native(op)
+    return NATIVE
+
+
+# ---------------------------------------------------------------- public functions
+
+
+def _same_device(op: str, x: torch.Tensor, tensors) -> None:
+    # Also here, not only in the kernels: a "meta" argument would route the call to the fake.
+    for name, t in tensors:
+        if t is not None:
+            _checks.same_device(op, name, t, x)
+
+
+def _lengths(op: str, lengths, x: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """lengths as int64 (B,) on x's device; their values are checked by the op itself (reading
+    them here would break torch.compile's graph)."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=x.device)
+    _checks.same_device(op, "lengths", lengths, x)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{op}: lengths must be an integer tensor, got dtype {lengths.dtype}")
+    if tuple(lengths.shape) != (batch,):
+        raise RuntimeError(
+            f"{op}: lengths must have shape ({batch},) (one per sequence), "
+            f"got {list(lengths.shape)}"
+        )
+    return lengths.to(torch.int64)
+
+
+def _state(op, name, t, x, shape):
+    if t is None:
+        return x.new_zeros(shape)
+    _checks.same_device(op, name, t, x)
+    if tuple(t.shape) != tuple(shape):
+        raise RuntimeError(
+            f"{op}: {name} must have shape {list(shape)} (num_layers * num_directions, batch, "
+            f"{'hidden_size' if name == 'c0' else 'hidden_size or proj_size'}), "
+            f"got {list(t.shape)}"
+        )
+    return t
+
+
+def _layers(op, params, has_biases, num_layers, num_dirs, gates):
+    """params in torch's _flat_weights order, grouped per (layer, direction) as
+    (w_ih, w_hh, b_ih, b_hh, w_hr)."""
+    if num_layers < 1:
+        raise ValueError(f"{op}: num_layers must be >= 1, got {num_layers}")
+    n = len(params)
+    per = n // (num_layers * num_dirs)
+    base = 4 if has_biases else 2
+    if (
+        per * num_layers * num_dirs != n
+        or per not in (base, base + 1)
+        or (gates == 3 and per != base)
+    ):
+        raise RuntimeError(
+            f"{op}: expected {base} parameters per layer and direction "
+            f"(w_ih, w_hh{', b_ih, b_hh' if has_biases else ''}"
+            f"{', [w_hr]' if gates == 4 else ''}) for {num_layers} layer(s) x {num_dirs} "
+            f"direction(s), got {n}"
+        )
+    groups = []
+    for i in range(num_layers * num_dirs):
+        w = params[i * per : (i + 1) * per]
+        b = (w[2], w[3]) if has_biases else (None, None)
+        groups.append((w[0], w[1], *b, w[base] if per > base else None))
+    return groups
+
+
+def _check_dropout(op: str, dropout: float) -> None:
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"{op}: dropout must be in [0, 1], got {dropout}")
+
+
+def _rnn(
+    op,
+    gates,
+    input,
+    hx,
+    params,
+    has_biases,
+    num_layers,
+    dropout,
+    train,
+    bidirectional,
+    batch_first,
+    lengths,
+):
+    _check_dropout(op, dropout)
+    if input.dim() not in (2, 3):
+        raise RuntimeError(
+            f"{op}: input must be (T, B, input_size), (B, T, input_size) with batch_first, or "
+            f"unbatched (T, input_size), got shape {list(input.shape)}"
+        )
+    unbatched = input.dim() == 2
+    if unbatched:
+        input = input.unsqueeze(1)
+        hx = tuple(None if h is None else h.unsqueeze(1) for h in hx)
+    elif batch_first:
+        input = input.transpose(0, 1)
+    dirs = 2 if bidirectional else 1
+    groups = _layers(op, params, has_biases, num_layers, dirs, gates)
+    _same_device(op, input, [(f"params[{i}]", p) for i, p in enumerate(params)])
+    batch = input.shape[1]
+    hidden = groups[0][1].shape[-1] if groups[0][4] is None else groups[0][4].shape[1]
+    out_size = groups[0][1].shape[-1]
+    lens = _lengths(op, lengths, input, batch)
+    h0 = _state(op, "h0", hx[0], input, (num_layers * dirs, batch, out_size))
+    c0 = _state(op, "c0", hx[1], input, (num_layers * dirs, batch, hidden)) if gates == 4 else None
+    ops = _ops(op, input)
+    x, hn, cn = input, [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            i = layer * dirs + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = groups[i]
+            if gates == 4:
+                y, h, c, _, _ = ops.lstm_layer_fwd(
+                    x, h0[i], c0[i], w_ih, w_hh, b_ih, b_hh, w_hr, lens, d == 1
+                )
+                cn.append(c)
+            else:
+                y, h, _ = ops.gru_layer_fwd(x, h0[i], w_ih, w_hh, b_ih, b_hh, lens, d == 1)
+            outs.append(y)
+            hn.append(h)
+        x = outs[0] if dirs == 1 else torch.cat(outs, -1)
+        if dropout > 0 and train and layer < num_layers - 1:
+            x = F.dropout(x, dropout, True)
+    hn = torch.stack(hn)
+    cn = torch.stack(cn) if gates == 4 else None
+    if unbatched:
+        x, hn = x.squeeze(1), hn.squeeze(1)
+        cn = cn.squeeze(1) if cn is not None else None
+    elif batch_first:
+        x = x.transpose(0, 1)
+    return x, hn, cn
+
+
+def lstm(
+    input: torch.Tensor,
+    hx: tuple[torch.Tensor, torch.Tensor] | None,
+    params: Sequence[torch.Tensor],
+    has_biases: bool = True,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    train: bool = False,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    *,
+    lengths: torch.Tensor | Sequence[int] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Multi-layer LSTM (Hochreiter & Schmidhuber, 1997) over a whole sequence, as
+    ``torch.lstm`` / ``nn.LSTM``: per step the gate pre-activations ``W_ih x + b_ih + W_hh h +
+    b_hh`` split into i, f, g, o (sigmoid, sigmoid, tanh, sigmoid), ``c' = f c + i g``,
+    ``h' = o tanh(c')`` (times ``W_hr`` with a projection).
+
+    ``params`` in ``nn.LSTM._flat_weights`` order: per layer and direction ``w_ih, w_hh[, b_ih,
+    b_hh][, w_hr]`` (the projection, proj_size = w_hr.shape[0], is inferred as torch does).
+    input (T, B, I) ((B, T, I) with batch_first, (T, I) unbatched); hx = (h0, c0) of shapes
+    (num_layers * dirs, B, proj_size or H) and (num_layers * dirs, B, H), or None for zeros.
+    ``lengths`` (B,) ints on input's device, 1 <= lengths[b] <= T: each sequence's final state is
+    taken at its own last step and outputs past its end are zero (torch's packed-sequence
+    semantics). Dropout between layers only when ``train``.
+    Returns ``(output, (h_n, c_n))``, output (T, B, dirs * (proj_size or H)).
+
+    Dtypes: CPU float32/float64/bfloat16 (bfloat16 computed in float32), CUDA/Triton float32/
+    float16/bfloat16. Backends: C++ (CPU), CUDA, Triton. Deterministic: yes (without dropout).
+    """
+    h = (None, None) if hx is None else tuple(hx)
+    y, hn, cn = _rnn(
+        LSTM,
+        4,
+        input,
+        h,
+        params,
+        has_biases,
+        num_layers,
+        dropout,
+        train,
+        bidirectional,
+        batch_first,
+        lengths,
+    )
+    return y, (hn, cn)
+
+
+def gru(
+    input: torch.Tensor,
+    hx: torch.Tensor | None,
+    params: Sequence[torch.Tensor],
+    has_biases: bool = True,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    train: bool = False,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    *,
+    lengths: torch.Tensor | Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-layer GRU (Cho et al., 2014) over a whole sequence, as ``torch.gru`` / ``nn.GRU``:
+    ``r, z = sigmoid(W_i{r,z} x + b_i{r,z} + W_h{r,z} h + b_h{r,z})``, ``n = tanh(W_in x + b_in +
+    r (W_hn h + b_hn))``, ``h' = (1 - z) n + z h``.
+
+    ``params`` per layer and direction ``w_ih, w_hh[, b_ih, b_hh]``; hx (num_layers * dirs, B,
+    H) or None. Shapes, ``lengths``, dropout, dtypes and backends as :func:`lstm`.
+    Returns ``(output, h_n)``. Deterministic: yes (without dropout).
+    """
+    y, hn, _ = _rnn(
+        GRU,
+        3,
+        input,
+        (hx, None),
+        params,
+        has_biases,
+        num_layers,
+        dropout,
+        train,
+        bidirectional,
+        batch_first,
+        lengths,
+    )
+    return y, hn
+
+
+def _cell_input(op, x, states, w_ih, w_hh, b_ih, b_hh):
+    _same_device(op, x, [("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)])
+    if x.dim() not in (1, 2):
+        raise RuntimeError(
+            f"{op}: input must be (B, input_size) or unbatched (input_size,), "
+            f"got shape {list(x.shape)}"
+        )
+    unbatched = x.dim() == 1
+    x = x.unsqueeze(0) if unbatched else x
+    hidden = w_hh.shape[-1] if w_hh.dim() == 2 else 0
+    out = []
+    for name, s in states:
+        if s is None:
+            out.append(x.new_zeros(x.shape[0], hidden))
+            continue
+        _checks.same_device(op, name, s, x)
+        s = s.unsqueeze(0) if unbatched and s.dim() == 1 else s
+        if tuple(s.shape) != (x.shape[0], hidden):
+            raise RuntimeError(
+                f"{op}: {name} must have shape {[x.shape[0], hidden]} (batch, hidden_size), "
+                f"got {list(s.shape)}"
+            )
+        out.append(s)
+    return unbatched, x.unsqueeze(0), out
+
+
+def lstm_cell(
+    input: torch.Tensor,
+    hx: tuple[torch.Tensor, torch.Tensor] | None,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None = None,
+    b_hh: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step, as ``torch.lstm_cell`` / ``nn.LSTMCell``: returns ``(h', c')``.
+
+    input (B, I) or (I,); hx = (h, c) each (B, H) (or (H,)), or None for zeros. The gate
+    non-linearities and the state update are one fused pass, forward and backward. Dtypes and
+    backends as :func:`lstm`.
+    """
+    h, c = (None, None) if hx is None else hx
+    unbatched, x, (h, c) = _cell_input(LSTM, input, (("h", h), ("c", c)), w_ih, w_hh, b_ih, b_hh)
+    _, hn, cn, _, _ = _ops(LSTM, x).lstm_layer_fwd(
+        x, h, c, w_ih, w_hh, b_ih, b_hh, None, None, False
+    )
+    return (hn[0], cn[0]) if unbatched else (hn, cn)
+
+
+def gru_cell(
+    input: torch.Tensor,
+    hx: torch.Tensor | None,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None = None,
+    b_hh: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One GRU step, as ``torch.gru_cell`` / ``nn.GRUCell``: returns ``h'``. Shapes as
+    :func:`lstm_cell`."""
+    unbatched, x, (h,) = _cell_input(GRU, input, (("h", hx),), w_ih, w_hh, b_ih, b_hh)
+    _, hn, _ = _ops(GRU, x).gru_layer_fwd(x, h, w_ih, w_hh, b_ih, b_hh, None, False)
+    return hn[0] if unbatched else hn

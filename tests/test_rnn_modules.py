@@ -1,0 +1,152 @@
+"""fastdl.nn.LSTM / GRU / LSTMCell / GRUCell as drop-ins for their torch.nn twins: same
+parameters and state_dict, same outputs and gradients, PackedSequence in and out, eval mode with
+gradients, torch.compile(fullgraph=True), and fastdl.patch."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+import fastdl
+
+TWINS = [
+    (
+        nn.LSTM,
+        fastdl.nn.LSTM,
+        {"input_size": 5, "hidden_size": 7, "num_layers": 2, "bidirectional": True},
+    ),
+    (
+        nn.LSTM,
+        fastdl.nn.LSTM,
+        {"input_size": 5, "hidden_size": 7, "proj_size": 3, "batch_first": True},
+    ),
+    (nn.GRU, fastdl.nn.GRU, {"input_size": 5, "hidden_size": 7, "num_layers": 2, "bias": False}),
+    (
+        nn.GRU,
+        fastdl.nn.GRU,
+        {"input_size": 5, "hidden_size": 6, "bidirectional": True, "batch_first": True},
+    ),
+]
+IDS = ["lstm_2layer_bi", "lstm_proj_bf", "gru_2layer_nobias", "gru_bi_bf"]
+
+
+def _pair(torch_cls, ours_cls, kw, dev):
+    ref = torch_cls(**kw).to(dev)
+    ours = ours_cls(**kw).to(dev)
+    ours.load_state_dict(ref.state_dict())
+    # LSTM/GRU: nn.RNNBase (Dynamo refuses nn.LSTM/nn.GRU instances); cells: torch's cell.
+    assert isinstance(ours, nn.RNNBase if issubclass(torch_cls, nn.RNNBase) else torch_cls)
+    assert repr(ours) == repr(ref)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    return ref, ours
+
+
+def _grads(mod, outs, inputs):
+    flat = [o for o in outs if isinstance(o, torch.Tensor)]
+    loss = sum(
+        (o * torch.linspace(-1, 1, o.numel(), device=o.device).view(o.shape)).sum() for o in flat
+    )
+    return torch.autograd.grad(loss, [*inputs, *mod.parameters()], retain_graph=True)
+
+
+def _flat(out):
+    y, h = out
+    return [y, *(h if isinstance(h, tuple) else (h,))]
+
+
+@pytest.mark.parametrize("twin", range(len(TWINS)), ids=IDS)
+def test_module_matches_torch(backend, twin):
+    torch_cls, ours_cls, kw = TWINS[twin]
+    ref, ours = _pair(torch_cls, ours_cls, kw, backend.device)
+    x = torch.randn(3, 4, 5, device=backend.device, requires_grad=True)
+    r, o = _flat(ref(x)), _flat(ours(x))
+    for a, b in zip(o, r, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    for a, b in zip(_grads(ours, o, [x]), _grads(ref, r, [x]), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("twin", range(len(TWINS)), ids=IDS)
+def test_packed_sequence_in_and_out(backend, twin):
+    torch_cls, ours_cls, kw = TWINS[twin]
+    ref, ours = _pair(torch_cls, ours_cls, kw, backend.device)
+    bf = kw.get("batch_first", False)
+    x = torch.randn((4, 5, 5) if bf else (5, 4, 5), device=backend.device, requires_grad=True)
+    packed = pack_padded_sequence(x, torch.tensor([3, 5, 1, 3]), bf, enforce_sorted=False)
+    r, o = ref(packed), ours(packed)
+    assert isinstance(o[0], PackedSequence)
+    assert torch.equal(o[0].batch_sizes, r[0].batch_sizes)
+    assert torch.equal(o[0].sorted_indices, r[0].sorted_indices)
+    ro, oo = [r[0].data, *_flat(r)[1:]], [o[0].data, *_flat(o)[1:]]
+    for a, b in zip(oo, ro, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    for a, b in zip(_grads(ours, oo, [x]), _grads(ref, ro, [x]), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    _, lens = pad_packed_sequence(o[0], bf)
+    assert lens.tolist() == [3, 5, 1, 3]
+
+
+def test_unbatched_and_initial_state(backend):
+    ref, ours = _pair(nn.LSTM, fastdl.nn.LSTM, {"input_size": 3, "hidden_size": 4}, backend.device)
+    x = torch.randn(6, 3, device=backend.device)
+    hx = (torch.randn(1, 4, device=backend.device), torch.randn(1, 4, device=backend.device))
+    for a, b in zip(_flat(ours(x, hx)), _flat(ref(x, hx)), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cells_match_torch(backend, kind):
+    torch_cls, ours_cls = (
+        (nn.LSTMCell, fastdl.nn.LSTMCell) if kind == "lstm" else (nn.GRUCell, fastdl.nn.GRUCell)
+    )
+    ref, ours = _pair(torch_cls, ours_cls, {"input_size": 5, "hidden_size": 6}, backend.device)
+    x = torch.randn(3, 5, device=backend.device, requires_grad=True)
+    r, o = ref(x), ours(x)
+    r, o = (list(r), list(o)) if kind == "lstm" else ([r], [o])
+    for a, b in zip(o, r, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    for a, b in zip(_grads(ours, o, [x]), _grads(ref, r, [x]), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_eval_mode_backward_and_dropout(backend):
+    """Eval mode: no dropout, gradients still flow. Training: dropout between layers."""
+    ours = fastdl.nn.GRU(4, 5, 2, dropout=0.5).to(backend.device)
+    x = torch.randn(3, 2, 4, device=backend.device, requires_grad=True)
+    ours.eval()
+    y1, _ = ours(x)
+    y2, _ = ours(x)
+    assert torch.equal(y1, y2)
+    (gx,) = torch.autograd.grad(y1.sum(), x)
+    assert gx.abs().sum() > 0
+    ours.train()
+    assert not torch.allclose(ours(x)[0], y1)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_compile_fullgraph(backend, kind):
+    cls = fastdl.nn.LSTM if kind == "lstm" else fastdl.nn.GRU
+    mod = cls(4, 5, 2, bidirectional=True).to(backend.device)
+    x = torch.randn(3, 2, 4, device=backend.device)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True)
+    for a, b in zip(_flat(compiled(x)), _flat(mod(x)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_patch_swaps_rnn_modules(backend):
+    model = nn.Sequential(nn.LSTMCell(3, 4), nn.GRUCell(3, 4))
+    model.add_module("lstm", nn.LSTM(3, 4))
+    model.add_module("gru", nn.GRU(3, 4))
+    report = fastdl.patch(model)
+    assert [type(m) for m in model] == [
+        fastdl.nn.LSTMCell,
+        fastdl.nn.GRUCell,
+        fastdl.nn.LSTM,
+        fastdl.nn.GRU,
+    ]
+    assert len(report.swapped) == 4
+    ref = nn.LSTM(3, 4)
+    ref.load_state_dict(model.lstm.state_dict())
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(model.lstm(x)[0], ref(x)[0], rtol=2e-5, atol=2e-5)

@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 
+#include "cpu/attention_params.h"
 #include "cpu/norm_params.h"
 
 #pragma GCC push_options
@@ -14,6 +15,7 @@
 namespace fastdl::cpu::avx2 {
 #include "common/vec.h"
 #include "cpu/norm_kernels.h"
+#include "cpu/attention_kernels.h"
 }  // namespace fastdl::cpu::avx2
 #undef FASTDL_VEC
 #pragma GCC pop_options
@@ -21,6 +23,9 @@ namespace fastdl::cpu::avx2 {
 namespace fastdl::cpu {
 const NormKernels& norm_kernels_avx2() {
   return avx2::kNormKernels;
+}
+const AttentionKernels& attention_kernels_avx2() {
+  return avx2::kAttentionKernels;
 }
 }  // namespace fastdl::cpu
 

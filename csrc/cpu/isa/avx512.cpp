@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 
+#include "cpu/attention_params.h"
 #include "cpu/norm_params.h"
 
 #pragma GCC push_options
@@ -19,6 +20,7 @@
 namespace fastdl::cpu::avx512 {
 #include "common/vec.h"
 #include "cpu/norm_kernels.h"
+#include "cpu/attention_kernels.h"
 }  // namespace fastdl::cpu::avx512
 #undef FASTDL_VEC
 #pragma GCC diagnostic pop
@@ -27,6 +29,9 @@ namespace fastdl::cpu::avx512 {
 namespace fastdl::cpu {
 const NormKernels& norm_kernels_avx512() {
   return avx512::kNormKernels;
+}
+const AttentionKernels& attention_kernels_avx512() {
+  return avx512::kAttentionKernels;
 }
 }  // namespace fastdl::cpu
 

@@ -2,17 +2,22 @@
 // the portable vectors for it): the fallback on any CPU and the reference for the SIMD builds.
 #include <cstdint>
 
+#include "cpu/attention_params.h"
 #include "cpu/norm_params.h"
 
 #define FASTDL_VEC 0
 namespace fastdl::cpu::scalar {
 #include "common/vec.h"
 #include "cpu/norm_kernels.h"
+#include "cpu/attention_kernels.h"
 }  // namespace fastdl::cpu::scalar
 #undef FASTDL_VEC
 
 namespace fastdl::cpu {
 const NormKernels& norm_kernels_scalar() {
   return scalar::kNormKernels;
+}
+const AttentionKernels& attention_kernels_scalar() {
+  return scalar::kAttentionKernels;
 }
 }  // namespace fastdl::cpu

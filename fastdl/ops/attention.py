@@ -262,12 +262,13 @@ def scaled_dot_product_attention(
     left, right, br = _band(op, is_causal, window, causal_alignment)
     seed, offset = _dropout_args(op, dropout_p, seed)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    lead = q.shape[:-3] if q.dim() >= 4 else q.shape[:-2]
     if q.dim() == 3:  # (N, L, E): one head
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
     elif q.dim() > 4:  # (*, H, L, E): batch dims flattened (views unless strides forbid)
         if attn_mask is not None:
-            attn_mask = attn_mask.expand(*lead, *q.shape[-3:-1], k.shape[-2])
+            attn_mask = attn_mask.expand(*q.shape[:-1], k.shape[-2])
             attn_mask = attn_mask.reshape(-1, *attn_mask.shape[-3:])
         q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     if attn_mask is not None and attn_mask.dim() > 4:
@@ -275,7 +276,7 @@ def scaled_dot_product_attention(
     out = _ops(op, q).attention_fwd(
         q, k, v, attn_mask, dropout_p, seed, offset, left, right, br, scale
     )[0]
-    return out.reshape(*lead, *out.shape[-2:]) if query.dim() != 4 else out
+    return out if query.dim() == 4 else out.reshape(query.shape)
 
 
 def varlen_attention(

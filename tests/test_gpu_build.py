@@ -2,8 +2,9 @@
 
 CUDA: each csrc/cuda/*.cu is compiled with nvcc, once per arch (sm_80, sm_90a), warnings as
 errors, ``-Xptxas -v`` parsed: no kernel may spill registers or use a stack frame (local memory)
-unless LOCAL_MEMORY_ALLOWED names it with the reason. No .cu/.cuh includes a torch header, so
-the kernels compile standalone; the torch-facing csrc/cuda/*.cpp (bind layers) get a syntax
+unless LOCAL_MEMORY_ALLOWED names it with the reason; the kernels TENSOR_CORE_KERNELS names must
+have tensor-core instructions (HMMA) in their SASS. No .cu/.cuh includes a torch header, so the
+kernels compile standalone; the torch-facing csrc/cuda/*.cpp (bind layers) get a syntax
 check against the installed torch headers and the CUDA toolkit's.
 
 Triton, the AOT contract: a module kernels/<name>.py may define ``AOT``, a list of entries, each
@@ -43,6 +44,13 @@ NVCC_FLAGS = ["-O3", "-DNDEBUG", "-std=c++20", "--expt-relaxed-constexpr", "-Xpt
 NVCC_FLAGS += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra"]
 # {(file, kernel name substring): reason} for kernels allowed to spill or use local memory.
 LOCAL_MEMORY_ALLOWED: dict[tuple[str, str], str] = {}
+# {(file, kernel name substring): reason} for kernels that must run on tensor cores: every
+# matching function of the file's SASS (cuobjdump -sass of the compile above) has an HMMA.
+TENSOR_CORE_KERNELS: dict[tuple[str, str], str] = {
+    (cu, f"attention_{d}_kernel<{t}"): "issue 3: half-precision attention uses mma.sync"
+    for cu, d in [("attention_fwd.cu", "fwd"), ("attention_bwd.cu", "bwd")]
+    for t in ["__half", "__nv_bfloat16"]
+}
 TORCH_HEADER = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2|pybind11)/', re.M)
 
 TRITON_CCS = {80: 163 * 1024, 90: 227 * 1024}  # arch: shared memory per block, bytes
@@ -170,6 +178,47 @@ def test_nvcc_no_warning_spill_or_local_memory(cu, arch, builds, record_property
         f"  {name}: {usage}" for name, usage in bad.items()
     )
     record_property("registers", {name: usage["registers"] for name, usage in report.items()})
+
+
+def _cuobjdump() -> str | None:
+    # The toolkit's, else the copy Triton bundles (a CUDA toolkit may ship without it).
+    found = shutil.which("cuobjdump")
+    if found is None and NVCC is not None and Path(NVCC).with_name("cuobjdump").exists():
+        found = str(Path(NVCC).with_name("cuobjdump"))
+    if found is None:
+        try:
+            import triton
+
+            bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+            found = str(bundled) if bundled.exists() else None
+        except ImportError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cu", sorted({f for f, _ in TENSOR_CORE_KERNELS if f in CU_FILES}))
+def test_tensor_core_kernels_issue_mma(cu, arch, builds):
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("needs cuobjdump")
+    proc = builds[cu, arch].result()
+    assert proc.returncode == 0, f"nvcc failed on {cu} for {arch}"
+    obj = proc.args[proc.args.index("-o") + 1]
+    sass = _run([tool, "-sass", obj]).stdout
+    parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.M)
+    names = _demangle(parts[1::2])
+    wanted = [part for f, part in TENSOR_CORE_KERNELS if f == cu]
+    found = dict.fromkeys(wanted, 0)
+    missing = []
+    for name, body in zip(names, parts[2::2], strict=True):
+        for part in wanted:
+            if part in name:
+                found[part] += 1
+                if not re.search(r"\b(HMMA|HGMMA|IMMA)\b", body):
+                    missing.append(name)
+    assert all(found.values()), f"{cu} ({arch}): no kernel matches {found}"
+    assert not missing, f"{cu} ({arch}): no tensor-core instruction in\n" + "\n".join(missing)
 
 
 @pytest.mark.parametrize("cpp", BIND_FILES)

@@ -19,22 +19,7 @@ constexpr int kThreads = kWarps * 32;
 // Dynamic shared memory a block may use: below sm_80's 163 KiB opt-in limit (sm_90: 227 KiB).
 constexpr int kSmemBudget = 160 * 1024;
 
-// head_dim rounded up to the tile width the kernels are instantiated for (zero-padded).
-constexpr int kHeadDims[] = {32, 64, 128, 256};
-
-template <class T>
-__device__ __forceinline__ float to_float(T x) {
-  return static_cast<float>(x);
-}
-template <>
-__device__ __forceinline__ float to_float(__half x) {
-  return __half2float(x);
-}
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
+// float32 to the element type (round to nearest).
 template <class T>
 __device__ __forceinline__ T from_float(float x) {
   return x;
@@ -46,6 +31,17 @@ __device__ __forceinline__ __half from_float(float x) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// Leading dims (elements) of the shared tiles: padded so that the 8 rows of an mma fragment
+// fall into distinct banks.
+template <int kD>
+constexpr int ld_t() {
+  return kD + 8;
+}
+template <int kD>
+constexpr int ld_f() {
+  return kD + 4;
 }
 
 // Two 16-bit elements p[0], p[stride] packed as an mma operand register (low half first).
@@ -127,9 +123,25 @@ __device__ __forceinline__ void block_gemm(const T* a, int am, int ak, const T* 
 
 // rows x kD tile of a strided (row, column) global tensor into shared memory (leading dim ld),
 // zero beyond `valid_rows` and beyond D (padding must be zero: it enters the dot products).
+// 16-byte loads when the rows allow them (unit column stride, D and the row stride multiples of
+// 16 bytes, aligned base), else element by element.
 template <class T, int kRows, int kD>
 __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int64_t sr, int64_t sd,
                                           int64_t valid_rows, int64_t D) {
+  constexpr int kVec = 16 / sizeof(T);
+  static_assert(kD % kVec == 0 && ld_t<kD>() % kVec == 0, "16-byte rows");
+  const bool vec =
+      sd == 1 && D % kVec == 0 && sr % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (vec) {
+    constexpr int kChunks = kD / kVec;
+    for (int e = threadIdx.x; e < kRows * kChunks; e += kThreads) {
+      const int r = e / kChunks, c = (e % kChunks) * kVec;
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if (r < valid_rows && c < D) x = *reinterpret_cast<const uint4*>(src + r * sr + c);
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = x;
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < kRows * kD; e += kThreads) {
     const int r = e / kD, c = e % kD;
     dst[r * ld + c] = r < valid_rows && c < D ? src[r * sr + c * sd] : from_float<T>(0.f);
@@ -183,17 +195,6 @@ __device__ __forceinline__ float score_bias(const AttnParams& p, const Seq& s, i
     return -INFINITY;
   if (p.mask == nullptr) return 0.f;
   return p.mask[b * p.smask.b + h * p.smask.h + i * p.smask.r + j * p.smask.d];
-}
-
-// Leading dims (elements) of the shared tiles: padded so that the 8 rows of an mma fragment
-// fall into distinct banks.
-template <int kD>
-constexpr int ld_t() {
-  return kD + 8;
-}
-template <int kD>
-constexpr int ld_f() {
-  return kD + 4;
 }
 
 }  // namespace fastdl::cuda::attn

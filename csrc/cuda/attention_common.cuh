@@ -71,53 +71,79 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+// How many 16x8 output tiles along N one warp computes at a time (reusing its A fragment):
+// 4 or 2 when the block's warps still all get work, else 1.
+template <int kM, int kN>
+constexpr int strip_tiles() {
+  for (int nt = 4; nt > 1; nt /= 2)
+    if (kN % (8 * nt) == 0 && (kM / 16) * (kN / (8 * nt)) >= kWarps) return nt;
+  return 1;
+}
+
 // C (kM x kN) = init + A (kM x kK) * B (kK x kN) for operands in shared memory, A(m, k) at
 // a[m * am + k * ak], B(k, n) at b[k * bk + n * bn] (the strides express the transposes the
-// attention GEMMs need). The block's warps take the 16x8 output tiles round robin; each tile
-// starts from init(row, col), accumulates in float32 and ends in epi(row, col, value). Half
-// precision runs mma.sync m16n8k16 (fragment layouts of the PTX ISA, section "Matrix Fragments
-// for mma.m16n8k16"); float32 computes the same tile with FMAs (exact float32, no TF32).
+// attention GEMMs need). The block's warps take strips of 16 x (8 * NT) outputs round robin;
+// each output starts from init(row, col), accumulates in float32 and ends in epi(row, col,
+// value). Half precision runs mma.sync m16n8k16 (fragment layouts of the PTX ISA, "Matrix
+// Fragments for mma.m16n8k16"), one A fragment per k step shared by the strip's NT tiles;
+// float32 computes the same outputs with FMAs (exact float32, no TF32).
 template <class T, int kM, int kN, int kK, class Init, class Epi>
 __device__ __forceinline__ void block_gemm(const T* a, int am, int ak, const T* b, int bk, int bn,
                                            Init init, Epi epi) {
   static_assert(kM % 16 == 0 && kN % 8 == 0 && kK % 16 == 0, "tile shape");
+  constexpr int NT = strip_tiles<kM, kN>();
+  constexpr int kStripsN = kN / (8 * NT), kStrips = (kM / 16) * kStripsN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t = lane & 3;
-  constexpr int kTilesN = kN / 8, kTiles = (kM / 16) * kTilesN;
-  for (int tile = warp; tile < kTiles; tile += kWarps) {
-    const int m0 = (tile / kTilesN) * 16 + g, n0 = (tile % kTilesN) * 8;
-    float c[4] = {init(m0, n0 + 2 * t), init(m0, n0 + 2 * t + 1), init(m0 + 8, n0 + 2 * t),
-                  init(m0 + 8, n0 + 2 * t + 1)};
+  for (int strip = warp; strip < kStrips; strip += kWarps) {
+    const int m0 = (strip / kStripsN) * 16 + g, nb = (strip % kStripsN) * 8 * NT + 2 * t;
+    float c[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      c[j][0] = init(m0, nb + 8 * j);
+      c[j][1] = init(m0, nb + 8 * j + 1);
+      c[j][2] = init(m0 + 8, nb + 8 * j);
+      c[j][3] = init(m0 + 8, nb + 8 * j + 1);
+    }
     if constexpr (sizeof(T) == 4) {
       const T* a0 = a + m0 * am;
       const T* a1 = a0 + 8 * am;
-      const T* b0 = b + (n0 + 2 * t) * bn;
-#pragma unroll 8
+      const T* b0 = b + nb * bn;
+#pragma unroll 4
       for (int k = 0; k < kK; ++k) {
         const float x0 = a0[k * ak], x1 = a1[k * ak];
-        const float y0 = b0[k * bk], y1 = b0[k * bk + bn];
-        c[0] = fmaf(x0, y0, c[0]);
-        c[1] = fmaf(x0, y1, c[1]);
-        c[2] = fmaf(x1, y0, c[2]);
-        c[3] = fmaf(x1, y1, c[3]);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const float y0 = b0[k * bk + 8 * j * bn], y1 = b0[k * bk + (8 * j + 1) * bn];
+          c[j][0] = fmaf(x0, y0, c[j][0]);
+          c[j][1] = fmaf(x0, y1, c[j][1]);
+          c[j][2] = fmaf(x1, y0, c[j][2]);
+          c[j][3] = fmaf(x1, y1, c[j][3]);
+        }
       }
     } else {
       const T* pa = a + m0 * am + 2 * t * ak;
-      const T* pb = b + 2 * t * bk + (n0 + g) * bn;
-#pragma unroll 4
+      const T* pb = b + 2 * t * bk + (nb - 2 * t + g) * bn;
+#pragma unroll 2
       for (int k0 = 0; k0 < kK; k0 += 16) {
         const T* ak0 = pa + k0 * ak;
         const uint32_t fa[4] = {pack2(ak0, ak), pack2(ak0 + 8 * am, ak), pack2(ak0 + 8 * ak, ak),
                                 pack2(ak0 + 8 * am + 8 * ak, ak)};
-        const T* bk0 = pb + k0 * bk;
-        const uint32_t fb[2] = {pack2(bk0, bk), pack2(bk0 + 8 * bk, bk)};
-        mma16816<T>(c, fa, fb);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const T* bk0 = pb + k0 * bk + 8 * j * bn;
+          const uint32_t fb[2] = {pack2(bk0, bk), pack2(bk0 + 8 * bk, bk)};
+          mma16816<T>(c[j], fa, fb);
+        }
       }
     }
-    epi(m0, n0 + 2 * t, c[0]);
-    epi(m0, n0 + 2 * t + 1, c[1]);
-    epi(m0 + 8, n0 + 2 * t, c[2]);
-    epi(m0 + 8, n0 + 2 * t + 1, c[3]);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      epi(m0, nb + 8 * j, c[j][0]);
+      epi(m0, nb + 8 * j + 1, c[j][1]);
+      epi(m0 + 8, nb + 8 * j, c[j][2]);
+      epi(m0 + 8, nb + 8 * j + 1, c[j][3]);
+    }
   }
 }
 

@@ -47,8 +47,12 @@ LOCAL_MEMORY_ALLOWED: dict[tuple[str, str], str] = {}
 # {(file, kernel name substring): reason} for kernels that must run on tensor cores: every
 # matching function of the file's SASS (cuobjdump -sass of the compile above) has an HMMA.
 TENSOR_CORE_KERNELS: dict[tuple[str, str], str] = {
-    (cu, f"attention_{d}_kernel<{t}"): "issue 3: half-precision attention uses mma.sync"
-    for cu, d in [("attention_fwd.cu", "fwd"), ("attention_bwd.cu", "bwd")]
+    (cu, f"{kernel}<{t}"): "issue 3: half-precision attention uses mma.sync"
+    for cu, kernel in [
+        ("attention_fwd.cu", "attention_fwd_kernel"),
+        ("attention_bwd.cu", "attention_bwd_dkdv_kernel"),
+        ("attention_bwd.cu", "attention_bwd_dq_kernel"),
+    ]
     for t in ["__half", "__nv_bfloat16"]
 }
 TORCH_HEADER = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2|pybind11)/', re.M)

@@ -67,18 +67,17 @@ int attention_fwd_splits(const AttnFwdParams& p, int device);
 size_t attention_fwd_workspace_bytes(const AttnFwdParams& p, int splits);
 cudaError_t attention_fwd(const AttnFwdParams& p, int splits, cudaStream_t stream);
 
-// Backward (FlashAttention-2, Algorithm 2): grad_out strided like q; out/lse from the forward;
-// delta = rowsum(grad_out * out) float32 by row id (computed by the caller). dq_acc is a float32
-// buffer in out's layout (Strides so), ZEROED by the caller (blocks add into it atomically);
-// dk/dv are written in k's contiguous layout (Strides sdk) in q's dtype; dmask, nullable, is
-// the full float32 (B, Hq, Sq, Sk) gradient of the additive mask, ZEROED by the caller (blocks
-// skipped by the band do not write).
+// Backward (FlashAttention-2, Algorithm 2; deterministic: no atomics): grad_out strided like
+// q; out/lse from the forward; delta = rowsum(grad_out * out) float32 by row id (computed by the
+// caller). dq is written in out's layout (Strides so), dk/dv in k's contiguous layout (Strides
+// sdk), all in q's dtype; dmask, nullable, is the full float32 (B, Hq, Sq, Sk) gradient of the
+// additive mask, ZEROED by the caller (blocks skipped by the band do not write).
 struct AttnBwdParams : AttnParams {
   const void* grad_out = nullptr;
   Strides sdo;
   const float* lse = nullptr;
   const float* delta = nullptr;
-  float* dq_acc = nullptr;
+  void* dq = nullptr;
   Strides so;
   void* dk = nullptr;
   void* dv = nullptr;

@@ -86,6 +86,15 @@ Tensor cu_seqlens(const char* op, const char* name, const Tensor& cu, int64_t to
   return c;
 }
 
+// dq, dk, dv: contiguous in q's/k's shape and q's dtype; the kernels write every element when
+// they run, else the gradients are zeros.
+std::tuple<Tensor, Tensor, Tensor> grads(const Tensor& q, const Tensor& k, bool run) {
+  const auto alloc = [&](const Tensor& like) {
+    return run ? at::empty(like.sizes(), q.options()) : at::zeros(like.sizes(), q.options());
+  };
+  return {alloc(q), alloc(k), alloc(k)};
+}
+
 // Runs the forward on filled params (allocates the decode path's workspace).
 void run_fwd(cu::AttnFwdParams& prm, const Tensor& q) {
   const int splits = cu::attention_fwd_splits(prm, q.device().index());
@@ -133,11 +142,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
                            {d.B, d.Hq, d.Sq});
   const bool want_mask =
       output_mask[3] && attn_mask.has_value() && attn_mask->scalar_type() != at::kBool;
-  const auto fopt = q_.options().dtype(at::kFloat);
-  Tensor dq = at::zeros({d.B, d.Hq, d.Sq, d.D}, fopt);
-  Tensor dk = at::zeros(k_.sizes(), q_.options()), dv = at::zeros(v_.sizes(), q_.options());
-  Tensor gm_full = want_mask ? at::zeros({d.B, d.Hq, d.Sq, d.Sk}, fopt) : Tensor();
-  if (q_.numel() > 0 && k_.numel() > 0) {
+  const bool run = q_.numel() > 0 && k_.numel() > 0;
+  auto [dq, dk, dv] = grads(q_, k_, run);
+  Tensor gm_full =
+      want_mask ? at::zeros({d.B, d.Hq, d.Sq, d.Sk}, q_.options().dtype(at::kFloat)) : Tensor();
+  if (run) {
     const Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
     const Tensor go = unit_last(grad_out_);
     const Tensor delta = (go.to(at::kFloat) * out_.to(at::kFloat)).sum(-1).contiguous();
@@ -150,7 +159,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     prm.sdo = strides_of(go);
     prm.lse = lse.data_ptr<float>();
     prm.delta = delta.data_ptr<float>();
-    prm.dq_acc = dq.data_ptr<float>();
+    prm.dq = dq.data_ptr();
     prm.so = strides_of(dq);
     prm.dk = dk.data_ptr();
     prm.dv = dv.data_ptr();
@@ -159,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     C10_CUDA_CHECK(cu::attention_bwd(prm, c10::cuda::getCurrentCUDAStream()));
   }
   const auto ret = [&](bool wanted, const Tensor& g) {
-    return wanted ? g.to(q_.scalar_type()) : at::empty({0}, q_.options());
+    return wanted ? g : at::empty({0}, q_.options());
   };
   return {
       ret(output_mask[0], dq), ret(output_mask[1], dk), ret(output_mask[2], dv),
@@ -205,9 +214,9 @@ std::tuple<Tensor, Tensor, Tensor> varlen_attention_bwd(
   attention::saved_outputs(kVarBwd, grad_out_, out_, lse_, q_, {d.Tq, d.Hq, d.D}, {d.Hq, d.Tq});
   const Tensor cu_q = cu_seqlens(kVarBwd, "cu_seqlens_q", cu_q_, d.Tq, max_q);
   const Tensor cu_k = cu_seqlens(kVarBwd, "cu_seqlens_k", cu_k_, d.Tk, max_k);
-  Tensor dq = at::zeros({d.Tq, d.Hq, d.D}, q_.options().dtype(at::kFloat));
-  Tensor dk = at::zeros(k_.sizes(), q_.options()), dv = at::zeros(v_.sizes(), q_.options());
-  if (q_.numel() > 0 && k_.numel() > 0 && d.N > 0) {
+  const bool run = q_.numel() > 0 && k_.numel() > 0 && d.N > 0;
+  auto [dq, dk, dv] = grads(q_, k_, run);
+  if (run) {
     const Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
     const Tensor go = unit_last(grad_out_);
     // delta by row id h * Tq + t: (Tq, Hq) summed, transposed to (Hq, Tq).
@@ -224,7 +233,7 @@ std::tuple<Tensor, Tensor, Tensor> varlen_attention_bwd(
     prm.sdo = strides_of(go);
     prm.lse = lse.data_ptr<float>();
     prm.delta = delta.data_ptr<float>();
-    prm.dq_acc = dq.data_ptr<float>();
+    prm.dq = dq.data_ptr();
     prm.so = strides_of(dq);
     prm.dk = dk.data_ptr();
     prm.dv = dv.data_ptr();
@@ -232,7 +241,7 @@ std::tuple<Tensor, Tensor, Tensor> varlen_attention_bwd(
     C10_CUDA_CHECK(cu::attention_bwd(prm, c10::cuda::getCurrentCUDAStream()));
   }
   const auto ret = [&](bool wanted, const Tensor& g) {
-    return wanted ? g.to(q_.scalar_type()) : at::empty({0}, q_.options());
+    return wanted ? g : at::empty({0}, q_.options());
   };
   return {ret(output_mask[0], dq), ret(output_mask[1], dk), ret(output_mask[2], dv)};
 }

@@ -12,6 +12,7 @@ TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.RMSNorm: fnn.RMSNorm,
     nn.BatchNorm1d: fnn.BatchNorm1d,
     nn.BatchNorm2d: fnn.BatchNorm2d,
+    nn.MultiheadAttention: fnn.MultiheadAttention,
 }
 
 

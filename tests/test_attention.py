@@ -222,7 +222,8 @@ def test_fully_masked_rows(backend):
 @pytest.mark.parametrize("p", [0.0, 0.25, 0.9, 1.0])
 def test_dropout(backend, p):
     dev = backend.device
-    q, k, v = _inputs((2, 2, 1, 19, 23, 16), torch.float32, dev)
+    shape = (1, 2, 1, 9, 11, 16) if backend.interpreted else (2, 2, 1, 19, 23, 16)
+    q, k, v = _inputs(shape, torch.float32, dev)
     g = torch.randn_like(q)
     out, grads = _run(q, k, v, g, dropout_p=p, seed=1234, enable_gqa=True, is_causal=True)
     exact, exact_g = _ref(q, k, v, g, p=p, seed=1234, right=0)
@@ -239,13 +240,14 @@ def test_dropout(backend, p):
 def test_dropout_rate_and_seed(backend):
     """The draw keeps ~1 - p of the entries, and a new call draws a new mask."""
     dev = backend.device
-    q = torch.zeros(1, 1, 64, 8, device=dev)
-    k = torch.zeros(1, 1, 256, 8, device=dev)
-    v = torch.ones(1, 1, 256, 8, device=dev)
-    # Uniform P = 1/256: out = (kept count / 256) / (1 - p) per row.
+    sq, sk = (16, 128) if backend.interpreted else (64, 256)
+    q = torch.zeros(1, 1, sq, 8, device=dev)
+    k = torch.zeros(1, 1, sk, 8, device=dev)
+    v = torch.ones(1, 1, sk, 8, device=dev)
+    # Uniform P = 1/sk: out = (kept count / sk) / (1 - p) per row.
     out = fastdl.scaled_dot_product_attention(q, k, v, dropout_p=0.4, seed=7)
-    kept = out[0, 0, :, 0] * 256 * 0.6
-    assert abs(kept.mean().item() / 256 - 0.6) < 0.02
+    kept = out[0, 0, :, 0] * 0.6
+    assert abs(kept.mean().item() - 0.6) < 0.03
     torch.manual_seed(1)
     a = fastdl.scaled_dot_product_attention(q, k, v, dropout_p=0.4)
     b = fastdl.scaled_dot_product_attention(q, k, v, dropout_p=0.4)

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -31,6 +32,9 @@ void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc);
+// MKL's per-thread thread count, C interface (torch's x86 builds link MKL); weak, so that builds
+// against another BLAS still link.
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
 namespace fastdl::cpu {
@@ -68,6 +72,22 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const d
   const int im = int(m), in = int(n), ik = int(k), ia = int(lda), ib = int(ldb), ic = int(ldc);
   dgemm_(ta ? "T" : "N", tb ? "T" : "N", &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
 }
+
+// Keeps the BLAS on the calling thread for a task's lifetime. MKL may otherwise thread a GEMM
+// called from a parallel region once torch.set_num_threads changed its settings, and its
+// threaded kernels sum in a different order: results would no longer be bit-identical.
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+
+ private:
+  int previous_;
+};
 
 // The options every block of one call shares.
 struct Opts {
@@ -139,17 +159,40 @@ std::pair<int64_t, int64_t> key_range(const Head<T>& h, const Opts& o, int64_t i
           fastdl_band_hi(i1 - 1, h.Sq, h.Sk, o.right, o.bottom_right)};
 }
 
+// A zeroed buffer aligned to a cache line. BLAS results may depend on the alignment of their
+// operands (MKL's peeling), so every GEMM operand fastdl allocates is aligned alike: results are
+// then bit-identical from run to run.
+template <typename T>
+class Buf {
+ public:
+  explicit Buf(int64_t n) : p_(static_cast<T*>(std::aligned_alloc(64, bytes(n)))) {
+    TORCH_CHECK(p_ || n == 0, "fastdl attention: out of memory for a ", n, "-element buffer");
+    std::fill(p_, p_ + n, T(0));
+  }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p_); }
+  T* data() { return p_; }
+  T& operator[](int64_t i) { return p_[i]; }
+
+ private:
+  static size_t bytes(int64_t n) { return (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64; }
+  T* p_;
+};
+
 // Per-thread scratch of the forward and backward blocks.
 template <typename T>
 struct Scratch {
   static constexpr int64_t kBlock = kBlockQ * kBlockK;
-  std::vector<T> s, dp, pz, acc, m, l, corr;
+  const int64_t acc_size;
+  Buf<T> s, dp, pz, acc, m, l, corr;
   // acc: the forward's (kBlockQ, D) output accumulator, the backward's dK and dV blocks.
   Scratch(int64_t D, bool backward, bool dropout)
-      : s(kBlock),
+      : acc_size((backward ? 2 * kBlockK : kBlockQ) * D),
+        s(kBlock),
         dp(backward ? kBlock : 0),
         pz(backward && dropout ? kBlock : 0),
-        acc((backward ? 2 * kBlockK : kBlockQ) * D),
+        acc(acc_size),
         m(kBlockQ),
         l(kBlockQ),
         corr(kBlockQ) {}
@@ -164,9 +207,9 @@ void fwd_block(const Head<T>& h, const Opts& o, int64_t i0, int64_t i1, T* out, 
                Scratch<T>& w) {
   const auto& kern = kernels();
   const int64_t rows = i1 - i0, D = o.D;
-  std::fill(w.m.begin(), w.m.end(), T(-INFINITY));
-  std::fill(w.l.begin(), w.l.end(), T(0));
-  std::fill(w.acc.begin(), w.acc.begin() + rows * D, T(0));
+  std::fill(w.m.data(), w.m.data() + kBlockQ, T(-INFINITY));
+  std::fill(w.l.data(), w.l.data() + kBlockQ, T(0));
+  std::fill(w.acc.data(), w.acc.data() + rows * D, T(0));
   const auto [jlo, jhi] = key_range(h, o, i0, i1);
   for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, jhi - j0);
@@ -263,7 +306,7 @@ void bwd_group(const Head<T>* hs, HeadGrad<T>* gs, const T* const* outs, const i
                int64_t group, const Opts& o, T* const* dq, int64_t lddq, T* dk, int64_t lddk, T* dv,
                int64_t lddv, Scratch<T>& w) {
   const int64_t Sq = hs[0].Sq, Sk = hs[0].Sk, D = o.D;
-  std::vector<T> delta(group * Sq), dqa(group * Sq * D, T(0));
+  Buf<T> delta(group * Sq), dqa(group * Sq * D);
   for (int64_t g = 0; g < group; ++g) {
     for (int64_t i = 0; i < Sq; ++i) {
       const T* a = gs[g].dout + i * gs[g].lddo;
@@ -277,7 +320,7 @@ void bwd_group(const Head<T>* hs, HeadGrad<T>* gs, const T* const* outs, const i
   }
   for (int64_t j0 = 0; j0 < Sk; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, Sk - j0);
-    std::fill(w.acc.begin(), w.acc.end(), T(0));
+    std::fill(w.acc.data(), w.acc.data() + w.acc_size, T(0));
     for (int64_t g = 0; g < group; ++g)
       for (int64_t i0 = 0; i0 < Sq; i0 += kBlockQ) {
         const int64_t i1 = std::min(Sq, i0 + kBlockQ);
@@ -348,6 +391,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd", [&] {
     using T = scalar_t;
     at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
       Scratch<T> w(d.D, false, p > 0);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / nqb, i0 = (t % nqb) * kBlockQ;
@@ -388,6 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd", [&] {
       using T = scalar_t;
       at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
+        const SequentialBlas sequential;
         Scratch<T> w(d.D, true, p > 0);
         std::vector<Head<T>> hs(group);
         std::vector<HeadGrad<T>> gs(group);
@@ -479,6 +524,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "varlen_attention_fwd", [&] {
     using T = scalar_t;
     at::parallel_for(0, d.Hq * nb, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
       Scratch<T> w(d.D, false, p > 0);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t h = t / nb;
@@ -517,6 +563,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "varlen_attention_bwd", [&] {
     using T = scalar_t;
     at::parallel_for(0, d.Hkv * d.N, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
       Scratch<T> w(d.D, true, p > 0);
       std::vector<Head<T>> hs(group);
       std::vector<HeadGrad<T>> gs(group);

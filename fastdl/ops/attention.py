@@ -153,7 +153,7 @@ def _triton_ops() -> SimpleNamespace | None:
 
 
 NATIVE = _native_ops()
-TRITON = None
+TRITON = _triton_ops()
 
 
 def _ops(op: str, x: torch.Tensor) -> SimpleNamespace:

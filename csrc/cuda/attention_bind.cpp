@@ -111,10 +111,10 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_, const Tensor& k_, con
                                          const OptTensor& attn_mask, double p, int64_t seed,
                                          int64_t offset, int64_t left, int64_t right,
                                          bool bottom_right, double scale) {
-  const c10::cuda::CUDAGuard guard(q_.device());
   const auto d = attention::sdpa_dims(kFwd, q_, k_, v_, kDtypes);
   attention::dropout(kFwd, p);
   const Tensor mask = attention::additive_mask(kFwd, attn_mask, q_, d);
+  const c10::cuda::CUDAGuard guard(q_.device());  // after the device checks
   auto [out, lse] = attention::sdpa_outputs(q_, d);
   if (out.numel() == 0) return {out, lse};
   const Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
@@ -134,12 +134,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const OptTensor& attn_mask, const Tensor& out_, const Tensor& lse_, double p, int64_t seed,
     int64_t offset, int64_t left, int64_t right, bool bottom_right, double scale,
     std::array<bool, 4> output_mask) {
-  const c10::cuda::CUDAGuard guard(q_.device());
   const auto d = attention::sdpa_dims(kBwd, q_, k_, v_, kDtypes);
   attention::dropout(kBwd, p);
   const Tensor mask = attention::additive_mask(kBwd, attn_mask, q_, d);
   attention::saved_outputs(kBwd, grad_out_, out_, lse_, q_, {d.B, d.Hq, d.Sq, d.D},
                            {d.B, d.Hq, d.Sq});
+  const c10::cuda::CUDAGuard guard(q_.device());  // after the device checks
   const bool want_mask =
       output_mask[3] && attn_mask.has_value() && attn_mask->scalar_type() != at::kBool;
   const bool run = q_.numel() > 0 && k_.numel() > 0;
@@ -181,9 +181,9 @@ std::tuple<Tensor, Tensor> varlen_attention_fwd(const Tensor& q_, const Tensor& 
                                                 double p, int64_t seed, int64_t offset,
                                                 int64_t left, int64_t right, bool bottom_right,
                                                 double scale) {
-  const c10::cuda::CUDAGuard guard(q_.device());
   const auto d = attention::varlen_dims(kVarFwd, q_, k_, v_, cu_q_, cu_k_, max_q, max_k, kDtypes);
   attention::dropout(kVarFwd, p);
+  const c10::cuda::CUDAGuard guard(q_.device());  // after the device checks
   const Tensor cu_q = cu_seqlens(kVarFwd, "cu_seqlens_q", cu_q_, d.Tq, max_q);
   const Tensor cu_k = cu_seqlens(kVarFwd, "cu_seqlens_k", cu_k_, d.Tk, max_k);
   Tensor out = at::empty({d.Tq, d.Hq, d.D}, q_.options());
@@ -208,10 +208,10 @@ std::tuple<Tensor, Tensor, Tensor> varlen_attention_bwd(
     const Tensor& cu_q_, const Tensor& cu_k_, int64_t max_q, int64_t max_k, const Tensor& out_,
     const Tensor& lse_, double p, int64_t seed, int64_t offset, int64_t left, int64_t right,
     bool bottom_right, double scale, std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(q_.device());
   const auto d = attention::varlen_dims(kVarBwd, q_, k_, v_, cu_q_, cu_k_, max_q, max_k, kDtypes);
   attention::dropout(kVarBwd, p);
   attention::saved_outputs(kVarBwd, grad_out_, out_, lse_, q_, {d.Tq, d.Hq, d.D}, {d.Hq, d.Tq});
+  const c10::cuda::CUDAGuard guard(q_.device());  // after the device checks
   const Tensor cu_q = cu_seqlens(kVarBwd, "cu_seqlens_q", cu_q_, d.Tq, max_q);
   const Tensor cu_k = cu_seqlens(kVarBwd, "cu_seqlens_k", cu_k_, d.Tk, max_k);
   const bool run = q_.numel() > 0 && k_.numel() > 0 && d.N > 0;

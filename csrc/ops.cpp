@@ -151,6 +151,49 @@ TORCH_LIBRARY(fastdl, m) {
       "Tensor w_hh, Tensor? lengths, bool reverse, Tensor y, Tensor gates, bool[2] output_mask) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");
+  // ---- attention (semantics pinned in csrc/common/attention.h and attention_math.h).
+  // q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, D), any strides; Hq % Hkv == 0 (query
+  // head h reads kv head h / (Hq / Hkv)); 1 <= D <= 256. out (B, Hq, Sq, D) contiguous, q's dtype.
+  // lse (B, Hq, Sq) contiguous, float32 (float64 for float64 q): the natural-log log-sum-exp over
+  // the allowed keys of s = scale * q.k + mask, before dropout; -inf for a row with no allowed
+  // key (its out row is 0 and its gradients are 0).
+  // attn_mask: None, bool (true = attend) or q's dtype (added to s), any rank <= 4 broadcastable
+  // to (B, Hq, Sq, Sk) by torch's right-aligned rules. Key j is allowed for query i when the
+  // mask allows it and i + off - window_left <= j <= i + off + window_right, where a negative
+  // window side is unbounded and off = 0 (top_left, torch's is_causal) or Sk - Sq (bottom_right);
+  // is_causal is window_right = 0. Dropout (dropout_p in [0, 1]) keeps P[b, h, i, j] with
+  // probability 1 - p and scales kept ones by 1 / (1 - p), the mask drawn by
+  // fastdl_dropout_keep(seed, offset + ((b * Hq + h) * Sq + i) * Sk + j, threshold(p)) in
+  // csrc/common/attention_math.h.
+  // grad_mask has attn_mask's shape and dtype (empty unless output_mask[3] and mask is float).
+  // Gradients masked off in output_mask come back as empty tensors.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, int seed, "
+      "int offset, int window_left, int window_right, bool bottom_right, float scale) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor out, "
+      "Tensor lse, float dropout_p, int seed, int offset, int window_left, int window_right, "
+      "bool bottom_right, float scale, bool[4] output_mask) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_mask)");
+  // varlen: sequences packed along the token axis. q (Tq, Hq, D), k/v (Tk, Hkv, D), any strides;
+  // cu_seqlens_q/k int32 or int64 (N + 1,), starting at 0, non-decreasing, ending at Tq/Tk;
+  // sequence n is tokens [cu[n], cu[n + 1]). max_seqlen_* bound every sequence length (a hint
+  // for the launch grid; a sequence longer than it is an error). out (Tq, Hq, D) contiguous;
+  // lse (Hq, Tq) float32/float64. Window/alignment/dropout as above per sequence, with Sq, Sk
+  // the sequence's own lengths; dropout counter offset + (h * Tq + tq) * Tk + tk on packed
+  // token indices tq, tk.
+  m.def(
+      "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float dropout_p, int seed, "
+      "int offset, int window_left, int window_right, bool bottom_right, float scale) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor out, Tensor lse, "
+      "float dropout_p, int seed, int offset, int window_left, int window_right, "
+      "bool bottom_right, float scale, bool[3] output_mask) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -6,6 +6,7 @@ from fastdl._backend import backend, get_backend
 from fastdl._ext import available_backends, cpu_isa, set_cpu_isa
 from fastdl.graph import Graph
 from fastdl.nn.conv import fuse_conv_bn
+from fastdl.ops.attention import scaled_dot_product_attention, varlen_attention
 from fastdl.ops.conv import conv2d, conv_transpose2d
 from fastdl.ops.graph import gat_aggregate, gcn_aggregate, sddmm, spmm
 from fastdl.ops.norm import add_layer_norm, add_rms_norm, batch_norm, layer_norm, rms_norm
@@ -37,7 +38,9 @@ __all__ = [
     "nn",
     "patch",
     "rms_norm",
+    "scaled_dot_product_attention",
     "sddmm",
     "set_cpu_isa",
     "spmm",
+    "varlen_attention",
 ]

@@ -18,6 +18,7 @@ TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.GRU: fnn.GRU,
     nn.LSTMCell: fnn.LSTMCell,
     nn.GRUCell: fnn.GRUCell,
+    nn.MultiheadAttention: fnn.MultiheadAttention,
 }
 
 

@@ -51,6 +51,15 @@ LOCAL_MEMORY_ALLOWED: dict[tuple[str, str], str] = {}
 TENSOR_CORE_KERNELS: dict[tuple[str, str], str] = {
     ("conv_gemm.cu", "implicit_gemm_kernel<__half"): "fp16 conv implicit GEMM (issue 4)",
     ("conv_gemm.cu", "implicit_gemm_kernel<__nv_bfloat16"): "bf16 conv implicit GEMM (issue 4)",
+    **{
+        (cu, f"{kernel}<{t}"): "half-precision attention on mma.sync (issue 3)"
+        for cu, kernel in [
+            ("attention_fwd.cu", "attention_fwd_kernel"),
+            ("attention_bwd.cu", "attention_bwd_dkdv_kernel"),
+            ("attention_bwd.cu", "attention_bwd_dq_kernel"),
+        ]
+        for t in ["__half", "__nv_bfloat16"]
+    },
 }
 TORCH_HEADER = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2|pybind11)/', re.M)
 

@@ -1,5 +1,6 @@
 """Drop-in modules, state_dict-compatible with their torch.nn (or PyG) twins."""
 
+from fastdl.nn.attention import MultiheadAttention
 from fastdl.nn.conv import Conv2d, ConvTranspose2d
 from fastdl.nn.graph import GATConv, GCNConv, GINConv, SAGEConv
 from fastdl.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
@@ -18,6 +19,7 @@ __all__ = [
     "GRUCell",
     "LSTMCell",
     "LayerNorm",
+    "MultiheadAttention",
     "RMSNorm",
     "SAGEConv",
 ]

@@ -8,6 +8,7 @@
 
 #include "cpu/graph_params.h"
 #include "cpu/conv_params.h"
+#include "cpu/attention_params.h"
 #include "cpu/norm_params.h"
 #include "cpu/rnn_params.h"
 
@@ -20,6 +21,7 @@ namespace fastdl::cpu::avx2 {
 #include "cpu/conv_kernels.h"
 #include "cpu/norm_kernels.h"
 #include "cpu/rnn_kernels.h"
+#include "cpu/attention_kernels.h"
 }  // namespace fastdl::cpu::avx2
 #undef FASTDL_VEC
 #pragma GCC pop_options
@@ -36,6 +38,9 @@ const ConvKernels& conv_kernels_avx2() {
 }
 const RnnKernels& rnn_kernels_avx2() {
   return avx2::kRnnKernels;
+}
+const AttentionKernels& attention_kernels_avx2() {
+  return avx2::kAttentionKernels;
 }
 }  // namespace fastdl::cpu
 

@@ -8,6 +8,7 @@
 
 #include "cpu/graph_params.h"
 #include "cpu/conv_params.h"
+#include "cpu/attention_params.h"
 #include "cpu/norm_params.h"
 #include "cpu/rnn_params.h"
 
@@ -25,6 +26,7 @@ namespace fastdl::cpu::avx512 {
 #include "cpu/conv_kernels.h"
 #include "cpu/norm_kernels.h"
 #include "cpu/rnn_kernels.h"
+#include "cpu/attention_kernels.h"
 }  // namespace fastdl::cpu::avx512
 #undef FASTDL_VEC
 #pragma GCC diagnostic pop
@@ -42,6 +44,9 @@ const ConvKernels& conv_kernels_avx512() {
 }
 const RnnKernels& rnn_kernels_avx512() {
   return avx512::kRnnKernels;
+}
+const AttentionKernels& attention_kernels_avx512() {
+  return avx512::kAttentionKernels;
 }
 }  // namespace fastdl::cpu
 

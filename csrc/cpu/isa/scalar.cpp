@@ -4,6 +4,7 @@
 
 #include "cpu/graph_params.h"
 #include "cpu/conv_params.h"
+#include "cpu/attention_params.h"
 #include "cpu/norm_params.h"
 #include "cpu/rnn_params.h"
 
@@ -14,6 +15,7 @@ namespace fastdl::cpu::scalar {
 #include "cpu/conv_kernels.h"
 #include "cpu/norm_kernels.h"
 #include "cpu/rnn_kernels.h"
+#include "cpu/attention_kernels.h"
 }  // namespace fastdl::cpu::scalar
 #undef FASTDL_VEC
 
@@ -29,5 +31,8 @@ const ConvKernels& conv_kernels_scalar() {
 }
 const RnnKernels& rnn_kernels_scalar() {
   return scalar::kRnnKernels;
+}
+const AttentionKernels& attention_kernels_scalar() {
+  return scalar::kAttentionKernels;
 }
 }  // namespace fastdl::cpu

@@ -1,0 +1,608 @@
+// CPU implementations of the attention ops (schemas in csrc/ops.cpp, rules in
+// csrc/common/attention.h and attention_math.h): FlashAttention-2 (Dao, 2023) tiled over query
+// and key blocks with an online softmax, so the Sq x Sk scores are never materialized.
+//
+// The GEMM-shaped inner loops (S = Q K^T, O += P V and the backward's four products on one
+// block) call torch's cpublas (MKL/oneDNN underneath), as DESIGN section 5 allows; the fusion
+// around them -- masks, band skipping, online softmax (vectorized exp in attention_kernels.h,
+// chosen per ISA), dropout, scheduling -- is ours. Forward: one task per (sequence, query head,
+// query block); only the key blocks that intersect the causal/window band are visited, so a
+// causal problem costs half a full one. Backward: one task per (sequence, key/value head), which
+// owns its dK/dV and the dQ of its query heads: no atomics, bit-identical for any thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/attention.h"
+#include "common/isa.h"
+#include "cpu/attention_params.h"
+
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+// MKL's per-thread thread count, C interface (torch's x86 builds link MKL); weak, so that builds
+// against another BLAS still link.
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
+}
+
+namespace fastdl::cpu {
+namespace {
+
+constexpr std::initializer_list<c10::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kBFloat16};
+// Query rows x key columns per score block: 64 x 256 floats (64 KiB) stay in L2 with the K/V
+// block (256 x D) they are multiplied with.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 256;
+
+const AttentionKernels& kernels() {
+  switch (cpu_isa()) {
+#if defined(__x86_64__)
+    case Isa::kAvx512:
+      return attention_kernels_avx512();
+    case Isa::kAvx2:
+      return attention_kernels_avx2();
+#endif
+    default:
+      return attention_kernels_scalar();
+  }
+}
+
+// C (column-major, m x n) = alpha * op(A) op(B) + beta * C through the BLAS torch links (the
+// standard Fortran interface, LP64). Called inside at::parallel_for: MKL/OpenBLAS run it on the
+// calling thread.
+void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+        const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int im = int(m), in = int(n), ik = int(k), ia = int(lda), ib = int(ldb), ic = int(ldc);
+  sgemm_(ta ? "T" : "N", tb ? "T" : "N", &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
+}
+void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+        int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  const int im = int(m), in = int(n), ik = int(k), ia = int(lda), ib = int(ldb), ic = int(ldc);
+  dgemm_(ta ? "T" : "N", tb ? "T" : "N", &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
+}
+
+// Keeps the BLAS on the calling thread for a task's lifetime. MKL may otherwise thread a GEMM
+// called from a parallel region once torch.set_num_threads changed its settings, and its
+// threaded kernels sum in a different order: results would no longer be bit-identical.
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+
+ private:
+  int previous_;
+};
+
+// The options every block of one call shares.
+struct Opts {
+  int64_t D;
+  double scale;
+  int64_t left, right;
+  bool bottom_right;
+  double p;  // dropout probability
+  uint64_t seed;
+  uint32_t threshold;
+};
+
+// One (sequence, query head) problem, pointers at its first row; rows of q/k/v/o/grad_out are
+// D contiguous elements `ld*` apart. The dropout counter of (i, j) is ctr + i * ctr_ld + j.
+template <typename T>
+struct Head {
+  const T *q, *k, *v;
+  int64_t ldq, ldk, ldv;
+  const T* mask;  // additive, (i, j) at mask[i * msi + j * msj]; null without
+  int64_t msi, msj;
+  int64_t Sq, Sk;
+  uint64_t ctr, ctr_ld;
+};
+
+// Scores of rows [i0, i0 + rows) x keys [j0, j0 + n) of h into s (ld kBlockK): scale * q.k,
+// plus the mask, -inf outside the band.
+template <typename T>
+void scores(const Head<T>& h, const Opts& o, int64_t i0, int64_t rows, int64_t j0, int64_t n,
+            T* s) {
+  mm(true, false, n, rows, o.D, static_cast<T>(o.scale), h.k + j0 * h.ldk, h.ldk, h.q + i0 * h.ldq,
+     h.ldq, T(0), s, kBlockK);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    T* row = s + r * kBlockK;
+    if (h.mask) {
+      const T* m = h.mask + i * h.msi + j0 * h.msj;
+      if (h.msj == 1)
+        for (int64_t j = 0; j < n; ++j) row[j] += m[j];
+      else
+        for (int64_t j = 0; j < n; ++j) row[j] += m[j * h.msj];
+    }
+    const int64_t lo = fastdl_band_lo(i, h.Sq, h.Sk, o.left, o.bottom_right) - j0;
+    const int64_t hi = fastdl_band_hi(i, h.Sq, h.Sk, o.right, o.bottom_right) - j0;
+    std::fill(row, row + std::clamp<int64_t>(lo, 0, n), T(-INFINITY));
+    std::fill(row + std::clamp<int64_t>(hi, 0, n), row + n, T(-INFINITY));
+  }
+}
+
+// Dropout on a block (probabilities, or the backward's dP): kept entries times 1 / (1 - p),
+// the others 0.
+template <typename T>
+void dropout(const Head<T>& h, const Opts& o, int64_t i0, int64_t rows, int64_t j0, int64_t n,
+             T* p) {
+  const T keep_scale = o.p >= 1.0 ? T(0) : static_cast<T>(1.0 / (1.0 - o.p));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t c = h.ctr + (i0 + r) * h.ctr_ld + j0;
+    T* row = p + r * kBlockK;
+    for (int64_t j = 0; j < n; ++j) {
+      const bool keep = fastdl_dropout_keep(o.seed, c + j, o.threshold);
+      row[j] = keep ? row[j] * keep_scale : T(0);
+    }
+  }
+}
+
+// The key range [lo, hi) some row of [i0, i1) may attend to.
+template <typename T>
+std::pair<int64_t, int64_t> key_range(const Head<T>& h, const Opts& o, int64_t i0, int64_t i1) {
+  return {fastdl_band_lo(i0, h.Sq, h.Sk, o.left, o.bottom_right),
+          fastdl_band_hi(i1 - 1, h.Sq, h.Sk, o.right, o.bottom_right)};
+}
+
+// A zeroed buffer aligned to a cache line. BLAS results may depend on the alignment of their
+// operands (MKL's peeling), so every GEMM operand fastdl allocates is aligned alike: results are
+// then bit-identical from run to run.
+template <typename T>
+class Buf {
+ public:
+  explicit Buf(int64_t n) : p_(static_cast<T*>(std::aligned_alloc(64, bytes(n)))) {
+    TORCH_CHECK(p_ || n == 0, "fastdl attention: out of memory for a ", n, "-element buffer");
+    std::fill(p_, p_ + n, T(0));
+  }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p_); }
+  T* data() { return p_; }
+  T& operator[](int64_t i) { return p_[i]; }
+
+ private:
+  static size_t bytes(int64_t n) { return (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64; }
+  T* p_;
+};
+
+// Per-thread scratch of the forward and backward blocks.
+template <typename T>
+struct Scratch {
+  static constexpr int64_t kBlock = kBlockQ * kBlockK;
+  const int64_t acc_size;
+  Buf<T> s, dp, pz, acc, m, l, corr;
+  // acc: the forward's (kBlockQ, D) output accumulator, the backward's dK and dV blocks.
+  Scratch(int64_t D, bool backward, bool dropout)
+      : acc_size((backward ? 2 * kBlockK : kBlockQ) * D),
+        s(kBlock),
+        dp(backward ? kBlock : 0),
+        pz(backward && dropout ? kBlock : 0),
+        acc(acc_size),
+        m(kBlockQ),
+        l(kBlockQ),
+        corr(kBlockQ) {}
+};
+
+template <typename T>
+constexpr int kAcc = std::is_same_v<T, double>;  // index into the AttentionKernels tables
+
+// Forward of query rows [i0, i1) of h: out rows (ld ldo) and their lse.
+template <typename T>
+void fwd_block(const Head<T>& h, const Opts& o, int64_t i0, int64_t i1, T* out, int64_t ldo, T* lse,
+               Scratch<T>& w) {
+  const auto& kern = kernels();
+  const int64_t rows = i1 - i0, D = o.D;
+  std::fill(w.m.data(), w.m.data() + kBlockQ, T(-INFINITY));
+  std::fill(w.l.data(), w.l.data() + kBlockQ, T(0));
+  std::fill(w.acc.data(), w.acc.data() + rows * D, T(0));
+  const auto [jlo, jhi] = key_range(h, o, i0, i1);
+  for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+    const int64_t n = std::min(kBlockK, jhi - j0);
+    T* s = w.s.data();
+    scores(h, o, i0, rows, j0, n, s);
+    kern.softmax_step[kAcc<T>](s, rows, n, kBlockK, w.m.data(), w.l.data(), w.corr.data());
+    if (o.p > 0) dropout(h, o, i0, rows, j0, n, s);
+    for (int64_t r = 0; r < rows; ++r)
+      if (w.corr[r] != T(1))
+        for (int64_t d = 0; d < D; ++d) w.acc[r * D + d] *= w.corr[r];
+    mm(false, false, D, rows, n, T(1), h.v + j0 * h.ldv, h.ldv, s, kBlockK, T(1), w.acc.data(), D);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool none = w.l[r] == T(0);  // no allowed key: out 0, lse -inf
+    const T inv = none ? T(0) : T(1) / w.l[r];
+    for (int64_t d = 0; d < D; ++d) out[r * ldo + d] = w.acc[r * D + d] * inv;
+    lse[r] = none ? T(-INFINITY) : w.m[r] + std::log(w.l[r]);
+  }
+}
+
+// Backward pieces of one (sequence, query head) that the key-block loop reads.
+template <typename T>
+struct HeadGrad {
+  const T* dout;
+  int64_t lddo;
+  const T* lse;
+  const T* delta;  // rowsum(dO * O)
+  T* dq;           // (Sq, D) accumulator
+  T* gmask;        // full (Sq, Sk) gradient of the mask (ld Sk), null when not wanted
+};
+
+// Adds the contributions of key rows [j0, j0 + n) x query rows [i0, i1) of h to the dK and dV
+// blocks (w.acc, laid out [2][kBlockK][D]) and to dQ (FlashAttention-2's backward, Alg. 2).
+template <typename T>
+void bwd_block(const Head<T>& h, const HeadGrad<T>& g, const Opts& o, int64_t i0, int64_t i1,
+               int64_t j0, int64_t n, Scratch<T>& w) {
+  const auto& kern = kernels();
+  const int64_t rows = i1 - i0, D = o.D;
+  T* dk = w.acc.data();
+  T* dv = dk + kBlockK * D;
+  T* p = w.s.data();
+  T* dp = w.dp.data();
+  const T* dout = g.dout + i0 * g.lddo;
+  scores(h, o, i0, rows, j0, n, p);
+  kern.exp_rows[kAcc<T>](p, rows, n, kBlockK, g.lse + i0);
+  mm(true, false, n, rows, D, T(1), h.v + j0 * h.ldv, h.ldv, dout, g.lddo, T(0), dp, kBlockK);
+  // With dropout (mask Z, scaled), dV takes P * Z and dP is dropped the same way; dS =
+  // P * (dP * Z - delta) uses the undropped P, as rowsum(P * Z * dP) = rowsum(dO * O) = delta.
+  const T* pv = p;
+  if (o.p > 0) {
+    std::copy(p, p + rows * kBlockK, w.pz.data());
+    dropout(h, o, i0, rows, j0, n, w.pz.data());
+    dropout(h, o, i0, rows, j0, n, dp);
+    pv = w.pz.data();
+  }
+  mm(false, true, D, n, rows, T(1), dout, g.lddo, pv, kBlockK, T(1), dv, D);
+  kern.ds_rows[kAcc<T>](p, dp, rows, n, kBlockK, g.delta + i0);
+  if (g.gmask)
+    for (int64_t r = 0; r < rows; ++r)
+      std::copy(dp + r * kBlockK, dp + r * kBlockK + n, g.gmask + (i0 + r) * h.Sk + j0);
+  const T sc = static_cast<T>(o.scale);
+  mm(false, true, D, n, rows, sc, h.q + i0 * h.ldq, h.ldq, dp, kBlockK, T(1), dk, D);
+  mm(false, false, D, rows, n, sc, h.k + j0 * h.ldk, h.ldk, dp, kBlockK, T(1), g.dq + i0 * D, D);
+}
+
+// t with unit stride in its last dim and rows at least D apart (what the GEMMs accept); copies
+// only when it has not (e.g. a transposed head dim or rows expanded with stride 0).
+at::Tensor gemm_ready(const at::Tensor& t, int64_t row_dim) {
+  const bool ok = t.stride(-1) == 1 || t.size(-1) == 1;
+  const bool rows_ok = t.size(row_dim) <= 1 || t.stride(row_dim) >= t.size(-1);
+  return ok && rows_ok ? t : t.contiguous();
+}
+
+int64_t row_ld(const at::Tensor& t, int64_t row_dim) {
+  return t.size(row_dim) <= 1 ? t.size(-1) : t.stride(row_dim);
+}
+
+Opts make_opts(int64_t D, double scale, double p, int64_t seed, int64_t left, int64_t right,
+               bool bottom_right) {
+  return {D,
+          scale,
+          left,
+          right,
+          bottom_right,
+          p,
+          static_cast<uint64_t>(seed),
+          fastdl_dropout_threshold(p)};
+}
+
+// Backward of the query heads hs[0 .. group) that share one key/value head: dQ of each (into
+// dq[g], ld lddq) and dK/dV of the shared head.
+template <typename T>
+void bwd_group(const Head<T>* hs, HeadGrad<T>* gs, const T* const* outs, const int64_t* ldo,
+               int64_t group, const Opts& o, T* const* dq, int64_t lddq, T* dk, int64_t lddk, T* dv,
+               int64_t lddv, Scratch<T>& w) {
+  const int64_t Sq = hs[0].Sq, Sk = hs[0].Sk, D = o.D;
+  Buf<T> delta(group * Sq), dqa(group * Sq * D);
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t i = 0; i < Sq; ++i) {
+      const T* a = gs[g].dout + i * gs[g].lddo;
+      const T* b = outs[g] + i * ldo[g];
+      T acc = 0;
+      for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
+      delta[g * Sq + i] = acc;
+    }
+    gs[g].delta = delta.data() + g * Sq;
+    gs[g].dq = dqa.data() + g * Sq * D;
+  }
+  for (int64_t j0 = 0; j0 < Sk; j0 += kBlockK) {
+    const int64_t n = std::min(kBlockK, Sk - j0);
+    std::fill(w.acc.data(), w.acc.data() + w.acc_size, T(0));
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t i0 = 0; i0 < Sq; i0 += kBlockQ) {
+        const int64_t i1 = std::min(Sq, i0 + kBlockQ);
+        const auto [lo, hi] = key_range(hs[g], o, i0, i1);
+        if (hi > j0 && lo < j0 + n && lo < hi) bwd_block(hs[g], gs[g], o, i0, i1, j0, n, w);
+      }
+    for (int64_t r = 0; r < n; ++r) {
+      std::copy_n(w.acc.data() + r * D, D, dk + (j0 + r) * lddk);
+      std::copy_n(w.acc.data() + (kBlockK + r) * D, D, dv + (j0 + r) * lddv);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < Sq; ++i)
+      for (int64_t d = 0; d < D; ++d) dq[g][i * lddq + d] = dqa[(g * Sq + i) * D + d];
+}
+
+// ---------------------------------------------------------------- dense (B, H, S, D)
+
+constexpr const char* kFwd = "fastdl::attention_fwd";
+constexpr const char* kBwd = "fastdl::attention_bwd";
+
+// The tensor the kernels read: bfloat16 is computed in float32 (converted once here; the GEMMs
+// then run at the float rate and P is never rounded to bf16), with unit stride in its last dim.
+at::Tensor compute_view(const at::Tensor& t, int64_t row_dim) {
+  return gemm_ready(t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t, row_dim);
+}
+
+// The Head of (b, h).
+template <typename T>
+Head<T> dense_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& mask, const attention::Dims& d, int64_t b, int64_t h,
+                   int64_t offset) {
+  const int64_t hk = h / (d.Hq / d.Hkv);
+  Head<T> r{};
+  r.q = q.const_data_ptr<T>() + b * q.stride(0) + h * q.stride(1);
+  r.k = k.const_data_ptr<T>() + b * k.stride(0) + hk * k.stride(1);
+  r.v = v.const_data_ptr<T>() + b * v.stride(0) + hk * v.stride(1);
+  r.ldq = row_ld(q, 2);
+  r.ldk = row_ld(k, 2);
+  r.ldv = row_ld(v, 2);
+  if (mask.defined()) {
+    r.mask = mask.const_data_ptr<T>() + b * mask.stride(0) + h * mask.stride(1);
+    r.msi = mask.stride(2);
+    r.msj = mask.stride(3);
+  }
+  r.Sq = d.Sq;
+  r.Sk = d.Sk;
+  r.ctr_ld = static_cast<uint64_t>(d.Sk);
+  r.ctr = static_cast<uint64_t>(offset) + static_cast<uint64_t>((b * d.Hq + h) * d.Sq * d.Sk);
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_,
+                                                 const at::Tensor& v_,
+                                                 const std::optional<at::Tensor>& attn_mask,
+                                                 double p, int64_t seed, int64_t offset,
+                                                 int64_t left, int64_t right, bool bottom_right,
+                                                 double scale) {
+  const auto d = attention::sdpa_dims(kFwd, q_, k_, v_, kDtypes);
+  attention::dropout(kFwd, p);
+  const at::Tensor mask = attention::additive_mask(kFwd, attn_mask, q_, d);
+  auto [out, lse] = attention::sdpa_outputs(q_, d);
+  if (out.numel() == 0) return {out, lse};
+  const at::Tensor q = compute_view(q_, 2), k = compute_view(k_, 2), v = compute_view(v_, 2);
+  at::Tensor out_c = out.scalar_type() == q.scalar_type() ? out : at::empty_like(out, q.options());
+  const Opts o = make_opts(d.D, scale, p, seed, left, right, bottom_right);
+  const int64_t nqb = (d.Sq + kBlockQ - 1) / kBlockQ;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
+      Scratch<T> w(d.D, false, p > 0);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / nqb, i0 = (t % nqb) * kBlockQ;
+        const int64_t i1 = std::min(d.Sq, i0 + kBlockQ);
+        const auto h = dense_head<T>(q, k, v, mask, d, bh / d.Hq, bh % d.Hq, offset);
+        fwd_block(h, o, i0, i1, out_c.mutable_data_ptr<T>() + (bh * d.Sq + i0) * d.D, d.D,
+                  lse.mutable_data_ptr<T>() + bh * d.Sq + i0, w);
+      }
+    });
+  });
+  if (!out_c.is_same(out)) out.copy_(out_c);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const std::optional<at::Tensor>& attn_mask, const at::Tensor& out_, const at::Tensor& lse_,
+    double p, int64_t seed, int64_t offset, int64_t left, int64_t right, bool bottom_right,
+    double scale, std::array<bool, 4> output_mask) {
+  const auto d = attention::sdpa_dims(kBwd, q_, k_, v_, kDtypes);
+  attention::dropout(kBwd, p);
+  const at::Tensor mask = attention::additive_mask(kBwd, attn_mask, q_, d);
+  attention::saved_outputs(kBwd, grad_out_, out_, lse_, q_, {d.B, d.Hq, d.Sq, d.D},
+                           {d.B, d.Hq, d.Sq});
+  const bool want_mask =
+      output_mask[3] && attn_mask.has_value() && attn_mask->scalar_type() != at::kBool;
+  const auto acc = attention::acc_type(q_.scalar_type());
+  const auto copt = q_.options().dtype(acc);
+  at::Tensor gq = at::zeros(q_.sizes(), copt), gk = at::zeros(k_.sizes(), copt),
+             gv = at::zeros(v_.sizes(), copt);
+  at::Tensor gm_full = want_mask ? at::zeros({d.B, d.Hq, d.Sq, d.Sk}, copt) : at::Tensor();
+  if (q_.numel() > 0 && k_.numel() > 0) {
+    const at::Tensor q = compute_view(q_, 2), k = compute_view(k_, 2), v = compute_view(v_, 2);
+    const at::Tensor go = compute_view(grad_out_, 2), out = compute_view(out_, 2);
+    const at::Tensor lse = lse_.contiguous();
+    const Opts o = make_opts(d.D, scale, p, seed, left, right, bottom_right);
+    const int64_t group = d.Hq / d.Hkv;
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd", [&] {
+      using T = scalar_t;
+      at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
+        const SequentialBlas sequential;
+        Scratch<T> w(d.D, true, p > 0);
+        std::vector<Head<T>> hs(group);
+        std::vector<HeadGrad<T>> gs(group);
+        std::vector<const T*> outs(group);
+        std::vector<int64_t> ldo(group, row_ld(out, 2));
+        std::vector<T*> dq(group);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t b = t / d.Hkv, hk = t % d.Hkv;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = hk * group + g, bh = b * d.Hq + h;
+            hs[g] = dense_head<T>(q, k, v, mask, d, b, h, offset);
+            gs[g] = {go.const_data_ptr<T>() + b * go.stride(0) + h * go.stride(1),
+                     row_ld(go, 2),
+                     lse.const_data_ptr<T>() + bh * d.Sq,
+                     nullptr,
+                     nullptr,
+                     want_mask ? gm_full.mutable_data_ptr<T>() + bh * d.Sq * d.Sk : nullptr};
+            outs[g] = out.const_data_ptr<T>() + b * out.stride(0) + h * out.stride(1);
+            dq[g] = gq.mutable_data_ptr<T>() + bh * d.Sq * d.D;
+          }
+          const int64_t kv = (b * d.Hkv + hk) * d.Sk * d.D;
+          bwd_group(hs.data(), gs.data(), outs.data(), ldo.data(), group, o, dq.data(), d.D,
+                    gk.mutable_data_ptr<T>() + kv, d.D, gv.mutable_data_ptr<T>() + kv, d.D, w);
+        }
+      });
+    });
+  }
+  const auto ret = [&](bool wanted, const at::Tensor& g) {
+    return wanted ? g.to(q_.scalar_type()) : at::empty({0}, q_.options());
+  };
+  return {
+      ret(output_mask[0], gq), ret(output_mask[1], gk), ret(output_mask[2], gv),
+      want_mask ? attention::reduce_grad_mask(gm_full, *attn_mask) : at::empty({0}, q_.options())};
+}
+
+// ---------------------------------------------------------------- varlen (T, H, D)
+
+constexpr const char* kVFwd = "fastdl::varlen_attention_fwd";
+constexpr const char* kVBwd = "fastdl::varlen_attention_bwd";
+
+// cu_seqlens as checked CPU int64.
+at::Tensor seqlens(const char* op, const char* name, const at::Tensor& cu, int64_t total,
+                   int64_t max_len) {
+  at::Tensor c = cu.to(at::kLong).contiguous();
+  attention::cu_seqlens_values(op, name, c, total, max_len);
+  return c;
+}
+
+// The Head of query head h in sequence n; q/k/v rows are tokens (row dim 0).
+template <typename T>
+Head<T> varlen_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const attention::VarlenDims& d, const int64_t* cq, const int64_t* ck, int64_t n,
+                    int64_t h, int64_t offset) {
+  const int64_t hk = h / (d.Hq / d.Hkv);
+  Head<T> r{};
+  r.q = q.const_data_ptr<T>() + cq[n] * q.stride(0) + h * q.stride(1);
+  r.k = k.const_data_ptr<T>() + ck[n] * k.stride(0) + hk * k.stride(1);
+  r.v = v.const_data_ptr<T>() + ck[n] * v.stride(0) + hk * v.stride(1);
+  r.ldq = row_ld(q, 0);
+  r.ldk = row_ld(k, 0);
+  r.ldv = row_ld(v, 0);
+  r.Sq = cq[n + 1] - cq[n];
+  r.Sk = ck[n + 1] - ck[n];
+  r.ctr_ld = static_cast<uint64_t>(d.Tk);
+  r.ctr = static_cast<uint64_t>(offset) + static_cast<uint64_t>((h * d.Tq + cq[n]) * d.Tk + ck[n]);
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& cu_q_,
+    const at::Tensor& cu_k_, int64_t max_q, int64_t max_k, double p, int64_t seed, int64_t offset,
+    int64_t left, int64_t right, bool bottom_right, double scale) {
+  const auto d = attention::varlen_dims(kVFwd, q_, k_, v_, cu_q_, cu_k_, max_q, max_k, kDtypes);
+  attention::dropout(kVFwd, p);
+  const at::Tensor cu_q = seqlens(kVFwd, "cu_seqlens_q", cu_q_, d.Tq, max_q);
+  const at::Tensor cu_k = seqlens(kVFwd, "cu_seqlens_k", cu_k_, d.Tk, max_k);
+  at::Tensor out = at::empty({d.Tq, d.Hq, d.D}, q_.options());
+  at::Tensor lse =
+      at::empty({d.Hq, d.Tq}, q_.options().dtype(attention::acc_type(q_.scalar_type())));
+  const at::Tensor q = compute_view(q_, 0), k = compute_view(k_, 0), v = compute_view(v_, 0);
+  at::Tensor out_c = out.scalar_type() == q.scalar_type() ? out : at::empty_like(out, q.options());
+  const int64_t* cq = cu_q.const_data_ptr<int64_t>();
+  const int64_t* ck = cu_k.const_data_ptr<int64_t>();
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (sequence, first query row)
+  for (int64_t n = 0; n < d.N; ++n)
+    for (int64_t i0 = 0; i0 < cq[n + 1] - cq[n]; i0 += kBlockQ) blocks.emplace_back(n, i0);
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  const Opts o = make_opts(d.D, scale, p, seed, left, right, bottom_right);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "varlen_attention_fwd", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, d.Hq * nb, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
+      Scratch<T> w(d.D, false, p > 0);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t h = t / nb;
+        const auto [n, i0] = blocks[t % nb];
+        const auto hd = varlen_head<T>(q, k, v, d, cq, ck, n, h, offset);
+        const int64_t i1 = std::min(hd.Sq, i0 + kBlockQ), row = cq[n] + i0;
+        fwd_block(hd, o, i0, i1, out_c.mutable_data_ptr<T>() + (row * d.Hq + h) * d.D, d.Hq * d.D,
+                  lse.mutable_data_ptr<T>() + h * d.Tq + row, w);
+      }
+    });
+  });
+  if (!out_c.is_same(out)) out.copy_(out_c);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
+    const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
+    const at::Tensor& out_, const at::Tensor& lse_, double p, int64_t seed, int64_t offset,
+    int64_t left, int64_t right, bool bottom_right, double scale, std::array<bool, 3> output_mask) {
+  const auto d = attention::varlen_dims(kVBwd, q_, k_, v_, cu_q_, cu_k_, max_q, max_k, kDtypes);
+  attention::dropout(kVBwd, p);
+  attention::saved_outputs(kVBwd, grad_out_, out_, lse_, q_, {d.Tq, d.Hq, d.D}, {d.Hq, d.Tq});
+  const at::Tensor cu_q = seqlens(kVBwd, "cu_seqlens_q", cu_q_, d.Tq, max_q);
+  const at::Tensor cu_k = seqlens(kVBwd, "cu_seqlens_k", cu_k_, d.Tk, max_k);
+  const auto copt = q_.options().dtype(attention::acc_type(q_.scalar_type()));
+  at::Tensor gq = at::zeros(q_.sizes(), copt), gk = at::zeros(k_.sizes(), copt),
+             gv = at::zeros(v_.sizes(), copt);
+  const at::Tensor q = compute_view(q_, 0), k = compute_view(k_, 0), v = compute_view(v_, 0);
+  const at::Tensor go = compute_view(grad_out_, 0), out = compute_view(out_, 0);
+  const at::Tensor lse = lse_.contiguous();
+  const int64_t* cq = cu_q.const_data_ptr<int64_t>();
+  const int64_t* ck = cu_k.const_data_ptr<int64_t>();
+  const Opts o = make_opts(d.D, scale, p, seed, left, right, bottom_right);
+  const int64_t group = d.Hkv ? d.Hq / d.Hkv : 0;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "varlen_attention_bwd", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, d.Hkv * d.N, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
+      Scratch<T> w(d.D, true, p > 0);
+      std::vector<Head<T>> hs(group);
+      std::vector<HeadGrad<T>> gs(group);
+      std::vector<const T*> outs(group);
+      std::vector<int64_t> ldo(group, row_ld(out, 0));
+      std::vector<T*> dq(group);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t hk = t / d.N, n = t % d.N;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = hk * group + g;
+          hs[g] = varlen_head<T>(q, k, v, d, cq, ck, n, h, offset);
+          gs[g] = {go.const_data_ptr<T>() + cq[n] * go.stride(0) + h * go.stride(1),
+                   row_ld(go, 0),
+                   lse.const_data_ptr<T>() + h * d.Tq + cq[n],
+                   nullptr,
+                   nullptr,
+                   nullptr};
+          outs[g] = out.const_data_ptr<T>() + cq[n] * out.stride(0) + h * out.stride(1);
+          dq[g] = gq.mutable_data_ptr<T>() + (cq[n] * d.Hq + h) * d.D;
+        }
+        bwd_group(hs.data(), gs.data(), outs.data(), ldo.data(), group, o, dq.data(), d.Hq * d.D,
+                  gk.mutable_data_ptr<T>() + (ck[n] * d.Hkv + hk) * d.D, d.Hkv * d.D,
+                  gv.mutable_data_ptr<T>() + (ck[n] * d.Hkv + hk) * d.D, d.Hkv * d.D, w);
+      }
+    });
+  });
+  const auto ret = [&](bool wanted, const at::Tensor& g) {
+    return wanted ? g.to(q_.scalar_type()) : at::empty({0}, q_.options());
+  };
+  return {ret(output_mask[0], gq), ret(output_mask[1], gk), ret(output_mask[2], gv)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+  m.impl("varlen_attention_fwd", &varlen_attention_fwd);
+  m.impl("varlen_attention_bwd", &varlen_attention_bwd);
+}
+
+}  // namespace fastdl::cpu

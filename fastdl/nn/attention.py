@@ -1,0 +1,70 @@
+"""MultiheadAttention on the fused fastdl attention kernel. It subclasses torch.nn's and only
+replaces forward, so parameters, state_dict keys and isinstance checks are the twin's: a torch
+state_dict loads unchanged and fastdl.patch can swap classes in place."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdl.ops import attention as A
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # nn.MultiheadAttention's bool masks mark what NOT to attend (the opposite of SDPA's).
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, -torch.inf
+        )
+    return mask.to(dtype)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention whose attention runs in fastdl.scaled_dot_product_attention
+    (the in/out projections stay torch's linear layers). need_weights=False is the fused path;
+    need_weights=True (which must materialize the weights), unbatched inputs, add_bias_kv and
+    add_zero_attn run torch's own forward, so every call is correct. A row whose keys are all
+    masked gives zeros where torch gives NaN."""
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if need_weights or query.dim() != 3 or self.bias_k is not None or self.add_zero_attn:
+            return super().forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask,
+                average_attn_weights, is_causal,
+            )  # fmt: skip
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, lq, e = query.shape
+        s, h = key.shape[1], self.num_heads
+        if self._qkv_same_embed_dim:
+            wq, wk, wv = self.in_proj_weight.chunk(3)
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+
+        def heads(x, w, b):
+            return F.linear(x, w, b).view(x.shape[0], x.shape[1], h, -1).transpose(1, 2)
+
+        q, k, v = heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv)
+        mask = None
+        if attn_mask is not None:
+            mask = _additive(attn_mask, q.dtype)
+            mask = mask.view(n, h, lq, s) if mask.dim() == 3 else mask
+        if key_padding_mask is not None:
+            pad = _additive(key_padding_mask, q.dtype).view(n, 1, 1, s)
+            mask = pad if mask is None else mask + pad
+        out = A.scaled_dot_product_attention(
+            q, k, v, mask, self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+        )  # fmt: skip
+        out = self.out_proj(out.transpose(1, 2).reshape(n, lq, e))
+        return (out if self.batch_first else out.transpose(0, 1)), None

@@ -1,0 +1,180 @@
+"""The op contract (DESIGN §2) for the attention family: opcheck of every raw op, gradcheck in
+float64 (CPU native) through masks, bands, GQA, dropout and varlen, torch.compile(fullgraph=True)
+against eager, bit-identical repeated runs, and the CPU kernels under every ISA."""
+
+import pytest
+import torch
+from conftest import NATIVE_CPU
+from test_attention import ATT_BACKENDS
+
+import fastdl
+from fastdl import _ext
+from fastdl.ops import attention as A
+
+on_backends = pytest.mark.parametrize("backend", ATT_BACKENDS, ids=str, indirect=True)
+
+
+def _t(*shape, dev="cpu", grad=False, dtype=torch.float32):
+    return torch.randn(shape, device=dev, dtype=dtype).requires_grad_(grad)
+
+
+def _samples(dev, grad):
+    """(id, op, args) for every raw op; with `grad` the forward inputs require grad."""
+    q, k = _t(2, 4, 5, 8, dev=dev, grad=grad), _t(2, 2, 7, 8, dev=dev, grad=grad)
+    v = _t(2, 2, 7, 8, dev=dev, grad=grad)
+    fmask = _t(4, 5, 7, dev=dev, grad=grad)
+    bmask = torch.rand(2, 1, 5, 7, device=dev) > 0.3
+    qv, kv = _t(9, 4, 8, dev=dev, grad=grad), _t(11, 2, 8, dev=dev, grad=grad)
+    vv = _t(11, 2, 8, dev=dev, grad=grad)
+    cq = torch.tensor([0, 4, 9], dtype=torch.int32, device=dev)
+    ck = torch.tensor([0, 6, 11], dtype=torch.int32, device=dev)
+    band = (-1, 0, True)
+    samples = [
+        ("fwd", "attention_fwd", (q, k, v, None, 0.0, 0, 0, -1, -1, False, 0.3)),
+        ("fwd_fmask_causal", "attention_fwd", (q, k, v, fmask, 0.0, 0, 0, *band, 0.3)),
+        ("fwd_bmask_dropout", "attention_fwd", (q, k, v, bmask, 0.3, 5, 0, 2, 1, False, 0.3)),
+        ("varlen_fwd", "varlen_attention_fwd", (qv, kv, vv, cq, ck, 5, 6, 0.0, 0, 0, *band, 0.3)),
+    ]
+    if grad:
+        return samples
+    out, lse = torch.ops.fastdl.attention_fwd(q, k, v, fmask, 0.0, 0, 0, *band, 0.3)
+    vout, vlse = torch.ops.fastdl.varlen_attention_fwd(
+        qv, kv, vv, cq, ck, 5, 6, 0.0, 0, 0, *band, 0.3
+    )
+    g, gv = torch.randn_like(out), torch.randn_like(vout)
+    rest = (0.0, 0, 0, *band, 0.3)
+    return [
+        *samples,
+        ("bwd", "attention_bwd", (g, q, k, v, fmask, out, lse, *rest, [True, True, True, True])),
+        ("bwd_q_only", "attention_bwd", (g, q, k, v, None, out, lse, *rest, [True] + [False] * 3)),
+        (
+            "varlen_bwd",
+            "varlen_attention_bwd",
+            (gv, qv, kv, vv, cq, ck, 5, 6, vout, vlse, *rest, [True, False, True]),
+        ),
+    ]
+
+
+IDS = [s[0] for s in _samples("cpu", False)]
+GRAD_IDS = [s[0] for s in _samples("cpu", True)]
+
+
+@on_backends
+@pytest.mark.parametrize("sample", IDS)
+def test_opcheck(backend, sample):
+    _, op, args = next(s for s in _samples(backend.device, False) if s[0] == sample)
+    torch.library.opcheck(getattr(backend.ops(A), op), args)
+
+
+@on_backends
+@pytest.mark.parametrize("sample", GRAD_IDS)
+def test_opcheck_requires_grad(backend, sample):
+    _, op, args = next(s for s in _samples(backend.device, True) if s[0] == sample)
+    torch.library.opcheck(getattr(backend.ops(A), op), args)
+
+
+# ---------------------------------------------------------------- gradcheck (float64, CPU)
+
+GRADCHECK = {
+    "plain": {},
+    "causal_gqa": {"is_causal": True, "enable_gqa": True},
+    "float_mask": {"mask": True},
+    "window_bottom_right": {"window": (2, 1), "causal_alignment": "bottom_right"},
+    "dropout": {"dropout_p": 0.3, "seed": 11},
+}
+
+
+@pytest.mark.skipif(_ext._C is None, reason="needs the built extension")
+@pytest.mark.parametrize("case", list(GRADCHECK))
+def test_gradcheck(case):
+    kw = dict(GRADCHECK[case])
+    hk = 1 if kw.get("enable_gqa") else 2
+    q = _t(1, 2, 4, 5, dtype=torch.float64, grad=True)
+    k, v = (_t(1, hk, 6, 5, dtype=torch.float64, grad=True) for _ in range(2))
+    args = [q, k, v]
+    if kw.pop("mask", False):
+        args.append(_t(2, 4, 6, dtype=torch.float64, grad=True))
+    with fastdl.backend(NATIVE_CPU.name):
+        assert torch.autograd.gradcheck(
+            lambda *a: fastdl.scaled_dot_product_attention(*a, **kw), args
+        )
+
+
+@pytest.mark.skipif(_ext._C is None, reason="needs the built extension")
+def test_gradcheck_varlen():
+    q = _t(7, 2, 5, dtype=torch.float64, grad=True)
+    k, v = (_t(9, 1, 5, dtype=torch.float64, grad=True) for _ in range(2))
+    cq, ck = torch.tensor([0, 3, 3, 7]), torch.tensor([0, 5, 6, 9])
+    assert torch.autograd.gradcheck(
+        lambda *a: fastdl.varlen_attention(*a, cq, ck, 4, 5, is_causal=True, dropout_p=0.2, seed=1),
+        (q, k, v),
+    )
+
+
+# ---------------------------------------------------------------- compile, determinism, ISA
+
+
+@on_backends
+def test_compile(backend):
+    dev = backend.device
+    q, k, v = (_t(2, 2, 9, 16, dev=dev, grad=True) for _ in range(3))
+    mask = _t(9, 9, dev=dev, grad=True)
+    cq = torch.tensor([0, 4, 9], device=dev)
+    qv = _t(9, 2, 16, dev=dev, grad=True)
+
+    def f(q, k, v, mask, qv):
+        a = fastdl.scaled_dot_product_attention(q, k, v, mask, is_causal=True, window=(3, 0))
+        b = fastdl.varlen_attention(qv, qv, qv, cq, cq, 5, 5)
+        return a.sum() + b.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    args = (q, k, v, mask, qv)
+    expected, got = f(*args), compiled(*args)
+    torch.testing.assert_close(got, expected)
+    g1 = torch.autograd.grad(f(*args), args)
+    g2 = torch.autograd.grad(compiled(*args), args)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(_ext._C is None, reason="needs the built extension")
+def test_deterministic_any_thread_count():
+    q, k, v = (_t(2, 4, 150, 32, grad=True) for _ in range(3))
+    mask = _t(4, 150, 150, grad=True)
+
+    def run():
+        out = fastdl.scaled_dot_product_attention(q, k, v, mask, dropout_p=0.1, seed=3)
+        return (out, *torch.autograd.grad(out, (q, k, v, mask), torch.ones_like(out)))
+
+    first = run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, run(), single, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.skipif(_ext._C is None, reason="needs the built extension")
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_cpu_isas(isa):
+    order = ["scalar", "avx2", "avx512"]
+    best = _ext._C.best_cpu_isa()
+    if order.index(isa) > order.index(best):
+        pytest.skip(f"this CPU supports up to {best}")
+    q, k, v = (_t(1, 2, 70, 24, grad=True) for _ in range(3))
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        *(t.detach().double() for t in (q, k, v)), is_causal=True
+    )
+    previous = _ext._C.cpu_isa()
+    fastdl.set_cpu_isa(isa)
+    try:
+        out = fastdl.scaled_dot_product_attention(q, k, v, is_causal=True)
+        gq = torch.autograd.grad(out.sum(), q)[0]
+    finally:
+        fastdl.set_cpu_isa(previous)
+    assert (out.double() - exact).abs().max() < 2e-6
+    assert torch.isfinite(gq).all()

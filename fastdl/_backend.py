@@ -11,7 +11,7 @@ from fastdl import _ext
 
 BACKENDS = ("native", "triton", "auto")
 # The faster CUDA backend per family, as measured by `python -m bench` on a GPU.
-AUTO = {"norm": "native"}
+AUTO = {"norm": "native", "int8": "native"}
 
 
 def _validate(name: str) -> str:

@@ -2,7 +2,8 @@
 
 CUDA: each csrc/cuda/*.cu is compiled with nvcc, once per arch (sm_80, sm_90a), warnings as
 errors, ``-Xptxas -v`` parsed: no kernel may spill registers or use a stack frame (local memory)
-unless LOCAL_MEMORY_ALLOWED names it with the reason. No .cu/.cuh includes a torch header, so
+unless LOCAL_MEMORY_ALLOWED names it with the reason; a file in TENSOR_CORES must have the
+tensor-core instruction it names in its PTX. No .cu/.cuh includes a torch header, so
 the kernels compile standalone; the torch-facing csrc/cuda/*.cpp (bind layers) get a syntax
 check against the installed torch headers and the CUDA toolkit's.
 
@@ -43,6 +44,8 @@ NVCC_FLAGS = ["-O3", "-DNDEBUG", "-std=c++20", "--expt-relaxed-constexpr", "-Xpt
 NVCC_FLAGS += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra"]
 # {(file, kernel name substring): reason} for kernels allowed to spill or use local memory.
 LOCAL_MEMORY_ALLOWED: dict[tuple[str, str], str] = {}
+# {file: regex its PTX must match}: .cu files whose kernels are meant to run on tensor cores.
+TENSOR_CORES: dict[str, str] = {"int8.cu": r"mma\.sync\.aligned\.m16n8k32\.row\.col\.s32\.s8\.s8"}
 TORCH_HEADER = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2|pybind11)/', re.M)
 
 TRITON_CCS = {80: 163 * 1024, 90: 227 * 1024}  # arch: shared memory per block, bytes
@@ -66,9 +69,10 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def _compile_cu(name: str, arch: str, out: Path) -> subprocess.CompletedProcess:
     obj = out / f"{name}.{arch}.o"
-    return _run(
-        [NVCC, "-c", str(CUDA_DIR / name), "-o", str(obj), "-gencode", ARCHS[arch], *NVCC_FLAGS]
-    )
+    keep = out / f"{name}.{arch}"  # nvcc's intermediate files, the PTX among them
+    keep.mkdir()
+    cmd = [NVCC, "-c", str(CUDA_DIR / name), "-o", str(obj), "-gencode", ARCHS[arch], *NVCC_FLAGS]
+    return _run([*cmd, "-keep", "-keep-dir", str(keep)])
 
 
 def _bind_syntax(name: str) -> subprocess.CompletedProcess:
@@ -170,6 +174,10 @@ def test_nvcc_no_warning_spill_or_local_memory(cu, arch, builds, record_property
         f"  {name}: {usage}" for name, usage in bad.items()
     )
     record_property("registers", {name: usage["registers"] for name, usage in report.items()})
+    if cu in TENSOR_CORES:
+        keep = Path(proc.args[proc.args.index("-keep-dir") + 1])
+        ptx = "".join(p.read_text() for p in keep.glob("*.ptx"))
+        assert re.search(TENSOR_CORES[cu], ptx), f"{cu} ({arch}): no tensor-core mma in the PTX"
 
 
 @pytest.mark.parametrize("cpp", BIND_FILES)

@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 
+#include "cpu/int8_params.h"
 #include "cpu/norm_params.h"
 
 #pragma GCC push_options
@@ -13,6 +14,7 @@
 #define FASTDL_VEC 256
 namespace fastdl::cpu::avx2 {
 #include "common/vec.h"
+#include "cpu/int8_kernels.h"
 #include "cpu/norm_kernels.h"
 }  // namespace fastdl::cpu::avx2
 #undef FASTDL_VEC
@@ -21,6 +23,9 @@ namespace fastdl::cpu::avx2 {
 namespace fastdl::cpu {
 const NormKernels& norm_kernels_avx2() {
   return avx2::kNormKernels;
+}
+const Int8Kernels& int8_kernels_avx2() {
+  return avx2::kInt8Kernels;
 }
 }  // namespace fastdl::cpu
 

@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 
+#include "cpu/int8_params.h"
 #include "cpu/norm_params.h"
 
 #pragma GCC push_options
@@ -18,6 +19,7 @@
 #define FASTDL_VEC 512
 namespace fastdl::cpu::avx512 {
 #include "common/vec.h"
+#include "cpu/int8_kernels.h"
 #include "cpu/norm_kernels.h"
 }  // namespace fastdl::cpu::avx512
 #undef FASTDL_VEC
@@ -27,6 +29,9 @@ namespace fastdl::cpu::avx512 {
 namespace fastdl::cpu {
 const NormKernels& norm_kernels_avx512() {
   return avx512::kNormKernels;
+}
+const Int8Kernels& int8_kernels_avx512() {
+  return avx512::kInt8Kernels;
 }
 }  // namespace fastdl::cpu
 

@@ -5,6 +5,7 @@ ops (fastdl/_checks.py), allocate the outputs the fake kernels describe and laun
 the configurations tests/test_gpu_build.py compiles ahead of time.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ def _tile(t: torch.Tensor) -> dict:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    r = x.reshape(-1, x.shape[-1])
+    r = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (-1, 0) would be ambiguous
     return r if r.stride(-1) == 1 else r.contiguous()
 
 

@@ -54,10 +54,13 @@ def _int8_linear(x, int8, linear):
     return int8(x)
 
 
+def _float64(x, linear):
+    # The reference of both linear baselines: the float layer the int8 ones stand for.
+    return nn.functional.linear(x, linear.weight.double(), linear.bias.double())
+
+
 def _dynamic(x, int8, linear):
-    if x.dtype == torch.float64:  # the reference: the float layer the int8 ones stand for
-        return nn.functional.linear(x, linear.weight.double(), linear.bias.double())
-    return _dynamic_twin(linear)(x)
+    return _float64(x, linear) if x.dtype == torch.float64 else _dynamic_twin(linear)(x)
 
 
 _TWINS: dict[int, nn.Module] = {}
@@ -76,7 +79,7 @@ def _dynamic_twin(linear: nn.Linear) -> nn.Module:
 
 
 def _fp32(x, int8, linear):
-    return linear(x)
+    return _float64(x, linear) if x.dtype == torch.float64 else linear(x)
 
 
 def _gemm_case(variant: str, target: Target | None) -> Case:

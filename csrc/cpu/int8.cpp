@@ -82,7 +82,9 @@ Int8Out out_index(c10::ScalarType t) {
 
 // (rows, K) with unit column stride (a copy only when the view has none).
 at::Tensor rows_view(const at::Tensor& x) {
-  at::Tensor r = x.reshape({-1, x.size(-1)});
+  // Rows counted explicitly: reshape(-1, 0) is ambiguous for K = 0.
+  const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  at::Tensor r = x.reshape({rows, x.size(-1)});
   return r.stride(-1) == 1 ? r : r.contiguous();
 }
 
@@ -114,18 +116,20 @@ ABuffer first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, con
   return a;
 }
 
-// C = A x B over tiles of rows x panels, in parallel. Each tile keeps its B panels in L2 while
-// its rows stream through; small M splits over panels only.
+// C = A x B over tiles of rows x panels, in parallel. A tile's B panels (4 x K x 64 bytes) stay
+// in L2 while the kernel walks its rows; rows are split only as far as needed to give every
+// thread a few tiles, so that B is read from memory about once (M = 1 splits over panels only).
 void run_gemm(const Int8Kernels& t, const Gemm& g, Int8Out out) {
   if (g.M == 0 || g.N == 0) return;
   const int64_t panels = int8_panels(g.N);
-  const int64_t mb = std::min<int64_t>(16 * t.mr, (g.M + t.mr - 1) / t.mr * t.mr);
-  const int64_t row_tiles = (g.M + mb - 1) / mb;
   const int64_t threads = at::get_num_threads();
-  // Panels per tile: 4 (256 columns) unless that leaves threads idle.
   int64_t pb = 4;
-  while (pb > 1 && row_tiles * ((panels + pb - 1) / pb) < 4 * threads) pb /= 2;
+  while (pb > 1 && (panels + pb - 1) / pb < 4 * threads) pb /= 2;
   const int64_t panel_tiles = (panels + pb - 1) / pb;
+  const int64_t splits = std::max<int64_t>(1, (4 * threads + panel_tiles - 1) / panel_tiles);
+  const int64_t mb =
+      std::max<int64_t>(t.mr, ((g.M + splits - 1) / splits + t.mr - 1) / t.mr * t.mr);
+  const int64_t row_tiles = (g.M + mb - 1) / mb;
   const GemmFn fn = t.gemm[out];
   at::parallel_for(0, row_tiles * panel_tiles, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {

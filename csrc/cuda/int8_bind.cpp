@@ -60,7 +60,9 @@ const float* fptr(const OptTensor& t) {
 }
 
 at::Tensor rows_view(const at::Tensor& x) {
-  at::Tensor r = x.reshape({-1, x.size(-1)});
+  // Rows counted explicitly: reshape(-1, 0) is ambiguous for K = 0.
+  const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  at::Tensor r = x.reshape({rows, x.size(-1)});
   return r.stride(-1) == 1 ? r : r.contiguous();
 }
 

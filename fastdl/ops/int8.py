@@ -7,6 +7,7 @@ schemas in csrc/ops.cpp) and Triton ones (kernels/int8.py, registered here as
 functions pick the backend per call (fastdl/_backend.py).
 """
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -63,11 +64,12 @@ def _linear_backward(ctx, grad):
     if any(ctx.needs_input_grad[1:4]):
         raise RuntimeError("fastdl.int8_linear: w, w_packed and w_scale take no gradient")
     gx = gb = None
+    rows = math.prod(grad.shape[:-1])
     if ctx.needs_input_grad[0]:
-        g = grad.reshape(-1, grad.shape[-1]).float() * w_scale.float()
+        g = grad.reshape(rows, grad.shape[-1]).float() * w_scale.float()
         gx = (g @ w.float()).view(*grad.shape[:-1], w.shape[1]).to(ctx.x_dtype)
     if ctx.needs_input_grad[4]:
-        gb = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        gb = grad.reshape(rows, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
     return gx, None, None, None, gb, None
 
 
@@ -170,7 +172,7 @@ def quantize_per_channel(w: torch.Tensor, axis: int = 0) -> tuple[torch.Tensor, 
         raise IndexError(f"{op}: axis {axis} out of range for w of shape {list(w.shape)}")
     _no_grad(op, w=w)
     moved = w.movedim(axis, 0)
-    q, scale = _ops(op, w).int8_quantize(moved.reshape(moved.shape[0], -1))
+    q, scale = _ops(op, w).int8_quantize(moved.reshape(moved.shape[0], math.prod(moved.shape[1:])))
     return q.view(moved.shape).movedim(0, axis), scale
 
 
@@ -199,6 +201,8 @@ def int8_matmul(
     if out_dtype not in OUT_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in OUT_DTYPES)
         raise TypeError(f"{op}: unsupported out_dtype {out_dtype}; supported: {names}")
+    _checks.dtype(op, "a", a, (torch.int8,))
+    _checks.dtype(op, "b", b, (torch.int8,))
     _same_device(op, a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias)
     _no_grad(op, a_scale=a_scale, b_scale=b_scale, bias=bias)
     return _ops(op, a).int8_matmul(a, b, a_scale, b_scale, bias, out_dtype)

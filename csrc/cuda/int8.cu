@@ -11,7 +11,7 @@
 
 #include <type_traits>
 
-#include "cuda/int8.cuh"
+#include "int8.cuh"
 
 namespace fastdl::cuda {
 namespace {

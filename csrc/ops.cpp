@@ -194,6 +194,21 @@ TORCH_LIBRARY(fastdl, m) {
       "float dropout_p, int seed, int offset, int window_left, int window_right, "
       "bool bottom_right, float scale, bool[3] output_mask) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // ---- int8: symmetric int8 quantization and int8 x int8 -> int32 GEMMs with the per-row x
+  // per-column dequantization and bias fused into the epilogue. int8_quantize quantizes the
+  // rows of x (..., K): q (x's shape, int8) and scale (x.shape[:-1], float32).
+  // int8_pack_weight packs w (N, K) into the CPU GEMM's layout (a uint8 buffer, CPU only);
+  // int8_linear takes it as w_packed (other backends read w and accept an empty w_packed),
+  // quantizes x per row on the fly and keeps input columns with any |x| >= outlier_threshold in
+  // floating point (LLM.int8). Its gradient w.r.t. x is composed from torch ops in Python.
+  m.def("int8_quantize(Tensor x) -> (Tensor q, Tensor scale)");
+  m.def("int8_pack_weight(Tensor w) -> Tensor");
+  m.def(
+      "int8_matmul(Tensor a, Tensor b, Tensor? a_scale, Tensor? b_scale, Tensor? bias, "
+      "ScalarType out_dtype) -> Tensor");
+  m.def(
+      "int8_linear(Tensor x, Tensor w, Tensor w_packed, Tensor w_scale, Tensor? bias, "
+      "float? outlier_threshold) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

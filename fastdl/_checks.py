@@ -75,3 +75,21 @@ def param_shape(op: str, arg: str, p: torch.Tensor | None, shape: tuple[int, ...
         raise RuntimeError(
             f"{op}: {arg} must have shape normalized_shape {list(shape)}, got {list(p.shape)}"
         )
+
+
+def int8_scale(op: str, arg: str, s: torch.Tensor, ref: torch.Tensor, n: int, alt) -> None:
+    """An int8 dequantization scale: n values as (n,) or `alt` ((n, 1) or (1, n)), a floating
+    dtype, every value positive and finite. Reads the values (a device sync on CUDA)."""
+    same_device(op, arg, s, ref)
+    dtype(op, arg, s, (torch.float32, torch.bfloat16, torch.float16))
+    if tuple(s.shape) not in ((n,), tuple(alt)):
+        raise RuntimeError(
+            f"{op}: {arg} must have shape ({n},) or {list(alt)}, got {list(s.shape)}"
+        )
+    f = s.float()
+    if n and not bool(((f > 0) & f.isfinite()).all()):
+        nan = " and NaN" if bool(f.isnan().any()) else ""
+        raise RuntimeError(
+            f"{op}: {arg} must be positive and finite, got min {f.min().item()}, "
+            f"max {f.max().item()}{nan}"
+        )

@@ -51,6 +51,7 @@ LOCAL_MEMORY_ALLOWED: dict[tuple[str, str], str] = {}
 TENSOR_CORE_KERNELS: dict[tuple[str, str], str] = {
     ("conv_gemm.cu", "implicit_gemm_kernel<__half"): "fp16 conv implicit GEMM (issue 4)",
     ("conv_gemm.cu", "implicit_gemm_kernel<__nv_bfloat16"): "bf16 conv implicit GEMM (issue 4)",
+    ("int8.cu", "gemm_kernel"): "int8 GEMM on mma.sync.m16n8k32 s8 (issue 7)",
     **{
         (cu, f"{kernel}<{t}"): "half-precision attention on mma.sync (issue 3)"
         for cu, kernel in [

@@ -74,4 +74,20 @@ inline void normalized_numel(const char* op, const at::Tensor& x, int64_t n) {
               " cannot be viewed as rows of normalized_numel=", n);
 }
 
+// An int8 dequantization scale: `n` values as (n,) or as `alt` ((n, 1) for a per-row scale,
+// (1, n) per column), a floating dtype, every value positive and finite (a zero, negative or NaN
+// scale is an error, not a silent garbage output). Reads the values: a device sync on CUDA.
+inline void int8_scale(const char* op, const char* arg, const at::Tensor& s, const at::Tensor& ref,
+                       int64_t n, c10::IntArrayRef alt) {
+  same_device(op, arg, s, ref);
+  dtype(op, arg, s, {at::kFloat, at::kBFloat16, at::kHalf});
+  TORCH_CHECK((s.dim() == 1 && s.size(0) == n) || s.sizes() == alt, op, ": ", arg,
+              " must have shape (", n, ",) or ", alt, ", got ", s.sizes());
+  if (n == 0) return;
+  const at::Tensor f = s.to(at::kFloat);
+  TORCH_CHECK(f.gt(0).logical_and(f.isfinite()).all().item<bool>(), op, ": ", arg,
+              " must be positive and finite, got min ", f.min().item<float>(), ", max ",
+              f.max().item<float>(), (f.isnan().any().item<bool>() ? " and NaN" : ""));
+}
+
 }  // namespace fastdl::checks

@@ -3,6 +3,7 @@
 from fastdl.nn.attention import MultiheadAttention
 from fastdl.nn.conv import Conv2d, ConvTranspose2d
 from fastdl.nn.graph import GATConv, GCNConv, GINConv, SAGEConv
+from fastdl.nn.int8 import Int8Linear
 from fastdl.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
 from fastdl.nn.rnn import GRU, LSTM, GRUCell, LSTMCell
 
@@ -17,6 +18,7 @@ __all__ = [
     "GCNConv",
     "GINConv",
     "GRUCell",
+    "Int8Linear",
     "LSTMCell",
     "LayerNorm",
     "MultiheadAttention",

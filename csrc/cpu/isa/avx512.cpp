@@ -1,5 +1,5 @@
-// The norm kernels compiled for AVX-512 (F, BW, VL, DQ) + FMA; chosen at run time by
-// csrc/cpu/norm.cpp when cpu_isa() says so. See csrc/common/vec.h for the ODR rules.
+// Every family's CPU kernels compiled for AVX-512 (F, BW, VL, DQ) + FMA; chosen at run time by
+// csrc/cpu/<family>.cpp when cpu_isa() says so. See csrc/common/vec.h for the ODR rules.
 #if defined(__x86_64__)
 
 #include <cstdint>
@@ -9,6 +9,7 @@
 #include "cpu/graph_params.h"
 #include "cpu/conv_params.h"
 #include "cpu/attention_params.h"
+#include "cpu/int8_params.h"
 #include "cpu/norm_params.h"
 #include "cpu/rnn_params.h"
 
@@ -24,6 +25,7 @@ namespace fastdl::cpu::avx512 {
 #include "common/vec.h"
 #include "cpu/graph_kernels.h"
 #include "cpu/conv_kernels.h"
+#include "cpu/int8_kernels.h"
 #include "cpu/norm_kernels.h"
 #include "cpu/rnn_kernels.h"
 #include "cpu/attention_kernels.h"
@@ -47,6 +49,9 @@ const RnnKernels& rnn_kernels_avx512() {
 }
 const AttentionKernels& attention_kernels_avx512() {
   return avx512::kAttentionKernels;
+}
+const Int8Kernels& int8_kernels_avx512() {
+  return avx512::kInt8Kernels;
 }
 }  // namespace fastdl::cpu
 

@@ -1,10 +1,12 @@
-// The norm kernels for the baseline target (no ISA extension assumed; the compiler vectorizes
-// the portable vectors for it): the fallback on any CPU and the reference for the SIMD builds.
+// Every family's CPU kernels for the baseline target (no ISA extension assumed; the compiler
+// vectorizes the portable vectors for it): the fallback on any CPU and the reference for the
+// SIMD builds.
 #include <cstdint>
 
 #include "cpu/graph_params.h"
 #include "cpu/conv_params.h"
 #include "cpu/attention_params.h"
+#include "cpu/int8_params.h"
 #include "cpu/norm_params.h"
 #include "cpu/rnn_params.h"
 
@@ -13,6 +15,7 @@ namespace fastdl::cpu::scalar {
 #include "common/vec.h"
 #include "cpu/graph_kernels.h"
 #include "cpu/conv_kernels.h"
+#include "cpu/int8_kernels.h"
 #include "cpu/norm_kernels.h"
 #include "cpu/rnn_kernels.h"
 #include "cpu/attention_kernels.h"
@@ -34,5 +37,8 @@ const RnnKernels& rnn_kernels_scalar() {
 }
 const AttentionKernels& attention_kernels_scalar() {
   return scalar::kAttentionKernels;
+}
+const Int8Kernels& int8_kernels_scalar() {
+  return scalar::kInt8Kernels;
 }
 }  // namespace fastdl::cpu

@@ -1,0 +1,380 @@
+// The int8 kernels: per-row quantization, B packing and the GEMM with its dequantization
+// epilogue, for the layouts of cpu/int8_params.h. Included inside an ISA namespace by
+// csrc/cpu/isa/*.cpp after common/vec.h (see there for the rules); FASTDL_VEC picks the
+// micro-kernel:
+//   512: AVX512-VNNI vpdpbusd, 6 rows x 64 columns of int32 accumulators (24 zmm), the A byte
+//        broadcast 4 at a time against one 64-byte load of B per 16 columns (the oneDNN/FBGEMM
+//        u8 x s8 scheme, with the +128 offset compensated through the column sums).
+//   256: AVX2, exact: bytes widened to int16 and multiplied by vpmaddwd (vpmaddubsw would
+//        saturate at 2 x 255 x 128), 2 rows x 16 columns, the pair sums folded at the end.
+//   0:   portable loops.
+// The epilogue runs once per micro-tile from an int32 tile in L1.
+
+#if FASTDL_VEC == 512
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+#endif
+
+// ---------------------------------------------------------------- scalar conversions
+
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    int e = 113;
+    while ((man & 0x400u) == 0) {
+      man <<= 1;
+      --e;
+    }
+    bits = sign | (static_cast<uint32_t>(e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// float -> IEEE half, round to nearest even, overflow to inf, NaN stays NaN (as c10::Half).
+inline uint16_t float_to_f16(float f) {
+  uint32_t x;
+  __builtin_memcpy(&x, &f, sizeof x);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u);
+  if (x >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
+  if (x < 0x38800000u) {                        // below the smallest normal half: subnormal
+    float a;
+    __builtin_memcpy(&a, &x, sizeof a);
+    // Adding 0.5 rounds the mantissa to half's subnormal step (2^-24) in float's own RNE.
+    a += 0.5f;
+    uint32_t r;
+    __builtin_memcpy(&r, &a, sizeof r);
+    return sign | static_cast<uint16_t>(r - 0x3f000000u);
+  }
+  const uint32_t odd = (x >> 13) & 1u;
+  x += 0xc8000fffu + odd;  // rebias exponent (-112 << 23) and round to 10 mantissa bits
+  return sign | static_cast<uint16_t>(x >> 13);
+}
+
+struct f16 {
+  uint16_t bits;
+};
+inline float load_float(const float* p) {
+  return *p;
+}
+inline float load_float(const bf16* p) {
+  return widen(*p);
+}
+inline float load_float(const f16* p) {
+  return f16_to_float(p->bits);
+}
+
+// ---------------------------------------------------------------- quantization
+
+// Struct fields are copied to locals first: stores through q could alias them otherwise, and
+// the loops would not vectorize.
+template <typename T>
+void quantize_rows(const QuantRows& p, int64_t r0, int64_t r1) {
+  const int64_t K = p.K, kpad = p.kpad;
+  const uint8_t flip = p.flip;
+  const uint8_t* skip = p.skip;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* x = static_cast<const T*>(p.x) + r * p.ldx;
+    uint8_t* q = p.q + r * p.ldq;
+    float amax = 0.f;
+    bool nan = false;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = __builtin_fabsf(load_float(x + k));
+      const float kept = skip == nullptr || !skip[k] ? a : 0.f;
+      amax = kept > amax ? kept : amax;
+      nan |= kept != kept;
+    }
+    // A row with NaN gets a NaN scale (NaN propagates); an all-zero row any scale: 1.
+    const float scale = nan ? __builtin_nanf("") : amax == 0.f ? 1.f : amax / 127.f;
+    p.scale[r] = scale;
+    for (int64_t k = 0; k < K; ++k) {
+      float v = __builtin_rintf(load_float(x + k) / scale);  // rint: half to even
+      v = v < -127.f ? -127.f : (v > 127.f ? 127.f : v);
+      if (v != v || (skip != nullptr && skip[k])) v = 0.f;
+      q[k] = static_cast<uint8_t>(static_cast<int8_t>(v)) ^ flip;
+    }
+    for (int64_t k = K; k < kpad; ++k) q[k] = 0;
+  }
+}
+
+inline void copy_rows_i8(const QuantRows& p, int64_t r0, int64_t r1) {
+  const int64_t K = p.K, kpad = p.kpad;
+  const uint8_t flip = p.flip;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* x = static_cast<const uint8_t*>(p.x) + r * p.ldx;
+    uint8_t* q = p.q + r * p.ldq;
+    for (int64_t k = 0; k < K; ++k) q[k] = x[k] ^ flip;
+    for (int64_t k = K; k < kpad; ++k) q[k] = 0;
+  }
+}
+
+// ---------------------------------------------------------------- packing B
+
+// Each (k group, column) of a panel is one 32-bit word of 4 bytes: built from 4 rows of B read
+// along n (a (K, N) B), or read whole from a row of a (N, K) B.
+inline void pack_b(const PackB& p, int64_t p0, int64_t p1) {
+  const int64_t K = p.K, K4 = int8_k4(K), ld = p.ld;
+  int32_t* colsum = reinterpret_cast<int32_t*>(p.dst + int8_panels(p.N) * kPanel * K4 * 4);
+  uint32_t* out = reinterpret_cast<uint32_t*>(p.dst);
+  const int64_t n_end = imin(p.N, p1 * kPanel);
+  for (int64_t panel = p0; panel < p1; ++panel) {
+    if (panel * kPanel + kPanel > p.N)
+      __builtin_memset(out + panel * K4 * kPanel, 0, K4 * kPanel * 4);
+    for (int64_t c = 0; c < kPanel; ++c) colsum[panel * kPanel + c] = 0;
+  }
+  if (p.nk) {
+    for (int64_t n = p0 * kPanel; n < n_end; ++n) {
+      const int8_t* src = p.b + n * ld;
+      uint32_t* dst = out + n / kPanel * K4 * kPanel + n % kPanel;
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k) s += src[k];
+      colsum[n] = s;
+      const int64_t whole = K / 4;
+      for (int64_t k4 = 0; k4 < whole; ++k4) __builtin_memcpy(dst + k4 * kPanel, src + 4 * k4, 4);
+      if (whole < K4) {
+        uint8_t tail[4] = {};
+        for (int64_t k = 4 * whole; k < K; ++k) tail[k - 4 * whole] = static_cast<uint8_t>(src[k]);
+        __builtin_memcpy(dst + whole * kPanel, tail, 4);
+      }
+    }
+    return;
+  }
+  // Rows of B are read in order (all panels of a k group before the next one).
+  const int8_t zeros[kPanel] = {};
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    const int8_t* r[4];
+    for (int j = 0; j < 4; ++j) r[j] = 4 * k4 + j < K ? p.b + (4 * k4 + j) * ld : nullptr;
+    for (int64_t panel = p0; panel < p1; ++panel) {
+      const int64_t n0 = panel * kPanel, cols = imin(kPanel, p.N - n0);
+      uint32_t* __restrict d = out + (panel * K4 + k4) * kPanel;
+      int32_t* __restrict sum = colsum + n0;
+      const int8_t* __restrict b0 = r[0] != nullptr ? r[0] + n0 : zeros;
+      const int8_t* __restrict b1 = r[1] != nullptr ? r[1] + n0 : zeros;
+      const int8_t* __restrict b2 = r[2] != nullptr ? r[2] + n0 : zeros;
+      const int8_t* __restrict b3 = r[3] != nullptr ? r[3] + n0 : zeros;
+      for (int64_t c = 0; c < cols; ++c) {
+        d[c] = static_cast<uint32_t>(static_cast<uint8_t>(b0[c])) |
+               static_cast<uint32_t>(static_cast<uint8_t>(b1[c])) << 8 |
+               static_cast<uint32_t>(static_cast<uint8_t>(b2[c])) << 16 |
+               static_cast<uint32_t>(static_cast<uint8_t>(b3[c])) << 24;
+        sum[c] += b0[c] + b1[c] + b2[c] + b3[c];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- epilogue
+
+inline void store_out(float* p, float v) {
+  *p = v;
+}
+inline void store_out(bf16* p, float v) {
+  narrow(p, v);
+}
+inline void store_out(f16* p, float v) {
+  p->bits = float_to_f16(v);
+}
+
+template <typename T>
+constexpr bool kIsI32 = false;
+template <>
+constexpr bool kIsI32<int32_t> = true;
+
+// One row of a micro-tile: acc (n values) to out row m, columns [n0, n0 + n).
+template <typename O>
+inline void epilogue_row(const Gemm& g, const int32_t* acc, const int32_t* colsum, int64_t m,
+                         int64_t n0, int64_t n) {
+  // Locals: an int32 or float store through `out` could alias g's fields as far as the
+  // compiler knows, and the loops would not vectorize.
+  O* out = static_cast<O*>(g.out) + m * g.ldo + n0;
+  const int32_t off = g.a_offset;
+  if constexpr (kIsI32<O>) {
+    for (int64_t j = 0; j < n; ++j) out[j] = acc[j] - off * colsum[j];
+  } else {
+    const float as = g.a_scale != nullptr ? g.a_scale[m] : 1.f;
+    const float* bs = g.b_scale + (g.b_scale != nullptr ? n0 : 0);
+    const float* bias = g.bias + (g.bias != nullptr ? n0 : 0);
+    float v[kPanel];
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(acc[j] - off * colsum[j]) * as;
+    if (g.b_scale != nullptr)
+      for (int64_t j = 0; j < n; ++j) v[j] *= bs[j];
+    if (g.bias != nullptr)
+      for (int64_t j = 0; j < n; ++j) v[j] += bias[j];
+#if FASTDL_VEC == 512
+    if constexpr (sizeof(O) == 2 && !kIsBf16<O>) {
+      int64_t j = 0;
+      for (; j + 16 <= n; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(v + j), _MM_FROUND_TO_NEAREST_INT));
+      for (; j < n; ++j) store_out(out + j, v[j]);
+      return;
+    }
+#endif
+    for (int64_t j = 0; j < n; ++j) store_out(out + j, v[j]);
+  }
+}
+
+// ---------------------------------------------------------------- micro-kernels
+
+#if FASTDL_VEC == 512
+constexpr int kMr = 6;
+constexpr int kLanes = 16;  // int32 columns per vector
+
+// MR rows x 16 * NV columns of panel `panel`, rows from m; raw int32 sums into c ([MR][64]).
+template <int MR, int NV>
+inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k1, bool add,
+                  int32_t* c) {
+  __m512i acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = add ? _mm512_loadu_si512(c + r * kPanel + v * 16) : _mm512_setzero_si512();
+  const uint8_t* a = g.a + m * g.lda;
+  const uint8_t* b = g.b + (panel * g.K4 + k0) * kPanel * 4;
+  for (int64_t k4 = k0; k4 < k1; ++k4, b += kPanel * 4) {
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + v * 64);
+    for (int r = 0; r < MR; ++r) {
+      int32_t word;
+      __builtin_memcpy(&word, a + r * g.lda + 4 * k4, 4);
+      const __m512i av = _mm512_set1_epi32(word);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_si512(c + r * kPanel + v * 16, acc[r][v]);
+}
+
+#elif FASTDL_VEC == 256
+constexpr int kMr = 2;
+constexpr int kLanes = 16;
+
+template <int MR, int NV>
+inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k1, bool add,
+                  int32_t* c) {
+  // acc[r][v][q]: columns 16v + 4q .. +3, each as two int32 lanes (k pairs 0-1 and 2-3).
+  __m256i acc[MR][NV][4];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      for (int q = 0; q < 4; ++q) acc[r][v][q] = _mm256_setzero_si256();
+  const uint8_t* a = g.a + m * g.lda;
+  const uint8_t* b = g.b + (panel * g.K4 + k0) * kPanel * 4;
+  for (int64_t k4 = k0; k4 < k1; ++k4, b += kPanel * 4) {
+    __m256i av[MR];
+    for (int r = 0; r < MR; ++r) {
+      int32_t word;
+      __builtin_memcpy(&word, a + r * g.lda + 4 * k4, 4);
+      // The 4 bytes as int16, repeated: lanes pair up with the 4 k of each column in B.
+      const __m128i w16 = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(word));
+      av[r] = _mm256_broadcastq_epi64(w16);
+    }
+    for (int v = 0; v < NV; ++v)
+      for (int q = 0; q < 4; ++q) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + v * 64 + q * 16));
+        const __m256i bw = _mm256_cvtepi8_epi16(raw);
+        for (int r = 0; r < MR; ++r)
+          acc[r][v][q] = _mm256_add_epi32(acc[r][v][q], _mm256_madd_epi16(av[r], bw));
+      }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      for (int q = 0; q < 4; q += 2) {
+        // hadd pairs within 128-bit lanes gives columns (0,1,4,5 | 2,3,6,7): reorder.
+        const __m256i s = _mm256_hadd_epi32(acc[r][v][q], acc[r][v][q + 1]);
+        __m256i o = _mm256_permute4x64_epi64(s, 0xd8);
+        __m256i* dst = reinterpret_cast<__m256i*>(c + r * kPanel + v * 16 + q * 4);
+        if (add) o = _mm256_add_epi32(o, _mm256_loadu_si256(dst));
+        _mm256_storeu_si256(dst, o);
+      }
+}
+
+#else
+constexpr int kMr = 4;
+constexpr int kLanes = 16;
+
+template <int MR, int NV>
+inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k1, bool add,
+                  int32_t* c) {
+  int32_t acc[MR][NV * 16] = {};
+  const uint8_t* a = g.a + m * g.lda;
+  const int8_t* b = reinterpret_cast<const int8_t*>(g.b + (panel * g.K4 + k0) * kPanel * 4);
+  for (int64_t k4 = k0; k4 < k1; ++k4, b += kPanel * 4)
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* ar = reinterpret_cast<const int8_t*>(a + r * g.lda + 4 * k4);
+      for (int j = 0; j < NV * 16; ++j)
+        acc[r][j] +=
+            ar[0] * b[j * 4] + ar[1] * b[j * 4 + 1] + ar[2] * b[j * 4 + 2] + ar[3] * b[j * 4 + 3];
+    }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NV * 16; ++j) c[r * kPanel + j] = (add ? c[r * kPanel + j] : 0) + acc[r][j];
+}
+#endif
+
+template <int MR, int NV>
+inline void micro_any_rows(const Gemm& g, int64_t m, int rows, int64_t panel, int64_t k0,
+                           int64_t k1, bool add, int32_t* c) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return micro_any_rows<MR - 1, NV>(g, m, rows, panel, k0, k1, add, c);
+  }
+  micro<MR, NV>(g, m, panel, k0, k1, add, c);
+}
+
+template <int NV>
+inline void micro_any(const Gemm& g, int64_t m, int rows, int nv, int64_t panel, int64_t k0,
+                      int64_t k1, bool add, int32_t* c) {
+  if constexpr (NV > 1) {
+    if (nv < NV) return micro_any<NV - 1>(g, m, rows, nv, panel, k0, k1, add, c);
+  }
+  micro_any_rows<kMr, NV>(g, m, rows, panel, k0, k1, add, c);
+}
+
+// Groups of 4 k per cache block: the block of a panel (kKc x 256 bytes, 32 KiB) stays in L1
+// while every micro-tile of the rows uses it; the int32 partial sums wait in `acc` (L2).
+constexpr int64_t kKc = 128;
+constexpr int64_t kMaxRows = 16 * kMr;  // rows per call: int8.cpp's row tiles are at most this
+
+template <typename O>
+void gemm(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int32_t* colsum =
+      reinterpret_cast<const int32_t*>(g.b + int8_panels(g.N) * kPanel * g.K4 * 4);
+  alignas(64) int32_t acc[kMaxRows * kPanel];
+  for (int64_t mb = m0; mb < m1; mb += kMaxRows) {
+    const int64_t me = imin(m1, mb + kMaxRows);
+    for (int64_t panel = p0; panel < p1; ++panel) {
+      const int64_t n0 = panel * kPanel;
+      const int64_t n = imin(kPanel, g.N - n0);
+      const int nv = static_cast<int>((n + kLanes - 1) / kLanes);
+      for (int64_t k0 = 0; k0 < g.K4 || k0 == 0; k0 += kKc) {
+        const int64_t k1 = imin(g.K4, k0 + kKc);
+        for (int64_t m = mb; m < me; m += kMr) {
+          const int rows = static_cast<int>(imin(kMr, me - m));
+          micro_any<kPanel / kLanes>(g, m, rows, nv, panel, k0, k1, k0 > 0,
+                                     acc + (m - mb) * kPanel);
+        }
+      }
+      for (int64_t m = mb; m < me; ++m)
+        epilogue_row<O>(g, acc + (m - mb) * kPanel, colsum + n0, m, n0, n);
+    }
+  }
+}
+
+const Int8Kernels kInt8Kernels = {
+    .quantize = {&quantize_rows<float>, &quantize_rows<bf16>, &quantize_rows<f16>, &copy_rows_i8},
+    .pack_b = &pack_b,
+    .gemm = {&gemm<int32_t>, &gemm<float>, &gemm<bf16>, &gemm<f16>},
+    .a_flip = FASTDL_VEC == 512 ? 0x80 : 0,
+    .mr = kMr,
+};
+
+#if FASTDL_VEC == 512
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,91 @@
+// The interface between csrc/cpu/int8.cpp (torch-facing: checks, allocation, threading) and the
+// int8 kernels compiled once per ISA (csrc/cpu/isa/*.cpp): plain structs on raw pointers and a
+// table of function pointers, as in norm_params.h.
+//
+// The GEMM C = A (M, K) x B (K, N) works on two prepared operands:
+//  - the A buffer: M rows of `lda` bytes, K real bytes then zeros up to a multiple of 4. Each
+//    byte is the int8 value XOR `a_flip`: VNNI's vpdpbusd multiplies unsigned by signed bytes,
+//    so the AVX-512 kernels store a + 128 (a ^ 0x80) and subtract 128 * colsum(B) per column.
+//  - the packed B: panels of kPanel = 64 columns; panel p holds, for each group of 4 k, the 4
+//    bytes of each of its 64 columns ([p][k/4][64][4]), zero-padded in k and n. The int32 column
+//    sums (kPanel * panels of them) follow the panels in the same buffer.
+#pragma once
+
+#include <cstdint>
+
+namespace fastdl::cpu {
+
+constexpr int64_t kPanel = 64;
+
+inline int64_t int8_k4(int64_t K) {
+  return (K + 3) / 4;
+}
+inline int64_t int8_panels(int64_t N) {
+  return (N + kPanel - 1) / kPanel;
+}
+// Bytes of a packed B: the panels, then the column sums.
+inline int64_t int8_packed_bytes(int64_t K, int64_t N) {
+  return int8_panels(N) * kPanel * (int8_k4(K) * 4 + 4);
+}
+
+enum Int8In : int { kInF32 = 0, kInBF16 = 1, kInF16 = 2, kInI8 = 3, kNumInt8In = 4 };
+enum Int8Out : int { kOutI32 = 0, kOutF32 = 1, kOutBF16 = 2, kOutF16 = 3, kNumInt8Out = 4 };
+
+// Rows [r0, r1) of x (unit column stride) to int8 rows of q: per row, scale = max|x| / 127
+// (1 for an all-zero row), q = clamp(round_half_even(x / scale), -127, 127) XOR flip, zeros up
+// to `kpad` bytes. int8 input (kInI8) is copied (XOR flip) and gets no scale. `skip` (K bytes,
+// nullable) marks columns left out (LLM.int8 outliers): they count neither in the scale nor in q.
+struct QuantRows {
+  const void* x;
+  int64_t ldx;  // elements
+  uint8_t* q;
+  int64_t ldq;   // bytes
+  float* scale;  // (rows); null for int8 input
+  const uint8_t* skip;
+  int64_t K, kpad;
+  uint8_t flip;
+};
+
+struct PackB {
+  const int8_t* b;
+  int64_t ld;  // elements between rows of b
+  bool nk;     // b is (N, K) (a transposed view of B) rather than (K, N)
+  int64_t K, N;
+  uint8_t* dst;  // int8_packed_bytes(K, N)
+};
+
+struct Gemm {
+  const uint8_t* a;  // the A buffer
+  int64_t lda;
+  const uint8_t* b;  // packed B
+  int64_t M, N, K4;
+  int32_t a_offset;      // 128 when A holds a + 128: acc -= a_offset * colsum
+  const float* a_scale;  // (M) or null (1)
+  const float* b_scale;  // (N) or null (1)
+  const float* bias;     // (N) or null (0)
+  void* out;
+  int64_t ldo;  // elements
+};
+
+using QuantFn = void (*)(const QuantRows&, int64_t r0, int64_t r1);
+using PackBFn = void (*)(const PackB&, int64_t p0, int64_t p1);
+// Rows [m0, m1) x panels [p0, p1) of C.
+using GemmFn = void (*)(const Gemm&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+
+struct Int8Kernels {
+  QuantFn quantize[kNumInt8In];
+  PackBFn pack_b;
+  GemmFn gemm[kNumInt8Out];
+  uint8_t a_flip;  // what the A buffer's bytes are XORed with
+  int mr;          // rows per micro-tile: row blocks should be multiples of it
+};
+
+// One table per ISA, defined in csrc/cpu/isa/{avx512,avx2,scalar}.cpp. The AVX-512 one needs
+// AVX512-VNNI on top of what Isa::kAvx512 guarantees.
+const Int8Kernels& int8_kernels_scalar();
+#if defined(__x86_64__)
+const Int8Kernels& int8_kernels_avx2();
+const Int8Kernels& int8_kernels_avx512();
+#endif
+
+}  // namespace fastdl::cpu

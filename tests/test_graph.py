@@ -148,7 +148,16 @@ def test_gcn_aggregate(backend, dtype, case):
 @pytest.mark.parametrize(
     "backend,dtype,case",
     cases(
-        [(6, 0, 1, 16), (30, 150, 1, 16), (30, 150, 4, 7), (30, 150, 2, 64)],
+        # (4, 16): heads share a vector tile (one gather of whole rows); 18 heads: more than
+        # one chunk of the C++ kernels' per-head softmax state.
+        [
+            (6, 0, 1, 16),
+            (30, 150, 1, 16),
+            (30, 150, 4, 7),
+            (30, 150, 2, 64),
+            (30, 150, 4, 16),
+            (12, 40, 18, 8),
+        ],
         [(6, 0, 1, 16), (10, 40, 3, 7)],
     ),
     indirect=["backend"],

@@ -42,22 +42,25 @@ inline double exp_acc(double v) {
   return __builtin_exp(v);
 }
 
-// acc[k] = sum over entries e in [e0, e1) of coef(e) * x[col e, f0 + k W ...] for the n <= 4 W
-// features of the tile at f0 (kFull: n == 4 W).
+// acc[k] = sum over entries e in [e0, e1) of coef(f0 + k W)(e) * x[col e, f0 + k W ...] for the
+// n <= 4 W features of the tile at f0 (kFull: n == 4 W). coef(f) gives the per-entry coefficient
+// of the vector at feature f: one for the whole row (spmm), or per attention head (GAT, where
+// each vector lies inside one head); it is resolved once per tile, outside the entry loop.
 template <typename V, bool kFull, typename T, typename C>
 inline void gather_tile(V (&acc)[4], const int64_t* col, int64_t e0, int64_t e1, const T* x,
                         int64_t stride, int64_t f0, int64_t n, C&& coef) {
   constexpr int W = V::W;
+  using Coef = decltype(coef(f0));
+  const Coef c[4] = {coef(f0), coef(f0 + W), coef(f0 + 2 * W), coef(f0 + 3 * W)};
   for (auto& a : acc) a = V::zero();
   for (int64_t e = e0; e < e1; ++e) {
     if (e + kPrefetch < e1) prefetch_row(x + col[e + kPrefetch] * stride + f0, kFull ? 4 * W : n);
     const T* xr = x + col[e] * stride + f0;
-    const V c = V::set1(coef(e));
     if constexpr (kFull) {
-      for (int k = 0; k < 4; ++k) acc[k] = fma(c, V::load(xr + k * W), acc[k]);
+      for (int k = 0; k < 4; ++k) acc[k] = fma(V::set1(c[k](e)), V::load(xr + k * W), acc[k]);
     } else {
       for (int k = 0; k < 4 && k * W < n; ++k)
-        acc[k] = fma(c, ld<V>(xr + k * W, imin(W, n - k * W)), acc[k]);
+        acc[k] = fma(V::set1(c[k](e)), ld<V>(xr + k * W, imin(W, n - k * W)), acc[k]);
     }
   }
 }
@@ -77,6 +80,31 @@ inline void gather_row(const int64_t* col, int64_t e0, int64_t e1, const T* x, i
     gather_tile<V, false>(acc, col, e0, e1, x, stride, f0, F - f0, coef);
     store(f0, F - f0, acc);
   }
+}
+
+// Multi-head gather: out[k, f] = sum_e coef(e, k) x[col e, k, f] over the H heads of F features
+// of x's rows (H F elements). When F is a multiple of the vector width every vector lies inside
+// one head, so one pass over the entries gathers whole rows (H F elements, one stream of
+// contiguous lines) for all heads at once; otherwise one pass per head. store(f0, n, acc) gets
+// offsets into the H F row, each vector inside head f / F.
+template <typename V, typename T, typename C, typename S>
+inline void gather_heads(const int64_t* col, int64_t e0, int64_t e1, const T* x, int64_t H,
+                         int64_t F, C&& coef, S&& store) {
+  if (F % V::W == 0) {
+    gather_row<V>(
+        col, e0, e1, x, H * F, H * F,
+        [&](int64_t f) {
+          const int64_t k = f / F;
+          return [&coef, k](int64_t e) { return coef(e, k); };
+        },
+        store);
+    return;
+  }
+  for (int64_t k = 0; k < H; ++k)
+    gather_row<V>(
+        col, e0, e1, x + k * F, H * F, F,
+        [&](int64_t) { return [&coef, k](int64_t e) { return coef(e, k); }; },
+        [&](int64_t f0, int64_t n, const V(&acc)[4]) { store(k * F + f0, n, acc); });
 }
 
 // Writes the tile acc * scale (+ d * xd) to out[f0, f0 + n).
@@ -117,9 +145,11 @@ bool spmm_sum(const SpmmArgs& p, int64_t r0, int64_t r1) {
     const A scale = rs != nullptr ? rs[i] : A(1);
     const A d = ds != nullptr ? ds[i] : A(0);
     const T* xdi = ds != nullptr ? xd + i * F : nullptr;
-    gather_row<V>(g.col, e0, e1, x, F, F, coef, [&](int64_t f0, int64_t n, const V(&acc)[4]) {
-      store_tile(out + i * F, acc, f0, n, scale, d, xdi);
-    });
+    gather_row<V>(
+        g.col, e0, e1, x, F, F, [&](int64_t) { return coef; },
+        [&](int64_t f0, int64_t n, const V(&acc)[4]) {
+          store_tile(out + i * F, acc, f0, n, scale, d, xdi);
+        });
   }
   return true;
 }
@@ -268,7 +298,13 @@ inline A leaky(A z, A slope) {
   return z > A(0) ? z : z * slope;
 }
 
-// Softmax attention rows (Velickovic et al., 2018), max-subtracted per row and head.
+// Heads whose softmax state (running max, sum) a GAT row keeps on the stack at once.
+constexpr int64_t kHeadChunk = 16;
+
+// Softmax attention rows (Velickovic et al., 2018), max-subtracted per row and head. Each pass
+// over a row's entries handles all heads (chunks of kHeadChunk): the per-head scores of an entry
+// are adjacent (alpha is (edges, heads)), and the aggregation gathers each source's whole
+// heads x features row once (gather_heads) instead of once per head.
 template <typename T>
 bool gat_fwd(const GatArgs& p, int64_t r0, int64_t r1) {
   using A = Acc<T>;
@@ -285,31 +321,39 @@ bool gat_fwd(const GatArgs& p, int64_t r0, int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) {
     const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
     if (!entries_ok(g, e0, e1)) return false;
-    for (int64_t k = 0; k < H; ++k) {
-      const A ad = a_dst[i * H + k];
-      A m = -__builtin_inf();
+    for (int64_t k0 = 0; k0 < H; k0 += kHeadChunk) {
+      const int64_t nk = imin(kHeadChunk, H - k0);
+      const A* ad = a_dst + i * H + k0;
+      A m[kHeadChunk], sum[kHeadChunk];
+      for (int64_t k = 0; k < nk; ++k) m[k] = -__builtin_inf(), sum[k] = A(0);
       for (int64_t e = e0; e < e1; ++e) {
-        const A s = leaky(a_src[g.col[e] * H + k] + ad, slope);
-        alpha[e * H + k] = s;
-        m = s > m || s != s ? s : m;
+        const A* as = a_src + g.col[e] * H + k0;
+        A* al = alpha + e * H + k0;
+        for (int64_t k = 0; k < nk; ++k) {
+          const A s = leaky(as[k] + ad[k], slope);
+          al[k] = s;
+          m[k] = s > m[k] || s != s ? s : m[k];
+        }
       }
-      A sum = A(0);
       for (int64_t e = e0; e < e1; ++e) {
-        const A v = exp_acc(alpha[e * H + k] - m);
-        alpha[e * H + k] = v;
-        sum += v;
+        A* al = alpha + e * H + k0;
+        for (int64_t k = 0; k < nk; ++k) {
+          const A v = exp_acc(al[k] - m[k]);
+          al[k] = v;
+          sum[k] += v;
+        }
       }
-      const A inv = A(1) / sum;
-      for (int64_t e = e0; e < e1; ++e) alpha[e * H + k] *= inv;
-      auto coef = [&](int64_t e) {
-        return drop != nullptr ? alpha[e * H + k] * drop[e * H + k] : alpha[e * H + k];
-      };
-      T* o = out + (i * H + k) * F;
-      gather_row<V>(g.col, e0, e1, h + k * F, H * F, F, coef,
-                    [&](int64_t f0, int64_t n, const V(&acc)[4]) {
-                      store_tile(o, acc, f0, n, A(1), A(0), static_cast<const T*>(nullptr));
-                    });
+      for (int64_t k = 0; k < nk; ++k) sum[k] = A(1) / sum[k];
+      for (int64_t e = e0; e < e1; ++e)
+        for (int64_t k = 0; k < nk; ++k) alpha[e * H + k0 + k] *= sum[k];
     }
+    auto coef = [&](int64_t e, int64_t k) {
+      return drop != nullptr ? alpha[e * H + k] * drop[e * H + k] : alpha[e * H + k];
+    };
+    T* o = out + i * H * F;
+    gather_heads<V>(g.col, e0, e1, h, H, F, coef, [&](int64_t f0, int64_t n, const V(&acc)[4]) {
+      store_tile(o, acc, f0, n, A(1), A(0), static_cast<const T*>(nullptr));
+    });
   }
   return true;
 }
@@ -317,6 +361,8 @@ bool gat_fwd(const GatArgs& p, int64_t r0, int64_t r1) {
 // Backward, CSR rows i: with beta_e = alpha_e * drop_e and g_i = grad_out[i],
 //   dalpha_e = drop_e * <g_i, h[col e]>, ds_e = alpha_e * (dalpha_e - sum_e' alpha_e' dalpha_e'),
 //   dz_e = ds_e * LeakyReLU'(z_e), g_dst[i] = sum_e dz_e.
+// One pass over the entries computes the dot products of all heads from the source's whole
+// heads x features row; g_dst[i] holds sum_e' alpha_e' dalpha_e' in between.
 template <typename T>
 bool gat_bwd_rows(const GatArgs& p, int64_t r0, int64_t r1) {
   using A = Acc<T>;
@@ -327,6 +373,7 @@ bool gat_bwd_rows(const GatArgs& p, int64_t r0, int64_t r1) {
   const A* drop = static_cast<const A*>(p.drop);
   const A* alpha = static_cast<const A*>(p.alpha);
   A* dz = static_cast<A*>(p.dz);
+  A* g_dst = static_cast<A*>(p.g_dst);
   const T* h = static_cast<const T*>(p.h);
   const T* grad = static_cast<const T*>(p.grad);
   const int64_t H = p.H, F = p.F;
@@ -334,35 +381,45 @@ bool gat_bwd_rows(const GatArgs& p, int64_t r0, int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) {
     const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
     if (!entries_ok(g, e0, e1)) return false;
-    for (int64_t k = 0; k < H; ++k) {
-      const T* gr = grad + (i * H + k) * F;
-      A t = A(0);
-      for (int64_t e = e0; e < e1; ++e) {
-        if (e + kPrefetch < e1) prefetch_row(h + (g.col[e + kPrefetch] * H + k) * F, F);
-        const T* hr = h + (g.col[e] * H + k) * F;
+    const T* gr = grad + i * H * F;
+    A* t = g_dst + i * H;
+    for (int64_t k = 0; k < H; ++k) t[k] = A(0);
+    for (int64_t e = e0; e < e1; ++e) {
+      if (e + kPrefetch < e1) prefetch_row(h + g.col[e + kPrefetch] * H * F, H * F);
+      const T* hr = h + g.col[e] * H * F;
+      for (int64_t k = 0; k < H; ++k) {
         A da = reduce<V>(F, [&](int64_t f, int64_t l) {
-                 return ld<V>(gr + f, l) * ld<V>(hr + f, l);
+                 return ld<V>(gr + k * F + f, l) * ld<V>(hr + k * F + f, l);
                }).sum();
         if (drop != nullptr) da *= drop[e * H + k];
         dz[e * H + k] = da;
-        t += alpha[e * H + k] * da;
+        t[k] += alpha[e * H + k] * da;
       }
-      const A ad = a_dst[i * H + k];
-      A gd = A(0);
+    }
+    const A* ad = a_dst + i * H;
+    A gd[kHeadChunk];
+    for (int64_t k0 = 0; k0 < H; k0 += kHeadChunk) {
+      const int64_t nk = imin(kHeadChunk, H - k0);
+      for (int64_t k = 0; k < nk; ++k) gd[k] = A(0);
       for (int64_t e = e0; e < e1; ++e) {
-        const A z = a_src[g.col[e] * H + k] + ad;
-        const A v = alpha[e * H + k] * (dz[e * H + k] - t) * (z > A(0) ? A(1) : slope);
-        dz[e * H + k] = v;
-        gd += v;
+        const A* as = a_src + g.col[e] * H + k0;
+        for (int64_t k = 0; k < nk; ++k) {
+          const int64_t q = e * H + k0 + k;
+          const A z = as[k] + ad[k0 + k];
+          const A v = alpha[q] * (dz[q] - t[k0 + k]) * (z > A(0) ? A(1) : slope);
+          dz[q] = v;
+          gd[k] += v;
+        }
       }
-      static_cast<A*>(p.g_dst)[i * H + k] = gd;
+      for (int64_t k = 0; k < nk; ++k) t[k0 + k] = gd[k];
     }
   }
   return true;
 }
 
 // Backward, transpose rows j (col = destination i, perm = CSR entry q):
-//   g_src[j] = sum_t dz_q, grad_h[j] = sum_t beta_q g_i + g_src[j] att_src + g_dst[j] att_dst.
+//   g_src[j] = sum_t dz_q, grad_h[j] = sum_t beta_q g_i + g_src[j] att_src + g_dst[j] att_dst,
+// all heads per pass (gather_heads).
 template <typename T>
 bool gat_bwd_nodes(const GatArgs& p, int64_t r0, int64_t r1) {
   using A = Acc<T>;
@@ -374,33 +431,32 @@ bool gat_bwd_nodes(const GatArgs& p, int64_t r0, int64_t r1) {
   const A* att_src = static_cast<const A*>(p.att_src);
   const A* att_dst = static_cast<const A*>(p.att_dst);
   const A* g_dst = static_cast<const A*>(p.g_dst);
+  A* g_src = static_cast<A*>(p.g_src);
   const T* grad = static_cast<const T*>(p.grad);
   T* out = static_cast<T*>(p.out);
   const int64_t H = p.H, F = p.F;
   for (int64_t j = r0; j < r1; ++j) {
     const int64_t t0 = g.rowptr[j], t1 = g.rowptr[j + 1];
     if (!entries_ok(g, t0, t1)) return false;
-    for (int64_t k = 0; k < H; ++k) {
-      A gs = A(0);
-      for (int64_t t = t0; t < t1; ++t) gs += dz[g.perm[t] * H + k];
-      static_cast<A*>(p.g_src)[j * H + k] = gs;
-      const A gd = g_dst[j * H + k];
-      auto coef = [&](int64_t t) {
-        const int64_t q = g.perm[t] * H + k;
-        return drop != nullptr ? alpha[q] * drop[q] : alpha[q];
-      };
-      T* o = out + (j * H + k) * F;
-      const A* as = att_src + k * F;
-      const A* at = att_dst + k * F;
-      gather_row<V>(g.col, t0, t1, grad + k * F, H * F, F, coef,
-                    [&](int64_t f0, int64_t n, const V(&acc)[4]) {
-                      for (int q = 0; q < 4 && q * V::W < n; ++q) {
-                        const int64_t f = f0 + q * V::W, l = imin(V::W, n - q * V::W);
-                        V v = fma(V::set1(gs), ld<V>(as + f, l), acc[q]);
-                        st(o + f, fma(V::set1(gd), ld<V>(at + f, l), v), l);
-                      }
-                    });
+    A* gs = g_src + j * H;
+    const A* gd = g_dst + j * H;
+    for (int64_t k = 0; k < H; ++k) gs[k] = A(0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const A* d = dz + g.perm[t] * H;
+      for (int64_t k = 0; k < H; ++k) gs[k] += d[k];
     }
+    auto coef = [&](int64_t t, int64_t k) {
+      const int64_t q = g.perm[t] * H + k;
+      return drop != nullptr ? alpha[q] * drop[q] : alpha[q];
+    };
+    T* o = out + j * H * F;
+    gather_heads<V>(g.col, t0, t1, grad, H, F, coef, [&](int64_t f0, int64_t n, const V(&acc)[4]) {
+      for (int q = 0; q < 4 && q * V::W < n; ++q) {
+        const int64_t f = f0 + q * V::W, l = imin(V::W, n - q * V::W), k = f / F;
+        V v = fma(V::set1(gs[k]), ld<V>(att_src + f, l), acc[q]);
+        st(o + f, fma(V::set1(gd[k]), ld<V>(att_dst + f, l), v), l);
+      }
+    });
   }
   return true;
 }

@@ -18,6 +18,10 @@ CONV_SHAPES = {
     "depthwise": (2, 19, 6, 7, 19, 3, 3, 1, 1, 1, 19),
     "depthwise_s2_dil": (1, 17, 9, 8, 17, 3, 3, 2, 2, 2, 17),
     "depthwise_mult2": (1, 4, 5, 5, 8, 3, 3, 1, 1, 1, 4),
+    # Depthwise kernels' branches: NCHW planes (stride_w 1) with partial width vectors, NHWC
+    # channel vectors with a partial one, pixel tiles with a remainder, an odd tap count.
+    "depthwise_wide": (1, 35, 5, 37, 35, 3, 3, (2, 1), (1, 2), (1, 2), 35),
+    "depthwise_5x5_nopad": (2, 16, 9, 18, 16, 5, 5, 1, 0, 1, 16),
     "5x5_s3": (3, 5, 11, 10, 7, 5, 5, 3, 2, 1, 1),
     "stem_7x7": (1, 3, 15, 13, 9, 7, 7, 2, 3, 1, 1),
     "one_channel": (1, 1, 4, 5, 1, 2, 2, 1, 0, 1, 1),

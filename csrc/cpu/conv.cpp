@@ -268,18 +268,32 @@ template <typename T>
 void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                    const at::Tensor& bias, const at::Tensor& residual, at::Tensor& out,
                    at::Tensor& pre) {
-  const at::Tensor xn = nhwc(x);
   ConvEpilogue e{nullptr, ptr<T>(bias), ptr<T>(residual), out.data_ptr<T>(),
                  pre.numel() > 0 ? pre.data_ptr<T>() : nullptr};
-  if (p.a.groups == p.a.C && p.a.K == p.a.C && p.a.C > 1) {
-    const at::Tensor w =
-        weight.to(out.scalar_type()).reshape({p.a.C, p.a.R * p.a.S}).t().contiguous();
+  const ConvArgs& a = p.a;
+  if (a.groups == a.C && a.K == a.C && a.C > 1) {
     const ConvKernels& kr = kernels();
-    at::parallel_for(0, p.a.N * p.a.P, 1, [&](int64_t r0, int64_t r1) {
-      kr.depthwise_fwd[dt<T>()](p.a, xn.const_data_ptr<T>(), w.const_data_ptr<T>(), e, r0, r1);
+    const at::Tensor wc = weight.to(out.scalar_type()).reshape({a.C, a.R * a.S});
+    // NCHW output and unit width stride: SIMD over the width of each plane, no transposes.
+    if (a.stride_w == 1 && a.out_spq == 1 && a.out_sk == a.P * a.Q && a.out_sn == a.C * a.P * a.Q) {
+      const at::Tensor xc = x.to(out.scalar_type()).contiguous();
+      const at::Tensor w = wc.contiguous();
+      const int64_t scratch = (a.H + 2 * a.pad_h) * (a.W + 2 * a.pad_w);
+      at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<T> pad(scratch);
+        kr.depthwise_plane_fwd[dt<T>()](a, xc.const_data_ptr<T>(), w.const_data_ptr<T>(), e, c0, c1,
+                                        pad.data());
+      });
+      return;
+    }
+    const at::Tensor xn = nhwc(x);
+    const at::Tensor w = wc.t().contiguous();
+    at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
+      kr.depthwise_fwd[dt<T>()](a, xn.const_data_ptr<T>(), w.const_data_ptr<T>(), e, r0, r1);
     });
     return;
   }
+  const at::Tensor xn = nhwc(x);
   const at::Tensor wm = weight_matrix(weight, p.a, out.scalar_type());
   forward<T>(p, xn.const_data_ptr<T>(), wm.const_data_ptr<T>(), e);
 }

@@ -129,42 +129,119 @@ void conv_epilogue_bwd(const ConvArgs& a, const void* grad_out_, const void* out
   }
 }
 
-// Direct depthwise conv: each output pixel is R * S multiply-adds per channel, far too little
-// work per byte for a GEMM; channels are contiguous in NHWC, so the inner loop is a SIMD FMA
-// over kLanes channels with the accumulators in registers.
+namespace conv_detail {
+
+// The epilogue of len contiguous outputs at element offset o (one SIMD vector): v + bias (per
+// lane) + residual, pre stored when asked, then the activation (ReLU in SIMD, the
+// transcendental ones per lane).
+template <typename T, typename V>
+inline void store_vec(const ConvArgs& a, const ConvEpilogue& e, V v, V bias, int64_t o,
+                      int64_t len) {
+  v = v + bias;
+  if (e.residual != nullptr) v = v + ld<V>(static_cast<const T*>(e.residual) + o, len);
+  if (e.pre != nullptr) st(static_cast<T*>(e.pre) + o, v, len);
+  T* out = static_cast<T*>(e.out) + o;
+  if (a.activation == 0 || a.activation == kRelu) {
+    st(out, a.activation == kRelu ? relu(v) : v, len);
+    return;
+  }
+  T lanes[V::W];
+  v.store(lanes);
+  for (int64_t i = 0; i < len; ++i) out[i] = activate(lanes[i], a.activation);
+}
+
+}  // namespace conv_detail
+
+// Direct depthwise conv on NHWC: each output pixel is R * S multiply-adds per channel, far too
+// little work per byte for a GEMM, so it is bound by memory. Channels are contiguous in NHWC:
+// one SIMD vector covers W channels, a tile of kTile output pixels keeps kTile independent
+// accumulators (FMA latency hidden) and reuses each tap's weight vector kTile times.
 template <typename T>
 void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
                         int64_t r0, int64_t r1) {
-  constexpr int64_t kLanes = 64 / sizeof(T);
+  using V = Vec<T>;
+  constexpr int64_t kTile = 4;
   const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
+  const T* bias = static_cast<const T*>(e.bias);
   const int64_t C = a.C;
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t n = row / a.P, p = row % a.P;
-    for (int64_t q = 0; q < a.Q; ++q) {
-      const int64_t base = n * a.out_sn + (p * a.Q + q) * a.out_spq;
-      for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
-        const int64_t nc = C - c0 < kLanes ? C - c0 : kLanes;
-        T acc[kLanes] = {};
+    for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
+      const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();
+      for (int64_t q0 = 0; q0 < a.Q; q0 += kTile) {
+        const int64_t nq = imin(kTile, a.Q - q0);
+        V acc[kTile];
+        for (int64_t j = 0; j < kTile; ++j) acc[j] = V::zero();
         for (int64_t r = 0; r < a.R; ++r) {
           const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
           if (h < 0 || h >= a.H) continue;
+          const T* xrow = x + (n * a.H + h) * a.W * C + c0;
           for (int64_t s = 0; s < a.S; ++s) {
-            const int64_t wi = q * a.stride_w - a.pad_w + s * a.dil_w;
-            if (wi < 0 || wi >= a.W) continue;
-            const T* xp = x + ((n * a.H + h) * a.W + wi) * C + c0;
-            const T* wp = w + (r * a.S + s) * C + c0;
-            if (nc == kLanes) {
-              for (int64_t c = 0; c < kLanes; ++c) acc[c] += xp[c] * wp[c];
-            } else {
-              for (int64_t c = 0; c < nc; ++c) acc[c] += xp[c] * wp[c];
+            const V wv = ld<V>(w + (r * a.S + s) * C + c0, len);
+            for (int64_t j = 0; j < kTile; ++j) {
+              const int64_t wi = (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w;
+              if (j < nq && wi >= 0 && wi < a.W)
+                acc[j] = fma(ld<V>(xrow + wi * C, len), wv, acc[j]);
             }
           }
         }
-        for (int64_t c = 0; c < nc; ++c)
-          conv_detail::store<T>(a, e, acc[c], c0 + c, base + (c0 + c) * a.out_sk);
+        for (int64_t j = 0; j < nq; ++j) {
+          const int64_t base = n * a.out_sn + (p * a.Q + q0 + j) * a.out_spq;
+          if (a.out_sk == 1) {
+            conv_detail::store_vec<T>(a, e, acc[j], vb, base + c0, len);
+            continue;
+          }
+          T lanes[V::W];
+          acc[j].store(lanes);
+          for (int64_t c = 0; c < len; ++c)
+            conv_detail::store<T>(a, e, lanes[c], c0 + c, base + (c0 + c) * a.out_sk);
+        }
       }
+    });
+  }
+}
+
+// Direct depthwise conv on NCHW with stride_w == 1, planes (n, c) in [plane0, plane1): each
+// plane is copied into the zero-padded scratch (H + 2 pad_h, W + 2 pad_w), after which every
+// tap of a row of outputs is one unaligned SIMD load of the padded row times the broadcast tap
+// weight (SIMD over the output width; no layout transpose of the input or the output).
+template <typename T>
+void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
+                              const ConvEpilogue& e, int64_t plane0, int64_t plane1,
+                              void* scratch) {
+  using V = Vec<T>;
+  const T* x = static_cast<const T*>(x_);
+  const T* w = static_cast<const T*>(w_);
+  const T* bias = static_cast<const T*>(e.bias);
+  T* pad = static_cast<T*>(scratch);
+  const int64_t Wp = a.W + 2 * a.pad_w, Hp = a.H + 2 * a.pad_h, RS = a.R * a.S;
+  for (int64_t i = 0; i < Hp * Wp; ++i) pad[i] = T(0);  // the borders stay zero
+  for (int64_t plane = plane0; plane < plane1; ++plane) {
+    const int64_t n = plane / a.C, c = plane % a.C;
+    const T* xp = x + plane * a.H * a.W;
+    for (int64_t h = 0; h < a.H; ++h) {
+      T* dst = pad + (h + a.pad_h) * Wp + a.pad_w;
+      for_vectors<V::W>(
+          0, a.W, [&](int64_t i, int64_t len) { st(dst + i, ld<V>(xp + h * a.W + i, len), len); });
     }
+    const T* wc = w + c * RS;
+    const V vb = bias != nullptr ? V::set1(bias[c]) : V::zero();
+    const int64_t base = n * a.out_sn + c * a.out_sk;
+    for (int64_t p = 0; p < a.P; ++p)
+      for_vectors<V::W>(0, a.Q, [&](int64_t q0, int64_t len) {
+        V acc0 = V::zero(), acc1 = V::zero();  // two chains halve the FMA latency chain
+        for (int64_t r = 0; r < a.R; ++r) {
+          const T* prow = pad + (p * a.stride_h + r * a.dil_h) * Wp + q0;
+          int64_t s = 0;
+          for (; s + 1 < a.S; s += 2) {
+            acc0 = fma(ld<V>(prow + s * a.dil_w, len), V::set1(wc[r * a.S + s]), acc0);
+            acc1 = fma(ld<V>(prow + (s + 1) * a.dil_w, len), V::set1(wc[r * a.S + s + 1]), acc1);
+          }
+          if (s < a.S) acc0 = fma(ld<V>(prow + s * a.dil_w, len), V::set1(wc[r * a.S + s]), acc0);
+        }
+        conv_detail::store_vec<T>(a, e, acc0 + acc1, vb, base + p * a.Q + q0, len);
+      });
   }
 }
 
@@ -174,4 +251,5 @@ const ConvKernels kConvKernels = {
     .epilogue = {conv_epilogue<float>, conv_epilogue<double>},
     .epilogue_bwd = {conv_epilogue_bwd<float>, conv_epilogue_bwd<double>},
     .depthwise_fwd = {conv_depthwise_fwd<float>, conv_depthwise_fwd<double>},
+    .depthwise_plane_fwd = {conv_depthwise_plane_fwd<float>, conv_depthwise_plane_fwd<double>},
 };

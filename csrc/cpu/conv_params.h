@@ -48,6 +48,12 @@ using EpilogueBwdFn = void (*)(const ConvArgs&, const void* grad_out, const void
 // (n, p) in [r0, r1): out/pre via the epilogue of ConvEpilogue (acc unused).
 using DepthwiseFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_rsc,
                                 const ConvEpilogue&, int64_t r0, int64_t r1);
+// Depthwise conv with stride_w == 1 on NCHW x and out/pre/residual (out_spq == 1), weight
+// (C, R, S), for planes (n, c) in [plane0, plane1); scratch holds (H + 2 pad_h) * (W + 2 pad_w)
+// elements.
+using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_crs,
+                                     const ConvEpilogue&, int64_t plane0, int64_t plane1,
+                                     void* scratch);
 
 enum ConvDtype : int { kConvF32 = 0, kConvF64 = 1, kNumConvDtypes = 2 };
 
@@ -57,6 +63,7 @@ struct ConvKernels {
   EpilogueFn epilogue[kNumConvDtypes];
   EpilogueBwdFn epilogue_bwd[kNumConvDtypes];
   DepthwiseFwdFn depthwise_fwd[kNumConvDtypes];
+  DepthwisePlaneFwdFn depthwise_plane_fwd[kNumConvDtypes];
 };
 
 const ConvKernels& conv_kernels_scalar();

@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <omp.h>
 #include <torch/library.h>
 
@@ -175,6 +176,52 @@ void* run_sequence(RnnSeqStepFn fn, const RnnSeqFwd& p) {
   return p.h[p.T & 1];
 }
 
+// The LSTM forward steps without projection or lengths, batches above kSeqMaxBatch: one parallel
+// region for the whole sequence. Each thread owns a block of hidden units and per step runs the
+// recurrent GEMM of just its units' four gates (single-threaded BLAS on its slice of a w_hh whose
+// rows are regrouped per block) and at once the fused pointwise on that slice, while its gates
+// are still in cache; h is double-buffered, so one barrier per step is all the ordering needed
+// (instead of a BLAS fork/join and a parallel_for per step). Returns the buffer holding h_T.
+at::Tensor lstm_fused_steps(RnnStepFn fn, RnnStep p, Schedule& sch, const at::Tensor& w_hh,
+                            at::Tensor h, int64_t T) {
+  const int64_t B = p.B, H = p.H, units = (H + kSeqUnits - 1) / kSeqUnits;
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
+  std::vector<int64_t> bound(nb + 1), rows;
+  for (int64_t t = 0; t <= nb; ++t) bound[t] = std::min(H, units * t / nb * kSeqUnits);
+  for (int64_t t = 0; t < nb; ++t)
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t j = bound[t]; j < bound[t + 1]; ++j) rows.push_back(q * H + j);
+  const at::Tensor wperm =
+      w_hh.index_select(0, at::from_blob(rows.data(), {4 * H}, at::kLong)).contiguous();
+  const at::Tensor gh = at::empty({B, 4 * H}, h.options());
+  const at::Tensor hbuf[2] = {h, at::empty_like(h)};
+  p.gh = gh.const_data_ptr();
+  const at::ThreadLocalState tls;
+#pragma omp parallel num_threads(static_cast<int>(nb))
+  {
+    const at::ThreadLocalStateGuard guard(tls);
+    const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<int64_t> pos(B);
+    for (int64_t s = 0; s < T; ++s) {
+      std::fill(pos.begin(), pos.end(), *sch.shared_position(s));
+      for (int64_t t = tid; t < nb; t += nt) {
+        const int64_t j0 = bound[t], n = bound[t + 1] - j0;
+        if (n == 0) continue;
+        at::Tensor out = gh.narrow(1, 4 * j0, 4 * n);
+        at::mm_out(out, hbuf[s & 1], wperm.narrow(0, 4 * j0, 4 * n).t());
+        RnnStep q = p;
+        q.pos = pos.data();
+        q.out = hbuf[(s + 1) & 1].data_ptr();
+        q.j0 = j0;
+        q.j1 = j0 + n;
+        fn(q, 0, B);
+      }
+#pragma omp barrier
+    }
+  }
+  return hbuf[T & 1];
+}
+
 const void* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr() : nullptr;
 }
@@ -231,6 +278,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                         .H = H,
                         .reverse = reverse};
       if (run_sequence(kernels().lstm_seq_fwd[dbl], p) != h.data_ptr()) h = h2;
+      const auto dtype = x_.scalar_type();
+      return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
+    }
+    if (!w_hr && !sch.masked()) {
+      const RnnStep p{.B = B,
+                      .H = H,
+                      .gx = gx.const_data_ptr(),
+                      .c = c.data_ptr(),
+                      .y = y.data_ptr(),
+                      .gates = gates.data_ptr(),
+                      .cs = cs.data_ptr()};
+      h = lstm_fused_steps(kernels().lstm_fwd[dbl], p, sch, w_hh, h, T);
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
     }

@@ -67,22 +67,22 @@ inline double tanh_a(double x) {
 
 template <typename A>
 void lstm_fwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
-  const int64_t B = p.B, H = p.H;
+  const int64_t B = p.B, H = p.H, j0 = p.j0, n = (p.j1 != 0 ? p.j1 : H) - j0;
   for (int64_t b = b0; b < b1; ++b) {
     if (p.pos[b] < 0) continue;
     const int64_t row = p.pos[b] * B + b;
-    const A* __restrict gx = static_cast<const A*>(p.gx) + row * 4 * H;
-    const A* __restrict gh = static_cast<const A*>(p.gh) + b * 4 * H;
-    A* __restrict c = static_cast<A*>(p.c) + b * H;
-    A* __restrict out = static_cast<A*>(p.out) + b * H;
-    A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H;
-    A* __restrict cs = static_cast<A*>(p.cs) + row * H;
+    const A* __restrict gx = static_cast<const A*>(p.gx) + row * 4 * H + j0;
+    const A* __restrict gh = static_cast<const A*>(p.gh) + b * 4 * H + 4 * j0;
+    A* __restrict c = static_cast<A*>(p.c) + b * H + j0;
+    A* __restrict out = static_cast<A*>(p.out) + b * H + j0;
+    A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H + j0;
+    A* __restrict cs = static_cast<A*>(p.cs) + row * H + j0;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       const A i = sigmoid(gx[j] + gh[j]);
-      const A f = sigmoid(gx[H + j] + gh[H + j]);
-      const A g = tanh_a(gx[2 * H + j] + gh[2 * H + j]);
-      const A o = sigmoid(gx[3 * H + j] + gh[3 * H + j]);
+      const A f = sigmoid(gx[H + j] + gh[n + j]);
+      const A g = tanh_a(gx[2 * H + j] + gh[2 * n + j]);
+      const A o = sigmoid(gx[3 * H + j] + gh[3 * n + j]);
       const A cn = f * c[j] + i * g;
       c[j] = cn;
       cs[j] = cn;
@@ -93,9 +93,9 @@ void lstm_fwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
       gates[3 * H + j] = o;
     }
     if (p.y != nullptr) {
-      A* __restrict y = static_cast<A*>(p.y) + row * H;
+      A* __restrict y = static_cast<A*>(p.y) + row * H + j0;
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) y[j] = out[j];
+      for (int64_t j = 0; j < n; ++j) y[j] = out[j];
     }
   }
 }

@@ -42,6 +42,10 @@ struct RnnStep {
   void* dgates;
   void* dc;
   void* dh_direct;
+  // LSTM forward: hidden units [j0, j1) of each row (j1 == 0: up to H), with gh holding this
+  // block's gates as 4 runs of j1 - j0 columns from column 4 * j0 (a thread's own slice of the
+  // recurrent GEMM, see rnn.cpp); the default 0, 0 is all units with gh in [i, f, g, o] order.
+  int64_t j0, j1;
 };
 
 using RnnStepFn = void (*)(const RnnStep&, int64_t b0, int64_t b1);

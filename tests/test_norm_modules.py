@@ -217,8 +217,9 @@ def test_patch_swaps_supported_modules(backend, training):
     report = fastdl.patch(model)
 
     assert isinstance(report, fastdl.PatchReport)
-    assert [s[0] for s in report.swapped] == ["1", "5", "6", "8"]
-    assert [type(model[i]) for i in (1, 5, 6, 8)] == [
+    assert [s[0] for s in report.swapped] == ["0", "1", "5", "6", "8"]
+    assert [type(model[i]) for i in (0, 1, 5, 6, 8)] == [
+        fnn.Conv2d,
         fnn.BatchNorm2d,
         fnn.BatchNorm1d,
         fnn.LayerNorm,
@@ -229,7 +230,7 @@ def test_patch_swaps_supported_modules(backend, training):
     assert "ScaledLayerNorm" in report.left[0][1]
     assert all(p is params[n] for n, p in model.named_parameters()), "parameters were replaced"
     assert all(m.training == training for m in model.modules())
-    assert "swapped 4" in str(report)
+    assert "swapped 5" in str(report)
 
     x = torch.randn(4, 3, 5, 5, device=backend.device)
     g = torch.randn(4, 16, device=backend.device)
@@ -243,9 +244,9 @@ def test_patch_include_exclude_and_idempotence(backend):
     report = fastdl.patch(model, include=["LayerNorm"])
     assert [s[0] for s in report.swapped] == ["6"]
     assert type(model[1]) is nn.BatchNorm2d
-    assert {n for n, _, why in report.left if "include" in why} == {"1", "5", "8"}
+    assert {n for n, _, why in report.left if "include" in why} == {"0", "1", "5", "8"}
     report = fastdl.patch(model, exclude=["RMSNorm"])
-    assert [s[0] for s in report.swapped] == ["1", "5"]
+    assert [s[0] for s in report.swapped] == ["0", "1", "5"]
     assert type(model[8]) is nn.RMSNorm
     assert fastdl.patch(model, exclude=["RMSNorm"]).swapped == []
 

@@ -9,6 +9,7 @@ from norm_ref import KINDS, bn_inputs, check_bn, check_norm, norm_inputs
 
 import fastdl
 from fastdl import _ext
+from fastdl.ops import norm
 
 # ---------------------------------------------------------------- opcheck
 
@@ -78,13 +79,13 @@ OPCHECK_GRAD_IDS = [s[0] for s in _opcheck_samples("cpu", True)]
 @pytest.mark.parametrize("sample", OPCHECK_IDS)
 def test_opcheck(backend, sample):
     _, op, args = next(s for s in _opcheck_samples(backend.device, False) if s[0] == sample)
-    torch.library.opcheck(getattr(backend.ops, op), args)
+    torch.library.opcheck(getattr(backend.ops(norm), op), args)
 
 
 @pytest.mark.parametrize("sample", OPCHECK_GRAD_IDS)
 def test_opcheck_requires_grad(backend, sample):
     _, op, args = next(s for s in _opcheck_samples(backend.device, True) if s[0] == sample)
-    torch.library.opcheck(getattr(backend.ops, op), args)
+    torch.library.opcheck(getattr(backend.ops(norm), op), args)
 
 
 # ---------------------------------------------------------------- gradcheck (float64, CPU native)

@@ -1,0 +1,1 @@
+"""Plain torch.nn twins of fastdl.models: same architectures and parameter names, no fastdl."""

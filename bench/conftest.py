@@ -24,12 +24,13 @@ def pytest_generate_tests(metafunc):
     one case's inputs are built once and freed before the next case's."""
     if {"case", "candidate"} <= set(metafunc.fixturenames):
         device_type = metafunc.config.getoption("--bench-device")
-        names = [f"fastdl:{b}" for b in cases.BACKENDS[device_type]] + list(cases.BASELINES)
-        metafunc.parametrize(
-            ("case", "candidate"),
-            [(c, n) for c in metafunc.module.CASES for n in names],
-            ids=[f"{c.name}-{n}" for c in metafunc.module.CASES for n in names],
-        )
+        mine = [f"fastdl:{b}" for b in cases.BACKENDS[device_type]]
+        pairs = [
+            (c, n)
+            for c in metafunc.module.CASES
+            for n in mine + [b for b in cases.BASELINES if b != "compile" or c.compiled]
+        ]
+        metafunc.parametrize(("case", "candidate"), pairs, ids=[f"{c.name}-{n}" for c, n in pairs])
 
 
 class _Current:

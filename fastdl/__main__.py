@@ -1,4 +1,5 @@
-"""`python -m fastdl info`: versions, the CPU ISA in use and the backends available."""
+"""`python -m fastdl info`: versions, the CPU ISA in use and the backends available.
+`python -m fastdl train <model>`: trains a model of fastdl.models beside its torch twin."""
 
 import argparse
 import platform
@@ -32,12 +33,76 @@ def info() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdl")
-    parser.add_argument("command", choices=["info"])
-    parser.parse_args(argv)
-    print(info())
+def train(spec, args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from fastdl.models import train as training
+
+    bar = tqdm(total=args.steps, desc=spec.name, unit="step")
+
+    def progress(run: training.Run) -> None:
+        bar.update(1)
+        bar.set_postfix(
+            {f"{who} loss": f"{v[-1]:.4f}" for who, v in run.losses.items()}
+            | {f"{who} ms": f"{1e3 * v[-1]:.1f}" for who, v in run.times.items()}
+        )
+
+    try:
+        run = training.train(
+            spec,
+            args.steps,
+            torch.device(args.device),
+            compare=not args.no_twin,
+            progress=progress,
+        )
+    except ValueError as e:
+        bar.close()
+        print(f"python -m fastdl train: {e}", file=sys.stderr)
+        return 2
+    bar.close()
+    print(f"{spec.name}: {spec.task}")
+    for who, losses in run.losses.items():
+        print(
+            f"  {who:6s} loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+            f"median step {run.median_ms(who):.2f} ms"
+        )
+    if "torch" in run.times:
+        ratio = run.median_ms("torch") / run.median_ms("fastdl")
+        print(f"  speed-up over the torch twin: {ratio:.2f}x")
+    plot = args.plot or f"train-{spec.name}.png"
+    training.plot(run, plot)
+    print(f"  loss curve: {plot}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastdl.models import GROUPS
+
+    parser = argparse.ArgumentParser(prog="python -m fastdl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, CPU ISA, backends")
+    t = sub.add_parser("train", help="train a model of fastdl.models beside its torch twin")
+    t.add_argument("model", help=f"a model name (python -m fastdl models; groups {GROUPS})")
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--no-twin", action="store_true", help="train the fastdl model alone")
+    t.add_argument("--plot", help="PNG of the loss curve (default train-<model>.png)")
+    sub.add_parser("models", help="list the models of fastdl.models")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+        return 0
+    from fastdl.models import specs
+
+    models = specs()
+    if args.command == "models":
+        for name, spec in models.items():
+            print(f"{name:20s} {spec.group:10s} {spec.task}")
+        return 0
+    if args.model not in models:
+        parser.error(f"unknown model {args.model!r}; choose from {', '.join(models)}")
+    return train(models[args.model], args)
 
 
 if __name__ == "__main__":

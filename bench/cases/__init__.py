@@ -18,7 +18,7 @@ import torch
 
 import fastdl
 
-FAMILIES = ("norm", "attention", "conv", "rnn", "graph", "int8")
+FAMILIES = ("norm", "attention", "conv", "rnn", "graph", "int8", "models")
 BASELINES = ("eager", "compile")
 # The fastdl backends to time on each device type (fastdl.backend names).
 BACKENDS = {"cpu": ("native",), "cuda": ("native", "triton")}
@@ -57,6 +57,7 @@ class Case:
     flops: int = 0
     variant: str = ""
     target: Target | None = None
+    compiled: bool = True  # whether torch.compile of the eager baseline is a candidate
 
     @property
     def label(self) -> str:
@@ -141,7 +142,8 @@ def candidates(case: Case, device_type: str) -> dict[str, Callable[[Inputs], Any
     # Cases share eager functions (one code object per op), so graphs compiled for earlier
     # cases would pile up against dynamo's recompile limit: each case starts afresh.
     torch._dynamo.reset()
-    fns["compile"] = torch.compile(case.eager, dynamic=False)
+    if case.compiled:
+        fns["compile"] = torch.compile(case.eager, dynamic=False)
     return {name: partial(case.run, fn) for name, fn in fns.items()}
 
 

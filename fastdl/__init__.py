@@ -19,7 +19,7 @@ from fastdl.ops.int8 import (
 )
 from fastdl.ops.norm import add_layer_norm, add_rms_norm, batch_norm, layer_norm, rms_norm
 from fastdl.ops.rnn import gru, gru_cell, lstm, lstm_cell
-from fastdl.patch import PatchReport, patch
+from fastdl.patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -56,5 +56,6 @@ __all__ = [
     "sddmm",
     "set_cpu_isa",
     "spmm",
+    "unpatch",
     "varlen_attention",
 ]

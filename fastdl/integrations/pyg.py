@@ -1,0 +1,86 @@
+"""PyTorch Geometric: fastdl.patch replaces GCNConv and GATConv by fastdl.nn's.
+
+The fastdl layers have PyG's parameter layout (``lin.weight`` (out, in), ``bias``; GAT's
+``att_src``/``att_dst`` (1, heads, out)), so the twin takes the PyG layer's very Parameter
+objects: an optimizer built before patching keeps training them, and unpatch puts the PyG layer
+back with what was learnt. Options the fastdl layers do not implement leave the layer as it is,
+with the reason in the report. Their forward takes ``(x, edge_index)`` (GCN: and
+``edge_weight``) with x of shape (N, C) and edge_index a (2, E) tensor or a fastdl.Graph; PyG's
+SparseTensor adjacency, bipartite inputs and ``return_attention_weights`` are PyG's only.
+One difference to know: GCNConv replaces the input's self loops by its own where PyG keeps
+theirs; the two agree unless the graph has self loops with edge weights other than 1.
+"""
+
+from torch import nn
+from torch_geometric import nn as pyg
+
+from fastdl import nn as fnn
+from fastdl.patch import Swap, dtype_problem, qualname
+
+
+def _lazy(module: nn.Module) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters())
+
+
+def _common_problem(module, aggr: str) -> str | None:
+    if _lazy(module):
+        return "lazy (in_channels=-1) parameters are not initialized yet"
+    if module.aggr != aggr or module.flow != "source_to_target" or module.node_dim not in (0, -2):
+        return f"aggr={module.aggr!r}, flow={module.flow!r}, node_dim={module.node_dim}"
+    if getattr(module, "_decomposed_layers", 1) != 1 or getattr(module, "_explain", None):
+        return "decomposed_layers or explain mode"
+    return dtype_problem(module)
+
+
+def _gcn_problem(m: pyg.GCNConv) -> str | None:
+    if not m.normalize or m.add_self_loops is False:
+        return "normalize=False or add_self_loops=False (fastdl's GCNConv always normalizes)"
+    if m.improved:
+        # PyG's add_remaining_self_loops drops the fill value 2 when edge_weight is None, so its
+        # output depends on the call; fastdl's GCNConv always uses A + 2I.
+        return "improved=True (PyG applies it only with edge weights; fastdl always)"
+    return _common_problem(m, "add")
+
+
+def _gat_problem(m: pyg.GATConv) -> str | None:
+    if m.lin is None:
+        return "bipartite in_channels (a pair of sizes)"
+    if m.edge_dim is not None or m.residual:
+        return f"edge_dim={m.edge_dim}, residual={m.residual}"
+    return _common_problem(m, "add")
+
+
+def _share(twin: nn.Module, original: nn.Module) -> nn.Module:
+    for name, p in original.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(owner), attr, p)
+    return twin.train(original.training)
+
+
+def _gcn(m: pyg.GCNConv) -> fnn.GCNConv:
+    return _share(
+        fnn.GCNConv(m.in_channels, m.out_channels, cached=m.cached, bias=m.bias is not None), m
+    )
+
+
+def _gat(m: pyg.GATConv) -> fnn.GATConv:
+    twin = fnn.GATConv(
+        m.in_channels, m.out_channels, m.heads, m.concat, m.negative_slope, m.dropout,
+        m.add_self_loops, bias=m.bias is not None,
+    )  # fmt: skip
+    return _share(twin, m)
+
+
+RULES = {
+    pyg.GCNConv: (_gcn_problem, _gcn, fnn.GCNConv),
+    pyg.GATConv: (_gat_problem, _gat, fnn.GATConv),
+}
+
+
+def recognise(module: nn.Module) -> Swap | str | None:
+    """fastdl.patch's hook: the swap for a PyG layer (exact class), why it is left, or None."""
+    rule = RULES.get(type(module))
+    if rule is None:
+        return None
+    problem, build, twin = rule
+    return problem(module) or Swap(type(module).__name__, qualname(twin), build, in_place=False)

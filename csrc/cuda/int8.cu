@@ -4,8 +4,10 @@
 // 64 x 32, K in steps of 64 bytes) on mma.sync.m16n8k32.s8 (int8 x int8 -> int32, sm_80+),
 // double-buffered: the next tiles are loaded into registers while the current ones feed the
 // tensor cores. Shared-memory rows are padded from 64 to 80 bytes so that the fragment reads of
-// a warp (8 rows x 4 words) fall into 32 distinct banks. A float A (int8_linear) is quantized
-// with its row scale on the way from global memory to shared memory.
+// a warp (8 rows x 4 words) fall into 32 distinct banks. The output type is a template
+// parameter of the kernel rather than a switch in the epilogue: 64 inlined copies of a
+// four-way switch made nvcc's optimizer run for over ten minutes per kernel. A float A
+// (int8_linear) is quantized by int8_quantize first, for the same reason.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -86,44 +88,21 @@ union Chunk {
   int8_t b[16];
 };
 
-// 16 consecutive k of one row of A (int8, or floats quantized with `scale`), zeros past the
-// edges. VEC: 16-byte aligned rows and K % 16 == 0 (int8 only).
-template <typename T, bool VEC>
-__device__ __forceinline__ uint4 load_a(const Int8GemmParams& p, int64_t row, int64_t k,
-                                        float scale) {
-  Chunk ch;
-  ch.v = make_uint4(0, 0, 0, 0);
-  if (row >= p.M) return ch.v;
-  const T* src = static_cast<const T*>(p.a) + row * p.lda + k;
-  if constexpr (VEC) {
-    if (k < p.K) ch.v = *reinterpret_cast<const uint4*>(src);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      if (k + i >= p.K) break;
-      if constexpr (sizeof(T) == 1) {
-        ch.b[i] = src[i];
-      } else {
-        const bool skipped = p.skip != nullptr && p.skip[k + i];
-        ch.b[i] = static_cast<int8_t>(skipped ? 0 : quantize(to_float(src[i]), scale));
-      }
-    }
-  }
-  return ch.v;
-}
-
+// 16 consecutive k of row `row` of an int8 matrix (A, or B given as bt), zeros past the edges.
+// VEC: 16-byte aligned rows and K % 16 == 0.
 template <bool VEC>
-__device__ __forceinline__ uint4 load_b(const Int8GemmParams& p, int64_t n, int64_t k) {
+__device__ __forceinline__ uint4 load_row(const int8_t* m, int64_t ld, int64_t rows, int64_t K,
+                                          int64_t row, int64_t k) {
   Chunk ch;
   ch.v = make_uint4(0, 0, 0, 0);
-  if (n >= p.N) return ch.v;
-  const int8_t* src = p.bt + n * p.ldb + k;
+  if (row >= rows) return ch.v;
+  const int8_t* src = m + row * ld + k;
   if constexpr (VEC) {
-    if (k < p.K) ch.v = *reinterpret_cast<const uint4*>(src);
+    if (k < K) ch.v = *reinterpret_cast<const uint4*>(src);
   } else {
 #pragma unroll
     for (int i = 0; i < 16; ++i)
-      if (k + i < p.K) ch.b[i] = src[i];
+      if (k + i < K) ch.b[i] = src[i];
   }
   return ch.v;
 }
@@ -141,40 +120,28 @@ __device__ __forceinline__ unsigned lds32(const int8_t* p) {
   return *reinterpret_cast<const unsigned*>(p);
 }
 
+// One element of C: the int32 sum as is (O = int), or dequantized, biased and rounded to O.
 template <typename O>
-__device__ __forceinline__ void store_scaled(O* out, float v) {
-  if constexpr (sizeof(O) == 4)
-    *out = v;
-  else if constexpr (std::is_same_v<O, __half>)
-    *out = __float2half_rn(v);
-  else
-    *out = __float2bfloat16_rn(v);
-}
-
 __device__ __forceinline__ void store_out(const Int8GemmParams& p, int64_t r, int64_t c, int acc) {
   if (r >= p.M || c >= p.N) return;
-  const int64_t at = r * p.ldc + c;
-  if (p.out == Int8Out::kInt32) {
-    static_cast<int*>(p.c)[at] = acc;
-    return;
-  }
-  float v = static_cast<float>(acc);
-  if (p.a_scale != nullptr) v *= p.a_scale[r];
-  if (p.b_scale != nullptr) v *= p.b_scale[c];
-  if (p.bias != nullptr) v += p.bias[c];
-  switch (p.out) {
-    case Int8Out::kFloat16:
-      store_scaled(static_cast<__half*>(p.c) + at, v);
-      break;
-    case Int8Out::kBFloat16:
-      store_scaled(static_cast<__nv_bfloat16*>(p.c) + at, v);
-      break;
-    default:
-      store_scaled(static_cast<float*>(p.c) + at, v);
+  O* out = static_cast<O*>(p.c) + r * p.ldc + c;
+  if constexpr (std::is_same_v<O, int>) {
+    *out = acc;
+  } else {
+    float v = static_cast<float>(acc);
+    if (p.a_scale != nullptr) v *= p.a_scale[r];
+    if (p.b_scale != nullptr) v *= p.b_scale[c];
+    if (p.bias != nullptr) v += p.bias[c];
+    if constexpr (std::is_same_v<O, float>)
+      *out = v;
+    else if constexpr (std::is_same_v<O, __half>)
+      *out = __float2half_rn(v);
+    else
+      *out = __float2bfloat16_rn(v);
   }
 }
 
-template <typename T, bool VEC>
+template <bool VEC, typename O>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(Int8GemmParams p) {
   __shared__ __align__(16) int8_t As[2][kBM][kRow];
   __shared__ __align__(16) int8_t Bs[2][kBN][kRow];
@@ -187,21 +154,18 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(Int8GemmParams p) {
   // This thread loads chunks tid and tid + 256 of each 128 x 64-byte tile: row chunk / 4,
   // bytes (chunk % 4) * 16.
   int lrow[2], lcol[2];
-  float lscale[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int chunk = tid + i * kThreads;
     lrow[i] = chunk / 4;
     lcol[i] = chunk % 4 * 16;
-    const int64_t r = m0 + lrow[i];
-    lscale[i] = (sizeof(T) > 1 && r < p.M) ? p.a_scale[r] : 1.f;
   }
   uint4 ra[2], rb[2];
   auto load = [&](int64_t k0) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      ra[i] = load_a<T, VEC>(p, m0 + lrow[i], k0 + lcol[i], lscale[i]);
-      rb[i] = load_b<VEC>(p, n0 + lrow[i], k0 + lcol[i]);
+      ra[i] = load_row<VEC>(p.a, p.lda, p.M, p.K, m0 + lrow[i], k0 + lcol[i]);
+      rb[i] = load_row<VEC>(p.bt, p.ldb, p.N, p.K, n0 + lrow[i], k0 + lcol[i]);
     }
   };
   auto store = [&](int buf) {
@@ -252,15 +216,24 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(Int8GemmParams p) {
     for (int ni = 0; ni < 4; ++ni) {
       const int64_t r = m0 + wm * 64 + mi * 16 + g;
       const int64_t c = n0 + wn * 32 + ni * 8 + 2 * t;
-      store_out(p, r, c, acc[mi][ni][0]);
-      store_out(p, r, c + 1, acc[mi][ni][1]);
-      store_out(p, r + 8, c, acc[mi][ni][2]);
-      store_out(p, r + 8, c + 1, acc[mi][ni][3]);
+      store_out<O>(p, r, c, acc[mi][ni][0]);
+      store_out<O>(p, r, c + 1, acc[mi][ni][1]);
+      store_out<O>(p, r + 8, c, acc[mi][ni][2]);
+      store_out<O>(p, r + 8, c + 1, acc[mi][ni][3]);
     }
 }
 
 bool aligned16(const void* ptr, int64_t ld) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && ld % 16 == 0;
+}
+
+template <typename O>
+cudaError_t launch_gemm(const Int8GemmParams& p, dim3 grid, bool vec, cudaStream_t stream) {
+  if (vec)
+    gemm_kernel<true, O><<<grid, kThreads, 0, stream>>>(p);
+  else
+    gemm_kernel<false, O><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -285,23 +258,17 @@ cudaError_t int8_gemm(const Int8GemmParams& p, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((p.N + kBN - 1) / kBN),
                   static_cast<unsigned>((p.M + kBM - 1) / kBM));
-  switch (p.in) {
-    case Int8In::kFloat32:
-      gemm_kernel<float, false><<<grid, kThreads, 0, stream>>>(p);
-      break;
-    case Int8In::kFloat16:
-      gemm_kernel<__half, false><<<grid, kThreads, 0, stream>>>(p);
-      break;
-    case Int8In::kBFloat16:
-      gemm_kernel<__nv_bfloat16, false><<<grid, kThreads, 0, stream>>>(p);
-      break;
+  const bool vec = aligned16(p.a, p.lda) && aligned16(p.bt, p.ldb) && p.K % 16 == 0;
+  switch (p.out) {
+    case Int8Out::kFloat32:
+      return launch_gemm<float>(p, grid, vec, stream);
+    case Int8Out::kFloat16:
+      return launch_gemm<__half>(p, grid, vec, stream);
+    case Int8Out::kBFloat16:
+      return launch_gemm<__nv_bfloat16>(p, grid, vec, stream);
     default:
-      if (aligned16(p.a, p.lda) && aligned16(p.bt, p.ldb) && p.K % 16 == 0)
-        gemm_kernel<int8_t, true><<<grid, kThreads, 0, stream>>>(p);
-      else
-        gemm_kernel<int8_t, false><<<grid, kThreads, 0, stream>>>(p);
+      return launch_gemm<int>(p, grid, vec, stream);
   }
-  return cudaGetLastError();
 }
 
 }  // namespace fastdl::cuda

@@ -32,10 +32,10 @@ cudaError_t int8_quantize(const Int8QuantParams& p, cudaStream_t stream);
 
 // C (M, N) = A (M, K) x B, B given as its transpose bt (N, K) (k contiguous), int32
 // accumulation on int8 tensor cores (mma.sync m16n8k32), then the epilogue:
-// int32 out, or float(acc) * a_scale[m] * b_scale[n] + bias[n] (null: 1, 1, 0) in Out. With a
-// floating A (int8_linear) the tiles are quantized in registers with a_scale (required) and skip.
+// int32 out, or float(acc) * a_scale[m] * b_scale[n] + bias[n] (null: 1, 1, 0) in Out. A is
+// int8: int8_linear quantizes a floating input with int8_quantize first.
 struct Int8GemmParams {
-  const void* a = nullptr;
+  const int8_t* a = nullptr;
   int64_t lda = 0;  // elements; unit column stride
   const int8_t* bt = nullptr;
   int64_t ldb = 0;
@@ -44,9 +44,7 @@ struct Int8GemmParams {
   const float* a_scale = nullptr;
   const float* b_scale = nullptr;
   const float* bias = nullptr;
-  const uint8_t* skip = nullptr;  // (K,), float A only
   int64_t M = 0, N = 0, K = 0;
-  Int8In in = Int8In::kInt8;
   Int8Out out = Int8Out::kInt32;
 };
 

@@ -129,7 +129,7 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b, const OptTensor
   const at::Tensor a2 = rows_view(a), bt = as_bt(b);
   const OptTensor as = as_float(a_scale), bs = as_float(b_scale), bi = as_float(bias);
   cuda::Int8GemmParams p;
-  p.a = a2.data_ptr();
+  p.a = a2.data_ptr<int8_t>();
   p.lda = a2.stride(0);
   p.bt = bt.data_ptr<int8_t>();
   p.ldb = bt.stride(0);
@@ -187,13 +187,17 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   q.rows = M;
   q.cols = K;
   q.in = in_of(x);
+  // An int8 copy of x for the GEMM: quantizing inside its tile loads instead made nvcc take
+  // over ten minutes per floating input type.
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  q.q = xq.data_ptr<int8_t>();
   C10_CUDA_CHECK(cuda::int8_quantize(q, at::cuda::getCurrentCUDAStream()));
   const OptTensor ws = as_float(w_scale), bi = as_float(bias);
   at::Tensor out = at::empty({M, N}, x.options().dtype(split ? at::kFloat : x.scalar_type()));
   const at::Tensor wc = w.stride(1) == 1 ? w : w.contiguous();
   cuda::Int8GemmParams p;
-  p.a = x2.data_ptr();
-  p.lda = x2.stride(0);
+  p.a = xq.data_ptr<int8_t>();
+  p.lda = K;
   p.bt = wc.data_ptr<int8_t>();
   p.ldb = wc.stride(0);
   p.c = out.data_ptr();
@@ -201,11 +205,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   p.a_scale = scale.data_ptr<float>();
   p.b_scale = fptr(ws);
   p.bias = fptr(bi);
-  p.skip = q.skip;
   p.M = M;
   p.N = N;
   p.K = K;
-  p.in = in_of(x);
   p.out = out_of(out.scalar_type());
   launch(p);
   if (split) {

@@ -18,7 +18,7 @@ import torch
 
 import fastdl
 
-FAMILIES = ("norm", "attention", "conv", "rnn", "graph", "int8", "models")
+FAMILIES = ("norm", "attention", "conv", "rnn", "graph", "int8", "models", "patch")
 BASELINES = ("eager", "compile")
 # The fastdl backends to time on each device type (fastdl.backend names).
 BACKENDS = {"cpu": ("native",), "cuda": ("native", "triton")}

@@ -109,7 +109,9 @@ class FeedForward(nn.Module):
         self.proj = nn.Linear(4 * d_model, d_model)
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x)))
+        h = self.fc(x)
+        # Without autograd (inference) GELU overwrites its input: no second (B, T, 4d) buffer.
+        return self.proj(F.gelu(h) if h.requires_grad else torch.ops.aten.gelu_(h))
 
 
 class GPTBlock(nn.Module):
@@ -335,7 +337,7 @@ GPT_CONFIG = {
     "heads": 4,
     "layers": 4,
 }
-GPT_BATCH = 8
+GPT_BATCH = 16
 LSTM_CONFIG = {"embed": 128, "hidden": 512, "layers": 1}
 LSTM_BATCH, LSTM_STEPS = 64, 128
 CLAUSE_LEN = 12  # reversal task: source clauses of at most this many words

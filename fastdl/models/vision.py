@@ -34,6 +34,12 @@ def check_images(model: str, x: torch.Tensor, channels: int, size: int | None, m
         raise ValueError(f"{model}: x must be {want}, got {got}")
 
 
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """x in channels_last: fastdl's CPU conv kernels compute on NHWC and return the input's
+    layout, so an NCHW activation costs a layout copy on the way into every conv and out."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 # ---------------------------------------------------------------- ResNet-18
 
 
@@ -84,8 +90,8 @@ class ResNet18(nn.Module):
 
     ``stem="cifar"``: a 3x3 stride-1 conv, no max-pool (32x32 inputs). ``stem="imagenet"``: a
     7x7 stride-2 conv and a 3x3 stride-2 max-pool (224x224 inputs; any size >= 32 works).
-    Parameter names follow torchvision's resnet18. Activations run in channels_last, the layout
-    fastdl's conv kernels compute in. Input: x (N, in_channels, H, W); output logits (N, classes).
+    Parameter names follow torchvision's resnet18. Activations run in channels_last
+    (:func:`nhwc`). Input: x (N, in_channels, H, W); output logits (N, classes).
     """
 
     def __init__(
@@ -111,7 +117,7 @@ class ResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images("ResNet18", x, self.in_channels, None, 8 if self.stem == "cifar" else 32)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = nhwc(x)
         if self.training:
             x = self.bn1(self.conv1(x))
         else:
@@ -172,7 +178,9 @@ class DCGANGenerator(nn.Module):
                 f"DCGANGenerator: z must be (N, {self.nz}) or (N, {self.nz}, 1, 1), "
                 f"got {tuple(z.shape)}"
             )
-        return torch.tanh(self.blocks(z.view(z.shape[0], self.nz, 1, 1)))
+        # The first block's 1x1 input is as much NCHW as NHWC; its 4x4 output goes NHWC.
+        h = nhwc(self.blocks[0](z.view(z.shape[0], self.nz, 1, 1)))
+        return torch.tanh(self.blocks[1:](h))
 
 
 class DCGANDiscriminator(nn.Module):
@@ -192,7 +200,7 @@ class DCGANDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images("DCGANDiscriminator", x, self.channels, 32)
-        return self.blocks(x).view(-1)
+        return self.blocks(nhwc(x)).view(-1)
 
 
 class DCGAN(nn.Module):
@@ -257,7 +265,7 @@ class ConvAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images("ConvAutoencoder", x, self.channels, 32)
-        return torch.sigmoid(self.decoder(self.expand(self.code(self.encoder(x)))))
+        return torch.sigmoid(self.decoder(self.expand(self.code(self.encoder(nhwc(x))))))
 
 
 class VAE(nn.Module):
@@ -279,14 +287,14 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None):
         check_images("VAE", x, self.channels, 32)
-        h = self.encoder(x).flatten(1)
+        h = self.encoder(nhwc(x)).flatten(1)
         mu, logvar = self.mu(h), self.logvar(h)
         z = mu
         if self.training:
             eps = torch.randn_like(mu) if eps is None else eps
             z = mu + torch.exp(0.5 * logvar) * eps
         h = F.relu(self.expand(z)).view(-1, 2 * self.width, 8, 8)
-        return self.decoder(h), mu, logvar
+        return self.decoder(nhwc(h)), mu, logvar
 
 
 def elbo_loss(out: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
@@ -359,7 +367,8 @@ class ViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images("ViT", x, self.channels, self.size)
-        h = self.patch_embed(x).flatten(2).transpose(1, 2)
+        # From NHWC the patch embedding's (N, dim, h, w) output is (N, h * w, dim) in memory.
+        h = self.patch_embed(nhwc(x)).flatten(2).transpose(1, 2)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], 1) + self.pos_embed
         y = self.blocks[0].norm1(h)
         norms = [b.norm1 for b in self.blocks[1:]] + [self.norm]

@@ -140,6 +140,20 @@ def test_gpt_generate_is_greedy_decoding():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize(("name", "start"), [("transformer", corpus.BOS), ("seq2seq", 10)])
+def test_encoder_decoder_generate_feeds_back_its_argmax(name, start):
+    """Greedy decoding agrees with the teacher-forced forward fed its own output."""
+    model, _ = pair(name)
+    (src, _), _ = small_batch(name, torch.Generator().manual_seed(3))
+    out = model.generate(src, 8, start)
+    assert out.shape == (BATCH, 8)
+    fed = torch.cat([torch.full((BATCH, 1), start), out[:, :-1]], 1)
+    with torch.no_grad():
+        assert torch.equal(model(src, fed).argmax(-1), out)
+    with pytest.raises(ValueError, match=r"start token -1 is outside \[0, "):
+        model.generate(src, 8, -1)
+
+
 @pytest.mark.parametrize("spec", sequence.SPECS, ids=lambda s: s.name)
 def test_spec_config_matches_twin(spec):
     """The bench-sized config of each spec: its data, its twin, the same loss."""
@@ -197,8 +211,12 @@ def _bad(name: str):
         return (x,) if arg == "idx" else (x, ok)
 
     cases = [
+        (inputs([[1, 2]]), rf"{arg} must be a tensor of token ids, got list"),
         (inputs(torch.zeros(4, dtype=torch.long)), rf"{arg} must be a \(batch, time\) tensor"),
-        (inputs(torch.zeros(2, 4)), rf"{arg} must be .* int64 token ids, got .*float32"),
+        (
+            inputs(torch.zeros(2, 4)),
+            rf"{arg} must be .* integer token ids \(int64 or int32\), got .*float32",
+        ),
         (inputs(torch.zeros(2, 0, dtype=torch.long)), rf"{arg} has no tokens"),
         (inputs(torch.full((2, 4), -1)), rf"{arg} holds token ids outside \[0, {vocab}\): min -1"),
         (inputs(torch.full((2, 4), vocab)), rf"{arg} holds token ids outside .* max {vocab}"),

@@ -29,22 +29,12 @@ def check_tokens(
 ) -> None:
     """ValueError unless ``ids`` is a (batch, time) integer tensor with 1 <= time <= max_len and
     every id in [0, vocab): caught here, before an embedding reads out of bounds."""
-    if (
-        not isinstance(ids, torch.Tensor)
-        or ids.dim() != 2
-        or ids.dtype
-        not in (
-            torch.int32,
-            torch.int64,
-        )
-    ):
-        got = (
-            f"shape {list(ids.shape)}, dtype {ids.dtype}"
-            if isinstance(ids, torch.Tensor)
-            else (type(ids).__name__)
-        )
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{model}: {name} must be a tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(
-            f"{model}: {name} must be a (batch, time) tensor of int64 token ids, got {got}"
+            f"{model}: {name} must be a (batch, time) tensor of integer token ids (int64 or "
+            f"int32), got shape {list(ids.shape)}, dtype {ids.dtype}"
         )
     t = ids.shape[1]
     if t == 0:
@@ -59,6 +49,11 @@ def check_tokens(
             raise ValueError(
                 f"{model}: {name} holds token ids outside [0, {vocab}): min {lo}, max {hi}"
             )
+
+
+def check_start(model: str, start: int, vocab: int) -> None:
+    if not 0 <= start < vocab:
+        raise ValueError(f"{model}: start token {start} is outside [0, {vocab})")
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm):
@@ -258,14 +253,37 @@ class Transformer(nn.Module):
                 f"Transformer: src and tgt must have the same batch size, got {src.shape[0]} "
                 f"and {tgt.shape[0]}"
             )
+        return self._decode(*self._encode(src), tgt)
+
+    def _encode(self, src):
         keep = (src != self.pad_id)[:, None, None, :]  # (B, 1, 1, S): True attends
         memory = self._embed(self.src_emb, src)
         for layer in self.encoder:
             memory = layer(memory, keep)
+        return memory, keep
+
+    def _decode(self, memory, keep, tgt):
         x = self._embed(self.tgt_emb, tgt)
         for layer in self.decoder:
             x = layer(x, memory, keep)
         return self.head(x)
+
+    @torch.no_grad()
+    def generate(self, src: torch.Tensor, steps: int, start: int = corpus.BOS) -> torch.Tensor:
+        """Greedy decoding: the source encoded once, then ``steps`` tokens (B, steps), each the
+        argmax after the start token and the tokens so far (the prefix is rerun: no KV cache)."""
+        check_tokens("Transformer", "src", src, self.src_vocab, self.max_len)
+        check_start("Transformer", start, self.tgt_vocab)
+        if steps >= self.max_len:
+            raise ValueError(
+                f"Transformer: steps must be below max_len {self.max_len}, got {steps}"
+            )
+        memory, keep = self._encode(src)
+        tgt = torch.full((src.shape[0], 1), start, device=src.device)
+        for _ in range(steps):
+            nxt = self._decode(memory, keep, tgt)[:, -1].argmax(-1, keepdim=True)
+            tgt = torch.cat([tgt, nxt], dim=1)
+        return tgt[:, 1:]
 
 
 class LSTMLanguageModel(nn.Module):
@@ -312,6 +330,21 @@ class Seq2Seq(nn.Module):
         _, h = self.encoder(self.src_emb(src.t()))
         y, _ = self.decoder(self.tgt_emb(tgt.t()), h)
         return self.head(y).transpose(0, 1)
+
+    @torch.no_grad()
+    def generate(self, src: torch.Tensor, steps: int, start: int) -> torch.Tensor:
+        """Greedy decoding without teacher forcing: from ``start``, each step's argmax is the
+        next step's input; returns the ``steps`` tokens (B, steps)."""
+        check_tokens("Seq2Seq", "src", src, self.src_vocab)
+        check_start("Seq2Seq", start, self.tgt_vocab)
+        _, h = self.encoder(self.src_emb(src.t()))
+        tok = torch.full((1, src.shape[0]), start, device=src.device)
+        out = []
+        for _ in range(steps):
+            y, h = self.decoder(self.tgt_emb(tok), h)
+            tok = self.head(y).argmax(-1)
+            out.append(tok)
+        return torch.cat(out).t()
 
 
 # ---------------------------------------------------------------- data and specs

@@ -114,7 +114,7 @@ def quantize_model(
     ``exclude``: lists of module-name prefixes (e.g. ``["encoder."]``, ``["lm_head"]``).
     Returns a :class:`fastdl.PatchReport` of what was swapped and what was left, and why.
     """
-    from fastdl.patch import PatchReport, _qualname
+    from fastdl.patch import PatchReport, qualname
 
     report = PatchReport()
     if type(model) is nn.Linear:
@@ -125,13 +125,13 @@ def quantize_model(
             if not isinstance(child, nn.Linear):
                 continue
             if type(child) is not nn.Linear:
-                report.left.append((full, _qualname(type(child)), "subclass of nn.Linear"))
+                report.left.append((full, qualname(type(child)), "subclass of nn.Linear"))
                 continue
             if (include is not None and not any(full.startswith(p) for p in include)) or (
                 exclude is not None and any(full.startswith(p) for p in exclude)
             ):
-                report.left.append((full, _qualname(type(child)), "filtered by include/exclude"))
+                report.left.append((full, qualname(type(child)), "filtered by include/exclude"))
                 continue
             setattr(module, child_name, Int8Linear.from_float(child, outlier_threshold))
-            report.swapped.append((full, _qualname(nn.Linear), _qualname(Int8Linear)))
+            report.swapped.append((full, qualname(nn.Linear), qualname(Int8Linear)))
     return report

@@ -3,6 +3,7 @@ weights give the same outputs and gradients, 20 AdamW steps on the same batches 
 losses (Liger-Kernel's convergence test), bad inputs raise a clear ValueError. Small configs;
 the specs' own (bench-sized) configs are built and compared forward only."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -100,20 +101,15 @@ def test_forward_and_gradients_match_twin(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_twenty_training_steps_match_twin(name):
-    model, twin = pair(name)
-    spec = next(s for s in sequence.SPECS if s.name == name)
-    opts = [training.optimizer(m, spec) for m in (model, twin)]
-    gen = torch.Generator().manual_seed(2)
-    losses = []
-    for _ in range(20):
-        inputs, target = small_batch(name, gen)
-        losses.append(
-            [
-                training.step(m, o, spec, inputs, target).item()
-                for m, o in zip((model, twin), opts, strict=True)
-            ]
-        )
-    ours, theirs = zip(*losses, strict=True)
+    cls, twin_cls = CLASSES[name]
+    spec = dataclasses.replace(
+        next(s for s in sequence.SPECS if s.name == name),
+        build=lambda: cls(**SMALL[name]),
+        twin=lambda: twin_cls(**SMALL[name]),
+        batch=lambda gen, device: small_batch(name, gen),
+    )
+    run = training.train(spec, 20, torch.device("cpu"), seed=2)
+    ours, theirs = run.losses["fastdl"], run.losses["torch"]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert sum(ours[-3:]) < sum(ours[:3])  # it learns
 

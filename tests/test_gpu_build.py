@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,8 +80,24 @@ def _nvcc() -> str | None:
 NVCC = _nvcc()
 
 
-def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kwargs)
+def _run(cmd: list[str], input: str | None = None, **kwargs) -> subprocess.CompletedProcess:
+    # nvcc runs its stages (cicc, ptxas) as children: on a timeout the whole process group is
+    # killed, or they would run on, orphaned, long after the test failed.
+    with subprocess.Popen(
+        cmd,
+        stdin=None if input is None else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    ) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _compile_cu(name: str, arch: str, out: Path) -> subprocess.CompletedProcess:

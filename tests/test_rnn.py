@@ -136,11 +136,14 @@ def test_lengths_zero_past_end_and_final_state(backend):
     y, (h, c) = fastdl.lstm(x, None, mod._flat_weights, lengths=torch.tensor([5, 2], device=dev))
     y_full, _ = fastdl.lstm(x[:, :1], None, mod._flat_weights)
     y_two, (h_two, c_two) = fastdl.lstm(x[:2, :1], None, mod._flat_weights)
-    torch.testing.assert_close(y[:, 0], y_full[:, 0], rtol=0, atol=0)
-    torch.testing.assert_close(y[:2, 1], y_two[:, 0], rtol=0, atol=0)
+    # Batch 2 against batch 1: the BLAS may round the two GEMM shapes differently (it does on
+    # AMD Zen 4), so these agree to float32 rounding, not bit for bit; the zeros are exact.
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(y[:, 0], y_full[:, 0], **tol)
+    torch.testing.assert_close(y[:2, 1], y_two[:, 0], **tol)
     assert torch.equal(y[2:, 1], torch.zeros_like(y[2:, 1]))
-    torch.testing.assert_close(h[0, 1], h_two[0, 0], rtol=0, atol=0)
-    torch.testing.assert_close(c[0, 1], c_two[0, 0], rtol=0, atol=0)
+    torch.testing.assert_close(h[0, 1], h_two[0, 0], **tol)
+    torch.testing.assert_close(c[0, 1], c_two[0, 0], **tol)
 
 
 def test_dropout_between_layers_only_in_training(backend):

@@ -17,10 +17,14 @@ NATIVE_CASES = [
     RnnCase(L, 13, 4, 10, 17, layers=2, bidir=True, batch_first=True, lengths=True),
     RnnCase(L, 6, 5, 5, 8, layers=2, proj=5, bias=False, lengths=True),
     RnnCase(L, 9, 3, 16, 33, bidir=True, proj=7, lengths=True),
+    # Batches above 4 without lengths or projection: the fused whole-sequence loops (threads own
+    # blocks of 16 hidden units; 37 leaves a remainder block).
+    RnnCase(L, 7, 6, 5, 37, bidir=True),
     RnnCase(G, 5, 3, 7, 9),
     RnnCase(G, 1, 1, 4, 6),
     RnnCase(G, 13, 4, 10, 17, layers=2, bidir=True, batch_first=True, lengths=True),
     RnnCase(G, 7, 5, 6, 19, layers=3, bias=False, lengths=True),
+    RnnCase(G, 7, 6, 5, 37, layers=2, bidir=True, batch_first=True),
 ]
 # The interpreter launches one program per step and row: a few steps of small batches.
 INTERP_CASES = [

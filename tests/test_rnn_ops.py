@@ -231,15 +231,17 @@ def test_compile_matches_eager(backend, case):
 # ---------------------------------------------------------------- determinism
 
 
+@pytest.mark.parametrize("lengths", [True, False])
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_repeated_backward_is_bit_identical(backend, kind):
+def test_repeated_backward_is_bit_identical(backend, kind, lengths):
+    # Without lengths, batch 5 takes the CPU's fused whole-sequence loops.
     shape = (6, 5, 7, 33) if not backend.interpreted else (3, 2, 3, 5)
     T, B, IN, H = shape
     mod = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(IN, H, bidirectional=True)
     mod = mod.to(backend.device)
     fn = fastdl.lstm if kind == "lstm" else fastdl.gru
     x = torch.randn(T, B, IN, device=backend.device)
-    lens = torch.randint(1, T + 1, (B,), device=backend.device)
+    lens = torch.randint(1, T + 1, (B,), device=backend.device) if lengths else None
     runs = []
     for _ in range(2):
         xx = x.clone().requires_grad_()
@@ -264,11 +266,14 @@ def test_isa_paths(backend, isa, dtype):
     before = fastdl.cpu_isa()
     fastdl.set_cpu_isa(isa)
     try:
-        # Batch 2 takes the small-batch sequence kernels, batch 5 the per-step ones.
+        # Batch 2 takes the small-batch sequence kernels, batch 5 the per-step ones with lengths
+        # and the fused whole-sequence loops without.
         for h in (1, 17, 40):
             for b in (2, 5):
                 check_rnn(RnnCase("lstm", 3, b, 3, h, bidir=True, lengths=True), dtype)
                 check_rnn(RnnCase("gru", 3, b, 3, h, lengths=True), dtype)
+            check_rnn(RnnCase("lstm", 3, 5, 3, h, bidir=True), dtype)
+            check_rnn(RnnCase("gru", 3, 5, 3, h, bidir=True), dtype)
         mod = torch.nn.LSTM(3, 16)
         x = 40 * torch.randn(4, 2, 3)
         y, (h, c) = fastdl.lstm(x.to(dtype), None, [p.to(dtype) for p in mod._flat_weights])

@@ -176,24 +176,38 @@ void* run_sequence(RnnSeqStepFn fn, const RnnSeqFwd& p) {
   return p.h[p.T & 1];
 }
 
-// The LSTM forward steps without projection or lengths, batches above kSeqMaxBatch: one parallel
-// region for the whole sequence. Each thread owns a block of hidden units and per step runs the
-// recurrent GEMM of just its units' four gates (single-threaded BLAS on its slice of a w_hh whose
-// rows are regrouped per block) and at once the fused pointwise on that slice, while its gates
-// are still in cache; h is double-buffered, so one barrier per step is all the ordering needed
-// (instead of a BLAS fork/join and a parallel_for per step). Returns the buffer holding h_T.
-at::Tensor lstm_fused_steps(RnnStepFn fn, RnnStep p, Schedule& sch, const at::Tensor& w_hh,
-                            at::Tensor h, int64_t T) {
-  const int64_t B = p.B, H = p.H, units = (H + kSeqUnits - 1) / kSeqUnits;
+// Hidden-unit blocks of the fused sequence loops below: block t is units [bound[t], bound[t + 1]),
+// split in kSeqUnits, one block per thread.
+std::vector<int64_t> unit_blocks(int64_t H) {
+  const int64_t units = (H + kSeqUnits - 1) / kSeqUnits;
   const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
-  std::vector<int64_t> bound(nb + 1), rows;
+  std::vector<int64_t> bound(nb + 1);
   for (int64_t t = 0; t <= nb; ++t) bound[t] = std::min(H, units * t / nb * kSeqUnits);
+  return bound;
+}
+
+// The forward steps without projection or lengths, batches above kSeqMaxBatch (LSTM: k = 4
+// gates, GRU: k = 3 with b_hh inside the recurrent GEMM): one parallel region for the whole
+// sequence. Each thread owns a block of hidden units and per step runs the recurrent GEMM of just
+// its units' k gates (single-threaded BLAS on its slice of a w_hh whose rows are regrouped per
+// block) and at once the fused pointwise on that slice, while its gates are still in cache; h is
+// double-buffered, so one barrier per step is all the ordering needed (instead of a BLAS
+// fork/join and a parallel_for per step). Returns the buffer holding h_T.
+at::Tensor fused_fwd_steps(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                           at::Tensor h, int64_t T) {
+  const int64_t B = p.B, H = p.H;
+  const std::vector<int64_t> bound = unit_blocks(H);
+  const int64_t nb = static_cast<int64_t>(bound.size()) - 1;
+  std::vector<int64_t> rows;
   for (int64_t t = 0; t < nb; ++t)
-    for (int64_t q = 0; q < 4; ++q)
+    for (int64_t q = 0; q < k; ++q)
       for (int64_t j = bound[t]; j < bound[t + 1]; ++j) rows.push_back(q * H + j);
-  const at::Tensor wperm =
-      w_hh.index_select(0, at::from_blob(rows.data(), {4 * H}, at::kLong)).contiguous();
-  const at::Tensor gh = at::empty({B, 4 * H}, h.options());
+  const at::Tensor index = at::from_blob(rows.data(), {k * H}, at::kLong);
+  const at::Tensor wperm = w_hh.index_select(0, index).contiguous();
+  const std::optional<at::Tensor> bperm =
+      b_hh ? std::optional<at::Tensor>(b_hh->index_select(0, index)) : std::nullopt;
+  const at::Tensor gh = at::empty({B, k * H}, h.options());
   const at::Tensor hbuf[2] = {h, at::empty_like(h)};
   p.gh = gh.const_data_ptr();
   const at::ThreadLocalState tls;
@@ -207,10 +221,15 @@ at::Tensor lstm_fused_steps(RnnStepFn fn, RnnStep p, Schedule& sch, const at::Te
       for (int64_t t = tid; t < nb; t += nt) {
         const int64_t j0 = bound[t], n = bound[t + 1] - j0;
         if (n == 0) continue;
-        at::Tensor out = gh.narrow(1, 4 * j0, 4 * n);
-        at::mm_out(out, hbuf[s & 1], wperm.narrow(0, 4 * j0, 4 * n).t());
+        at::Tensor out = gh.narrow(1, k * j0, k * n);
+        const at::Tensor w = wperm.narrow(0, k * j0, k * n).t();
+        if (bperm)
+          at::addmm_out(out, bperm->narrow(0, k * j0, k * n), hbuf[s & 1], w);
+        else
+          at::mm_out(out, hbuf[s & 1], w);
         RnnStep q = p;
         q.pos = pos.data();
+        q.h = hbuf[s & 1].data_ptr();
         q.out = hbuf[(s + 1) & 1].data_ptr();
         q.j0 = j0;
         q.j1 = j0 + n;
@@ -220,6 +239,53 @@ at::Tensor lstm_fused_steps(RnnStepFn fn, RnnStep p, Schedule& sch, const at::Te
     }
   }
   return hbuf[T & 1];
+}
+
+// The backward steps without projection or lengths, batches above kSeqMaxBatch: one parallel
+// region for the whole sequence, as fused_fwd_steps. Each thread owns a block of hidden units:
+// per step the fused pointwise of its units (their gate gradients; LSTM: dc), a barrier, then its
+// columns of dh_{t-1} = dgates[:, :G] W_hh (GRU: + dh_direct) by single-threaded BLAS on its
+// column slice of w_hh, copied contiguous once. The next step's pointwise reads only those
+// columns of dh, so one barrier per step orders everything (instead of a BLAS fork/join and a
+// parallel_for per step). Each element is written by one thread in a fixed order: deterministic.
+void fused_bwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
+                     at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
+  const int64_t B = p.B, G = w_hh.size(0);
+  const std::vector<int64_t> bound = unit_blocks(p.H);
+  const int64_t nb = static_cast<int64_t>(bound.size()) - 1;
+  std::vector<at::Tensor> wcol(nb);
+  for (int64_t t = 0; t < nb; ++t)
+    wcol[t] = w_hh.narrow(1, bound[t], bound[t + 1] - bound[t]).contiguous();
+  const at::ThreadLocalState tls;
+#pragma omp parallel num_threads(static_cast<int>(nb))
+  {
+    const at::ThreadLocalStateGuard guard(tls);
+    const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<int64_t> pos(B);
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t row = *sch.shared_position(s);
+      std::fill(pos.begin(), pos.end(), row);
+      for (int64_t t = tid; t < nb; t += nt) {
+        if (bound[t + 1] == bound[t]) continue;
+        RnnStep q = p;
+        q.pos = pos.data();
+        q.j0 = bound[t];
+        q.j1 = bound[t + 1];
+        fn(q, 0, B);
+      }
+#pragma omp barrier
+      const at::Tensor dgs = dg[row].narrow(1, 0, G);
+      for (int64_t t = tid; t < nb; t += nt) {
+        const int64_t j0 = bound[t], n = bound[t + 1] - j0;
+        if (n == 0) continue;
+        at::Tensor out = dh.narrow(1, j0, n);
+        if (direct != nullptr)
+          at::addmm_out(out, direct->narrow(1, j0, n), dgs, wcol[t]);
+        else
+          at::mm_out(out, dgs, wcol[t]);
+      }
+    }
+  }
 }
 
 const void* ptr_or_null(const std::optional<at::Tensor>& t) {
@@ -289,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                       .y = y.data_ptr(),
                       .gates = gates.data_ptr(),
                       .cs = cs.data_ptr()};
-      h = lstm_fused_steps(kernels().lstm_fwd[dbl], p, sch, w_hh, h, T);
+      h = fused_fwd_steps(kernels().lstm_fwd[dbl], p, sch, 4, w_hh, std::nullopt, h, T);
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
     }
@@ -358,7 +424,9 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
               .dgates = dg.data_ptr(),
               .dc = dc.data_ptr()};
     const RnnStepFn fn = kernels().lstm_bwd[x.scalar_type() == at::kDouble];
-    for (int64_t s = T - 1; s >= 0; --s) {
+    const bool fused = !w_hr && !sch.masked() && B > kSeqMaxBatch;
+    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, nullptr, T);
+    for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
       if (w_hr) {
         add_active(dh, grad_y, dhp, p.pos);
@@ -432,6 +500,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), gates};
     }
+    if (!sch.masked()) {
+      const RnnStep p{
+          .B = B, .H = H, .gx = gx.const_data_ptr(), .y = y.data_ptr(), .gates = gates.data_ptr()};
+      h = fused_fwd_steps(kernels().gru_fwd[dbl], p, sch, 3, w_hh, bh, h, T);
+      const auto dtype = x_.scalar_type();
+      return {y.to(dtype), h.to(dtype), gates};
+    }
     at::Tensor gh = at::empty({B, G}, opts);
     RnnStep p{.B = B,
               .H = H,
@@ -484,7 +559,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               .dgates = dg.data_ptr(),
               .dh_direct = direct.data_ptr()};
     const RnnStepFn fn = kernels().gru_bwd[x.scalar_type() == at::kDouble];
-    for (int64_t s = T - 1; s >= 0; --s) {
+    const bool fused = !sch.masked() && B > kSeqMaxBatch;
+    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, &direct, T);
+    for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
       run_rows(fn, p, S);
       const at::Tensor dgs = step_rows(dg, sch, s, p.pos, rows).narrow(1, 0, G);

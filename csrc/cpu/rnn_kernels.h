@@ -102,19 +102,19 @@ void lstm_fwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
 
 template <typename A>
 void lstm_bwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
-  const int64_t B = p.B, H = p.H;
+  const int64_t B = p.B, H = p.H, j0 = p.j0, n = (p.j1 != 0 ? p.j1 : H) - j0;
   for (int64_t b = b0; b < b1; ++b) {
     if (p.pos[b] < 0) continue;
     const int64_t row = p.pos[b] * B + b;
-    const A* __restrict dh = static_cast<const A*>(p.dh) + b * H;
-    const A* __restrict gy = p.gy != nullptr ? static_cast<const A*>(p.gy) + row * H : nullptr;
-    const A* __restrict gates = static_cast<const A*>(p.gates) + row * 4 * H;
-    const A* __restrict cs = static_cast<const A*>(p.cs) + row * H;
-    const A* __restrict cprev = static_cast<const A*>(p.prev) + row * H;
-    A* __restrict dc = static_cast<A*>(p.dc) + b * H;
-    A* __restrict dg = static_cast<A*>(p.dgates) + row * 4 * H;
+    const A* __restrict dh = static_cast<const A*>(p.dh) + b * H + j0;
+    const A* __restrict gy = p.gy != nullptr ? static_cast<const A*>(p.gy) + row * H + j0 : nullptr;
+    const A* __restrict gates = static_cast<const A*>(p.gates) + row * 4 * H + j0;
+    const A* __restrict cs = static_cast<const A*>(p.cs) + row * H + j0;
+    const A* __restrict cprev = static_cast<const A*>(p.prev) + row * H + j0;
+    A* __restrict dc = static_cast<A*>(p.dc) + b * H + j0;
+    A* __restrict dg = static_cast<A*>(p.dgates) + row * 4 * H + j0;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       const A dr = gy != nullptr ? dh[j] + gy[j] : dh[j];
       const A i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
       const A tc = tanh_a(cs[j]);
@@ -130,23 +130,24 @@ void lstm_bwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
 
 template <typename A>
 void gru_fwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
-  const int64_t B = p.B, H = p.H;
+  const int64_t B = p.B, H = p.H, j0 = p.j0, m = (p.j1 != 0 ? p.j1 : H) - j0;
   for (int64_t b = b0; b < b1; ++b) {
     if (p.pos[b] < 0) continue;
     const int64_t row = p.pos[b] * B + b;
-    const A* __restrict gx = static_cast<const A*>(p.gx) + row * 3 * H;
-    const A* __restrict gh = static_cast<const A*>(p.gh) + b * 3 * H;
-    A* __restrict h = static_cast<A*>(p.h) + b * H;
-    A* __restrict y = static_cast<A*>(p.y) + row * H;
-    A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H;
+    const A* __restrict gx = static_cast<const A*>(p.gx) + row * 3 * H + j0;
+    const A* __restrict gh = static_cast<const A*>(p.gh) + b * 3 * H + 3 * j0;
+    const A* __restrict h = static_cast<const A*>(p.h) + b * H + j0;
+    A* __restrict hout = static_cast<A*>(p.out != nullptr ? p.out : p.h) + b * H + j0;
+    A* __restrict y = static_cast<A*>(p.y) + row * H + j0;
+    A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H + j0;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < m; ++j) {
       const A r = sigmoid(gx[j] + gh[j]);
-      const A z = sigmoid(gx[H + j] + gh[H + j]);
-      const A ghn = gh[2 * H + j];
+      const A z = sigmoid(gx[H + j] + gh[m + j]);
+      const A ghn = gh[2 * m + j];
       const A n = tanh_a(gx[2 * H + j] + r * ghn);
       const A hn = n + z * (h[j] - n);  // torch's (1 - z) * n + z * h, as its kernels round it
-      h[j] = hn;
+      hout[j] = hn;
       y[j] = hn;
       gates[j] = r;
       gates[H + j] = z;
@@ -158,18 +159,18 @@ void gru_fwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
 
 template <typename A>
 void gru_bwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
-  const int64_t B = p.B, H = p.H;
+  const int64_t B = p.B, H = p.H, j0 = p.j0, m = (p.j1 != 0 ? p.j1 : H) - j0;
   for (int64_t b = b0; b < b1; ++b) {
     if (p.pos[b] < 0) continue;
     const int64_t row = p.pos[b] * B + b;
-    const A* __restrict dh = static_cast<const A*>(p.dh) + b * H;
-    const A* __restrict gy = p.gy != nullptr ? static_cast<const A*>(p.gy) + row * H : nullptr;
-    const A* __restrict gates = static_cast<const A*>(p.gates) + row * 4 * H;
-    const A* __restrict hprev = static_cast<const A*>(p.prev) + row * H;
-    A* __restrict dg = static_cast<A*>(p.dgates) + row * 4 * H;
-    A* __restrict direct = static_cast<A*>(p.dh_direct) + b * H;
+    const A* __restrict dh = static_cast<const A*>(p.dh) + b * H + j0;
+    const A* __restrict gy = p.gy != nullptr ? static_cast<const A*>(p.gy) + row * H + j0 : nullptr;
+    const A* __restrict gates = static_cast<const A*>(p.gates) + row * 4 * H + j0;
+    const A* __restrict hprev = static_cast<const A*>(p.prev) + row * H + j0;
+    A* __restrict dg = static_cast<A*>(p.dgates) + row * 4 * H + j0;
+    A* __restrict direct = static_cast<A*>(p.dh_direct) + b * H + j0;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < m; ++j) {
       const A d = gy != nullptr ? dh[j] + gy[j] : dh[j];
       const A r = gates[j], z = gates[H + j], n = gates[2 * H + j], ghn = gates[3 * H + j];
       const A dn = d * (A(1) - z) * (A(1) - n * n);

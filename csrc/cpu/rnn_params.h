@@ -42,9 +42,11 @@ struct RnnStep {
   void* dgates;
   void* dc;
   void* dh_direct;
-  // LSTM forward: hidden units [j0, j1) of each row (j1 == 0: up to H), with gh holding this
-  // block's gates as 4 runs of j1 - j0 columns from column 4 * j0 (a thread's own slice of the
-  // recurrent GEMM, see rnn.cpp); the default 0, 0 is all units with gh in [i, f, g, o] order.
+  // Hidden units [j0, j1) of each row (j1 == 0: up to H), a thread's own slice in the fused
+  // sequence loops of rnn.cpp; the default 0, 0 is all units. Forward: gh holds this block's
+  // gates as 4 (GRU: 3) runs of j1 - j0 columns from column 4 * j0 (3 * j0), the thread's slice
+  // of the recurrent GEMM; with the default that is the usual gate order. GRU forward: when out
+  // is not null the new state goes there and h is only read (double-buffered h).
   int64_t j0, j1;
 };
 

@@ -93,24 +93,38 @@ def test_specs_cover_the_issue():
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_forward_and_gradients_match_twin(name):
+    # Gradients are compared in float64: in float32 a ReLU whose pre-activation rounds to the
+    # other side of zero (seen: -1.9e-6 in torch, +5.7e-7 in fastdl, both within float32
+    # rounding of a conv) flips one mask entry, and the BatchNorm backward below it turns that
+    # into a 1e-2 relative change of a whole layer's gradient. float64 leaves no such flip, so
+    # the composition is checked tightly; the float32 forward is checked beside it.
     spec = small(name)
     model, twin = pair(spec)
     inputs, target = data(spec)
+    for a, b in zip(outputs(_run(model, inputs)), outputs(_run(twin, inputs)), strict=True):
+        assert a.shape == b.shape
+        assert rel(a, b) <= 1e-4
+    model, twin = (m.double() for m in pair(spec))  # fresh BatchNorm running statistics
+    inputs = tuple(t.double() for t in inputs)
+    target = target.double() if target is not None and target.is_floating_point() else target
     results = []
     for m in (model, twin):
-        torch.manual_seed(1)  # the VAE's noise
-        out = m(*inputs)
+        out = _run(m, inputs)
         spec.loss(out, target).backward()
         results.append(out)
     for a, b in zip(outputs(results[0]), outputs(results[1]), strict=True):
-        assert a.shape == b.shape
-        assert rel(a, b) <= 1e-4
+        assert rel(a, b) <= 1e-10
     grads = dict(model.named_parameters())
     for pname, p in twin.named_parameters():
         assert grads[pname].grad is not None, pname
-        assert rel(grads[pname].grad, p.grad) <= 1e-4, pname
+        assert rel(grads[pname].grad, p.grad) <= 1e-9, pname
     for bname, buf in twin.named_buffers():  # BatchNorm running statistics
-        assert rel(model.get_buffer(bname).float(), buf.float()) <= 1e-4, bname
+        assert rel(model.get_buffer(bname).double(), buf.double()) <= 1e-10, bname
+
+
+def _run(m, inputs):
+    torch.manual_seed(1)  # the VAE's noise
+    return m(*inputs)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -25,6 +25,11 @@ CONV_SHAPES = {
     "5x5_s3": (3, 5, 11, 10, 7, 5, 5, 3, 2, 1, 1),
     "stem_7x7": (1, 3, 15, 13, 9, 7, 7, 2, 3, 1, 1),
     "one_channel": (1, 1, 4, 5, 1, 2, 2, 1, 0, 1, 1),
+    # Deep layers (more output channels than output pixels): the GEMMs read the weight in its
+    # own (K, C, R, S) layout, the input gradient's blocks span several images (28 of 3x3 here,
+    # then a remainder of 2) and the weight gradient sums two chunks of blocks.
+    "deep_3x3": (30, 37, 3, 3, 141, 3, 3, 1, 1, 1, 1),
+    "deep_grouped_s2": (5, 21, 7, 8, 201, 3, 3, 2, 1, 1, 3),
 }
 # The Triton interpreter is slow: one layout/epilogue variant per shape there.
 INTERPRETED = [

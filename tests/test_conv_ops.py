@@ -147,6 +147,34 @@ def test_backward_deterministic():
             assert torch.equal(a, e)
 
 
+@pytest.mark.parametrize("weight_cl", [False, True])
+def test_deep_layer_backward(weight_cl):
+    """A deep layer (more output channels than pixels) with the weight in either layout: the
+    GEMMs then take the (K, C, R, S) weight as it is, or the channels_last one as it is. Both
+    match float64 and repeat bit for bit."""
+    x = torch.randn(30, 37, 3, 3).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(141, 37, 3, 3) / 18
+    if weight_cl:
+        w = w.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w.requires_grad_()
+    b = torch.randn(141, requires_grad=True)
+    g = torch.randn(30, 141, 3, 3)
+
+    def grads():
+        y = fastdl.conv2d(x, w, b, padding=1, activation="relu")
+        return (y, *torch.autograd.grad(y, (x, w, b), g))
+
+    first = grads()
+    for a, e in zip(grads(), first, strict=True):
+        assert torch.equal(a, e)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yd = ref_conv2d(xd, wd, bd, 1, 1, 1, 1, "relu")
+    assert_close(first[0], yd, torch.float32)
+    for got, want in zip(first[1:], torch.autograd.grad(yd, (xd, wd, bd), g.double()), strict=True):
+        assert_close(got, want, torch.float32, scale=4.0)
+
+
 ORDER = ("scalar", "avx2", "avx512")
 ISAS = ORDER[: ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else ("scalar",)
 

@@ -178,4 +178,38 @@ CASES = [
     ),
     _case("conv2d 3x3", "fwd", RESNET, BF16, "", None, 64, 3, 1, 1, _3x3),
     _case("conv2d 3x3", "fwd", RESNET, BF16, CL, None, 64, 3, 1, 1, _3x3),
+    # ResNet-18 on 32x32 images: the deep layers (many channels, few pixels; reported beside
+    # torch, no target of the issue) and a stride-2 downsampling conv and its 1x1 shortcut.
+    *(
+        _case(
+            f"resnet18 3x3 {c}ch {h}x{h}", "fwd+bwd", (32, c, h, h), F32, CL, None, c, 3, 1, 1, _3x3
+        )
+        for c, h in ((512, 4), (256, 8), (128, 16))
+    ),
+    _case(
+        "resnet18 3x3 s2 256->512",
+        "fwd+bwd",
+        (32, 256, 8, 8),
+        F32,
+        CL,
+        None,
+        512,
+        3,
+        2,
+        1,
+        _conv(2, 1),
+    ),
+    _case(
+        "resnet18 1x1 s2 256->512",
+        "fwd+bwd",
+        (32, 256, 8, 8),
+        F32,
+        CL,
+        None,
+        512,
+        1,
+        2,
+        0,
+        _conv(2, 0),
+    ),
 ]

@@ -4,18 +4,20 @@
 // ISA.
 //
 // Every conv is an implicit GEMM on NHWC activations (conv_params.h): rows m = output pixels,
-// cut into blocks whose im2col panel fits in L2, each block's GEMM run by the BLAS torch links
-// (DESIGN §5: a hand-written micro-kernel would at best tie it) and its epilogue applied while
-// the block is in cache. NCHW inputs are read once into NHWC; 1x1 stride-1 convs need no im2col
-// (the NHWC input already is the GEMM operand). The backward reuses the same blocks:
-// grad_weight = col^T * grad_pre, grad_input = col2im(grad_pre * wmat^T). conv_transpose2d is the
-// adjoint conv2d (common/conv.h), so its forward is the conv2d input gradient.
+// cut into blocks whose im2col panel fits in L2 (at least kMinRows rows for deep layers), each
+// block's GEMM run by the BLAS torch links (DESIGN §5: a hand-written micro-kernel would at best
+// tie it) and its epilogue applied while the block is in cache. NCHW inputs are read once into
+// NHWC; 1x1 stride-1 convs need no im2col (the NHWC input already is the GEMM operand). The
+// backward reuses the same blocks: grad_weight = col^T * grad_pre, grad_input = col2im(grad_pre *
+// wmat^T). conv_transpose2d is the adjoint conv2d (common/conv.h), so its forward is the conv2d
+// input gradient.
 //
 // bfloat16 is computed in float32 (converted at the edges). Determinism: the weight/bias
 // gradient sums run over chunks of blocks fixed by the shapes alone, merged in a fixed order, so
 // results are bit-identical from run to run and for any number of threads.
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -38,6 +40,11 @@ constexpr const char* kConvT = "fastdl.conv_transpose2d";
 constexpr std::initializer_list<c10::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kBFloat16};
 // Bytes of one block's im2col panel: it stays in L2 between im2col, GEMM and epilogue.
 constexpr int64_t kPanelBytes = int64_t{256} << 10;
+// Rows of a block's GEMM when the panel would hold fewer than kDeepRows (deep layers: many
+// channels, few pixels). Below that the GEMMs re-read the whole weight, and in the weight
+// gradient read and write the whole partial gradient, for a handful of rows each: bound by
+// memory instead of the FMAs (512 channels 3x3 took 14 rows a block, 2.6x torch's backward).
+constexpr int64_t kDeepRows = 64, kMinRows = 256;
 // Most partial sums of the weight gradient (chunks of blocks), and their total memory.
 constexpr int64_t kMaxChunks = 16;
 constexpr int64_t kPartialBytes = int64_t{64} << 20;
@@ -123,9 +130,15 @@ struct Gemm {
   ConvArgs a;
   int64_t M, j, cg, kg, rows, blocks;
   bool direct;  // 1x1, stride 1, no padding: the NHWC input is the GEMM operand itself
+  // Column order j = (c, r, s) of torch's (K, C/G, R, S) weight rather than (r, s, c): the
+  // GEMMs then read and write the weight in its own layout (no copy either way), im2col and
+  // col2im stride through the block's row instead. Chosen when the weight is larger than the
+  // im2col of all rows (deep layers: many channels, few pixels) and not channels_last.
+  bool crs;
 };
 
-Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem) {
+Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem,
+          const at::Tensor& weight) {
   Gemm p{};
   p.a =
       ConvArgs{g.N,        g.C,     g.H,     g.W,     g.K,     g.R,      g.S, g.P, g.Q, g.stride_h,
@@ -141,17 +154,67 @@ Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t 
   p.j = g.R * g.S * p.cg;
   p.direct =
       g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
-  p.rows = std::clamp<int64_t>(kPanelBytes / (elem * std::max(p.j, p.kg)), 16, 1024);
+  const int64_t panel_rows = kPanelBytes / (elem * std::max(p.j, p.kg));
+  p.rows = std::clamp<int64_t>(panel_rows < kDeepRows ? kMinRows : panel_rows, 16, 1024);
   p.blocks = (p.M + p.rows - 1) / p.rows;
+  p.crs = weight.defined() && !p.direct && g.R * g.S > 1 && p.M < 2 * g.K &&
+          !conv::channels_last(weight);
   return p;
 }
 
-// (K, C/G, R, S) -> (G, R, S, C/G, K/G): each group's GEMM operand wmat[j, k].
-at::Tensor weight_matrix(const at::Tensor& w, const ConvArgs& a, at::ScalarType ct) {
-  return w.to(ct)
-      .reshape({a.groups, a.K / a.groups, a.C / a.groups, a.R, a.S})
-      .permute({0, 3, 4, 2, 1})
-      .contiguous();
+// The GEMM operand wmat^T[k, j] (K rows; group g's are [g K/G, (g + 1) K/G)), the GEMMs take it
+// transposed where they need wmat: torch's (K, C/G, R, S) itself when p.crs, else
+// (K, R, S, C/G), which a channels_last weight already is (no copy either way).
+at::Tensor weight_matrix(const at::Tensor& w, const Gemm& p, at::ScalarType ct) {
+  return p.crs ? w.to(ct).contiguous() : w.to(ct).permute({0, 2, 3, 1}).contiguous();
+}
+
+// im2col / col2im of rows [m0, m0 + mb), group g, in the column order of p (Gemm::crs);
+// the (c, r, s) order strides through each row (plain loops: a gather, not SIMD work).
+template <typename T>
+void im2col(const Gemm& p, const T* x, int64_t m0, int64_t mb, int64_t g, T* col) {
+  if (!p.crs) return kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col);
+  const ConvArgs& a = p.a;
+  const int64_t pq = a.P * a.Q, RS = a.R * a.S;
+  for (int64_t i = 0; i < mb; ++i) {
+    const int64_t m = m0 + i, n = m / pq, oh = m % pq / a.Q, ow = m % a.Q;
+    T* row = col + i * p.j;
+    for (int64_t r = 0; r < a.R; ++r) {
+      const int64_t h = oh * a.stride_h - a.pad_h + r * a.dil_h;
+      for (int64_t s = 0; s < a.S; ++s) {
+        const int64_t w = ow * a.stride_w - a.pad_w + s * a.dil_w;
+        T* dst = row + r * a.S + s;
+        if (h < 0 || h >= a.H || w < 0 || w >= a.W) {
+          for (int64_t c = 0; c < p.cg; ++c) dst[c * RS] = T(0);
+          continue;
+        }
+        const T* src = x + ((n * a.H + h) * a.W + w) * a.C + g * p.cg;
+        for (int64_t c = 0; c < p.cg; ++c) dst[c * RS] = src[c];
+      }
+    }
+  }
+}
+
+template <typename T>
+void col2im(const Gemm& p, const T* gcol, int64_t m0, int64_t mb, int64_t g, T* gx) {
+  if (!p.crs) return kernels().col2im[dt<T>()](p.a, gcol, m0, mb, g, gx);
+  const ConvArgs& a = p.a;
+  const int64_t pq = a.P * a.Q, RS = a.R * a.S;
+  for (int64_t i = 0; i < mb; ++i) {
+    const int64_t m = m0 + i, n = m / pq, oh = m % pq / a.Q, ow = m % a.Q;
+    const T* row = gcol + i * p.j;
+    for (int64_t r = 0; r < a.R; ++r) {
+      const int64_t h = oh * a.stride_h - a.pad_h + r * a.dil_h;
+      if (h < 0 || h >= a.H) continue;
+      for (int64_t s = 0; s < a.S; ++s) {
+        const int64_t w = ow * a.stride_w - a.pad_w + s * a.dil_w;
+        if (w < 0 || w >= a.W) continue;
+        const T* src = row + r * a.S + s;
+        T* dst = gx + ((n * a.H + h) * a.W + w) * a.C + g * p.cg;
+        for (int64_t c = 0; c < p.cg; ++c) dst[c] += src[c * RS];
+      }
+    }
+  }
 }
 
 // out (in its layout, via p.a.out_*) = epilogue(conv(x, wmat)).
@@ -167,10 +230,10 @@ void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
       for (int64_t g = 0; g < p.a.groups; ++g) {
         const T* A = x + m0 * p.a.C + g * p.cg;
         if (!p.direct) {
-          kr.im2col[dt<T>()](p.a, x, m0, mb, g, col.data());
+          im2col<T>(p, x, m0, mb, g, col.data());
           A = col.data();
         }
-        gemm<T>(false, false, mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, wmat + g * p.j * p.kg, p.kg,
+        gemm<T>(false, true, mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, wmat + g * p.kg * p.j, p.j,
                 T(0), acc.data(), p.kg);
         kr.epilogue[dt<T>()](p.a, eb, m0, mb, g);
       }
@@ -181,60 +244,67 @@ void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
 // grad_x (N, H, W, C), zero-filled, += the input gradient of gpre (M, K).
 template <typename T>
 void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
-  const ConvKernels& kr = kernels();
   const int64_t K = p.a.K, C = p.a.C;
   if (p.direct) {  // rows map one to one onto input pixels: no scatter, any block split
     at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
         for (int64_t g = 0; g < p.a.groups; ++g)
-          gemm<T>(false, true, mb, p.cg, p.kg, gpre + m0 * K + g * p.kg, K, wmat + g * p.j * p.kg,
-                  p.kg, T(0), gx + m0 * C + g * p.cg, C);
+          gemm<T>(false, false, mb, p.cg, p.kg, gpre + m0 * K + g * p.kg, K, wmat + g * p.kg * p.j,
+                  p.j, T(0), gx + m0 * C + g * p.cg, C);
       }
     });
     return;
   }
-  // col2im scatters into overlapping windows: one image per task, its blocks in order.
-  const int64_t pq = p.a.P * p.a.Q;
-  at::parallel_for(0, p.a.N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<T> gcol(p.rows * p.j);
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m0 = n * pq; m0 < (n + 1) * pq; m0 += p.rows) {
-        const int64_t mb = std::min(p.rows, (n + 1) * pq - m0);
+  // col2im scatters into overlapping windows of one image: a task owns whole images (several
+  // per block when an image has fewer than p.rows pixels, so that the GEMM keeps p.rows rows),
+  // its blocks in order. The blocks are fixed by the shapes alone.
+  const int64_t pq = p.a.P * p.a.Q, per = std::max<int64_t>(1, p.rows / pq);
+  const int64_t step = pq <= p.rows ? per * pq : p.rows;
+  at::parallel_for(0, (p.a.N + per - 1) / per, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> gcol(step * p.j);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t end = std::min(p.a.N, (t + 1) * per) * pq;
+      for (int64_t m0 = t * per * pq; m0 < end; m0 += step) {
+        const int64_t mb = std::min(step, end - m0);
         for (int64_t g = 0; g < p.a.groups; ++g) {
-          gemm<T>(false, true, mb, p.j, p.kg, gpre + m0 * K + g * p.kg, K, wmat + g * p.j * p.kg,
-                  p.kg, T(0), gcol.data(), p.j);
-          kr.col2im[dt<T>()](p.a, gcol.data(), m0, mb, g, gx);
+          gemm<T>(false, false, mb, p.j, p.kg, gpre + m0 * K + g * p.kg, K, wmat + g * p.kg * p.j,
+                  p.j, T(0), gcol.data(), p.j);
+          col2im<T>(p, gcol.data(), m0, mb, g, gx);
         }
       }
+    }
   });
 }
 
-// gw (G, R, S, C/G, K/G) = col^T gpre and gb (K) = column sums of gpre (either may be null).
+// gw (K, R, S, C/G) = (col^T gpre)^T and gb (K) = column sums of gpre (either may be null).
 template <typename T>
 void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
-  const ConvKernels& kr = kernels();
   const int64_t K = p.a.K, wsize = p.a.groups * p.j * p.kg, part = wsize + K;
   const int64_t chunks = std::max<int64_t>(
       1, std::min({p.blocks, kMaxChunks, kPartialBytes / (part * int64_t(sizeof(T)))}));
-  std::vector<T> partial(chunks * part, T(0));
+  // Uninitialized: each chunk's first block overwrites its partial (beta 0), the bias part is
+  // zeroed here (fresh zero-filled pages cost as much as a pass over the gradient).
+  const std::unique_ptr<T[]> partial(new T[chunks * part]);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> col(p.direct || gw == nullptr ? 0 : p.rows * p.j);
     for (int64_t c = c0; c < c1; ++c) {
-      T* pw = partial.data() + c * part;
+      T* pw = partial.get() + c * part;
       T* pb = pw + wsize;
-      for (int64_t b = c * p.blocks / chunks; b < (c + 1) * p.blocks / chunks; ++b) {
+      std::fill(pb, pb + K, T(0));
+      const int64_t first = c * p.blocks / chunks;
+      for (int64_t b = first; b < (c + 1) * p.blocks / chunks; ++b) {
         const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
         for (int64_t m = m0; gb != nullptr && m < m0 + mb; ++m)
           for (int64_t k = 0; k < K; ++k) pb[k] += gpre[m * K + k];
         for (int64_t g = 0; gw != nullptr && g < p.a.groups; ++g) {
           const T* A = x + m0 * p.a.C + g * p.cg;
           if (!p.direct) {
-            kr.im2col[dt<T>()](p.a, x, m0, mb, g, col.data());
+            im2col<T>(p, x, m0, mb, g, col.data());
             A = col.data();
           }
-          gemm<T>(true, false, p.j, p.kg, mb, A, p.direct ? p.a.C : p.j, gpre + m0 * K + g * p.kg,
-                  K, T(1), pw + g * p.j * p.kg, p.kg);
+          gemm<T>(true, false, p.kg, p.j, mb, gpre + m0 * K + g * p.kg, K, A,
+                  p.direct ? p.a.C : p.j, T(b == first ? 0 : 1), pw + g * p.kg * p.j, p.j);
         }
       }
     }
@@ -254,9 +324,9 @@ at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType d
   return t.permute({0, 3, 1, 2}).contiguous(fmt).to(dtype);
 }
 
-// (G, R, S, C/G, K/G) -> torch's (K, C/G, R, S) layout.
-at::Tensor weight_from_matrix(const at::Tensor& m, const at::Tensor& w) {
-  return m.permute({0, 4, 3, 1, 2}).reshape(w.sizes()).to(w.scalar_type()).contiguous();
+// The weight gradient in weight_matrix's layout -> torch's contiguous (K, C/G, R, S).
+at::Tensor weight_from_matrix(const at::Tensor& m, const Gemm& p, const at::Tensor& w) {
+  return (p.crs ? m : m.permute({0, 3, 1, 2})).to(w.scalar_type()).contiguous();
 }
 
 template <typename T>
@@ -294,7 +364,7 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
     return;
   }
   const at::Tensor xn = nhwc(x);
-  const at::Tensor wm = weight_matrix(weight, p.a, out.scalar_type());
+  const at::Tensor wm = weight_matrix(weight, p, out.scalar_type());
   forward<T>(p, xn.const_data_ptr<T>(), wm.const_data_ptr<T>(), e);
 }
 
@@ -313,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
   at::Tensor out = at::empty({g.N, g.K, g.P, g.Q}, opts);
   at::Tensor pre = conv::saves_pre(act) ? at::empty_like(out) : at::empty({0}, x.options());
   if (out.numel() > 0) {
-    const Gemm p = plan(g, static_cast<int>(act), out, c10::elementSize(ct));
+    const Gemm p = plan(g, static_cast<int>(act), out, c10::elementSize(ct), weight);
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
     const at::Tensor res =
         residual.has_value() ? residual->to(ct).contiguous(conv::memory_format(x)) : at::Tensor();
@@ -333,13 +403,13 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
                      const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype,
                      bool want_input, bool want_weight, bool want_bias) {
   const at::ScalarType ct = gpre.scalar_type();
-  const Gemm p = plan(g, 0, at::Tensor(), c10::elementSize(ct));
+  const Gemm p = plan(g, 0, at::Tensor(), c10::elementSize(ct), weight);
   ConvGrads r;
   const auto opts = gpre.options();
   if (want_input) {
     at::Tensor gx = at::zeros({g.N, g.H, g.W, g.C}, opts);
     if (p.M > 0) {
-      const at::Tensor wm = weight_matrix(weight, p.a, ct);
+      const at::Tensor wm = weight_matrix(weight, p, ct);
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_dgrad", [&] {
         backward_input<scalar_t>(p, gpre.const_data_ptr<scalar_t>(), wm.const_data_ptr<scalar_t>(),
                                  gx.data_ptr<scalar_t>());
@@ -348,7 +418,11 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
     r.input = from_nhwc(gx, fmt, dtype);
   }
   if (want_weight || want_bias) {
-    at::Tensor gw = at::zeros({g.groups, g.R, g.S, g.c_per_group(), g.k_per_group()}, opts);
+    // Every element is written by backward_params unless there are no rows.
+    const std::vector<int64_t> wsizes = p.crs
+                                            ? std::vector<int64_t>{g.K, g.c_per_group(), g.R, g.S}
+                                            : std::vector<int64_t>{g.K, g.R, g.S, g.c_per_group()};
+    at::Tensor gw = p.M > 0 ? at::empty(wsizes, opts) : at::zeros(wsizes, opts);
     at::Tensor gb = at::zeros({g.K}, opts);
     if (p.M > 0)
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_wgrad", [&] {
@@ -356,7 +430,7 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
                                   want_weight ? gw.data_ptr<scalar_t>() : nullptr,
                                   want_bias ? gb.data_ptr<scalar_t>() : nullptr);
       });
-    if (want_weight) r.weight = weight_from_matrix(gw, weight);
+    if (want_weight) r.weight = weight_from_matrix(gw, p, weight);
     if (want_bias) r.bias = gb.to(dtype);
   }
   return r;
@@ -388,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(
     const at::Tensor saved = (act == conv::Activation::kRelu ? out : pre).to(ct).contiguous(fmt);
     gpre =
         at::empty({g.N, g.K, g.P, g.Q}, go.options().memory_format(at::MemoryFormat::ChannelsLast));
-    const Gemm p = plan(g, static_cast<int>(act), go, c10::elementSize(ct));
+    const Gemm p = plan(g, static_cast<int>(act), go, c10::elementSize(ct), at::Tensor());
     const ConvKernels& kr = kernels();
     AT_DISPATCH_FLOATING_TYPES(ct, "conv_epilogue_bwd", [&] {
       const bool relu = act == conv::Activation::kRelu;
@@ -432,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_bwd(
   if (mask[0]) {
     gi = at::empty({g.N, g.K, g.P, g.Q}, x.options().dtype(ct).memory_format(fmt));
     if (gi.numel() > 0) {
-      const Gemm p = plan(g, 0, gi, c10::elementSize(ct));
+      const Gemm p = plan(g, 0, gi, c10::elementSize(ct), weight);
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_transpose2d_dgrad", [&] {
         const at::Tensor none;
         at::Tensor no_pre = at::empty({0}, gi.options());

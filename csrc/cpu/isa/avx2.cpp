@@ -18,6 +18,7 @@
 #define FASTDL_VEC 256
 namespace fastdl::cpu::avx2 {
 #include "common/vec.h"
+#include "common/vec_math.h"
 #include "cpu/graph_kernels.h"
 #include "cpu/conv_kernels.h"
 #include "cpu/int8_kernels.h"

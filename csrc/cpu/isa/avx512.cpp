@@ -23,6 +23,7 @@
 #define FASTDL_VEC 512
 namespace fastdl::cpu::avx512 {
 #include "common/vec.h"
+#include "common/vec_math.h"
 #include "cpu/graph_kernels.h"
 #include "cpu/conv_kernels.h"
 #include "cpu/int8_kernels.h"

@@ -13,6 +13,7 @@
 #define FASTDL_VEC 0
 namespace fastdl::cpu::scalar {
 #include "common/vec.h"
+#include "common/vec_math.h"
 #include "cpu/graph_kernels.h"
 #include "cpu/conv_kernels.h"
 #include "cpu/int8_kernels.h"

@@ -229,6 +229,7 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, const int32_t* colsu
 #if FASTDL_VEC == 512
 constexpr int kMr = 6;
 constexpr int kLanes = 16;  // int32 columns per vector
+constexpr int64_t kPrefetchB = 8192;
 
 // MR rows x 16 * NV columns of panel `panel`, rows from m; raw int32 sums into c ([MR][64]).
 template <int MR, int NV>
@@ -242,7 +243,13 @@ inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k
   const uint8_t* b = g.b + (panel * g.K4 + k0) * kPanel * 4;
   for (int64_t k4 = k0; k4 < k1; ++k4, b += kPanel * 4) {
     __m512i bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + v * 64);
+    for (int v = 0; v < NV; ++v) {
+      // B streams from L3 or memory on the first row tile of each k block (small M is bound by
+      // that stream): fetched into L2 kPrefetchB bytes ahead. A prefetch past the buffer's end
+      // never faults; on the later row tiles it hits L2 and costs one instruction.
+      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchB + v * 64), _MM_HINT_T1);
+      bv[v] = _mm512_loadu_si512(b + v * 64);
+    }
     for (int r = 0; r < MR; ++r) {
       int32_t word;
       __builtin_memcpy(&word, a + r * g.lda + 4 * k4, 4);

@@ -229,7 +229,7 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, const int32_t* colsu
 #if FASTDL_VEC == 512
 constexpr int kMr = 6;
 constexpr int kLanes = 16;  // int32 columns per vector
-constexpr int64_t kPrefetchB = 8192;
+constexpr int64_t kPrefetchB = 16384;
 
 // MR rows x 16 * NV columns of panel `panel`, rows from m; raw int32 sums into c ([MR][64]).
 template <int MR, int NV>

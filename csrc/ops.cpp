@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/isa.h"
+#include "cpu/gemm.h"
 
 TORCH_LIBRARY(fastdl, m) {
   // ---- norm: x is viewed as (rows, normalized_numel); mean/rstd have shape (rows,) and dtype
@@ -216,6 +217,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_cpu_isa", [] { return std::string(fastdl::isa_name(fastdl::detect_cpu_isa())); });
   m.def("set_cpu_isa",
         [](const std::string& name) { fastdl::set_cpu_isa(fastdl::parse_isa(name.c_str())); });
+  // Test hook for the block GEMM of cpu/gemm.h (tests/test_gemm.py), not an op: c (m, n) =
+  // alpha * op(a) op(b) + beta * c in place.
+  m.def("_gemm", [](const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool ta, bool tb,
+                    double alpha, double beta) {
+    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "_gemm: 2-D operands");
+    TORCH_CHECK(a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1, "_gemm: unit columns");
+    TORCH_CHECK(a.scalar_type() == c.scalar_type() && b.scalar_type() == c.scalar_type(),
+                "_gemm: one dtype");
+    const int64_t m = c.size(0), n = c.size(1), k = ta ? a.size(0) : a.size(1);
+    TORCH_CHECK(a.size(ta ? 1 : 0) == m && b.size(tb ? 1 : 0) == k && b.size(tb ? 0 : 1) == n,
+                "_gemm: shapes");
+    if (c.scalar_type() == at::kDouble) {
+      fastdl::cpu::gemm<double>(ta, tb, m, n, k, a.data_ptr<double>(), a.stride(0),
+                                b.data_ptr<double>(), b.stride(0), beta, c.data_ptr<double>(),
+                                c.stride(0), alpha);
+    } else {
+      fastdl::cpu::gemm<float>(ta, tb, m, n, k, a.data_ptr<float>(), a.stride(0),
+                               b.data_ptr<float>(), b.stride(0), beta, c.data_ptr<float>(),
+                               c.stride(0), alpha);
+    }
+  });
   m.def("has_cuda", [] {
 #ifdef FASTDL_WITH_CUDA
     return true;

@@ -3,7 +3,7 @@
 // and key blocks with an online softmax, so the Sq x Sk scores are never materialized.
 //
 // The GEMM-shaped inner loops (S = Q K^T, O += P V and the backward's four products on one
-// block) call torch's cpublas (MKL/oneDNN underneath), as DESIGN section 5 allows; the fusion
+// block) run cpu/gemm.h (fastdl's own for float32, the BLAS torch links for float64); the fusion
 // around them -- masks, band skipping, online softmax (vectorized exp in attention_kernels.h,
 // chosen per ISA), dropout, scheduling -- is ours. Forward: one task per (sequence, query head,
 // query block); only the key blocks that intersect the causal/window band are visited, so a
@@ -24,18 +24,11 @@
 #include "common/attention.h"
 #include "common/isa.h"
 #include "cpu/attention_params.h"
+#include "cpu/gemm.h"
 
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
 // MKL's per-thread thread count, C interface (torch's x86 builds link MKL); weak, so that builds
 // against another BLAS still link.
-int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
-}
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 
 namespace fastdl::cpu {
 namespace {
@@ -59,23 +52,10 @@ const AttentionKernels& kernels() {
   }
 }
 
-// C (column-major, m x n) = alpha * op(A) op(B) + beta * C through the BLAS torch links (the
-// standard Fortran interface, LP64). Called inside at::parallel_for: MKL/OpenBLAS run it on the
-// calling thread.
-void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-        const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  const int im = int(m), in = int(n), ik = int(k), ia = int(lda), ib = int(ldb), ic = int(ldc);
-  sgemm_(ta ? "T" : "N", tb ? "T" : "N", &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
-}
-void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
-        int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  const int im = int(m), in = int(n), ik = int(k), ia = int(lda), ib = int(ldb), ic = int(ldc);
-  dgemm_(ta ? "T" : "N", tb ? "T" : "N", &im, &in, &ik, &alpha, a, &ia, b, &ib, &beta, c, &ic);
-}
-
-// Keeps the BLAS on the calling thread for a task's lifetime. MKL may otherwise thread a GEMM
-// called from a parallel region once torch.set_num_threads changed its settings, and its
-// threaded kernels sum in a different order: results would no longer be bit-identical.
+// Keeps the BLAS (the float64 GEMMs) on the calling thread for a task's lifetime. MKL may
+// otherwise thread a GEMM called from a parallel region once torch.set_num_threads changed its
+// settings, and its threaded kernels sum in a different order: results would no longer be
+// bit-identical.
 class SequentialBlas {
  public:
   SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
@@ -117,8 +97,8 @@ struct Head {
 template <typename T>
 void scores(const Head<T>& h, const Opts& o, int64_t i0, int64_t rows, int64_t j0, int64_t n,
             T* s) {
-  mm(true, false, n, rows, o.D, static_cast<T>(o.scale), h.k + j0 * h.ldk, h.ldk, h.q + i0 * h.ldq,
-     h.ldq, T(0), s, kBlockK);
+  gemm<T>(false, true, rows, n, o.D, h.q + i0 * h.ldq, h.ldq, h.k + j0 * h.ldk, h.ldk, T(0), s,
+          kBlockK, static_cast<T>(o.scale));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     T* row = s + r * kBlockK;
@@ -220,7 +200,7 @@ void fwd_block(const Head<T>& h, const Opts& o, int64_t i0, int64_t i1, T* out, 
     for (int64_t r = 0; r < rows; ++r)
       if (w.corr[r] != T(1))
         for (int64_t d = 0; d < D; ++d) w.acc[r * D + d] *= w.corr[r];
-    mm(false, false, D, rows, n, T(1), h.v + j0 * h.ldv, h.ldv, s, kBlockK, T(1), w.acc.data(), D);
+    gemm<T>(false, false, rows, D, n, s, kBlockK, h.v + j0 * h.ldv, h.ldv, T(1), w.acc.data(), D);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const bool none = w.l[r] == T(0);  // no allowed key: out 0, lse -inf
@@ -255,7 +235,7 @@ void bwd_block(const Head<T>& h, const HeadGrad<T>& g, const Opts& o, int64_t i0
   const T* dout = g.dout + i0 * g.lddo;
   scores(h, o, i0, rows, j0, n, p);
   kern.exp_rows[kAcc<T>](p, rows, n, kBlockK, g.lse + i0);
-  mm(true, false, n, rows, D, T(1), h.v + j0 * h.ldv, h.ldv, dout, g.lddo, T(0), dp, kBlockK);
+  gemm<T>(false, true, rows, n, D, dout, g.lddo, h.v + j0 * h.ldv, h.ldv, T(0), dp, kBlockK);
   // With dropout (mask Z, scaled), dV takes P * Z and dP is dropped the same way; dS =
   // P * (dP * Z - delta) uses the undropped P, as rowsum(P * Z * dP) = rowsum(dO * O) = delta.
   const T* pv = p;
@@ -265,14 +245,15 @@ void bwd_block(const Head<T>& h, const HeadGrad<T>& g, const Opts& o, int64_t i0
     dropout(h, o, i0, rows, j0, n, dp);
     pv = w.pz.data();
   }
-  mm(false, true, D, n, rows, T(1), dout, g.lddo, pv, kBlockK, T(1), dv, D);
+  gemm<T>(true, false, n, D, rows, pv, kBlockK, dout, g.lddo, T(1), dv, D);
   kern.ds_rows[kAcc<T>](p, dp, rows, n, kBlockK, g.delta + i0);
   if (g.gmask)
     for (int64_t r = 0; r < rows; ++r)
       std::copy(dp + r * kBlockK, dp + r * kBlockK + n, g.gmask + (i0 + r) * h.Sk + j0);
   const T sc = static_cast<T>(o.scale);
-  mm(false, true, D, n, rows, sc, h.q + i0 * h.ldq, h.ldq, dp, kBlockK, T(1), dk, D);
-  mm(false, false, D, rows, n, sc, h.k + j0 * h.ldk, h.ldk, dp, kBlockK, T(1), g.dq + i0 * D, D);
+  gemm<T>(true, false, n, D, rows, dp, kBlockK, h.q + i0 * h.ldq, h.ldq, T(1), dk, D, sc);
+  gemm<T>(false, false, rows, D, n, dp, kBlockK, h.k + j0 * h.ldk, h.ldk, T(1), g.dq + i0 * D, D,
+          sc);
 }
 
 // t with unit stride in its last dim and rows at least D apart (what the GEMMs accept); copies

@@ -5,8 +5,8 @@
 //
 // Every conv is an implicit GEMM on NHWC activations (conv_params.h): rows m = output pixels,
 // cut into blocks whose im2col panel fits in L2 (at least kMinRows rows for deep layers), each
-// block's GEMM run by the BLAS torch links (DESIGN §5: a hand-written micro-kernel would at best
-// tie it) and its epilogue applied while the block is in cache. NCHW inputs are read once into
+// block's GEMM run by cpu/gemm.h (fastdl's own for float32) and its epilogue applied while the
+// block is in cache. NCHW inputs are read once into
 // NHWC; 1x1 stride-1 convs need no im2col (the NHWC input already is the GEMM operand). The
 // backward reuses the same blocks: grad_weight = col^T * grad_pre, grad_input = col2im(grad_pre *
 // wmat^T). conv_transpose2d is the adjoint conv2d (common/conv.h), so its forward is the conv2d
@@ -31,6 +31,7 @@
 #include "common/conv.h"
 #include "common/isa.h"
 #include "cpu/conv_params.h"
+#include "cpu/gemm.h"
 
 namespace fastdl::cpu {
 namespace {
@@ -74,56 +75,6 @@ at::ScalarType compute_type(const at::Tensor& x) {
 // x in compute dtype, NHWC memory ((N, C, H, W) channels_last view).
 at::Tensor nhwc(const at::Tensor& x) {
   return x.to(compute_type(x)).contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-}  // namespace
-}  // namespace fastdl::cpu
-
-// The Fortran BLAS torch links (MKL on x86 wheels, OpenBLAS elsewhere) exports sgemm_/dgemm_;
-// at::native::cpublas::gemm wraps the same calls but is not exported from libtorch_cpu. Weak,
-// so that a torch without them still loads this extension (and takes the at::mm path below).
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*, const int*)
-    __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
-
-namespace fastdl::cpu {
-namespace {
-
-template <typename T>
-auto* blas_gemm() {
-  if constexpr (std::is_same_v<T, float>)
-    return &sgemm_;
-  else
-    return &dgemm_;
-}
-
-// Row-major C (m x n, ldc) = op(A) * op(B) + beta * C; op(A) is m x k (A stored k x m when ta).
-// Block dimensions and leading dimensions fit in int (blocks are cut to the L2 size).
-template <typename T>
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B,
-          int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (auto* f = blas_gemm<T>(); f != nullptr) {
-    // Column-major BLAS sees every row-major matrix transposed: C^T = op(B)^T op(A)^T.
-    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const T one = T(1);
-    f(tb ? "T" : "N", ta ? "T" : "N", &mi, &ni, &ki, &one, B, &la, A, &lb, &beta, C, &lc);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
-    at::Tensor v =
-        at::from_blob(const_cast<T*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts);
-    return t ? v.t() : v;
-  };
-  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-  at::addmm_out(c, c, view(A, m, k, lda, ta), view(B, k, n, ldb, tb), beta, 1);
 }
 
 struct Gemm {

@@ -9,6 +9,7 @@
 #include "cpu/graph_params.h"
 #include "cpu/conv_params.h"
 #include "cpu/attention_params.h"
+#include "cpu/gemm_params.h"
 #include "cpu/int8_params.h"
 #include "cpu/norm_params.h"
 #include "cpu/rnn_params.h"
@@ -26,6 +27,7 @@ namespace fastdl::cpu::avx512 {
 #include "common/vec_math.h"
 #include "cpu/graph_kernels.h"
 #include "cpu/conv_kernels.h"
+#include "cpu/gemm_kernels.h"
 #include "cpu/int8_kernels.h"
 #include "cpu/norm_kernels.h"
 #include "cpu/rnn_kernels.h"
@@ -50,6 +52,9 @@ const RnnKernels& rnn_kernels_avx512() {
 }
 const AttentionKernels& attention_kernels_avx512() {
   return avx512::kAttentionKernels;
+}
+const GemmKernels& gemm_kernels_avx512() {
+  return avx512::kGemmKernels;
 }
 const Int8Kernels& int8_kernels_avx512() {
   return avx512::kInt8Kernels;

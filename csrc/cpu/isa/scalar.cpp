@@ -6,6 +6,7 @@
 #include "cpu/graph_params.h"
 #include "cpu/conv_params.h"
 #include "cpu/attention_params.h"
+#include "cpu/gemm_params.h"
 #include "cpu/int8_params.h"
 #include "cpu/norm_params.h"
 #include "cpu/rnn_params.h"
@@ -16,6 +17,7 @@ namespace fastdl::cpu::scalar {
 #include "common/vec_math.h"
 #include "cpu/graph_kernels.h"
 #include "cpu/conv_kernels.h"
+#include "cpu/gemm_kernels.h"
 #include "cpu/int8_kernels.h"
 #include "cpu/norm_kernels.h"
 #include "cpu/rnn_kernels.h"
@@ -38,6 +40,9 @@ const RnnKernels& rnn_kernels_scalar() {
 }
 const AttentionKernels& attention_kernels_scalar() {
   return scalar::kAttentionKernels;
+}
+const GemmKernels& gemm_kernels_scalar() {
+  return scalar::kGemmKernels;
 }
 const Int8Kernels& int8_kernels_scalar() {
   return scalar::kInt8Kernels;

@@ -1,0 +1,115 @@
+// The block GEMM of cpu/gemm.h: float32 on the per-ISA kernels (cpu/gemm_kernels.h), which this
+// file drives over blocks of k x columns of B packed into cache-line-aligned workspace (packed per
+// call: packing conv's weight once per op for all its row blocks measured no faster); float64
+// through the Fortran BLAS torch links, or at::addmm_out where it has none.
+#include "cpu/gemm.h"
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "common/isa.h"
+#include "cpu/gemm_params.h"
+
+// The Fortran BLAS torch links (MKL on x86 wheels, OpenBLAS elsewhere) exports dgemm_;
+// at::native::cpublas::gemm wraps the same call but is not exported from libtorch_cpu. Weak, so
+// that a torch without it still loads this extension (and takes the at::addmm_out path).
+extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+                       const double*, const int*, const double*, const int*, const double*, double*,
+                       const int*) __attribute__((weak));
+
+namespace fastdl::cpu {
+namespace {
+
+const GemmKernels& kernels() {
+  switch (cpu_isa()) {
+#if defined(__x86_64__)
+    case Isa::kAvx512:
+      return gemm_kernels_avx512();
+    case Isa::kAvx2:
+      return gemm_kernels_avx2();
+#endif
+    default:
+      return gemm_kernels_scalar();
+  }
+}
+
+// Full-width vector loads of the packed panels must not straddle cache lines.
+constexpr int64_t kAlignFloats = 16;
+
+float* aligned(float* p) {
+  constexpr uintptr_t bytes = kAlignFloats * sizeof(float);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + bytes - 1) / bytes * bytes);
+}
+
+// This thread's workspace: `floats` for packed B, then kGemmMc x kGemmKc for a transposed A.
+// Grown once: callers run many blocks per task.
+float* workspace(int64_t floats) {
+  thread_local std::vector<float> work;
+  const size_t need = floats + kGemmMc * kGemmKc + kAlignFloats;
+  if (work.size() < need) work.resize(need);
+  return aligned(work.data());
+}
+
+// C = alpha * op(A) op(B) + beta * C over chunks of kGemmNc columns and k blocks, a chunk's
+// block of B packed just before use (it is then in L2). k = 0 still runs one (empty) block, which
+// sets C = beta * C.
+void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
+           const float* B, int64_t ldb, float beta, float* C, int64_t ldc, float alpha) {
+  const GemmKernels& t = kernels();
+  const int64_t kc = gemm_kc(k);
+  float* packed = workspace(kc * kGemmNc);
+  const GemmF32 g{ta, m, alpha, A, lda, C, ldc, packed + kc * kGemmNc};
+  const PackBF32 pb{tb, B, ldb};
+  for (int64_t n0 = 0; n0 < n; n0 += kGemmNc) {
+    const int64_t n1 = std::min(n, n0 + kGemmNc);
+    for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kc) {
+      const int64_t k1 = std::min(k, k0 + kc);
+      t.pack(pb, k0, k1, n0, n1, packed);
+      t.block(g, packed, k0, k1, n0, n1, k0 == 0 ? beta : 1.f);
+      if (kc == 0) break;
+    }
+  }
+}
+
+void dgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,
+           const double* B, int64_t ldb, double beta, double* C, int64_t ldc, double alpha) {
+  if (dgemm_ != nullptr) {
+    // Column-major BLAS sees every row-major matrix transposed: C^T = op(B)^T op(A)^T.
+    // Block dimensions and leading dimensions fit in int (callers cut blocks to cache sizes).
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    dgemm_(tb ? "T" : "N", ta ? "T" : "N", &mi, &ni, &ki, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const auto view = [&](const double* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    at::Tensor v =
+        at::from_blob(const_cast<double*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts);
+    return t ? v.t() : v;
+  };
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  // beta 0 must not read C: addmm_out with beta 0 ignores its input, NaN included.
+  at::addmm_out(c, c, view(A, m, k, lda, ta), view(B, k, n, ldb, tb), beta, alpha);
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B,
+          int64_t ldb, T beta, T* C, int64_t ldc, T alpha) {
+  if (m == 0 || n == 0) return;
+  if constexpr (std::is_same_v<T, float>)
+    sgemm(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, alpha);
+  else
+    dgemm(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, alpha);
+}
+
+template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t,
+                          const float*, int64_t, float, float*, int64_t, float);
+template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t,
+                           const double*, int64_t, double, double*, int64_t, double);
+
+}  // namespace fastdl::cpu

@@ -1,0 +1,19 @@
+// The GEMM the CPU kernels call on their blocks (conv's implicit GEMM, attention's tiles):
+// single-threaded, for callers already inside at::parallel_for. float32 runs fastdl's own
+// kernels (cpu/gemm_kernels.h): the sgemm of the MKL torch links takes a slow path on AMD CPUs
+// (~85 GFLOP/s on conv-shaped blocks where the FMAs allow ~115 per core). float64 exists to be
+// exact (gradcheck), not fast: it calls the BLAS torch links.
+#pragma once
+
+#include <cstdint>
+
+namespace fastdl::cpu {
+
+// Row-major C (m x n, ldc) = alpha * op(A) * op(B) + beta * C. op(A) is m x k (A stored k x m
+// when ta), op(B) k x n (B stored n x k when tb); rows of every matrix are contiguous, any
+// leading dimension. beta 0 does not read C (it may hold garbage). Defined for float and double.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B,
+          int64_t ldb, T beta, T* C, int64_t ldc, T alpha = T(1));
+
+}  // namespace fastdl::cpu

@@ -1,0 +1,141 @@
+// The float32 GEMM kernels for the layouts of cpu/gemm_params.h: B packing and the block
+// kernel with its register-tiled micro-kernel. Included inside an ISA namespace by
+// csrc/cpu/isa/*.cpp after common/vec.h (see there for the rules).
+//
+// The loop structure is Goto & van de Geijn's ("Anatomy of High-Performance Matrix
+// Multiplication", 2008; BLIS), with the roles of A and B swapped for row-major C: B is packed
+// into panels of nr columns and streamed one row of nr floats per k, A is broadcast one element
+// per row and k. The micro-tile keeps MR x nr sums of C in registers:
+//   512: 6 rows x 64 columns, 24 zmm accumulators (4 loads of B + 6 broadcasts per 24 FMAs)
+//   256: 6 rows x 16 columns, 12 ymm accumulators
+//   0:   4 rows x 16 columns of portable vectors.
+// Rows of A are read where they are (MR unit-stride streams); a transposed A is packed (see
+// kGemmMc), its MR elements per k then one contiguous run.
+
+namespace gemm_f32 {
+
+#if FASTDL_VEC == 512
+constexpr int kMr = 6, kNv = 4;
+#elif FASTDL_VEC == 256
+constexpr int kMr = 6, kNv = 2;
+#else
+constexpr int kMr = 4, kNv = 2;
+#endif
+constexpr int64_t kNr = kNv * VecF::W;
+
+// C tile (MR rows x the `cols` <= NV * W columns at c) = alpha * A-rows * bp + beta * C over kc
+// values of k. A element (r, k) is a[k * kMr + r] when packed, else a[r * lda + k].
+template <int MR, int NV, bool kPackedA>
+inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, float* c, int64_t ldc,
+                  int64_t cols, float alpha, float beta) {
+  constexpr int W = VecF::W;
+  VecF acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = VecF::zero();
+  for (int64_t k = 0; k < kc; ++k, bp += kNr) {
+    VecF b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = VecF::load(bp + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const VecF x = VecF::set1(kPackedA ? a[k * kMr + r] : a[r * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = fma(x, b[v], acc[r][v]);
+    }
+  }
+  const VecF va = VecF::set1(alpha), vb = VecF::set1(beta);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* p = c + r * ldc + v * W;
+      const int64_t len = imin(W, cols - v * W);
+      // beta 0 must not read C: it may hold NaN.
+      VecF o = acc[r][v] * va;
+      if (beta != 0.f) o = fma(vb, ld<VecF>(p, len), o);
+      st(p, o, len);
+    }
+}
+
+// micro<rows, ceil(cols / W)>: the edge tiles compute no more rows or vectors than they store.
+template <int MR, int NV, bool kPackedA>
+inline void micro_any(int rows, int nv, const float* a, int64_t lda, const float* bp, int64_t kc,
+                      float* c, int64_t ldc, int64_t cols, float alpha, float beta) {
+  if constexpr (MR > 1) {
+    if (rows < MR)
+      return micro_any<MR - 1, NV, kPackedA>(rows, nv, a, lda, bp, kc, c, ldc, cols, alpha, beta);
+  }
+  if constexpr (NV > 1) {
+    if (nv < NV)
+      return micro_any<MR, NV - 1, kPackedA>(rows, nv, a, lda, bp, kc, c, ldc, cols, alpha, beta);
+  }
+  micro<MR, NV, kPackedA>(a, lda, bp, kc, c, ldc, cols, alpha, beta);
+}
+
+inline void pack(const PackBF32& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* dst) {
+  const int64_t kc = k1 - k0, ldb = p.ldb;
+  for (int64_t j0 = n0; j0 < n1; j0 += kNr, dst += kc * kNr) {
+    const int64_t cols = imin(kNr, n1 - j0);
+    if (p.tb) {
+      // B^T: column j of the panel is row j of B. Sliced by 16 k so that the 16 lines written
+      // per column stay in L1 until the next columns fill them.
+      if (cols < kNr)
+        for (int64_t i = 0; i < kc * kNr; ++i) dst[i] = 0.f;
+      for (int64_t ks = 0; ks < kc; ks += 16) {
+        const int64_t ke = imin(kc, ks + 16);
+        for (int64_t j = 0; j < cols; ++j) {
+          const float* __restrict src = p.b + (j0 + j) * ldb + k0;
+          float* __restrict d = dst + j;
+          for (int64_t k = ks; k < ke; ++k) d[k * kNr] = src[k];
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = p.b + (k0 + k) * ldb + j0;
+        float* d = dst + k * kNr;
+        for (int64_t j = 0; j < kNr; j += VecF::W) {
+          const int64_t len = imin(VecF::W, cols - j);
+          (len > 0 ? ld<VecF>(src + j, len) : VecF::zero()).store(d + j);
+        }
+      }
+    }
+  }
+}
+
+// Rows [m0, m1) of block's C; `a` is the first tile's A (row m0 from column k0, or its packed
+// [k][kMr] tile, the next tiles kMr * kc floats on).
+template <bool kPackedA>
+inline void row_tiles(const GemmF32& g, const float* a, int64_t m0, int64_t m1, const float* bp,
+                      int64_t kc, int64_t n0, int64_t n1, float beta) {
+  for (int64_t m = m0; m < m1; m += kMr, a += kPackedA ? kMr * kc : kMr * g.lda) {
+    const int rows = static_cast<int>(imin(kMr, m1 - m));
+    const float* b = bp;
+    for (int64_t j = n0; j < n1; j += kNr, b += kc * kNr) {
+      const int64_t cols = imin(kNr, n1 - j);
+      const int nv = static_cast<int>((cols + VecF::W - 1) / VecF::W);
+      micro_any<kMr, kNv, kPackedA>(rows, nv, a, g.lda, b, kc, g.c + m * g.ldc + j, g.ldc, cols,
+                                    g.alpha, beta);
+    }
+  }
+}
+
+inline void block(const GemmF32& g, const float* bp, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+                  float beta) {
+  const int64_t kc = k1 - k0;
+  if (!g.ta) return row_tiles<false>(g, g.a + k0, 0, g.m, bp, kc, n0, n1, beta);
+  for (int64_t m0 = 0; m0 < g.m; m0 += kGemmMc) {
+    const int64_t m1 = imin(g.m, m0 + kGemmMc);
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = g.a + (k0 + k) * g.lda;
+      float* dst = g.apack + k * kMr;
+      for (int64_t m = m0; m < m1; m += kMr, dst += kMr * kc) {
+        const int64_t rows = imin(kMr, m1 - m);
+        st(dst, ld<VecF>(src + m, rows), rows);
+      }
+    }
+    row_tiles<true>(g, g.apack, m0, m1, bp, kc, n0, n1, beta);
+  }
+}
+
+}  // namespace gemm_f32
+
+const GemmKernels kGemmKernels = {
+    .pack = &gemm_f32::pack,
+    .block = &gemm_f32::block,
+    .nr = gemm_f32::kNr,
+};

@@ -1,0 +1,75 @@
+"""The block GEMM of csrc/cpu/gemm.h (fastdl's own float32 kernels, the BLAS for float64) through
+its test hook fastdl._C._gemm, under every CPU ISA: odd sizes across the micro-tile (6 x 64 on
+AVX-512) and k-block (256) edges, both transposes, beta 0 over a NaN-filled C, beta 1, alpha,
+padded leading dimensions, against float64. The conv and attention tests cover it in use."""
+
+import itertools
+
+import pytest
+import torch
+
+from fastdl import _ext
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="fastdl._C not built")
+
+ORDER = ("scalar", "avx2", "avx512")
+ISAS = ORDER[: ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else ()
+SIZES = (1, 5, 63, 64, 65, 200)
+
+
+def operand(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, cols) with unit column stride and a leading dimension larger than cols."""
+    return torch.randn(rows, cols + 3, dtype=dtype)[:, :cols]
+
+
+def check(m, n, k, ta, tb, beta, alpha, dtype=torch.float32):
+    a = operand(k, m, dtype) if ta else operand(m, k, dtype)
+    b = operand(n, k, dtype) if tb else operand(k, n, dtype)
+    c0 = operand(m, n, dtype)
+    c = c0.clone() if beta else torch.full((m, n + 3), float("nan"), dtype=dtype)[:, :n]
+    _ext._C._gemm(a, b, c, ta, tb, alpha, beta)
+    a64, b64 = a.double(), b.double()
+    want = alpha * ((a64.t() if ta else a64) @ (b64.t() if tb else b64)) + beta * c0.double()
+    # fp32 rounding grows with the depth of the sums (DESIGN §4: ~1e-5 relative).
+    torch.testing.assert_close(c.double(), want, rtol=1e-5, atol=1e-5 * max(k, 1) ** 0.5)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = _ext.cpu_isa()
+    _ext.set_cpu_isa(request.param)
+    yield request.param
+    _ext.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("ta,tb", list(itertools.product((False, True), repeat=2)))
+@pytest.mark.parametrize("beta", (0.0, 1.0))
+def test_odd_sizes(isa, ta, tb, beta):
+    for m, n, k in itertools.product(SIZES, SIZES, SIZES):
+        check(m, n, k, ta, tb, beta, 1.0)
+
+
+# k past one k block (256) and split unevenly; n past one packed column chunk (256).
+@pytest.mark.parametrize("m,n,k", [(7, 300, 513), (130, 70, 700), (6, 64, 256)])
+@pytest.mark.parametrize("ta,tb", [(False, True), (True, False)])
+def test_blocks(isa, m, n, k, ta, tb):
+    check(m, n, k, ta, tb, 1.0, 0.5)
+
+
+def test_alpha_and_empty_depth(isa):
+    check(9, 70, 5, False, False, 0.0, -0.25)
+    check(9, 70, 5, True, True, 1.0, 3.0)
+    # k = 0: C = beta * C, so beta 0 clears a NaN-filled C.
+    check(9, 70, 0, False, True, 0.0, 1.0)
+    check(9, 70, 0, True, False, 1.0, 1.0)
+
+
+def test_empty_output(isa):
+    for m, n in ((0, 5), (5, 0)):
+        check(m, n, 7, False, False, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("ta,tb", [(False, True), (True, False)])
+def test_float64(ta, tb):
+    check(65, 63, 200, ta, tb, 0.0, 0.5, torch.float64)
+    check(5, 64, 1, ta, tb, 1.0, 1.0, torch.float64)

@@ -176,7 +176,7 @@ bool spmm_max(const SpmmArgs& p, int64_t r0, int64_t r1) {
   const A* w = static_cast<const A*>(p.w);
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
-  const int64_t F = p.F, ahead = g.rowptr[r1];
+  const int64_t F = p.F;
   for (int64_t i = r0; i < r1; ++i) {
     const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
     if (!entries_ok(g, e0, e1)) return false;
@@ -196,7 +196,7 @@ bool spmm_max(const SpmmArgs& p, int64_t r0, int64_t r1) {
         for (int64_t f = 0; f < n; ++f) best[f] = c0 * widen(x0[f]), arg[f] = e0;
       }
       for (int64_t e = e0 + 1; e < e1; ++e) {
-        prefetch_ahead(g.col, e, f0 == 0 ? ahead : e1, x, F, f0, f0 == 0 ? F : n);
+        if (e + kPrefetch < e1) prefetch_row(x + g.col[e + kPrefetch] * F + f0, n);
         const A c = w != nullptr ? w[e] : A(1);
         const T* xr = x + g.col[e] * F + f0;
         for (int64_t f = 0; f < n; ++f) {

@@ -81,11 +81,6 @@ struct Gemm {
   ConvArgs a;
   int64_t M, j, cg, kg, rows, blocks;
   bool direct;  // 1x1, stride 1, no padding: the NHWC input is the GEMM operand itself
-  // Column order j = (c, r, s) of torch's (K, C/G, R, S) weight rather than (r, s, c): the
-  // GEMMs then read and write the weight in its own layout (no copy either way), im2col and
-  // col2im stride through the block's row instead. Chosen when the weight is larger than the
-  // im2col of all rows (deep layers: many channels, few pixels) and not channels_last.
-  bool crs;
 };
 
 Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem,
@@ -108,64 +103,18 @@ Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t 
   const int64_t panel_rows = kPanelBytes / (elem * std::max(p.j, p.kg));
   p.rows = std::clamp<int64_t>(panel_rows < kDeepRows ? kMinRows : panel_rows, 16, 1024);
   p.blocks = (p.M + p.rows - 1) / p.rows;
-  p.crs = weight.defined() && !p.direct && g.R * g.S > 1 && p.M < 2 * g.K &&
-          !conv::channels_last(weight);
+  // (c, r, s) columns (ConvArgs::crs) when the weight is larger than the im2col of all rows
+  // (deep layers: many channels, few pixels) and not channels_last.
+  p.a.crs = weight.defined() && !p.direct && g.R * g.S > 1 && p.M < 2 * g.K &&
+            !conv::channels_last(weight);
   return p;
 }
 
 // The GEMM operand wmat^T[k, j] (K rows; group g's are [g K/G, (g + 1) K/G)), the GEMMs take it
-// transposed where they need wmat: torch's (K, C/G, R, S) itself when p.crs, else
+// transposed where they need wmat: torch's (K, C/G, R, S) itself when p.a.crs, else
 // (K, R, S, C/G), which a channels_last weight already is (no copy either way).
 at::Tensor weight_matrix(const at::Tensor& w, const Gemm& p, at::ScalarType ct) {
-  return p.crs ? w.to(ct).contiguous() : w.to(ct).permute({0, 2, 3, 1}).contiguous();
-}
-
-// im2col / col2im of rows [m0, m0 + mb), group g, in the column order of p (Gemm::crs);
-// the (c, r, s) order strides through each row (plain loops: a gather, not SIMD work).
-template <typename T>
-void im2col(const Gemm& p, const T* x, int64_t m0, int64_t mb, int64_t g, T* col) {
-  if (!p.crs) return kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col);
-  const ConvArgs& a = p.a;
-  const int64_t pq = a.P * a.Q, RS = a.R * a.S;
-  for (int64_t i = 0; i < mb; ++i) {
-    const int64_t m = m0 + i, n = m / pq, oh = m % pq / a.Q, ow = m % a.Q;
-    T* row = col + i * p.j;
-    for (int64_t r = 0; r < a.R; ++r) {
-      const int64_t h = oh * a.stride_h - a.pad_h + r * a.dil_h;
-      for (int64_t s = 0; s < a.S; ++s) {
-        const int64_t w = ow * a.stride_w - a.pad_w + s * a.dil_w;
-        T* dst = row + r * a.S + s;
-        if (h < 0 || h >= a.H || w < 0 || w >= a.W) {
-          for (int64_t c = 0; c < p.cg; ++c) dst[c * RS] = T(0);
-          continue;
-        }
-        const T* src = x + ((n * a.H + h) * a.W + w) * a.C + g * p.cg;
-        for (int64_t c = 0; c < p.cg; ++c) dst[c * RS] = src[c];
-      }
-    }
-  }
-}
-
-template <typename T>
-void col2im(const Gemm& p, const T* gcol, int64_t m0, int64_t mb, int64_t g, T* gx) {
-  if (!p.crs) return kernels().col2im[dt<T>()](p.a, gcol, m0, mb, g, gx);
-  const ConvArgs& a = p.a;
-  const int64_t pq = a.P * a.Q, RS = a.R * a.S;
-  for (int64_t i = 0; i < mb; ++i) {
-    const int64_t m = m0 + i, n = m / pq, oh = m % pq / a.Q, ow = m % a.Q;
-    const T* row = gcol + i * p.j;
-    for (int64_t r = 0; r < a.R; ++r) {
-      const int64_t h = oh * a.stride_h - a.pad_h + r * a.dil_h;
-      if (h < 0 || h >= a.H) continue;
-      for (int64_t s = 0; s < a.S; ++s) {
-        const int64_t w = ow * a.stride_w - a.pad_w + s * a.dil_w;
-        if (w < 0 || w >= a.W) continue;
-        const T* src = row + r * a.S + s;
-        T* dst = gx + ((n * a.H + h) * a.W + w) * a.C + g * p.cg;
-        for (int64_t c = 0; c < p.cg; ++c) dst[c] += src[c * RS];
-      }
-    }
-  }
+  return p.a.crs ? w.to(ct).contiguous() : w.to(ct).permute({0, 2, 3, 1}).contiguous();
 }
 
 // out (in its layout, via p.a.out_*) = epilogue(conv(x, wmat)).
@@ -181,7 +130,7 @@ void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
       for (int64_t g = 0; g < p.a.groups; ++g) {
         const T* A = x + m0 * p.a.C + g * p.cg;
         if (!p.direct) {
-          im2col<T>(p, x, m0, mb, g, col.data());
+          kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col.data());
           A = col.data();
         }
         gemm<T>(false, true, mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, wmat + g * p.kg * p.j, p.j,
@@ -221,7 +170,7 @@ void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
         for (int64_t g = 0; g < p.a.groups; ++g) {
           gemm<T>(false, false, mb, p.j, p.kg, gpre + m0 * K + g * p.kg, K, wmat + g * p.kg * p.j,
                   p.j, T(0), gcol.data(), p.j);
-          col2im<T>(p, gcol.data(), m0, mb, g, gx);
+          kernels().col2im[dt<T>()](p.a, gcol.data(), m0, mb, g, gx);
         }
       }
     }
@@ -251,7 +200,7 @@ void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
         for (int64_t g = 0; gw != nullptr && g < p.a.groups; ++g) {
           const T* A = x + m0 * p.a.C + g * p.cg;
           if (!p.direct) {
-            im2col<T>(p, x, m0, mb, g, col.data());
+            kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col.data());
             A = col.data();
           }
           gemm<T>(true, false, p.kg, p.j, mb, gpre + m0 * K + g * p.kg, K, A,
@@ -277,7 +226,7 @@ at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType d
 
 // The weight gradient in weight_matrix's layout -> torch's contiguous (K, C/G, R, S).
 at::Tensor weight_from_matrix(const at::Tensor& m, const Gemm& p, const at::Tensor& w) {
-  return (p.crs ? m : m.permute({0, 3, 1, 2})).to(w.scalar_type()).contiguous();
+  return (p.a.crs ? m : m.permute({0, 3, 1, 2})).to(w.scalar_type()).contiguous();
 }
 
 template <typename T>
@@ -370,7 +319,7 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
   }
   if (want_weight || want_bias) {
     // Every element is written by backward_params unless there are no rows.
-    const std::vector<int64_t> wsizes = p.crs
+    const std::vector<int64_t> wsizes = p.a.crs
                                             ? std::vector<int64_t>{g.K, g.c_per_group(), g.R, g.S}
                                             : std::vector<int64_t>{g.K, g.R, g.S, g.c_per_group()};
     at::Tensor gw = p.M > 0 ? at::empty(wsizes, opts) : at::zeros(wsizes, opts);

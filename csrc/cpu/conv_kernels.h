@@ -53,11 +53,12 @@ inline void store(const ConvArgs& a, const ConvEpilogue& e, T v, int64_t k, int6
 
 }  // namespace conv_detail
 
-template <typename T>
-void conv_im2col(const ConvArgs& a, const void* x_, int64_t m0, int64_t mb, int64_t g, void* col_) {
-  const T* x = static_cast<const T*>(x_);
-  T* col = static_cast<T*>(col_);
-  const int64_t cg = a.C / a.groups, pq = a.P * a.Q, ld = a.R * a.S * cg;
+// Column j of tap (r, s) and channel c: (r S + s) cg + c, or c R S + r S + s with a.crs (a
+// strided gather then: plain loops, not SIMD work). kCrs makes the channel stride a constant.
+template <typename T, bool kCrs>
+void im2col_impl(const ConvArgs& a, const T* x, int64_t m0, int64_t mb, int64_t g, T* col) {
+  const int64_t cg = a.C / a.groups, pq = a.P * a.Q, RS = a.R * a.S, ld = RS * cg;
+  const int64_t cs = kCrs ? RS : 1;
   for (int64_t i = 0; i < mb; ++i) {
     const int64_t m = m0 + i, n = m / pq, p = m % pq / a.Q, q = m % a.Q;
     T* row = col + i * ld;
@@ -65,24 +66,29 @@ void conv_im2col(const ConvArgs& a, const void* x_, int64_t m0, int64_t mb, int6
       const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
       for (int64_t s = 0; s < a.S; ++s) {
         const int64_t w = q * a.stride_w - a.pad_w + s * a.dil_w;
-        T* dst = row + (r * a.S + s) * cg;
+        T* dst = row + (r * a.S + s) * (kCrs ? 1 : cg);
         if (h < 0 || h >= a.H || w < 0 || w >= a.W) {
-          for (int64_t c = 0; c < cg; ++c) dst[c] = T(0);
+          for (int64_t c = 0; c < cg; ++c) dst[c * cs] = T(0);
           continue;
         }
         const T* src = x + ((n * a.H + h) * a.W + w) * a.C + g * cg;
-        for (int64_t c = 0; c < cg; ++c) dst[c] = src[c];
+        for (int64_t c = 0; c < cg; ++c) dst[c * cs] = src[c];
       }
     }
   }
 }
 
 template <typename T>
-void conv_col2im(const ConvArgs& a, const void* gcol_, int64_t m0, int64_t mb, int64_t g,
-                 void* gx_) {
-  const T* gcol = static_cast<const T*>(gcol_);
-  T* gx = static_cast<T*>(gx_);
-  const int64_t cg = a.C / a.groups, pq = a.P * a.Q, ld = a.R * a.S * cg;
+void conv_im2col(const ConvArgs& a, const void* x, int64_t m0, int64_t mb, int64_t g, void* col) {
+  const T* xt = static_cast<const T*>(x);
+  T* ct = static_cast<T*>(col);
+  a.crs ? im2col_impl<T, true>(a, xt, m0, mb, g, ct) : im2col_impl<T, false>(a, xt, m0, mb, g, ct);
+}
+
+template <typename T, bool kCrs>
+void col2im_impl(const ConvArgs& a, const T* gcol, int64_t m0, int64_t mb, int64_t g, T* gx) {
+  const int64_t cg = a.C / a.groups, pq = a.P * a.Q, RS = a.R * a.S, ld = RS * cg;
+  const int64_t cs = kCrs ? RS : 1;
   for (int64_t i = 0; i < mb; ++i) {
     const int64_t m = m0 + i, n = m / pq, p = m % pq / a.Q, q = m % a.Q;
     const T* row = gcol + i * ld;
@@ -92,12 +98,19 @@ void conv_col2im(const ConvArgs& a, const void* gcol_, int64_t m0, int64_t mb, i
       for (int64_t s = 0; s < a.S; ++s) {
         const int64_t w = q * a.stride_w - a.pad_w + s * a.dil_w;
         if (w < 0 || w >= a.W) continue;
-        const T* src = row + (r * a.S + s) * cg;
+        const T* src = row + (r * a.S + s) * (kCrs ? 1 : cg);
         T* dst = gx + ((n * a.H + h) * a.W + w) * a.C + g * cg;
-        for (int64_t c = 0; c < cg; ++c) dst[c] += src[c];
+        for (int64_t c = 0; c < cg; ++c) dst[c] += src[c * cs];
       }
     }
   }
+}
+
+template <typename T>
+void conv_col2im(const ConvArgs& a, const void* gcol, int64_t m0, int64_t mb, int64_t g, void* gx) {
+  const T* gt = static_cast<const T*>(gcol);
+  T* xt = static_cast<T*>(gx);
+  a.crs ? col2im_impl<T, true>(a, gt, m0, mb, g, xt) : col2im_impl<T, false>(a, gt, m0, mb, g, xt);
 }
 
 template <typename T>

@@ -19,6 +19,10 @@ struct ConvArgs {
   // (n, k, pq) sits at n * out_sn + k * out_sk + pq * out_spq (pq = p * Q + q).
   int64_t out_sn, out_sk, out_spq;
   int activation;  // fastdl::conv::Activation
+  // Column order of im2col / col2im: j = (c, r, s), as torch's (K, C/G, R, S) weight, rather
+  // than (r, s, c). conv.cpp picks it for deep layers, whose weight the GEMMs then read and
+  // write in torch's layout (no copy either way).
+  bool crs;
 };
 
 // Epilogue of one block of GEMM rows [m0, m0 + mb) and one group g: acc is (mb, K / groups),
@@ -31,7 +35,8 @@ struct ConvEpilogue {
   void* pre;
 };
 
-// im2col of rows [m0, m0 + mb), group g, from x (N, H, W, C) into col (mb, R * S * C / groups).
+// im2col of rows [m0, m0 + mb), group g, from x (N, H, W, C) into col (mb, R * S * C / groups),
+// columns in the order of ConvArgs::crs.
 using Im2colFn = void (*)(const ConvArgs&, const void* x, int64_t m0, int64_t mb, int64_t g,
                           void* col);
 // col2im: grad_x (N, H, W, C) += the scatter of gcol (mb, R * S * C / groups) of rows

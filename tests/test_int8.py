@@ -208,6 +208,19 @@ def test_isa_paths(backend, isa):
             assert torch.equal(q, rq) and torch.equal(s, rs)
 
 
+@pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
+def test_large_output(backend, isa):
+    # An output past 8 MiB: the AVX-512 epilogue writes it with non-temporal stores, full panels
+    # only (N = 32 * 64 + 40 ends in a partial one), int32 and float32 alike.
+    m, n, k = 1031, 2088, 5
+    a, b = randint8(m, k), randint8(k, n)
+    assert torch.equal(fastdl.int8_matmul(a, b), ref_matmul(a, b))
+    sa, sb, bias = torch.rand(m) + 0.5, torch.rand(n) + 0.5, torch.randn(n)
+    out = fastdl.int8_matmul(a, b, sa, sb, bias)
+    ref = _dequant_ref(a, b, sa, sb, bias)
+    assert (out.double() - ref).abs().max() <= RTOL[torch.float32] * ref.abs().max()
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -82,10 +82,12 @@ class Case:
         return self.traffic * math.prod(self.shape) * self.dtype.itemsize
 
     def run(self, fn: Callable[..., Any], inputs: Inputs) -> Any:
-        """One call of fn on the inputs: the forward, or the forward and the input gradients."""
-        out = fn(*inputs.args)
+        """One call of fn on the inputs: the forward (under no_grad, as inference runs: no
+        autograd graph is recorded), or the forward and the input gradients."""
         if self.mode == "fwd":
-            return out
+            with torch.no_grad():
+                return fn(*inputs.args)
+        out = fn(*inputs.args)
         first = out[0] if isinstance(out, tuple) else out
         wrt = [a for a in inputs.args if isinstance(a, torch.Tensor) and a.requires_grad]
         return (out, *torch.autograd.grad(first, wrt, inputs.grad))

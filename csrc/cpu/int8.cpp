@@ -25,6 +25,9 @@ constexpr std::initializer_list<c10::ScalarType> kOutDtypes = {at::kInt, at::kFl
                                                                at::kHalf};
 // Rows per parallel task of the row passes (quantization, A copy).
 constexpr int64_t kRowGrain = 16;
+// Outputs of this size and more are written around the caches (most of them would have left
+// the caches before they are read anyway): it saves reading every line before writing it.
+constexpr int64_t kStreamBytes = 8 << 20;
 
 bool has_vnni() {
 #if defined(__x86_64__)
@@ -90,6 +93,7 @@ at::Tensor rows_view(const at::Tensor& x) {
 
 std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return std::nullopt;
+  if (t->scalar_type() == at::kFloat && t->is_contiguous()) return t;  // used as it is: (n) values
   return t->reshape({-1}).to(at::kFloat).contiguous();
 }
 
@@ -119,8 +123,9 @@ ABuffer first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, con
 // C = A x B over tiles of rows x panels, in parallel. A tile's B panels (4 x K x 64 bytes) stay
 // in L2 while the kernel walks its rows; rows are split only as far as needed to give every
 // thread a few tiles, so that B is read from memory about once (M = 1 splits over panels only).
-void run_gemm(const Int8Kernels& t, const Gemm& g, Int8Out out) {
+void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out) {
   if (g.M == 0 || g.N == 0) return;
+  g.stream = g.M * g.N * (out == kOutI32 || out == kOutF32 ? 4 : 2) >= kStreamBytes;
   const int64_t panels = int8_panels(g.N);
   const int64_t threads = at::get_num_threads();
   int64_t pb = 4;

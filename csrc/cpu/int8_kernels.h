@@ -120,6 +120,35 @@ inline void copy_rows_i8(const QuantRows& p, int64_t r0, int64_t r1) {
 
 // ---------------------------------------------------------------- packing B
 
+#if FASTDL_VEC == 512
+// 64 columns of 4 rows of a (K, N) B to their 64 words (byte j of a word from row j), the words'
+// byte sums added to sum: bytes interleaved within 128-bit lanes (unpack), then the lanes
+// transposed so that vector v holds columns 16v .. 16v + 15.
+inline void pack_words_64(const int8_t* b0, const int8_t* b1, const int8_t* b2, const int8_t* b3,
+                          uint32_t* d, int32_t* sum) {
+  const __m512i r0 = _mm512_loadu_si512(b0), r1 = _mm512_loadu_si512(b1);
+  const __m512i r2 = _mm512_loadu_si512(b2), r3 = _mm512_loadu_si512(b3);
+  const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
+  const __m512i t2 = _mm512_unpacklo_epi8(r2, r3), t3 = _mm512_unpackhi_epi8(r2, r3);
+  // Lane l of w_j: the words of columns 16l + 4j .. 16l + 4j + 3.
+  const __m512i w0 = _mm512_unpacklo_epi16(t0, t2), w1 = _mm512_unpackhi_epi16(t0, t2);
+  const __m512i w2 = _mm512_unpacklo_epi16(t1, t3), w3 = _mm512_unpackhi_epi16(t1, t3);
+  const __m512i lo01 = _mm512_shuffle_i32x4(w0, w1, 0x44),
+                lo23 = _mm512_shuffle_i32x4(w2, w3, 0x44);
+  const __m512i hi01 = _mm512_shuffle_i32x4(w0, w1, 0xee),
+                hi23 = _mm512_shuffle_i32x4(w2, w3, 0xee);
+  const __m512i words[4] = {
+      _mm512_shuffle_i32x4(lo01, lo23, 0x88), _mm512_shuffle_i32x4(lo01, lo23, 0xdd),
+      _mm512_shuffle_i32x4(hi01, hi23, 0x88), _mm512_shuffle_i32x4(hi01, hi23, 0xdd)};
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int v = 0; v < 4; ++v) {
+    _mm512_storeu_si512(d + 16 * v, words[v]);
+    const __m512i s = _mm512_loadu_si512(sum + 16 * v);
+    _mm512_storeu_si512(sum + 16 * v, _mm512_dpbusd_epi32(s, ones, words[v]));
+  }
+}
+#endif
+
 // Each (k group, column) of a panel is one 32-bit word of 4 bytes: built from 4 rows of B read
 // along n (a (K, N) B), or read whole from a row of a (N, K) B.
 inline void pack_b(const PackB& p, int64_t p0, int64_t p1) {
@@ -162,6 +191,12 @@ inline void pack_b(const PackB& p, int64_t p0, int64_t p1) {
       const int8_t* __restrict b1 = r[1] != nullptr ? r[1] + n0 : zeros;
       const int8_t* __restrict b2 = r[2] != nullptr ? r[2] + n0 : zeros;
       const int8_t* __restrict b3 = r[3] != nullptr ? r[3] + n0 : zeros;
+#if FASTDL_VEC == 512
+      if (cols == kPanel) {
+        pack_words_64(b0, b1, b2, b3, d, sum);
+        continue;
+      }
+#endif
       for (int64_t c = 0; c < cols; ++c) {
         d[c] = static_cast<uint32_t>(static_cast<uint8_t>(b0[c])) |
                static_cast<uint32_t>(static_cast<uint8_t>(b1[c])) << 8 |
@@ -198,7 +233,23 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, const int32_t* colsu
   // compiler knows, and the loops would not vectorize.
   O* out = static_cast<O*>(g.out) + m * g.ldo + n0;
   const int32_t off = g.a_offset;
+#if FASTDL_VEC == 512
+  // Non-temporal stores: no read of the output's lines before they are written.
+  const bool stream =
+      sizeof(O) == 4 && g.stream && n == kPanel && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
+#endif
   if constexpr (kIsI32<O>) {
+#if FASTDL_VEC == 512
+    if (stream) {
+      const __m512i o = _mm512_set1_epi32(off);
+      for (int64_t j = 0; j < kPanel; j += 16) {
+        const __m512i c = _mm512_mullo_epi32(o, _mm512_loadu_si512(colsum + j));
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j),
+                            _mm512_sub_epi32(_mm512_loadu_si512(acc + j), c));
+      }
+      return;
+    }
+#endif
     for (int64_t j = 0; j < n; ++j) out[j] = acc[j] - off * colsum[j];
   } else {
     const float as = g.a_scale != nullptr ? g.a_scale[m] : 1.f;
@@ -211,6 +262,13 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, const int32_t* colsu
     if (g.bias != nullptr)
       for (int64_t j = 0; j < n; ++j) v[j] += bias[j];
 #if FASTDL_VEC == 512
+    if constexpr (sizeof(O) == 4) {
+      if (stream) {
+        for (int64_t j = 0; j < kPanel; j += 16)
+          _mm512_stream_ps(reinterpret_cast<float*>(out + j), _mm512_loadu_ps(v + j));
+        return;
+      }
+    }
     if constexpr (sizeof(O) == 2 && !kIsBf16<O>) {
       int64_t j = 0;
       for (; j + 16 <= n; j += 16)
@@ -372,6 +430,9 @@ void gemm(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
         epilogue_row<O>(g, acc + (m - mb) * kPanel, colsum + n0, m, n0, n);
     }
   }
+#if FASTDL_VEC == 512
+  if (g.stream) _mm_sfence();  // the streamed stores done before the caller's threads join
+#endif
 }
 
 const Int8Kernels kInt8Kernels = {

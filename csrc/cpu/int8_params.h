@@ -65,6 +65,7 @@ struct Gemm {
   const float* bias;     // (N) or null (0)
   void* out;
   int64_t ldo;  // elements
+  bool stream;  // a large output, not read again soon: non-temporal stores where they apply
 };
 
 using QuantFn = void (*)(const QuantRows&, int64_t r0, int64_t r1);

@@ -93,12 +93,11 @@ struct Head {
 };
 
 // Scores of rows [i0, i0 + rows) x keys [j0, j0 + n) of h into s (ld kBlockK): scale * q.k,
-// plus the mask, -inf outside the band.
+// plus the mask, -inf outside the band. kt: those keys' K^T (at least n columns).
 template <typename T>
-void scores(const Head<T>& h, const Opts& o, int64_t i0, int64_t rows, int64_t j0, int64_t n,
-            T* s) {
-  gemm<T>(false, true, rows, n, o.D, h.q + i0 * h.ldq, h.ldq, h.k + j0 * h.ldk, h.ldk, T(0), s,
-          kBlockK, static_cast<T>(o.scale));
+void scores(const Head<T>& h, const Opts& o, const PackedB<T>& kt, int64_t i0, int64_t rows,
+            int64_t j0, int64_t n, T* s) {
+  kt.gemm(false, rows, n, o.D, h.q + i0 * h.ldq, h.ldq, T(0), s, kBlockK, static_cast<T>(o.scale));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     T* row = s + r * kBlockK;
@@ -160,12 +159,63 @@ class Buf {
   T* p_;
 };
 
+// The forward's B operands of one key head's blocks, K^T (the scores') and V (the output's):
+// packed when a task's query block first needs them, then reused by the task's next query blocks
+// of that head (and by the other query heads of a GQA group). Blocks on the kBlockK grid are
+// kept, whole; one that starts elsewhere (a sliding window's first) is packed for one use.
+template <typename T>
+class KeyBlocks {
+ public:
+  // K^T and V of keys [j0, j0 + n) of h, or of more keys from j0.
+  std::pair<const PackedB<T>*, const PackedB<T>*> get(const Head<T>& h, int64_t D, int64_t j0,
+                                                      int64_t n) {
+    if (h.k != head_) {
+      head_ = h.k;
+      std::fill(ready_.begin(), ready_.end(), 0);
+    }
+    if (j0 % kBlockK != 0) {
+      pack(h, D, j0, n, loose_kt_, loose_v_);
+      return {&loose_kt_, &loose_v_};
+    }
+    const size_t b = static_cast<size_t>(j0 / kBlockK);
+    if (b >= ready_.size()) {
+      kt_.resize(b + 1);
+      v_.resize(b + 1);
+      ready_.resize(b + 1, 0);
+    }
+    if (!ready_[b]) pack(h, D, j0, std::min(kBlockK, h.Sk - j0), kt_[b], v_[b]);
+    ready_[b] = 1;
+    return {&kt_[b], &v_[b]};
+  }
+
+ private:
+  static void pack(const Head<T>& h, int64_t D, int64_t j0, int64_t n, PackedB<T>& kt,
+                   PackedB<T>& v) {
+    kt.pack(true, D, n, h.k + j0 * h.ldk, h.ldk);
+    v.pack(false, n, D, h.v + j0 * h.ldv, h.ldv);
+  }
+  const T* head_ = nullptr;
+  std::vector<PackedB<T>> kt_, v_;
+  std::vector<char> ready_;
+  PackedB<T> loose_kt_, loose_v_;
+};
+
+// The backward's B operands: per key block, K^T (the scores'), V^T (dP's) and K (dQ's); per
+// query block of the group's heads, Q (dK's) and dO (dV's), packed once per task.
+template <typename T>
+struct GradOperands {
+  PackedB<T> kt, vt, k;
+  std::vector<PackedB<T>> q, dout;  // [head of the group][query block]
+};
+
 // Per-thread scratch of the forward and backward blocks.
 template <typename T>
 struct Scratch {
   static constexpr int64_t kBlock = kBlockQ * kBlockK;
   const int64_t acc_size;
   Buf<T> s, dp, pz, acc, m, l, corr;
+  KeyBlocks<T> keys;    // forward
+  GradOperands<T> ops;  // backward
   // acc: the forward's (kBlockQ, D) output accumulator, the backward's dK and dV blocks.
   Scratch(int64_t D, bool backward, bool dropout)
       : acc_size((backward ? 2 * kBlockK : kBlockQ) * D),
@@ -194,13 +244,14 @@ void fwd_block(const Head<T>& h, const Opts& o, int64_t i0, int64_t i1, T* out, 
   for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, jhi - j0);
     T* s = w.s.data();
-    scores(h, o, i0, rows, j0, n, s);
+    const auto [kt, vb] = w.keys.get(h, D, j0, n);
+    scores(h, o, *kt, i0, rows, j0, n, s);
     kern.softmax_step[kAcc<T>](s, rows, n, kBlockK, w.m.data(), w.l.data(), w.corr.data());
     if (o.p > 0) dropout(h, o, i0, rows, j0, n, s);
     for (int64_t r = 0; r < rows; ++r)
       if (w.corr[r] != T(1))
         for (int64_t d = 0; d < D; ++d) w.acc[r * D + d] *= w.corr[r];
-    gemm<T>(false, false, rows, D, n, s, kBlockK, h.v + j0 * h.ldv, h.ldv, T(1), w.acc.data(), D);
+    vb->gemm(false, rows, D, n, s, kBlockK, T(1), w.acc.data(), D);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const bool none = w.l[r] == T(0);  // no allowed key: out 0, lse -inf
@@ -223,9 +274,10 @@ struct HeadGrad {
 
 // Adds the contributions of key rows [j0, j0 + n) x query rows [i0, i1) of h to the dK and dV
 // blocks (w.acc, laid out [2][kBlockK][D]) and to dQ (FlashAttention-2's backward, Alg. 2).
+// qb, dob: the query block's packed Q and dO; w.ops: the key block's packed operands.
 template <typename T>
 void bwd_block(const Head<T>& h, const HeadGrad<T>& g, const Opts& o, int64_t i0, int64_t i1,
-               int64_t j0, int64_t n, Scratch<T>& w) {
+               int64_t j0, int64_t n, const PackedB<T>& qb, const PackedB<T>& dob, Scratch<T>& w) {
   const auto& kern = kernels();
   const int64_t rows = i1 - i0, D = o.D;
   T* dk = w.acc.data();
@@ -233,9 +285,9 @@ void bwd_block(const Head<T>& h, const HeadGrad<T>& g, const Opts& o, int64_t i0
   T* p = w.s.data();
   T* dp = w.dp.data();
   const T* dout = g.dout + i0 * g.lddo;
-  scores(h, o, i0, rows, j0, n, p);
+  scores(h, o, w.ops.kt, i0, rows, j0, n, p);
   kern.exp_rows[kAcc<T>](p, rows, n, kBlockK, g.lse + i0);
-  gemm<T>(false, true, rows, n, D, dout, g.lddo, h.v + j0 * h.ldv, h.ldv, T(0), dp, kBlockK);
+  w.ops.vt.gemm(false, rows, n, D, dout, g.lddo, T(0), dp, kBlockK);
   // With dropout (mask Z, scaled), dV takes P * Z and dP is dropped the same way; dS =
   // P * (dP * Z - delta) uses the undropped P, as rowsum(P * Z * dP) = rowsum(dO * O) = delta.
   const T* pv = p;
@@ -245,15 +297,14 @@ void bwd_block(const Head<T>& h, const HeadGrad<T>& g, const Opts& o, int64_t i0
     dropout(h, o, i0, rows, j0, n, dp);
     pv = w.pz.data();
   }
-  gemm<T>(true, false, n, D, rows, pv, kBlockK, dout, g.lddo, T(1), dv, D);
+  dob.gemm(true, n, D, rows, pv, kBlockK, T(1), dv, D);
   kern.ds_rows[kAcc<T>](p, dp, rows, n, kBlockK, g.delta + i0);
   if (g.gmask)
     for (int64_t r = 0; r < rows; ++r)
       std::copy(dp + r * kBlockK, dp + r * kBlockK + n, g.gmask + (i0 + r) * h.Sk + j0);
   const T sc = static_cast<T>(o.scale);
-  gemm<T>(true, false, n, D, rows, dp, kBlockK, h.q + i0 * h.ldq, h.ldq, T(1), dk, D, sc);
-  gemm<T>(false, false, rows, D, n, dp, kBlockK, h.k + j0 * h.ldk, h.ldk, T(1), g.dq + i0 * D, D,
-          sc);
+  qb.gemm(true, n, D, rows, dp, kBlockK, T(1), dk, D, sc);
+  w.ops.k.gemm(false, rows, D, n, dp, kBlockK, T(1), g.dq + i0 * D, D, sc);
 }
 
 // t with unit stride in its last dim and rows at least D apart (what the GEMMs accept); copies
@@ -299,14 +350,31 @@ void bwd_group(const Head<T>* hs, HeadGrad<T>* gs, const T* const* outs, const i
     gs[g].delta = delta.data() + g * Sq;
     gs[g].dq = dqa.data() + g * Sq * D;
   }
+  const int64_t nqb = (Sq + kBlockQ - 1) / kBlockQ;
+  auto& ops = w.ops;
+  if (static_cast<int64_t>(ops.q.size()) < group * nqb) {
+    ops.q.resize(group * nqb);
+    ops.dout.resize(group * nqb);
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t b = 0; b < nqb; ++b) {
+      const int64_t i0 = b * kBlockQ, rows = std::min(kBlockQ, Sq - i0);
+      ops.q[g * nqb + b].pack(false, rows, D, hs[g].q + i0 * hs[g].ldq, hs[g].ldq);
+      ops.dout[g * nqb + b].pack(false, rows, D, gs[g].dout + i0 * gs[g].lddo, gs[g].lddo);
+    }
   for (int64_t j0 = 0; j0 < Sk; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, Sk - j0);
     std::fill(w.acc.data(), w.acc.data() + w.acc_size, T(0));
+    const Head<T>& h = hs[0];  // the group's heads share K and V
+    ops.kt.pack(true, D, n, h.k + j0 * h.ldk, h.ldk);
+    ops.vt.pack(true, D, n, h.v + j0 * h.ldv, h.ldv);
+    ops.k.pack(false, n, D, h.k + j0 * h.ldk, h.ldk);
     for (int64_t g = 0; g < group; ++g)
-      for (int64_t i0 = 0; i0 < Sq; i0 += kBlockQ) {
-        const int64_t i1 = std::min(Sq, i0 + kBlockQ);
+      for (int64_t b = 0; b < nqb; ++b) {
+        const int64_t i0 = b * kBlockQ, i1 = std::min(Sq, i0 + kBlockQ);
         const auto [lo, hi] = key_range(hs[g], o, i0, i1);
-        if (hi > j0 && lo < j0 + n && lo < hi) bwd_block(hs[g], gs[g], o, i0, i1, j0, n, w);
+        if (hi > j0 && lo < j0 + n && lo < hi)
+          bwd_block(hs[g], gs[g], o, i0, i1, j0, n, ops.q[g * nqb + b], ops.dout[g * nqb + b], w);
       }
     for (int64_t r = 0; r < n; ++r) {
       std::copy_n(w.acc.data() + r * D, D, dk + (j0 + r) * lddk);

@@ -68,7 +68,7 @@ void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, in
     for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kc) {
       const int64_t k1 = std::min(k, k0 + kc);
       t.pack(pb, k0, k1, n0, n1, packed);
-      t.block(g, packed, k0, k1, n0, n1, k0 == 0 ? beta : 1.f);
+      t.block(g, packed, k0, k1, n0, n1, k0 == 0 ? beta : 1.f, k1 - k0);
       if (kc == 0) break;
     }
   }
@@ -106,6 +106,41 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
   else
     dgemm(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, alpha);
 }
+
+template <typename T>
+void PackedB<T>::pack(bool tb, int64_t k, int64_t n, const T* B, int64_t ldb) {
+  tb_ = tb;
+  b_ = B;
+  ldb_ = ldb;
+  k_ = k;
+  if constexpr (std::is_same_v<T, float>) {
+    TORCH_CHECK(k <= kGemmKc, "fastdl: PackedB holds one k block (k <= ", kGemmKc, "), got ", k);
+    const GemmKernels& t = kernels();
+    const size_t need = k * ((n + t.nr - 1) / t.nr * t.nr) + kAlignFloats;
+    if (buf_.size() < need) buf_.resize(need);
+    float* dst = aligned(buf_.data());
+    t.pack(PackBF32{tb, B, ldb}, 0, k, 0, n, dst);
+    panels_ = dst;
+  }
+}
+
+template <typename T>
+void PackedB<T>::gemm(bool ta, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, T beta,
+                      T* C, int64_t ldc, T alpha) const {
+  if (m == 0 || n == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    const GemmKernels& t = kernels();
+    const GemmF32 g{ta, m, alpha, A, lda, C, ldc, workspace(0)};
+    // Chunks of kGemmNc columns, as sgemm: their panels stay in L2 while every row tile passes.
+    for (int64_t n0 = 0; n0 < n; n0 += kGemmNc)
+      t.block(g, panels_ + n0 * k_, 0, k, n0, std::min(n, n0 + kGemmNc), beta, k_);
+  } else {
+    dgemm(ta, tb_, m, n, k, A, lda, b_, ldb_, beta, C, ldc, alpha);
+  }
+}
+
+template class PackedB<float>;
+template class PackedB<double>;
 
 template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t,
                           const float*, int64_t, float, float*, int64_t, float);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace fastdl::cpu {
 
@@ -15,5 +16,25 @@ namespace fastdl::cpu {
 template <typename T>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B,
           int64_t ldb, T beta, T* C, int64_t ldc, T alpha = T(1));
+
+// op(B) (k x n, B stored n x k when tb) prepared once for several products that share it, each
+// using its first k' <= k rows and n' <= n columns: attention packs a key block once per task
+// rather than once per query block. float32 packs it into the kernels' panels (k <= 256, one k
+// block); float64 keeps the pointer (its BLAS packs for itself).
+template <typename T>
+class PackedB {
+ public:
+  void pack(bool tb, int64_t k, int64_t n, const T* B, int64_t ldb);
+  // C (m x n', ldc) = alpha * op(A) (m x k') * op(B)[:k', :n'] + beta * C.
+  void gemm(bool ta, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, T beta, T* C,
+            int64_t ldc, T alpha = T(1)) const;
+
+ private:
+  bool tb_ = false;
+  const T* b_ = nullptr;
+  int64_t ldb_ = 0, k_ = 0;
+  std::vector<float> buf_;  // float32's panels (from its first 64-byte boundary)
+  const float* panels_ = nullptr;
+};
 
 }  // namespace fastdl::cpu

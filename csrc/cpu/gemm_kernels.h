@@ -98,14 +98,14 @@ inline void pack(const PackBF32& p, int64_t k0, int64_t k1, int64_t n0, int64_t 
 }
 
 // Rows [m0, m1) of block's C; `a` is the first tile's A (row m0 from column k0, or its packed
-// [k][kMr] tile, the next tiles kMr * kc floats on).
+// [k][kMr] tile, the next tiles kMr * kc floats on); B's panels kp rows apart.
 template <bool kPackedA>
 inline void row_tiles(const GemmF32& g, const float* a, int64_t m0, int64_t m1, const float* bp,
-                      int64_t kc, int64_t n0, int64_t n1, float beta) {
+                      int64_t kc, int64_t kp, int64_t n0, int64_t n1, float beta) {
   for (int64_t m = m0; m < m1; m += kMr, a += kPackedA ? kMr * kc : kMr * g.lda) {
     const int rows = static_cast<int>(imin(kMr, m1 - m));
     const float* b = bp;
-    for (int64_t j = n0; j < n1; j += kNr, b += kc * kNr) {
+    for (int64_t j = n0; j < n1; j += kNr, b += kp * kNr) {
       const int64_t cols = imin(kNr, n1 - j);
       const int nv = static_cast<int>((cols + VecF::W - 1) / VecF::W);
       micro_any<kMr, kNv, kPackedA>(rows, nv, a, g.lda, b, kc, g.c + m * g.ldc + j, g.ldc, cols,
@@ -115,9 +115,9 @@ inline void row_tiles(const GemmF32& g, const float* a, int64_t m0, int64_t m1, 
 }
 
 inline void block(const GemmF32& g, const float* bp, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
-                  float beta) {
+                  float beta, int64_t kp) {
   const int64_t kc = k1 - k0;
-  if (!g.ta) return row_tiles<false>(g, g.a + k0, 0, g.m, bp, kc, n0, n1, beta);
+  if (!g.ta) return row_tiles<false>(g, g.a + k0, 0, g.m, bp, kc, kp, n0, n1, beta);
   for (int64_t m0 = 0; m0 < g.m; m0 += kGemmMc) {
     const int64_t m1 = imin(g.m, m0 + kGemmMc);
     for (int64_t k = 0; k < kc; ++k) {
@@ -128,7 +128,7 @@ inline void block(const GemmF32& g, const float* bp, int64_t k0, int64_t k1, int
         st(dst, ld<VecF>(src + m, rows), rows);
       }
     }
-    row_tiles<true>(g, g.apack, m0, m1, bp, kc, n0, n1, beta);
+    row_tiles<true>(g, g.apack, m0, m1, bp, kc, kp, n0, n1, beta);
   }
 }
 

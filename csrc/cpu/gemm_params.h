@@ -53,9 +53,9 @@ struct PackBF32 {
 using GemmPackFn = void (*)(const PackBF32&, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
                             float* dst);
 // Columns [n0, n1) of C = alpha * op(A)[:, k0:k1] * bp + beta * C, bp the packed rows [k0, k1)
-// x columns [n0, n1) of op(B).
+// x columns [n0, n1) of op(B), its panels `kp` >= k1 - k0 rows each (the first k1 - k0 used).
 using GemmBlockFn = void (*)(const GemmF32&, const float* bp, int64_t k0, int64_t k1, int64_t n0,
-                             int64_t n1, float beta);
+                             int64_t n1, float beta, int64_t kp);
 
 struct GemmKernels {
   GemmPackFn pack;

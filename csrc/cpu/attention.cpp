@@ -10,6 +10,7 @@
 // causal problem costs half a full one. Backward: one task per (sequence, key/value head), which
 // owns its dK/dV and the dQ of its query heads: no atomics, bit-identical for any thread count.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -68,6 +69,23 @@ class SequentialBlas {
  private:
   int previous_;
 };
+
+// at::parallel_for with the tasks [0, n) handed out as the threads ask: each thread runs
+// body(claim) once (building its scratch), and claim(begin, end) gives it its next `grain`
+// tasks, false when none are left. An even split up front leaves one core idle at the end when
+// the other was slowed (a shared machine) or given the heavier tasks; which thread runs a task
+// does not change its result.
+template <typename F>
+void parallel_claim(int64_t n, int64_t grain, const F& body) {
+  std::atomic<int64_t> next{0};
+  const auto claim = [&](int64_t& begin, int64_t& end) {
+    begin = next.fetch_add(grain);
+    end = std::min(n, begin + grain);
+    return begin < n;
+  };
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(claim); });
+}
 
 // The options every block of one call shares.
 struct Opts {
@@ -439,16 +457,20 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   const int64_t nqb = (d.Sq + kBlockQ - 1) / kBlockQ;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd", [&] {
     using T = scalar_t;
-    at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    // A thread takes a whole head at a time (its key blocks packed once) when there are heads
+    // enough to go round.
+    const int64_t grain = d.B * d.Hq >= 8 * at::get_num_threads() ? nqb : 1;
+    parallel_claim(d.B * d.Hq * nqb, grain, [&](const auto& claim) {
       const SequentialBlas sequential;
       Scratch<T> w(d.D, false, p > 0);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t bh = t / nqb, i0 = (t % nqb) * kBlockQ;
-        const int64_t i1 = std::min(d.Sq, i0 + kBlockQ);
-        const auto h = dense_head<T>(q, k, v, mask, d, bh / d.Hq, bh % d.Hq, offset);
-        fwd_block(h, o, i0, i1, out_c.mutable_data_ptr<T>() + (bh * d.Sq + i0) * d.D, d.D,
-                  lse.mutable_data_ptr<T>() + bh * d.Sq + i0, w);
-      }
+      for (int64_t begin, end; claim(begin, end);)
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t bh = t / nqb, i0 = (t % nqb) * kBlockQ;
+          const int64_t i1 = std::min(d.Sq, i0 + kBlockQ);
+          const auto h = dense_head<T>(q, k, v, mask, d, bh / d.Hq, bh % d.Hq, offset);
+          fwd_block(h, o, i0, i1, out_c.mutable_data_ptr<T>() + (bh * d.Sq + i0) * d.D, d.D,
+                    lse.mutable_data_ptr<T>() + bh * d.Sq + i0, w);
+        }
     });
   });
   if (!out_c.is_same(out)) out.copy_(out_c);
@@ -480,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const int64_t group = d.Hq / d.Hkv;
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd", [&] {
       using T = scalar_t;
-      at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
+      parallel_claim(d.B * d.Hkv, 1, [&](const auto& claim) {
         const SequentialBlas sequential;
         Scratch<T> w(d.D, true, p > 0);
         std::vector<Head<T>> hs(group);
@@ -488,24 +510,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         std::vector<const T*> outs(group);
         std::vector<int64_t> ldo(group, row_ld(out, 2));
         std::vector<T*> dq(group);
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t b = t / d.Hkv, hk = t % d.Hkv;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t h = hk * group + g, bh = b * d.Hq + h;
-            hs[g] = dense_head<T>(q, k, v, mask, d, b, h, offset);
-            gs[g] = {go.const_data_ptr<T>() + b * go.stride(0) + h * go.stride(1),
-                     row_ld(go, 2),
-                     lse.const_data_ptr<T>() + bh * d.Sq,
-                     nullptr,
-                     nullptr,
-                     want_mask ? gm_full.mutable_data_ptr<T>() + bh * d.Sq * d.Sk : nullptr};
-            outs[g] = out.const_data_ptr<T>() + b * out.stride(0) + h * out.stride(1);
-            dq[g] = gq.mutable_data_ptr<T>() + bh * d.Sq * d.D;
+        for (int64_t begin, end; claim(begin, end);)
+          for (int64_t t = begin; t < end; ++t) {
+            const int64_t b = t / d.Hkv, hk = t % d.Hkv;
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t h = hk * group + g, bh = b * d.Hq + h;
+              hs[g] = dense_head<T>(q, k, v, mask, d, b, h, offset);
+              gs[g] = {go.const_data_ptr<T>() + b * go.stride(0) + h * go.stride(1),
+                       row_ld(go, 2),
+                       lse.const_data_ptr<T>() + bh * d.Sq,
+                       nullptr,
+                       nullptr,
+                       want_mask ? gm_full.mutable_data_ptr<T>() + bh * d.Sq * d.Sk : nullptr};
+              outs[g] = out.const_data_ptr<T>() + b * out.stride(0) + h * out.stride(1);
+              dq[g] = gq.mutable_data_ptr<T>() + bh * d.Sq * d.D;
+            }
+            const int64_t kv = (b * d.Hkv + hk) * d.Sk * d.D;
+            bwd_group(hs.data(), gs.data(), outs.data(), ldo.data(), group, o, dq.data(), d.D,
+                      gk.mutable_data_ptr<T>() + kv, d.D, gv.mutable_data_ptr<T>() + kv, d.D, w);
           }
-          const int64_t kv = (b * d.Hkv + hk) * d.Sk * d.D;
-          bwd_group(hs.data(), gs.data(), outs.data(), ldo.data(), group, o, dq.data(), d.D,
-                    gk.mutable_data_ptr<T>() + kv, d.D, gv.mutable_data_ptr<T>() + kv, d.D, w);
-        }
       });
     });
   }
@@ -572,17 +595,18 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
   const Opts o = make_opts(d.D, scale, p, seed, left, right, bottom_right);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "varlen_attention_fwd", [&] {
     using T = scalar_t;
-    at::parallel_for(0, d.Hq * nb, 1, [&](int64_t begin, int64_t end) {
+    parallel_claim(d.Hq * nb, 1, [&](const auto& claim) {
       const SequentialBlas sequential;
       Scratch<T> w(d.D, false, p > 0);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t h = t / nb;
-        const auto [n, i0] = blocks[t % nb];
-        const auto hd = varlen_head<T>(q, k, v, d, cq, ck, n, h, offset);
-        const int64_t i1 = std::min(hd.Sq, i0 + kBlockQ), row = cq[n] + i0;
-        fwd_block(hd, o, i0, i1, out_c.mutable_data_ptr<T>() + (row * d.Hq + h) * d.D, d.Hq * d.D,
-                  lse.mutable_data_ptr<T>() + h * d.Tq + row, w);
-      }
+      for (int64_t begin, end; claim(begin, end);)
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t h = t / nb;
+          const auto [n, i0] = blocks[t % nb];
+          const auto hd = varlen_head<T>(q, k, v, d, cq, ck, n, h, offset);
+          const int64_t i1 = std::min(hd.Sq, i0 + kBlockQ), row = cq[n] + i0;
+          fwd_block(hd, o, i0, i1, out_c.mutable_data_ptr<T>() + (row * d.Hq + h) * d.D, d.Hq * d.D,
+                    lse.mutable_data_ptr<T>() + h * d.Tq + row, w);
+        }
     });
   });
   if (!out_c.is_same(out)) out.copy_(out_c);
@@ -611,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
   const int64_t group = d.Hkv ? d.Hq / d.Hkv : 0;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "varlen_attention_bwd", [&] {
     using T = scalar_t;
-    at::parallel_for(0, d.Hkv * d.N, 1, [&](int64_t begin, int64_t end) {
+    parallel_claim(d.Hkv * d.N, 1, [&](const auto& claim) {
       const SequentialBlas sequential;
       Scratch<T> w(d.D, true, p > 0);
       std::vector<Head<T>> hs(group);
@@ -619,24 +643,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
       std::vector<const T*> outs(group);
       std::vector<int64_t> ldo(group, row_ld(out, 0));
       std::vector<T*> dq(group);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t hk = t / d.N, n = t % d.N;
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = hk * group + g;
-          hs[g] = varlen_head<T>(q, k, v, d, cq, ck, n, h, offset);
-          gs[g] = {go.const_data_ptr<T>() + cq[n] * go.stride(0) + h * go.stride(1),
-                   row_ld(go, 0),
-                   lse.const_data_ptr<T>() + h * d.Tq + cq[n],
-                   nullptr,
-                   nullptr,
-                   nullptr};
-          outs[g] = out.const_data_ptr<T>() + cq[n] * out.stride(0) + h * out.stride(1);
-          dq[g] = gq.mutable_data_ptr<T>() + (cq[n] * d.Hq + h) * d.D;
+      for (int64_t begin, end; claim(begin, end);)
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t hk = t / d.N, n = t % d.N;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = hk * group + g;
+            hs[g] = varlen_head<T>(q, k, v, d, cq, ck, n, h, offset);
+            gs[g] = {go.const_data_ptr<T>() + cq[n] * go.stride(0) + h * go.stride(1),
+                     row_ld(go, 0),
+                     lse.const_data_ptr<T>() + h * d.Tq + cq[n],
+                     nullptr,
+                     nullptr,
+                     nullptr};
+            outs[g] = out.const_data_ptr<T>() + cq[n] * out.stride(0) + h * out.stride(1);
+            dq[g] = gq.mutable_data_ptr<T>() + (cq[n] * d.Hq + h) * d.D;
+          }
+          bwd_group(hs.data(), gs.data(), outs.data(), ldo.data(), group, o, dq.data(), d.Hq * d.D,
+                    gk.mutable_data_ptr<T>() + (ck[n] * d.Hkv + hk) * d.D, d.Hkv * d.D,
+                    gv.mutable_data_ptr<T>() + (ck[n] * d.Hkv + hk) * d.D, d.Hkv * d.D, w);
         }
-        bwd_group(hs.data(), gs.data(), outs.data(), ldo.data(), group, o, dq.data(), d.Hq * d.D,
-                  gk.mutable_data_ptr<T>() + (ck[n] * d.Hkv + hk) * d.D, d.Hkv * d.D,
-                  gv.mutable_data_ptr<T>() + (ck[n] * d.Hkv + hk) * d.D, d.Hkv * d.D, w);
-      }
     });
   });
   const auto ret = [&](bool wanted, const at::Tensor& g) {

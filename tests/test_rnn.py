@@ -20,6 +20,10 @@ NATIVE_CASES = [
     # Batches above 4 without lengths or projection: the fused whole-sequence loops (threads own
     # blocks of 16 hidden units; 37 leaves a remainder block).
     RnnCase(L, 7, 6, 5, 37, bidir=True),
+    # Hidden 300: the recurrent products' depth (H forward, 4H / 3H backward) spans several k
+    # blocks of the packed weights.
+    RnnCase(L, 3, 5, 4, 300),
+    RnnCase(G, 3, 5, 4, 300),
     RnnCase(G, 5, 3, 7, 9),
     RnnCase(G, 1, 1, 4, 6),
     RnnCase(G, 13, 4, 10, 17, layers=2, bidir=True, batch_first=True, lengths=True),

@@ -114,12 +114,14 @@ void PackedB<T>::pack(bool tb, int64_t k, int64_t n, const T* B, int64_t ldb) {
   ldb_ = ldb;
   k_ = k;
   if constexpr (std::is_same_v<T, float>) {
-    TORCH_CHECK(k <= kGemmKc, "fastdl: PackedB holds one k block (k <= ", kGemmKc, "), got ", k);
     const GemmKernels& t = kernels();
-    const size_t need = k * ((n + t.nr - 1) / t.nr * t.nr) + kAlignFloats;
+    kc_ = gemm_kc(k);
+    npad_ = (n + t.nr - 1) / t.nr * t.nr;
+    const size_t need = k * npad_ + kAlignFloats;
     if (buf_.size() < need) buf_.resize(need);
     float* dst = aligned(buf_.data());
-    t.pack(PackBF32{tb, B, ldb}, 0, k, 0, n, dst);
+    for (int64_t k0 = 0; k0 < k; k0 += kc_)
+      t.pack(PackBF32{tb, B, ldb}, k0, std::min(k, k0 + kc_), 0, n, dst + k0 * npad_);
     panels_ = dst;
   }
 }
@@ -131,9 +133,15 @@ void PackedB<T>::gemm(bool ta, int64_t m, int64_t n, int64_t k, const T* A, int6
   if constexpr (std::is_same_v<T, float>) {
     const GemmKernels& t = kernels();
     const GemmF32 g{ta, m, alpha, A, lda, C, ldc, workspace(0)};
+    TORCH_CHECK(k == k_ || k <= kc_, "fastdl: PackedB of ", k_, " rows used for ", k);
     // Chunks of kGemmNc columns, as sgemm: their panels stay in L2 while every row tile passes.
     for (int64_t n0 = 0; n0 < n; n0 += kGemmNc)
-      t.block(g, panels_ + n0 * k_, 0, k, n0, std::min(n, n0 + kGemmNc), beta, k_);
+      for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kc_) {
+        const int64_t kp = std::min(k_, k0 + kc_) - k0;  // rows of this block's panels
+        t.block(g, panels_ + k0 * npad_ + n0 * kp, k0, std::min(k, k0 + kc_), n0,
+                std::min(n, n0 + kGemmNc), k0 == 0 ? beta : 1.f, kp);
+        if (kc_ == 0) break;
+      }
   } else {
     dgemm(ta, tb_, m, n, k, A, lda, b_, ldb_, beta, C, ldc, alpha);
   }

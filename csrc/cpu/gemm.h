@@ -18,9 +18,10 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
           int64_t ldb, T beta, T* C, int64_t ldc, T alpha = T(1));
 
 // op(B) (k x n, B stored n x k when tb) prepared once for several products that share it, each
-// using its first k' <= k rows and n' <= n columns: attention packs a key block once per task
-// rather than once per query block. float32 packs it into the kernels' panels (k <= 256, one k
-// block); float64 keeps the pointer (its BLAS packs for itself).
+// using its first n' <= n columns and its first k' <= k rows (k' = k, or k' within the first k
+// block of gemm_kc(k) rows): attention packs a key block once per task rather than once per
+// query block, the RNNs their recurrent weights once per sequence. float32 packs it into the
+// kernels' panels, k block after k block; float64 keeps the pointer (its BLAS packs for itself).
 template <typename T>
 class PackedB {
  public:
@@ -32,7 +33,7 @@ class PackedB {
  private:
   bool tb_ = false;
   const T* b_ = nullptr;
-  int64_t ldb_ = 0, k_ = 0;
+  int64_t ldb_ = 0, k_ = 0, kc_ = 0, npad_ = 0;
   std::vector<float> buf_;  // float32's panels (from its first 64-byte boundary)
   const float* panels_ = nullptr;
 };

@@ -26,6 +26,7 @@
 
 #include "common/isa.h"
 #include "common/rnn.h"
+#include "cpu/gemm.h"
 #include "cpu/rnn_params.h"
 
 namespace fastdl::cpu {
@@ -186,13 +187,64 @@ std::vector<int64_t> unit_blocks(int64_t H) {
   return bound;
 }
 
+// One 2-D operand as the GEMM reads it: rows or columns unit-stride (`trans` for the latter),
+// copied only when neither is.
+struct Operand {
+  at::Tensor t;
+  bool trans;
+  int64_t ld;
+};
+
+Operand operand(const at::Tensor& t) {
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(t.size(1), 1))
+    return {t, false, std::max<int64_t>(t.stride(0), 1)};
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(t.size(0), 1))
+    return {t, true, std::max<int64_t>(t.stride(1), 1)};
+  const at::Tensor c = t.contiguous();
+  return {c, false, std::max<int64_t>(c.size(1), 1)};
+}
+
+// a (m x k) @ b (k x n), 2-D views of any strides: float32 on fastdl's GEMM over row blocks in
+// parallel (the MKL sgemm torch links runs these sequence-sized products at ~60 GFLOP/s on AMD
+// CPUs), float64 through at::mm. Each element sums over k in one fixed order, whatever the
+// thread count: deterministic.
+at::Tensor rnn_mm(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != at::kFloat) return at::mm(a, b);
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  at::Tensor c = at::empty({m, n}, a.options());
+  const Operand oa = operand(a), ob = operand(b);
+  const float* pa = oa.t.const_data_ptr<float>();
+  const float* pb = ob.t.const_data_ptr<float>();
+  float* pc = c.mutable_data_ptr<float>();
+  // One row block per thread (each packs all of b once), in multiples of the micro-tile's rows.
+  const int64_t threads = at::get_num_threads();
+  const int64_t grain = std::max<int64_t>(1, ((m + threads - 1) / threads + 5) / 6 * 6);
+  at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
+    gemm<float>(oa.trans, ob.trans, r1 - r0, n, k, pa + (oa.trans ? r0 : r0 * oa.ld), oa.ld, pb,
+                ob.ld, 0.f, pc + r0 * n, n);
+  });
+  return c;
+}
+
+// out (rows x n, ld ldo) = a (rows x w's k, ld lda) * w, plus `init`'s rows (ld ldi, 0: one row
+// for all) when given: a step's recurrent product on one thread's block of units, w packed once
+// for the sequence (fastdl's GEMM: the MKL sgemm torch links is slow on AMD CPUs).
+template <typename T>
+void step_gemm(const PackedB<T>& w, int64_t rows, int64_t n, int64_t k, const T* a, int64_t lda,
+               const T* init, int64_t ldi, T* out, int64_t ldo) {
+  if (init != nullptr)
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(init + r * ldi, n, out + r * ldo);
+  w.gemm(false, rows, n, k, a, lda, init != nullptr ? T(1) : T(0), out, ldo);
+}
+
 // The forward steps without projection or lengths, batches above kSeqMaxBatch (LSTM: k = 4
 // gates, GRU: k = 3 with b_hh inside the recurrent GEMM): one parallel region for the whole
 // sequence. Each thread owns a block of hidden units and per step runs the recurrent GEMM of just
 // its units' k gates (single-threaded BLAS on its slice of a w_hh whose rows are regrouped per
 // block) and at once the fused pointwise on that slice, while its gates are still in cache; h is
 // double-buffered, so one barrier per step is all the ordering needed (instead of a BLAS
-// fork/join and a parallel_for per step). Returns the buffer holding h_T.
+// fork/join and a parallel_for per step). Returns the buffer holding h_T. E: the element type.
+template <typename E>
 at::Tensor fused_fwd_steps(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
                            at::Tensor h, int64_t T) {
@@ -208,7 +260,7 @@ at::Tensor fused_fwd_steps(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
   const std::optional<at::Tensor> bperm =
       b_hh ? std::optional<at::Tensor>(b_hh->index_select(0, index)) : std::nullopt;
   const at::Tensor gh = at::empty({B, k * H}, h.options());
-  const at::Tensor hbuf[2] = {h, at::empty_like(h)};
+  const at::Tensor hbuf[2] = {h.contiguous(), at::empty({B, H}, h.options())};
   p.gh = gh.const_data_ptr();
   const at::ThreadLocalState tls;
 #pragma omp parallel num_threads(static_cast<int>(nb))
@@ -216,17 +268,18 @@ at::Tensor fused_fwd_steps(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
     const at::ThreadLocalStateGuard guard(tls);
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<int64_t> pos(B);
+    std::vector<PackedB<E>> w(nb);  // this thread's blocks of w_hh^T
+    for (int64_t t = tid; t < nb; t += nt)
+      w[t].pack(true, H, k * (bound[t + 1] - bound[t]),
+                wperm.const_data_ptr<E>() + k * bound[t] * H, H);
     for (int64_t s = 0; s < T; ++s) {
       std::fill(pos.begin(), pos.end(), *sch.shared_position(s));
       for (int64_t t = tid; t < nb; t += nt) {
         const int64_t j0 = bound[t], n = bound[t + 1] - j0;
         if (n == 0) continue;
-        at::Tensor out = gh.narrow(1, k * j0, k * n);
-        const at::Tensor w = wperm.narrow(0, k * j0, k * n).t();
-        if (bperm)
-          at::addmm_out(out, bperm->narrow(0, k * j0, k * n), hbuf[s & 1], w);
-        else
-          at::mm_out(out, hbuf[s & 1], w);
+        step_gemm(w[t], B, k * n, H, hbuf[s & 1].const_data_ptr<E>(), H,
+                  bperm ? bperm->const_data_ptr<E>() + k * j0 : nullptr, 0,
+                  gh.mutable_data_ptr<E>() + k * j0, k * H);
         RnnStep q = p;
         q.pos = pos.data();
         q.h = hbuf[s & 1].data_ptr();
@@ -248,20 +301,22 @@ at::Tensor fused_fwd_steps(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
 // column slice of w_hh, copied contiguous once. The next step's pointwise reads only those
 // columns of dh, so one barrier per step orders everything (instead of a BLAS fork/join and a
 // parallel_for per step). Each element is written by one thread in a fixed order: deterministic.
+template <typename E>
 void fused_bwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
                      at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
   const int64_t B = p.B, G = w_hh.size(0);
   const std::vector<int64_t> bound = unit_blocks(p.H);
   const int64_t nb = static_cast<int64_t>(bound.size()) - 1;
-  std::vector<at::Tensor> wcol(nb);
-  for (int64_t t = 0; t < nb; ++t)
-    wcol[t] = w_hh.narrow(1, bound[t], bound[t + 1] - bound[t]).contiguous();
+  const at::Tensor wc = w_hh.contiguous();
   const at::ThreadLocalState tls;
 #pragma omp parallel num_threads(static_cast<int>(nb))
   {
     const at::ThreadLocalStateGuard guard(tls);
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<int64_t> pos(B);
+    std::vector<PackedB<E>> w(nb);  // this thread's column blocks of w_hh
+    for (int64_t t = tid; t < nb; t += nt)
+      w[t].pack(false, G, bound[t + 1] - bound[t], wc.const_data_ptr<E>() + bound[t], wc.stride(0));
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t row = *sch.shared_position(s);
       std::fill(pos.begin(), pos.end(), row);
@@ -274,15 +329,14 @@ void fused_bwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Te
         fn(q, 0, B);
       }
 #pragma omp barrier
-      const at::Tensor dgs = dg[row].narrow(1, 0, G);
+      const E* dgs = dg.const_data_ptr<E>() + row * dg.stride(0);
       for (int64_t t = tid; t < nb; t += nt) {
         const int64_t j0 = bound[t], n = bound[t + 1] - j0;
         if (n == 0) continue;
-        at::Tensor out = dh.narrow(1, j0, n);
-        if (direct != nullptr)
-          at::addmm_out(out, direct->narrow(1, j0, n), dgs, wcol[t]);
-        else
-          at::mm_out(out, dgs, wcol[t]);
+        step_gemm(w[t], B, n, G, dgs, dg.stride(1),
+                  direct != nullptr ? direct->const_data_ptr<E>() + j0 : nullptr,
+                  direct != nullptr ? direct->stride(0) : 0, dh.mutable_data_ptr<E>() + j0,
+                  dh.stride(0));
       }
     }
   }
@@ -324,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
   at::Tensor cs = seq_buffer(sch, {T, B, H}, opts);
   if (T > 0 && B > 0) {
-    at::Tensor gx = at::mm(x.view({T * B, I}), w_ih.t());
+    at::Tensor gx = rnn_mm(x.view({T * B, I}), w_ih.t());
     if (b_ih.has_value()) gx.add_(acc(*b_ih));
     if (b_hh.has_value()) gx.add_(acc(*b_hh));
     const bool dbl = x.scalar_type() == at::kDouble;
@@ -355,7 +409,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                       .y = y.data_ptr(),
                       .gates = gates.data_ptr(),
                       .cs = cs.data_ptr()};
-      h = fused_fwd_steps(kernels().lstm_fwd[dbl], p, sch, 4, w_hh, std::nullopt, h, T);
+      h = dbl ? fused_fwd_steps<double>(kernels().lstm_fwd[1], p, sch, 4, w_hh, std::nullopt, h, T)
+              : fused_fwd_steps<float>(kernels().lstm_fwd[0], p, sch, 4, w_hh, std::nullopt, h, T);
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
     }
@@ -423,9 +478,11 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
               .prev = cprev.const_data_ptr(),
               .dgates = dg.data_ptr(),
               .dc = dc.data_ptr()};
-    const RnnStepFn fn = kernels().lstm_bwd[x.scalar_type() == at::kDouble];
+    const bool dbl = x.scalar_type() == at::kDouble;
+    const RnnStepFn fn = kernels().lstm_bwd[dbl];
     const bool fused = !w_hr && !sch.masked() && B > kSeqMaxBatch;
-    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, nullptr, T);
+    if (fused && dbl) fused_bwd_steps<double>(fn, p, sch, w_hh, dh, dg, nullptr, T);
+    if (fused && !dbl) fused_bwd_steps<float>(fn, p, sch, w_hh, dh, dg, nullptr, T);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
       if (w_hr) {
@@ -444,19 +501,19 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
   }
   const auto dtype = x_.scalar_type();
   const at::Tensor dg2 = dg.view({T * B, S});
-  at::Tensor gx = mask[0] ? at::mm(dg2, w_ih).view({T, B, I}).to(dtype) : none(x_);
+  at::Tensor gx = mask[0] ? rnn_mm(dg2, w_ih).view({T, B, I}).to(dtype) : none(x_);
   at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
   at::Tensor gw_hr = none(x_);
   if (mask[1]) {
     const at::Tensor hprev = prev_states(acc(y_), acc(h0_), sch, reverse);
-    gw_ih = at::mm(dg2.t(), x.view({T * B, I})).to(dtype);
-    gw_hh = at::mm(dg2.t(), hprev.view({T * B, P})).to(dtype);
+    gw_ih = rnn_mm(dg2.t(), x.view({T * B, I})).to(dtype);
+    gw_hh = rnn_mm(dg2.t(), hprev.view({T * B, P})).to(dtype);
     const at::Tensor db = dg2.sum(0);
     gb_ih = db.to(dtype);
     gb_hh = db.to(dtype).clone();
     if (w_hr) {
       const at::Tensor r = gates.narrow(2, 3 * H, H) * at::tanh(cs);
-      gw_hr = at::mm(dhp.view({T * B, P}).t(), r.view({T * B, H})).to(dtype);
+      gw_hr = rnn_mm(dhp.view({T * B, P}).t(), r.view({T * B, H})).to(dtype);
     }
   }
   return {gx, dh.to(dtype), dc.to(dtype), gw_ih, gw_hh, gb_ih, gb_hh, gw_hr};
@@ -478,7 +535,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
   at::Tensor y = seq_buffer(sch, {T, B, H}, opts);
   at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
   if (T > 0 && B > 0) {
-    at::Tensor gx = at::mm(x.view({T * B, I}), w_ih.t());
+    at::Tensor gx = rnn_mm(x.view({T * B, I}), w_ih.t());
     if (b_ih.has_value()) gx.add_(acc(*b_ih));
     const std::optional<at::Tensor> bh = acc_opt(b_hh);
     const bool dbl = x.scalar_type() == at::kDouble;
@@ -503,7 +560,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
     if (!sch.masked()) {
       const RnnStep p{
           .B = B, .H = H, .gx = gx.const_data_ptr(), .y = y.data_ptr(), .gates = gates.data_ptr()};
-      h = fused_fwd_steps(kernels().gru_fwd[dbl], p, sch, 3, w_hh, bh, h, T);
+      h = dbl ? fused_fwd_steps<double>(kernels().gru_fwd[1], p, sch, 3, w_hh, bh, h, T)
+              : fused_fwd_steps<float>(kernels().gru_fwd[0], p, sch, 3, w_hh, bh, h, T);
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), gates};
     }
@@ -558,9 +616,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               .prev = hprev.const_data_ptr(),
               .dgates = dg.data_ptr(),
               .dh_direct = direct.data_ptr()};
-    const RnnStepFn fn = kernels().gru_bwd[x.scalar_type() == at::kDouble];
+    const bool dbl = x.scalar_type() == at::kDouble;
+    const RnnStepFn fn = kernels().gru_bwd[dbl];
     const bool fused = !sch.masked() && B > kSeqMaxBatch;
-    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, &direct, T);
+    if (fused && dbl) fused_bwd_steps<double>(fn, p, sch, w_hh, dh, dg, &direct, T);
+    if (fused && !dbl) fused_bwd_steps<float>(fn, p, sch, w_hh, dh, dg, &direct, T);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
       run_rows(fn, p, S);
@@ -580,14 +640,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor d_rz = dg2.narrow(1, 0, 2 * H), d_n = dg2.narrow(1, 3 * H, H);
   at::Tensor gx = none(x_);
   if (mask[0])
-    gx = at::addmm(at::mm(d_rz, w_ih.narrow(0, 0, 2 * H)), d_n, w_ih.narrow(0, 2 * H, H))
+    gx = rnn_mm(d_rz, w_ih.narrow(0, 0, 2 * H))
+             .add_(rnn_mm(d_n, w_ih.narrow(0, 2 * H, H)))
              .view({T, B, I})
              .to(dtype);
   at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
   if (mask[1]) {
     const at::Tensor x2 = x.view({T * B, I});
-    gw_ih = at::cat({at::mm(d_rz.t(), x2), at::mm(d_n.t(), x2)}).to(dtype);
-    gw_hh = at::mm(dg2.narrow(1, 0, G).t(), hprev.view({T * B, H})).to(dtype);
+    gw_ih = at::cat({rnn_mm(d_rz.t(), x2), rnn_mm(d_n.t(), x2)}).to(dtype);
+    gw_hh = rnn_mm(dg2.narrow(1, 0, G).t(), hprev.view({T * B, H})).to(dtype);
     const at::Tensor db = dg2.sum(0);
     gb_ih = at::cat({db.narrow(0, 0, 2 * H), db.narrow(0, 3 * H, H)}).to(dtype);
     gb_hh = db.narrow(0, 0, G).to(dtype).clone();

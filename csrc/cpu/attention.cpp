@@ -39,6 +39,9 @@ constexpr std::initializer_list<c10::ScalarType> kDtypes = {at::kFloat, at::kDou
 // block (256 x D) they are multiplied with.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 256;
+// Query rows per piece of a block that the band's upper edge crosses (a multiple of the GEMM's
+// 6-row micro-tile).
+constexpr int64_t kEdgeRows = 18;
 
 const AttentionKernels& kernels() {
   switch (cpu_isa()) {
@@ -258,18 +261,34 @@ void fwd_block(const Head<T>& h, const Opts& o, int64_t i0, int64_t i1, T* out, 
   std::fill(w.m.data(), w.m.data() + kBlockQ, T(-INFINITY));
   std::fill(w.l.data(), w.l.data() + kBlockQ, T(0));
   std::fill(w.acc.data(), w.acc.data() + rows * D, T(0));
+  // Rows [r0, r1) of the block against keys [j0, j0 + n).
+  const auto step = [&](int64_t r0, int64_t r1, int64_t j0, int64_t n, const PackedB<T>& kt,
+                        const PackedB<T>& vb) {
+    T* s = w.s.data() + r0 * kBlockK;
+    scores(h, o, kt, i0 + r0, r1 - r0, j0, n, s);
+    kern.softmax_step[kAcc<T>](s, r1 - r0, n, kBlockK, w.m.data() + r0, w.l.data() + r0,
+                               w.corr.data() + r0);
+    if (o.p > 0) dropout(h, o, i0 + r0, r1 - r0, j0, n, s);
+    for (int64_t r = r0; r < r1; ++r)
+      if (w.corr[r] != T(1))
+        for (int64_t d = 0; d < D; ++d) w.acc[r * D + d] *= w.corr[r];
+    vb.gemm(false, r1 - r0, D, n, s, kBlockK, T(1), w.acc.data() + r0 * D, D);
+  };
   const auto [jlo, jhi] = key_range(h, o, i0, i1);
   for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, jhi - j0);
-    T* s = w.s.data();
     const auto [kt, vb] = w.keys.get(h, D, j0, n);
-    scores(h, o, *kt, i0, rows, j0, n, s);
-    kern.softmax_step[kAcc<T>](s, rows, n, kBlockK, w.m.data(), w.l.data(), w.corr.data());
-    if (o.p > 0) dropout(h, o, i0, rows, j0, n, s);
-    for (int64_t r = 0; r < rows; ++r)
-      if (w.corr[r] != T(1))
-        for (int64_t d = 0; d < D; ++d) w.acc[r * D + d] *= w.corr[r];
-    vb->gemm(false, rows, D, n, s, kBlockK, T(1), w.acc.data(), D);
+    if (fastdl_band_hi(i0, h.Sq, h.Sk, o.right, o.bottom_right) >= j0 + n) {
+      step(0, rows, j0, n, *kt, *vb);
+      continue;
+    }
+    // The band's upper edge (the causal diagonal) crosses this key block: chunks of rows stop
+    // at their own last key rather than the block's, skipping most of the masked triangle.
+    for (int64_t r0 = 0; r0 < rows; r0 += kEdgeRows) {
+      const int64_t r1 = std::min(rows, r0 + kEdgeRows);
+      const int64_t hi = fastdl_band_hi(i0 + r1 - 1, h.Sq, h.Sk, o.right, o.bottom_right);
+      if (hi > j0) step(r0, r1, j0, std::min(n, hi - j0), *kt, *vb);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const bool none = w.l[r] == T(0);  // no allowed key: out 0, lse -inf

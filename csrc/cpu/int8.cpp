@@ -15,6 +15,7 @@
 #include "common/checks.h"
 #include "common/isa.h"
 #include "cpu/int8_params.h"
+#include "cpu/parallel.h"
 
 namespace fastdl::cpu {
 namespace {
@@ -120,9 +121,10 @@ ABuffer first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, con
   return a;
 }
 
-// C = A x B over tiles of rows x panels, in parallel. A tile's B panels (4 x K x 64 bytes) stay
-// in L2 while the kernel walks its rows; rows are split only as far as needed to give every
-// thread a few tiles, so that B is read from memory about once (M = 1 splits over panels only).
+// C = A x B over tiles of rows x panels, claimed by the threads as they finish. A tile's B panels
+// (4 x K x 64 bytes) stay in L2 while the kernel walks its rows; rows are split only as far as
+// needed to give every thread a few tiles, so that B is read from memory about once (M = 1 splits
+// over panels only).
 void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out) {
   if (g.M == 0 || g.N == 0) return;
   g.stream = g.M * g.N * (out == kOutI32 || out == kOutF32 ? 4 : 2) >= kStreamBytes;
@@ -136,11 +138,12 @@ void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out) {
       std::max<int64_t>(t.mr, ((g.M + splits - 1) / splits + t.mr - 1) / t.mr * t.mr);
   const int64_t row_tiles = (g.M + mb - 1) / mb;
   const GemmFn fn = t.gemm[out];
-  at::parallel_for(0, row_tiles * panel_tiles, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t m0 = i / panel_tiles * mb, p0 = i % panel_tiles * pb;
-      fn(g, m0, std::min(g.M, m0 + mb), p0, std::min(panels, p0 + pb));
-    }
+  parallel_claim(row_tiles * panel_tiles, 1, [&](const auto& claim) {
+    for (int64_t i0, i1; claim(i0, i1);)
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t m0 = i / panel_tiles * mb, p0 = i % panel_tiles * pb;
+        fn(g, m0, std::min(g.M, m0 + mb), p0, std::min(panels, p0 + pb));
+      }
   });
 }
 

@@ -91,6 +91,18 @@ def test_backward_through_dequantized_weight(backend):
     assert torch.allclose(gb.double(), rb, rtol=1e-5, atol=1e-5)
 
 
+def test_no_grad_matches_grad_mode(backend):
+    # Under no_grad the op is called below autograd, past torch.library's wrapper: same output,
+    # and no graph.
+    _, q = _layer(37, 11, backend.device)
+    x = torch.randn(3, 37, device=backend.device, requires_grad=True)
+    with_graph = q(x)
+    with torch.no_grad():
+        without = q(x)
+    assert with_graph.grad_fn is not None and without.grad_fn is None
+    assert torch.equal(with_graph.detach(), without)
+
+
 def test_finetune_with_frozen_int8(backend):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(backend.device)

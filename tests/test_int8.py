@@ -191,7 +191,8 @@ def isa(request, backend):
 @pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
 def test_isa_paths(backend, isa):
     assert fastdl.cpu_isa() == isa
-    for m, n, k in [*SHAPES, (20, 200, 257)]:
+    # K = 4100: several k blocks of the AVX-512 kernel (partial sums carried between them).
+    for m, n, k in [*SHAPES, (20, 200, 257), (5, 70, 4100)]:
         a = randint8(m, k)
         for b in _b_layouts(k, n, "cpu").values():
             assert torch.equal(fastdl.int8_matmul(a, b), ref_matmul(a, b)), (isa, m, n, k)

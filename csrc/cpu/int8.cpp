@@ -15,6 +15,7 @@
 #include "common/checks.h"
 #include "common/isa.h"
 #include "cpu/int8_params.h"
+#include "cpu/output.h"
 #include "cpu/parallel.h"
 
 namespace fastdl::cpu {
@@ -113,7 +114,7 @@ ABuffer first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, con
   const int64_t M = x2.size(0), K = x2.size(1);
   // Rows padded to whole cache lines; the extra line keeps rows off one L1 set at K = 2^n.
   const int64_t lda = (int8_k4(K) * 4 + 63) / 64 * 64 + 64;
-  ABuffer a{at::empty({std::max<int64_t>(M * lda, 1)}, x2.options().dtype(at::kByte)), lda};
+  ABuffer a{new_output({std::max<int64_t>(M * lda, 1)}, x2.options().dtype(at::kByte)), lda};
   QuantRows q{x2.data_ptr(),  x2.stride(0), a.bytes.data_ptr<uint8_t>(), lda, scale, skip, K,
               int8_k4(K) * 4, t.a_flip};
   const QuantFn fn = t.quantize[in_index(x2.scalar_type())];
@@ -149,7 +150,7 @@ void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out) {
 
 at::Tensor pack(const Int8Kernels& t, const at::Tensor& b, bool nk) {
   const int64_t K = nk ? b.size(1) : b.size(0), N = nk ? b.size(0) : b.size(1);
-  at::Tensor packed = at::empty({int8_packed_bytes(K, N)}, b.options().dtype(at::kByte));
+  at::Tensor packed = new_output({int8_packed_bytes(K, N)}, b.options().dtype(at::kByte));
   PackB p{b.data_ptr<int8_t>(), b.stride(0), nk, K, N, packed.data_ptr<uint8_t>()};
   at::parallel_for(0, int8_panels(N), 1, [&](int64_t p0, int64_t p1) { t.pack_b(p, p0, p1); });
   return packed;
@@ -175,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize(const at::Tensor& x) {
   checks::dtype(op, "x", x, kFloatDtypes);
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
   const at::Tensor x2 = rows_view(x);
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor q = new_output(x.sizes(), x.options().dtype(at::kChar));
   at::Tensor scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   if (x.numel() == 0) {
     scale.fill_(1.f);
@@ -232,7 +233,7 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b,
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N,
                 ",), got ", bias->sizes());
   }
-  at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
+  at::Tensor out = new_output({M, N}, a.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
   const Int8Kernels& t = kernels();
   // B as given, or (a transposed view) as the (N, K) rows it views: both pack without a copy.
@@ -295,7 +296,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       first_pass(t, x2, scale.data_ptr<float>(), split ? skip.data_ptr<uint8_t>() : nullptr);
   const auto ws = as_float(w_scale), bi = as_float(bias);
   // With outliers, the int8 part is summed in float32 with the floating-point part, then rounded.
-  at::Tensor out = at::empty({M, N}, x.options().dtype(split ? at::kFloat : x.scalar_type()));
+  at::Tensor out = new_output({M, N}, x.options().dtype(split ? at::kFloat : x.scalar_type()));
   Gemm g = gemm_args(t, abuf, w_packed, M, N, K);
   g.a_scale = scale.data_ptr<float>();
   g.b_scale = ptr(ws);

@@ -402,11 +402,12 @@ inline void micro_any(const Gemm& g, int64_t m, int rows, int nv, int64_t panel,
   micro_any_rows<kMr, NV>(g, m, rows, panel, k0, k1, add, c);
 }
 
-// Groups of 4 k per cache block: the block of a panel (kKc x 256 bytes, 64 KiB) stays in L2
+// Groups of 4 k per cache block: the block of a panel (kKc x 256 bytes, 128 KiB) stays in L2
 // while every micro-tile of the rows streams it (4 loads per 24 vpdpbusd, well within L2's
-// bandwidth); the int32 partial sums wait in `acc` between blocks. 128 (32 KiB, L1-sized on
-// paper, but A's rows and `acc` share L1) measured ~2% slower at 2048^3 on Zen 4.
-constexpr int64_t kKc = 256;
+// bandwidth); the int32 partial sums wait in `acc` between blocks. On Zen 4 at 2048^3, blocks of
+// 64 / 96 / 128 / 256 groups (the smaller ones L1-sized on paper, but A's rows and `acc` share
+// L1) measured 4% / 2% / 2% / 1% slower; 4096x4096 layers were indifferent.
+constexpr int64_t kKc = 512;
 constexpr int64_t kMaxRows = 16 * kMr;  // rows per call: int8.cpp's row tiles are at most this
 
 template <typename O>

@@ -1,0 +1,100 @@
+// Fresh CPU output tensors (cpu/output.h): large ones from a cache of freed blocks on huge pages.
+#include "cpu/output.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+
+#include <sys/mman.h>
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
+
+namespace fastdl::cpu {
+namespace {
+
+// Large outputs come from a bounded cache of freed blocks backed by transparent huge pages.
+// glibc returns large freed blocks to the kernel (munmap above 32 MiB, heap trimming below), so
+// a new output of tens of MiB is a page fault plus the zeroing of a page per 4 KiB on first
+// touch: measured here, more time than the normalization itself. Like the CUDA caching
+// allocator, freed blocks are kept (at most FASTDL_CPU_CACHE_MB, default 1024; 0 turns the
+// cache off) for the next output of the same size.
+class OutputCache final : public c10::Allocator {
+ public:
+  static constexpr size_t kMinBytes = size_t{4} << 20;
+
+  static OutputCache& get() {
+    static OutputCache* cache = new OutputCache();  // never destroyed: tensors may outlive exit
+    return *cache;
+  }
+  bool enabled() const { return limit_ > 0; }
+
+  c10::DataPtr allocate(size_t n) override {
+    const size_t bytes = (std::max<size_t>(n, 1) + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = take(bytes);
+    if (p == nullptr) {
+      TORCH_CHECK(posix_memalign(&p, kHugePage, bytes) == 0, "fastdl: out of memory allocating ",
+                  bytes, " bytes");
+#ifdef MADV_HUGEPAGE
+      madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP these are ordinary pages
+#endif
+      std::lock_guard<std::mutex> lock(mu_);
+      live_[p] = bytes;
+    }
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void copy_data(void* dest, const void* src, size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  static constexpr size_t kHugePage = size_t{2} << 20;
+
+  OutputCache() {
+    const char* env = std::getenv("FASTDL_CPU_CACHE_MB");
+    limit_ = (env != nullptr ? std::strtoull(env, nullptr, 10) : 1024) << 20;
+  }
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.find(bytes);
+    if (it == free_.end()) return nullptr;
+    void* p = it->second;
+    free_.erase(it);
+    cached_ -= bytes;
+    live_[p] = bytes;
+    return p;
+  }
+  static void release(void* p) {
+    OutputCache& c = get();
+    std::lock_guard<std::mutex> lock(c.mu_);
+    auto it = c.live_.find(p);
+    const size_t bytes = it->second;
+    c.live_.erase(it);
+    if (c.cached_ + bytes > c.limit_) return std::free(p);
+    c.free_.emplace(bytes, p);
+    c.cached_ += bytes;
+  }
+
+  std::mutex mu_;
+  std::unordered_map<void*, size_t> live_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0, limit_ = 0;
+};
+
+}  // namespace
+
+// A fresh output tensor; large ones from the OutputCache.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
+                      at::MemoryFormat format) {
+  const size_t bytes = c10::multiply_integers(sizes) * opts.dtype().itemsize();
+  OutputCache& cache = OutputCache::get();
+  if (bytes < OutputCache::kMinBytes || !cache.enabled())
+    return at::empty(sizes, opts.memory_format(format));
+  return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   opts.dtype().toScalarType(), format);
+}
+
+}  // namespace fastdl::cpu

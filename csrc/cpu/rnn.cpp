@@ -226,6 +226,16 @@ at::Tensor rnn_mm(const at::Tensor& a, const at::Tensor& b) {
   return c;
 }
 
+// The bias the forward kernels add to the input projection as they read it (RnnStep::bx):
+// b_ih (+ b_hh), or zeros.
+at::Tensor input_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                      int64_t G, const at::TensorOptions& opts) {
+  at::Tensor bx = at::zeros({G}, opts);
+  if (b_ih.has_value()) bx.add_(acc(*b_ih));
+  if (b_hh.has_value()) bx.add_(acc(*b_hh));
+  return bx;
+}
+
 // out (rows x n, ld ldo) = a (rows x w's k, ld lda) * w, plus `init`'s rows (ld ldi, 0: one row
 // for all) when given: a step's recurrent product on one thread's block of units, w packed once
 // for the sequence (fastdl's GEMM: the MKL sgemm torch links is slow on AMD CPUs).
@@ -378,14 +388,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
   at::Tensor cs = seq_buffer(sch, {T, B, H}, opts);
   if (T > 0 && B > 0) {
-    at::Tensor gx = rnn_mm(x.view({T * B, I}), w_ih.t());
-    if (b_ih.has_value()) gx.add_(acc(*b_ih));
-    if (b_hh.has_value()) gx.add_(acc(*b_hh));
+    const at::Tensor gx = rnn_mm(x.view({T * B, I}), w_ih.t());
+    const at::Tensor bx = input_bias(b_ih, b_hh, G, opts);
     const bool dbl = x.scalar_type() == at::kDouble;
     if (!w_hr && B <= kSeqMaxBatch) {
       at::Tensor h2 = at::empty_like(h);
       const at::Tensor wt = w_hh.t().contiguous();
       const RnnSeqFwd p{.gx = gx.const_data_ptr(),
+                        .bx = bx.const_data_ptr(),
                         .wt = wt.const_data_ptr(),
                         .len = sch.lengths(),
                         .h = {h.data_ptr(), h2.data_ptr()},
@@ -405,6 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
       const RnnStep p{.B = B,
                       .H = H,
                       .gx = gx.const_data_ptr(),
+                      .bx = bx.const_data_ptr(),
                       .c = c.data_ptr(),
                       .y = y.data_ptr(),
                       .gates = gates.data_ptr(),
@@ -420,6 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     RnnStep p{.B = B,
               .H = H,
               .gx = gx.const_data_ptr(),
+              .bx = bx.const_data_ptr(),
               .gh = gh.const_data_ptr(),
               .c = c.data_ptr(),
               .out = r.data_ptr(),
@@ -535,14 +547,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
   at::Tensor y = seq_buffer(sch, {T, B, H}, opts);
   at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
   if (T > 0 && B > 0) {
-    at::Tensor gx = rnn_mm(x.view({T * B, I}), w_ih.t());
-    if (b_ih.has_value()) gx.add_(acc(*b_ih));
+    const at::Tensor gx = rnn_mm(x.view({T * B, I}), w_ih.t());
+    const at::Tensor bx = input_bias(b_ih, std::nullopt, G, opts);
     const std::optional<at::Tensor> bh = acc_opt(b_hh);
     const bool dbl = x.scalar_type() == at::kDouble;
     if (B <= kSeqMaxBatch) {
       at::Tensor h2 = at::empty_like(h);
       const at::Tensor wt = w_hh.t().contiguous();
       const RnnSeqFwd p{.gx = gx.const_data_ptr(),
+                        .bx = bx.const_data_ptr(),
                         .wt = wt.const_data_ptr(),
                         .bh = bh ? bh->const_data_ptr() : nullptr,
                         .len = sch.lengths(),
@@ -558,8 +571,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
       return {y.to(dtype), h.to(dtype), gates};
     }
     if (!sch.masked()) {
-      const RnnStep p{
-          .B = B, .H = H, .gx = gx.const_data_ptr(), .y = y.data_ptr(), .gates = gates.data_ptr()};
+      const RnnStep p{.B = B,
+                      .H = H,
+                      .gx = gx.const_data_ptr(),
+                      .bx = bx.const_data_ptr(),
+                      .y = y.data_ptr(),
+                      .gates = gates.data_ptr()};
       h = dbl ? fused_fwd_steps<double>(kernels().gru_fwd[1], p, sch, 3, w_hh, bh, h, T)
               : fused_fwd_steps<float>(kernels().gru_fwd[0], p, sch, 3, w_hh, bh, h, T);
       const auto dtype = x_.scalar_type();
@@ -569,6 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
     RnnStep p{.B = B,
               .H = H,
               .gx = gx.const_data_ptr(),
+              .bx = bx.const_data_ptr(),
               .gh = gh.const_data_ptr(),
               .h = h.data_ptr(),
               .y = y.data_ptr(),

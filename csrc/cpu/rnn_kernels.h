@@ -72,6 +72,7 @@ void lstm_fwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
     if (p.pos[b] < 0) continue;
     const int64_t row = p.pos[b] * B + b;
     const A* __restrict gx = static_cast<const A*>(p.gx) + row * 4 * H + j0;
+    const A* __restrict bx = static_cast<const A*>(p.bx) + j0;
     const A* __restrict gh = static_cast<const A*>(p.gh) + b * 4 * H + 4 * j0;
     A* __restrict c = static_cast<A*>(p.c) + b * H + j0;
     A* __restrict out = static_cast<A*>(p.out) + b * H + j0;
@@ -79,10 +80,10 @@ void lstm_fwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
     A* __restrict cs = static_cast<A*>(p.cs) + row * H + j0;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const A i = sigmoid(gx[j] + gh[j]);
-      const A f = sigmoid(gx[H + j] + gh[n + j]);
-      const A g = tanh_a(gx[2 * H + j] + gh[2 * n + j]);
-      const A o = sigmoid(gx[3 * H + j] + gh[3 * n + j]);
+      const A i = sigmoid(gx[j] + bx[j] + gh[j]);
+      const A f = sigmoid(gx[H + j] + bx[H + j] + gh[n + j]);
+      const A g = tanh_a(gx[2 * H + j] + bx[2 * H + j] + gh[2 * n + j]);
+      const A o = sigmoid(gx[3 * H + j] + bx[3 * H + j] + gh[3 * n + j]);
       const A cn = f * c[j] + i * g;
       c[j] = cn;
       cs[j] = cn;
@@ -135,6 +136,7 @@ void gru_fwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
     if (p.pos[b] < 0) continue;
     const int64_t row = p.pos[b] * B + b;
     const A* __restrict gx = static_cast<const A*>(p.gx) + row * 3 * H + j0;
+    const A* __restrict bx = static_cast<const A*>(p.bx) + j0;
     const A* __restrict gh = static_cast<const A*>(p.gh) + b * 3 * H + 3 * j0;
     const A* __restrict h = static_cast<const A*>(p.h) + b * H + j0;
     A* __restrict hout = static_cast<A*>(p.out != nullptr ? p.out : p.h) + b * H + j0;
@@ -142,10 +144,10 @@ void gru_fwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
     A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H + j0;
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
-      const A r = sigmoid(gx[j] + gh[j]);
-      const A z = sigmoid(gx[H + j] + gh[m + j]);
+      const A r = sigmoid(gx[j] + bx[j] + gh[j]);
+      const A z = sigmoid(gx[H + j] + bx[H + j] + gh[m + j]);
       const A ghn = gh[2 * m + j];
-      const A n = tanh_a(gx[2 * H + j] + r * ghn);
+      const A n = tanh_a(gx[2 * H + j] + bx[2 * H + j] + r * ghn);
       const A hn = n + z * (h[j] - n);  // torch's (1 - z) * n + z * h, as its kernels round it
       hout[j] = hn;
       y[j] = hn;
@@ -214,9 +216,10 @@ inline void lstm_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict 
                            A* __restrict hout, A* __restrict c, int64_t j, int64_t n) {
   const int64_t H = p.H, m = kFull ? kSeqUnits : n;
   const A* __restrict gx = static_cast<const A*>(p.gx) + row * 4 * H + j;
+  const A* __restrict bx = static_cast<const A*>(p.bx) + j;
   A acc[4][kSeqUnits];
   for (int q = 0; q < 4; ++q)
-    for (int64_t u = 0; u < m; ++u) acc[q][u] = gx[q * H + u];
+    for (int64_t u = 0; u < m; ++u) acc[q][u] = gx[q * H + u] + bx[q * H + u];
   seq_gemv<A, 4, kFull>(acc, hin, static_cast<const A*>(p.wt), H, j, n);
   A* __restrict y = static_cast<A*>(p.y) + row * H + j;
   A* __restrict cs = static_cast<A*>(p.cs) + row * H + j;
@@ -243,6 +246,7 @@ inline void gru_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict h
                           A* __restrict hout, int64_t j, int64_t n) {
   const int64_t H = p.H, m = kFull ? kSeqUnits : n;
   const A* __restrict gx = static_cast<const A*>(p.gx) + row * 3 * H + j;
+  const A* __restrict bx = static_cast<const A*>(p.bx) + j;
   const A* __restrict bh = static_cast<const A*>(p.bh);
   A acc[3][kSeqUnits];
   for (int q = 0; q < 3; ++q)
@@ -252,9 +256,9 @@ inline void gru_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict h
   A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H + j;
 #pragma omp simd
   for (int64_t u = 0; u < m; ++u) {
-    const A r = sigmoid(gx[u] + acc[0][u]), z = sigmoid(gx[H + u] + acc[1][u]);
+    const A r = sigmoid(gx[u] + bx[u] + acc[0][u]), z = sigmoid(gx[H + u] + bx[H + u] + acc[1][u]);
     const A ghn = acc[2][u];
-    const A nn = tanh_a(gx[2 * H + u] + r * ghn);
+    const A nn = tanh_a(gx[2 * H + u] + bx[2 * H + u] + r * ghn);
     const A hn = nn + z * (hin[j + u] - nn);
     hout[j + u] = hn;
     y[u] = hn;

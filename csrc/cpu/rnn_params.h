@@ -14,9 +14,11 @@ namespace fastdl::cpu {
 struct RnnStep {
   const int64_t* pos;  // (B) position of each row in this step, -1 when finished
   int64_t B, H;
-  // Forward: gx (T, B, G) input projection with the folded biases; gh (B, G) this step's
-  // recurrent projection (GRU: + b_hh).
+  // Forward: gx (T, B, G) input projection and bx (G) the input-side bias added to it as it is
+  // read (LSTM b_ih + b_hh, GRU b_ih; zeros without bias, never null: no pass over gx adds it);
+  // gh (B, G) this step's recurrent projection (GRU: + b_hh).
   const void* gx;
+  const void* bx;
   const void* gh;
   // LSTM forward: c (B, H) cell state, updated in place; out (B, H) gets r = o * tanh(c) (the
   // hidden state, or what the projection multiplies); y (T, B, H) gets it too when not null.
@@ -57,7 +59,8 @@ using RnnStepFn = void (*)(const RnnStep&, int64_t b0, int64_t b1);
 // update, reading the previous h from one buffer and writing the next into the other, so one
 // barrier per step separates the steps. (LSTM without projection, and GRU.)
 struct RnnSeqFwd {
-  const void* gx;      // (T, B, G) input projection with the folded biases
+  const void* gx;      // (T, B, G) input projection
+  const void* bx;      // (G) its bias, as RnnStep::bx
   const void* wt;      // (H, G): w_hh transposed, so a step reads contiguous rows of it
   const void* bh;      // GRU: b_hh (3H) or null
   const int64_t* len;  // (B) lengths, or null (every sequence has T steps)

@@ -27,9 +27,6 @@ constexpr std::initializer_list<c10::ScalarType> kOutDtypes = {at::kInt, at::kFl
                                                                at::kHalf};
 // Rows per parallel task of the row passes (quantization, A copy).
 constexpr int64_t kRowGrain = 16;
-// Outputs of this size and more are written around the caches (most of them would have left
-// the caches before they are read anyway): it saves reading every line before writing it.
-constexpr int64_t kStreamBytes = 8 << 20;
 
 bool has_vnni() {
 #if defined(__x86_64__)

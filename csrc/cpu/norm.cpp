@@ -33,9 +33,6 @@ namespace {
 constexpr std::initializer_list<c10::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kBFloat16};
 // Elements per parallel task below which threading costs more than it saves.
 constexpr int64_t kGrainElems = 32768;
-// Outputs at least this large are written with non-temporal stores: they cannot stay in the
-// caches anyway, and streaming saves reading each destination line before writing it.
-constexpr int64_t kStreamBytes = int64_t{8} << 20;
 // Rows per dweight/dbias partial-sum block in the LayerNorm/RMSNorm backward (at least), and
 // the most blocks: their partial sums cost 2 * n per block against 3 * n * rows of traffic.
 constexpr int64_t kMinBlockRows = 64;

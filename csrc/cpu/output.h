@@ -4,9 +4,16 @@
 // accesses TLB misses (FASTDL_CPU_CACHE_MB, default 1024, bounds the cache; 0 turns it off).
 #pragma once
 
+#include <cstdint>
+
 #include <ATen/ATen.h>
 
 namespace fastdl::cpu {
+
+// Outputs at least this large are written with non-temporal stores where a kernel can: they
+// cannot stay in the caches anyway, and streaming saves reading each destination line before
+// writing it.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
                       at::MemoryFormat format = at::MemoryFormat::Contiguous);

@@ -1,8 +1,9 @@
 // CPU implementations of the rnn ops (schemas and semantics in csrc/ops.cpp): one LSTM/GRU layer
 // in one direction over a whole sequence, forward and backpropagation through time.
 //
-// Forward: the input projection of every step is one large GEMM (both LSTM biases folded in
-// once); then per step the recurrent GEMM h W_hh^T (BLAS) and one fused pointwise pass
+// Forward: the input projection of every step is one large GEMM (its biases added by the
+// pointwise kernels as they read it); then per step the recurrent GEMM h W_hh^T and one fused
+// pointwise pass
 // (csrc/cpu/rnn_kernels.h) that applies the gates, updates the state and writes the output and
 // what BPTT needs. Backward: per step the fused pointwise pass gives the gate gradients and
 // dh_{t-1} = dgates W_hh; the weight gradients and dx are single large GEMMs over all steps after
@@ -250,14 +251,14 @@ void step_gemm(const PackedB<T>& w, int64_t rows, int64_t n, int64_t k, const T*
 // The forward steps without projection or lengths, batches above kSeqMaxBatch (LSTM: k = 4
 // gates, GRU: k = 3 with b_hh inside the recurrent GEMM): one parallel region for the whole
 // sequence. Each thread owns a block of hidden units and per step runs the recurrent GEMM of just
-// its units' k gates (single-threaded BLAS on its slice of a w_hh whose rows are regrouped per
-// block) and at once the fused pointwise on that slice, while its gates are still in cache; h is
-// double-buffered, so one barrier per step is all the ordering needed (instead of a BLAS
+// its units' k gates (single-threaded, on its slice of a w_hh whose rows are regrouped per block,
+// packed once) and at once the fused pointwise on that slice, while its gates are still in cache;
+// h is double-buffered, so one barrier per step is all the ordering needed (instead of a GEMM
 // fork/join and a parallel_for per step). Returns the buffer holding h_T. E: the element type.
 template <typename E>
-at::Tensor fused_fwd_steps(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
-                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-                           at::Tensor h, int64_t T) {
+at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
+                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                            at::Tensor h, int64_t T) {
   const int64_t B = p.B, H = p.H;
   const std::vector<int64_t> bound = unit_blocks(H);
   const int64_t nb = static_cast<int64_t>(bound.size()) - 1;
@@ -307,13 +308,13 @@ at::Tensor fused_fwd_steps(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
 // The backward steps without projection or lengths, batches above kSeqMaxBatch: one parallel
 // region for the whole sequence, as fused_fwd_steps. Each thread owns a block of hidden units:
 // per step the fused pointwise of its units (their gate gradients; LSTM: dc), a barrier, then its
-// columns of dh_{t-1} = dgates[:, :G] W_hh (GRU: + dh_direct) by single-threaded BLAS on its
-// column slice of w_hh, copied contiguous once. The next step's pointwise reads only those
+// columns of dh_{t-1} = dgates[:, :G] W_hh (GRU: + dh_direct), single-threaded on its column
+// slice of w_hh, packed once. The next step's pointwise reads only those
 // columns of dh, so one barrier per step orders everything (instead of a BLAS fork/join and a
 // parallel_for per step). Each element is written by one thread in a fixed order: deterministic.
 template <typename E>
-void fused_bwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
-                     at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
+void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
+                      at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
   const int64_t B = p.B, G = w_hh.size(0);
   const std::vector<int64_t> bound = unit_blocks(p.H);
   const int64_t nb = static_cast<int64_t>(bound.size()) - 1;
@@ -350,6 +351,22 @@ void fused_bwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Te
       }
     }
   }
+}
+
+// fused_fwd_region / fused_bwd_region for the element type of the tensors.
+at::Tensor fused_fwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, int64_t k,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                           const at::Tensor& h, int64_t T) {
+  return h.scalar_type() == at::kDouble ? fused_fwd_region<double>(fn, p, sch, k, w_hh, b_hh, h, T)
+                                        : fused_fwd_region<float>(fn, p, sch, k, w_hh, b_hh, h, T);
+}
+
+void fused_bwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
+                     at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
+  if (dh.scalar_type() == at::kDouble)
+    fused_bwd_region<double>(fn, p, sch, w_hh, dh, dg, direct, T);
+  else
+    fused_bwd_region<float>(fn, p, sch, w_hh, dh, dg, direct, T);
 }
 
 const void* ptr_or_null(const std::optional<at::Tensor>& t) {
@@ -420,8 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                       .y = y.data_ptr(),
                       .gates = gates.data_ptr(),
                       .cs = cs.data_ptr()};
-      h = dbl ? fused_fwd_steps<double>(kernels().lstm_fwd[1], p, sch, 4, w_hh, std::nullopt, h, T)
-              : fused_fwd_steps<float>(kernels().lstm_fwd[0], p, sch, 4, w_hh, std::nullopt, h, T);
+      h = fused_fwd_steps(kernels().lstm_fwd[dbl], p, sch, 4, w_hh, std::nullopt, h, T);
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
     }
@@ -490,11 +506,9 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
               .prev = cprev.const_data_ptr(),
               .dgates = dg.data_ptr(),
               .dc = dc.data_ptr()};
-    const bool dbl = x.scalar_type() == at::kDouble;
-    const RnnStepFn fn = kernels().lstm_bwd[dbl];
+    const RnnStepFn fn = kernels().lstm_bwd[x.scalar_type() == at::kDouble];
     const bool fused = !w_hr && !sch.masked() && B > kSeqMaxBatch;
-    if (fused && dbl) fused_bwd_steps<double>(fn, p, sch, w_hh, dh, dg, nullptr, T);
-    if (fused && !dbl) fused_bwd_steps<float>(fn, p, sch, w_hh, dh, dg, nullptr, T);
+    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, nullptr, T);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
       if (w_hr) {
@@ -577,8 +591,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
                       .bx = bx.const_data_ptr(),
                       .y = y.data_ptr(),
                       .gates = gates.data_ptr()};
-      h = dbl ? fused_fwd_steps<double>(kernels().gru_fwd[1], p, sch, 3, w_hh, bh, h, T)
-              : fused_fwd_steps<float>(kernels().gru_fwd[0], p, sch, 3, w_hh, bh, h, T);
+      h = fused_fwd_steps(kernels().gru_fwd[dbl], p, sch, 3, w_hh, bh, h, T);
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), gates};
     }
@@ -634,11 +647,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               .prev = hprev.const_data_ptr(),
               .dgates = dg.data_ptr(),
               .dh_direct = direct.data_ptr()};
-    const bool dbl = x.scalar_type() == at::kDouble;
-    const RnnStepFn fn = kernels().gru_bwd[dbl];
+    const RnnStepFn fn = kernels().gru_bwd[x.scalar_type() == at::kDouble];
     const bool fused = !sch.masked() && B > kSeqMaxBatch;
-    if (fused && dbl) fused_bwd_steps<double>(fn, p, sch, w_hh, dh, dg, &direct, T);
-    if (fused && !dbl) fused_bwd_steps<float>(fn, p, sch, w_hh, dh, dg, &direct, T);
+    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, &direct, T);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
       run_rows(fn, p, S);

@@ -100,17 +100,20 @@ def test_int8_matmul_exact(backend):
             assert torch.equal(c.cpu(), ref_matmul(a, b)), (m, n, k, layout)
 
 
-def test_int8_matmul_extremes(backend):
-    # -128 * -128 products at K = 499 (the u8 offset of VNNI and the int16 pairs of AVX2 must
-    # not saturate), and a non-contiguous A.
-    k = 499 if not backend.interpreted else 37
+@pytest.mark.parametrize("k", [499, 500], ids=lambda k: f"k{k}")
+def test_int8_matmul_extremes(backend, k):
+    # -128 * -128 products (the u8 offset of VNNI and the int16 pairs of AVX2 must not
+    # saturate), and non-contiguous A. On the CPU, K = 500 (a multiple of 4) reads int8 rows in
+    # place, strided ones included; K = 499 copies them.
+    k = k if not backend.interpreted else k - 462  # 37, 38
     for va, vb in ((-128, -128), (127, -128), (-128, 127)):
         a = torch.full((3, k), va, dtype=torch.int8, device=backend.device)
         b = torch.full((k, 20), vb, dtype=torch.int8, device=backend.device)
         assert torch.equal(fastdl.int8_matmul(a, b).cpu(), ref_matmul(a, b))
-    a = randint8(2 * k, 5, device=backend.device).t()
-    b = randint8(2 * k, 9, device=backend.device)
-    assert torch.equal(fastdl.int8_matmul(a, b).cpu(), ref_matmul(a, b))
+    dev = backend.device
+    b = randint8(k, 9, device=dev)
+    for a in (randint8(k, 5, device=dev).t(), randint8(5, 2 * k, device=dev)[:, :k]):
+        assert torch.equal(fastdl.int8_matmul(a, b).cpu(), ref_matmul(a, b))
 
 
 @pytest.mark.parametrize("m,n,k", [(0, 5, 7), (5, 0, 7), (5, 7, 0), (0, 0, 0)])
@@ -207,6 +210,24 @@ def test_isa_paths(backend, isa):
             q, s = fastdl.quantize_per_token(x.to(dt))
             rq, rs = ref_quantize(x.to(dt))
             assert torch.equal(q, rq) and torch.equal(s, rs)
+
+
+@pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
+def test_packed_weight_any_isa(backend):
+    # One packed layout for every ISA: a weight packed under the best one serves them all.
+    w, x = randint8(70, 260), torch.randn(5, 260)
+    ws, bias = torch.rand(70) + 0.5, torch.randn(70)
+    packed = I8.pack_weight(w)
+    q, s = fastdl.quantize_per_token(x)
+    ref = _dequant_ref(q, w.t(), s, ws, bias)
+    before = fastdl.cpu_isa()
+    try:
+        for isa in ISAS:
+            fastdl.set_cpu_isa(isa)
+            out = I8.int8_linear(x, w, ws, bias, packed=packed)
+            assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), isa
+    finally:
+        fastdl.set_cpu_isa(before)
 
 
 @pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)

@@ -25,8 +25,10 @@ constexpr std::initializer_list<c10::ScalarType> kFloatDtypes = {at::kFloat, at:
                                                                  at::kHalf};
 constexpr std::initializer_list<c10::ScalarType> kOutDtypes = {at::kInt, at::kFloat, at::kBFloat16,
                                                                at::kHalf};
-// Rows per parallel task of the row passes (quantization, A copy).
+// Rows per parallel task of the row passes (quantization, A copy, row sums).
 constexpr int64_t kRowGrain = 16;
+// GEMM tiles per thread (see run_gemm).
+constexpr int64_t kTasksPerThread = 16;
 
 bool has_vnni() {
 #if defined(__x86_64__)
@@ -100,38 +102,54 @@ const float* ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-// The A buffer: rows of x as the micro-kernel's bytes (int8 copied, floats quantized per row
-// into `scale`, columns marked in `skip` left out).
-struct ABuffer {
-  at::Tensor bytes;
+// The GEMM's A operand: rows of int8 values with their row sums. int8 rows of a whole number of
+// k groups are read where they lie; others are copied (K padded with zeros to a multiple of 4)
+// or, floats, quantized per row into `scale` (columns marked in `skip` left out).
+struct AOperand {
+  at::Tensor rows;  // x's own or the copy
   int64_t lda;
+  at::Tensor rowsum;
 };
 
-ABuffer first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, const uint8_t* skip) {
+AOperand first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, const uint8_t* skip) {
   const int64_t M = x2.size(0), K = x2.size(1);
-  // Rows padded to whole cache lines; the extra line keeps rows off one L1 set at K = 2^n.
-  const int64_t lda = (int8_k4(K) * 4 + 63) / 64 * 64 + 64;
-  ABuffer a{new_output({std::max<int64_t>(M * lda, 1)}, x2.options().dtype(at::kByte)), lda};
-  QuantRows q{x2.data_ptr(),  x2.stride(0), a.bytes.data_ptr<uint8_t>(), lda, scale, skip, K,
-              int8_k4(K) * 4, t.a_flip};
+  const bool direct = x2.scalar_type() == at::kChar && K % 4 == 0;
+  AOperand a{x2, x2.stride(0), at::empty({M}, x2.options().dtype(at::kInt))};
+  if (!direct) {
+    // Rows padded to whole cache lines; the extra line keeps rows off one L1 set at K = 2^n.
+    a.lda = (int8_k4(K) * 4 + 63) / 64 * 64 + 64;
+    a.rows = new_output({std::max<int64_t>(M * a.lda, 1)}, x2.options().dtype(at::kChar));
+  }
+  QuantRows q{x2.data_ptr(),
+              x2.stride(0),
+              direct ? nullptr : a.rows.data_ptr<int8_t>(),
+              a.lda,
+              scale,
+              a.rowsum.data_ptr<int32_t>(),
+              skip,
+              K,
+              int8_k4(K) * 4};
   const QuantFn fn = t.quantize[in_index(x2.scalar_type())];
   at::parallel_for(0, M, kRowGrain, [&](int64_t r0, int64_t r1) { fn(q, r0, r1); });
   return a;
 }
 
 // C = A x B over tiles of rows x panels, claimed by the threads as they finish. A tile's B panels
-// (4 x K x 64 bytes) stay in L2 while the kernel walks its rows; rows are split only as far as
-// needed to give every thread a few tiles, so that B is read from memory about once (M = 1 splits
-// over panels only).
+// (at most 4 x K x 64 bytes) stay in L2 while the kernel walks its rows; panels are split first
+// and rows only as far as needed to give every thread kTasksPerThread tiles, so that B is read
+// from memory about once (M = 1 splits over panels only). Many tiles keep the wait at the end
+// short when one core is slowed (a shared machine): at 2048^3 with 4 tiles a thread, each tile
+// was an eighth of the product, and a core could wait up to that long at the end.
 void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out) {
   if (g.M == 0 || g.N == 0) return;
   g.stream = g.M * g.N * (out == kOutI32 || out == kOutF32 ? 4 : 2) >= kStreamBytes;
   const int64_t panels = int8_panels(g.N);
   const int64_t threads = at::get_num_threads();
+  const int64_t tasks = kTasksPerThread * threads;
   int64_t pb = 4;
-  while (pb > 1 && (panels + pb - 1) / pb < 4 * threads) pb /= 2;
+  while (pb > 1 && (panels + pb - 1) / pb < tasks) pb /= 2;
   const int64_t panel_tiles = (panels + pb - 1) / pb;
-  const int64_t splits = std::max<int64_t>(1, (4 * threads + panel_tiles - 1) / panel_tiles);
+  const int64_t splits = std::max<int64_t>(1, (tasks + panel_tiles - 1) / panel_tiles);
   const int64_t mb =
       std::max<int64_t>(t.mr, ((g.M + splits - 1) / splits + t.mr - 1) / t.mr * t.mr);
   const int64_t row_tiles = (g.M + mb - 1) / mb;
@@ -153,16 +171,15 @@ at::Tensor pack(const Int8Kernels& t, const at::Tensor& b, bool nk) {
   return packed;
 }
 
-Gemm gemm_args(const Int8Kernels& t, const ABuffer& a, const at::Tensor& packed, int64_t M,
-               int64_t N, int64_t K) {
+Gemm gemm_args(const AOperand& a, const at::Tensor& packed, int64_t M, int64_t N, int64_t K) {
   Gemm g{};
-  g.a = a.bytes.data_ptr<uint8_t>();
+  g.a = a.rows.data_ptr<int8_t>();
   g.lda = a.lda;
+  g.a_rowsum = a.rowsum.data_ptr<int32_t>();
   g.b = packed.data_ptr<uint8_t>();
   g.M = M;
   g.N = N;
   g.K4 = int8_k4(K);
-  g.a_offset = t.a_flip ? 128 : 0;
   return g;
 }
 
@@ -180,15 +197,9 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize(const at::Tensor& x) {
     return {q, scale};
   }
   const Int8Kernels& t = kernels();
-  QuantRows p{x2.data_ptr(),
-              x2.stride(0),
-              reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>()),
-              x.size(-1),
-              scale.data_ptr<float>(),
-              nullptr,
-              x.size(-1),
-              x.size(-1),
-              0};
+  QuantRows p{
+      x2.data_ptr(), x2.stride(0), q.data_ptr<int8_t>(), x.size(-1), scale.data_ptr<float>(),
+      nullptr,       nullptr,      x.size(-1),           x.size(-1)};
   const QuantFn fn = t.quantize[in_index(x.scalar_type())];
   at::parallel_for(0, x2.size(0), kRowGrain, [&](int64_t r0, int64_t r1) { fn(p, r0, r1); });
   return {q, scale};
@@ -237,9 +248,9 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b,
   const bool nk = b.stride(0) == 1 && b.stride(1) != 1;
   const at::Tensor bc = nk ? b.t() : (b.stride(1) == 1 ? b : b.contiguous());
   const at::Tensor packed = pack(t, bc, nk);
-  const ABuffer abuf = first_pass(t, rows_view(a), nullptr, nullptr);
+  const AOperand ao = first_pass(t, rows_view(a), nullptr, nullptr);
   const auto as = as_float(a_scale), bs = as_float(b_scale), bi = as_float(bias);
-  Gemm g = gemm_args(t, abuf, packed, M, N, K);
+  Gemm g = gemm_args(ao, packed, M, N, K);
   g.a_scale = ptr(as);
   g.b_scale = ptr(bs);
   g.bias = ptr(bi);
@@ -289,12 +300,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const bool split = skip.defined();
   const Int8Kernels& t = kernels();
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
-  const ABuffer abuf =
+  const AOperand ao =
       first_pass(t, x2, scale.data_ptr<float>(), split ? skip.data_ptr<uint8_t>() : nullptr);
   const auto ws = as_float(w_scale), bi = as_float(bias);
   // With outliers, the int8 part is summed in float32 with the floating-point part, then rounded.
   at::Tensor out = new_output({M, N}, x.options().dtype(split ? at::kFloat : x.scalar_type()));
-  Gemm g = gemm_args(t, abuf, w_packed, M, N, K);
+  Gemm g = gemm_args(ao, w_packed, M, N, K);
   g.a_scale = scale.data_ptr<float>();
   g.b_scale = ptr(ws);
   g.bias = ptr(bi);

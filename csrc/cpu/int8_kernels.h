@@ -2,9 +2,9 @@
 // epilogue, for the layouts of cpu/int8_params.h. Included inside an ISA namespace by
 // csrc/cpu/isa/*.cpp after common/vec.h (see there for the rules); FASTDL_VEC picks the
 // micro-kernel:
-//   512: AVX512-VNNI vpdpbusd, 6 rows x 64 columns of int32 accumulators (24 zmm), the A byte
-//        broadcast 4 at a time against one 64-byte load of B per 16 columns (the oneDNN/FBGEMM
-//        u8 x s8 scheme, with the +128 offset compensated through the column sums).
+//   512: AVX512-VNNI vpdpbusd, 6 rows x 64 columns of int32 accumulators (24 zmm), the signed
+//        A bytes broadcast 4 at a time against one 64-byte load of the unsigned B per 16 columns,
+//        the +128 offset of B compensated through A's row sums.
 //   256: AVX2, exact: bytes widened to int16 and multiplied by vpmaddwd (vpmaddubsw would
 //        saturate at 2 x 255 x 128), 2 rows x 16 columns, the pair sums folded at the end.
 //   0:   portable loops.
@@ -81,11 +81,10 @@ inline float load_float(const f16* p) {
 template <typename T>
 void quantize_rows(const QuantRows& p, int64_t r0, int64_t r1) {
   const int64_t K = p.K, kpad = p.kpad;
-  const uint8_t flip = p.flip;
   const uint8_t* skip = p.skip;
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = static_cast<const T*>(p.x) + r * p.ldx;
-    uint8_t* q = p.q + r * p.ldq;
+    int8_t* q = p.q + r * p.ldq;
     float amax = 0.f;
     bool nan = false;
     for (int64_t k = 0; k < K; ++k) {
@@ -97,35 +96,44 @@ void quantize_rows(const QuantRows& p, int64_t r0, int64_t r1) {
     // A row with NaN gets a NaN scale (NaN propagates); an all-zero row any scale: 1.
     const float scale = nan ? __builtin_nanf("") : amax == 0.f ? 1.f : amax / 127.f;
     p.scale[r] = scale;
+    int32_t sum = 0;
     for (int64_t k = 0; k < K; ++k) {
       float v = __builtin_rintf(load_float(x + k) / scale);  // rint: half to even
       v = v < -127.f ? -127.f : (v > 127.f ? 127.f : v);
       if (v != v || (skip != nullptr && skip[k])) v = 0.f;
-      q[k] = static_cast<uint8_t>(static_cast<int8_t>(v)) ^ flip;
+      q[k] = static_cast<int8_t>(v);
+      sum += q[k];
     }
     for (int64_t k = K; k < kpad; ++k) q[k] = 0;
+    if (p.rowsum != nullptr) p.rowsum[r] = sum;
   }
 }
 
 inline void copy_rows_i8(const QuantRows& p, int64_t r0, int64_t r1) {
   const int64_t K = p.K, kpad = p.kpad;
-  const uint8_t flip = p.flip;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* x = static_cast<const uint8_t*>(p.x) + r * p.ldx;
-    uint8_t* q = p.q + r * p.ldq;
-    for (int64_t k = 0; k < K; ++k) q[k] = x[k] ^ flip;
-    for (int64_t k = K; k < kpad; ++k) q[k] = 0;
+    const int8_t* x = static_cast<const int8_t*>(p.x) + r * p.ldx;
+    if (p.q != nullptr) {
+      int8_t* q = p.q + r * p.ldq;
+      for (int64_t k = 0; k < K; ++k) q[k] = x[k];
+      for (int64_t k = K; k < kpad; ++k) q[k] = 0;
+    }
+    if (p.rowsum != nullptr) {
+      int32_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += x[k];
+      p.rowsum[r] = sum;
+    }
   }
 }
 
 // ---------------------------------------------------------------- packing B
 
 #if FASTDL_VEC == 512
-// 64 columns of 4 rows of a (K, N) B to their 64 words (byte j of a word from row j), the words'
-// byte sums added to sum: bytes interleaved within 128-bit lanes (unpack), then the lanes
-// transposed so that vector v holds columns 16v .. 16v + 15.
+// 64 columns of 4 rows of a (K, N) B to their 64 words (byte j of a word from row j, + 128):
+// bytes interleaved within 128-bit lanes (unpack), then the lanes transposed so that vector v
+// holds columns 16v .. 16v + 15.
 inline void pack_words_64(const int8_t* b0, const int8_t* b1, const int8_t* b2, const int8_t* b3,
-                          uint32_t* d, int32_t* sum) {
+                          uint32_t* d) {
   const __m512i r0 = _mm512_loadu_si512(b0), r1 = _mm512_loadu_si512(b1);
   const __m512i r2 = _mm512_loadu_si512(b2), r3 = _mm512_loadu_si512(b3);
   const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
@@ -140,40 +148,37 @@ inline void pack_words_64(const int8_t* b0, const int8_t* b1, const int8_t* b2, 
   const __m512i words[4] = {
       _mm512_shuffle_i32x4(lo01, lo23, 0x88), _mm512_shuffle_i32x4(lo01, lo23, 0xdd),
       _mm512_shuffle_i32x4(hi01, hi23, 0x88), _mm512_shuffle_i32x4(hi01, hi23, 0xdd)};
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int v = 0; v < 4; ++v) {
-    _mm512_storeu_si512(d + 16 * v, words[v]);
-    const __m512i s = _mm512_loadu_si512(sum + 16 * v);
-    _mm512_storeu_si512(sum + 16 * v, _mm512_dpbusd_epi32(s, ones, words[v]));
-  }
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int v = 0; v < 4; ++v) _mm512_storeu_si512(d + 16 * v, _mm512_xor_si512(words[v], flip));
 }
 #endif
 
 // Each (k group, column) of a panel is one 32-bit word of 4 bytes: built from 4 rows of B read
-// along n (a (K, N) B), or read whole from a row of a (N, K) B.
+// along n (a (K, N) B), or read whole from a row of a (N, K) B. Every byte XOR 0x80 is b + 128.
 inline void pack_b(const PackB& p, int64_t p0, int64_t p1) {
+  constexpr uint32_t kFlip = 0x80808080u;
   const int64_t K = p.K, K4 = int8_k4(K), ld = p.ld;
-  int32_t* colsum = reinterpret_cast<int32_t*>(p.dst + int8_panels(p.N) * kPanel * K4 * 4);
   uint32_t* out = reinterpret_cast<uint32_t*>(p.dst);
   const int64_t n_end = imin(p.N, p1 * kPanel);
-  for (int64_t panel = p0; panel < p1; ++panel) {
-    if (panel * kPanel + kPanel > p.N)
-      __builtin_memset(out + panel * K4 * kPanel, 0, K4 * kPanel * 4);
-    for (int64_t c = 0; c < kPanel; ++c) colsum[panel * kPanel + c] = 0;
-  }
+  for (int64_t panel = p0; panel < p1; ++panel)
+    if (panel * kPanel + kPanel > p.N)  // columns past N: zeros
+      __builtin_memset(out + panel * K4 * kPanel, 0x80, K4 * kPanel * 4);
   if (p.nk) {
     for (int64_t n = p0 * kPanel; n < n_end; ++n) {
       const int8_t* src = p.b + n * ld;
       uint32_t* dst = out + n / kPanel * K4 * kPanel + n % kPanel;
-      int32_t s = 0;
-      for (int64_t k = 0; k < K; ++k) s += src[k];
-      colsum[n] = s;
       const int64_t whole = K / 4;
-      for (int64_t k4 = 0; k4 < whole; ++k4) __builtin_memcpy(dst + k4 * kPanel, src + 4 * k4, 4);
+      for (int64_t k4 = 0; k4 < whole; ++k4) {
+        uint32_t w;
+        __builtin_memcpy(&w, src + 4 * k4, 4);
+        dst[k4 * kPanel] = w ^ kFlip;
+      }
       if (whole < K4) {
         uint8_t tail[4] = {};
         for (int64_t k = 4 * whole; k < K; ++k) tail[k - 4 * whole] = static_cast<uint8_t>(src[k]);
-        __builtin_memcpy(dst + whole * kPanel, tail, 4);
+        uint32_t w;
+        __builtin_memcpy(&w, tail, 4);
+        dst[whole * kPanel] = w ^ kFlip;
       }
     }
     return;
@@ -186,24 +191,22 @@ inline void pack_b(const PackB& p, int64_t p0, int64_t p1) {
     for (int64_t panel = p0; panel < p1; ++panel) {
       const int64_t n0 = panel * kPanel, cols = imin(kPanel, p.N - n0);
       uint32_t* __restrict d = out + (panel * K4 + k4) * kPanel;
-      int32_t* __restrict sum = colsum + n0;
       const int8_t* __restrict b0 = r[0] != nullptr ? r[0] + n0 : zeros;
       const int8_t* __restrict b1 = r[1] != nullptr ? r[1] + n0 : zeros;
       const int8_t* __restrict b2 = r[2] != nullptr ? r[2] + n0 : zeros;
       const int8_t* __restrict b3 = r[3] != nullptr ? r[3] + n0 : zeros;
 #if FASTDL_VEC == 512
       if (cols == kPanel) {
-        pack_words_64(b0, b1, b2, b3, d, sum);
+        pack_words_64(b0, b1, b2, b3, d);
         continue;
       }
 #endif
-      for (int64_t c = 0; c < cols; ++c) {
-        d[c] = static_cast<uint32_t>(static_cast<uint8_t>(b0[c])) |
-               static_cast<uint32_t>(static_cast<uint8_t>(b1[c])) << 8 |
-               static_cast<uint32_t>(static_cast<uint8_t>(b2[c])) << 16 |
-               static_cast<uint32_t>(static_cast<uint8_t>(b3[c])) << 24;
-        sum[c] += b0[c] + b1[c] + b2[c] + b3[c];
-      }
+      for (int64_t c = 0; c < cols; ++c)
+        d[c] = (static_cast<uint32_t>(static_cast<uint8_t>(b0[c])) |
+                static_cast<uint32_t>(static_cast<uint8_t>(b1[c])) << 8 |
+                static_cast<uint32_t>(static_cast<uint8_t>(b2[c])) << 16 |
+                static_cast<uint32_t>(static_cast<uint8_t>(b3[c])) << 24) ^
+               kFlip;
     }
   }
 }
@@ -227,12 +230,11 @@ constexpr bool kIsI32<int32_t> = true;
 
 // One row of a micro-tile: acc (n values) to out row m, columns [n0, n0 + n).
 template <typename O>
-inline void epilogue_row(const Gemm& g, const int32_t* acc, const int32_t* colsum, int64_t m,
-                         int64_t n0, int64_t n) {
+inline void epilogue_row(const Gemm& g, const int32_t* acc, int64_t m, int64_t n0, int64_t n) {
   // Locals: an int32 or float store through `out` could alias g's fields as far as the
   // compiler knows, and the loops would not vectorize.
   O* out = static_cast<O*>(g.out) + m * g.ldo + n0;
-  const int32_t off = g.a_offset;
+  const int32_t off = kBOffset * g.a_rowsum[m];
 #if FASTDL_VEC == 512
   // Non-temporal stores: no read of the output's lines before they are written.
   const bool stream =
@@ -242,21 +244,19 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, const int32_t* colsu
 #if FASTDL_VEC == 512
     if (stream) {
       const __m512i o = _mm512_set1_epi32(off);
-      for (int64_t j = 0; j < kPanel; j += 16) {
-        const __m512i c = _mm512_mullo_epi32(o, _mm512_loadu_si512(colsum + j));
+      for (int64_t j = 0; j < kPanel; j += 16)
         _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j),
-                            _mm512_sub_epi32(_mm512_loadu_si512(acc + j), c));
-      }
+                            _mm512_sub_epi32(_mm512_loadu_si512(acc + j), o));
       return;
     }
 #endif
-    for (int64_t j = 0; j < n; ++j) out[j] = acc[j] - off * colsum[j];
+    for (int64_t j = 0; j < n; ++j) out[j] = acc[j] - off;
   } else {
     const float as = g.a_scale != nullptr ? g.a_scale[m] : 1.f;
     const float* bs = g.b_scale + (g.b_scale != nullptr ? n0 : 0);
     const float* bias = g.bias + (g.bias != nullptr ? n0 : 0);
     float v[kPanel];
-    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(acc[j] - off * colsum[j]) * as;
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(acc[j] - off) * as;
     if (g.b_scale != nullptr)
       for (int64_t j = 0; j < n; ++j) v[j] *= bs[j];
     if (g.bias != nullptr)
@@ -297,7 +297,7 @@ inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v)
       acc[r][v] = add ? _mm512_loadu_si512(c + r * kPanel + v * 16) : _mm512_setzero_si512();
-  const uint8_t* a = g.a + m * g.lda;
+  const int8_t* a = g.a + m * g.lda;
   const uint8_t* b = g.b + (panel * g.K4 + k0) * kPanel * 4;
   for (int64_t k4 = k0; k4 < k1; ++k4, b += kPanel * 4) {
     __m512i bv[NV];
@@ -312,7 +312,7 @@ inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k
       int32_t word;
       __builtin_memcpy(&word, a + r * g.lda + 4 * k4, 4);
       const __m512i av = _mm512_set1_epi32(word);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, bv[v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], bv[v], av);
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -331,7 +331,7 @@ inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v)
       for (int q = 0; q < 4; ++q) acc[r][v][q] = _mm256_setzero_si256();
-  const uint8_t* a = g.a + m * g.lda;
+  const int8_t* a = g.a + m * g.lda;
   const uint8_t* b = g.b + (panel * g.K4 + k0) * kPanel * 4;
   for (int64_t k4 = k0; k4 < k1; ++k4, b += kPanel * 4) {
     __m256i av[MR];
@@ -345,7 +345,7 @@ inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k
     for (int v = 0; v < NV; ++v)
       for (int q = 0; q < 4; ++q) {
         const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + v * 64 + q * 16));
-        const __m256i bw = _mm256_cvtepi8_epi16(raw);
+        const __m256i bw = _mm256_cvtepu8_epi16(raw);  // b + 128, 0 .. 255
         for (int r = 0; r < MR; ++r)
           acc[r][v][q] = _mm256_add_epi32(acc[r][v][q], _mm256_madd_epi16(av[r], bw));
       }
@@ -370,11 +370,11 @@ template <int MR, int NV>
 inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k1, bool add,
                   int32_t* c) {
   int32_t acc[MR][NV * 16] = {};
-  const uint8_t* a = g.a + m * g.lda;
-  const int8_t* b = reinterpret_cast<const int8_t*>(g.b + (panel * g.K4 + k0) * kPanel * 4);
+  const int8_t* a = g.a + m * g.lda;
+  const uint8_t* b = g.b + (panel * g.K4 + k0) * kPanel * 4;
   for (int64_t k4 = k0; k4 < k1; ++k4, b += kPanel * 4)
     for (int r = 0; r < MR; ++r) {
-      const int8_t* ar = reinterpret_cast<const int8_t*>(a + r * g.lda + 4 * k4);
+      const int8_t* ar = a + r * g.lda + 4 * k4;
       for (int j = 0; j < NV * 16; ++j)
         acc[r][j] +=
             ar[0] * b[j * 4] + ar[1] * b[j * 4 + 1] + ar[2] * b[j * 4 + 2] + ar[3] * b[j * 4 + 3];
@@ -412,8 +412,6 @@ constexpr int64_t kMaxRows = 16 * kMr;  // rows per call: int8.cpp's row tiles a
 
 template <typename O>
 void gemm(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int32_t* colsum =
-      reinterpret_cast<const int32_t*>(g.b + int8_panels(g.N) * kPanel * g.K4 * 4);
   alignas(64) int32_t acc[kMaxRows * kPanel];
   for (int64_t mb = m0; mb < m1; mb += kMaxRows) {
     const int64_t me = imin(m1, mb + kMaxRows);
@@ -425,12 +423,13 @@ void gemm(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
         const int64_t k1 = imin(g.K4, k0 + kKc);
         for (int64_t m = mb; m < me; m += kMr) {
           const int rows = static_cast<int>(imin(kMr, me - m));
-          micro_any<kPanel / kLanes>(g, m, rows, nv, panel, k0, k1, k0 > 0,
-                                     acc + (m - mb) * kPanel);
+          int32_t* c = acc + (m - mb) * kPanel;
+          micro_any<kPanel / kLanes>(g, m, rows, nv, panel, k0, k1, k0 > 0, c);
+          // The finished tile out while it is in L1, its stores spread among the products.
+          if (k1 == g.K4)
+            for (int r = 0; r < rows; ++r) epilogue_row<O>(g, c + r * kPanel, m + r, n0, n);
         }
       }
-      for (int64_t m = mb; m < me; ++m)
-        epilogue_row<O>(g, acc + (m - mb) * kPanel, colsum + n0, m, n0, n);
     }
   }
 #if FASTDL_VEC == 512
@@ -442,7 +441,6 @@ const Int8Kernels kInt8Kernels = {
     .quantize = {&quantize_rows<float>, &quantize_rows<bf16>, &quantize_rows<f16>, &copy_rows_i8},
     .pack_b = &pack_b,
     .gemm = {&gemm<int32_t>, &gemm<float>, &gemm<bf16>, &gemm<f16>},
-    .a_flip = FASTDL_VEC == 512 ? 0x80 : 0,
     .mr = kMr,
 };
 

@@ -3,12 +3,14 @@
 // table of function pointers, as in norm_params.h.
 //
 // The GEMM C = A (M, K) x B (K, N) works on two prepared operands:
-//  - the A buffer: M rows of `lda` bytes, K real bytes then zeros up to a multiple of 4. Each
-//    byte is the int8 value XOR `a_flip`: VNNI's vpdpbusd multiplies unsigned by signed bytes,
-//    so the AVX-512 kernels store a + 128 (a ^ 0x80) and subtract 128 * colsum(B) per column.
+//  - A: M rows `lda` bytes apart, the int8 values as they are, K of them then zeros up to a
+//    multiple of 4 (the caller's own rows when K is one already). Their int32 row sums go along.
 //  - the packed B: panels of kPanel = 64 columns; panel p holds, for each group of 4 k, the 4
-//    bytes of each of its 64 columns ([p][k/4][64][4]), zero-padded in k and n. The int32 column
-//    sums (kPanel * panels of them) follow the panels in the same buffer.
+//    bytes of each of its 64 columns ([p][k/4][64][4]), each byte b + kBOffset as unsigned (b XOR
+//    0x80), zero in the padding past K and N. VNNI's vpdpbusd multiplies unsigned by signed bytes:
+//    B is its unsigned operand, A (broadcast) the signed one, and the kernels subtract
+//    kBOffset * rowsum(A) from each row. Every ISA's kernels read this one layout, so a weight
+//    packed once stays valid whatever set_cpu_isa picks later.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +18,7 @@
 namespace fastdl::cpu {
 
 constexpr int64_t kPanel = 64;
+constexpr int32_t kBOffset = 128;
 
 inline int64_t int8_k4(int64_t K) {
   return (K + 3) / 4;
@@ -23,27 +26,27 @@ inline int64_t int8_k4(int64_t K) {
 inline int64_t int8_panels(int64_t N) {
   return (N + kPanel - 1) / kPanel;
 }
-// Bytes of a packed B: the panels, then the column sums.
 inline int64_t int8_packed_bytes(int64_t K, int64_t N) {
-  return int8_panels(N) * kPanel * (int8_k4(K) * 4 + 4);
+  return int8_panels(N) * kPanel * int8_k4(K) * 4;
 }
 
 enum Int8In : int { kInF32 = 0, kInBF16 = 1, kInF16 = 2, kInI8 = 3, kNumInt8In = 4 };
 enum Int8Out : int { kOutI32 = 0, kOutF32 = 1, kOutBF16 = 2, kOutF16 = 3, kNumInt8Out = 4 };
 
 // Rows [r0, r1) of x (unit column stride) to int8 rows of q: per row, scale = max|x| / 127
-// (1 for an all-zero row), q = clamp(round_half_even(x / scale), -127, 127) XOR flip, zeros up
-// to `kpad` bytes. int8 input (kInI8) is copied (XOR flip) and gets no scale. `skip` (K bytes,
-// nullable) marks columns left out (LLM.int8 outliers): they count neither in the scale nor in q.
+// (1 for an all-zero row), q = clamp(round_half_even(x / scale), -127, 127), zeros up to `kpad`
+// bytes, and the sum of the row's q in rowsum (nullable). int8 input (kInI8) is copied (nothing
+// written when q is null: its row sums only) and gets no scale. `skip` (K bytes, nullable) marks
+// columns left out (LLM.int8 outliers): they count neither in the scale nor in q.
 struct QuantRows {
   const void* x;
   int64_t ldx;  // elements
-  uint8_t* q;
-  int64_t ldq;   // bytes
-  float* scale;  // (rows); null for int8 input
+  int8_t* q;
+  int64_t ldq;      // bytes
+  float* scale;     // (rows); null for int8 input
+  int32_t* rowsum;  // (rows) or null
   const uint8_t* skip;
   int64_t K, kpad;
-  uint8_t flip;
 };
 
 struct PackB {
@@ -55,11 +58,11 @@ struct PackB {
 };
 
 struct Gemm {
-  const uint8_t* a;  // the A buffer
+  const int8_t* a;  // A (see above)
   int64_t lda;
-  const uint8_t* b;  // packed B
+  const int32_t* a_rowsum;  // (M)
+  const uint8_t* b;         // packed B
   int64_t M, N, K4;
-  int32_t a_offset;      // 128 when A holds a + 128: acc -= a_offset * colsum
   const float* a_scale;  // (M) or null (1)
   const float* b_scale;  // (N) or null (1)
   const float* bias;     // (N) or null (0)
@@ -77,8 +80,7 @@ struct Int8Kernels {
   QuantFn quantize[kNumInt8In];
   PackBFn pack_b;
   GemmFn gemm[kNumInt8Out];
-  uint8_t a_flip;  // what the A buffer's bytes are XORed with
-  int mr;          // rows per micro-tile: row blocks should be multiples of it
+  int mr;  // rows per micro-tile: row blocks should be multiples of it
 };
 
 // One table per ISA, defined in csrc/cpu/isa/{avx512,avx2,scalar}.cpp. The AVX-512 one needs

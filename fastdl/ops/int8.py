@@ -22,9 +22,9 @@ PANEL = 64  # columns per panel of the CPU's packed weight (csrc/cpu/int8_params
 
 def packed_bytes(k: int, n: int) -> int:
     """Size of the CPU's packed weight for an (n, k) weight: 64-column panels of k rounded up
-    to 4, then one int32 column sum per padded column."""
+    to 4."""
     panels = -(-n // PANEL)
-    return panels * PANEL * (-(-k // 4) * 4 + 4)
+    return panels * PANEL * -(-k // 4) * 4
 
 
 # ---------------------------------------------------------------- fake kernels (all backends)
@@ -210,7 +210,7 @@ def int8_matmul(
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
     """The int8 weight w (out_features, in_features) in the CPU GEMM's packed layout (a uint8
-    buffer: 64-column panels, k in groups of 4, with the column sums VNNI's unsigned A needs).
+    buffer: 64-column panels, k in groups of 4, each byte + 128 as VNNI's unsigned operand).
     Pack once, pass to :func:`int8_linear` as ``packed``. An empty tensor for CUDA tensors (the
     GPU kernels read w directly) and when the C++ extension is absent."""
     op = "fastdl.pack_weight"

@@ -4,7 +4,10 @@
 // pointers only. Every op is deterministic: integer accumulation, and each output element is
 // computed by one thread in a fixed order.
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <optional>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -140,7 +143,10 @@ AOperand first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, co
 // from memory about once (M = 1 splits over panels only). Many tiles keep the wait at the end
 // short when one core is slowed (a shared machine): at 2048^3 with 4 tiles a thread, each tile
 // was an eighth of the product, and a core could wait up to that long at the end.
-void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out) {
+//
+// `lazy` (nullable) packs B on first use: the first thread to need a panel packs it while it is
+// about to be read (into its own L2), any other waits for it; no pass over B of its own.
+void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out, const PackB* lazy = nullptr) {
   if (g.M == 0 || g.N == 0) return;
   g.stream = g.M * g.N * (out == kOutI32 || out == kOutF32 ? 4 : 2) >= kStreamBytes;
   const int64_t panels = int8_panels(g.N);
@@ -154,11 +160,27 @@ void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out) {
       std::max<int64_t>(t.mr, ((g.M + splits - 1) / splits + t.mr - 1) / t.mr * t.mr);
   const int64_t row_tiles = (g.M + mb - 1) / mb;
   const GemmFn fn = t.gemm[out];
+  // Per panel: 0 not packed, 1 being packed, 2 ready.
+  std::unique_ptr<std::atomic<uint8_t>[]> state(lazy ? new std::atomic<uint8_t>[panels]()
+                                                     : nullptr);
+  const auto ready = [&](int64_t p) {
+    uint8_t s = state[p].load(std::memory_order_acquire);
+    if (s == 2) return;
+    if (s == 0 && state[p].compare_exchange_strong(s, 1, std::memory_order_acquire)) {
+      t.pack_b(*lazy, p, p + 1);
+      state[p].store(2, std::memory_order_release);
+      return;
+    }
+    while (state[p].load(std::memory_order_acquire) != 2) std::this_thread::yield();
+  };
   parallel_claim(row_tiles * panel_tiles, 1, [&](const auto& claim) {
     for (int64_t i0, i1; claim(i0, i1);)
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m0 = i / panel_tiles * mb, p0 = i % panel_tiles * pb;
-        fn(g, m0, std::min(g.M, m0 + mb), p0, std::min(panels, p0 + pb));
+        const int64_t p1 = std::min(panels, p0 + pb);
+        if (lazy != nullptr)
+          for (int64_t p = p0; p < p1; ++p) ready(p);
+        fn(g, m0, std::min(g.M, m0 + mb), p0, p1);
       }
   });
 }
@@ -247,7 +269,8 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b,
   // B as given, or (a transposed view) as the (N, K) rows it views: both pack without a copy.
   const bool nk = b.stride(0) == 1 && b.stride(1) != 1;
   const at::Tensor bc = nk ? b.t() : (b.stride(1) == 1 ? b : b.contiguous());
-  const at::Tensor packed = pack(t, bc, nk);
+  at::Tensor packed = new_output({int8_packed_bytes(K, N)}, b.options().dtype(at::kByte));
+  const PackB pack_b{bc.data_ptr<int8_t>(), bc.stride(0), nk, K, N, packed.data_ptr<uint8_t>()};
   const AOperand ao = first_pass(t, rows_view(a), nullptr, nullptr);
   const auto as = as_float(a_scale), bs = as_float(b_scale), bi = as_float(bias);
   Gemm g = gemm_args(ao, packed, M, N, K);
@@ -256,7 +279,7 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b,
   g.bias = ptr(bi);
   g.out = out.data_ptr();
   g.ldo = N;
-  run_gemm(t, g, out_index(out_dtype));
+  run_gemm(t, g, out_index(out_dtype), &pack_b);
   return out;
 }
 

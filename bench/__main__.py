@@ -62,10 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     versions = ", ".join(f"{k} {v}" for k, v in header["versions"].items())
     print(f"{header['device_name']} ({header['machine']}), {header['threads']} threads; {versions}")
     header["peaks"] = peaks = machine.peaks(device, plan)
-    print(
-        f"measured peaks: copy {peaks['copy_gbps']:.1f} GB/s, fp32 GEMM "
-        f"{peaks['gemm_gflops']:.0f} GFLOP/s\n"
-    )
+    print(f"measured peaks: {report.peaks_line(peaks)}\n")
     table = report.Table(selected)
     print(table.header())
     rows = []

@@ -1,6 +1,6 @@
 """The machine a run measures: a short name for its results file, versions, and its peaks
-(copy bandwidth and fp32 GEMM rate) measured in the same run, against which the rows report
-their fraction of peak."""
+(copy bandwidth, fp32 GEMM rate, int8 multiply-add rate) measured in the same run, against which
+the rows report their fraction of peak."""
 
 import datetime
 import os
@@ -84,8 +84,9 @@ def describe(device: torch.device) -> dict:
 
 
 def peaks(device: torch.device, plan: timing.Plan) -> dict:
-    """Copy bandwidth in GB/s (bytes read + written by ``dst.copy_(src)``) and fp32 GEMM rate
-    in GFLOP/s (``torch.mm`` at the float32 matmul precision in force)."""
+    """Copy bandwidth in GB/s (bytes read + written by ``dst.copy_(src)``), fp32 GEMM rate
+    in GFLOP/s (``torch.mm`` at the float32 matmul precision in force) and the int8 peak in
+    GOP/s (see _int8_peak)."""
     numel = COPY_BYTES[device.type] // 4
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
@@ -98,4 +99,14 @@ def peaks(device: torch.device, plan: timing.Plan) -> dict:
         "copy_gbps": 2 * src.numel() * src.element_size() / t["copy"] / 1e9,
         "gemm_gflops": 2 * n**3 / t["mm"] / 1e9,
         "gemm_precision": torch.get_float32_matmul_precision(),
+        "int8_gops": _int8_peak(device),
     }
+
+
+def _int8_peak(device: torch.device) -> float | None:
+    """The int8 multiply-add peak in GOP/s on every thread: fastdl's register-only loop of the
+    instruction its CPU GEMM is built on (AVX512-VNNI vpdpbusd); None on CUDA and where the CPU
+    kernels have none (AVX2, scalar)."""
+    if device.type != "cpu" or fastdl._ext._C is None:
+        return None
+    return fastdl._ext._C._int8_peak_gops() or None

@@ -6,10 +6,11 @@ from pathlib import Path
 
 DTYPES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16"}
 LEGEND = (
-    "vs = speed-up, baseline time / fastdl time; %peak = rate / measured copy bandwidth (GB/s) "
-    "or fp32 GEMM rate (GFLOP/s); err = max |out - ref| / max |ref| against float64, worst over "
-    "outputs and gradients (fastdl | torch eager); target: e≥N, c≥N = minimum speed-up over "
-    "eager, compile; bw≥N%, gemm≥N% = minimum %peak; ✓ met, ✗ missed"
+    "vs = speed-up, baseline time / fastdl time; %peak = rate / measured copy bandwidth (GB/s), "
+    "fp32 GEMM rate (GFLOP/s) or, int8 rows, int8 multiply-add peak (GOP/s); err = "
+    "max |out - ref| / max |ref| against float64, worst over outputs and gradients (fastdl | "
+    "torch eager); target: e≥N, c≥N = minimum speed-up over eager, compile; bw≥N%, gemm≥N% = "
+    "minimum %peak; ✓ met, ✗ missed"
 )
 
 
@@ -20,6 +21,14 @@ def _num(v: float | None, digits: int = 3) -> str:
     if v == 0:
         return "0"
     return f"{v:.{max(0, digits - 1 - math.floor(math.log10(abs(v))))}f}"
+
+
+def peaks_line(peaks: dict) -> str:
+    """The measured peaks in words (the int8 one where the machine has it)."""
+    line = f"copy {_num(peaks['copy_gbps'])} GB/s, fp32 GEMM {_num(peaks['gemm_gflops'])} GFLOP/s"
+    if peaks.get("int8_gops"):
+        line += f", int8 multiply-add {_num(peaks['int8_gops'])} GOP/s"
+    return line
 
 
 def _err(v: float | None) -> str:
@@ -142,8 +151,7 @@ def plot(path: Path, header: dict, rows: list[dict]) -> None:
     ax.set_xlabel("speed-up of fastdl (log scale); black ticks: targets")
     peaks = header["peaks"]
     ax.set_title(
-        f"fastdl on {header['device_name']} ({header['date'][:10]}): copy "
-        f"{_num(peaks['copy_gbps'])} GB/s, fp32 GEMM {_num(peaks['gemm_gflops'])} GFLOP/s",
+        f"fastdl on {header['device_name']} ({header['date'][:10]}): {peaks_line(peaks)}",
         fontsize=9,
     )
     handles = [Patch(color=c, label=f"vs torch {b}") for b, c in colors.items()]

@@ -35,6 +35,12 @@ def _target_checks(target: cases.Target | None, traffic: int, speedup: dict, fra
     return checks
 
 
+def _rate_unit(case) -> str:
+    if case.traffic:
+        return "GB/s"
+    return "GOP/s" if case.family == "int8" else "GFLOP/s"
+
+
 def _row(case, backend, device_type, times, errors, failed, peaks, extra) -> dict:
     mine = f"fastdl:{backend}"
     t = times.get(mine)
@@ -45,7 +51,8 @@ def _row(case, backend, device_type, times, errors, failed, peaks, extra) -> dic
         fraction = rate / peaks["copy_gbps"]
     elif t and case.flops:
         rate = case.flops / t / 1e9
-        fraction = rate / peaks["gemm_gflops"]
+        peak = peaks.get("int8_gops") if case.family == "int8" else peaks["gemm_gflops"]
+        fraction = peak and rate / peak
     checks = _target_checks(case.target, case.traffic, speedup, fraction)
     return {
         "case": case.name,
@@ -60,7 +67,7 @@ def _row(case, backend, device_type, times, errors, failed, peaks, extra) -> dic
         "bytes": case.bytes,
         "flops": case.flops,
         "rate": rate,
-        "rate_unit": "GB/s" if case.traffic else "GFLOP/s",
+        "rate_unit": _rate_unit(case),
         "peak_fraction": fraction,
         "rel_error": {"fastdl": errors.get(mine)}
         | {b: errors[b] for b in cases.BASELINES if b in errors},

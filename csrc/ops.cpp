@@ -7,6 +7,7 @@
 
 #include "common/isa.h"
 #include "cpu/gemm.h"
+#include "cpu/int8_params.h"
 
 TORCH_LIBRARY(fastdl, m) {
   // ---- norm: x is viewed as (rows, normalized_numel); mean/rstd have shape (rows,) and dtype
@@ -217,6 +218,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_cpu_isa", [] { return std::string(fastdl::isa_name(fastdl::detect_cpu_isa())); });
   m.def("set_cpu_isa",
         [](const std::string& name) { fastdl::set_cpu_isa(fastdl::parse_isa(name.c_str())); });
+  // Bench hook (bench/machine.py), not an op: the int8 multiply-add peak in GOP/s, 0 if none.
+  m.def("_int8_peak_gops", [] { return fastdl::cpu::int8_peak_gops(); });
   // Test hook for the block GEMM of cpu/gemm.h (tests/test_gemm.py), not an op: c (m, n) =
   // alpha * op(a) op(b) + beta * c in place.
   m.def("_gemm", [](const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool ta, bool tb,

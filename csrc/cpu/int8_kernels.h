@@ -447,11 +447,42 @@ void gemm(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
 #endif
 }
 
+#if FASTDL_VEC == 512
+// The VNNI peak (what bench/ reports the int8 rates against): 24 independent vpdpbusd chains
+// in zmm8-31, `iters` rounds, register operands only (asm: the compiler neither drops nor
+// reorders them).
+constexpr int64_t kPeakOps = 24 * 16 * 4 * 2;  // per round: chains x lanes x bytes x (mul, add)
+
+inline int64_t peak_loop(int64_t iters) {
+  const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(2);
+  for (int64_t it = 0; it < iters; ++it)
+    __asm__ volatile(
+#define FASTDL_DP(r) "vpdpbusd %[b], %[a], %%zmm" #r "\n\t"
+        FASTDL_DP(8) FASTDL_DP(9) FASTDL_DP(10) FASTDL_DP(11) FASTDL_DP(12) FASTDL_DP(13)
+            FASTDL_DP(14) FASTDL_DP(15) FASTDL_DP(16) FASTDL_DP(17) FASTDL_DP(18) FASTDL_DP(19)
+                FASTDL_DP(20) FASTDL_DP(21) FASTDL_DP(22) FASTDL_DP(23) FASTDL_DP(24) FASTDL_DP(25)
+                    FASTDL_DP(26) FASTDL_DP(27) FASTDL_DP(28) FASTDL_DP(29) FASTDL_DP(30)
+                        FASTDL_DP(31)
+#undef FASTDL_DP
+        :
+        : [a] "v"(a), [b] "v"(b)
+        : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17",
+          "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27",
+          "xmm28", "xmm29", "xmm30", "xmm31");
+  return iters;
+}
+#endif
+
 const Int8Kernels kInt8Kernels = {
     .quantize = {&quantize_rows<float>, &quantize_rows<bf16>, &quantize_rows<f16>, &copy_rows_i8},
     .pack_b = &pack_b,
     .gemm = {&gemm<int32_t>, &gemm<float>, &gemm<bf16>, &gemm<f16>},
     .mr = kMr,
+#if FASTDL_VEC == 512
+    .peak = {&peak_loop, kPeakOps},
+#else
+    .peak = {nullptr, 0},
+#endif
 };
 
 #if FASTDL_VEC == 512

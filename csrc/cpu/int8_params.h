@@ -76,12 +76,24 @@ using PackBFn = void (*)(const PackB&, int64_t p0, int64_t p1);
 // Rows [m0, m1) x panels [p0, p1) of C.
 using GemmFn = void (*)(const Gemm&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 
+// A register-only loop of the GEMM's multiply-add instruction (bench/ reports int8 rates against
+// its rate): `ops` integer operations a round.
+struct PeakLoop {
+  int64_t (*run)(int64_t rounds);  // returns rounds
+  int64_t ops;
+};
+
 struct Int8Kernels {
   QuantFn quantize[kNumInt8In];
   PackBFn pack_b;
   GemmFn gemm[kNumInt8Out];
-  int mr;  // rows per micro-tile: row blocks should be multiples of it
+  int mr;         // rows per micro-tile: row blocks should be multiples of it
+  PeakLoop peak;  // run is null where no peak is measured (AVX2, scalar)
 };
+
+// GOP/s of Int8Kernels::peak on every thread, for the current ISA's table (the best of a few
+// tries of ~7 ms); 0 where it has none. Defined in csrc/cpu/int8.cpp.
+double int8_peak_gops();
 
 // One table per ISA, defined in csrc/cpu/isa/{avx512,avx2,scalar}.cpp. The AVX-512 one needs
 // AVX512-VNNI on top of what Isa::kAvx512 guarantees.

@@ -194,8 +194,9 @@ def isa(request, backend):
 @pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
 def test_isa_paths(backend, isa):
     assert fastdl.cpu_isa() == isa
-    # K = 4100: several k blocks of the AVX-512 kernel (partial sums carried between them).
-    for m, n, k in [*SHAPES, (20, 200, 257), (5, 70, 4100)]:
+    # K = 4100: several k blocks of the AVX-512 kernel (partial sums carried between them);
+    # M = 1 over 5 panels, the last one partial: the GEMV path (4 panels at once, then 1).
+    for m, n, k in [*SHAPES, (20, 200, 257), (5, 70, 4100), (1, 300, 4100)]:
         a = randint8(m, k)
         for b in _b_layouts(k, n, "cpu").values():
             assert torch.equal(fastdl.int8_matmul(a, b), ref_matmul(a, b)), (isa, m, n, k)

@@ -152,7 +152,8 @@ void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out, const PackB* lazy = nul
   g.stream = g.M * g.N * (out == kOutI32 || out == kOutF32 ? 4 : 2) >= kStreamBytes;
   const int64_t panels = int8_panels(g.N);
   const int64_t threads = at::get_num_threads();
-  const int64_t tasks = kTasksPerThread * threads;
+  // One row (a GEMV, bound by reading B): tiles of 4 panels, which the kernel reads side by side.
+  const int64_t tasks = (g.M == 1 ? 4 : kTasksPerThread) * threads;
   int64_t pb = 4;
   while (pb > 1 && (panels + pb - 1) / pb < tasks) pb /= 2;
   const int64_t panel_tiles = (panels + pb - 1) / pb;

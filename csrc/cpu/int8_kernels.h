@@ -412,6 +412,44 @@ inline void micro_any(const Gemm& g, int64_t m, int rows, int nv, int64_t panel,
   micro_any_rows<kMr, NV>(g, m, rows, panel, k0, k1, add, c);
 }
 
+#if FASTDL_VEC == 512
+// One row against NP whole panels at once, all of K in one pass (a GEMV: each byte of B is used
+// once, nothing to block for): raw int32 sums into c ([NP][64]). B streams from memory, and NP
+// panels read side by side are NP streams the prefetchers follow at once: at 4096 x 4096, 4
+// streams a core read the weight ~10% faster than one.
+template <int NP>
+inline void gemv(const Gemm& g, int64_t m, int64_t panel, int32_t* c) {
+  __m512i acc[NP][4];
+  for (int p = 0; p < NP; ++p)
+    for (int v = 0; v < 4; ++v) acc[p][v] = _mm512_setzero_si512();
+  const int8_t* a = g.a + m * g.lda;
+  const uint8_t* b = g.b + panel * g.K4 * kPanel * 4;
+  const int64_t ps = g.K4 * kPanel * 4;  // bytes between panels
+  for (int64_t k4 = 0; k4 < g.K4; ++k4, b += kPanel * 4) {
+    int32_t word;
+    __builtin_memcpy(&word, a + 4 * k4, 4);
+    const __m512i av = _mm512_set1_epi32(word);
+    for (int p = 0; p < NP; ++p)
+      for (int v = 0; v < 4; ++v) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + p * ps + kPrefetchB + v * 64), _MM_HINT_T1);
+        acc[p][v] = _mm512_dpbusd_epi32(acc[p][v], _mm512_loadu_si512(b + p * ps + v * 64), av);
+      }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_si512(c + p * kPanel + v * 16, acc[p][v]);
+}
+
+constexpr int kGemvPanels = 4;
+
+template <int NP>
+inline void gemv_any(const Gemm& g, int64_t m, int np, int64_t panel, int32_t* c) {
+  if constexpr (NP > 1) {
+    if (np < NP) return gemv_any<NP - 1>(g, m, np, panel, c);
+  }
+  gemv<NP>(g, m, panel, c);
+}
+#endif
+
 // Groups of 4 k per cache block: the block of a panel (kKc x 256 bytes, 128 KiB) stays in L2
 // while every micro-tile of the rows streams it (4 loads per 24 vpdpbusd, well within L2's
 // bandwidth); the int32 partial sums wait in `acc` between blocks. On Zen 4 at 2048^3, blocks of
@@ -423,6 +461,20 @@ constexpr int64_t kMaxRows = 16 * kMr;  // rows per call: int8.cpp's row tiles a
 template <typename O>
 void gemm(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   alignas(64) int32_t acc[kMaxRows * kPanel];
+#if FASTDL_VEC == 512
+  if (m1 - m0 == 1) {
+    for (int64_t panel = p0; panel < p1; panel += kGemvPanels) {
+      const int np = static_cast<int>(imin(kGemvPanels, p1 - panel));
+      gemv_any<kGemvPanels>(g, m0, np, panel, acc);
+      for (int p = 0; p < np; ++p) {
+        const int64_t n0 = (panel + p) * kPanel;
+        epilogue_row<O>(g, acc + p * kPanel, m0, n0, imin(kPanel, g.N - n0));
+      }
+    }
+    if (g.stream) _mm_sfence();
+    return;
+  }
+#endif
   for (int64_t mb = m0; mb < m1; mb += kMaxRows) {
     const int64_t me = imin(m1, mb + kMaxRows);
     for (int64_t panel = p0; panel < p1; ++panel) {

@@ -4,11 +4,8 @@
 // pointers only. Every op is deterministic: integer accumulation, and each output element is
 // computed by one thread in a fixed order.
 #include <algorithm>
-#include <atomic>
 #include <chrono>
-#include <memory>
 #include <optional>
-#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -31,8 +28,6 @@ constexpr std::initializer_list<c10::ScalarType> kOutDtypes = {at::kInt, at::kFl
                                                                at::kHalf};
 // Rows per parallel task of the row passes (quantization, A copy, row sums).
 constexpr int64_t kRowGrain = 16;
-// GEMM tiles per thread (see run_gemm).
-constexpr int64_t kTasksPerThread = 16;
 
 bool has_vnni() {
 #if defined(__x86_64__)
@@ -139,50 +134,52 @@ AOperand first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, co
 }
 
 // C = A x B over tiles of rows x panels, claimed by the threads as they finish. A tile's B panels
-// (at most 4 x K x 64 bytes) stay in L2 while the kernel walks its rows; panels are split first
-// and rows only as far as needed to give every thread kTasksPerThread tiles, so that B is read
-// from memory about once (M = 1 splits over panels only). Many tiles keep the wait at the end
-// short when one core is slowed (a shared machine): at 2048^3 with 4 tiles a thread, each tile
-// was an eighth of the product, and a core could wait up to that long at the end.
+// (at most 4 x K x 64 bytes) stay in L2 while the kernel walks its rows; rows are split only as
+// far as needed to give every thread a few tiles, so that B is read from memory about once (M = 1
+// splits over panels only: tiles of 4 panels, which its kernel reads side by side).
 //
-// `lazy` (nullable) packs B on first use: the first thread to need a panel packs it while it is
-// about to be read (into its own L2), any other waits for it; no pass over B of its own.
-void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out, const PackB* lazy = nullptr) {
+// `unpacked` (nullable): B is not packed yet. Each tile then packs its own panels into a buffer of
+// its thread (which stays in L2, read right after) and runs on that window of columns: no packed
+// copy of the whole of B is written to memory and read back. At 2048^3 that was ~4% of the time.
+void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out, const PackB* unpacked = nullptr) {
   if (g.M == 0 || g.N == 0) return;
-  g.stream = g.M * g.N * (out == kOutI32 || out == kOutF32 ? 4 : 2) >= kStreamBytes;
+  const int64_t esize = out == kOutI32 || out == kOutF32 ? 4 : 2;
+  g.stream = g.M * g.N * esize >= kStreamBytes;
   const int64_t panels = int8_panels(g.N);
   const int64_t threads = at::get_num_threads();
-  // One row (a GEMV, bound by reading B): tiles of 4 panels, which the kernel reads side by side.
-  const int64_t tasks = (g.M == 1 ? 4 : kTasksPerThread) * threads;
   int64_t pb = 4;
-  while (pb > 1 && (panels + pb - 1) / pb < tasks) pb /= 2;
+  while (pb > 1 && (panels + pb - 1) / pb < 4 * threads) pb /= 2;
   const int64_t panel_tiles = (panels + pb - 1) / pb;
-  const int64_t splits = std::max<int64_t>(1, (tasks + panel_tiles - 1) / panel_tiles);
+  const int64_t splits = std::max<int64_t>(1, (4 * threads + panel_tiles - 1) / panel_tiles);
   const int64_t mb =
       std::max<int64_t>(t.mr, ((g.M + splits - 1) / splits + t.mr - 1) / t.mr * t.mr);
   const int64_t row_tiles = (g.M + mb - 1) / mb;
   const GemmFn fn = t.gemm[out];
-  // Per panel: 0 not packed, 1 being packed, 2 ready.
-  std::unique_ptr<std::atomic<uint8_t>[]> state(lazy ? new std::atomic<uint8_t>[panels]()
-                                                     : nullptr);
-  const auto ready = [&](int64_t p) {
-    uint8_t s = state[p].load(std::memory_order_acquire);
-    if (s == 2) return;
-    if (s == 0 && state[p].compare_exchange_strong(s, 1, std::memory_order_acquire)) {
-      t.pack_b(*lazy, p, p + 1);
-      state[p].store(2, std::memory_order_release);
-      return;
-    }
-    while (state[p].load(std::memory_order_acquire) != 2) std::this_thread::yield();
-  };
   parallel_claim(row_tiles * panel_tiles, 1, [&](const auto& claim) {
+    at::Tensor local;
+    if (unpacked != nullptr) local = at::empty({pb * g.K4 * kPanel * 4}, at::kByte);
     for (int64_t i0, i1; claim(i0, i1);)
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t m0 = i / panel_tiles * mb, p0 = i % panel_tiles * pb;
-        const int64_t p1 = std::min(panels, p0 + pb);
-        if (lazy != nullptr)
-          for (int64_t p = p0; p < p1; ++p) ready(p);
-        fn(g, m0, std::min(g.M, m0 + mb), p0, p1);
+        const int64_t m0 = i / panel_tiles * mb, m1 = std::min(g.M, m0 + mb);
+        const int64_t p0 = i % panel_tiles * pb, p1 = std::min(panels, p0 + pb);
+        if (unpacked == nullptr) {
+          fn(g, m0, m1, p0, p1);
+          continue;
+        }
+        // Columns [c0, c0 + w) of B and C as a problem of their own.
+        const int64_t c0 = p0 * kPanel, w = std::min(g.N, p1 * kPanel) - c0;
+        PackB pw = *unpacked;
+        pw.b += pw.nk ? c0 * pw.ld : c0;
+        pw.N = w;
+        pw.dst = local.data_ptr<uint8_t>();
+        t.pack_b(pw, 0, p1 - p0);
+        Gemm gw = g;
+        gw.b = pw.dst;
+        gw.N = w;
+        gw.out = static_cast<char*>(g.out) + c0 * esize;
+        if (g.b_scale != nullptr) gw.b_scale += c0;
+        if (g.bias != nullptr) gw.bias += c0;
+        fn(gw, m0, m1, 0, p1 - p0);
       }
   });
 }
@@ -195,12 +192,12 @@ at::Tensor pack(const Int8Kernels& t, const at::Tensor& b, bool nk) {
   return packed;
 }
 
-Gemm gemm_args(const AOperand& a, const at::Tensor& packed, int64_t M, int64_t N, int64_t K) {
+Gemm gemm_args(const AOperand& a, const uint8_t* packed, int64_t M, int64_t N, int64_t K) {
   Gemm g{};
   g.a = a.rows.data_ptr<int8_t>();
   g.lda = a.lda;
   g.a_rowsum = a.rowsum.data_ptr<int32_t>();
-  g.b = packed.data_ptr<uint8_t>();
+  g.b = packed;
   g.M = M;
   g.N = N;
   g.K4 = int8_k4(K);
@@ -271,17 +268,16 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b,
   // B as given, or (a transposed view) as the (N, K) rows it views: both pack without a copy.
   const bool nk = b.stride(0) == 1 && b.stride(1) != 1;
   const at::Tensor bc = nk ? b.t() : (b.stride(1) == 1 ? b : b.contiguous());
-  at::Tensor packed = new_output({int8_packed_bytes(K, N)}, b.options().dtype(at::kByte));
-  const PackB pack_b{bc.data_ptr<int8_t>(), bc.stride(0), nk, K, N, packed.data_ptr<uint8_t>()};
+  const PackB unpacked{bc.data_ptr<int8_t>(), bc.stride(0), nk, K, N, nullptr};
   const AOperand ao = first_pass(t, rows_view(a), nullptr, nullptr);
   const auto as = as_float(a_scale), bs = as_float(b_scale), bi = as_float(bias);
-  Gemm g = gemm_args(ao, packed, M, N, K);
+  Gemm g = gemm_args(ao, nullptr, M, N, K);
   g.a_scale = ptr(as);
   g.b_scale = ptr(bs);
   g.bias = ptr(bi);
   g.out = out.data_ptr();
   g.ldo = N;
-  run_gemm(t, g, out_index(out_dtype), &pack_b);
+  run_gemm(t, g, out_index(out_dtype), &unpacked);
   return out;
 }
 
@@ -330,7 +326,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const auto ws = as_float(w_scale), bi = as_float(bias);
   // With outliers, the int8 part is summed in float32 with the floating-point part, then rounded.
   at::Tensor out = new_output({M, N}, x.options().dtype(split ? at::kFloat : x.scalar_type()));
-  Gemm g = gemm_args(ao, w_packed, M, N, K);
+  Gemm g = gemm_args(ao, w_packed.data_ptr<uint8_t>(), M, N, K);
   g.a_scale = scale.data_ptr<float>();
   g.b_scale = ptr(ws);
   g.bias = ptr(bi);

@@ -296,8 +296,9 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, int64_t m, int64_t n
 
 #if FASTDL_VEC == 512
 constexpr int kMr = 6;
-constexpr int kLanes = 16;  // int32 columns per vector
-constexpr int64_t kPrefetchB = 16384;
+constexpr int kLanes = 16;             // int32 columns per vector
+constexpr int64_t kPrefetchB = 16384;  // bytes ahead: B from memory into L2
+constexpr int64_t kPrefetchL1 = 2048;  // bytes ahead: B from L2 into L1 (8 k groups)
 
 // MR rows x 16 * NV columns of panel `panel`, rows from m; raw int32 sums into c ([MR][64]).
 template <int MR, int NV>
@@ -313,9 +314,12 @@ inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k
     __m512i bv[NV];
     for (int v = 0; v < NV; ++v) {
       // B streams from L3 or memory on the first row tile of each k block (small M is bound by
-      // that stream): fetched into L2 kPrefetchB bytes ahead. A prefetch past the buffer's end
-      // never faults; on the later row tiles it hits L2 and costs one instruction.
+      // that stream): fetched into L2 kPrefetchB bytes ahead; on the later row tiles it hits L2
+      // and costs one instruction. Every row tile reads B from L2 (a panel's k block is larger
+      // than L1): fetched into L1 kPrefetchL1 bytes ahead, which made 2048^3 ~5% faster. A
+      // prefetch past the buffer's end never faults.
       _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchB + v * 64), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchL1 + v * 64), _MM_HINT_T0);
       bv[v] = _mm512_loadu_si512(b + v * 64);
     }
     for (int r = 0; r < MR; ++r) {

@@ -22,6 +22,9 @@ constexpr int kMr = 6, kNv = 2;
 constexpr int kMr = 4, kNv = 2;
 #endif
 constexpr int64_t kNr = kNv * VecF::W;
+// Rows of the B panel ahead of the one read that are fetched into L1: a panel's kc rows come from
+// L2 on every row tile (they outgrow L1); the hardware prefetchers alone left FMAs waiting.
+constexpr int64_t kPrefetchRows = 8;
 
 // C tile (MR rows x the `cols` <= NV * W columns at c) = alpha * A-rows * bp + beta * C over kc
 // values of k. A element (r, k) is a[k * kMr + r] when packed, else a[r * lda + k].
@@ -33,6 +36,8 @@ inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, floa
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = VecF::zero();
   for (int64_t k = 0; k < kc; ++k, bp += kNr) {
+    for (int64_t l = 0; l < kNr * 4 / 64; ++l)
+      __builtin_prefetch(bp + kPrefetchRows * kNr + l * 16);
     VecF b[NV];
     for (int v = 0; v < NV; ++v) b[v] = VecF::load(bp + v * W);
     for (int r = 0; r < MR; ++r) {

@@ -3,6 +3,8 @@ int32 products exactly equal to int64 ones, the fused epilogue against float64, 
 kernels under every ISA, odd/empty/non-contiguous shapes, opcheck, torch.compile and every bad
 input of the issue."""
 
+import time
+
 import pytest
 import torch
 from conftest import NATIVE_CPU
@@ -229,6 +231,20 @@ def test_packed_weight_any_isa(backend):
             assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), isa
     finally:
         fastdl.set_cpu_isa(before)
+
+
+@pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
+def test_peak_loop(backend, isa):
+    # bench/'s int8 peak: measured on the VNNI kernels only, and above what their GEMM reaches.
+    peak = _ext._C._int8_peak_gops()
+    if isa != "avx512" or "avx512_vnni" not in open("/proc/cpuinfo").read():
+        assert peak == 0
+        return
+    a, b = randint8(384, 2048), randint8(2048, 384)
+    fastdl.int8_matmul(a, b)
+    t0 = time.perf_counter()
+    fastdl.int8_matmul(a, b)
+    assert peak > 2 * 384 * 384 * 2048 / (time.perf_counter() - t0) / 1e9 / 2
 
 
 @pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)

@@ -91,8 +91,8 @@ struct Int8Kernels {
   PeakLoop peak;  // run is null where no peak is measured (AVX2, scalar)
 };
 
-// GOP/s of Int8Kernels::peak on every thread, for the current ISA's table (the best of a few
-// tries of ~7 ms); 0 where it has none. Defined in csrc/cpu/int8.cpp.
+// GOP/s of Int8Kernels::peak on every thread, for the current ISA's table (the sum of each
+// thread's best of a few tries of ~7 ms); 0 where it has none. Defined in csrc/cpu/int8.cpp.
 double int8_peak_gops();
 
 // One table per ISA, defined in csrc/cpu/isa/{avx512,avx2,scalar}.cpp. The AVX-512 one needs

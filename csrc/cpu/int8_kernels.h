@@ -158,7 +158,7 @@ inline void pack_words_64(const int8_t* b0, const int8_t* b1, const int8_t* b2, 
   const __m512i words[4] = {
       _mm512_shuffle_i32x4(lo01, lo23, 0x88), _mm512_shuffle_i32x4(lo01, lo23, 0xdd),
       _mm512_shuffle_i32x4(hi01, hi23, 0x88), _mm512_shuffle_i32x4(hi01, hi23, 0xdd)};
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(kBOffset));
   for (int v = 0; v < 4; ++v) _mm512_storeu_si512(d + 16 * v, _mm512_xor_si512(words[v], flip));
 }
 #endif
@@ -166,13 +166,13 @@ inline void pack_words_64(const int8_t* b0, const int8_t* b1, const int8_t* b2, 
 // Each (k group, column) of a panel is one 32-bit word of 4 bytes: built from 4 rows of B read
 // along n (a (K, N) B), or read whole from a row of a (N, K) B. Every byte XOR 0x80 is b + 128.
 inline void pack_b(const PackB& p, int64_t p0, int64_t p1) {
-  constexpr uint32_t kFlip = 0x80808080u;
+  constexpr uint32_t kFlip = 0x01010101u * kBOffset;  // each byte: + 128 mod 256
   const int64_t K = p.K, K4 = int8_k4(K), ld = p.ld;
   uint32_t* out = reinterpret_cast<uint32_t*>(p.dst);
   const int64_t n_end = imin(p.N, p1 * kPanel);
   for (int64_t panel = p0; panel < p1; ++panel)
     if (panel * kPanel + kPanel > p.N)  // columns past N: zeros
-      __builtin_memset(out + panel * K4 * kPanel, 0x80, K4 * kPanel * 4);
+      __builtin_memset(out + panel * K4 * kPanel, kBOffset, K4 * kPanel * 4);
   if (p.nk) {
     for (int64_t n = p0 * kPanel; n < n_end; ++n) {
       const int8_t* src = p.b + n * ld;
@@ -462,23 +462,9 @@ inline void gemv_any(const Gemm& g, int64_t m, int np, int64_t panel, int32_t* c
 constexpr int64_t kKc = 512;
 constexpr int64_t kMaxRows = 16 * kMr;  // rows per call: int8.cpp's row tiles are at most this
 
+// Rows [m0, m1) x panels [p0, p1), blocked as above; acc holds kMaxRows x kPanel sums.
 template <typename O>
-void gemm(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  alignas(64) int32_t acc[kMaxRows * kPanel];
-#if FASTDL_VEC == 512
-  if (m1 - m0 == 1) {
-    for (int64_t panel = p0; panel < p1; panel += kGemvPanels) {
-      const int np = static_cast<int>(imin(kGemvPanels, p1 - panel));
-      gemv_any<kGemvPanels>(g, m0, np, panel, acc);
-      for (int p = 0; p < np; ++p) {
-        const int64_t n0 = (panel + p) * kPanel;
-        epilogue_row<O>(g, acc + p * kPanel, m0, n0, imin(kPanel, g.N - n0));
-      }
-    }
-    if (g.stream) _mm_sfence();
-    return;
-  }
-#endif
+void gemm_blocked(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int32_t* acc) {
   for (int64_t mb = m0; mb < m1; mb += kMaxRows) {
     const int64_t me = imin(m1, mb + kMaxRows);
     for (int64_t panel = p0; panel < p1; ++panel) {
@@ -498,6 +484,32 @@ void gemm(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
       }
     }
   }
+}
+
+#if FASTDL_VEC == 512
+// Row m x panels [p0, p1), kGemvPanels at a time.
+template <typename O>
+void gemm_one_row(const Gemm& g, int64_t m, int64_t p0, int64_t p1, int32_t* acc) {
+  for (int64_t panel = p0; panel < p1; panel += kGemvPanels) {
+    const int np = static_cast<int>(imin(kGemvPanels, p1 - panel));
+    gemv_any<kGemvPanels>(g, m, np, panel, acc);
+    for (int p = 0; p < np; ++p) {
+      const int64_t n0 = (panel + p) * kPanel;
+      epilogue_row<O>(g, acc + p * kPanel, m, n0, imin(kPanel, g.N - n0));
+    }
+  }
+}
+#endif
+
+template <typename O>
+void gemm(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  alignas(64) int32_t acc[kMaxRows * kPanel];
+#if FASTDL_VEC == 512
+  if (m1 - m0 == 1)
+    gemm_one_row<O>(g, m0, p0, p1, acc);
+  else
+#endif
+    gemm_blocked<O>(g, m0, m1, p0, p1, acc);
 #if FASTDL_VEC == 512
   if (g.stream) _mm_sfence();  // the streamed stores done before the caller's threads join
 #endif

@@ -133,6 +133,14 @@ AOperand first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, co
   return a;
 }
 
+// This thread's buffer for the B panels of one tile, grown once: a fresh allocation per call
+// (hundreds of KiB, from mmap) paid a page fault and the zeroing of each page, every call.
+uint8_t* pack_workspace(int64_t bytes) {
+  thread_local std::vector<uint8_t> work;
+  if (work.size() < static_cast<size_t>(bytes)) work.resize(bytes);
+  return work.data();
+}
+
 // C = A x B over tiles of rows x panels, claimed by the threads as they finish. A tile's B panels
 // (at most 4 x K x 64 bytes) stay in L2 while the kernel walks its rows; rows are split only as
 // far as needed to give every thread a few tiles, so that B is read from memory about once (M = 1
@@ -156,8 +164,7 @@ void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out, const PackB* unpacked =
   const int64_t row_tiles = (g.M + mb - 1) / mb;
   const GemmFn fn = t.gemm[out];
   parallel_claim(row_tiles * panel_tiles, 1, [&](const auto& claim) {
-    at::Tensor local;
-    if (unpacked != nullptr) local = at::empty({pb * g.K4 * kPanel * 4}, at::kByte);
+    uint8_t* local = unpacked != nullptr ? pack_workspace(pb * g.K4 * kPanel * 4) : nullptr;
     for (int64_t i0, i1; claim(i0, i1);)
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m0 = i / panel_tiles * mb, m1 = std::min(g.M, m0 + mb);
@@ -171,7 +178,7 @@ void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out, const PackB* unpacked =
         PackB pw = *unpacked;
         pw.b += pw.nk ? c0 * pw.ld : c0;
         pw.N = w;
-        pw.dst = local.data_ptr<uint8_t>();
+        pw.dst = local;
         t.pack_b(pw, 0, p1 - p0);
         Gemm gw = g;
         gw.b = pw.dst;

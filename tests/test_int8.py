@@ -3,6 +3,7 @@ int32 products exactly equal to int64 ones, the fused epilogue against float64, 
 kernels under every ISA, odd/empty/non-contiguous shapes, opcheck, torch.compile and every bad
 input of the issue."""
 
+import pathlib
 import time
 
 import pytest
@@ -237,7 +238,7 @@ def test_packed_weight_any_isa(backend):
 def test_peak_loop(backend, isa):
     # bench/'s int8 peak: measured on the VNNI kernels only, and above what their GEMM reaches.
     peak = _ext._C._int8_peak_gops()
-    if isa != "avx512" or "avx512_vnni" not in open("/proc/cpuinfo").read():
+    if isa != "avx512" or "avx512_vnni" not in pathlib.Path("/proc/cpuinfo").read_text():
         assert peak == 0
         return
     a, b = randint8(384, 2048), randint8(2048, 384)

@@ -321,8 +321,8 @@ inline A leaky(A z, A slope) {
 // kPrefetch entries ahead, across rows up to `ahead`.
 template <typename A>
 inline void gat_row_scores(const int64_t* col, int64_t e0, int64_t e1, int64_t ahead,
-                           const A* a_src, const A* ad, A* alpha, int64_t H, int64_t k0,
-                           int64_t nk, A slope, A* m) {
+                           const A* a_src, const A* ad, A* alpha, int64_t H, int64_t k0, int64_t nk,
+                           A slope, A* m) {
   using V = Vec<A>;
   if (nk <= V::W) {
     const V d = ld<V>(ad + k0, nk), sl = V::set1(slope);

@@ -7,10 +7,10 @@
 //    multiple of 4 (the caller's own rows when K is one already). Their int32 row sums go along.
 //  - the packed B: panels of kPanel = 64 columns; panel p holds, for each group of 4 k, the 4
 //    bytes of each of its 64 columns ([p][k/4][64][4]), each byte b + kBOffset as unsigned (b XOR
-//    0x80), b = 0 (the byte 0x80) in the padding past K and N. VNNI's vpdpbusd multiplies unsigned by signed bytes:
-//    B is its unsigned operand, A (broadcast) the signed one, and the kernels subtract
-//    kBOffset * rowsum(A) from each row. Every ISA's kernels read this one layout, so a weight
-//    packed once stays valid whatever set_cpu_isa picks later.
+//    0x80), b = 0 (the byte 0x80) in the padding past K and N. VNNI's vpdpbusd multiplies unsigned
+//    by signed bytes: B is its unsigned operand, A (broadcast) the signed one, and the kernels
+//    subtract kBOffset * rowsum(A) from each row. Every ISA's kernels read this one layout, so a
+//    weight packed once stays valid whatever set_cpu_isa picks later.
 #pragma once
 
 #include <cstdint>

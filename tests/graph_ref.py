@@ -77,3 +77,27 @@ def gat_ref(edge_index, n, h, att_src, att_dst, slope=0.2):
 def sddmm_ref(edge_index, a, b):
     src, dst = edge_index
     return (a[src] * b[dst]).sum(-1)
+
+
+def leaf(t, dtype):
+    return t.to(dtype).requires_grad_(True)
+
+
+def run_grads(fn, inputs, grad_out):
+    out = fn(*inputs)
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(out, wrt, grad_out.to(out.dtype), allow_unused=True)
+    return out, grads
+
+
+def compare(fast, ref, inputs, grad_out, dtype, what):
+    out, grads = run_grads(fast, inputs, grad_out)
+    ref_inputs = [
+        t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+        for t in inputs
+    ]
+    rout, rgrads = run_grads(ref, ref_inputs, grad_out.double())
+    assert out.dtype == dtype
+    close(out, rout, dtype, f"{what} out")
+    for k, (g, rg) in enumerate(zip(grads, rgrads, strict=True)):
+        close(g, rg, dtype, f"{what} grad {k}")

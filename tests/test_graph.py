@@ -6,7 +6,16 @@ runs on every backend (Triton through the interpreter on small graphs)."""
 import pytest
 import torch
 from conftest import cases
-from graph_ref import close, gat_ref, gcn_ref, random_graph, sddmm_ref, spmm_ref
+from graph_ref import (
+    close,
+    compare,
+    gat_ref,
+    gcn_ref,
+    leaf,
+    random_graph,
+    sddmm_ref,
+    spmm_ref,
+)
 
 import fastdl
 from fastdl import Graph
@@ -15,30 +24,6 @@ from fastdl import Graph
 SHAPES = [(5, 0, (3,)), (40, 200, (64,)), (33, 150, (37,)), (9, 40, (2, 5)), (20, 90, (150,))]
 SMALL = [(5, 0, (3,)), (9, 40, (2, 5)), (12, 50, (37,))]
 REDUCES = ["sum", "mean", "max", "min"]
-
-
-def _leaf(t, dtype):
-    return t.to(dtype).requires_grad_(True)
-
-
-def _run(fn, inputs, grad_out):
-    out = fn(*inputs)
-    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    grads = torch.autograd.grad(out, wrt, grad_out.to(out.dtype), allow_unused=True)
-    return out, grads
-
-
-def _compare(fast, ref, inputs, grad_out, dtype, what):
-    out, grads = _run(fast, inputs, grad_out)
-    ref_inputs = [
-        t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
-        for t in inputs
-    ]
-    rout, rgrads = _run(ref, ref_inputs, grad_out.double())
-    assert out.dtype == dtype
-    close(out, rout, dtype, f"{what} out")
-    for k, (g, rg) in enumerate(zip(grads, rgrads, strict=True)):
-        close(g, rg, dtype, f"{what} grad {k}")
 
 
 @pytest.mark.parametrize(
@@ -53,8 +38,8 @@ def test_spmm(backend, dtype, case):
     reduce, weighted, n, e, f = case
     ei = random_graph(n, e)
     g = Graph.from_edge_index(ei, n)
-    x = _leaf(torch.randn(n, *f), dtype)
-    w = _leaf(torch.rand(e) + 0.5, dtype) if weighted else None
+    x = leaf(torch.randn(n, *f), dtype)
+    w = leaf(torch.rand(e) + 0.5, dtype) if weighted else None
     grad = torch.randn(n, *f)
     if reduce in ("max", "min") and dtype != torch.float32 and dtype != torch.float64:
         # bfloat16/float16 ties make the max's edge ambiguous: values only (the gradient routing is
@@ -65,7 +50,7 @@ def test_spmm(backend, dtype, case):
         )
         close(out, ref, dtype, "spmm max bf16")
         return
-    _compare(
+    compare(
         lambda x, w: fastdl.spmm(g, x, w, reduce),
         lambda x, w: spmm_ref(ei, n, x, w, reduce),
         [x, w],
@@ -128,7 +113,7 @@ def test_gcn_aggregate(backend, dtype, case):
     variant, n, e, f = case
     ei = random_graph(n, e, self_loops=False)
     g = Graph.from_edge_index(ei, n)
-    x = _leaf(torch.randn(n, *f), dtype)
+    x = leaf(torch.randn(n, *f), dtype)
     grad = torch.randn(n, *f)
     w = (torch.rand(e) + 0.5).to(dtype) if variant == "weighted" else None
     eps_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -142,7 +127,7 @@ def test_gcn_aggregate(backend, dtype, case):
         wr = None if w is None else w.double()
         return gcn_ref(ei, n, x.reshape(n, -1), wr, eps, fill).reshape(x.shape)
 
-    _compare(fast, ref, [x, eps], grad, dtype, f"gcn {variant}")
+    compare(fast, ref, [x, eps], grad, dtype, f"gcn {variant}")
 
 
 @pytest.mark.parametrize(
@@ -168,11 +153,11 @@ def test_gat_aggregate(backend, dtype, case):
     loops = torch.arange(nodes).expand(2, nodes)
     ei = torch.cat([ei, loops], 1)
     g = Graph.from_edge_index(ei, nodes)
-    h = _leaf(torch.randn(nodes, heads, f), dtype)
-    att_src = _leaf(torch.randn(1, heads, f) * 0.5, dtype)
-    att_dst = _leaf(torch.randn(1, heads, f) * 0.5, dtype)
+    h = leaf(torch.randn(nodes, heads, f), dtype)
+    att_src = leaf(torch.randn(1, heads, f) * 0.5, dtype)
+    att_dst = leaf(torch.randn(1, heads, f) * 0.5, dtype)
     grad = torch.randn(nodes, heads, f)
-    _compare(
+    compare(
         lambda h, s, d: fastdl.gat_aggregate(g, h, s, d, 0.2),
         lambda h, s, d: gat_ref(ei, nodes, h, s, d, 0.2),
         [h, att_src, att_dst],
@@ -218,10 +203,10 @@ def test_sddmm(backend, dtype, case):
     n, e, f = case
     ei = random_graph(n, e, seed=8)
     g = Graph.from_edge_index(ei, n)
-    a, b = _leaf(torch.randn(n, *f), dtype), _leaf(torch.randn(n, *f), dtype)
+    a, b = leaf(torch.randn(n, *f), dtype), leaf(torch.randn(n, *f), dtype)
     if a.dim() != 2:
-        a, b = (_leaf(t.detach().reshape(n, -1), dtype) for t in (a, b))
-    _compare(
+        a, b = (leaf(t.detach().reshape(n, -1), dtype) for t in (a, b))
+    compare(
         lambda a, b: fastdl.sddmm(g, a, b),
         lambda a, b: sddmm_ref(ei, a, b),
         [a, b],

@@ -4,7 +4,7 @@ object, and every bad input of issue 6 answered with a clear error."""
 
 import pytest
 import torch
-from graph_ref import random_graph, spmm_ref
+from graph_ref import compare, gcn_ref, leaf, random_graph, run_grads, sddmm_ref, spmm_ref
 
 import fastdl
 from fastdl import Graph, _ext
@@ -164,6 +164,69 @@ def test_every_isa(isa):
             out = fastdl.spmm(g, x, reduce="sum")
             ref = spmm_ref(ei, n, x.double())
             assert (out.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    finally:
+        fastdl.set_cpu_isa(best)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_windows(monkeypatch, isa, dtype):
+    # The C++ sums in passes over windows of the gathered rows when those exceed a cache budget
+    # (forced here to 3 passes over x's 600 x 24 elements): a hub row longer than a window
+    # row (all in the first pass), isolated nodes, weights, mean, GCN's scalings and diagonal,
+    # SDDMM's backward and the backward passes over the transpose, against float64 references.
+    n, e = 600, 6000
+    ei = random_graph(n, e, skew=True, seed=11)
+    ei = torch.cat([ei, torch.stack([torch.arange(300), torch.full((300,), 7)])], 1)
+    ei = ei[:, ei[1] != 5]  # node 5 isolated
+    g = Graph.from_edge_index(ei, n)
+    assert g.in_degree().max() > 256 and g.in_degree()[5] == 0
+    x, y = torch.randn(n, 24, dtype=dtype), torch.randn(n, 24, dtype=dtype)
+    w = torch.rand(ei.shape[1], dtype=dtype) + 0.5
+    grad = torch.randn(n, 24)
+
+    def run():
+        outs = []
+        for reduce, wt in (("sum", None), ("sum", w), ("mean", w)):
+            inputs = [leaf(x, dtype), None if wt is None else leaf(wt, dtype)]
+            compare(
+                lambda a, b, r=reduce: fastdl.spmm(g, a, b, r),
+                lambda a, b, r=reduce: spmm_ref(ei, n, a, b, r),
+                inputs,
+                grad,
+                dtype,
+                f"windowed spmm {reduce}",
+            )
+            out, grads = run_grads(lambda a, b, r=reduce: fastdl.spmm(g, a, b, r), inputs, grad)
+            outs += [out, *grads]
+        eps = torch.tensor([0.3], dtype=dtype, requires_grad=True)
+        compare(
+            lambda a, b: fastdl.gcn_aggregate(g, a, eps=b),
+            lambda a, b: gcn_ref(ei, n, a, None, b, 1.0),
+            [leaf(x, dtype), eps],
+            grad,
+            dtype,
+            "windowed gcn",
+        )
+        compare(
+            lambda a, b: fastdl.sddmm(g, a, b),
+            lambda a, b: sddmm_ref(ei, a, b),
+            [leaf(x, dtype), leaf(y, dtype)],
+            torch.randn(ei.shape[1]),
+            dtype,
+            "windowed sddmm",
+        )
+        return outs
+
+    best = _ext._C.cpu_isa()
+    try:
+        fastdl.set_cpu_isa(isa)
+        monkeypatch.setenv("FASTDL_GATHER_WINDOW_KB", str(20 * x.element_size() // 4))
+        windowed = run()
+        assert all(torch.equal(a, b) for a, b in zip(windowed, run(), strict=True))  # deterministic
+        monkeypatch.delenv("FASTDL_GATHER_WINDOW_KB")
+        # One pass sums in another order: the windows were in force above.
+        assert not all(torch.equal(a, b) for a, b in zip(windowed, run(), strict=True))
     finally:
         fastdl.set_cpu_isa(best)
 

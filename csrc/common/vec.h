@@ -143,6 +143,12 @@ ArrVec<A, N> where_pos(ArrVec<A, N> y, ArrVec<A, N> g) {
   for (int i = 0; i < N; ++i) g.v[i] = y.v[i] > A(0) ? g.v[i] : A(0);
   return g;
 }
+// a where y > 0, else b (NaN y takes b).
+template <typename A, int N>
+ArrVec<A, N> where_pos(ArrVec<A, N> y, ArrVec<A, N> a, ArrVec<A, N> b) {
+  for (int i = 0; i < N; ++i) b.v[i] = y.v[i] > A(0) ? a.v[i] : b.v[i];
+  return b;
+}
 
 #if FASTDL_VEC == 512
 
@@ -205,6 +211,9 @@ inline VecF relu(VecF a) {
 }
 inline VecF where_pos(VecF y, VecF g) {
   return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_GT_OQ), g.v)};
+}
+inline VecF where_pos(VecF y, VecF a, VecF b) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_GT_OQ), b.v, a.v)};
 }
 
 #elif FASTDL_VEC == 256
@@ -282,6 +291,9 @@ inline VecF relu(VecF a) {
 }
 inline VecF where_pos(VecF y, VecF g) {
   return {_mm256_and_ps(g.v, _mm256_cmp_ps(y.v, _mm256_setzero_ps(), _CMP_GT_OQ))};
+}
+inline VecF where_pos(VecF y, VecF a, VecF b) {
+  return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(y.v, _mm256_setzero_ps(), _CMP_GT_OQ))};
 }
 
 #else

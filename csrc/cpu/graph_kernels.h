@@ -13,7 +13,7 @@
 
 // Entries ahead whose gathered rows are prefetched: a few hundred cycles of memory latency
 // against roughly 20-40 cycles of work per entry and tile.
-constexpr int64_t kPrefetch = 8;
+constexpr int64_t kPrefetch = 32;
 // Features per tile of the scalar (max/min) kernels.
 constexpr int64_t kScalarTile = 64;
 
@@ -151,18 +151,51 @@ bool spmm_sum(const SpmmArgs& p, int64_t r0, int64_t r1) {
     A c = w != nullptr ? w[g.perm != nullptr ? g.perm[e] : e] : A(1);
     return cs != nullptr ? c * cs[g.col[e]] : c;
   };
+  const int64_t lo = p.col_lo, width = p.col_hi - lo, ahead = g.rowptr[r1];
+  const bool window = lo > 0 || p.col_hi < g.num_cols;
   for (int64_t i = r0; i < r1; ++i) {
     const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
     if (!entries_ok(g, e0, e1)) return false;
     const A scale = rs != nullptr ? rs[i] : A(1);
     const A d = ds != nullptr ? ds[i] : A(0);
     const T* xdi = ds != nullptr ? xd + i * F : nullptr;
+    T* o = out + i * F;
+    if (!window || e1 - e0 > kWindowRow) {
+      if (lo > 0) continue;  // whole in the first pass
+      gather_row<V>(
+          // The prefetch stays inside the row here: across rows it measured 0.91x (paired
+          // runs), while GAT's rows, with their softmax between the gathers, gain from it.
+          g.col, e0, e1, e1, x, F, F, [&](int64_t) { return coef; },
+          [&](int64_t f0, int64_t n, const V(&acc)[4]) {
+            store_tile(o, acc, f0, n, scale, d, xdi);
+          });
+      continue;
+    }
+    // The row's entries in the window, packed without branches (the test is a coin flip);
+    // meanwhile the rows in the window of the entry kPrefetch ahead are prefetched (the
+    // others, the window's first row again): the packing between the rows' gathers leaves the
+    // out-of-order core fewer of them in flight.
+    int64_t wcol[kWindowRow], went[kWindowRow], n = 0;
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t c = g.col[e];
+      wcol[n] = c;
+      went[n] = e;
+      n += static_cast<uint64_t>(c - lo) < static_cast<uint64_t>(width);
+      if (e + kPrefetch < ahead) {
+        const int64_t c2 = g.col[e + kPrefetch];
+        prefetch_row(
+            x + (static_cast<uint64_t>(c2 - lo) < static_cast<uint64_t>(width) ? c2 : lo) * F, F);
+      }
+    }
+    if (n == 0 && lo > 0) continue;
+    const auto wcoef = [&](int64_t j) { return coef(went[j]); };
     gather_row<V>(
-        // The prefetch stays inside the row here: across rows it measured 0.91x (paired runs),
-        // while GAT's rows, with their softmax between the gathers, gain from it.
-        g.col, e0, e1, e1, x, F, F, [&](int64_t) { return coef; },
-        [&](int64_t f0, int64_t n, const V(&acc)[4]) {
-          store_tile(out + i * F, acc, f0, n, scale, d, xdi);
+        wcol, 0, n, n, x, F, F, [&](int64_t) { return wcoef; },
+        [&](int64_t f0, int64_t m, const V(&acc)[4]) {
+          if (lo == 0)
+            store_tile(o, acc, f0, m, scale, d, xdi);
+          else  // o + acc * scale
+            store_tile(o, acc, f0, m, scale, A(1), static_cast<const T*>(o));
         });
   }
   return true;
@@ -330,8 +363,7 @@ inline void gat_row_scores(const int64_t* col, int64_t e0, int64_t e1, int64_t a
     for (int64_t e = e0; e < e1; ++e) {
       if (e + kPrefetch < ahead) __builtin_prefetch(a_src + col[e + kPrefetch] * H + k0);
       const V z = ld<V>(a_src + col[e] * H + k0, nk) + d;
-      const V pos = where_pos(z, z);
-      const V v = fma(z - pos, sl, pos);  // z > 0 ? z : z * slope, both exact
+      const V v = where_pos(z, z, z * sl);
       st(alpha + e * H + k0, v, nk);
       mv = vmax(mv, v);
     }
@@ -465,6 +497,7 @@ bool gat_bwd_rows(const GatArgs& p, int64_t r0, int64_t r1) {
     for (int64_t k = 0; k < H; ++k) t[k] = A(0);
     for (int64_t e = e0; e < e1; ++e) {
       prefetch_ahead(g.col, e, ahead, h, H * F, 0, H * F);
+      prefetch_ahead(g.col, e, ahead, a_src, H, 0, H);  // for the second pass
       const T* hr = h + g.col[e] * H * F;
       for (int64_t k = 0; k < H; ++k) {
         A da = reduce<V>(F, [&](int64_t f, int64_t l) {
@@ -476,9 +509,23 @@ bool gat_bwd_rows(const GatArgs& p, int64_t r0, int64_t r1) {
       }
     }
     const A* ad = a_dst + i * H;
-    A gd[kHeadChunk];
     for (int64_t k0 = 0; k0 < H; k0 += kHeadChunk) {
       const int64_t nk = imin(kHeadChunk, H - k0);
+      if (nk <= V::W) {  // the heads of an entry as one vector, as in gat_row_scores
+        const V d = ld<V>(ad + k0, nk), tv = ld<V>(t + k0, nk), sl = V::set1(slope);
+        V gd = V::zero();
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t q = e * H + k0;
+          const V z = ld<V>(a_src + g.col[e] * H + k0, nk) + d;
+          V v = ld<V>(alpha + q, nk) * (ld<V>(dz + q, nk) - tv);
+          v = where_pos(z, v, v * sl);
+          st(dz + q, v, nk);
+          gd = gd + v;
+        }
+        st(t + k0, gd, nk);
+        continue;
+      }
+      A gd[kHeadChunk];
       for (int64_t k = 0; k < nk; ++k) gd[k] = A(0);
       for (int64_t e = e0; e < e1; ++e) {
         const A* as = a_src + g.col[e] * H + k0;

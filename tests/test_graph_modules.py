@@ -53,6 +53,36 @@ def test_gat_conv_reference():
         assert torch.allclose(layer(x, ei), ref)
 
 
+def test_bias_in_place_grad_compile_and_promotion():
+    # GCNConv/GATConv add their bias in place on the aggregation's output: gradients to every
+    # parameter and the input as with a fresh sum, the same under torch.compile(fullgraph), and
+    # a float32 bias on a bfloat16 output still promotes the result to float32.
+    g = Graph.from_edge_index(_edge_index(), N)
+    for layer in (fastdl.nn.GCNConv(8, 5), fastdl.nn.GATConv(8, 3, heads=2)):
+        torch.nn.init.normal_(layer.bias)
+        x = torch.randn(N, 8, requires_grad=True)
+        out = layer(x, g)
+        params = [x, *layer.parameters()]
+        grads = torch.autograd.grad(out.square().sum(), params)
+        layer.bias.data.zero_()
+        plain = layer(x, g).detach()
+        torch.nn.init.normal_(layer.bias, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(layer(x, g), plain + layer.bias, atol=1e-6)
+        compiled = torch.compile(lambda x, layer=layer: layer(x, g), fullgraph=True)
+        out_c = compiled(x)
+        assert torch.allclose(out_c, layer(x, g), atol=1e-5)
+        grads_c = torch.autograd.grad(out_c.square().sum(), params)
+        grads_e = torch.autograd.grad(layer(x, g).square().sum(), params)
+        for a, b in zip(grads_c, grads_e, strict=True):
+            assert torch.allclose(a, b, atol=1e-4)
+        assert all(gr is not None and gr.abs().sum() > 0 for gr in grads)
+        xb = torch.randn(N, 8).bfloat16()
+        assert layer.bfloat16()(xb, g).dtype == torch.bfloat16
+        layer.lin.bfloat16()
+        layer.bias.data = layer.bias.data.float()
+        assert layer(xb, g).dtype == torch.float32
+
+
 def test_sage_and_gin_reference():
     ei = _edge_index()
     x = torch.randn(N, 6, dtype=torch.float64, requires_grad=True)

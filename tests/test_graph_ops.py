@@ -4,7 +4,17 @@ object, and every bad input of issue 6 answered with a clear error."""
 
 import pytest
 import torch
-from graph_ref import compare, gcn_ref, leaf, random_graph, run_grads, sddmm_ref, spmm_ref
+from graph_ref import (
+    close,
+    compare,
+    gat_ref,
+    gcn_ref,
+    leaf,
+    random_graph,
+    run_grads,
+    sddmm_ref,
+    spmm_ref,
+)
 
 import fastdl
 from fastdl import Graph, _ext
@@ -164,6 +174,19 @@ def test_every_isa(isa):
             out = fastdl.spmm(g, x, reduce="sum")
             ref = spmm_ref(ei, n, x.double())
             assert (out.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
+        # GAT forward and backward: heads of an entry as one vector (1 and 4 heads), and more
+        # heads than a vector's lanes (18).
+        for heads, f in ((1, 16), (4, 7), (18, 8)):
+            h = torch.randn(n, heads, f, dtype=torch.float64)
+            s, d = torch.randn(1, heads, f), torch.randn(1, heads, f)
+            compare(
+                lambda h, s, d: fastdl.gat_aggregate(g, h, s, d),
+                lambda h, s, d: gat_ref(ei, n, h, s, d),
+                [leaf(h, torch.float32), leaf(s, torch.float32), leaf(d, torch.float32)],
+                torch.randn(n, heads, f),
+                torch.float32,
+                f"gat {heads} heads",
+            )
     finally:
         fastdl.set_cpu_isa(best)
 
@@ -177,13 +200,15 @@ def test_gather_windows(monkeypatch, isa, dtype):
     # SDDMM's backward and the backward passes over the transpose, against float64 references.
     n, e = 600, 6000
     ei = random_graph(n, e, skew=True, seed=11)
-    ei = torch.cat([ei, torch.stack([torch.arange(300), torch.full((300,), 7)])], 1)
+    hub_in = torch.stack([torch.arange(300), torch.full((300,), 7)])  # a long CSR row
+    hub_out = torch.stack([torch.full((300,), 9), torch.arange(300, 600)])  # a long transposed row
+    ei = torch.cat([ei, hub_in, hub_out], 1)
     ei = ei[:, ei[1] != 5]  # node 5 isolated
     g = Graph.from_edge_index(ei, n)
-    assert g.in_degree().max() > 256 and g.in_degree()[5] == 0
+    assert g.in_degree().max() > 256 and g.out_degree().max() > 256 and g.in_degree()[5] == 0
     x, y = torch.randn(n, 24, dtype=dtype), torch.randn(n, 24, dtype=dtype)
     w = torch.rand(ei.shape[1], dtype=dtype) + 0.5
-    grad = torch.randn(n, 24)
+    grad, edge_grad = torch.randn(n, 24), torch.randn(ei.shape[1])
 
     def run():
         outs = []
@@ -200,22 +225,25 @@ def test_gather_windows(monkeypatch, isa, dtype):
             out, grads = run_grads(lambda a, b, r=reduce: fastdl.spmm(g, a, b, r), inputs, grad)
             outs += [out, *grads]
         eps = torch.tensor([0.3], dtype=dtype, requires_grad=True)
-        compare(
-            lambda a, b: fastdl.gcn_aggregate(g, a, eps=b),
-            lambda a, b: gcn_ref(ei, n, a, None, b, 1.0),
-            [leaf(x, dtype), eps],
-            grad,
-            dtype,
-            "windowed gcn",
-        )
-        compare(
-            lambda a, b: fastdl.sddmm(g, a, b),
-            lambda a, b: sddmm_ref(ei, a, b),
-            [leaf(x, dtype), leaf(y, dtype)],
-            torch.randn(ei.shape[1]),
-            dtype,
-            "windowed sddmm",
-        )
+        for fast, ref, inputs, g_out, what in (
+            (
+                lambda a, b: fastdl.gcn_aggregate(g, a, eps=b),
+                lambda a, b: gcn_ref(ei, n, a, None, b, 1.0),
+                [leaf(x, dtype), eps],
+                grad,
+                "windowed gcn",
+            ),
+            (
+                lambda a, b: fastdl.sddmm(g, a, b),
+                lambda a, b: sddmm_ref(ei, a, b),
+                [leaf(x, dtype), leaf(y, dtype)],
+                edge_grad,
+                "windowed sddmm",
+            ),
+        ):
+            compare(fast, ref, inputs, g_out, dtype, what)
+            out, grads = run_grads(fast, inputs, g_out)
+            outs += [out, *grads]
         return outs
 
     best = _ext._C.cpu_isa()
@@ -227,6 +255,13 @@ def test_gather_windows(monkeypatch, isa, dtype):
         monkeypatch.delenv("FASTDL_GATHER_WINDOW_KB")
         # One pass sums in another order: the windows were in force above.
         assert not all(torch.equal(a, b) for a, b in zip(windowed, run(), strict=True))
+        # Fewer rows to gather from than windows (3 rows of 4096 features, 6 windows' worth):
+        # a pass per row.
+        monkeypatch.setenv("FASTDL_GATHER_WINDOW_KB", str(8 * x.element_size() // 4))
+        ew = torch.tensor([[0, 1, 2] * 4 + [1], [0] * 3 + [1] * 3 + [2] * 7])
+        gw = Graph.from_edge_index(ew, 3)
+        xw = torch.randn(3, 4096, dtype=dtype)
+        close(fastdl.spmm(gw, xw), spmm_ref(ew, 3, xw.double()), dtype, "3 windows")
     finally:
         fastdl.set_cpu_isa(best)
 

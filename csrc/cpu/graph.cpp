@@ -191,6 +191,9 @@ at::Tensor inv_count(const Csr& c, const at::Tensor& x) {
 // 2M entries from one half of x alone took ~9 ms). Only while x is at most kMaxPasses windows
 // (each pass re-reads the entries and out); not for bfloat16 (out would round between passes).
 constexpr int64_t kMaxPasses = 4;
+// Graphs of a lower average degree run one pass: each pass also re-reads every output row,
+// which only enough gathers per row repay.
+constexpr int64_t kMinWindowDegree = 4;
 
 // The L3 a core shares, as Linux's sysfs reports it (glibc's sysconf can report the whole
 // package's: 320 MiB on the 32 MiB-per-CCD EPYC this was tuned on); 32 MiB when unknown.
@@ -213,14 +216,16 @@ int64_t l3_bytes() {
 int64_t window_bytes() {
   const char* env = std::getenv("FASTDL_GATHER_WINDOW_KB");
   const int64_t kib = env != nullptr ? std::atoll(env) : 0;
-  return kib > 0 ? kib << 10 : l3_bytes() / 2;
+  return kib > 0 ? std::min<int64_t>(kib, int64_t{1} << 30) << 10 : l3_bytes() / 2;
 }
 
 void spmm_sum_rows(const char* op, const Csr& c, SpmmArgs p, const at::Tensor& x) {
   const SpmmFn fn = kernels().spmm_sum[dtype_index(x)];
   const int64_t cols = p.g.num_cols, window = window_bytes();
-  int64_t passes = std::max<int64_t>(1, (x.numel() * x.element_size() + window - 1) / window);
-  if (passes > kMaxPasses || x.scalar_type() == at::kBFloat16) passes = 1;
+  int64_t passes = std::min(cols, (x.numel() * x.element_size() + window - 1) / window);
+  if (passes > kMaxPasses || passes < 1 || x.scalar_type() == at::kBFloat16 ||
+      c.nnz() < kMinWindowDegree * c.rows())
+    passes = 1;
   for (int64_t s = 0; s < passes; ++s) {
     p.col_lo = cols * s / passes;
     p.col_hi = cols * (s + 1) / passes;

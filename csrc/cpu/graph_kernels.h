@@ -6,15 +6,20 @@
 // "Design principles for sparse matrix multiplication on the GPU", 2018, and the CPU kernels of
 // pytorch_sparse): each output row is accumulated in registers over its entries and written
 // once, so there are no atomics and the result does not depend on the thread count. The gathered
-// rows are the latency-bound part: they are prefetched kPrefetch entries ahead, by the GAT
-// kernels across row boundaries too (a row has ~20 entries in a typical graph; inside the row
-// only, its first kPrefetch gathers wait on memory after the row's softmax). Features are cut into
-// tiles of four vectors so the accumulators stay in registers.
+// rows are the latency-bound part: they are prefetched kPrefetch entries ahead, across row
+// boundaries by the GAT kernels (a row has ~20 entries in a typical graph; inside the row only,
+// its first gathers would wait on memory after the row's softmax) and by spmm's windowed passes,
+// inside the row by its one-pass sum (long rows only, then: the out-of-order core keeps a short
+// row's gathers in flight by itself) and, kPrefetchInRow ahead, by max/min. Features are cut
+// into tiles of four vectors so the accumulators stay in registers.
 
 // Entries ahead whose gathered rows are prefetched: several hundred cycles of memory latency
 // against ~10-40 cycles of work per entry. 16 and 32 ran the GAT passes 5-20% faster than 8
 // (paired runs on a noisy machine).
 constexpr int64_t kPrefetch = 32;
+// The scalar max/min loop's distance, inside the row: at kPrefetch a typical row would get no
+// prefetch at all (spmm max 77 -> 100 ms).
+constexpr int64_t kPrefetchInRow = 8;
 // Features per tile of the scalar (max/min) kernels.
 constexpr int64_t kScalarTile = 64;
 
@@ -135,6 +140,11 @@ inline void store_tile(T* out, const V (&acc)[4], int64_t f0, int64_t n, A scale
 
 // ---------------------------------------------------------------- spmm
 
+// lo <= c < lo + width, without overflow for any c.
+inline bool in_window(int64_t c, int64_t lo, int64_t width) {
+  return static_cast<uint64_t>(c) - static_cast<uint64_t>(lo) < static_cast<uint64_t>(width);
+}
+
 template <typename T>
 bool spmm_sum(const SpmmArgs& p, int64_t r0, int64_t r1) {
   using A = Acc<T>;
@@ -152,8 +162,9 @@ bool spmm_sum(const SpmmArgs& p, int64_t r0, int64_t r1) {
     A c = w != nullptr ? w[g.perm != nullptr ? g.perm[e] : e] : A(1);
     return cs != nullptr ? c * cs[g.col[e]] : c;
   };
+  // bfloat16 out would round between passes: all in the first pass whatever the window.
   const int64_t lo = p.col_lo, width = p.col_hi - lo, ahead = g.rowptr[r1];
-  const bool window = lo > 0 || p.col_hi < g.num_cols;
+  const bool window = !kIsBf16<T> && (lo > 0 || p.col_hi < g.num_cols);
   for (int64_t i = r0; i < r1; ++i) {
     const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
     if (!entries_ok(g, e0, e1)) return false;
@@ -164,9 +175,8 @@ bool spmm_sum(const SpmmArgs& p, int64_t r0, int64_t r1) {
     if (!window || e1 - e0 > kWindowRow) {
       if (lo > 0) continue;  // whole in the first pass
       gather_row<V>(
-          // The prefetch stays inside the row here (long rows only: the out-of-order core
-          // keeps a short row's gathers in flight by itself): across rows it measured 0.91x,
-          // while GAT's rows, with their softmax between the gathers, gain from it.
+          // The prefetch stays inside the row here: across rows it measured 0.91x, while
+          // GAT's rows, with their softmax between the gathers, gain from it.
           g.col, e0, e1, e1, x, F, F, [&](int64_t) { return coef; },
           [&](int64_t f0, int64_t n, const V(&acc)[4]) {
             store_tile(o, acc, f0, n, scale, d, xdi);
@@ -182,11 +192,10 @@ bool spmm_sum(const SpmmArgs& p, int64_t r0, int64_t r1) {
       const int64_t c = g.col[e];
       wcol[n] = c;
       went[n] = e;
-      n += static_cast<uint64_t>(c - lo) < static_cast<uint64_t>(width);
+      n += in_window(c, lo, width);
       if (e + kPrefetch < ahead) {
-        const int64_t c2 = g.col[e + kPrefetch];
-        prefetch_row(
-            x + (static_cast<uint64_t>(c2 - lo) < static_cast<uint64_t>(width) ? c2 : lo) * F, F);
+        const int64_t c2 = g.col[e + kPrefetch];  // not validated yet: a prefetch never faults
+        prefetch_row(x + (in_window(c2, lo, width) ? c2 : lo) * F, F);
       }
     }
     if (n == 0 && lo > 0) continue;
@@ -231,7 +240,7 @@ bool spmm_max(const SpmmArgs& p, int64_t r0, int64_t r1) {
         for (int64_t f = 0; f < n; ++f) best[f] = c0 * widen(x0[f]), arg[f] = e0;
       }
       for (int64_t e = e0 + 1; e < e1; ++e) {
-        if (e + kPrefetch < e1) prefetch_row(x + g.col[e + kPrefetch] * F + f0, n);
+        if (e + kPrefetchInRow < e1) prefetch_row(x + g.col[e + kPrefetchInRow] * F + f0, n);
         const A c = w != nullptr ? w[e] : A(1);
         const T* xr = x + g.col[e] * F + f0;
         for (int64_t f = 0; f < n; ++f) {
@@ -352,8 +361,8 @@ inline A leaky(A z, A slope) {
 // the max: it makes its head's whole softmax NaN anyway). Up to a vector of heads, an entry's
 // scores are one masked load (the source's scores are adjacent) and the running max stays in a
 // register: per head and entry, a chain through m in memory took half of the 4-head forward. The
-// sources' scores are gathered from an array larger than L2 for several heads: prefetched
-// kPrefetch entries ahead, across rows up to `ahead`.
+// sources' scores are gathered from an array larger than L2 for several heads: on that path,
+// prefetched kPrefetch entries ahead, across rows up to `ahead`.
 template <typename A>
 inline void gat_row_scores(const int64_t* col, int64_t e0, int64_t e1, int64_t ahead,
                            const A* a_src, const A* ad, A* alpha, int64_t H, int64_t k0, int64_t nk,

@@ -31,8 +31,9 @@ struct CsrView {
 // Every scalar pointer may be null (factor 1, or no diagonal term when ds is null).
 // spmm_sum runs in one pass or several (csrc/cpu/graph.cpp): a pass takes the entries whose
 // col lies in [col_lo, col_hi) of each row of at most kWindowRow entries, and the longer rows
-// whole in the pass at col_lo = 0; that pass writes out, the later ones add to it. One pass:
-// col_lo = 0, col_hi = num_cols.
+// whole in the pass at col_lo = 0; that pass writes out, the later ones add to it (so out,
+// rounded to T between passes, should be float or double). One pass: col_lo = 0, col_hi >=
+// num_cols.
 // The max/min variants take out[i, f] = max/min over e of w[e] * x[col e, f] (0 for empty rows)
 // and write arg_out[i, f] = the entry e attaining it (-1 for empty rows). Their backward to x
 // runs over the transpose (`col` = destination, `perm` = CSR entry) and adds w[p] * x[i, f]
@@ -49,7 +50,7 @@ struct SpmmArgs {
   void* out;           // T (rows, F)
   int64_t* arg_out;    // max/min forward: (rows, F)
   int64_t F;
-  int64_t col_lo, col_hi;  // spmm_sum's pass
+  int64_t col_lo = 0, col_hi = INT64_MAX;  // spmm_sum's pass; the default: one pass
 };
 
 // Rows longer than this go whole in spmm_sum's first pass (a pass gathers a row's entries of

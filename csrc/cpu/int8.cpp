@@ -133,12 +133,15 @@ AOperand first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, co
   return a;
 }
 
-// This thread's buffer for the B panels of one tile, grown once: a fresh allocation per call
-// (hundreds of KiB, from mmap) paid a page fault and the zeroing of each page, every call.
+// This thread's buffer for the B panels of one tile (4 x K x 64 bytes), 64-byte aligned: the
+// kernels' 64-byte loads of B must not straddle cache lines. Kept for the thread's life and grown
+// as needed (1 MiB at K = 4096), rather than a fresh allocation per call: hundreds of KiB from
+// mmap, a page fault and the zeroing of each page every call.
 uint8_t* pack_workspace(int64_t bytes) {
   thread_local std::vector<uint8_t> work;
-  if (work.size() < static_cast<size_t>(bytes)) work.resize(bytes);
-  return work.data();
+  if (work.size() < static_cast<size_t>(bytes + 63)) work.resize(bytes + 63);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(work.data());
+  return reinterpret_cast<uint8_t*>((p + 63) / 64 * 64);
 }
 
 // C = A x B over tiles of rows x panels, claimed by the threads as they finish. A tile's B panels

@@ -22,9 +22,13 @@ def _graph(edge_index, num_nodes: int) -> Graph:
 
 
 def _add_bias(out: torch.Tensor, bias) -> torch.Tensor:
-    # In place: out is the aggregation's fresh output, which its backward does not read; a new
-    # tensor would cost a page-faulted allocation of the whole output (~7% of a GAT forward).
-    return out if bias is None else out.add_(bias)
+    # In place when the dtypes agree: out is the aggregation's fresh output, which its backward
+    # does not read, and a new tensor cost a page-faulted allocation of the whole output (~7% of
+    # a GAT forward). Otherwise out + bias, which promotes as torch does (a bfloat16 out and a
+    # float32 bias give float32).
+    if bias is None:
+        return out
+    return out.add_(bias) if out.dtype == bias.dtype else out + bias
 
 
 def _glorot(t: torch.Tensor) -> None:

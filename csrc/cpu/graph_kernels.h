@@ -145,6 +145,31 @@ inline bool in_window(int64_t c, int64_t lo, int64_t width) {
   return static_cast<uint64_t>(c) - static_cast<uint64_t>(lo) < static_cast<uint64_t>(width);
 }
 
+// The entries e of [e0, e1) whose col lies in the window, in order: their col to wcol, e to
+// went (each with room for 8 past the count); returns the count.
+inline int64_t pack_window(const int64_t* col, int64_t e0, int64_t e1, int64_t lo, int64_t width,
+                           int64_t* wcol, int64_t* went) {
+  int64_t n = 0, e = e0;
+#if FASTDL_VEC == 512
+  const __m512i vlo = _mm512_set1_epi64(lo), vwidth = _mm512_set1_epi64(width);
+  __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(e0), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+  for (; e + 8 <= e1; e += 8) {
+    const __m512i c = _mm512_loadu_si512(col + e);
+    const __mmask8 in = _mm512_cmplt_epu64_mask(_mm512_sub_epi64(c, vlo), vwidth);
+    _mm512_storeu_si512(wcol + n, _mm512_maskz_compress_epi64(in, c));
+    _mm512_storeu_si512(went + n, _mm512_maskz_compress_epi64(in, idx));
+    n += __builtin_popcount(in);
+    idx = _mm512_add_epi64(idx, _mm512_set1_epi64(8));
+  }
+#endif
+  for (; e < e1; ++e) {  // without branches: the test is a coin flip
+    wcol[n] = col[e];
+    went[n] = e;
+    n += in_window(col[e], lo, width);
+  }
+  return n;
+}
+
 template <typename T>
 bool spmm_sum(const SpmmArgs& p, int64_t r0, int64_t r1) {
   using A = Acc<T>;
@@ -183,20 +208,14 @@ bool spmm_sum(const SpmmArgs& p, int64_t r0, int64_t r1) {
           });
       continue;
     }
-    // The row's entries in the window, packed without branches (the test is a coin flip);
-    // meanwhile the rows in the window of the entry kPrefetch ahead are prefetched (the
-    // others, the window's first row again): the packing between the rows' gathers leaves the
-    // out-of-order core fewer of them in flight.
-    int64_t wcol[kWindowRow], went[kWindowRow], n = 0;
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t c = g.col[e];
-      wcol[n] = c;
-      went[n] = e;
-      n += in_window(c, lo, width);
-      if (e + kPrefetch < ahead) {
-        const int64_t c2 = g.col[e + kPrefetch];  // not validated yet: a prefetch never faults
-        prefetch_row(x + (in_window(c2, lo, width) ? c2 : lo) * F, F);
-      }
+    // The row's entries in the window; and the rows in the window of the entries kPrefetch
+    // ahead are prefetched (the others, the window's first row again): the packing between the
+    // rows' gathers leaves the out-of-order core fewer of them in flight.
+    int64_t wcol[kWindowRow + 8], went[kWindowRow + 8];
+    const int64_t n = pack_window(g.col, e0, e1, lo, width, wcol, went);
+    for (int64_t e = e0; e < e1 && e + kPrefetch < ahead; ++e) {
+      const int64_t c2 = g.col[e + kPrefetch];  // not validated yet: a prefetch never faults
+      prefetch_row(x + (in_window(c2, lo, width) ? c2 : lo) * F, F);
     }
     if (n == 0 && lo > 0) continue;
     const auto wcoef = [&](int64_t j) { return coef(went[j]); };

@@ -310,9 +310,11 @@ constexpr int64_t kPrefetchB = 16384;  // bytes ahead: B from memory into L2
 constexpr int64_t kPrefetchL1 = 2048;  // bytes ahead: B from L2 into L1 (8 k groups)
 
 // MR rows x 16 * NV columns of panel `panel`, rows from m; raw int32 sums into c ([MR][64]).
-// Always inlined: GCC otherwise may leave it out of line, where it keeps the accumulators on the
-// stack (half the speed). Rows are addressed from two pointers and lda (six row pointers and an
-// index left the inlined loop short of registers: three reloaded from the stack every k group).
+// Always inlined, as the micro_any / gemv dispatchers below (down to gemm_blocked and
+// gemm_one_row): GCC otherwise may leave a piece out of line, where it keeps the accumulators on
+// the stack and copies them around every k group (half the speed, seen in a standalone build). Rows
+// are addressed from two pointers and lda (six row pointers and an index left the inlined loop
+// short of registers: three reloaded from the stack every k group).
 template <int MR, int NV>
 __attribute__((always_inline)) inline void micro(const Gemm& g, int64_t m, int64_t panel,
                                                  int64_t k0, int64_t k1, bool add, int32_t* c) {
@@ -414,8 +416,9 @@ inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k
 #endif
 
 template <int MR, int NV>
-inline void micro_any_rows(const Gemm& g, int64_t m, int rows, int64_t panel, int64_t k0,
-                           int64_t k1, bool add, int32_t* c) {
+__attribute__((always_inline)) inline void micro_any_rows(const Gemm& g, int64_t m, int rows,
+                                                          int64_t panel, int64_t k0, int64_t k1,
+                                                          bool add, int32_t* c) {
   if constexpr (MR > 1) {
     if (rows < MR) return micro_any_rows<MR - 1, NV>(g, m, rows, panel, k0, k1, add, c);
   }
@@ -423,8 +426,9 @@ inline void micro_any_rows(const Gemm& g, int64_t m, int rows, int64_t panel, in
 }
 
 template <int NV>
-inline void micro_any(const Gemm& g, int64_t m, int rows, int nv, int64_t panel, int64_t k0,
-                      int64_t k1, bool add, int32_t* c) {
+__attribute__((always_inline)) inline void micro_any(const Gemm& g, int64_t m, int rows, int nv,
+                                                     int64_t panel, int64_t k0, int64_t k1,
+                                                     bool add, int32_t* c) {
   if constexpr (NV > 1) {
     if (nv < NV) return micro_any<NV - 1>(g, m, rows, nv, panel, k0, k1, add, c);
   }
@@ -437,7 +441,8 @@ inline void micro_any(const Gemm& g, int64_t m, int rows, int nv, int64_t panel,
 // panels read side by side are NP streams the prefetchers follow at once: at 4096 x 4096, 4
 // streams a core read the weight ~10% faster than one.
 template <int NP>
-inline void gemv(const Gemm& g, int64_t m, int64_t panel, int32_t* c) {
+__attribute__((always_inline)) inline void gemv(const Gemm& g, int64_t m, int64_t panel,
+                                                int32_t* c) {
   __m512i acc[NP][4];
   for (int p = 0; p < NP; ++p)
     for (int v = 0; v < 4; ++v) acc[p][v] = _mm512_setzero_si512();
@@ -461,7 +466,8 @@ inline void gemv(const Gemm& g, int64_t m, int64_t panel, int32_t* c) {
 constexpr int kGemvPanels = 4;
 
 template <int NP>
-inline void gemv_any(const Gemm& g, int64_t m, int np, int64_t panel, int32_t* c) {
+__attribute__((always_inline)) inline void gemv_any(const Gemm& g, int64_t m, int np, int64_t panel,
+                                                    int32_t* c) {
   if constexpr (NP > 1) {
     if (np < NP) return gemv_any<NP - 1>(g, m, np, panel, c);
   }

@@ -122,6 +122,32 @@ def test_non_contiguous_inputs(backend, kind):
     torch.testing.assert_close(y, y_torch, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,used", [(L, "y"), (L, "h_n"), (L, "c_n"), (G, "y"), (G, "h_n")])
+def test_gradient_from_one_output(backend, kind, used):
+    """A loss on one output only: the others reach the backward op as None, not as zeros, and
+    every gradient still matches torch in float64. Batch 6 takes the fused whole-sequence
+    loops."""
+    dev = backend.device
+    dtype = torch.float64 if torch.float64 in backend.dtypes else torch.float32
+    torch.manual_seed(0)
+    mod = (torch.nn.LSTM(5, 7) if kind == L else torch.nn.GRU(5, 7)).double().to(dev)
+    x = torch.randn(4, 6, 5, dtype=torch.float64, device=dev)
+
+    def loss(y, states):
+        h, c = states if kind == L else (states, None)
+        out = {"y": y, "h_n": h, "c_n": c}[used]
+        return (out * out).sum()
+
+    x_ours = x.to(dtype).requires_grad_()
+    p_ours = [p.detach().to(dtype).requires_grad_() for p in mod.parameters()]
+    fn = fastdl.lstm if kind == L else fastdl.gru
+    ours = torch.autograd.grad(loss(*fn(x_ours, None, p_ours)), [x_ours, *p_ours])
+    x_ref = x.clone().requires_grad_()
+    ref = torch.autograd.grad(loss(*mod(x_ref)), [x_ref, *mod.parameters()])
+    for k, (o, r) in enumerate(zip(ours, ref, strict=True)):
+        assert_matches(o, r, None, f"{kind} {used} grad {k}")
+
+
 @pytest.mark.parametrize("kind", [L, G])
 def test_empty_batch(backend, kind):
     dev = backend.device

@@ -28,6 +28,7 @@
 #include "common/isa.h"
 #include "common/rnn.h"
 #include "cpu/gemm.h"
+#include "cpu/output.h"
 #include "cpu/rnn_params.h"
 
 namespace fastdl::cpu {
@@ -98,10 +99,12 @@ at::Tensor acc(const at::Tensor& t) {
   return t.to(rnn::acc_type(t)).contiguous();
 }
 
-// A (T, B, D) buffer; zeros when some sequences end early, since the kernels skip those
-// positions and the backward GEMMs sum over all of them.
+// A (T, B, D) buffer (large ones from new_output's cache: no page faults); zeros when some
+// sequences end early, since the kernels skip those positions and the backward GEMMs sum over all
+// of them.
 at::Tensor seq_buffer(const Schedule& sch, at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  return sch.masked() ? at::zeros(sizes, opts) : at::empty(sizes, opts);
+  at::Tensor t = new_output(sizes, opts);
+  return sch.masked() ? t.zero_() : t;
 }
 
 // The state before each position, (T, B, D): seq shifted by one step against the processing
@@ -111,8 +114,10 @@ at::Tensor prev_states(const at::Tensor& seq, const at::Tensor& init, const Sche
   const int64_t T = seq.size(0), B = seq.size(1);
   if (T == 0) return seq.clone();
   const at::Tensor first = init.unsqueeze(0);
-  if (!reverse) return at::cat({first, seq.narrow(0, 0, T - 1)});
-  at::Tensor prev = at::cat({seq.narrow(0, 1, T - 1), first});
+  at::Tensor prev = new_output(seq.sizes(), seq.options());
+  at::cat_out(prev, reverse ? at::TensorList{seq.narrow(0, 1, T - 1), first}
+                            : at::TensorList{first, seq.narrow(0, 0, T - 1)});
+  if (!reverse) return prev;
   if (sch.masked())
     for (int64_t b = 0; b < B; ++b) prev[sch.len(b) - 1][b].copy_(init[b]);
   return prev;
@@ -212,7 +217,7 @@ Operand operand(const at::Tensor& t) {
 at::Tensor rnn_mm(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() != at::kFloat) return at::mm(a, b);
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  at::Tensor c = at::empty({m, n}, a.options());
+  at::Tensor c = new_output({m, n}, a.options());
   const Operand oa = operand(a), ob = operand(b);
   const float* pa = oa.t.const_data_ptr<float>();
   const float* pb = ob.t.const_data_ptr<float>();

@@ -90,6 +90,9 @@ def _gru_layer_bwd_fake(grad_y, grad_hn, x, h0, w_ih, w_hh, lengths, reverse, y,
 
 def _lstm_setup(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, lengths, reverse = inputs
+    # Outputs without a gradient reach backward as None (the op takes them as optional), not
+    # as zeros: gates alone would be a fresh (T, B, 4H) tensor of zeros every backward.
+    ctx.set_materialize_grads(False)
     ctx.reverse = reverse
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, output[0], *output[3:])
 
@@ -110,6 +113,7 @@ def _lstm_backward(bwd):
 
 def _gru_setup(ctx, inputs, output):
     x, h0, w_ih, w_hh, _b_ih, _b_hh, lengths, reverse = inputs
+    ctx.set_materialize_grads(False)  # as in _lstm_setup
     ctx.reverse = reverse
     ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, output[0], output[2])
 

@@ -32,6 +32,7 @@
 #include "common/isa.h"
 #include "cpu/conv_params.h"
 #include "cpu/gemm.h"
+#include "cpu/output.h"
 
 namespace fastdl::cpu {
 namespace {
@@ -74,7 +75,7 @@ at::ScalarType compute_type(const at::Tensor& x) {
 
 // x in compute dtype, NHWC memory ((N, C, H, W) channels_last view).
 at::Tensor nhwc(const at::Tensor& x) {
-  return x.to(compute_type(x)).contiguous(at::MemoryFormat::ChannelsLast);
+  return as_output(x, compute_type(x), at::MemoryFormat::ChannelsLast);
 }
 
 struct Gemm {
@@ -221,7 +222,7 @@ void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
 
 // (N, H, W, C) NHWC buffer -> (N, C, H, W) in `fmt` and `dtype`.
 at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype) {
-  return t.permute({0, 3, 1, 2}).contiguous(fmt).to(dtype);
+  return as_output(t.permute({0, 3, 1, 2}), dtype, fmt);
 }
 
 // The weight gradient in weight_matrix's layout -> torch's contiguous (K, C/G, R, S).
@@ -279,18 +280,20 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
   conv::check_bias(kConv, bias, x, g.K);
   conv::check_residual(kConv, residual, x, g);
   const at::ScalarType ct = compute_type(x);
-  const auto opts = x.options().dtype(ct).memory_format(conv::memory_format(x));
-  at::Tensor out = at::empty({g.N, g.K, g.P, g.Q}, opts);
-  at::Tensor pre = conv::saves_pre(act) ? at::empty_like(out) : at::empty({0}, x.options());
+  const at::MemoryFormat fmt = conv::memory_format(x);
+  at::Tensor out = new_output({g.N, g.K, g.P, g.Q}, x.options().dtype(ct), fmt);
+  at::Tensor pre = conv::saves_pre(act) ? new_output(out.sizes(), out.options(), fmt)
+                                        : at::empty({0}, x.options());
   if (out.numel() > 0) {
     const Gemm p = plan(g, static_cast<int>(act), out, c10::elementSize(ct), weight);
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
-    const at::Tensor res =
-        residual.has_value() ? residual->to(ct).contiguous(conv::memory_format(x)) : at::Tensor();
+    const at::Tensor res = residual.has_value() ? as_output(*residual, ct, fmt) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(ct, "conv2d_fwd",
                                [&] { conv_fwd_impl<scalar_t>(p, x, weight, b, res, out, pre); });
   }
-  return {out.to(x.scalar_type()), pre.to(x.scalar_type())};
+  // pre is an empty 1-D tensor when the activation needs none: no memory format to keep.
+  return {as_output(out, x.scalar_type(), fmt),
+          pre.dim() == 4 ? as_output(pre, x.scalar_type(), fmt) : pre.to(x.scalar_type())};
 }
 
 // Parameter and input gradients of the conv2d whose NHWC input is xn and whose pre-activation
@@ -307,7 +310,7 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
   ConvGrads r;
   const auto opts = gpre.options();
   if (want_input) {
-    at::Tensor gx = at::zeros({g.N, g.H, g.W, g.C}, opts);
+    at::Tensor gx = new_output({g.N, g.H, g.W, g.C}, opts).zero_();
     if (p.M > 0) {
       const at::Tensor wm = weight_matrix(weight, p, ct);
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_dgrad", [&] {
@@ -358,10 +361,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(
   if (act == conv::Activation::kNone) {
     gpre = nhwc(grad_out);
   } else {
-    const at::Tensor go = grad_out.to(ct).contiguous(fmt);
-    const at::Tensor saved = (act == conv::Activation::kRelu ? out : pre).to(ct).contiguous(fmt);
-    gpre =
-        at::empty({g.N, g.K, g.P, g.Q}, go.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const at::Tensor go = as_output(grad_out, ct, fmt);
+    const at::Tensor saved = as_output(act == conv::Activation::kRelu ? out : pre, ct, fmt);
+    gpre = new_output({g.N, g.K, g.P, g.Q}, go.options(), at::MemoryFormat::ChannelsLast);
     const Gemm p = plan(g, static_cast<int>(act), go, c10::elementSize(ct), at::Tensor());
     const ConvKernels& kr = kernels();
     AT_DISPATCH_FLOATING_TYPES(ct, "conv_epilogue_bwd", [&] {
@@ -375,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(
   }
   const at::Tensor xn = mask[1] ? nhwc(x) : at::Tensor();
   ConvGrads r = conv_grads(g, xn, gpre, weight, fmt, x.scalar_type(), mask[0], mask[1], mask[2]);
-  at::Tensor gp = mask[3] ? gpre.contiguous(fmt).to(x.scalar_type()) : at::Tensor();
+  at::Tensor gp = mask[3] ? as_output(gpre, x.scalar_type(), fmt) : at::Tensor();
   return {or_empty(r.input, x), or_empty(r.weight, x), or_empty(r.bias, x), or_empty(gp, x)};
 }
 
@@ -404,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_bwd(
   const at::MemoryFormat fmt = conv::memory_format(x);
   at::Tensor gi, gw, gb;
   if (mask[0]) {
-    gi = at::empty({g.N, g.K, g.P, g.Q}, x.options().dtype(ct).memory_format(fmt));
+    gi = new_output({g.N, g.K, g.P, g.Q}, x.options().dtype(ct), fmt);
     if (gi.numel() > 0) {
       const Gemm p = plan(g, 0, gi, c10::elementSize(ct), weight);
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_transpose2d_dgrad", [&] {
@@ -413,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_bwd(
         conv_fwd_impl<scalar_t>(p, grad_out, weight, none, none, gi, no_pre);
       });
     }
-    gi = gi.to(x.scalar_type());
+    gi = as_output(gi, x.scalar_type(), fmt);
   }
   if (mask[1])
     gw = conv_grads(g, nhwc(grad_out), nhwc(x), weight, fmt, x.scalar_type(), false, true, false)

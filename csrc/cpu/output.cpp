@@ -97,4 +97,11 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
                                    opts.dtype().toScalarType(), format);
 }
 
+at::Tensor as_output(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
+  if (t.scalar_type() == dtype && t.is_contiguous(format)) return t;
+  at::Tensor out = new_output(t.sizes(), t.options().dtype(dtype), format);
+  out.copy_(t);
+  return out;
+}
+
 }  // namespace fastdl::cpu

@@ -18,4 +18,8 @@ constexpr int64_t kStreamBytes = int64_t{8} << 20;
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
                       at::MemoryFormat format = at::MemoryFormat::Contiguous);
 
+// t in `dtype` and dense in `format`: t itself when it already is, else a copy into new_output
+// (what x.to(dtype).contiguous(format) gives, without a fresh allocation's page faults).
+at::Tensor as_output(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format);
+
 }  // namespace fastdl::cpu

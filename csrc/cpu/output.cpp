@@ -23,7 +23,7 @@ namespace {
 // cache off) for the next output of the same size.
 class OutputCache final : public c10::Allocator {
  public:
-  static constexpr size_t kMinBytes = size_t{4} << 20;
+  static constexpr size_t kMinBytes = size_t{1} << 20;
 
   static OutputCache& get() {
     static OutputCache* cache = new OutputCache();  // never destroyed: tensors may outlive exit

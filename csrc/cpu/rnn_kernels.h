@@ -194,20 +194,17 @@ inline int64_t seq_row(const RnnSeqFwd& p, int64_t s, int64_t b) {
   return (p.reverse ? L - 1 - s : s) * p.B + b;
 }
 
-// acc[q][u] += sum over k of h[k] * wt[k][q * H + j + u] for the kGates gates of units
-// [j, j + n): the GEMV of one register block, all gates of a unit together so the pointwise
-// that follows needs nothing from other threads. kFull: n == kSeqUnits (fixed trip counts, so the
-// accumulators stay in registers).
-template <typename A, int kGates, bool kFull>
-inline void seq_gemv(A (&acc)[kGates][kSeqUnits], const A* __restrict h, const A* __restrict wt,
-                     int64_t H, int64_t j, int64_t n) {
-  const int64_t G = kGates * H, m = kFull ? kSeqUnits : n;
-  for (int64_t k = 0; k < H; ++k) {
+// acc[q][u] += sum over k of h[k] * w[k][q][u]: the GEMV of one register block, all gates of a
+// unit together so the pointwise that follows needs nothing from other threads. w is the block's
+// packed weights (RnnSeqFwd::wp): one contiguous stream of kGates * kSeqUnits per k, zeros past H.
+template <typename A, int kGates>
+inline void seq_gemv(A (&acc)[kGates][kSeqUnits], const A* __restrict h, const A* __restrict w,
+                     int64_t H) {
+  for (int64_t k = 0; k < H; ++k, w += kGates * kSeqUnits) {
     const A hk = h[k];
-    const A* __restrict w = wt + k * G + j;
     for (int q = 0; q < kGates; ++q)
 #pragma omp simd
-      for (int64_t u = 0; u < m; ++u) acc[q][u] += hk * w[q * H + u];
+      for (int64_t u = 0; u < kSeqUnits; ++u) acc[q][u] += hk * w[q * kSeqUnits + u];
   }
 }
 
@@ -219,8 +216,8 @@ inline void lstm_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict 
   const A* __restrict bx = static_cast<const A*>(p.bx) + j;
   A acc[4][kSeqUnits];
   for (int q = 0; q < 4; ++q)
-    for (int64_t u = 0; u < m; ++u) acc[q][u] = gx[q * H + u] + bx[q * H + u];
-  seq_gemv<A, 4, kFull>(acc, hin, static_cast<const A*>(p.wt), H, j, n);
+    for (int64_t u = 0; u < kSeqUnits; ++u) acc[q][u] = u < m ? gx[q * H + u] + bx[q * H + u] : 0;
+  seq_gemv<A, 4>(acc, hin, static_cast<const A*>(p.wp) + j * 4 * H, H);
   A* __restrict y = static_cast<A*>(p.y) + row * H + j;
   A* __restrict cs = static_cast<A*>(p.cs) + row * H + j;
   A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H + j;
@@ -250,8 +247,9 @@ inline void gru_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict h
   const A* __restrict bh = static_cast<const A*>(p.bh);
   A acc[3][kSeqUnits];
   for (int q = 0; q < 3; ++q)
-    for (int64_t u = 0; u < m; ++u) acc[q][u] = bh != nullptr ? bh[q * H + j + u] : A(0);
-  seq_gemv<A, 3, kFull>(acc, hin, static_cast<const A*>(p.wt), H, j, n);
+    for (int64_t u = 0; u < kSeqUnits; ++u)
+      acc[q][u] = bh != nullptr && u < m ? bh[q * H + j + u] : 0;
+  seq_gemv<A, 3>(acc, hin, static_cast<const A*>(p.wp) + j * 3 * H, H);
   A* __restrict y = static_cast<A*>(p.y) + row * H + j;
   A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H + j;
 #pragma omp simd

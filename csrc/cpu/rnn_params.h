@@ -61,7 +61,7 @@ using RnnStepFn = void (*)(const RnnStep&, int64_t b0, int64_t b1);
 struct RnnSeqFwd {
   const void* gx;      // (T, B, G) input projection
   const void* bx;      // (G) its bias, as RnnStep::bx
-  const void* wt;      // (H, G): w_hh transposed, so a step reads contiguous rows of it
+  const void* wp;      // w_hh per block of kSeqUnits units: [block][k][gate][unit], zeros past H
   const void* bh;      // GRU: b_hh (3H) or null
   const int64_t* len;  // (B) lengths, or null (every sequence has T steps)
   void* h[2];          // (B, H) each: step s reads h[s % 2] and writes h[(s + 1) % 2]

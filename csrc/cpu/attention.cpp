@@ -26,6 +26,7 @@
 #include "cpu/attention_params.h"
 #include "cpu/gemm.h"
 #include "cpu/parallel.h"
+#include "cpu/output.h"
 
 // MKL's per-thread thread count, C interface (torch's x86 builds link MKL); weak, so that builds
 // against another BLAS still link.
@@ -493,9 +494,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       output_mask[3] && attn_mask.has_value() && attn_mask->scalar_type() != at::kBool;
   const auto acc = attention::acc_type(q_.scalar_type());
   const auto copt = q_.options().dtype(acc);
-  at::Tensor gq = at::zeros(q_.sizes(), copt), gk = at::zeros(k_.sizes(), copt),
-             gv = at::zeros(v_.sizes(), copt);
-  at::Tensor gm_full = want_mask ? at::zeros({d.B, d.Hq, d.Sq, d.Sk}, copt) : at::Tensor();
+  at::Tensor gq = new_output(q_.sizes(), copt).zero_(), gk = new_output(k_.sizes(), copt).zero_(),
+             gv = new_output(v_.sizes(), copt).zero_();
+  at::Tensor gm_full = want_mask ? new_output({d.B, d.Hq, d.Sq, d.Sk}, copt).zero_() : at::Tensor();
   if (q_.numel() > 0 && k_.numel() > 0) {
     const at::Tensor q = compute_view(q_, 2), k = compute_view(k_, 2), v = compute_view(v_, 2);
     const at::Tensor go = compute_view(grad_out_, 2), out = compute_view(out_, 2);
@@ -583,9 +584,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
   attention::dropout(kVFwd, p);
   const at::Tensor cu_q = seqlens(kVFwd, "cu_seqlens_q", cu_q_, d.Tq, max_q);
   const at::Tensor cu_k = seqlens(kVFwd, "cu_seqlens_k", cu_k_, d.Tk, max_k);
-  at::Tensor out = at::empty({d.Tq, d.Hq, d.D}, q_.options());
+  at::Tensor out = new_output({d.Tq, d.Hq, d.D}, q_.options());
   at::Tensor lse =
-      at::empty({d.Hq, d.Tq}, q_.options().dtype(attention::acc_type(q_.scalar_type())));
+      new_output({d.Hq, d.Tq}, q_.options().dtype(attention::acc_type(q_.scalar_type())));
   const at::Tensor q = compute_view(q_, 0), k = compute_view(k_, 0), v = compute_view(v_, 0);
   at::Tensor out_c = out.scalar_type() == q.scalar_type() ? out : at::empty_like(out, q.options());
   const int64_t* cq = cu_q.const_data_ptr<int64_t>();
@@ -626,8 +627,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
   const at::Tensor cu_q = seqlens(kVBwd, "cu_seqlens_q", cu_q_, d.Tq, max_q);
   const at::Tensor cu_k = seqlens(kVBwd, "cu_seqlens_k", cu_k_, d.Tk, max_k);
   const auto copt = q_.options().dtype(attention::acc_type(q_.scalar_type()));
-  at::Tensor gq = at::zeros(q_.sizes(), copt), gk = at::zeros(k_.sizes(), copt),
-             gv = at::zeros(v_.sizes(), copt);
+  at::Tensor gq = new_output(q_.sizes(), copt).zero_(), gk = new_output(k_.sizes(), copt).zero_(),
+             gv = new_output(v_.sizes(), copt).zero_();
   const at::Tensor q = compute_view(q_, 0), k = compute_view(k_, 0), v = compute_view(v_, 0);
   const at::Tensor go = compute_view(grad_out_, 0), out = compute_view(out_, 0);
   const at::Tensor lse = lse_.contiguous();

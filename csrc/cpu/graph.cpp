@@ -23,6 +23,7 @@
 #include "common/checks.h"
 #include "common/isa.h"
 #include "cpu/graph_params.h"
+#include "cpu/output.h"
 
 namespace fastdl::cpu {
 namespace {
@@ -244,9 +245,10 @@ std::tuple<at::Tensor, at::Tensor> spmm_fwd(const at::Tensor& rowptr, const at::
   const Csr c = csr(op, "", rowptr, col, std::nullopt, x.size(0), 0, x);
   const at::Tensor w = edge_scalars(op, "edge_weight", weight, x, c.nnz());
   const int64_t F = x.size(1);
-  at::Tensor out = at::empty({c.rows(), F}, x.options());
+  at::Tensor out = new_output({c.rows(), F}, x.options());
   const bool maxmin = red == Reduce::kMax || red == Reduce::kMin;
-  at::Tensor arg = at::empty({maxmin ? c.rows() : 0, maxmin ? F : 0}, x.options().dtype(at::kLong));
+  at::Tensor arg =
+      new_output({maxmin ? c.rows() : 0, maxmin ? F : 0}, x.options().dtype(at::kLong));
   const at::Tensor rs = red == Reduce::kMean ? inv_count(c, x) : at::Tensor();
   const SpmmArgs p{.g = c.view,
                    .w = ptr(w),
@@ -299,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_bwd(const at::Tensor& grad_out_, const a
   const at::Tensor rs = red == Reduce::kMean ? inv_count(c, x) : at::Tensor();
   const auto k = dtype_index(x);
 
-  at::Tensor grad_x = at::empty({mask[0] ? x.size(0) : 0, F}, x.options());
+  at::Tensor grad_x = new_output({mask[0] ? x.size(0) : 0, F}, x.options());
   if (mask[0]) {
     // Over the transpose: row j gathers the grad_out rows of the destinations it feeds.
     const SpmmArgs p{.g = t.view,
@@ -319,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_bwd(const at::Tensor& grad_out_, const a
     else
       spmm_sum_rows(op, t, p, g);
   }
-  at::Tensor grad_w = at::empty({mask[1] ? c.nnz() : 0}, x.options().dtype(acc_type(x)));
+  at::Tensor grad_w = new_output({mask[1] ? c.nnz() : 0}, x.options().dtype(acc_type(x)));
   if (mask[1]) {
     const EdgeDotArgs p{.g = c.view,
                         .a = g.const_data_ptr(),
@@ -339,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_bwd(const at::Tensor& grad_out_, const a
 
 // The sum of each row's weights, in order.
 at::Tensor row_sums(const Csr& c, const at::Tensor& w) {
-  at::Tensor out = at::empty({c.rows()}, w.options());
+  at::Tensor out = new_output({c.rows()}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "row_sums", [&] {
     const scalar_t* pw = w.const_data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
@@ -386,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor> gcn_fwd(const at::Tensor& rowptr, const at::T
   dinv.masked_fill_(deg + fill <= 0, 0);
   const at::Tensor ds = gcn_diag(dinv, eps, fill);
   const int64_t F = x.size(1);
-  at::Tensor out = at::empty({c.rows(), F}, x.options());
+  at::Tensor out = new_output({c.rows(), F}, x.options());
   const SpmmArgs p{.g = c.view,
                    .w = ptr(w),
                    .cs = ptr(dinv),
@@ -422,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor> gcn_bwd(
   TORCH_CHECK(t.rows() == N, op, ": t_rowptr must have ", N + 1, " entries, got ", t.rows() + 1);
   const at::Tensor w = edge_scalars(op, "edge_weight", weight, x, t.nnz());
   const at::Tensor ds = gcn_diag(dinv, eps, fill);
-  at::Tensor grad_x = at::empty({mask[0] ? N : 0, F}, x.options());
+  at::Tensor grad_x = new_output({mask[0] ? N : 0, F}, x.options());
   if (mask[0]) {
     // The normalized adjacency is applied transposed: same scalars, rows and columns swapped.
     const SpmmArgs p{.g = t.view,
@@ -438,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor> gcn_bwd(
                      .F = F};
     spmm_sum_rows(op, t, p, g);
   }
-  at::Tensor grad_eps = at::empty({mask[1] ? 1 : 0}, x.options().dtype(acc_type(x)));
+  at::Tensor grad_eps = new_output({mask[1] ? 1 : 0}, x.options().dtype(acc_type(x)));
   if (mask[1]) {
     // d out_i / d eps = fill * dinv_i^2 * x_i.
     const auto acc = acc_type(x);
@@ -462,7 +464,7 @@ at::Tensor sddmm_fwd(const at::Tensor& rowptr, const at::Tensor& col, const at::
   const Csr c = csr(op, "", rowptr, col, std::nullopt, a.size(0), 0, a);
   TORCH_CHECK(c.rows() == b.size(0), op, ": b has ", b.size(0), " rows but the graph has ",
               c.rows(), " destination nodes");
-  at::Tensor out = at::empty({c.nnz()}, a.options().dtype(acc_type(a)));
+  at::Tensor out = new_output({c.nnz()}, a.options().dtype(acc_type(a)));
   const EdgeDotArgs p{.g = c.view,
                       .a = b.const_data_ptr(),
                       .b = a.const_data_ptr(),
@@ -491,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor> sddmm_bwd(const at::Tensor& grad_out, const a
               ": the transpose does not match the CSR");
   const at::Tensor w = edge_scalars(op, "grad_out", grad_out, a, c.nnz());
   const int64_t F = a.size(1);
-  at::Tensor grad_a = at::empty({mask[0] ? a.size(0) : 0, F}, a.options());
+  at::Tensor grad_a = new_output({mask[0] ? a.size(0) : 0, F}, a.options());
   if (mask[0]) {
     const SpmmArgs p{.g = t.view,
                      .w = ptr(w),
@@ -506,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor> sddmm_bwd(const at::Tensor& grad_out, const a
                      .F = F};
     spmm_sum_rows(op, t, p, b);
   }
-  at::Tensor grad_b = at::empty({mask[1] ? b.size(0) : 0, F}, a.options());
+  at::Tensor grad_b = new_output({mask[1] ? b.size(0) : 0, F}, a.options());
   if (mask[1]) {
     const SpmmArgs p{.g = c.view,
                      .w = ptr(w),
@@ -574,9 +576,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_fwd(
   TORCH_CHECK(c.rows() == in.N, op, ": the graph has ", c.rows(), " destination nodes but h has ",
               in.N, " rows");
   const auto acc = in.h.options().dtype(acc_type(in.h));
-  at::Tensor out = at::empty({in.N, in.H, in.F}, in.h.options());
-  at::Tensor alpha = at::empty({c.nnz(), in.H}, acc);
-  at::Tensor a_src = at::empty({in.N, in.H}, acc), a_dst = at::empty({in.N, in.H}, acc);
+  at::Tensor out = new_output({in.N, in.H, in.F}, in.h.options());
+  at::Tensor alpha = new_output({c.nnz(), in.H}, acc);
+  at::Tensor a_src = new_output({in.N, in.H}, acc), a_dst = new_output({in.N, in.H}, acc);
   const GatArgs p{.g = c.view,
                   .h = in.h.const_data_ptr(),
                   .att_src = ptr(in.att_src),
@@ -622,9 +624,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gat_bwd(
   const at::Tensor a_src = node_scalars(op, "a_src", a_src_, in.h, in.N * in.H);
   const at::Tensor a_dst = node_scalars(op, "a_dst", a_dst_, in.h, in.N * in.H);
   const auto acc = in.h.options().dtype(acc_type(in.h));
-  at::Tensor dz = at::empty({c.nnz(), in.H}, acc);
-  at::Tensor g_src = at::empty({in.N, in.H}, acc), g_dst = at::empty({in.N, in.H}, acc);
-  at::Tensor grad_h = at::empty({in.N, in.H, in.F}, in.h.options());
+  at::Tensor dz = new_output({c.nnz(), in.H}, acc);
+  at::Tensor g_src = new_output({in.N, in.H}, acc), g_dst = new_output({in.N, in.H}, acc);
+  at::Tensor grad_h = new_output({in.N, in.H, in.F}, in.h.options());
   GatArgs p{.g = c.view,
             .h = in.h.const_data_ptr(),
             .att_src = ptr(in.att_src),

@@ -2,6 +2,10 @@
 conv_transpose2d on every backend, forward and backward, against float64 torch; empty and
 non-contiguous inputs; every bad input of issue 4."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import cases
@@ -30,6 +34,14 @@ CONV_SHAPES = {
     # then a remainder of 2) and the weight gradient sums two chunks of blocks.
     "deep_3x3": (30, 37, 3, 3, 141, 3, 3, 1, 1, 1, 1),
     "deep_grouped_s2": (5, 21, 7, 8, 201, 3, 3, 2, 1, 1, 3),
+    # Winograd on the CPU in float32/bfloat16 (stride 1, >= 256 channel pairs):
+    # partial tiles at the bottom and right edges, padding 0, 1 and 2 (whose input gradients are
+    # Winograd too), and padding 3 (the input gradient's adjoint padding would be negative: the
+    # direct path).
+    "winograd": (2, 16, 11, 13, 20, 3, 3, 1, 1, 1, 1),
+    "winograd_pad0": (3, 20, 9, 10, 17, 3, 3, 1, 0, 1, 1),
+    "winograd_pad2": (2, 24, 5, 6, 16, 3, 3, 1, 2, 1, 1),
+    "winograd_pad3": (2, 16, 4, 5, 16, 3, 3, 1, 3, 1, 1),
 }
 # The Triton interpreter is slow: one layout/epilogue variant per shape there.
 INTERPRETED = [
@@ -166,6 +178,86 @@ def test_nan_propagates(backend):
     y = fastdl.conv2d(x, w, padding=1, activation="relu")
     expected = torch.relu(torch.nn.functional.conv2d(x, w, padding=1))
     assert torch.equal(y.isnan(), expected.isnan())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_nonfinite_propagates_winograd(backend, layout):
+    """A NaN and an Inf in a Winograd-sized conv (forward and input gradient) land where torch's
+    conv puts them, not smeared over whole tiles; 8 images make several blocks, so the blocks
+    between the first and the last (the only ones with a non-finite value) run Winograd."""
+    cl = layout == "channels_last"
+    x = make((8, 32, 12, 12), torch.float32, cl, device=backend.device)
+    x[0, 3, 4, 4] = float("nan")
+    x[7, 5, 9, 2] = float("inf")
+    w = make((32, 32, 3, 3), torch.float32, device=backend.device) / 16
+    x.requires_grad_()
+    y = fastdl.conv2d(x, w, padding=1)
+    expected = torch.nn.functional.conv2d(x.detach(), w, padding=1)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert_close(y[finite], expected[finite].double(), torch.float32)
+    g = torch.zeros_like(y)
+    g[7, 7, 5, 6] = float("nan")
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(gx[7].isnan(), _window(12, 5, 6).expand(32, 12, 12))
+    assert not gx[:7].isnan().any()
+
+
+# Run in a subprocess per FASTDL_CONV_WINOGRAD setting (read once per process): forward and
+# input gradient of the Winograd-sized shapes against float64 (partial tiles, padding 0-2, both
+# layouts, a NaN), and the output of one conv saved for the parent to compare across settings.
+_WINOGRAD_SWITCH = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import fastdl
+from conv_ref import assert_close, make, ref_conv2d
+for n, c, h, w, k, pad in [(2, 16, 11, 13, 20, 1), (3, 20, 9, 10, 17, 0), (2, 24, 5, 6, 16, 2)]:
+    for cl in (False, True):
+        x = make((n, c, h, w), torch.float32, cl, grad=True)
+        wt = make((k, c, 3, 3), torch.float32, grad=True)
+        y = fastdl.conv2d(x, wt, padding=pad, activation="relu")
+        xd, wd = (t.detach().double().requires_grad_() for t in (x, wt))
+        expected = ref_conv2d(xd, wd, None, 1, pad, 1, 1, "relu")
+        assert_close(y, expected, torch.float32)
+        g = torch.randn(expected.shape, dtype=torch.float64)
+        y.backward(g.float())
+        expected.backward(g)
+        assert_close(x.grad, xd.grad, torch.float32, scale=4.0)
+        assert_close(wt.grad, wd.grad, torch.float32, scale=4.0)
+torch.manual_seed(0)
+x = torch.randn(2, 64, 12, 12)
+w = torch.randn(64, 64, 3, 3)
+torch.save((x, w, fastdl.conv2d(x, w, padding=1)), {path!r})
+x[1, 2, 3, 4] = float("nan")
+y = fastdl.conv2d(x, w, padding=1)
+assert torch.equal(y.isnan(), torch.nn.functional.conv2d(x, w, padding=1).isnan())
+"""
+
+
+def test_winograd_settings(tmp_path):
+    """FASTDL_CONV_WINOGRAD=0 (direct), 2 (the default, F(2x2, 3x3)) and 4 (F(4x4, 3x3)) are each
+    correct on the Winograd shapes (checked in their subprocess) and really take different
+    paths: three roundings of one 64-channel conv, F(4x4, 3x3)'s RMS error the largest (~4x the
+    direct GEMM's here), F(2x2, 3x3)'s of the direct one's order."""
+    err = {}
+    for flag in ("0", "2", "4"):
+        path = str(tmp_path / f"y{flag}.pt")
+        env = {**os.environ, "FASTDL_CONV_WINOGRAD": flag}
+        script = _WINOGRAD_SWITCH.format(tests=os.path.dirname(__file__), path=path)
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
+        x, w, y = torch.load(path)
+        expected = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+        err[flag] = (y.double() - expected).square().mean().sqrt().item()
+    assert err["0"] != err["2"] != err["4"] != err["0"]
+    assert err["4"] > 2.5 * max(err["0"], err["2"]) and err["2"] < 2 * err["0"]
+
+
+def _window(size, p, q):
+    """(size, size) mask of the 3x3 window around (p, q): the input pixels that output pixel
+    (p, q) of a 3x3 padding-1 conv reads."""
+    m = torch.zeros(size, size, dtype=torch.bool)
+    m[max(p - 1, 0) : p + 2, max(q - 1, 0) : q + 2] = True
+    return m
 
 
 def _bad(x=None, w=None, **kw):

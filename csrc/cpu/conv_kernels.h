@@ -1,5 +1,6 @@
 // The conv kernels around the GEMMs (csrc/cpu/conv_params.h): im2col, col2im, the fused
-// epilogue (bias + residual + activation) and its backward, and the direct depthwise conv.
+// epilogue (bias + residual + activation) and its backward, the direct depthwise conv, and the
+// Winograd transforms (cpu/conv_winograd.h).
 // Included inside an ISA namespace by csrc/cpu/isa/*.cpp; plain loops the compiler vectorizes
 // for that ISA (the innermost loops run over contiguous NHWC channels). No torch, no std
 // templates (see vec.h).
@@ -289,6 +290,8 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   }
 }
 
+#include "cpu/conv_winograd.h"
+
 const ConvKernels kConvKernels = {
     .im2col = {conv_im2col<float>, conv_im2col<double>},
     .col2im = {conv_col2im<float>, conv_col2im<double>},
@@ -296,4 +299,7 @@ const ConvKernels kConvKernels = {
     .epilogue_bwd = {conv_epilogue_bwd<float>, conv_epilogue_bwd<double>},
     .depthwise_fwd = {conv_depthwise_fwd<float>, conv_depthwise_fwd<double>},
     .depthwise_plane_fwd = {conv_depthwise_plane_fwd<float>, conv_depthwise_plane_fwd<double>},
+    .winograd_weight = {conv_winograd_weight<2, float>, conv_winograd_weight<4, float>},
+    .winograd_input = {conv_winograd_input<2, float>, conv_winograd_input<4, float>},
+    .winograd_output = {conv_winograd_output<2, float>, conv_winograd_output<4, float>},
 };

@@ -60,6 +60,19 @@ using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void*
                                      const ConvEpilogue&, int64_t plane0, int64_t plane1,
                                      void* scratch);
 
+// Winograd F(m x m, 3x3) transforms (csrc/cpu/conv_winograd.h), float32 only, one entry per
+// tile size (kWinograd2, kWinograd4): the weight transform of input channels [c0, c1) of
+// w (C, 3, 3, K) into u ((m + 2)^2, C, K); on blocks of nt tiles from tile t0 on, the input
+// transform of x (N, H, W, C) into v ((m + 2)^2, nt, C), false when an input it read is not
+// finite; the output transform of m ((m + 2)^2, nt, K) into the output rows from m0 on,
+// acc (rows, K).
+using WinogradWeightFn = void (*)(const void* w, int64_t C, int64_t K, int64_t c0, int64_t c1,
+                                  void* u);
+using WinogradInputFn = bool (*)(const ConvArgs&, const void* x, int64_t t0, int64_t nt, void* v);
+using WinogradOutputFn = void (*)(const ConvArgs&, const void* m, int64_t t0, int64_t nt,
+                                  int64_t m0, void* acc);
+enum WinogradTile : int { kWinograd2 = 0, kWinograd4 = 1, kNumWinogradTiles = 2 };
+
 enum ConvDtype : int { kConvF32 = 0, kConvF64 = 1, kNumConvDtypes = 2 };
 
 struct ConvKernels {
@@ -69,6 +82,9 @@ struct ConvKernels {
   EpilogueBwdFn epilogue_bwd[kNumConvDtypes];
   DepthwiseFwdFn depthwise_fwd[kNumConvDtypes];
   DepthwisePlaneFwdFn depthwise_plane_fwd[kNumConvDtypes];
+  WinogradWeightFn winograd_weight[kNumWinogradTiles];
+  WinogradInputFn winograd_input[kNumWinogradTiles];
+  WinogradOutputFn winograd_output[kNumWinogradTiles];
 };
 
 const ConvKernels& conv_kernels_scalar();

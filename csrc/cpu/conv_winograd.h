@@ -1,0 +1,169 @@
+// Winograd F(m x m, 3x3) transforms for stride-1, undilated 3x3 convs on NHWC, m = 2 or 4
+// (csrc/cpu/conv.cpp runs the (m + 2)^2 GEMMs between them and picks m). An m x m output tile is
+// A^T [ (G g G^T) . (B^T d B) ] A for the (m + 2) x (m + 2) input tile d: (m + 2)^2 channel
+// products per tile instead of 9 m^2, a 2.25x (m = 2) or 4x (m = 4) cut in the GEMM work.
+// m = 2 takes the points 0, 1, -1 and infinity (Lavin's F(2, 3)): its float32 error is that of a
+// direct conv (4-6e-7 of the output's largest magnitude on random 64- and 256-channel layers).
+// m = 4 takes 0, 1, -1, 2, -1/2 and infinity: 2-5e-6 (7-10e-6 for the usual 0, +-1, +-2), most
+// of it the float32 sums over the channels in the transformed domain, whose terms the output
+// transform then combines with weights up to 8 -- within DESIGN.md section 4's 2e-5, but enough
+// to flip the odd ReLU mask of a network a few steps into training.
+// Included by csrc/cpu/conv_kernels.h inside an ISA namespace.
+
+namespace winograd {
+
+// o = B^T d: the 1-D input transform of m + 2 values.
+template <int kM, typename T, typename V>
+inline void input_1d(const V* d, V* o) {
+  if constexpr (kM == 2) {
+    o[0] = d[0] - d[2];
+    o[1] = d[1] + d[2];
+    o[2] = d[2] - d[1];
+    o[3] = d[1] - d[3];
+  } else {
+    const V a = d[1] - d[3], b = d[4] - d[2];
+    o[0] = fma(V::set1(T(1.5)), a, d[0] + d[4] - d[2] - d[2]);
+    o[1] = fma(V::set1(T(-0.5)), d[3], fma(V::set1(T(-2.5)), d[2], d[4] - d[1]));
+    o[2] = fma(V::set1(T(-2.5)), d[3], fma(V::set1(T(0.5)), d[2], d[4] + d[1]));
+    o[3] = fma(V::set1(T(-0.5)), a, b);
+    o[4] = fma(V::set1(T(2)), a, b);
+    o[5] = fma(V::set1(T(-1.5)), b, d[1] + d[5] - d[3] - d[3]);
+  }
+}
+
+// o = A^T m: the 1-D output transform of m + 2 values into m.
+template <int kM, typename T, typename V>
+inline void output_1d(const V* m, V* o) {
+  const V s = m[1] + m[2], d = m[1] - m[2];
+  if constexpr (kM == 2) {
+    o[0] = m[0] + s;
+    o[1] = d - m[3];
+  } else {
+    o[0] = m[0] + s + m[3] + m[4];
+    o[1] = fma(V::set1(T(-0.5)), m[4], fma(V::set1(T(2)), m[3], d));
+    o[2] = fma(V::set1(T(0.25)), m[4], fma(V::set1(T(4)), m[3], s));
+    o[3] = fma(V::set1(T(-0.125)), m[4], fma(V::set1(T(8)), m[3], d)) + m[5];
+  }
+}
+
+// o = G g: the 1-D weight transform of 3 values into m + 2.
+template <int kM, typename T, typename V>
+inline void weight_1d(const V* g, V* o) {
+  const V a = g[0] + g[2];
+  o[0] = g[0];
+  o[kM + 1] = g[2];
+  if constexpr (kM == 2) {
+    o[1] = (a + g[1]) * V::set1(T(0.5));
+    o[2] = (a - g[1]) * V::set1(T(0.5));
+  } else {
+    o[1] = (a + g[1]) * V::set1(T(-1) / 3);
+    o[2] = (a - g[1]) * V::set1(T(1) / 3);
+    o[3] = fma(V::set1(T(4) / 15), g[2], fma(V::set1(T(2) / 15), g[1], g[0] * V::set1(T(1) / 15)));
+    o[4] =
+        fma(V::set1(T(-4) / 15), g[2], fma(V::set1(T(8) / 15), g[1], g[0] * V::set1(T(-16) / 15)));
+  }
+}
+
+}  // namespace winograd
+
+// Weight transform of input channels [c0, c1): u ((m + 2)^2, C, K) = G g G^T for w (C, 3, 3, K)
+// (the output channels contiguous: one SIMD vector covers W of them).
+template <int kM, typename T>
+void conv_winograd_weight(const void* w_, int64_t C, int64_t K, int64_t c0, int64_t c1, void* u_) {
+  using V = Vec<T>;
+  constexpr int64_t kIn = kM + 2;
+  const T* w = static_cast<const T*>(w_);
+  T* u = static_cast<T*>(u_);
+  for (int64_t c = c0; c < c1; ++c)
+    for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
+      V cols[3][kIn];  // cols[s] = G of column s of the 3x3 kernel
+      for (int64_t s = 0; s < 3; ++s) {
+        V g[3];
+        for (int64_t r = 0; r < 3; ++r) g[r] = ld<V>(w + ((c * 3 + r) * 3 + s) * K + k, len);
+        winograd::weight_1d<kM, T>(g, cols[s]);
+      }
+      for (int64_t i = 0; i < kIn; ++i) {
+        V row[3], o[kIn];
+        for (int64_t s = 0; s < 3; ++s) row[s] = cols[s][i];
+        winograd::weight_1d<kM, T>(row, o);
+        for (int64_t j = 0; j < kIn; ++j) st(u + ((i * kIn + j) * C + c) * K + k, o[j], len);
+      }
+    });
+}
+
+// Input transform of tiles [t0, t0 + nt) (tile t = (n, tile row, tile column), ceil(P / m) x
+// ceil(Q / m) per image) from x (N, H, W, C) into v ((m + 2)^2, nt, C): point (i, j) of tile
+// t0 + l, channel c at ((i * (m + 2) + j) * nt + l) * C + c. Returns false when any input it read
+// is not finite: Winograd would smear a NaN or Inf over whole tiles, and conv.cpp recomputes such
+// blocks directly so that they propagate as torch's conv does.
+template <int kM, typename T>
+bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t t0, int64_t nt, void* v_) {
+  using V = Vec<T>;
+  constexpr int64_t kIn = kM + 2;
+  const T* x = static_cast<const T*>(x_);
+  T* v = static_cast<T*>(v_);
+  const int64_t C = a.C, tw = (a.Q + kM - 1) / kM, th = (a.P + kM - 1) / kM;
+  V sum = V::zero();
+  for (int64_t l = 0; l < nt; ++l) {
+    const int64_t t = t0 + l, n = t / (th * tw);
+    const int64_t h0 = t / tw % th * kM - a.pad_h, w0 = t % tw * kM - a.pad_w;
+    for_vectors<V::W>(0, C, [&](int64_t c, int64_t len) {
+      V cols[kIn][kIn];  // cols[s] = B^T of column s of the tile
+      for (int64_t s = 0; s < kIn; ++s) {
+        V d[kIn];
+        const int64_t w = w0 + s;
+        for (int64_t r = 0; r < kIn; ++r) {
+          const int64_t h = h0 + r;
+          d[r] = h >= 0 && h < a.H && w >= 0 && w < a.W
+                     ? ld<V>(x + ((n * a.H + h) * a.W + w) * C + c, len)
+                     : V::zero();
+          sum = sum + d[r];
+        }
+        winograd::input_1d<kM, T>(d, cols[s]);
+      }
+      for (int64_t i = 0; i < kIn; ++i) {
+        V row[kIn], o[kIn];
+        for (int64_t s = 0; s < kIn; ++s) row[s] = cols[s][i];
+        winograd::input_1d<kM, T>(row, o);
+        for (int64_t j = 0; j < kIn; ++j) st(v + ((i * kIn + j) * nt + l) * C + c, o[j], len);
+      }
+    });
+  }
+  T lanes[V::W];
+  sum.store(lanes);
+  for (int64_t i = 0; i < V::W; ++i)
+    if (!(lanes[i] - lanes[i] == T(0))) return false;  // NaN or Inf (a finite overflow too)
+  return true;
+}
+
+// Output transform of tiles [t0, t0 + nt) from m ((m + 2)^2, nt, K) into acc, the rows of output
+// pixels from m0 on (row m = (n * P + p) * Q + q at (m - m0) * K): the pixels of the tiles that lie
+// inside the output.
+template <int kM, typename T>
+void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t t0, int64_t nt, int64_t m0,
+                          void* acc_) {
+  using V = Vec<T>;
+  constexpr int64_t kIn = kM + 2;
+  const T* m = static_cast<const T*>(m_);
+  T* acc = static_cast<T*>(acc_);
+  const int64_t K = a.K, tw = (a.Q + kM - 1) / kM, th = (a.P + kM - 1) / kM;
+  for (int64_t l = 0; l < nt; ++l) {
+    const int64_t t = t0 + l, n = t / (th * tw), p0 = t / tw % th * kM, q0 = t % tw * kM;
+    const int64_t np = imin(kM, a.P - p0), nq = imin(kM, a.Q - q0);
+    for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
+      V cols[kIn][kM];  // cols[s] = A^T of column s of the tile's products
+      for (int64_t s = 0; s < kIn; ++s) {
+        V col[kIn];
+        for (int64_t r = 0; r < kIn; ++r) col[r] = ld<V>(m + ((r * kIn + s) * nt + l) * K + k, len);
+        winograd::output_1d<kM, T>(col, cols[s]);
+      }
+      for (int64_t i = 0; i < np; ++i) {
+        V row[kIn], y[kM];
+        for (int64_t s = 0; s < kIn; ++s) row[s] = cols[s][i];
+        winograd::output_1d<kM, T>(row, y);
+        for (int64_t j = 0; j < nq; ++j)
+          st(acc + ((n * a.P + p0 + i) * a.Q + q0 + j - m0) * K + k, y[j], len);
+      }
+    });
+  }
+}

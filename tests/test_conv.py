@@ -42,6 +42,8 @@ CONV_SHAPES = {
     "winograd_pad0": (3, 20, 9, 10, 17, 3, 3, 1, 0, 1, 1),
     "winograd_pad2": (2, 24, 5, 6, 16, 3, 3, 1, 2, 1, 1),
     "winograd_pad3": (2, 16, 4, 5, 16, 3, 3, 1, 3, 1, 1),
+    # Several weight-gradient blocks (one image of 15x15 2x2 tiles each), summed over chunks.
+    "winograd_chunks": (5, 16, 30, 29, 16, 3, 3, 1, 1, 1, 1),
 }
 # The Triton interpreter is slow: one layout/epilogue variant per shape there.
 INTERPRETED = [
@@ -191,16 +193,21 @@ def test_nonfinite_propagates_winograd(backend, layout):
     x[7, 5, 9, 2] = float("inf")
     w = make((32, 32, 3, 3), torch.float32, device=backend.device) / 16
     x.requires_grad_()
+    w.requires_grad_()
     y = fastdl.conv2d(x, w, padding=1)
-    expected = torch.nn.functional.conv2d(x.detach(), w, padding=1)
+    expected = torch.nn.functional.conv2d(x.detach(), w.detach(), padding=1)
     assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
     finite = expected.isfinite()
     assert_close(y[finite], expected[finite].double(), torch.float32)
     g = torch.zeros_like(y)
     g[7, 7, 5, 6] = float("nan")
-    (gx,) = torch.autograd.grad(y, x, g)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
     assert torch.equal(gx[7].isnan(), _window(12, 5, 6).expand(32, 12, 12))
     assert not gx[:7].isnan().any()
+    # The weight gradient sees the NaN of g (output channel 7) and those of x (every input
+    # channel of image 7 is multiplied by that NaN, and x's own NaN and Inf): all NaN, as torch.
+    (tw,) = torch.autograd.grad(torch.nn.functional.conv2d(x, w, padding=1), w, g)
+    assert torch.equal(gw.isnan(), tw.isnan())
 
 
 # Run in a subprocess per FASTDL_CONV_WINOGRAD setting (read once per process): forward and
@@ -211,7 +218,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 import fastdl
 from conv_ref import assert_close, make, ref_conv2d
-for n, c, h, w, k, pad in [(2, 16, 11, 13, 20, 1), (3, 20, 9, 10, 17, 0), (2, 24, 5, 6, 16, 2)]:
+for n, c, h, w, k, pad in [(2, 16, 11, 13, 20, 1), (3, 20, 9, 10, 17, 0), (3, 24, 5, 6, 16, 2)]:
     for cl in (False, True):
         x = make((n, c, h, w), torch.float32, cl, grad=True)
         wt = make((k, c, 3, 3), torch.float32, grad=True)
@@ -225,7 +232,7 @@ for n, c, h, w, k, pad in [(2, 16, 11, 13, 20, 1), (3, 20, 9, 10, 17, 0), (2, 24
         assert_close(x.grad, xd.grad, torch.float32, scale=4.0)
         assert_close(wt.grad, wd.grad, torch.float32, scale=4.0)
 torch.manual_seed(0)
-x = torch.randn(2, 64, 12, 12)
+x = torch.randn(4, 64, 12, 12)
 w = torch.randn(64, 64, 3, 3)
 torch.save((x, w, fastdl.conv2d(x, w, padding=1)), {path!r})
 x[1, 2, 3, 4] = float("nan")

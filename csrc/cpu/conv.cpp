@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <array>
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <string_view>
@@ -50,14 +51,19 @@ constexpr int64_t kPanelBytes = int64_t{256} << 10;
 constexpr int64_t kDeepRows = 64, kMinRows = 256;
 // Winograd F(m x m, 3x3) (cpu/conv_winograd.h) for float32 stride-1 undilated ungrouped 3x3
 // convs with at least kWinogradMinCK channel pairs (fewer leave its GEMMs too little depth and
-// width) and a transformed weight ((m + 2)^2 C K floats) at most twice the transformed input and
-// output ((m + 2)^2 tiles (C + K)): on Zen 4 with m = 4, 256 channels on 32 images of 8x8 (equal
-// sizes) ran in 10 ms against 14 ms direct, 512 channels on 4x4 (1/8) in 40-55 against 15.
+// width) and a transformed weight ((m + 2)^2 C K floats) no larger than the transformed input and
+// output ((m + 2)^2 tiles (C + K)): on Zen 4, 256 channels on 32 images of 8x8 (equal sizes for
+// m = 4) ran in 10 ms against 14 ms direct, 512 channels on 4x4 (m = 4: 1/8 the size) in 40-55
+// against 15, and its forward + backward with m = 2 (1/2) in 62 against 44.
 // A block holds at least kWinogradMinTiles tiles (rows of the GEMMs) and otherwise as many as
 // keep its transformed input and products ((m + 2)^2 x tiles x (C + K) floats) within
 // kWinogradBlockBytes of L2.
 constexpr int64_t kWinogradMinCK = 16 * 16, kWinogradMinTiles = 24;
 constexpr int64_t kWinogradBlockBytes = int64_t{512} << 10;
+// Tiles of a weight-gradient block: the depth of its GEMMs V^T dM, each of which reads and
+// rewrites a C x K partial (24 tiles left 256 channels on 8x8 at 0.55x torch; bound by those
+// passes, not the FMAs).
+constexpr int64_t kWinogradGradTiles = 256;
 // Most partial sums of the weight gradient (chunks of blocks), and their total memory.
 constexpr int64_t kMaxChunks = 16;
 constexpr int64_t kPartialBytes = int64_t{64} << 20;
@@ -130,7 +136,7 @@ Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t 
   const bool wino = m > 0 && elem == int64_t(sizeof(float)) && g.groups == 1 && g.R == 3 &&
                     g.S == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
                     g.dil_w == 1 && g.C * g.K >= kWinogradMinCK &&
-                    2 * g.N * ((g.P + m - 1) / m) * ((g.Q + m - 1) / m) * (g.C + g.K) >= g.C * g.K;
+                    g.N * ((g.P + m - 1) / m) * ((g.Q + m - 1) / m) * (g.C + g.K) >= g.C * g.K;
   p.wino = wino ? m : 0;
   const int64_t panel_rows = kPanelBytes / (elem * std::max(p.j, p.kg));
   p.rows = std::clamp<int64_t>(panel_rows < kDeepRows ? kMinRows : panel_rows, 16, 1024);
@@ -399,6 +405,62 @@ struct ConvGrads {
   at::Tensor input, weight, bias;
 };
 
+// The weight gradient (K, C, 3, 3) of a conv whose forward Winograd runs, by the adjoint of that
+// forward: per block of tile rows (kWinogradGradTiles tiles), the input transform V of x and the
+// adjoint output transform dM of gpre (N, P, Q, K), then dU[i] += V[i]^T dM[i] for each of the
+// (m + 2)^2 points into a partial per chunk of blocks (chunks fixed by the shapes: the sums are
+// bit-identical for any thread count), the partials summed in order and the adjoint weight
+// transform G^T dU G. Undefined when Winograd does not apply or an input is not finite (the
+// direct path then puts NaN and Inf where torch's conv does).
+at::Tensor winograd_weight_grad(const Gemm& p, const float* x, const float* gpre) {
+  const int64_t m = p.wino, points = (m + 2) * (m + 2), wt = m == 4;
+  if (m == 0) return {};
+  const ConvArgs& a = p.a;
+  const ConvKernels& kr = kernels();
+  const int64_t th = (a.P + m - 1) / m, tw = (a.Q + m - 1) / m, C = a.C, K = a.K;
+  const int64_t per = std::max<int64_t>(1, kWinogradGradTiles / tw);
+  const int64_t tile_rows = a.N * th, blocks = (tile_rows + per - 1) / per, part = points * C * K;
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min({blocks, kMaxChunks, kPartialBytes / (part * 4)}));
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor partial = new_output({chunks, part}, opts);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> v(points * per * tw * C), dm(points * per * tw * K);
+    for (int64_t c = c0; c < c1; ++c) {
+      float* du = partial.data_ptr<float>() + c * part;
+      const int64_t first = c * blocks / chunks;
+      for (int64_t b = first; b < (c + 1) * blocks / chunks && finite; ++b) {
+        const int64_t r0 = b * per, r1 = std::min(tile_rows, r0 + per);
+        const int64_t t0 = r0 * tw, nt = (r1 - r0) * tw;
+        if (!kr.winograd_input[wt](a, x, t0, nt, v.data()) ||
+            !kr.winograd_grad_output[wt](a, gpre, t0, nt, dm.data())) {
+          finite = false;
+          break;
+        }
+        for (int64_t i = 0; i < points; ++i)
+          gemm<float>(true, false, C, K, nt, v.data() + i * nt * C, C, dm.data() + i * nt * K, K,
+                      b == first ? 0.f : 1.f, du + i * C * K, K);
+      }
+    }
+  });
+  if (!finite) return {};
+  at::Tensor du = new_output({points, C, K}, opts);
+  at::parallel_for(0, part, 4096, [&](int64_t i0, int64_t i1) {
+    const float* pp = partial.const_data_ptr<float>();
+    for (int64_t i = i0; i < i1; ++i) {
+      float s = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) s += pp[c * part + i];
+      du.data_ptr<float>()[i] = s;
+    }
+  });
+  at::Tensor dw = new_output({C, 3, 3, K}, opts);
+  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    kr.winograd_grad_weight[wt](du.const_data_ptr<float>(), C, K, c0, c1, dw.data_ptr<float>());
+  });
+  return dw.permute({3, 0, 1, 2});
+}
+
 // The input gradient of a conv whose forward Winograd runs, by Winograd too: the forward of the
 // adjoint conv (gpre (N, P, Q, K) with the weight flipped and transposed, padding 2 - pad) into
 // (N, C, H, W) channels_last. Undefined when Winograd does not apply (padding over 2 included).
@@ -438,6 +500,13 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
       });
     }
     r.input = from_nhwc(gx, fmt, dtype);
+  }
+  if (want_weight && xn.scalar_type() == at::kFloat && p.M > 0) {
+    r.weight = winograd_weight_grad(p, xn.const_data_ptr<float>(), gpre.const_data_ptr<float>());
+    if (r.weight.defined()) {
+      r.weight = r.weight.to(weight.scalar_type()).contiguous();
+      want_weight = false;
+    }
   }
   if (want_weight || want_bias) {
     // Every element is written by backward_params unless there are no rows.

@@ -302,4 +302,8 @@ const ConvKernels kConvKernels = {
     .winograd_weight = {conv_winograd_weight<2, float>, conv_winograd_weight<4, float>},
     .winograd_input = {conv_winograd_input<2, float>, conv_winograd_input<4, float>},
     .winograd_output = {conv_winograd_output<2, float>, conv_winograd_output<4, float>},
+    .winograd_grad_output = {conv_winograd_grad_output<2, float>,
+                             conv_winograd_grad_output<4, float>},
+    .winograd_grad_weight = {conv_winograd_grad_weight<2, float>,
+                             conv_winograd_grad_weight<4, float>},
 };

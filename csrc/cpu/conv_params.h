@@ -65,12 +65,16 @@ using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void*
 // w (C, 3, 3, K) into u ((m + 2)^2, C, K); on blocks of nt tiles from tile t0 on, the input
 // transform of x (N, H, W, C) into v ((m + 2)^2, nt, C), false when an input it read is not
 // finite; the output transform of m ((m + 2)^2, nt, K) into the output rows from m0 on,
-// acc (rows, K).
+// acc (rows, K). For the weight gradient, their adjoints: the output gradient gy (N, P, Q, K) of
+// nt tiles into dm ((m + 2)^2, nt, K), false when a value it read is not finite; du ((m + 2)^2,
+// C, K) of input channels [c0, c1) into dw (C, 3, 3, K) (WinogradWeightFn's signature).
 using WinogradWeightFn = void (*)(const void* w, int64_t C, int64_t K, int64_t c0, int64_t c1,
                                   void* u);
 using WinogradInputFn = bool (*)(const ConvArgs&, const void* x, int64_t t0, int64_t nt, void* v);
 using WinogradOutputFn = void (*)(const ConvArgs&, const void* m, int64_t t0, int64_t nt,
                                   int64_t m0, void* acc);
+using WinogradGradOutputFn = bool (*)(const ConvArgs&, const void* gy, int64_t t0, int64_t nt,
+                                      void* dm);
 enum WinogradTile : int { kWinograd2 = 0, kWinograd4 = 1, kNumWinogradTiles = 2 };
 
 enum ConvDtype : int { kConvF32 = 0, kConvF64 = 1, kNumConvDtypes = 2 };
@@ -85,6 +89,8 @@ struct ConvKernels {
   WinogradWeightFn winograd_weight[kNumWinogradTiles];
   WinogradInputFn winograd_input[kNumWinogradTiles];
   WinogradOutputFn winograd_output[kNumWinogradTiles];
+  WinogradGradOutputFn winograd_grad_output[kNumWinogradTiles];
+  WinogradWeightFn winograd_grad_weight[kNumWinogradTiles];
 };
 
 const ConvKernels& conv_kernels_scalar();

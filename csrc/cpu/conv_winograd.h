@@ -64,6 +64,53 @@ inline void weight_1d(const V* g, V* o) {
   }
 }
 
+// The adjoints, for the weight gradient (conv.cpp sums V^T dM over the tiles in between):
+// o = A y, m + 2 values from the m of a column of the output gradient.
+template <int kM, typename T, typename V>
+inline void output_1d_adjoint(const V* y, V* o) {
+  if constexpr (kM == 2) {
+    o[0] = y[0];
+    o[1] = y[0] + y[1];
+    o[2] = y[0] - y[1];
+    o[3] = V::zero() - y[1];
+  } else {
+    const V even = y[0] + y[2], odd = y[1] + y[3];
+    o[0] = y[0];
+    o[1] = even + odd;
+    o[2] = even - odd;
+    o[3] = fma(V::set1(T(8)), y[3], fma(V::set1(T(4)), y[2], fma(V::set1(T(2)), y[1], y[0])));
+    o[4] = fma(V::set1(T(-0.125)), y[3],
+               fma(V::set1(T(0.25)), y[2], fma(V::set1(T(-0.5)), y[1], y[0])));
+    o[5] = y[3];
+  }
+}
+
+// g = G^T u: 3 values from m + 2 of the transformed weight gradient.
+template <int kM, typename T, typename V>
+inline void weight_1d_adjoint(const V* u, V* g) {
+  if constexpr (kM == 2) {
+    const V s = (u[1] + u[2]) * V::set1(T(0.5));
+    g[0] = u[0] + s;
+    g[1] = (u[1] - u[2]) * V::set1(T(0.5));
+    g[2] = s + u[3];
+  } else {
+    const V s = (u[1] + u[2]) * V::set1(T(-1) / 3), d = (u[2] - u[1]) * V::set1(T(1) / 3);
+    g[0] = fma(V::set1(T(-16) / 15), u[4], fma(V::set1(T(1) / 15), u[3], u[0] + d));
+    g[1] = fma(V::set1(T(8) / 15), u[4], fma(V::set1(T(2) / 15), u[3], s));
+    g[2] = fma(V::set1(T(-4) / 15), u[4], fma(V::set1(T(4) / 15), u[3], d + u[5]));
+  }
+}
+
+// Whether every lane of a running sum is finite (a NaN or Inf among its terms, or an overflow).
+template <typename T, typename V>
+inline bool finite(V sum) {
+  T lanes[V::W];
+  sum.store(lanes);
+  for (int64_t i = 0; i < V::W; ++i)
+    if (!(lanes[i] - lanes[i] == T(0))) return false;
+  return true;
+}
+
 }  // namespace winograd
 
 // Weight transform of input channels [c0, c1): u ((m + 2)^2, C, K) = G g G^T for w (C, 3, 3, K)
@@ -129,11 +176,7 @@ bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t t0, int64_t 
       }
     });
   }
-  T lanes[V::W];
-  sum.store(lanes);
-  for (int64_t i = 0; i < V::W; ++i)
-    if (!(lanes[i] - lanes[i] == T(0))) return false;  // NaN or Inf (a finite overflow too)
-  return true;
+  return winograd::finite<T>(sum);
 }
 
 // Output transform of tiles [t0, t0 + nt) from m ((m + 2)^2, nt, K) into acc, the rows of output
@@ -166,4 +209,67 @@ void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t t0, int64_t
       }
     });
   }
+}
+
+// Adjoint output transform of tiles [t0, t0 + nt) for the weight gradient: dm ((m + 2)^2, nt, K)
+// = A dy A^T of each tile's m x m pixels of gy (N, P, Q, K) (zero outside the output). False when
+// a value it read is not finite.
+template <int kM, typename T>
+bool conv_winograd_grad_output(const ConvArgs& a, const void* gy_, int64_t t0, int64_t nt,
+                               void* dm_) {
+  using V = Vec<T>;
+  constexpr int64_t kIn = kM + 2;
+  const T* gy = static_cast<const T*>(gy_);
+  T* dm = static_cast<T*>(dm_);
+  const int64_t K = a.K, tw = (a.Q + kM - 1) / kM, th = (a.P + kM - 1) / kM;
+  V sum = V::zero();
+  for (int64_t l = 0; l < nt; ++l) {
+    const int64_t t = t0 + l, n = t / (th * tw), p0 = t / tw % th * kM, q0 = t % tw * kM;
+    const int64_t np = imin(kM, a.P - p0), nq = imin(kM, a.Q - q0);
+    for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
+      V cols[kM][kIn];  // cols[j] = A of column j of the tile's output gradient
+      for (int64_t j = 0; j < kM; ++j) {
+        V y[kM];
+        for (int64_t i = 0; i < kM; ++i) {
+          y[i] = i < np && j < nq ? ld<V>(gy + ((n * a.P + p0 + i) * a.Q + q0 + j) * K + k, len)
+                                  : V::zero();
+          sum = sum + y[i];
+        }
+        winograd::output_1d_adjoint<kM, T>(y, cols[j]);
+      }
+      for (int64_t r = 0; r < kIn; ++r) {
+        V row[kM], o[kIn];
+        for (int64_t j = 0; j < kM; ++j) row[j] = cols[j][r];
+        winograd::output_1d_adjoint<kM, T>(row, o);
+        for (int64_t s = 0; s < kIn; ++s) st(dm + ((r * kIn + s) * nt + l) * K + k, o[s], len);
+      }
+    });
+  }
+  return winograd::finite<T>(sum);
+}
+
+// Adjoint weight transform of input channels [c0, c1): dw (C, 3, 3, K) = G^T du G for
+// du ((m + 2)^2, C, K).
+template <int kM, typename T>
+void conv_winograd_grad_weight(const void* du_, int64_t C, int64_t K, int64_t c0, int64_t c1,
+                               void* dw_) {
+  using V = Vec<T>;
+  constexpr int64_t kIn = kM + 2;
+  const T* du = static_cast<const T*>(du_);
+  T* dw = static_cast<T*>(dw_);
+  for (int64_t c = c0; c < c1; ++c)
+    for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
+      V cols[kIn][3];  // cols[j] = G^T of column j of the point grid
+      for (int64_t j = 0; j < kIn; ++j) {
+        V u[kIn];
+        for (int64_t i = 0; i < kIn; ++i) u[i] = ld<V>(du + ((i * kIn + j) * C + c) * K + k, len);
+        winograd::weight_1d_adjoint<kM, T>(u, cols[j]);
+      }
+      for (int64_t r = 0; r < 3; ++r) {
+        V row[kIn], g[3];
+        for (int64_t j = 0; j < kIn; ++j) row[j] = cols[j][r];
+        winograd::weight_1d_adjoint<kM, T>(row, g);
+        for (int64_t s = 0; s < 3; ++s) st(dw + ((c * 3 + r) * 3 + s) * K + k, g[s], len);
+      }
+    });
 }

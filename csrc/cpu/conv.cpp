@@ -183,30 +183,32 @@ void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
   });
 }
 
-// U ((m + 2)^2, C, K) = G g G^T for every (output, input) channel pair of w (K, C, 3, 3).
+// U ((m + 2)^2, C, K) = G g G^T for every (output, input) channel pair of w (K, C, 3, 3);
+// undefined when a weight is not finite.
 at::Tensor winograd_weight(const at::Tensor& w, int64_t m) {
   const int64_t K = w.size(0), C = w.size(1);
   const at::Tensor wt = w.to(at::kFloat).permute({1, 2, 3, 0}).contiguous();  // (C, 3, 3, K)
   at::Tensor u = new_output({(m + 2) * (m + 2), C, K}, wt.options());
+  std::atomic<bool> finite{true};
   at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-    kernels().winograd_weight[m == 4](wt.const_data_ptr<float>(), C, K, c0, c1,
-                                      u.data_ptr<float>());
+    if (!kernels().winograd_weight[m == 4](wt.const_data_ptr<float>(), C, K, c0, c1,
+                                           u.data_ptr<float>()))
+      finite = false;
   });
-  return u;
+  return finite ? u : at::Tensor();
 }
 
 // out = epilogue(conv(x, weight)) by Winograd F(m x m, 3x3), m = p.wino, on blocks of whole tile
 // rows (their output rows are one contiguous range): the block's input transform, (m + 2)^2
 // GEMMs (tiles x C) x (C x K) against U packed once, the output transform into the rows and the
-// epilogue, all while the block is in L2. A block with a non-finite input runs the direct path
-// (NaN and Inf stay where torch's conv puts them). False, with nothing written, when Winograd
-// does not apply or the weight is not finite.
+// epilogue, all while the block is in L2. Blocks with a non-finite input run the direct path
+// afterwards (NaN and Inf stay where torch's conv puts them). False, with nothing written, when
+// Winograd does not apply or the weight is not finite.
 bool winograd_forward(const Gemm& p, const float* x, const at::Tensor& weight, ConvEpilogue e) {
   const int64_t m = p.wino, points = (m + 2) * (m + 2), wt = m == 4;
   if (m == 0) return false;
   const at::Tensor u = winograd_weight(weight, m);
-  if (!at::isfinite(u).all().item<bool>()) return false;
-  const at::Tensor wm = weight_matrix(weight, p, at::kFloat);  // for the direct blocks
+  if (!u.defined()) return false;
   const ConvArgs& a = p.a;
   const ConvKernels& kr = kernels();
   const int64_t th = (a.P + m - 1) / m, tw = (a.Q + m - 1) / m, C = a.C, K = a.K;
@@ -214,30 +216,44 @@ bool winograd_forward(const Gemm& p, const float* x, const at::Tensor& weight, C
   const int64_t per = std::max<int64_t>(1, want / tw);  // tile rows per block
   const int64_t tile_rows = a.N * th, blocks = (tile_rows + per - 1) / per;
   std::vector<PackedB<float>> packs(points);
-  for (int64_t i = 0; i < points; ++i)
-    packs[i].pack(false, C, K, u.const_data_ptr<float>() + i * C * K, K);
-  const auto first_row = [&](int64_t r) {  // output row of tile row r's first pixel
-    return (r / th * a.P + std::min(a.P, r % th * m)) * a.Q;
+  at::parallel_for(0, points, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      packs[i].pack(false, C, K, u.const_data_ptr<float>() + i * C * K, K);
+  });
+  const auto rows = [&](int64_t b) {  // output rows [first, last) of block b's tile rows
+    const auto first = [&](int64_t r) { return (r / th * a.P + std::min(a.P, r % th * m)) * a.Q; };
+    return std::make_pair(first(b * per), first(std::min(tile_rows, (b + 1) * per)));
   };
+  std::vector<char> direct(blocks, 0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> v(points * per * tw * C), prod(points * per * tw * K);
-    std::vector<float> acc(std::max(per * m * a.Q, p.rows) * K), col;
+    std::vector<float> acc(per * m * a.Q * K);
     ConvEpilogue eb = e;
     eb.acc = acc.data();
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * per, r1 = std::min(tile_rows, r0 + per);
-      const int64_t t0 = r0 * tw, nt = (r1 - r0) * tw, m0 = first_row(r0), m1 = first_row(r1);
+      const auto [m0, m1] = rows(b);
+      const int64_t t0 = b * per * tw, nt = (std::min(tile_rows, (b + 1) * per) - b * per) * tw;
       if (!kr.winograd_input[wt](a, x, t0, nt, v.data())) {
-        col.resize(p.rows * p.j);
-        for (int64_t i = m0; i < m1; i += p.rows)
-          forward_rows<float>(p, x, wm.const_data_ptr<float>(), eb, i, std::min(p.rows, m1 - i),
-                              col.data());
+        direct[b] = 1;
         continue;
       }
       for (int64_t i = 0; i < points; ++i)
         packs[i].gemm(false, nt, K, C, v.data() + i * nt * C, C, 0.f, prod.data() + i * nt * K, K);
       kr.winograd_output[wt](a, prod.data(), t0, nt, m0, acc.data());
       kr.epilogue[kConvF32](a, eb, m0, m1 - m0, 0);
+    }
+  });
+  if (std::find(direct.begin(), direct.end(), 1) == direct.end()) return true;
+  const at::Tensor wm = weight_matrix(weight, p, at::kFloat);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> col(p.rows * p.j), acc(p.rows * K);
+    ConvEpilogue eb = e;
+    eb.acc = acc.data();
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto [m0, m1] = rows(b);
+      for (int64_t i = m0; direct[b] && i < m1; i += p.rows)
+        forward_rows<float>(p, x, wm.const_data_ptr<float>(), eb, i, std::min(p.rows, m1 - i),
+                            col.data());
     }
   });
   return true;

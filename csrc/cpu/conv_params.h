@@ -67,9 +67,12 @@ using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void*
 // finite; the output transform of m ((m + 2)^2, nt, K) into the output rows from m0 on,
 // acc (rows, K). For the weight gradient, their adjoints: the output gradient gy (N, P, Q, K) of
 // nt tiles into dm ((m + 2)^2, nt, K), false when a value it read is not finite; du ((m + 2)^2,
-// C, K) of input channels [c0, c1) into dw (C, 3, 3, K) (WinogradWeightFn's signature).
-using WinogradWeightFn = void (*)(const void* w, int64_t C, int64_t K, int64_t c0, int64_t c1,
+// C, K) of input channels [c0, c1) into dw (C, 3, 3, K). The weight transform returns false when
+// a weight it read is not finite.
+using WinogradWeightFn = bool (*)(const void* w, int64_t C, int64_t K, int64_t c0, int64_t c1,
                                   void* u);
+using WinogradGradWeightFn = void (*)(const void* du, int64_t C, int64_t K, int64_t c0, int64_t c1,
+                                      void* dw);
 using WinogradInputFn = bool (*)(const ConvArgs&, const void* x, int64_t t0, int64_t nt, void* v);
 using WinogradOutputFn = void (*)(const ConvArgs&, const void* m, int64_t t0, int64_t nt,
                                   int64_t m0, void* acc);
@@ -90,7 +93,7 @@ struct ConvKernels {
   WinogradInputFn winograd_input[kNumWinogradTiles];
   WinogradOutputFn winograd_output[kNumWinogradTiles];
   WinogradGradOutputFn winograd_grad_output[kNumWinogradTiles];
-  WinogradWeightFn winograd_grad_weight[kNumWinogradTiles];
+  WinogradGradWeightFn winograd_grad_weight[kNumWinogradTiles];
 };
 
 const ConvKernels& conv_kernels_scalar();

@@ -114,19 +114,24 @@ inline bool finite(V sum) {
 }  // namespace winograd
 
 // Weight transform of input channels [c0, c1): u ((m + 2)^2, C, K) = G g G^T for w (C, 3, 3, K)
-// (the output channels contiguous: one SIMD vector covers W of them).
+// (the output channels contiguous: one SIMD vector covers W of them). False when a weight it read
+// is not finite.
 template <int kM, typename T>
-void conv_winograd_weight(const void* w_, int64_t C, int64_t K, int64_t c0, int64_t c1, void* u_) {
+bool conv_winograd_weight(const void* w_, int64_t C, int64_t K, int64_t c0, int64_t c1, void* u_) {
   using V = Vec<T>;
   constexpr int64_t kIn = kM + 2;
   const T* w = static_cast<const T*>(w_);
   T* u = static_cast<T*>(u_);
+  V sum = V::zero();
   for (int64_t c = c0; c < c1; ++c)
     for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
       V cols[3][kIn];  // cols[s] = G of column s of the 3x3 kernel
       for (int64_t s = 0; s < 3; ++s) {
         V g[3];
-        for (int64_t r = 0; r < 3; ++r) g[r] = ld<V>(w + ((c * 3 + r) * 3 + s) * K + k, len);
+        for (int64_t r = 0; r < 3; ++r) {
+          g[r] = ld<V>(w + ((c * 3 + r) * 3 + s) * K + k, len);
+          sum = sum + g[r];
+        }
         winograd::weight_1d<kM, T>(g, cols[s]);
       }
       for (int64_t i = 0; i < kIn; ++i) {
@@ -136,6 +141,7 @@ void conv_winograd_weight(const void* w_, int64_t C, int64_t K, int64_t c0, int6
         for (int64_t j = 0; j < kIn; ++j) st(u + ((i * kIn + j) * C + c) * K + k, o[j], len);
       }
     });
+  return winograd::finite<T>(sum);
 }
 
 // Input transform of tiles [t0, t0 + nt) (tile t = (n, tile row, tile column), ceil(P / m) x

@@ -26,6 +26,8 @@ CONV_SHAPES = {
     # channel vectors with a partial one, pixel tiles with a remainder, an odd tap count.
     "depthwise_wide": (1, 35, 5, 37, 35, 3, 3, (2, 1), (1, 2), (1, 2), 35),
     "depthwise_5x5_nopad": (2, 16, 9, 18, 16, 5, 5, 1, 0, 1, 16),
+    # The unrolled 3x3 of NCHW planes, with a row stride and a partial width vector.
+    "depthwise_3x3_s2h": (2, 20, 9, 18, 20, 3, 3, (2, 1), 1, 1, 20),
     "5x5_s3": (3, 5, 11, 10, 7, 5, 5, 3, 2, 1, 1),
     "stem_7x7": (1, 3, 15, 13, 9, 7, 7, 2, 3, 1, 1),
     "one_channel": (1, 1, 4, 5, 1, 2, 2, 1, 0, 1, 1),

@@ -46,6 +46,8 @@ CONV_SHAPES = {
     "winograd_pad3": (2, 16, 4, 5, 16, 3, 3, 1, 3, 1, 1),
     # Several weight-gradient blocks (one image of 15x15 2x2 tiles each), summed over chunks.
     "winograd_chunks": (5, 16, 30, 29, 16, 3, 3, 1, 1, 1, 1),
+    # A transformed weight 3x the transformed activations: the direct path.
+    "winograd_deep": (2, 48, 4, 4, 48, 3, 3, 1, 1, 1, 1),
 }
 # The Triton interpreter is slow: one layout/epilogue variant per shape there.
 INTERPRETED = [

@@ -440,11 +440,12 @@ at::Tensor winograd_weight_grad(const Gemm& p, const float* x, const float* gpre
       std::max<int64_t>(1, std::min({blocks, kMaxChunks, kPartialBytes / (part * 4)}));
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor partial = new_output({chunks, part}, opts);
+  float* partial_data = partial.data_ptr<float>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> v(points * per * tw * C), dm(points * per * tw * K);
     for (int64_t c = c0; c < c1; ++c) {
-      float* du = partial.data_ptr<float>() + c * part;
+      float* du = partial_data + c * part;
       const int64_t first = c * blocks / chunks;
       for (int64_t b = first; b < (c + 1) * blocks / chunks && finite; ++b) {
         const int64_t r0 = b * per, r1 = std::min(tile_rows, r0 + per);
@@ -462,12 +463,13 @@ at::Tensor winograd_weight_grad(const Gemm& p, const float* x, const float* gpre
   });
   if (!finite) return {};
   at::Tensor du = new_output({points, C, K}, opts);
+  const float* pp = partial.const_data_ptr<float>();
+  float* dup = du.data_ptr<float>();
   at::parallel_for(0, part, 4096, [&](int64_t i0, int64_t i1) {
-    const float* pp = partial.const_data_ptr<float>();
     for (int64_t i = i0; i < i1; ++i) {
       float s = 0.f;
       for (int64_t c = 0; c < chunks; ++c) s += pp[c * part + i];
-      du.data_ptr<float>()[i] = s;
+      dup[i] = s;
     }
   });
   at::Tensor dw = new_output({C, 3, 3, K}, opts);

@@ -111,6 +111,25 @@ inline bool finite(V sum) {
   return true;
 }
 
+// The separable 2-D transform o = T g T^T of a kRows x kRows grid by the 1-D transform f (kRows
+// values into kOut): f down each column (load(r, s) gives grid element (r, s), one SIMD vector),
+// then along each row of the result; store(i, j, v) takes output (i, j).
+template <int kRows, int kOut, typename V, typename F, typename Load, typename Store>
+inline void transform_2d(F f, Load load, Store store) {
+  V cols[kRows][kOut];  // cols[s] = f of column s
+  for (int64_t s = 0; s < kRows; ++s) {
+    V d[kRows];
+    for (int64_t r = 0; r < kRows; ++r) d[r] = load(r, s);
+    f(d, cols[s]);
+  }
+  for (int64_t i = 0; i < kOut; ++i) {
+    V row[kRows], o[kOut];
+    for (int64_t s = 0; s < kRows; ++s) row[s] = cols[s][i];
+    f(row, o);
+    for (int64_t j = 0; j < kOut; ++j) store(i, j, o[j]);
+  }
+}
+
 }  // namespace winograd
 
 // Weight transform of input channels [c0, c1): u ((m + 2)^2, C, K) = G g G^T for w (C, 3, 3, K)
@@ -125,21 +144,14 @@ bool conv_winograd_weight(const void* w_, int64_t C, int64_t K, int64_t c0, int6
   V sum = V::zero();
   for (int64_t c = c0; c < c1; ++c)
     for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
-      V cols[3][kIn];  // cols[s] = G of column s of the 3x3 kernel
-      for (int64_t s = 0; s < 3; ++s) {
-        V g[3];
-        for (int64_t r = 0; r < 3; ++r) {
-          g[r] = ld<V>(w + ((c * 3 + r) * 3 + s) * K + k, len);
-          sum = sum + g[r];
-        }
-        winograd::weight_1d<kM, T>(g, cols[s]);
-      }
-      for (int64_t i = 0; i < kIn; ++i) {
-        V row[3], o[kIn];
-        for (int64_t s = 0; s < 3; ++s) row[s] = cols[s][i];
-        winograd::weight_1d<kM, T>(row, o);
-        for (int64_t j = 0; j < kIn; ++j) st(u + ((i * kIn + j) * C + c) * K + k, o[j], len);
-      }
+      winograd::transform_2d<3, kIn, V>(
+          [](const V* g, V* o) { winograd::weight_1d<kM, T>(g, o); },
+          [&](int64_t r, int64_t s) {
+            const V g = ld<V>(w + ((c * 3 + r) * 3 + s) * K + k, len);
+            sum = sum + g;
+            return g;
+          },
+          [&](int64_t i, int64_t j, V o) { st(u + ((i * kIn + j) * C + c) * K + k, o, len); });
     });
   return winograd::finite<T>(sum);
 }
@@ -161,25 +173,17 @@ bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t t0, int64_t 
     const int64_t t = t0 + l, n = t / (th * tw);
     const int64_t h0 = t / tw % th * kM - a.pad_h, w0 = t % tw * kM - a.pad_w;
     for_vectors<V::W>(0, C, [&](int64_t c, int64_t len) {
-      V cols[kIn][kIn];  // cols[s] = B^T of column s of the tile
-      for (int64_t s = 0; s < kIn; ++s) {
-        V d[kIn];
-        const int64_t w = w0 + s;
-        for (int64_t r = 0; r < kIn; ++r) {
-          const int64_t h = h0 + r;
-          d[r] = h >= 0 && h < a.H && w >= 0 && w < a.W
-                     ? ld<V>(x + ((n * a.H + h) * a.W + w) * C + c, len)
-                     : V::zero();
-          sum = sum + d[r];
-        }
-        winograd::input_1d<kM, T>(d, cols[s]);
-      }
-      for (int64_t i = 0; i < kIn; ++i) {
-        V row[kIn], o[kIn];
-        for (int64_t s = 0; s < kIn; ++s) row[s] = cols[s][i];
-        winograd::input_1d<kM, T>(row, o);
-        for (int64_t j = 0; j < kIn; ++j) st(v + ((i * kIn + j) * nt + l) * C + c, o[j], len);
-      }
+      winograd::transform_2d<kIn, kIn, V>(
+          [](const V* d, V* o) { winograd::input_1d<kM, T>(d, o); },
+          [&](int64_t r, int64_t s) {
+            const int64_t h = h0 + r, w = w0 + s;
+            const V d = h >= 0 && h < a.H && w >= 0 && w < a.W
+                            ? ld<V>(x + ((n * a.H + h) * a.W + w) * C + c, len)
+                            : V::zero();
+            sum = sum + d;
+            return d;
+          },
+          [&](int64_t i, int64_t j, V o) { st(v + ((i * kIn + j) * nt + l) * C + c, o, len); });
     });
   }
   return winograd::finite<T>(sum);
@@ -200,19 +204,13 @@ void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t t0, int64_t
     const int64_t t = t0 + l, n = t / (th * tw), p0 = t / tw % th * kM, q0 = t % tw * kM;
     const int64_t np = imin(kM, a.P - p0), nq = imin(kM, a.Q - q0);
     for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
-      V cols[kIn][kM];  // cols[s] = A^T of column s of the tile's products
-      for (int64_t s = 0; s < kIn; ++s) {
-        V col[kIn];
-        for (int64_t r = 0; r < kIn; ++r) col[r] = ld<V>(m + ((r * kIn + s) * nt + l) * K + k, len);
-        winograd::output_1d<kM, T>(col, cols[s]);
-      }
-      for (int64_t i = 0; i < np; ++i) {
-        V row[kIn], y[kM];
-        for (int64_t s = 0; s < kIn; ++s) row[s] = cols[s][i];
-        winograd::output_1d<kM, T>(row, y);
-        for (int64_t j = 0; j < nq; ++j)
-          st(acc + ((n * a.P + p0 + i) * a.Q + q0 + j - m0) * K + k, y[j], len);
-      }
+      winograd::transform_2d<kIn, kM, V>(
+          [](const V* d, V* o) { winograd::output_1d<kM, T>(d, o); },
+          [&](int64_t r, int64_t s) { return ld<V>(m + ((r * kIn + s) * nt + l) * K + k, len); },
+          [&](int64_t i, int64_t j, V y) {
+            if (i < np && j < nq)
+              st(acc + ((n * a.P + p0 + i) * a.Q + q0 + j - m0) * K + k, y, len);
+          });
     });
   }
 }
@@ -233,22 +231,16 @@ bool conv_winograd_grad_output(const ConvArgs& a, const void* gy_, int64_t t0, i
     const int64_t t = t0 + l, n = t / (th * tw), p0 = t / tw % th * kM, q0 = t % tw * kM;
     const int64_t np = imin(kM, a.P - p0), nq = imin(kM, a.Q - q0);
     for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
-      V cols[kM][kIn];  // cols[j] = A of column j of the tile's output gradient
-      for (int64_t j = 0; j < kM; ++j) {
-        V y[kM];
-        for (int64_t i = 0; i < kM; ++i) {
-          y[i] = i < np && j < nq ? ld<V>(gy + ((n * a.P + p0 + i) * a.Q + q0 + j) * K + k, len)
-                                  : V::zero();
-          sum = sum + y[i];
-        }
-        winograd::output_1d_adjoint<kM, T>(y, cols[j]);
-      }
-      for (int64_t r = 0; r < kIn; ++r) {
-        V row[kM], o[kIn];
-        for (int64_t j = 0; j < kM; ++j) row[j] = cols[j][r];
-        winograd::output_1d_adjoint<kM, T>(row, o);
-        for (int64_t s = 0; s < kIn; ++s) st(dm + ((r * kIn + s) * nt + l) * K + k, o[s], len);
-      }
+      winograd::transform_2d<kM, kIn, V>(
+          [](const V* y, V* o) { winograd::output_1d_adjoint<kM, T>(y, o); },
+          [&](int64_t i, int64_t j) {
+            const V y = i < np && j < nq
+                            ? ld<V>(gy + ((n * a.P + p0 + i) * a.Q + q0 + j) * K + k, len)
+                            : V::zero();
+            sum = sum + y;
+            return y;
+          },
+          [&](int64_t r, int64_t s, V o) { st(dm + ((r * kIn + s) * nt + l) * K + k, o, len); });
     });
   }
   return winograd::finite<T>(sum);
@@ -265,17 +257,9 @@ void conv_winograd_grad_weight(const void* du_, int64_t C, int64_t K, int64_t c0
   T* dw = static_cast<T*>(dw_);
   for (int64_t c = c0; c < c1; ++c)
     for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
-      V cols[kIn][3];  // cols[j] = G^T of column j of the point grid
-      for (int64_t j = 0; j < kIn; ++j) {
-        V u[kIn];
-        for (int64_t i = 0; i < kIn; ++i) u[i] = ld<V>(du + ((i * kIn + j) * C + c) * K + k, len);
-        winograd::weight_1d_adjoint<kM, T>(u, cols[j]);
-      }
-      for (int64_t r = 0; r < 3; ++r) {
-        V row[kIn], g[3];
-        for (int64_t j = 0; j < kIn; ++j) row[j] = cols[j][r];
-        winograd::weight_1d_adjoint<kM, T>(row, g);
-        for (int64_t s = 0; s < 3; ++s) st(dw + ((c * 3 + r) * 3 + s) * K + k, g[s], len);
-      }
+      winograd::transform_2d<kIn, 3, V>(
+          [](const V* u, V* g) { winograd::weight_1d_adjoint<kM, T>(u, g); },
+          [&](int64_t i, int64_t j) { return ld<V>(du + ((i * kIn + j) * C + c) * K + k, len); },
+          [&](int64_t r, int64_t s, V g) { st(dw + ((c * 3 + r) * 3 + s) * K + k, g, len); });
     });
 }

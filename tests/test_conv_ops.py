@@ -199,3 +199,30 @@ def test_every_isa(isa):
     )
     assert_close(z, zd, torch.float32)
     assert_close(gx, torch.autograd.grad(zd.sum(), xd)[0], torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_isa_nchw_winograd(isa):
+    """Per ISA: NCHW input through the layout transposes, Winograd (forward and both gradients,
+    16-row transpose blocks plus remainders), the NCHW epilogue with bias + residual + ReLU, and
+    the unrolled 3x3 depthwise on NCHW planes."""
+    x = torch.randn(2, 20, 9, 11, requires_grad=True)
+    w = torch.randn(24, 20, 3, 3, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    res = torch.randn(2, 24, 9, 11)
+    wd3 = torch.randn(24, 1, 3, 3, requires_grad=True)
+    previous = _ext.cpu_isa()
+    _ext.set_cpu_isa(isa)
+    try:
+        with fastdl.backend(NATIVE_CPU.name):
+            y = fastdl.conv2d(x, w, b, 1, 1, activation="relu", residual=res)
+            z = fastdl.conv2d(y, wd3, None, 1, 1, 1, 24)
+            grads = torch.autograd.grad((z * z).sum(), (x, w, b, wd3))
+    finally:
+        _ext.set_cpu_isa(previous)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b, wd3)]
+    yd = ref_conv2d(leaves[0], leaves[1], leaves[2], 1, 1, 1, 1, "relu", res.double())
+    zd = ref_conv2d(yd, leaves[3], None, 1, 1, 1, 24)
+    assert_close(z, zd, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad((zd * zd).sum(), leaves), strict=True):
+        assert_close(got, want, torch.float32, scale=4.0)

@@ -90,9 +90,42 @@ at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// dst = src transposed image by image: N images of rows x cols into cols x rows, all in parallel
+// (NCHW <-> NHWC through the conv kernels' transpose, ~2x torch's permute copy here).
+void transpose_images(const float* src, int64_t N, int64_t rows, int64_t cols, float* dst) {
+  constexpr int64_t kStep = 64;  // rows per task, a multiple of the 16-row register blocks
+  const int64_t per = (rows + kStep - 1) / kStep;
+  at::parallel_for(0, N * per, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / per, r0 = b % per * kStep;
+      kernels().transpose[kConvF32](src + (n * rows + r0) * cols, cols, dst + n * rows * cols + r0,
+                                    rows, std::min(kStep, rows - r0), cols);
+    }
+  });
+}
+
 // x in compute dtype, NHWC memory ((N, C, H, W) channels_last view).
 at::Tensor nhwc(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat && x.is_contiguous() &&
+      !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    at::Tensor y = new_output(x.sizes(), x.options(), at::MemoryFormat::ChannelsLast);
+    transpose_images(x.const_data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3),
+                     y.data_ptr<float>());
+    return y;
+  }
   return as_output(x, compute_type(x), at::MemoryFormat::ChannelsLast);
+}
+
+// t ((N, C, H, W), dense channels_last) in `fmt` and `dtype`.
+at::Tensor from_channels_last(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype) {
+  if (fmt == at::MemoryFormat::Contiguous && dtype == at::kFloat && t.scalar_type() == at::kFloat &&
+      !t.is_contiguous()) {
+    at::Tensor y = new_output(t.sizes(), t.options());
+    transpose_images(t.const_data_ptr<float>(), t.size(0), t.size(2) * t.size(3), t.size(1),
+                     y.data_ptr<float>());
+    return y;
+  }
+  return as_output(t, dtype, fmt);
 }
 
 // The Winograd tile size m (cpu/conv_winograd.h): FASTDL_CONV_WINOGRAD=2 (the default: float32
@@ -339,7 +372,7 @@ void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
 
 // (N, H, W, C) NHWC buffer -> (N, C, H, W) in `fmt` and `dtype`.
 at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype) {
-  return as_output(t.permute({0, 3, 1, 2}), dtype, fmt);
+  return from_channels_last(t.permute({0, 3, 1, 2}), fmt, dtype);
 }
 
 // The weight gradient in weight_matrix's layout -> torch's contiguous (K, C/G, R, S).
@@ -507,7 +540,7 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
   const auto opts = gpre.options();
   if (want_input) r.input = winograd_input_grad(g, gpre, weight);
   if (r.input.defined()) {
-    r.input = as_output(r.input, dtype, fmt);
+    r.input = from_channels_last(r.input, fmt, dtype);
   } else if (want_input) {
     at::Tensor gx = new_output({g.N, g.H, g.W, g.C}, opts).zero_();
     if (p.M > 0) {

@@ -132,6 +132,59 @@ void conv_epilogue_bwd(const ConvArgs& a, const void* grad_out_, const void* out
   }
 }
 
+// dst[c ldd + r] = src[r lds + c] for r < rows, c < cols: a transposed copy, NCHW <-> NHWC of an
+// image for conv.cpp (torch's permute copy moved ~15 GB/s here) and the NCHW epilogue's blocks.
+// AVX-512 transposes 16 x 16 blocks in registers (four rounds of shuffles); the rest, and the other
+// ISAs, run plain loops.
+template <typename T>
+void conv_transpose(const void* src_, int64_t lds, void* dst_, int64_t ldd, int64_t rows,
+                    int64_t cols) {
+  const T* src = static_cast<const T*>(src_);
+  T* dst = static_cast<T*>(dst_);
+  int64_t r = 0;
+#if FASTDL_VEC == 512
+  if constexpr (sizeof(T) == 4) {
+    for (; r + 16 <= rows; r += 16) {
+      int64_t c = 0;
+      for (; c + 16 <= cols; c += 16) {
+        __m512 a[16], b[16];
+        for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + (r + i) * lds + c);
+        for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved
+          b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+          b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+        }
+        for (int g = 0; g < 16; g += 4) {  // 4x4 blocks transposed within each 128-bit lane
+          const __m512d lo01 = _mm512_castps_pd(b[g]), hi01 = _mm512_castps_pd(b[g + 1]);
+          const __m512d lo23 = _mm512_castps_pd(b[g + 2]), hi23 = _mm512_castps_pd(b[g + 3]);
+          a[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo01, lo23));
+          a[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo01, lo23));
+          a[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi01, hi23));
+          a[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi01, hi23));
+        }
+        for (int j = 0; j < 4; ++j) {  // lanes gathered across the four row groups
+          b[j] = _mm512_shuffle_f32x4(a[j], a[4 + j], 0x88);
+          b[4 + j] = _mm512_shuffle_f32x4(a[j], a[4 + j], 0xdd);
+          b[8 + j] = _mm512_shuffle_f32x4(a[8 + j], a[12 + j], 0x88);
+          b[12 + j] = _mm512_shuffle_f32x4(a[8 + j], a[12 + j], 0xdd);
+        }
+        for (int j = 0; j < 4; ++j) {  // column 4 L + j of the block: lane L of each group
+          _mm512_storeu_ps(dst + (c + j) * ldd + r, _mm512_shuffle_f32x4(b[j], b[8 + j], 0x88));
+          _mm512_storeu_ps(dst + (c + 8 + j) * ldd + r, _mm512_shuffle_f32x4(b[j], b[8 + j], 0xdd));
+          _mm512_storeu_ps(dst + (c + 4 + j) * ldd + r,
+                           _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0x88));
+          _mm512_storeu_ps(dst + (c + 12 + j) * ldd + r,
+                           _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0xdd));
+        }
+      }
+      for (; c < cols; ++c)
+        for (int64_t i = r; i < r + 16; ++i) dst[c * ldd + i] = src[i * lds + c];
+    }
+  }
+#endif
+  for (; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
 namespace conv_detail {
 
 // The epilogue of len contiguous outputs at element offset o (one SIMD vector): v + bias (per
@@ -180,17 +233,21 @@ void conv_epilogue(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t
     }
     return;
   }
-  T tile[V::W];
+  T tile[V::W * V::W];
   for (int64_t i0 = 0; i0 < mb;) {
     const int64_t m = m0 + i0, run = imin(mb - i0, pq - m % pq);
     const int64_t base = m / pq * a.out_sn + m % pq;
-    // A vector of pixels at a time: its rows of acc (W x kg values) stay in L1 across the channels.
+    // A vector of pixels at a time, W channels at a time: that W x W block of acc transposed into
+    // the tile, whose rows are then one channel's pixels each.
     for_vectors<V::W>(0, run, [&](int64_t j, int64_t len) {
-      const T* rows = acc + (i0 + j) * kg;
-      for (int64_t k = 0; k < kg; ++k) {
-        for (int64_t l = 0; l < len; ++l) tile[l] = rows[l * kg + k];
-        const V vb = V::set1(bias != nullptr ? bias[k0 + k] : T(0));
-        conv_detail::store_vec<T>(a, e, ld<V>(tile, len), vb, base + (k0 + k) * a.out_sk + j, len);
+      for (int64_t kc = 0; kc < kg; kc += V::W) {
+        const int64_t nk = imin(V::W, kg - kc);
+        conv_transpose<T>(acc + (i0 + j) * kg + kc, kg, tile, V::W, len, nk);
+        for (int64_t k = kc; k < kc + nk; ++k) {
+          const V vb = V::set1(bias != nullptr ? bias[k0 + k] : T(0));
+          conv_detail::store_vec<T>(a, e, ld<V>(tile + (k - kc) * V::W, len), vb,
+                                    base + (k0 + k) * a.out_sk + j, len);
+        }
       }
     });
     i0 += run;
@@ -320,6 +377,7 @@ const ConvKernels kConvKernels = {
     .epilogue_bwd = {conv_epilogue_bwd<float>, conv_epilogue_bwd<double>},
     .depthwise_fwd = {conv_depthwise_fwd<float>, conv_depthwise_fwd<double>},
     .depthwise_plane_fwd = {conv_depthwise_plane_fwd<float>, conv_depthwise_plane_fwd<double>},
+    .transpose = {conv_transpose<float>, conv_transpose<double>},
     .winograd_weight = {conv_winograd_weight<2, float>, conv_winograd_weight<4, float>},
     .winograd_input = {conv_winograd_input<2, float>, conv_winograd_input<4, float>},
     .winograd_output = {conv_winograd_output<2, float>, conv_winograd_output<4, float>},

@@ -60,6 +60,9 @@ using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void*
                                      const ConvEpilogue&, int64_t plane0, int64_t plane1,
                                      void* scratch);
 
+// dst[c ldd + r] = src[r lds + c] for r < rows, c < cols (NCHW <-> NHWC).
+using TransposeFn = void (*)(const void* src, int64_t lds, void* dst, int64_t ldd, int64_t rows,
+                             int64_t cols);
 // Winograd F(m x m, 3x3) transforms (csrc/cpu/conv_winograd.h), float32 only, one entry per
 // tile size (kWinograd2, kWinograd4): the weight transform of input channels [c0, c1) of
 // w (C, 3, 3, K) into u ((m + 2)^2, C, K); on blocks of nt tiles from tile t0 on, the input
@@ -89,6 +92,7 @@ struct ConvKernels {
   EpilogueBwdFn epilogue_bwd[kNumConvDtypes];
   DepthwiseFwdFn depthwise_fwd[kNumConvDtypes];
   DepthwisePlaneFwdFn depthwise_plane_fwd[kNumConvDtypes];
+  TransposeFn transpose[kNumConvDtypes];
   WinogradWeightFn winograd_weight[kNumWinogradTiles];
   WinogradInputFn winograd_input[kNumWinogradTiles];
   WinogradOutputFn winograd_output[kNumWinogradTiles];

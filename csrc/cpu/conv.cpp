@@ -106,7 +106,7 @@ void transpose_images(const float* src, int64_t N, int64_t rows, int64_t cols, f
 
 // x in compute dtype, NHWC memory ((N, C, H, W) channels_last view).
 at::Tensor nhwc(const at::Tensor& x) {
-  if (x.scalar_type() == at::kFloat && x.is_contiguous() &&
+  if (x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
       !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     at::Tensor y = new_output(x.sizes(), x.options(), at::MemoryFormat::ChannelsLast);
     transpose_images(x.const_data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3),

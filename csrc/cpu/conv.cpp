@@ -216,6 +216,36 @@ void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
   });
 }
 
+// The kernel tables' index of tile size m.
+int winograd_index(int64_t m) {
+  return m == 4 ? kWinograd4 : kWinograd2;
+}
+
+// The tiles of a Winograd conv (m = p.wino) cut into blocks of whole tile rows: tile row r is
+// (image r / th, row of tiles r % th), tiles run along it, and `per` tile rows make a block. The
+// output rows of a block are one contiguous range.
+struct WinogradBlocks {
+  int64_t m, points, tile, th, tw, per, tile_rows, blocks;
+
+  // Blocks of about `tiles` tiles (at least one tile row).
+  WinogradBlocks(const Gemm& p, int64_t tiles)
+      : m(p.wino),
+        points((m + 2) * (m + 2)),
+        tile(winograd_index(m)),
+        th((p.a.P + m - 1) / m),
+        tw((p.a.Q + m - 1) / m),
+        per(std::max<int64_t>(1, tiles / tw)),
+        tile_rows(p.a.N * th),
+        blocks((tile_rows + per - 1) / per) {}
+  int64_t t0(int64_t b) const { return b * per * tw; }
+  int64_t nt(int64_t b) const { return (std::min(tile_rows, (b + 1) * per) - b * per) * tw; }
+  // Output rows [first, last) of block b.
+  std::pair<int64_t, int64_t> rows(const ConvArgs& a, int64_t b) const {
+    const auto first = [&](int64_t r) { return (r / th * a.P + std::min(a.P, r % th * m)) * a.Q; };
+    return {first(b * per), first(std::min(tile_rows, (b + 1) * per))};
+  }
+};
+
 // U ((m + 2)^2, C, K) = G g G^T for every (output, input) channel pair of w (K, C, 3, 3);
 // undefined when a weight is not finite.
 at::Tensor winograd_weight(const at::Tensor& w, int64_t m) {
@@ -224,8 +254,8 @@ at::Tensor winograd_weight(const at::Tensor& w, int64_t m) {
   at::Tensor u = new_output({(m + 2) * (m + 2), C, K}, wt.options());
   std::atomic<bool> finite{true};
   at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-    if (!kernels().winograd_weight[m == 4](wt.const_data_ptr<float>(), C, K, c0, c1,
-                                           u.data_ptr<float>()))
+    if (!kernels().winograd_weight[winograd_index(m)](wt.const_data_ptr<float>(), C, K, c0, c1,
+                                                      u.data_ptr<float>()))
       finite = false;
   });
   return finite ? u : at::Tensor();
@@ -238,34 +268,29 @@ at::Tensor winograd_weight(const at::Tensor& w, int64_t m) {
 // afterwards (NaN and Inf stay where torch's conv puts them). False, with nothing written, when
 // Winograd does not apply or the weight is not finite.
 bool winograd_forward(const Gemm& p, const float* x, const at::Tensor& weight, ConvEpilogue e) {
-  const int64_t m = p.wino, points = (m + 2) * (m + 2), wt = m == 4;
-  if (m == 0) return false;
-  const at::Tensor u = winograd_weight(weight, m);
+  if (p.wino == 0) return false;
+  const at::Tensor u = winograd_weight(weight, p.wino);
   if (!u.defined()) return false;
   const ConvArgs& a = p.a;
   const ConvKernels& kr = kernels();
-  const int64_t th = (a.P + m - 1) / m, tw = (a.Q + m - 1) / m, C = a.C, K = a.K;
-  const int64_t want = std::max(kWinogradMinTiles, kWinogradBlockBytes / (points * 4 * (C + K)));
-  const int64_t per = std::max<int64_t>(1, want / tw);  // tile rows per block
-  const int64_t tile_rows = a.N * th, blocks = (tile_rows + per - 1) / per;
+  const int64_t C = a.C, K = a.K, points = (p.wino + 2) * (p.wino + 2);
+  const WinogradBlocks wb(
+      p, std::max(kWinogradMinTiles, kWinogradBlockBytes / (points * 4 * (C + K))));
+  const int64_t blocks = wb.blocks, wt = wb.tile, tiles = wb.per * wb.tw;
   std::vector<PackedB<float>> packs(points);
   at::parallel_for(0, points, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       packs[i].pack(false, C, K, u.const_data_ptr<float>() + i * C * K, K);
   });
-  const auto rows = [&](int64_t b) {  // output rows [first, last) of block b's tile rows
-    const auto first = [&](int64_t r) { return (r / th * a.P + std::min(a.P, r % th * m)) * a.Q; };
-    return std::make_pair(first(b * per), first(std::min(tile_rows, (b + 1) * per)));
-  };
   std::vector<char> direct(blocks, 0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> v(points * per * tw * C), prod(points * per * tw * K);
-    std::vector<float> acc(per * m * a.Q * K);
+    std::vector<float> v(points * tiles * C), prod(points * tiles * K);
+    std::vector<float> acc(wb.per * wb.m * a.Q * K);
     ConvEpilogue eb = e;
     eb.acc = acc.data();
     for (int64_t b = b0; b < b1; ++b) {
-      const auto [m0, m1] = rows(b);
-      const int64_t t0 = b * per * tw, nt = (std::min(tile_rows, (b + 1) * per) - b * per) * tw;
+      const auto [m0, m1] = wb.rows(a, b);
+      const int64_t t0 = wb.t0(b), nt = wb.nt(b);
       if (!kr.winograd_input[wt](a, x, t0, nt, v.data())) {
         direct[b] = 1;
         continue;
@@ -283,7 +308,7 @@ bool winograd_forward(const Gemm& p, const float* x, const at::Tensor& weight, C
     ConvEpilogue eb = e;
     eb.acc = acc.data();
     for (int64_t b = b0; b < b1; ++b) {
-      const auto [m0, m1] = rows(b);
+      const auto [m0, m1] = wb.rows(a, b);
       for (int64_t i = m0; direct[b] && i < m1; i += p.rows)
         forward_rows<float>(p, x, wm.const_data_ptr<float>(), eb, i, std::min(p.rows, m1 - i),
                             col.data());
@@ -328,6 +353,19 @@ void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
   });
 }
 
+// Sums chunks partial sums of part elements each, element by element in chunk order (so the
+// result does not depend on the thread count), and hands sum i to put(i, sum).
+template <typename T, typename Put>
+void sum_chunks(const T* partial, int64_t chunks, int64_t part, Put put) {
+  at::parallel_for(0, part, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T s = T(0);
+      for (int64_t c = 0; c < chunks; ++c) s += partial[c * part + i];
+      put(i, s);
+    }
+  });
+}
+
 // gw (K, R, S, C/G) = (col^T gpre)^T and gb (K) = column sums of gpre (either may be null).
 template <typename T>
 void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
@@ -360,13 +398,9 @@ void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
       }
     }
   });
-  at::parallel_for(0, part, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      T s = T(0);
-      for (int64_t c = 0; c < chunks; ++c) s += partial[c * part + i];
-      if (i < wsize && gw != nullptr) gw[i] = s;
-      if (i >= wsize && gb != nullptr) gb[i - wsize] = s;
-    }
+  sum_chunks(partial.get(), chunks, part, [&](int64_t i, T s) {
+    if (i < wsize && gw != nullptr) gw[i] = s;
+    if (i >= wsize && gb != nullptr) gb[i - wsize] = s;
   });
 }
 
@@ -462,13 +496,12 @@ struct ConvGrads {
 // transform G^T dU G. Undefined when Winograd does not apply or an input is not finite (the
 // direct path then puts NaN and Inf where torch's conv does).
 at::Tensor winograd_weight_grad(const Gemm& p, const float* x, const float* gpre) {
-  const int64_t m = p.wino, points = (m + 2) * (m + 2), wt = m == 4;
-  if (m == 0) return {};
+  if (p.wino == 0) return {};
   const ConvArgs& a = p.a;
   const ConvKernels& kr = kernels();
-  const int64_t th = (a.P + m - 1) / m, tw = (a.Q + m - 1) / m, C = a.C, K = a.K;
-  const int64_t per = std::max<int64_t>(1, kWinogradGradTiles / tw);
-  const int64_t tile_rows = a.N * th, blocks = (tile_rows + per - 1) / per, part = points * C * K;
+  const WinogradBlocks wb(p, kWinogradGradTiles);
+  const int64_t C = a.C, K = a.K, points = wb.points, wt = wb.tile, blocks = wb.blocks;
+  const int64_t tiles = wb.per * wb.tw, part = points * C * K;
   const int64_t chunks =
       std::max<int64_t>(1, std::min({blocks, kMaxChunks, kPartialBytes / (part * 4)}));
   const auto opts = at::TensorOptions().dtype(at::kFloat);
@@ -476,13 +509,12 @@ at::Tensor winograd_weight_grad(const Gemm& p, const float* x, const float* gpre
   float* partial_data = partial.data_ptr<float>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> v(points * per * tw * C), dm(points * per * tw * K);
+    std::vector<float> v(points * tiles * C), dm(points * tiles * K);
     for (int64_t c = c0; c < c1; ++c) {
       float* du = partial_data + c * part;
       const int64_t first = c * blocks / chunks;
       for (int64_t b = first; b < (c + 1) * blocks / chunks && finite; ++b) {
-        const int64_t r0 = b * per, r1 = std::min(tile_rows, r0 + per);
-        const int64_t t0 = r0 * tw, nt = (r1 - r0) * tw;
+        const int64_t t0 = wb.t0(b), nt = wb.nt(b);
         if (!kr.winograd_input[wt](a, x, t0, nt, v.data()) ||
             !kr.winograd_grad_output[wt](a, gpre, t0, nt, dm.data())) {
           finite = false;
@@ -496,15 +528,9 @@ at::Tensor winograd_weight_grad(const Gemm& p, const float* x, const float* gpre
   });
   if (!finite) return {};
   at::Tensor du = new_output({points, C, K}, opts);
-  const float* pp = partial.const_data_ptr<float>();
   float* dup = du.data_ptr<float>();
-  at::parallel_for(0, part, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      float s = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) s += pp[c * part + i];
-      dup[i] = s;
-    }
-  });
+  sum_chunks(partial.const_data_ptr<float>(), chunks, part,
+             [&](int64_t i, float s) { dup[i] = s; });
   at::Tensor dw = new_output({C, 3, 3, K}, opts);
   at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
     kr.winograd_grad_weight[wt](du.const_data_ptr<float>(), C, K, c0, c1, dw.data_ptr<float>());

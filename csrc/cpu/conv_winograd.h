@@ -101,6 +101,20 @@ inline void weight_1d_adjoint(const V* u, V* g) {
   }
 }
 
+// Tile t of an F(kM x kM, 3x3) conv (ceil(P / kM) x ceil(Q / kM) tiles per image, row-major):
+// its image n and the output pixel (p0, q0) of its top-left corner, np x nq of its pixels inside
+// the output.
+struct Tile {
+  int64_t n, p0, q0, np, nq;
+};
+
+template <int kM>
+inline Tile tile(const ConvArgs& a, int64_t t) {
+  const int64_t tw = (a.Q + kM - 1) / kM, th = (a.P + kM - 1) / kM;
+  const int64_t p0 = t / tw % th * kM, q0 = t % tw * kM;
+  return {t / (th * tw), p0, q0, imin(kM, a.P - p0), imin(kM, a.Q - q0)};
+}
+
 // Whether every lane of a running sum is finite (a NaN or Inf among its terms, or an overflow).
 template <typename T, typename V>
 inline bool finite(V sum) {
@@ -167,11 +181,11 @@ bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t t0, int64_t 
   constexpr int64_t kIn = kM + 2;
   const T* x = static_cast<const T*>(x_);
   T* v = static_cast<T*>(v_);
-  const int64_t C = a.C, tw = (a.Q + kM - 1) / kM, th = (a.P + kM - 1) / kM;
+  const int64_t C = a.C;
   V sum = V::zero();
   for (int64_t l = 0; l < nt; ++l) {
-    const int64_t t = t0 + l, n = t / (th * tw);
-    const int64_t h0 = t / tw % th * kM - a.pad_h, w0 = t % tw * kM - a.pad_w;
+    const winograd::Tile tl = winograd::tile<kM>(a, t0 + l);
+    const int64_t n = tl.n, h0 = tl.p0 - a.pad_h, w0 = tl.q0 - a.pad_w;
     for_vectors<V::W>(0, C, [&](int64_t c, int64_t len) {
       winograd::transform_2d<kIn, kIn, V>(
           [](const V* d, V* o) { winograd::input_1d<kM, T>(d, o); },
@@ -199,17 +213,16 @@ void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t t0, int64_t
   constexpr int64_t kIn = kM + 2;
   const T* m = static_cast<const T*>(m_);
   T* acc = static_cast<T*>(acc_);
-  const int64_t K = a.K, tw = (a.Q + kM - 1) / kM, th = (a.P + kM - 1) / kM;
+  const int64_t K = a.K;
   for (int64_t l = 0; l < nt; ++l) {
-    const int64_t t = t0 + l, n = t / (th * tw), p0 = t / tw % th * kM, q0 = t % tw * kM;
-    const int64_t np = imin(kM, a.P - p0), nq = imin(kM, a.Q - q0);
+    const winograd::Tile tl = winograd::tile<kM>(a, t0 + l);
     for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
       winograd::transform_2d<kIn, kM, V>(
           [](const V* d, V* o) { winograd::output_1d<kM, T>(d, o); },
           [&](int64_t r, int64_t s) { return ld<V>(m + ((r * kIn + s) * nt + l) * K + k, len); },
           [&](int64_t i, int64_t j, V y) {
-            if (i < np && j < nq)
-              st(acc + ((n * a.P + p0 + i) * a.Q + q0 + j - m0) * K + k, y, len);
+            if (i < tl.np && j < tl.nq)
+              st(acc + ((tl.n * a.P + tl.p0 + i) * a.Q + tl.q0 + j - m0) * K + k, y, len);
           });
     });
   }
@@ -225,17 +238,16 @@ bool conv_winograd_grad_output(const ConvArgs& a, const void* gy_, int64_t t0, i
   constexpr int64_t kIn = kM + 2;
   const T* gy = static_cast<const T*>(gy_);
   T* dm = static_cast<T*>(dm_);
-  const int64_t K = a.K, tw = (a.Q + kM - 1) / kM, th = (a.P + kM - 1) / kM;
+  const int64_t K = a.K;
   V sum = V::zero();
   for (int64_t l = 0; l < nt; ++l) {
-    const int64_t t = t0 + l, n = t / (th * tw), p0 = t / tw % th * kM, q0 = t % tw * kM;
-    const int64_t np = imin(kM, a.P - p0), nq = imin(kM, a.Q - q0);
+    const winograd::Tile tl = winograd::tile<kM>(a, t0 + l);
     for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
       winograd::transform_2d<kM, kIn, V>(
           [](const V* y, V* o) { winograd::output_1d_adjoint<kM, T>(y, o); },
           [&](int64_t i, int64_t j) {
-            const V y = i < np && j < nq
-                            ? ld<V>(gy + ((n * a.P + p0 + i) * a.Q + q0 + j) * K + k, len)
+            const V y = i < tl.np && j < tl.nq
+                            ? ld<V>(gy + ((tl.n * a.P + tl.p0 + i) * a.Q + tl.q0 + j) * K + k, len)
                             : V::zero();
             sum = sum + y;
             return y;

@@ -26,7 +26,7 @@ constexpr std::initializer_list<c10::ScalarType> kFloatDtypes = {at::kFloat, at:
                                                                  at::kHalf};
 constexpr std::initializer_list<c10::ScalarType> kOutDtypes = {at::kInt, at::kFloat, at::kBFloat16,
                                                                at::kHalf};
-// Rows per parallel task of the row passes (quantization, A copy, row sums).
+// Rows per parallel task of the row passes (quantization, A copy).
 constexpr int64_t kRowGrain = 16;
 
 bool has_vnni() {
@@ -101,39 +101,29 @@ const float* ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-// The GEMM's A operand: rows of int8 values with their row sums. int8 rows of a whole number of
-// k groups are read where they lie; others are copied (K padded with zeros to a multiple of 4)
-// or, floats, quantized per row into `scale` (columns marked in `skip` left out).
+// The GEMM's A operand: rows of int8 values. int8 rows of a whole number of k groups are read
+// where they lie (no pass over A at all); others are copied (K padded with zeros to a multiple
+// of 4) or, floats, quantized per row into `scale` (columns marked in `skip` left out).
 struct AOperand {
   at::Tensor rows;  // x's own or the copy
   int64_t lda;
-  at::Tensor rowsum;
 };
 
 AOperand first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, const uint8_t* skip) {
   const int64_t M = x2.size(0), K = x2.size(1);
-  const bool direct = x2.scalar_type() == at::kChar && K % 4 == 0;
-  AOperand a{x2, x2.stride(0), at::empty({M}, x2.options().dtype(at::kInt))};
-  if (!direct) {
-    // Rows padded to whole cache lines; the extra line keeps rows off one L1 set at K = 2^n.
-    a.lda = (int8_k4(K) * 4 + 63) / 64 * 64 + 64;
-    a.rows = new_output({std::max<int64_t>(M * a.lda, 1)}, x2.options().dtype(at::kChar));
-  }
-  QuantRows q{x2.data_ptr(),
-              x2.stride(0),
-              direct ? nullptr : a.rows.data_ptr<int8_t>(),
-              a.lda,
-              scale,
-              a.rowsum.data_ptr<int32_t>(),
-              skip,
-              K,
+  if (x2.scalar_type() == at::kChar && K % 4 == 0) return {x2, x2.stride(0)};
+  // Rows padded to whole cache lines; the extra line keeps rows off one L1 set at K = 2^n.
+  AOperand a{at::Tensor(), (int8_k4(K) * 4 + 63) / 64 * 64 + 64};
+  a.rows = new_output({std::max<int64_t>(M * a.lda, 1)}, x2.options().dtype(at::kChar));
+  QuantRows q{x2.data_ptr(), x2.stride(0), a.rows.data_ptr<int8_t>(), a.lda, scale, skip, K,
               int8_k4(K) * 4};
   const QuantFn fn = t.quantize[in_index(x2.scalar_type())];
   at::parallel_for(0, M, kRowGrain, [&](int64_t r0, int64_t r1) { fn(q, r0, r1); });
   return a;
 }
 
-// This thread's buffer for the B panels of one tile (4 x K x 64 bytes), 64-byte aligned: the
+// This thread's buffer for the B panels of one tile (4 x K x 64 bytes and their column sums),
+// 64-byte aligned: the
 // kernels' 64-byte loads of B must not straddle cache lines. Kept for the thread's life and grown
 // as needed (1 MiB at K = 4096), rather than a fresh allocation per call: hundreds of KiB from
 // mmap, a page fault and the zeroing of each page every call.
@@ -167,7 +157,8 @@ void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out, const PackB* unpacked =
   const int64_t row_tiles = (g.M + mb - 1) / mb;
   const GemmFn fn = t.gemm[out];
   parallel_claim(row_tiles * panel_tiles, 1, [&](const auto& claim) {
-    uint8_t* local = unpacked != nullptr ? pack_workspace(pb * g.K4 * kPanel * 4) : nullptr;
+    uint8_t* local =
+        unpacked != nullptr ? pack_workspace(int8_packed_bytes(unpacked->K, pb * kPanel)) : nullptr;
     for (int64_t i0, i1; claim(i0, i1);)
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m0 = i / panel_tiles * mb, m1 = std::min(g.M, m0 + mb);
@@ -185,6 +176,7 @@ void run_gemm(const Int8Kernels& t, Gemm g, Int8Out out, const PackB* unpacked =
         t.pack_b(pw, 0, p1 - p0);
         Gemm gw = g;
         gw.b = pw.dst;
+        gw.b_colsum = reinterpret_cast<const int32_t*>(pw.dst + int8_colsum_offset(pw.K, w));
         gw.N = w;
         gw.out = static_cast<char*>(g.out) + c0 * esize;
         if (g.b_scale != nullptr) gw.b_scale += c0;
@@ -206,8 +198,9 @@ Gemm gemm_args(const AOperand& a, const uint8_t* packed, int64_t M, int64_t N, i
   Gemm g{};
   g.a = a.rows.data_ptr<int8_t>();
   g.lda = a.lda;
-  g.a_rowsum = a.rowsum.data_ptr<int32_t>();
   g.b = packed;
+  if (packed != nullptr)
+    g.b_colsum = reinterpret_cast<const int32_t*>(packed + int8_colsum_offset(K, N));
   g.M = M;
   g.N = N;
   g.K4 = int8_k4(K);
@@ -228,9 +221,8 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize(const at::Tensor& x) {
     return {q, scale};
   }
   const Int8Kernels& t = kernels();
-  QuantRows p{
-      x2.data_ptr(), x2.stride(0), q.data_ptr<int8_t>(), x.size(-1), scale.data_ptr<float>(),
-      nullptr,       nullptr,      x.size(-1),           x.size(-1)};
+  QuantRows p{x2.data_ptr(),           x2.stride(0), q.data_ptr<int8_t>(), x.size(-1),
+              scale.data_ptr<float>(), nullptr,      x.size(-1),           x.size(-1)};
   const QuantFn fn = t.quantize[in_index(x.scalar_type())];
   at::parallel_for(0, x2.size(0), kRowGrain, [&](int64_t r0, int64_t r1) { fn(p, r0, r1); });
   return {q, scale};

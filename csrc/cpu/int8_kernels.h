@@ -2,9 +2,9 @@
 // epilogue, for the layouts of cpu/int8_params.h. Included inside an ISA namespace by
 // csrc/cpu/isa/*.cpp after common/vec.h (see there for the rules); FASTDL_VEC picks the
 // micro-kernel:
-//   512: AVX512-VNNI vpdpbusd, 6 rows x 64 columns of int32 accumulators (24 zmm), the signed
-//        A bytes broadcast 4 at a time against one 64-byte load of the unsigned B per 16 columns,
-//        the +128 offset of B compensated through A's row sums.
+//   512: AVX512-VNNI vpdpbusd, 6 rows x 64 columns of int32 accumulators (24 zmm), A's bytes
+//        broadcast 4 at a time and made unsigned (XOR 0x80: a + 128) against one 64-byte load of
+//        the signed B per 16 columns, the offset compensated through B's column sums.
 //   256: AVX2, exact: bytes widened to int16 and multiplied by vpmaddwd (vpmaddubsw would
 //        saturate at 2 x 255 x 128), 2 rows x 16 columns, the pair sums folded at the end.
 //   0:   portable loops.
@@ -96,19 +96,17 @@ void quantize_rows(const QuantRows& p, int64_t r0, int64_t r1) {
     // A row with NaN gets a NaN scale (NaN propagates); an all-zero row any scale: 1.
     const float scale = nan ? __builtin_nanf("") : amax == 0.f ? 1.f : amax / 127.f;
     p.scale[r] = scale;
-    int32_t sum = 0;
     for (int64_t k = 0; k < K; ++k) {
       float v = __builtin_rintf(load_float(x + k) / scale);  // rint: half to even
       v = v < -127.f ? -127.f : (v > 127.f ? 127.f : v);
       if (v != v || (skip != nullptr && skip[k])) v = 0.f;
       q[k] = static_cast<int8_t>(v);
-      sum += q[k];
     }
     for (int64_t k = K; k < kpad; ++k) q[k] = 0;
-    if (p.rowsum != nullptr) p.rowsum[r] = sum;
   }
 }
 
+// The sum of K signed bytes (a column of a (N, K) B).
 inline int32_t row_sum_i8(const int8_t* x, int64_t K) {
   int32_t sum = 0;
   int64_t k = 0;
@@ -127,23 +125,20 @@ inline void copy_rows_i8(const QuantRows& p, int64_t r0, int64_t r1) {
   const int64_t K = p.K, kpad = p.kpad;
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* x = static_cast<const int8_t*>(p.x) + r * p.ldx;
-    if (p.q != nullptr) {
-      int8_t* q = p.q + r * p.ldq;
-      for (int64_t k = 0; k < K; ++k) q[k] = x[k];
-      for (int64_t k = K; k < kpad; ++k) q[k] = 0;
-    }
-    if (p.rowsum != nullptr) p.rowsum[r] = row_sum_i8(x, K);
+    int8_t* q = p.q + r * p.ldq;
+    for (int64_t k = 0; k < K; ++k) q[k] = x[k];
+    for (int64_t k = K; k < kpad; ++k) q[k] = 0;
   }
 }
 
 // ---------------------------------------------------------------- packing B
 
 #if FASTDL_VEC == 512
-// 64 columns of 4 rows of a (K, N) B to their 64 words (byte j of a word from row j, + 128):
-// bytes interleaved within 128-bit lanes (unpack), then the lanes transposed so that vector v
-// holds columns 16v .. 16v + 15.
+// 64 columns of 4 rows of a (K, N) B to their 64 words (byte j of a word from row j): bytes
+// interleaved within 128-bit lanes (unpack), then the lanes transposed so that vector v holds
+// columns 16v .. 16v + 15. The words' byte sums are added to the columns' sums in `sum`.
 inline void pack_words_64(const int8_t* b0, const int8_t* b1, const int8_t* b2, const int8_t* b3,
-                          uint32_t* d) {
+                          uint32_t* d, int32_t* sum) {
   const __m512i r0 = _mm512_loadu_si512(b0), r1 = _mm512_loadu_si512(b1);
   const __m512i r2 = _mm512_loadu_si512(b2), r3 = _mm512_loadu_si512(b3);
   const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
@@ -158,8 +153,12 @@ inline void pack_words_64(const int8_t* b0, const int8_t* b1, const int8_t* b2, 
   const __m512i words[4] = {
       _mm512_shuffle_i32x4(lo01, lo23, 0x88), _mm512_shuffle_i32x4(lo01, lo23, 0xdd),
       _mm512_shuffle_i32x4(hi01, hi23, 0x88), _mm512_shuffle_i32x4(hi01, hi23, 0xdd)};
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(kBOffset));
-  for (int v = 0; v < 4; ++v) _mm512_storeu_si512(d + 16 * v, _mm512_xor_si512(words[v], flip));
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int v = 0; v < 4; ++v) {
+    _mm512_storeu_si512(d + 16 * v, words[v]);
+    int32_t* s = sum + 16 * v;
+    _mm512_storeu_si512(s, _mm512_dpbusd_epi32(_mm512_loadu_si512(s), ones, words[v]));
+  }
 }
 #endif
 
@@ -169,32 +168,28 @@ inline void pack_words_64(const int8_t* b0, const int8_t* b1, const int8_t* b2, 
 constexpr int64_t kPackAhead = 8;
 
 // Each (k group, column) of a panel is one 32-bit word of 4 bytes: built from 4 rows of B read
-// along n (a (K, N) B), or read whole from a row of a (N, K) B. Every byte XOR 0x80 is b + 128.
+// along n (a (K, N) B), or read whole from a row of a (N, K) B.
 inline void pack_b(const PackB& p, int64_t p0, int64_t p1) {
-  constexpr uint32_t kFlip = 0x01010101u * kBOffset;  // each byte: + 128 mod 256
   const int64_t K = p.K, K4 = int8_k4(K), ld = p.ld;
   uint32_t* out = reinterpret_cast<uint32_t*>(p.dst);
+  int32_t* colsum = reinterpret_cast<int32_t*>(p.dst + int8_colsum_offset(K, p.N));
   const int64_t n_end = imin(p.N, p1 * kPanel);
   for (int64_t panel = p0; panel < p1; ++panel)
     if (panel * kPanel + kPanel > p.N)  // columns past N: zeros
-      __builtin_memset(out + panel * K4 * kPanel, kBOffset, K4 * kPanel * 4);
+      __builtin_memset(out + panel * K4 * kPanel, 0, K4 * kPanel * 4);
+  __builtin_memset(colsum + p0 * kPanel, 0, (p1 - p0) * kPanel * 4);
   if (p.nk) {
     for (int64_t n = p0 * kPanel; n < n_end; ++n) {
       const int8_t* src = p.b + n * ld;
       uint32_t* dst = out + n / kPanel * K4 * kPanel + n % kPanel;
       const int64_t whole = K / 4;
-      for (int64_t k4 = 0; k4 < whole; ++k4) {
-        uint32_t w;
-        __builtin_memcpy(&w, src + 4 * k4, 4);
-        dst[k4 * kPanel] = w ^ kFlip;
-      }
+      for (int64_t k4 = 0; k4 < whole; ++k4) __builtin_memcpy(dst + k4 * kPanel, src + 4 * k4, 4);
       if (whole < K4) {
-        uint8_t tail[4] = {};
-        for (int64_t k = 4 * whole; k < K; ++k) tail[k - 4 * whole] = static_cast<uint8_t>(src[k]);
-        uint32_t w;
-        __builtin_memcpy(&w, tail, 4);
-        dst[whole * kPanel] = w ^ kFlip;
+        int8_t tail[4] = {};
+        for (int64_t k = 4 * whole; k < K; ++k) tail[k - 4 * whole] = src[k];
+        __builtin_memcpy(dst + whole * kPanel, tail, 4);
       }
+      colsum[n] = row_sum_i8(src, K);
     }
     return;
   }
@@ -214,18 +209,20 @@ inline void pack_b(const PackB& p, int64_t p0, int64_t p1) {
       const int8_t* __restrict b1 = r[1] != nullptr ? r[1] + n0 : zeros;
       const int8_t* __restrict b2 = r[2] != nullptr ? r[2] + n0 : zeros;
       const int8_t* __restrict b3 = r[3] != nullptr ? r[3] + n0 : zeros;
+      int32_t* sum = colsum + n0;
 #if FASTDL_VEC == 512
       if (cols == kPanel) {
-        pack_words_64(b0, b1, b2, b3, d);
+        pack_words_64(b0, b1, b2, b3, d, sum);
         continue;
       }
 #endif
-      for (int64_t c = 0; c < cols; ++c)
-        d[c] = (static_cast<uint32_t>(static_cast<uint8_t>(b0[c])) |
-                static_cast<uint32_t>(static_cast<uint8_t>(b1[c])) << 8 |
-                static_cast<uint32_t>(static_cast<uint8_t>(b2[c])) << 16 |
-                static_cast<uint32_t>(static_cast<uint8_t>(b3[c])) << 24) ^
-               kFlip;
+      for (int64_t c = 0; c < cols; ++c) {
+        d[c] = static_cast<uint32_t>(static_cast<uint8_t>(b0[c])) |
+               static_cast<uint32_t>(static_cast<uint8_t>(b1[c])) << 8 |
+               static_cast<uint32_t>(static_cast<uint8_t>(b2[c])) << 16 |
+               static_cast<uint32_t>(static_cast<uint8_t>(b3[c])) << 24;
+        sum[c] += b0[c] + b1[c] + b2[c] + b3[c];
+      }
     }
   }
 }
@@ -253,7 +250,7 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, int64_t m, int64_t n
   // Locals: an int32 or float store through `out` could alias g's fields as far as the
   // compiler knows, and the loops would not vectorize.
   O* out = static_cast<O*>(g.out) + m * g.ldo + n0;
-  const int32_t off = kBOffset * g.a_rowsum[m];
+  const int32_t* colsum = g.b_colsum + n0;  // the products' offset: kAOffset * colsum
 #if FASTDL_VEC == 512
   // Non-temporal stores: no read of the output's lines before they are written.
   const bool stream =
@@ -262,20 +259,21 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, int64_t m, int64_t n
   if constexpr (kIsI32<O>) {
 #if FASTDL_VEC == 512
     if (stream) {
-      const __m512i o = _mm512_set1_epi32(off);
+      static_assert(kAOffset == 1 << 7);
       for (int64_t j = 0; j < kPanel; j += 16)
         _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j),
-                            _mm512_sub_epi32(_mm512_loadu_si512(acc + j), o));
+                            _mm512_sub_epi32(_mm512_loadu_si512(acc + j),
+                                             _mm512_slli_epi32(_mm512_loadu_si512(colsum + j), 7)));
       return;
     }
 #endif
-    for (int64_t j = 0; j < n; ++j) out[j] = acc[j] - off;
+    for (int64_t j = 0; j < n; ++j) out[j] = acc[j] - kAOffset * colsum[j];
   } else {
     const float as = g.a_scale != nullptr ? g.a_scale[m] : 1.f;
     const float* bs = g.b_scale + (g.b_scale != nullptr ? n0 : 0);
     const float* bias = g.bias + (g.bias != nullptr ? n0 : 0);
     float v[kPanel];
-    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(acc[j] - off) * as;
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(acc[j] - kAOffset * colsum[j]) * as;
     if (g.b_scale != nullptr)
       for (int64_t j = 0; j < n; ++j) v[j] *= bs[j];
     if (g.bias != nullptr)
@@ -327,7 +325,15 @@ __attribute__((always_inline)) inline void micro(const Gemm& g, int64_t m, int64
   const int8_t* a3 = MR > 3 ? a0 + 3 * lda : a0;  // rows 3-5
   const uint8_t* b = g.b + (panel * g.K4 + k0) * kPanel * 4;
   const uint8_t* const b_end = b + (k1 - k0) * kPanel * 4;
-  for (; b != b_end; b += kPanel * 4, a0 += 4, a3 += 4) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  // The next micro-tile's rows (the MR rows after these, one block of memory) fetched into L1
+  // over this one's k groups, `step` bytes a group: the first panel of a row block reads A from
+  // memory, 6 streams the hardware prefetchers kept up with poorly (2048^3 ~2% faster).
+  const char* pf = reinterpret_cast<const char*>(a0 + MR * lda);
+  const int64_t groups = k1 > k0 ? k1 - k0 : 1;  // K = 0: no group, nothing fetched
+  const int64_t step = (MR * lda + groups - 1) / groups;
+  for (; b != b_end; b += kPanel * 4, a0 += 4, a3 += 4, pf += step) {
+    _mm_prefetch(pf, _MM_HINT_T0);
     __m512i bv[NV];
     for (int v = 0; v < NV; ++v) {
       // B streams from L3 or memory on the first row tile of each k block (small M is bound by
@@ -342,8 +348,9 @@ __attribute__((always_inline)) inline void micro(const Gemm& g, int64_t m, int64
     for (int r = 0; r < MR; ++r) {
       int32_t word;
       __builtin_memcpy(&word, (r < 3 ? a0 : a3) + (r % 3) * lda, 4);
-      const __m512i av = _mm512_set1_epi32(word);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], bv[v], av);
+      // a + 128 as unsigned: the XOR runs beside the vpdpbusd (a free vector port on Zen 4).
+      const __m512i av = _mm512_xor_si512(_mm512_set1_epi32(word), flip);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, bv[v]);
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -369,14 +376,16 @@ inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k
     for (int r = 0; r < MR; ++r) {
       int32_t word;
       __builtin_memcpy(&word, a + r * g.lda + 4 * k4, 4);
-      // The 4 bytes as int16, repeated: lanes pair up with the 4 k of each column in B.
-      const __m128i w16 = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(word));
+      // The 4 bytes + 128 (XOR 0x80) as int16, repeated: lanes pair up with the 4 k of each
+      // column in B (the same sums as the VNNI kernel's).
+      const __m128i w16 = _mm_cvtepu8_epi16(
+          _mm_cvtsi32_si128(static_cast<int32_t>(static_cast<uint32_t>(word) ^ 0x80808080u)));
       av[r] = _mm256_broadcastq_epi64(w16);
     }
     for (int v = 0; v < NV; ++v)
       for (int q = 0; q < 4; ++q) {
         const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + v * 64 + q * 16));
-        const __m256i bw = _mm256_cvtepu8_epi16(raw);  // b + 128, 0 .. 255
+        const __m256i bw = _mm256_cvtepi8_epi16(raw);
         for (int r = 0; r < MR; ++r)
           acc[r][v][q] = _mm256_add_epi32(acc[r][v][q], _mm256_madd_epi16(av[r], bw));
       }
@@ -402,13 +411,15 @@ inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k
                   int32_t* c) {
   int32_t acc[MR][NV * 16] = {};
   const int8_t* a = g.a + m * g.lda;
-  const uint8_t* b = g.b + (panel * g.K4 + k0) * kPanel * 4;
+  const int8_t* b = reinterpret_cast<const int8_t*>(g.b) + (panel * g.K4 + k0) * kPanel * 4;
   for (int64_t k4 = k0; k4 < k1; ++k4, b += kPanel * 4)
     for (int r = 0; r < MR; ++r) {
       const int8_t* ar = a + r * g.lda + 4 * k4;
+      int32_t au[4];  // a + kAOffset: the VNNI kernel's sums
+      for (int i = 0; i < 4; ++i) au[i] = ar[i] + kAOffset;
       for (int j = 0; j < NV * 16; ++j)
         acc[r][j] +=
-            ar[0] * b[j * 4] + ar[1] * b[j * 4 + 1] + ar[2] * b[j * 4 + 2] + ar[3] * b[j * 4 + 3];
+            au[0] * b[j * 4] + au[1] * b[j * 4 + 1] + au[2] * b[j * 4 + 2] + au[3] * b[j * 4 + 3];
     }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV * 16; ++j) c[r * kPanel + j] = (add ? c[r * kPanel + j] : 0) + acc[r][j];
@@ -452,11 +463,12 @@ __attribute__((always_inline)) inline void gemv(const Gemm& g, int64_t m, int64_
   for (int64_t k4 = 0; k4 < g.K4; ++k4, b += kPanel * 4) {
     int32_t word;
     __builtin_memcpy(&word, a + 4 * k4, 4);
-    const __m512i av = _mm512_set1_epi32(word);
+    const __m512i av = _mm512_set1_epi32(
+        static_cast<int32_t>(static_cast<uint32_t>(word) ^ 0x80808080u));  // a + 128
     for (int p = 0; p < NP; ++p)
       for (int v = 0; v < 4; ++v) {
         _mm_prefetch(reinterpret_cast<const char*>(b + p * ps + kPrefetchB + v * 64), _MM_HINT_T1);
-        acc[p][v] = _mm512_dpbusd_epi32(acc[p][v], _mm512_loadu_si512(b + p * ps + v * 64), av);
+        acc[p][v] = _mm512_dpbusd_epi32(acc[p][v], av, _mm512_loadu_si512(b + p * ps + v * 64));
       }
   }
   for (int p = 0; p < NP; ++p)

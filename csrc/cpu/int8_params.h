@@ -4,13 +4,15 @@
 //
 // The GEMM C = A (M, K) x B (K, N) works on two prepared operands:
 //  - A: M rows `lda` bytes apart, the int8 values as they are, K of them then zeros up to a
-//    multiple of 4 (the caller's own rows when K is one already). Their int32 row sums go along.
+//    multiple of 4 (the caller's own rows when K is one already).
 //  - the packed B: panels of kPanel = 64 columns; panel p holds, for each group of 4 k, the 4
-//    bytes of each of its 64 columns ([p][k/4][64][4]), each byte b + kBOffset as unsigned (b XOR
-//    0x80), b = 0 (the byte 0x80) in the padding past K and N. VNNI's vpdpbusd multiplies unsigned
-//    by signed bytes: B is its unsigned operand, A (broadcast) the signed one, and the kernels
-//    subtract kBOffset * rowsum(A) from each row. Every ISA's kernels read this one layout, so a
-//    weight packed once stays valid whatever set_cpu_isa picks later.
+//    signed bytes of each of its 64 columns ([p][k/4][64][4]), 0 in the padding past K and N;
+//    then, after the last panel, the int32 sum of each column over k (0 past N). VNNI's vpdpbusd
+//    multiplies unsigned by signed bytes: A is its unsigned operand, each byte XOR 0x80 (a +
+//    kAOffset) as it is broadcast, B the signed one, and the kernels subtract kAOffset times the
+//    column's sum from each product. Every ISA's kernels compute the same sums from this one
+//    layout, so a weight packed once stays valid whatever set_cpu_isa picks later, and the A
+//    operand needs no pass of its own (no row sums).
 #pragma once
 
 #include <cstdint>
@@ -18,7 +20,7 @@
 namespace fastdl::cpu {
 
 constexpr int64_t kPanel = 64;
-constexpr int32_t kBOffset = 128;
+constexpr int32_t kAOffset = 128;
 
 inline int64_t int8_k4(int64_t K) {
   return (K + 3) / 4;
@@ -26,8 +28,12 @@ inline int64_t int8_k4(int64_t K) {
 inline int64_t int8_panels(int64_t N) {
   return (N + kPanel - 1) / kPanel;
 }
-inline int64_t int8_packed_bytes(int64_t K, int64_t N) {
+// Where the column sums start: after the panels.
+inline int64_t int8_colsum_offset(int64_t K, int64_t N) {
   return int8_panels(N) * kPanel * int8_k4(K) * 4;
+}
+inline int64_t int8_packed_bytes(int64_t K, int64_t N) {
+  return int8_colsum_offset(K, N) + int8_panels(N) * kPanel * 4;
 }
 
 enum Int8In : int { kInF32 = 0, kInBF16 = 1, kInF16 = 2, kInI8 = 3, kNumInt8In = 4 };
@@ -35,16 +41,14 @@ enum Int8Out : int { kOutI32 = 0, kOutF32 = 1, kOutBF16 = 2, kOutF16 = 3, kNumIn
 
 // Rows [r0, r1) of x (unit column stride) to int8 rows of q: per row, scale = max|x| / 127
 // (1 for an all-zero row), q = clamp(round_half_even(x / scale), -127, 127), zeros up to `kpad`
-// bytes, and the sum of the row's q in rowsum (nullable). int8 input (kInI8) is copied (nothing
-// written when q is null: its row sums only) and gets no scale. `skip` (K bytes, nullable) marks
+// bytes. int8 input (kInI8) is copied and gets no scale. `skip` (K bytes, nullable) marks
 // columns left out (LLM.int8 outliers): they count neither in the scale nor in q.
 struct QuantRows {
   const void* x;
   int64_t ldx;  // elements
   int8_t* q;
-  int64_t ldq;      // bytes
-  float* scale;     // (rows); null for int8 input
-  int32_t* rowsum;  // (rows) or null
+  int64_t ldq;   // bytes
+  float* scale;  // (rows); null for int8 input
   const uint8_t* skip;
   int64_t K, kpad;
 };
@@ -54,14 +58,14 @@ struct PackB {
   int64_t ld;  // elements between rows of b
   bool nk;     // b is (N, K) (a transposed view of B) rather than (K, N)
   int64_t K, N;
-  uint8_t* dst;  // int8_packed_bytes(K, N)
+  uint8_t* dst;  // int8_packed_bytes(K, N): panels, then column sums
 };
 
 struct Gemm {
   const int8_t* a;  // A (see above)
   int64_t lda;
-  const int32_t* a_rowsum;  // (M)
   const uint8_t* b;         // packed B
+  const int32_t* b_colsum;  // B's column sums (N): where int8_colsum_offset puts them
   int64_t M, N, K4;
   const float* a_scale;  // (M) or null (1)
   const float* b_scale;  // (N) or null (1)

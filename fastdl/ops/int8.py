@@ -22,9 +22,9 @@ PANEL = 64  # columns per panel of the CPU's packed weight (csrc/cpu/int8_params
 
 def packed_bytes(k: int, n: int) -> int:
     """Size of the CPU's packed weight for an (n, k) weight: 64-column panels of k rounded up
-    to 4."""
+    to 4, then an int32 sum per column."""
     panels = -(-n // PANEL)
-    return panels * PANEL * -(-k // 4) * 4
+    return panels * PANEL * (-(-k // 4) * 4 + 4)
 
 
 # ---------------------------------------------------------------- fake kernels (all backends)

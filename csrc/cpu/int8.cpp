@@ -123,10 +123,9 @@ AOperand first_pass(const Int8Kernels& t, const at::Tensor& x2, float* scale, co
 }
 
 // This thread's buffer for the B panels of one tile (4 x K x 64 bytes and their column sums),
-// 64-byte aligned: the
-// kernels' 64-byte loads of B must not straddle cache lines. Kept for the thread's life and grown
-// as needed (1 MiB at K = 4096), rather than a fresh allocation per call: hundreds of KiB from
-// mmap, a page fault and the zeroing of each page every call.
+// 64-byte aligned: the kernels' 64-byte loads of B must not straddle cache lines. Kept for the
+// thread's life and grown as needed (1 MiB at K = 4096), rather than a fresh allocation per call:
+// hundreds of KiB from mmap, a page fault and the zeroing of each page every call.
 uint8_t* pack_workspace(int64_t bytes) {
   thread_local std::vector<uint8_t> work;
   if (work.size() < static_cast<size_t>(bytes + 63)) work.resize(bytes + 63);

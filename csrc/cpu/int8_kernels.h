@@ -131,6 +131,12 @@ inline void copy_rows_i8(const QuantRows& p, int64_t r0, int64_t r1) {
   }
 }
 
+// 4 bytes of A made unsigned, each a + kAOffset (XOR 0x80): the unsigned operand of the products.
+inline int32_t a_unsigned(int32_t word) {
+  static_assert(kAOffset == 0x80);
+  return static_cast<int32_t>(static_cast<uint32_t>(word) ^ 0x80808080u);
+}
+
 // ---------------------------------------------------------------- packing B
 
 #if FASTDL_VEC == 512
@@ -248,6 +254,14 @@ constexpr bool kIsF32 = false;
 template <>
 constexpr bool kIsF32<float> = true;
 
+#if FASTDL_VEC == 512
+// kAOffset times 16 column sums: what the products of those columns carry beyond a x b.
+inline __m512i offset_vec(const int32_t* colsum) {
+  static_assert(kAOffset == 1 << 7);
+  return _mm512_slli_epi32(_mm512_loadu_si512(colsum), 7);
+}
+#endif
+
 // One row of a micro-tile: acc (n values) to out row m, columns [n0, n0 + n).
 template <typename O>
 inline void epilogue_row(const Gemm& g, const int32_t* acc, int64_t m, int64_t n0, int64_t n) {
@@ -263,11 +277,9 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, int64_t m, int64_t n
   if constexpr (kIsI32<O>) {
 #if FASTDL_VEC == 512
     if (stream) {
-      static_assert(kAOffset == 1 << 7);
       for (int64_t j = 0; j < kPanel; j += 16)
         _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j),
-                            _mm512_sub_epi32(_mm512_loadu_si512(acc + j),
-                                             _mm512_slli_epi32(_mm512_loadu_si512(colsum + j), 7)));
+                            _mm512_sub_epi32(_mm512_loadu_si512(acc + j), offset_vec(colsum + j)));
       return;
     }
 #endif
@@ -360,7 +372,8 @@ __attribute__((always_inline)) inline void micro(const Gemm& g, int64_t m, int64
     for (int r = 0; r < MR; ++r) {
       int32_t word;
       __builtin_memcpy(&word, (r < 3 ? a0 : a3) + (r % 3) * lda, 4);
-      // a + 128 as unsigned: the XOR runs beside the vpdpbusd (a free vector port on Zen 4).
+      // a_unsigned after the broadcast: the XOR runs beside the vpdpbusd (a free vector port on
+      // Zen 4) rather than on the scalar side.
       const __m512i av = _mm512_xor_si512(_mm512_set1_epi32(word), flip);
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, bv[v]);
     }
@@ -372,11 +385,11 @@ __attribute__((always_inline)) inline void micro(const Gemm& g, int64_t m, int64
     // measured ~2% slower at 2048^3. Column vector by column vector, one offset vector live at a
     // time, and fully unrolled: GCC otherwise indexes the accumulators at run time here, keeping
     // them in memory throughout the k loop (half the speed).
-    static_assert(kRegEpilogue<O> && NV == 4 && kAOffset == 1 << 7);
+    static_assert(kRegEpilogue<O> && NV == 4);
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) {
       const int64_t n = panel * kPanel + 16 * v;
-      const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512(g.b_colsum + n), 7);
+      const __m512i off = offset_vec(g.b_colsum + n);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         O* out = static_cast<O*>(g.out) + (m + r) * g.ldo + n;
@@ -428,8 +441,7 @@ inline void micro(const Gemm& g, int64_t m, int64_t panel, int64_t k0, int64_t k
       __builtin_memcpy(&word, a + r * g.lda + 4 * k4, 4);
       // The 4 bytes + 128 (XOR 0x80) as int16, repeated: lanes pair up with the 4 k of each
       // column in B (the same sums as the VNNI kernel's).
-      const __m128i w16 = _mm_cvtepu8_epi16(
-          _mm_cvtsi32_si128(static_cast<int32_t>(static_cast<uint32_t>(word) ^ 0x80808080u)));
+      const __m128i w16 = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(a_unsigned(word)));
       av[r] = _mm256_broadcastq_epi64(w16);
     }
     for (int v = 0; v < NV; ++v)
@@ -521,8 +533,7 @@ __attribute__((always_inline)) inline void gemv(const Gemm& g, int64_t m, int64_
   for (int64_t k4 = 0; k4 < g.K4; ++k4, b += kPanel * 4) {
     int32_t word;
     __builtin_memcpy(&word, a + 4 * k4, 4);
-    const __m512i av = _mm512_set1_epi32(
-        static_cast<int32_t>(static_cast<uint32_t>(word) ^ 0x80808080u));  // a + 128
+    const __m512i av = _mm512_set1_epi32(a_unsigned(word));
     for (int p = 0; p < NP; ++p)
       for (int v = 0; v < 4; ++v) {
         _mm_prefetch(reinterpret_cast<const char*>(b + p * ps + kPrefetchB + v * 64), _MM_HINT_T1);

@@ -34,19 +34,25 @@ CONV_SHAPES = {
     # Deep layers (more output channels than output pixels): the GEMMs read the weight in its
     # own (K, C, R, S) layout, the input gradient's blocks span several images (28 of 3x3 here,
     # then a remainder of 2) and the weight gradient sums two chunks of blocks.
-    "deep_3x3": (30, 37, 3, 3, 141, 3, 3, 1, 1, 1, 1),
+    "deep_3x3": (30, 37, 5, 5, 141, 3, 3, 1, 0, 1, 1),
+    # Small images, whose taps read padding at over a quarter of the pixels: the GEMMs per tap
+    # on just the pixels whose tap reads the image (3x3 on 3x3 with padding 1: 40% padding; a
+    # dilated, unevenly strided one; a 1x1 image, where only the centre tap reads it).
+    "taps_3x3": (30, 37, 3, 3, 141, 3, 3, 1, 1, 1, 1),
+    "taps_dilated": (3, 6, 5, 6, 7, 3, 3, (1, 2), 2, (2, 1), 1),
+    "taps_1x1_image": (4, 5, 1, 1, 6, 3, 3, 1, 1, 1, 1),
     "deep_grouped_s2": (5, 21, 7, 8, 201, 3, 3, 2, 1, 1, 3),
     # Winograd on the CPU in float32/bfloat16 (stride 1, >= 256 channel pairs):
     # partial tiles at the bottom and right edges, padding 0, 1 and 2 (whose input gradients are
     # Winograd too), and padding 3 (the input gradient's adjoint padding would be negative: the
-    # direct path).
+    # GEMMs per tap).
     "winograd": (2, 16, 11, 13, 20, 3, 3, 1, 1, 1, 1),
     "winograd_pad0": (3, 20, 9, 10, 17, 3, 3, 1, 0, 1, 1),
     "winograd_pad2": (2, 24, 5, 6, 16, 3, 3, 1, 2, 1, 1),
     "winograd_pad3": (2, 16, 4, 5, 16, 3, 3, 1, 3, 1, 1),
     # Several weight-gradient blocks (one image of 15x15 2x2 tiles each), summed over chunks.
     "winograd_chunks": (5, 16, 30, 29, 16, 3, 3, 1, 1, 1, 1),
-    # A transformed weight 3x the transformed activations: the direct path.
+    # A transformed weight 3x the transformed activations: not Winograd (the GEMMs per tap).
     "winograd_deep": (2, 48, 4, 4, 48, 3, 3, 1, 1, 1, 1),
 }
 # The Triton interpreter is slow: one layout/epilogue variant per shape there.

@@ -152,7 +152,7 @@ def test_deep_layer_backward(weight_cl):
     """A deep layer (more output channels than pixels) with the weight in either layout: the
     GEMMs then take the (K, C, R, S) weight as it is, or the channels_last one as it is. Both
     match float64 and repeat bit for bit."""
-    x = torch.randn(30, 37, 3, 3).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(30, 37, 5, 5).contiguous(memory_format=torch.channels_last)
     w = torch.randn(141, 37, 3, 3) / 18
     if weight_cl:
         w = w.contiguous(memory_format=torch.channels_last)
@@ -162,14 +162,14 @@ def test_deep_layer_backward(weight_cl):
     g = torch.randn(30, 141, 3, 3)
 
     def grads():
-        y = fastdl.conv2d(x, w, b, padding=1, activation="relu")
+        y = fastdl.conv2d(x, w, b, activation="relu")
         return (y, *torch.autograd.grad(y, (x, w, b), g))
 
     first = grads()
     for a, e in zip(grads(), first, strict=True):
         assert torch.equal(a, e)
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
-    yd = ref_conv2d(xd, wd, bd, 1, 1, 1, 1, "relu")
+    yd = ref_conv2d(xd, wd, bd, 1, 0, 1, 1, "relu")
     assert_close(first[0], yd, torch.float32)
     for got, want in zip(first[1:], torch.autograd.grad(yd, (xd, wd, bd), g.double()), strict=True):
         assert_close(got, want, torch.float32, scale=4.0)
@@ -225,4 +225,32 @@ def test_every_isa_nchw_winograd(isa):
     zd = ref_conv2d(yd, leaves[3], None, 1, 1, 1, 24)
     assert_close(z, zd, torch.float32)
     for got, want in zip(grads, torch.autograd.grad((zd * zd).sum(), leaves), strict=True):
+        assert_close(got, want, torch.float32, scale=4.0)
+
+
+def test_taps_any_thread_count():
+    """The per-tap GEMMs of small images (32 of 4x4, 31% of the taps on padding, as ResNet-18's
+    last stage on 32x32 inputs): outputs and gradients bit for bit the same on 1 and 2 threads
+    (each weight-gradient element is one GEMM's sum), and equal to float64."""
+    x = torch.randn(32, 24, 4, 4, requires_grad=True)
+    w = torch.randn(40, 24, 3, 3, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    g = torch.randn(32, 40, 4, 4)
+
+    def run(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            y = fastdl.conv2d(x, w, b, padding=1)
+            return (y, *torch.autograd.grad(y, (x, w, b), g))
+        finally:
+            torch.set_num_threads(before)
+
+    one, two = run(1), run(2)
+    for a, e in zip(one, two, strict=True):
+        assert torch.equal(a, e)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yd = ref_conv2d(xd, wd, bd, 1, 1, 1, 1)
+    assert_close(one[0], yd, torch.float32)
+    for got, want in zip(one[1:], torch.autograd.grad(yd, (xd, wd, bd), g.double()), strict=True):
         assert_close(got, want, torch.float32, scale=4.0)

@@ -36,9 +36,10 @@ CONV_SHAPES = {
     # then a remainder of 2) and the weight gradient sums two chunks of blocks.
     "deep_3x3": (30, 37, 5, 5, 141, 3, 3, 1, 0, 1, 1),
     # Small images, whose taps read padding at over a quarter of the pixels: the GEMMs per tap
-    # on just the pixels whose tap reads the image (3x3 on 3x3 with padding 1: 40% padding; a
-    # dilated, unevenly strided one; a 1x1 image, where only the centre tap reads it).
-    "taps_3x3": (30, 37, 3, 3, 141, 3, 3, 1, 1, 1, 1),
+    # on just the pixels whose tap reads the image (3x3 on 3x3 with padding 1: 40% padding, two
+    # blocks of one image, too few pixels for Winograd; a dilated, unevenly strided one; a 1x1
+    # image, where only the centre tap reads it).
+    "taps_3x3": (2, 37, 3, 3, 141, 3, 3, 1, 1, 1, 1),
     "taps_dilated": (3, 6, 5, 6, 7, 3, 3, (1, 2), 2, (2, 1), 1),
     "taps_1x1_image": (4, 5, 1, 1, 6, 3, 3, 1, 1, 1, 1),
     "deep_grouped_s2": (5, 21, 7, 8, 201, 3, 3, 2, 1, 1, 3),

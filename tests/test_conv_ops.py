@@ -229,13 +229,14 @@ def test_every_isa_nchw_winograd(isa):
 
 
 def test_taps_any_thread_count():
-    """The per-tap GEMMs of small images (32 of 4x4, 31% of the taps on padding, as ResNet-18's
-    last stage on 32x32 inputs): outputs and gradients bit for bit the same on 1 and 2 threads
-    (each weight-gradient element is one GEMM's sum), and equal to float64."""
-    x = torch.randn(32, 24, 4, 4, requires_grad=True)
-    w = torch.randn(40, 24, 3, 3, requires_grad=True)
-    b = torch.randn(40, requires_grad=True)
-    g = torch.randn(32, 40, 4, 4)
+    """The per-tap GEMMs of small images (4x4, 31% of the taps on padding, as ResNet-18's last
+    stage on 32x32 inputs; few images for so many channels, so not Winograd): outputs and
+    gradients bit for bit the same on 1 and 2 threads (each weight-gradient element is one GEMM's
+    sum), and equal to float64."""
+    x = torch.randn(4, 96, 4, 4, requires_grad=True)
+    w = torch.randn(96, 96, 3, 3, requires_grad=True)
+    b = torch.randn(96, requires_grad=True)
+    g = torch.randn(4, 96, 4, 4)
 
     def run(threads):
         before = torch.get_num_threads()
@@ -254,3 +255,19 @@ def test_taps_any_thread_count():
     assert_close(one[0], yd, torch.float32)
     for got, want in zip(one[1:], torch.autograd.grad(yd, (xd, wd, bd), g.double()), strict=True):
         assert_close(got, want, torch.float32, scale=4.0)
+
+
+def test_taps_weight_gradient_in_groups_of_images():
+    """The per-tap weight gradient gathers its rows a group of images at a time (at most 64 MiB
+    of them) and adds the groups' GEMMs in order: 140000 1x1 images of 64 channels (only the
+    centre tap of a 3x3 dilated by 2 with padding 2 reads them; the other taps' gradients are
+    zero) take two groups."""
+    n, c, k = 140_000, 64, 64
+    x = torch.randn(n, c, 1, 1)
+    w = torch.randn(k, c, 3, 3, requires_grad=True)
+    g = torch.randn(n, k, 1, 1)
+    (gw,) = torch.autograd.grad(fastdl.conv2d(x, w, padding=2, dilation=2), (w,), g)
+    expected = torch.zeros(k, c, 3, 3, dtype=torch.float64)
+    expected[:, :, 1, 1] = g.double().flatten(1).T @ x.double().flatten(1)
+    assert_close(gw, expected, torch.float32, scale=4.0)
+    assert torch.count_nonzero(gw[:, :, 1, 1]) == k * c and torch.count_nonzero(gw) == k * c

@@ -254,6 +254,45 @@ void conv_epilogue(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t
   }
 }
 
+// One output row (n, p) of a 3x3 depthwise conv, channels [c0, c0 + len), output channels_last:
+// the nine tap weights stay in registers for the whole row, each pixel's three input rows are
+// three independent chains (summed at the end), and the pixels whose taps all read inside the
+// row skip the checks.
+template <typename T, typename V>
+void depthwise3x3_row(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e, int64_t n,
+                      int64_t p, int64_t c0, int64_t len, V vb, int64_t q_lo, int64_t q_hi) {
+  const int64_t C = a.C, dc = a.dil_w * C;
+  V wv[9];
+  for (int t = 0; t < 9; ++t) wv[t] = ld<V>(w + t * C + c0, len);
+  const T* row[3];
+  bool in[3];
+  for (int r = 0; r < 3; ++r) {
+    const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
+    in[r] = h >= 0 && h < a.H;
+    row[r] = x + (n * a.H + (in[r] ? h : 0)) * a.W * C + c0;
+  }
+  for (int64_t q = 0; q < a.Q; ++q) {
+    const int64_t w0 = q * a.stride_w - a.pad_w;
+    V acc[3] = {V::zero(), V::zero(), V::zero()};
+    for (int r = 0; r < 3; ++r) {
+      if (!in[r]) continue;
+      const T* xp = row[r] + w0 * C;
+      if (q >= q_lo && q < q_hi) {
+        acc[r] = fma(ld<V>(xp, len), wv[3 * r], acc[r]);
+        acc[r] = fma(ld<V>(xp + dc, len), wv[3 * r + 1], acc[r]);
+        acc[r] = fma(ld<V>(xp + 2 * dc, len), wv[3 * r + 2], acc[r]);
+        continue;
+      }
+      for (int s = 0; s < 3; ++s) {
+        const int64_t wi = w0 + s * a.dil_w;
+        if (wi >= 0 && wi < a.W) acc[r] = fma(ld<V>(xp + s * dc, len), wv[3 * r + s], acc[r]);
+      }
+    }
+    conv_detail::store_vec<T>(a, e, acc[0] + acc[1] + acc[2], vb,
+                              n * a.out_sn + (p * a.Q + q) * a.out_spq + c0, len);
+  }
+}
+
 // Direct depthwise conv on NHWC: each output pixel is R * S multiply-adds per channel, far too
 // little work per byte for a GEMM, so it is bound by memory. Channels are contiguous in NHWC:
 // one SIMD vector covers W channels, a tile of kTile output pixels keeps kTile independent
@@ -267,10 +306,16 @@ void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const
   const T* w = static_cast<const T*>(w_);
   const T* bias = static_cast<const T*>(e.bias);
   const int64_t C = a.C;
+  // Output columns [q_lo, q_hi) read inside the input row at every tap.
+  const int64_t q_lo = imin(a.Q, (a.pad_w + a.stride_w - 1) / a.stride_w);
+  const int64_t last = a.W - 1 + a.pad_w - (a.S - 1) * a.dil_w;
+  const int64_t q_hi = last < 0 ? 0 : imin(a.Q, last / a.stride_w + 1);
+  const bool unrolled = a.R == 3 && a.S == 3 && a.out_sk == 1;
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t n = row / a.P, p = row % a.P;
     for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
       const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();
+      if (unrolled) return depthwise3x3_row<T>(a, x, w, e, n, p, c0, len, vb, q_lo, q_hi);
       for (int64_t q0 = 0; q0 < a.Q; q0 += kTile) {
         const int64_t nq = imin(kTile, a.Q - q0);
         V acc[kTile];

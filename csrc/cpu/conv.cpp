@@ -9,8 +9,10 @@
 // block is in cache. NCHW inputs are read once into
 // NHWC; 1x1 stride-1 convs need no im2col (the NHWC input already is the GEMM operand). The
 // backward reuses the same blocks: grad_weight = col^T * grad_pre, grad_input = col2im(grad_pre *
-// wmat^T). conv_transpose2d is the adjoint conv2d (common/conv.h), so its forward is the conv2d
-// input gradient.
+// wmat^T). Small images, where over a quarter of the (pixel, tap) pairs read padding, run one GEMM
+// per tap on the pixels that read the image instead (TapBlocks), and stride-1 3x3 convs with
+// enough pixels Winograd (conv_winograd.h). conv_transpose2d is the adjoint conv2d
+// (common/conv.h), so its forward is the conv2d input gradient.
 //
 // bfloat16 is computed in float32 (converted at the edges). Determinism: the weight/bias
 // gradient sums run over chunks of blocks fixed by the shapes alone, merged in a fixed order, so

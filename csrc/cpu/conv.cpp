@@ -526,6 +526,27 @@ std::vector<PackedB<T>> pack_taps(const Gemm& p, const T* wmat, bool transposed)
   return w;
 }
 
+// For each tap over images [n0, n1): dst's rows += src's rows, gathered, x the tap's w. Forward
+// (adjoint false): src (width ks) is read at the input pixels the taps read and dst (width kd)
+// at their output pixels, less row0; the input gradient (adjoint true) the other way round.
+// rows and prod: tb.max_rows() x ks and x kd of scratch.
+template <typename T>
+void tap_products(const TapBlocks& tb, const std::vector<PackedB<T>>& w, bool adjoint, int64_t n0,
+                  int64_t n1, const T* src, int64_t ks, T* dst, int64_t kd, int64_t row0, T* rows,
+                  T* prod) {
+  for (int64_t t = 0; t < tb.taps(); ++t) {
+    const int64_t n = tb.rows(t, n1 - n0);
+    if (n == 0) continue;
+    tb.visit(t, n0, n1, [&](int64_t i, int64_t out, int64_t in) {
+      std::copy_n(src + (adjoint ? out : in) * ks, ks, rows + i * ks);
+    });
+    w[t].gemm(false, n, kd, ks, rows, ks, T(0), prod, kd);
+    tb.visit(t, n0, n1, [&](int64_t i, int64_t out, int64_t in) {
+      add_row(prod + i * kd, kd, dst + ((adjoint ? in : out) - row0) * kd);
+    });
+  }
+}
+
 // out = epilogue(conv(x, wmat)) per tap: the block's sums add up in acc, then its epilogue.
 template <typename T>
 void taps_forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
@@ -541,19 +562,9 @@ void taps_forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
     eb.acc = acc;
     for (int64_t b = b0; b < b1; ++b) {
       const auto [n0, n1] = tb.images(b);
-      const int64_t m0 = n0 * pq;
       std::fill_n(acc, (n1 - n0) * pq * K, T(0));
-      for (int64_t t = 0; t < tb.taps(); ++t) {
-        const int64_t n = tb.rows(t, n1 - n0);
-        if (n == 0) continue;
-        tb.visit(t, n0, n1,
-                 [&](int64_t i, int64_t, int64_t in) { std::copy_n(x + in * C, C, rows + i * C); });
-        w[t].gemm(false, n, K, C, rows, C, T(0), prod, K);
-        tb.visit(t, n0, n1, [&](int64_t i, int64_t out, int64_t) {
-          add_row(prod + i * K, K, acc + (out - m0) * K);
-        });
-      }
-      kernels().epilogue[dt<T>()](a, eb, m0, (n1 - n0) * pq, 0);
+      tap_products(tb, w, false, n0, n1, x, C, acc, K, n0 * pq, rows, prod);
+      kernels().epilogue[dt<T>()](a, eb, n0 * pq, (n1 - n0) * pq, 0);
     }
   });
 }
@@ -569,16 +580,7 @@ void taps_input_grad(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
     T* prod = scratch<T>(1, tb.max_rows() * C);
     for (int64_t b = b0; b < b1; ++b) {
       const auto [n0, n1] = tb.images(b);
-      for (int64_t t = 0; t < tb.taps(); ++t) {
-        const int64_t n = tb.rows(t, n1 - n0);
-        if (n == 0) continue;
-        tb.visit(t, n0, n1, [&](int64_t i, int64_t out, int64_t) {
-          std::copy_n(gpre + out * K, K, rows + i * K);
-        });
-        w[t].gemm(false, n, C, K, rows, K, T(0), prod, C);
-        tb.visit(t, n0, n1,
-                 [&](int64_t i, int64_t, int64_t in) { add_row(prod + i * C, C, gx + in * C); });
-      }
+      tap_products(tb, w, true, n0, n1, gpre, K, gx, C, 0, rows, prod);
     }
   });
 }

@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         help="results file (default: bench/results/<machine>.json, or "
         "bench/results/quick/<machine>.json with --quick); the plot goes beside it",
     )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="time torch eager only, not torch.compile (whose compilation, a few seconds per "
+        "case, dominates a run on a GPU)",
+    )
     p.add_argument("--list", action="store_true", help="print the selected cases' names and exit")
     return p
 
@@ -70,11 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     with tqdm(selected, unit="case", leave=False, disable=None) as bar:
         for case in bar:
             bar.set_description(case.name)
-            for row in runner.measure(case, device, plan, peaks):
+            for row in runner.measure(case, device, plan, peaks, not args.no_compile):
                 rows.append(row)
                 bar.write(table.row(row))
     print(f"\n{report.summary(rows)}\n{report.LEGEND}")
     header["quick"] = args.quick
+    header["compile_baseline"] = not args.no_compile
     written = report.write_json(out, header, rows, partial=bool(args.family or args.filter))
     report.plot(out.with_suffix(".png"), header, written)
     print(f"wrote {out} and {out.with_suffix('.png').name}")

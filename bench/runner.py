@@ -79,12 +79,19 @@ def _row(case, backend, device_type, times, errors, failed, peaks, extra) -> dic
     }
 
 
-def measure(case: cases.Case, device: torch.device, plan: timing.Plan, peaks: dict) -> list[dict]:
-    """One row per fastdl backend of the device, sharing the baselines' timings."""
+def measure(
+    case: cases.Case,
+    device: torch.device,
+    plan: timing.Plan,
+    peaks: dict,
+    with_compile: bool = True,
+) -> list[dict]:
+    """One row per fastdl backend of the device, sharing the baselines' timings (without the
+    torch.compile baseline unless ``with_compile``)."""
     inputs = case.make(case, device)
     ref = case.reference(inputs)
     ready, errors, failed, first_s = {}, {}, {}, {}
-    for name, fn in cases.candidates(case, device.type).items():
+    for name, fn in cases.candidates(case, device.type, with_compile).items():
         try:
             t0 = time.perf_counter()
             out = fn(inputs)

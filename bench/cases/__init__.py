@@ -128,9 +128,12 @@ def max_error(out: Any, ref: Any) -> float:
     return worst
 
 
-def candidates(case: Case, device_type: str) -> dict[str, Callable[[Inputs], Any]]:
+def candidates(
+    case: Case, device_type: str, with_compile: bool = True
+) -> dict[str, Callable[[Inputs], Any]]:
     """The callables to time, each taking the case's inputs: ``fastdl:<backend>`` for each
-    fastdl backend of the device, then the baselines ``eager`` and ``compile``."""
+    fastdl backend of the device, then the baselines ``eager`` and (when ``with_compile``)
+    ``compile``."""
 
     def under(name: str) -> Callable[..., Any]:
         def call(*args):
@@ -144,7 +147,7 @@ def candidates(case: Case, device_type: str) -> dict[str, Callable[[Inputs], Any
     # Cases share eager functions (one code object per op), so graphs compiled for earlier
     # cases would pile up against dynamo's recompile limit: each case starts afresh.
     torch._dynamo.reset()
-    if case.compiled:
+    if with_compile and case.compiled:
         fns["compile"] = torch.compile(case.eager, dynamic=False)
     return {name: partial(case.run, fn) for name, fn in fns.items()}
 

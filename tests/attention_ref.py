@@ -26,7 +26,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def dropout_keep(seed: int, counter: torch.Tensor, p: float) -> torch.Tensor:
     """The keep mask for int64 counters (all < 2^63 here), as fastdl_dropout_keep."""
     if p >= 1:
-        return torch.zeros(counter.shape, dtype=torch.bool)
+        return torch.zeros(counter.shape, dtype=torch.bool, device=counter.device)
     s = seed % 2**64
     x = mix32((counter & M32) ^ (s & M32))
     x = mix32(x ^ (counter >> 32) ^ (s >> 32))
@@ -34,11 +34,11 @@ def dropout_keep(seed: int, counter: torch.Tensor, p: float) -> torch.Tensor:
     return x >= threshold
 
 
-def band(sq: int, sk: int, left: int, right: int, bottom_right: bool) -> torch.Tensor:
+def band(sq: int, sk: int, left: int, right: int, bottom_right: bool, device=None) -> torch.Tensor:
     """(sq, sk) bool: key j allowed for query i."""
-    i = torch.arange(sq)[:, None] + (sk - sq if bottom_right else 0)
-    j = torch.arange(sk)[None, :]
-    ok = torch.ones(sq, sk, dtype=torch.bool)
+    i = torch.arange(sq, device=device)[:, None] + (sk - sq if bottom_right else 0)
+    j = torch.arange(sk, device=device)[None, :]
+    ok = torch.ones(sq, sk, dtype=torch.bool, device=device)
     if left >= 0:
         ok &= j >= i - left
     if right >= 0:
@@ -69,14 +69,15 @@ def sdpa(
     s = q @ k.transpose(-1, -2) * scale
     if mask is not None:
         s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask
-    s = s.masked_fill(~band(sq, sk, left, right, bottom_right), -math.inf)
+    s = s.masked_fill(~band(sq, sk, left, right, bottom_right, s.device), -math.inf)
     m = s.amax(-1, keepdim=True).detach() if sk else s.new_zeros(b, hq, sq, 1)
     m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
     e = torch.exp(s - m)
     probs = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
     if p > 0:
         if ctr is None:
-            ctr = torch.arange(b * hq * sq * sk, dtype=torch.int64).view(b, hq, sq, sk)
+            ctr = torch.arange(b * hq * sq * sk, dtype=torch.int64, device=q.device)
+            ctr = ctr.view(b, hq, sq, sk)
         keep = dropout_keep(seed, ctr, p)
         probs = probs * keep / (1 - p) if p < 1 else probs * 0
     return probs @ v
@@ -94,7 +95,7 @@ def varlen(q, k, v, cu_q, cu_k, **kw):
         ctr = (
             (torch.arange(hq)[:, None, None] * tq + torch.arange(a, b_)[None, :, None]) * tk
             + torch.arange(c, d)[None, None, :]
-        )[None]
+        )[None].to(q.device)
         qs, ks, vs = (t.transpose(0, 1)[None] for t in (q[a:b_], k[c:d], v[c:d]))
         outs.append(sdpa(qs, ks, vs, ctr=ctr, **kw)[0].transpose(0, 1))
     return torch.cat(outs) if outs else q.new_zeros(q.shape)

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
+if CUDA:
+    # The torch twins and references run in true float32: cuDNN's default TF32 (10-bit mantissa)
+    # would be the very error the tests measure.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+else:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402

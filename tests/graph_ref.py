@@ -11,19 +11,21 @@ TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.fl
 
 
 def random_graph(n, e, self_loops=True, sorted_=False, skew=False, seed=0):
-    """edge_index (2, e) int64 on n nodes; with skew, destinations follow a power law."""
+    """edge_index (2, e) int64 on n nodes, on torch's default device (drawn on the CPU, so the
+    same graph everywhere); with skew, destinations follow a power law."""
     g = torch.Generator().manual_seed(seed)
-    src = torch.randint(0, max(n, 1), (e,), generator=g)
+    cpu = {"generator": g, "device": "cpu"}
+    src = torch.randint(0, max(n, 1), (e,), **cpu)
     if skew:
-        dst = (torch.rand(e, generator=g) ** 3 * n).long().clamp_max(n - 1)
+        dst = (torch.rand(e, **cpu) ** 3 * n).long().clamp_max(n - 1)
     else:
-        dst = torch.randint(0, max(n, 1), (e,), generator=g)
+        dst = torch.randint(0, max(n, 1), (e,), **cpu)
     if not self_loops and n > 1:
         dst = torch.where(dst == src, (dst + 1) % n, dst)
     ei = torch.stack([src, dst])
     if sorted_:
         ei = ei[:, torch.argsort(dst, stable=True)]
-    return ei
+    return ei.to(torch.get_default_device())
 
 
 def close(out, ref, dtype, what=""):

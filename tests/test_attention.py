@@ -186,7 +186,7 @@ def test_window_and_alignment(backend, dtype, case):
         exact, exact_g = _ref(q, k, v, g, left=left, right=right, bottom_right=br)
         low = None
         if dtype not in (torch.float32, torch.float64):
-            allowed = ref.band(sq, sk, left, right, br).to(backend.device)
+            allowed = ref.band(sq, sk, left, right, br, backend.device)
             low = _torch_lowp(q, k, v, g, allowed, False, False)
             low = (torch.nan_to_num(low[0]), [torch.nan_to_num(x) for x in low[1]])
         _check(out, exact, low and low[0], dtype, "out")

@@ -213,7 +213,7 @@ def test_nonfinite_propagates_winograd(backend, layout):
     g = torch.zeros_like(y)
     g[7, 7, 5, 6] = float("nan")
     gx, gw = torch.autograd.grad(y, (x, w), g)
-    assert torch.equal(gx[7].isnan(), _window(12, 5, 6).expand(32, 12, 12))
+    assert torch.equal(gx[7].isnan(), _window(12, 5, 6, gx.device).expand(32, 12, 12))
     assert not gx[:7].isnan().any()
     # The weight gradient sees the NaN of g (output channel 7) and those of x (every input
     # channel of image 7 is multiplied by that NaN, and x's own NaN and Inf): all NaN, as torch.
@@ -270,10 +270,10 @@ def test_winograd_settings(tmp_path):
     assert err["4"] > 2.5 * max(err["0"], err["2"]) and err["2"] < 2 * err["0"]
 
 
-def _window(size, p, q):
+def _window(size, p, q, device):
     """(size, size) mask of the 3x3 window around (p, q): the input pixels that output pixel
     (p, q) of a 3x3 padding-1 conv reads."""
-    m = torch.zeros(size, size, dtype=torch.bool)
+    m = torch.zeros(size, size, dtype=torch.bool, device=device)
     m[max(p - 1, 0) : p + 2, max(q - 1, 0) : q + 2] = True
     return m
 

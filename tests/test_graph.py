@@ -20,6 +20,20 @@ from graph_ref import (
 import fastdl
 from fastdl import Graph
 
+
+@pytest.fixture(autouse=True)
+def _on_backend_device(request):
+    """The tests make their tensors with bare factories: on a GPU backend those land on the
+    GPU (torch's default device for the test)."""
+    spec = getattr(request.node, "callspec", None)
+    b = spec.params.get("backend") if spec is not None else None
+    if b is None or b.device == "cpu":
+        yield
+        return
+    with torch.device(b.device):
+        yield
+
+
 # (nodes, edges, feature shape): empty graph, isolated nodes, odd widths, a wide tile, 2-D features.
 SHAPES = [(5, 0, (3,)), (40, 200, (64,)), (33, 150, (37,)), (9, 40, (2, 5)), (20, 90, (150,))]
 SMALL = [(5, 0, (3,)), (9, 40, (2, 5)), (12, 50, (37,))]

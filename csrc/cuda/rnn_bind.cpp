@@ -197,7 +197,7 @@ cuda::RnnPersistParams persist_params(Cell cell, const at::Tensor& x, const cuda
 // Both cells: y (T, B, P), hn (B, P), cn (B, H) (LSTM; undefined for the GRU), gates, cs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd(
     Cell cell, const rnn::Dims& d, const at::Tensor& x_, const at::Tensor& h0, const at::Tensor* c0,
-    const at::Tensor& w_ih, const at::Tensor& w_hh_, const OptTensor& b_ih, const OptTensor& b_hh,
+    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const OptTensor& b_ih, const OptTensor& b_hh,
     const OptTensor& w_hr, const OptTensor& lengths_, bool reverse) {
   const auto [T, B, I, H, P, G, S] = d;
   const auto dt = x_.scalar_type();
@@ -213,7 +213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
   };
   if (T == 0 || B == 0) return result(h);
 
-  const at::Tensor x = x_.contiguous(), w_hh = w_hh_.contiguous();
+  // Contiguous operands: cuBLAS picks its kernel (and so its rounding) by layout, so a strided x
+  // or transposed weight gives the very bits of the contiguous call.
+  const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor gx = mm_f32(x.view({T * B, I}), w_ih.t());
   // LSTM: both biases fold into the input side; GRU: b_hh stays apart (n scales it by r).
   OptTensor bias_x, bias_h;

@@ -7,18 +7,23 @@ set to "triton" they run the Triton kernels through the interpreter (how the tes
 
 import os
 
+import torch
+
 from fastdl import _ext
 
 BACKENDS = ("native", "triton", "auto")
-# The faster CUDA backend per family, as measured by `python -m bench` on a GPU ("native" where
-# no GPU run has measured it yet).
+# The faster CUDA backend per family, for (float32, 16-bit float) tensors, as measured by
+# `python -m bench --device cuda` on an H200 (bench/results/h200.json, 2026-12-04): Triton's
+# tensor-core tiles win attention and conv in bfloat16, the CUDA kernels win in float32 (and
+# everywhere for norm, whose fused backward is 1.5-2x faster). rnn and graph were not measured
+# yet: native.
 AUTO = {
-    "norm": "native",
-    "attention": "native",
-    "conv": "native",
-    "rnn": "native",
-    "graph": "native",
-    "int8": "native",
+    "norm": ("native", "native"),
+    "attention": ("native", "triton"),
+    "conv": ("native", "triton"),
+    "rnn": ("native", "native"),
+    "graph": ("native", "native"),
+    "int8": ("native", "native"),
 }
 
 
@@ -54,12 +59,14 @@ class backend:
         return False
 
 
-def resolve(family: str, device_type: str) -> str:
-    """'native' or 'triton' for a tensor of this device type, under the backend in force."""
+def resolve(family: str, device_type: str, dtype: torch.dtype | None = None) -> str:
+    """'native' or 'triton' for a tensor of this device type (and dtype), under the backend in
+    force."""
     if device_type != "cuda":
         return "triton" if _current == "triton" and _ext.TRITON_INTERPRET else "native"
     if _current != "auto":
         return _current
-    if AUTO[family] == "native" and not _ext.native_cuda() and _ext.HAS_TRITON:
+    choice = AUTO[family][dtype in (torch.float16, torch.bfloat16)]
+    if choice == "native" and not _ext.native_cuda() and _ext.HAS_TRITON:
         return "triton"
-    return AUTO[family]
+    return choice

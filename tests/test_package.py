@@ -13,7 +13,7 @@ import torch
 from conftest import NATIVE_CPU
 
 import fastdl
-from fastdl import _ext
+from fastdl import _backend, _ext
 from fastdl.ops import norm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +148,25 @@ def test_cpu_tensors_dispatch_by_backend(backend, monkeypatch):
             fastdl.add_rms_norm(x, x, 6)
             fastdl.batch_norm(x, None, None, training=True)
         assert calls == [expect] * 3, (name, calls)
+
+
+def test_auto_backend_by_family_and_dtype(monkeypatch):
+    """The backend "auto" on CUDA tensors: the measured table per family and dtype, Triton where
+    the extension has no CUDA kernels; an explicit backend is taken as given."""
+    monkeypatch.setattr(_ext, "native_cuda", lambda: True)
+    with fastdl.backend("auto"):
+        assert _backend.resolve("attention", "cuda", torch.bfloat16) == "triton"
+        assert _backend.resolve("attention", "cuda", torch.float16) == "triton"
+        assert _backend.resolve("attention", "cuda", torch.float32) == "native"
+        assert _backend.resolve("conv", "cuda", torch.bfloat16) == "triton"
+        assert _backend.resolve("norm", "cuda", torch.bfloat16) == "native"
+        assert _backend.resolve("int8", "cuda", torch.int8) == "native"
+        assert _backend.resolve("attention", "cpu", torch.bfloat16) == "native"
+        monkeypatch.setattr(_ext, "native_cuda", lambda: False)
+        expect = "triton" if _ext.HAS_TRITON else "native"
+        assert _backend.resolve("norm", "cuda", torch.float32) == expect
+    with fastdl.backend("native"):
+        assert _backend.resolve("attention", "cuda", torch.bfloat16) == "native"
 
 
 @pytest.mark.skipif(not _ext.HAS_TRITON or norm.TRITON is None, reason="needs triton")

@@ -9,6 +9,7 @@ the build machine's own ISA, because the machine that builds a wheel is not the 
 
 import glob
 import os
+import subprocess
 
 import torch
 from setuptools import setup
@@ -26,11 +27,29 @@ def sources(*patterns):
     return sorted(f for p in patterns for f in glob.glob(p, recursive=True))
 
 
+def _gcc() -> bool:
+    """Whether the C++ compiler of the build (CXX, else c++) is GCC."""
+    try:
+        cmd = [os.environ.get("CXX", "c++"), "--version"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return False
+    return "Free Software Foundation" in out
+
+
+# GCC splits functions into hot and cold parts from -O2 on; GCC 13 gives empty cold parts
+# zero-length unwind entries, which some linkers (mold, lld) index in .eh_frame_hdr over the real
+# entry at the same address, and an exception thrown there is then never caught. Suspected (not
+# yet confirmed there) cause of the crashes on the GPU machine, which builds with its own
+# /opt/gcc: a C++ input check that threw killed the process. No split, no such entries.
+NO_SPLIT = ["-fno-reorder-blocks-and-partition"] if _gcc() else []
+
+
 def extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
     # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The extension
     # then resolves libgomp.so.1 to the copy torch has already loaded: one OpenMP runtime.
-    cxx = [*opt, "-std=c++20", "-Wall", "-fopenmp", "-fvisibility=hidden"]
+    cxx = [*opt, "-std=c++20", "-Wall", "-fopenmp", "-fvisibility=hidden", *NO_SPLIT]
     srcs = sources("csrc/*.cpp", "csrc/common/*.cpp", "csrc/cpu/*.cpp", "csrc/cpu/isa/*.cpp")
     kwargs = {
         "include_dirs": [os.path.abspath("csrc")],
@@ -40,6 +59,7 @@ def extension():
     if not WITH_CUDA:
         return CppExtension("fastdl._C", srcs, **kwargs)
     nvcc = [*opt, "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc += [f"-Xcompiler={flag}" for flag in NO_SPLIT]
     for arch in os.environ.get("FASTDL_CUDA_ARCHS", "80;90a").split(";"):
         nvcc += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     kwargs["extra_compile_args"] = {"cxx": [*cxx, "-DFASTDL_WITH_CUDA"], "nvcc": nvcc}

@@ -14,9 +14,9 @@ from fastdl import _ext
 BACKENDS = ("native", "triton", "auto")
 # The faster CUDA backend per family, for (float32, 16-bit float) tensors, as measured by
 # `python -m bench --device cuda` on an H200 (bench/results/h200.json, 2026-12-04): Triton's
-# tensor-core tiles win attention and conv in bfloat16, the CUDA kernels win in float32 (and
-# everywhere for norm, whose fused backward is 1.5-2x faster). rnn and graph were not measured
-# yet: native.
+# tensor-core tiles win attention and dense conv2d in bfloat16 (fastdl/ops/conv.py keeps
+# depthwise and transposed convs native), the CUDA kernels win in float32 (and everywhere for
+# norm, whose fused backward is 1.5-2x faster). rnn and graph were not measured yet: native.
 AUTO = {
     "norm": ("native", "native"),
     "attention": ("native", "triton"),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from conftest import NATIVE_CPU
 
 import fastdl
 from fastdl import _backend, _ext
-from fastdl.ops import norm
+from fastdl.ops import conv, norm
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND_KEYS = ("cpu (C++)", "cuda (native .cu)", "triton")
@@ -162,6 +163,11 @@ def test_auto_backend_by_family_and_dtype(monkeypatch):
         assert _backend.resolve("norm", "cuda", torch.bfloat16) == "native"
         assert _backend.resolve("int8", "cuda", torch.int8) == "native"
         assert _backend.resolve("attention", "cpu", torch.bfloat16) == "native"
+        if conv.TRITON is not None and conv.NATIVE is not None:
+            # conv: Triton for dense conv2d only (its depthwise/transposed kernels are slow).
+            x = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+            assert conv._ops("t", x, dense=True) is conv.TRITON
+            assert conv._ops("t", x, dense=False) is conv.NATIVE
         monkeypatch.setattr(_ext, "native_cuda", lambda: False)
         expect = "triton" if _ext.HAS_TRITON else "native"
         assert _backend.resolve("norm", "cuda", torch.float32) == expect

@@ -37,19 +37,17 @@ def _gcc() -> bool:
     return "Free Software Foundation" in out
 
 
-# GCC splits functions into hot and cold parts from -O2 on; GCC 13 gives empty cold parts
-# zero-length unwind entries, which some linkers (mold, lld) index in .eh_frame_hdr over the real
-# entry at the same address, and an exception thrown there is then never caught. Suspected (not
-# yet confirmed there) cause of the crashes on the GPU machine, which builds with its own
-# /opt/gcc: a C++ input check that threw killed the process. No split, no such entries.
-NO_SPLIT = ["-fno-reorder-blocks-and-partition"] if _gcc() else []
-
-
 def extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
+    # GCC splits functions into hot and cold parts from -O2 on; GCC 13 gives empty cold parts
+    # zero-length unwind entries, which some linkers (mold, lld) index in .eh_frame_hdr over the
+    # real entry at the same address, and an exception thrown there is then never caught.
+    # Suspected (not yet confirmed there) cause of the crashes on the GPU machine, which builds
+    # with its own /opt/gcc: a C++ input check that threw killed the process.
+    no_split = ["-fno-reorder-blocks-and-partition"] if _gcc() else []
     # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The extension
     # then resolves libgomp.so.1 to the copy torch has already loaded: one OpenMP runtime.
-    cxx = [*opt, "-std=c++20", "-Wall", "-fopenmp", "-fvisibility=hidden", *NO_SPLIT]
+    cxx = [*opt, "-std=c++20", "-Wall", "-fopenmp", "-fvisibility=hidden", *no_split]
     srcs = sources("csrc/*.cpp", "csrc/common/*.cpp", "csrc/cpu/*.cpp", "csrc/cpu/isa/*.cpp")
     kwargs = {
         "include_dirs": [os.path.abspath("csrc")],
@@ -59,7 +57,7 @@ def extension():
     if not WITH_CUDA:
         return CppExtension("fastdl._C", srcs, **kwargs)
     nvcc = [*opt, "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
-    nvcc += [f"-Xcompiler={flag}" for flag in NO_SPLIT]
+    nvcc += [f"-Xcompiler={flag}" for flag in no_split]
     for arch in os.environ.get("FASTDL_CUDA_ARCHS", "80;90a").split(";"):
         nvcc += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     kwargs["extra_compile_args"] = {"cxx": [*cxx, "-DFASTDL_WITH_CUDA"], "nvcc": nvcc}

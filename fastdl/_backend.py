@@ -70,3 +70,18 @@ def resolve(family: str, device_type: str, dtype: torch.dtype | None = None) -> 
     if choice == "native" and not _ext.native_cuda() and _ext.HAS_TRITON:
         return "triton"
     return choice
+
+
+def namespace(family: str, op: str, x: torch.Tensor, native, triton, triton_slow: bool = False):
+    """The ops (a family's NATIVE or TRITON namespace) that run ``x`` under the backend in force;
+    under "auto", a call the family's Triton kernels are measured slow for (``triton_slow``)
+    stays on the CUDA kernels."""
+    choice = resolve(family, x.device.type, x.dtype)
+    if choice == "triton" and triton_slow and _current == "auto" and _ext.native_cuda():
+        choice = "native"
+    if choice == "triton":
+        if triton is None:
+            raise RuntimeError(f"{op}: the Triton backend needs triton (pip install triton)")
+        return triton
+    _ext.require_native(op)
+    return native

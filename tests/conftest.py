@@ -118,14 +118,20 @@ def backend(request):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _backend_in_force(request):
-    """fastdl.backend(name) for the test's `backend` parameter for its duration, however the
-    test parametrized it (through the fixture above, or directly without indirect=), so no test
-    can run the native path on a row it labels triton; a missing backend skips the test."""
+def backend_of(request) -> Backend | None:
+    """The Backend a test is parametrized with, however it was (through the fixture above, or
+    directly without indirect=); None for a test without one."""
     spec = getattr(request.node, "callspec", None)
     b = spec.params.get("backend") if spec is not None else None
-    if not isinstance(b, Backend):
+    return b if isinstance(b, Backend) else None
+
+
+@pytest.fixture(autouse=True)
+def _backend_in_force(request):
+    """fastdl.backend(name) for the test's `backend` parameter for its duration, so no test can
+    run the native path on a row it labels triton; a missing backend skips the test."""
+    b = backend_of(request)
+    if b is None:
         yield
         return
     reason = b.missing()

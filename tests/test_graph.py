@@ -5,7 +5,7 @@ runs on every backend (Triton through the interpreter on small graphs)."""
 
 import pytest
 import torch
-from conftest import cases
+from conftest import backend_of, cases
 from graph_ref import (
     close,
     compare,
@@ -25,8 +25,7 @@ from fastdl import Graph
 def _on_backend_device(request):
     """The tests make their tensors with bare factories: on a GPU backend those land on the
     GPU (torch's default device for the test)."""
-    spec = getattr(request.node, "callspec", None)
-    b = spec.params.get("backend") if spec is not None else None
+    b = backend_of(request)
     if b is None or b.device == "cpu":
         yield
         return

@@ -157,12 +157,7 @@ TRITON = _triton_ops()
 
 
 def _ops(op: str, x: torch.Tensor) -> SimpleNamespace:
-    if _backend.resolve("attention", x.device.type, x.dtype) == "triton":
-        if TRITON is None:
-            raise RuntimeError(f"{op}: the Triton backend needs triton (pip install triton)")
-        return TRITON
-    _ext.require_native(op)
-    return NATIVE
+    return _backend.namespace("attention", op, x, NATIVE, TRITON)
 
 
 # ---------------------------------------------------------------- public functions

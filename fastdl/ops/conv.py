@@ -323,18 +323,10 @@ TRITON = _triton_ops()
 
 
 def _ops(op: str, x: torch.Tensor, dense: bool) -> SimpleNamespace:
-    """The backend's ops; "auto" takes Triton only for a dense (groups = 1) conv2d, which the H200
-    run measured 3x faster than the CUDA kernels in bfloat16: its depthwise and transposed
-    kernels were 5-15x slower than theirs."""
-    choice = _backend.resolve("conv", x.device.type, x.dtype)
-    if choice == "triton" and not dense and _backend.get_backend() == "auto" and _ext.native_cuda():
-        choice = "native"
-    if choice == "triton":
-        if TRITON is None:
-            raise RuntimeError(f"{op}: the Triton backend needs triton (pip install triton)")
-        return TRITON
-    _ext.require_native(op)
-    return NATIVE
+    # "auto" takes Triton only for a dense (groups = 1) conv2d, which the H200 run measured 3x
+    # faster than the CUDA kernels in bfloat16: its depthwise and transposed kernels were 5-15x
+    # slower than theirs.
+    return _backend.namespace("conv", op, x, NATIVE, TRITON, triton_slow=not dense)
 
 
 # ---------------------------------------------------------------- public functions

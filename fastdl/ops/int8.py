@@ -113,12 +113,7 @@ TRITON = _triton_ops()
 
 
 def _ops(op: str, x: torch.Tensor) -> SimpleNamespace:
-    if _backend.resolve("int8", x.device.type, x.dtype) == "triton":
-        if TRITON is None:
-            raise RuntimeError(f"{op}: the Triton backend needs triton (pip install triton)")
-        return TRITON
-    _ext.require_native(op)
-    return NATIVE
+    return _backend.namespace("int8", op, x, NATIVE, TRITON)
 
 
 def _no_grad(op: str, **tensors) -> None:

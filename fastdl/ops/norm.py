@@ -221,12 +221,7 @@ TRITON = _triton_ops()
 
 
 def _ops(op: str, x: torch.Tensor) -> SimpleNamespace:
-    if _backend.resolve("norm", x.device.type, x.dtype) == "triton":
-        if TRITON is None:
-            raise RuntimeError(f"{op}: the Triton backend needs triton (pip install triton)")
-        return TRITON
-    _ext.require_native(op)
-    return NATIVE
+    return _backend.namespace("norm", op, x, NATIVE, TRITON)
 
 
 # ---------------------------------------------------------------- public functions

@@ -178,12 +178,7 @@ TRITON = _triton_ops()
 
 
 def _ops(op: str, x: torch.Tensor) -> SimpleNamespace:
-    if _backend.resolve("rnn", x.device.type, x.dtype) == "triton":
-        if TRITON is None:
-            raise RuntimeError(f"{op}: the Triton backend needs triton (pip install triton)")
-        return TRITON
-    _ext.require_native(op)
-    return NATIVE
+    return _backend.namespace("rnn", op, x, NATIVE, TRITON)
 
 
 # ---------------------------------------------------------------- public functions

@@ -31,6 +31,9 @@ def same_shape(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def positive_eps(op: str, eps: float) -> None:
+    if torch.compiler.is_compiling():  # eps may be symbolic (dynamic=True): an assert, no branch
+        torch._check(eps > 0, lambda: f"{op}: eps must be a positive finite number")
+        return
     if not (math.isfinite(eps) and eps > 0):
         raise RuntimeError(f"{op}: eps must be a positive finite number, got {eps}")
 

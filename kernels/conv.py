@@ -131,8 +131,11 @@ def conv2d_fwd(
     conv._check_bias(conv.CONV, bias, x, shape[1])
     conv._check_residual(residual, x, shape)
     _require_runnable(conv.CONV, x)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=conv.memory_format(x))
+    fmt = conv.memory_format(x)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     pre = torch.empty_like(out) if conv.saves_pre(activation) else None
+    if residual is not None:  # the kernel reads it at the output's offsets
+        residual = residual.contiguous(memory_format=fmt)
     if out.numel() > 0:
         _fwd(x, weight, bias, residual, out, pre, stride, padding, dilation, groups,
              ACT[activation])  # fmt: skip

@@ -62,13 +62,15 @@ INTERPRETED = [
     ("grouped_asym", "nchw_gelu_res"),
     ("depthwise_mult2", "strided_silu"),
     ("1x1", "nchw"),
+    ("3x3", "cl_nchw_res"),
 ]
-# (layout, activation, bias, residual)
+# (layout, activation, bias, residual: None, "same" layout as x or the "other" one)
 VARIANTS = {
-    "nchw": ("nchw", "none", True, False),
-    "cl_relu_res": ("channels_last", "relu", True, True),
-    "strided_silu": ("noncontig", "silu", False, False),
-    "nchw_gelu_res": ("nchw", "gelu", True, True),
+    "nchw": ("nchw", "none", True, None),
+    "cl_relu_res": ("channels_last", "relu", True, "same"),
+    "strided_silu": ("noncontig", "silu", False, None),
+    "nchw_gelu_res": ("nchw", "gelu", True, "same"),
+    "cl_nchw_res": ("channels_last", "none", False, "other"),
 }
 
 
@@ -88,13 +90,14 @@ def _double(t):
 def test_conv2d(backend, dtype, case):
     shape, variant = case
     n, c, h, w, k, r, s, stride, padding, dilation, groups = CONV_SHAPES[shape]
-    layout, act, has_bias, has_res = VARIANTS[variant]
+    layout, act, has_bias, res_layout = VARIANTS[variant]
     cl, dev = layout == "channels_last", backend.device
     x = make((n, c, h, w), dtype, cl, layout == "noncontig", grad=True, device=dev)
     wt = make((k, c // groups, r, s), dtype, grad=True, device=dev)
     b = make((k,), dtype, grad=True, device=dev) if has_bias else None
     out_shape = ref_conv2d(x.detach(), wt.detach(), b, stride, padding, dilation, groups).shape
-    res = make(tuple(out_shape), dtype, cl, grad=True, device=dev) if has_res else None
+    res_cl = cl == (res_layout == "same")
+    res = make(tuple(out_shape), dtype, res_cl, grad=True, device=dev) if res_layout else None
     y = fastdl.conv2d(x, wt, b, stride, padding, dilation, groups, activation=act, residual=res)
 
     leaves = [(t, _double(t)) for t in (x, wt, b, res)]
@@ -121,6 +124,8 @@ CONVT_SHAPES = {
     "grouped_asym": (1, 6, 4, 3, 4, 3, (2, 1), (1, 0), (1, 0), 2, 1),
     "dilated": (2, 3, 3, 4, 5, 3, 1, 0, 0, 1, 2),
     "outpad_2": (1, 4, 3, 3, 4, 3, 3, 1, 2, 4, 1),
+    # 1x1, stride 1, unpadded, yet the output is larger than the input (output_padding 1).
+    "1x1_outpad_dilated": (2, 3, 2, 3, 4, 1, 1, 0, 1, 1, 2),
 }
 
 
@@ -151,6 +156,27 @@ def test_conv_transpose2d(backend, dtype, case):
     (expected * g.to(dtype).double()).sum().backward()
     for got, want in ((x, xd), (wt, wd), (b, bd)):
         assert_close(got.grad, want.grad, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("shape", ["3x3", "1x1", "depthwise", "taps_3x3", "winograd"])
+@pytest.mark.parametrize("wants", ["bias", "bias_and_x"])
+def test_frozen_weight(backend, shape, wants):
+    # A frozen weight with a trainable bias (fine-tuning): the backward skips the weight gradient.
+    n, c, h, w, k, r, s, stride, padding, dilation, groups = CONV_SHAPES[shape]
+    dev = backend.device
+    x = make((n, c, h, w), torch.float32, grad=wants == "bias_and_x", device=dev)
+    wt = make((k, c // groups, r, s), torch.float32, device=dev)
+    b = make((k,), torch.float32, grad=True, device=dev)
+    y = fastdl.conv2d(x, wt, b, stride, padding, dilation, groups)
+    g = torch.randn(y.shape, device=dev)
+    (y * g).sum().backward()
+    assert wt.grad is None
+    assert_close(b.grad, g.double().sum((0, 2, 3)), torch.float32)
+    if x.requires_grad:
+        xd = x.detach().double().requires_grad_()
+        expected = ref_conv2d(xd, wt.double(), b.double(), stride, padding, dilation, groups)
+        (expected * g.double()).sum().backward()
+        assert_close(x.grad, xd.grad, torch.float32, scale=4.0)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])

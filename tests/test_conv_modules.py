@@ -125,3 +125,74 @@ def test_fuse_conv_bn(kind):
 def test_fuse_conv_bn_needs_eval():
     with pytest.raises(RuntimeError, match="eval mode"):
         fastdl.fuse_conv_bn(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)))
+
+
+class _SharedConv(nn.Module):
+    # The conv runs twice and only one call is followed by the BatchNorm: nothing may fold.
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+class _ResidualConv(nn.Module):
+    # bn(conv(x, residual)) would scale the residual too: nothing may fold.
+    def __init__(self):
+        super().__init__()
+        self.conv = fastdl.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x, residual=x))
+
+
+def _activated_conv():
+    # bn(relu(conv)) is not relu(conv'): nothing may fold.
+    model = nn.Sequential(fastdl.nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
+    model[0].activation = "relu"
+    return model
+
+
+def _bn_left_training():
+    # A BatchNorm still in training mode normalizes with batch statistics: it must not fold.
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
+    model[1].train()
+    model[1].momentum = 0.0  # the reference call leaves the running statistics as they are
+    return model
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _SharedConv().eval(),
+        lambda: _ResidualConv().eval(),
+        _activated_conv,
+        _bn_left_training,
+    ],
+    ids=["conv_called_twice", "residual", "activation", "bn_training"],
+)
+def test_fuse_conv_bn_leaves_pairs_it_cannot_fold(build):
+    model = build()
+    _randomize_bn(model)
+    model = model.double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    expected = model(x)
+    fused = fastdl.fuse_conv_bn(model)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == 1
+    torch.testing.assert_close(fused(x), expected)
+
+
+def test_fuse_conv_bn_after_patch():
+    # fastdl.patch's convs and BatchNorms trace as modules: the pairs outside a Sequential fold.
+    model = _Block()
+    _randomize_bn(model)
+    model = model.double().eval()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    expected = model(x)
+    fastdl.patch(model)
+    fused = fastdl.fuse_conv_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    torch.testing.assert_close(fused(x), expected)

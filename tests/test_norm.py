@@ -145,13 +145,17 @@ def test_rms_norm_eps_none_is_finfo_eps(backend, kind):
         # mean(s^2) ~ eps, so that the default eps shows
         x = (x.double() * 1e-3).to(dtype)
         r = (r.double() * 1e-3).to(dtype) if r is not None else None
-        finfo_eps = torch.finfo(dtype).eps
+        # torch's default: the eps of the computation dtype (float32's for 16-bit inputs)
+        finfo_eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
         check_norm(kind, x, r, w, None, (40,), None, ref_eps=finfo_eps)
         default = kind.ours(x, r, w, None, (40,), None)
         explicit = kind.ours(x, r, w, None, (40,), finfo_eps)
         other = kind.ours(x, r, w, None, (40,), finfo_eps * 64)
         assert torch.equal(default[0], explicit[0])
         assert not torch.equal(default[0], other[0])
+        if r is None:
+            expected = torch.nn.functional.rms_norm(x, (40,), w)
+            torch.testing.assert_close(default[0], expected)
 
 
 def test_hand_computed_values(backend):

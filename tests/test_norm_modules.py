@@ -168,14 +168,16 @@ def test_modules_reject_wrong_input_rank(backend):
 
 
 @pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
-def test_compile_module(backend):
+@pytest.mark.parametrize("dynamic", [None, True], ids=["auto", "dynamic"])
+def test_compile_module(backend, dynamic):
+    # dynamic=True makes eps a symbolic float too: the eps checks must trace.
     model = nn.Sequential(fnn.BatchNorm1d(8), nn.Linear(8, 16), fnn.LayerNorm(16), fnn.RMSNorm(16))
     model = _randomize(model).to(backend.device)
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, fullgraph=True)
-    for _ in range(2):
-        x = torch.randn(6, 8, device=backend.device)
-        g = torch.randn(6, 16, device=backend.device)
+    compiled = torch.compile(twin, fullgraph=True, dynamic=dynamic)
+    for rows in (6, 9):
+        x = torch.randn(rows, 8, device=backend.device)
+        g = torch.randn(rows, 16, device=backend.device)
         model.zero_grad()
         twin.zero_grad()
         for a, b in zip(_step(model, x, g), _step(compiled, x, g), strict=True):

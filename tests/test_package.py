@@ -231,3 +231,39 @@ def test_import_without_extension():
     assert run.stdout.strip().endswith("ok")
     if _ext.HAS_TRITON and _ext.TRITON_INTERPRET:
         assert "triton ran" in run.stdout
+
+
+def _double_backward_cases():
+    def t(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    edges = torch.tensor([[0, 1, 2, 2], [1, 2, 0, 1]])
+    graph = fastdl.Graph.from_edge_index(edges, 3)
+    gru = fastdl.nn.GRU(3, 4).double()
+    return {
+        "layer_norm": (lambda x, w: fastdl.layer_norm(x, 6, w), (t(4, 6), t(6))),
+        "conv2d": (lambda x, w: fastdl.conv2d(x, w, padding=1), (t(1, 2, 5, 5), t(3, 2, 3, 3))),
+        "attention": (
+            fastdl.scaled_dot_product_attention,
+            (t(1, 2, 4, 8), t(1, 2, 4, 8), t(1, 2, 4, 8)),
+        ),
+        "lstm_cell": (
+            lambda x, h, w: fastdl.lstm_cell(x, (h, h), w, w[:, :4])[0],
+            (t(2, 4), t(2, 4), t(16, 4)),
+        ),
+        "gru": (lambda x: gru(x)[0], (t(5, 2, 3),)),
+        "spmm": (lambda x: fastdl.spmm(graph, x), (t(3, 5),)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_double_backward_cases()))
+def test_create_graph_then_double_backward_raises(case):
+    # The backward ops have no derivative: with create_graph=True the first derivative is still
+    # right, and differentiating it again raises instead of silently dropping terms.
+    fn, inputs = _double_backward_cases()[case]
+    expected = torch.autograd.grad(fn(*inputs).square().sum(), inputs)
+    grads = torch.autograd.grad(fn(*inputs).square().sum(), inputs, create_graph=True)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grads[0].sum().backward()

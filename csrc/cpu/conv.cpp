@@ -158,7 +158,7 @@ int64_t winograd_setting() {
 struct Gemm {
   ConvArgs a;
   int64_t M, j, cg, kg, rows, blocks;
-  bool direct;   // 1x1, stride 1, no padding: the NHWC input is the GEMM operand itself
+  bool direct;   // 1x1, stride 1, no padding, P x Q = H x W: the NHWC input is the GEMM operand
   int64_t wino;  // the forward runs Winograd F(wino x wino, 3x3); 0: the implicit GEMM
   bool taps;     // where Winograd does not run, the GEMMs run per tap (conv_taps below)
 };
@@ -202,8 +202,10 @@ Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t 
   p.cg = g.c_per_group();
   p.kg = g.k_per_group();
   p.j = g.R * g.S * p.cg;
-  p.direct =
-      g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+  // P == H, Q == W: a conv_transpose2d's adjoint with output_padding has an input larger than
+  // its output even for a 1x1 stride-1 unpadded kernel.
+  p.direct = g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 &&
+             g.pad_w == 0 && g.P == g.H && g.Q == g.W;
   const int64_t m = winograd_setting();
   const bool wino = m > 0 && elem == int64_t(sizeof(float)) && g.groups == 1 && g.R == 3 &&
                     g.S == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
@@ -826,9 +828,10 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
     at::Tensor gb = at::zeros({g.K}, opts);
     if (p.M > 0)
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_wgrad", [&] {
+        // xn is undefined when only the bias gradient is wanted (a frozen weight).
+        const scalar_t* x = want_weight ? xn.const_data_ptr<scalar_t>() : nullptr;
         (p.taps ? taps_params<scalar_t>
-                : backward_params<scalar_t>)(p, xn.const_data_ptr<scalar_t>(),
-                                             gpre.const_data_ptr<scalar_t>(),
+                : backward_params<scalar_t>)(p, x, gpre.const_data_ptr<scalar_t>(),
                                              want_weight ? gw.data_ptr<scalar_t>() : nullptr,
                                              want_bias ? gb.data_ptr<scalar_t>() : nullptr);
       });

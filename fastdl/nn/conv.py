@@ -3,6 +3,7 @@ torch.nn twins and only replace forward, so parameters, state_dict keys, repr an
 checks are the twin's: a torch state_dict loads unchanged and fastdl.patch swaps classes in
 place."""
 
+import collections
 import copy
 import itertools
 
@@ -75,29 +76,43 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Conv2d:
 
 
 def _foldable(conv, bn) -> bool:
+    # A conv with a fused activation computes act(conv): bn(act(conv)) does not fold into it.
     return (
         isinstance(conv, nn.Conv2d)
+        and getattr(conv, "activation", None) is None
         and isinstance(bn, nn.BatchNorm2d)
+        and not bn.training
         and bn.track_running_stats
         and bn.running_mean is not None
         and bn.num_features == conv.out_channels
     )
 
 
+class _Tracer(torch.fx.Tracer):
+    # Convs and BatchNorms stay call_module nodes, fastdl's (fastdl.patch) as well as torch's.
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
+
+
 def _fuse_fx(model: nn.Module) -> nn.Module | None:
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = torch.fx.GraphModule(model, _Tracer().trace(model))
     except Exception:
         return None
     modules = dict(gm.named_modules())
+    calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         src = node.args[0]
         if not (isinstance(src, torch.fx.Node) and src.op == "call_module"):
             continue
         conv, bn = modules[src.target], modules[node.target]
-        if not _foldable(conv, bn) or len(src.users) != 1:
+        # Folding changes the conv module: only when its one call feeds only this BatchNorm (and
+        # takes no residual, which the BatchNorm would scale too).
+        if not _foldable(conv, bn) or len(src.users) != 1 or calls[src.target] != 1:
+            continue
+        if len(src.args) != 1 or src.kwargs:
             continue
         parent, _, name = src.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, _fold(conv, bn))

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from fastdl import _backend, _checks, _ext
+from fastdl.ops import _library
 
 OPS = ("attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd")
 MAX_HEAD_DIM = 256
@@ -118,15 +119,7 @@ _AUTOGRAD = {
 
 
 def _register(ops: SimpleNamespace) -> SimpleNamespace:
-    for name in OPS:
-        torch.library.register_fake(getattr(ops, name), _FAKE[name])
-    for family, (setup, backward) in _AUTOGRAD.items():
-        torch.library.register_autograd(
-            getattr(ops, family + "_fwd"),
-            backward(getattr(ops, family + "_bwd")),
-            setup_context=setup,
-        )
-    return ops
+    return _library.register(ops, _FAKE, _AUTOGRAD)
 
 
 def _native_ops() -> SimpleNamespace | None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdl import _backend, _checks, _ext
+from fastdl.ops import _library
 
 OPS = ("conv2d_fwd", "conv2d_bwd", "conv_transpose2d_fwd", "conv_transpose2d_bwd")
 ACTIVATIONS = ("none", "relu", "silu", "gelu")
@@ -284,15 +285,7 @@ _AUTOGRAD = {
 
 
 def _register(ops: SimpleNamespace) -> SimpleNamespace:
-    for name in OPS:
-        torch.library.register_fake(getattr(ops, name), _FAKE[name])
-    for family, (setup, backward) in _AUTOGRAD.items():
-        torch.library.register_autograd(
-            getattr(ops, family + "_fwd"),
-            backward(getattr(ops, family + "_bwd")),
-            setup_context=setup,
-        )
-    return ops
+    return _library.register(ops, _FAKE, _AUTOGRAD)
 
 
 def _native_ops() -> SimpleNamespace | None:

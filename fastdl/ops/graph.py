@@ -13,6 +13,7 @@ import torch
 
 from fastdl import _backend, _checks, _ext
 from fastdl.graph import Graph
+from fastdl.ops import _library
 
 OPS = (
     "spmm_fwd",
@@ -201,15 +202,7 @@ _AUTOGRAD = {
 
 
 def _register(ops: SimpleNamespace) -> SimpleNamespace:
-    for name in OPS:
-        torch.library.register_fake(getattr(ops, name), _FAKE[name])
-    for family, (setup, backward) in _AUTOGRAD.items():
-        torch.library.register_autograd(
-            getattr(ops, family + "_fwd"),
-            backward(getattr(ops, family + "_bwd")),
-            setup_context=setup,
-        )
-    return ops
+    return _library.register(ops, _FAKE, _AUTOGRAD)
 
 
 def _native_ops() -> SimpleNamespace | None:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from fastdl import _backend, _checks, _ext
+from fastdl.ops import _library
 
 OPS = (
     "layer_norm_fwd",
@@ -182,15 +183,7 @@ _AUTOGRAD = {
 
 
 def _register(ops: SimpleNamespace) -> SimpleNamespace:
-    for name in OPS:
-        torch.library.register_fake(getattr(ops, name), _FAKE[name])
-    for family, (setup, backward) in _AUTOGRAD.items():
-        torch.library.register_autograd(
-            getattr(ops, family + "_fwd"),
-            backward(getattr(ops, family + "_bwd")),
-            setup_context=setup,
-        )
-    return ops
+    return _library.register(ops, _FAKE, _AUTOGRAD)
 
 
 def _native_ops() -> SimpleNamespace | None:
@@ -287,7 +280,10 @@ def _rms_eps(x: torch.Tensor, eps: float | None) -> float:
     if eps is not None:
         return eps
     # A non-float x has no finfo; any positive eps lets the op's dtype check give the message.
-    return torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 1.0
+    if not x.dtype.is_floating_point:
+        return 1.0
+    # torch takes the eps of the computation dtype: float32's for bfloat16/float16 inputs.
+    return torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
 
 
 def rms_norm(
@@ -298,7 +294,8 @@ def rms_norm(
 ) -> torch.Tensor:
     """Root-mean-square normalization (Zhang & Sennrich, 2019): ``y = x / sqrt(mean(x^2) + eps)
     * weight`` over the trailing ``normalized_shape`` dims, as ``torch.nn.functional.rms_norm``
-    (``eps=None`` means ``torch.finfo(x.dtype).eps``).
+    (``eps=None`` means the machine epsilon of the computation dtype, as torch: float32's for
+    float32, bfloat16 and float16 inputs, float64's for float64).
 
     Dtypes, backends and determinism as :func:`layer_norm`.
     """

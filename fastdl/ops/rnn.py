@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdl import _backend, _checks, _ext
+from fastdl.ops import _library
 
 OPS = ("lstm_layer_fwd", "lstm_layer_bwd", "gru_layer_fwd", "gru_layer_bwd")
 LSTM, GRU = "fastdl.lstm", "fastdl.gru"
@@ -139,15 +140,7 @@ _AUTOGRAD = {"lstm_layer": (_lstm_setup, _lstm_backward), "gru_layer": (_gru_set
 
 
 def _register(ops: SimpleNamespace) -> SimpleNamespace:
-    for name in OPS:
-        torch.library.register_fake(getattr(ops, name), _FAKE[name])
-    for family, (setup, backward) in _AUTOGRAD.items():
-        torch.library.register_autograd(
-            getattr(ops, family + "_fwd"),
-            backward(getattr(ops, family + "_bwd")),
-            setup_context=setup,
-        )
-    return ops
+    return _library.register(ops, _FAKE, _AUTOGRAD)
 
 
 def _native_ops() -> SimpleNamespace | None:

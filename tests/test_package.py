@@ -2,6 +2,7 @@
 manager, FASTDL_BACKEND), Triton ops' schemas against the native ones, and importing without the
 compiled extension."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -267,3 +268,35 @@ def test_create_graph_then_double_backward_raises(case):
         torch.testing.assert_close(got, want)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grads[0].sum().backward()
+
+
+AUTOCAST_MODULES = {
+    "lstm": (lambda: torch.nn.LSTM(3, 4, 2), (5, 2, 3)),
+    "gru": (lambda: torch.nn.GRU(3, 4), (5, 2, 3)),
+    "lstm_cell": (lambda: torch.nn.LSTMCell(3, 4), (2, 3)),
+    "gru_cell": (lambda: torch.nn.GRUCell(3, 4), (2, 3)),
+    "conv2d": (lambda: torch.nn.Conv2d(3, 4, 3), (1, 3, 6, 6)),
+    "conv_transpose2d": (lambda: torch.nn.ConvTranspose2d(3, 4, 3), (1, 3, 6, 6)),
+    "attention": (lambda: torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), (4, 1, 8)),
+    "norms": (lambda: torch.nn.Sequential(torch.nn.LayerNorm(6), torch.nn.RMSNorm(6)), (2, 6)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(AUTOCAST_MODULES))
+def test_patched_modules_under_autocast(name, dtype):
+    # Inside torch.autocast a patched module runs in the dtype torch's runs in (conv, attention
+    # and LSTM in bfloat16, the others in x's dtype), float32 parameters included.
+    make, shape = AUTOCAST_MODULES[name]
+    torch.manual_seed(0)
+    ref = make()
+    model = torch.nn.Sequential(copy.deepcopy(ref))
+    fastdl.patch(model)
+    x = torch.randn(shape).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref(x), model[0](x)
+    expected, got = (o[0] if isinstance(o, tuple) else o for o in (expected, got))
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    got.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())

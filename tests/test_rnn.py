@@ -282,6 +282,30 @@ BAD = [
         r"lengths must be an integer tensor",
     ),
     (
+        "lengths_float_list",
+        lambda d: _lstm_args(d, lengths=[1.5, 2.0, 3.0]),
+        TypeError,
+        r"lengths must be integers",
+    ),
+    (
+        "hx_one_state",
+        lambda d: _lstm_args(d, hx=(torch.zeros(1, 3, 6, device=d),)),
+        TypeError,
+        r"hx must be a tuple \(h, c\) of two tensors",
+    ),
+    (
+        "hx_none_state",
+        lambda d: _lstm_args(d, hx=(torch.zeros(1, 3, 6, device=d), None)),
+        TypeError,
+        r"hx must be a tuple \(h, c\) of two tensors",
+    ),
+    (
+        "empty_sequence",
+        lambda d: _lstm_args(d, input=torch.randn(0, 3, 5, device=d)),
+        RuntimeError,
+        r"expected a sequence length larger than 0",
+    ),
+    (
         "dropout_high",
         lambda d: _lstm_args(d, dropout=1.5),
         ValueError,
@@ -307,7 +331,9 @@ BAD = [
     ),
     (
         "mixed_device",
-        lambda d: _lstm_args(d, hx=(torch.zeros(1, 3, 6, device="meta"), None)),
+        lambda d: _lstm_args(
+            d, hx=(torch.zeros(1, 3, 6, device="meta"), torch.zeros(1, 3, 6, device=d))
+        ),
         RuntimeError,
         r"h0 is on meta but x is on",
     ),
@@ -360,6 +386,16 @@ def test_bad_gru_and_cells(backend):
             torch.randn(2, 5, device=dev),
             (torch.zeros(2, 6, device=dev), torch.zeros(2, 5, device=dev)),
             *w,
+        )
+    with pytest.raises(RuntimeError, match=r"an unbatched input takes an unbatched h"):
+        fastdl.lstm_cell(
+            torch.randn(5, device=dev),
+            (torch.zeros(1, 6, device=dev), torch.zeros(1, 6, device=dev)),
+            *w,
+        )
+    with pytest.raises(TypeError, match=r"fastdl.gru: hx must be a tensor"):
+        fastdl.gru(
+            torch.randn(4, 3, 5, device=dev), (torch.zeros(1, 3, 6, device=dev),), gru._flat_weights
         )
     with pytest.raises(RuntimeError, match=r"fastdl.lstm: b_ih must have shape \[24\]"):
         fastdl.lstm_cell(torch.randn(2, 5, device=dev), None, w[0], w[1], w[2][:20], w[3])

@@ -67,6 +67,31 @@ def test_module_matches_torch(backend, twin):
 
 
 @pytest.mark.parametrize("twin", range(len(TWINS)), ids=IDS)
+def test_weights_from_functional_call_and_parametrizations(backend, twin):
+    # The module reads its parameters per call, as torch's does: torch.func.functional_call's
+    # substitutes and a parametrization's recomputed weight, each with its gradient.
+    torch_cls, ours_cls, kw = TWINS[twin]
+    ref, ours = _pair(torch_cls, ours_cls, kw, backend.device)
+    x = torch.randn(3, 4, 5, device=backend.device)
+    params = {k: torch.randn_like(v).requires_grad_() for k, v in ref.named_parameters()}
+    r, o = (_flat(torch.func.functional_call(m, params, (x,))) for m in (ref, ours))
+    for a, b in zip(o, r, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    grads = (torch.autograd.grad(out[0].square().sum(), list(params.values())) for out in (o, r))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    for mod in (ref, ours):
+        torch.nn.utils.parametrizations.weight_norm(mod, "weight_hh_l0")
+        with torch.no_grad():
+            mod.parametrizations.weight_hh_l0.original0.mul_(2)
+    r, o = _flat(ref(x)), _flat(ours(x))
+    for a, b in zip(o, r, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    for a, b in zip(_grads(ours, o, []), _grads(ref, r, []), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("twin", range(len(TWINS)), ids=IDS)
 def test_packed_sequence_in_and_out(backend, twin):
     torch_cls, ours_cls, kw = TWINS[twin]
     ref, ours = _pair(torch_cls, ours_cls, kw, backend.device)

@@ -36,12 +36,15 @@ def _repack(y: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> Pac
 
 class _RNNBase:
     def _run(self, fn, input, hx):
+        # The parameters as they are now, not the cached self._flat_weights, which misses
+        # torch.func.functional_call's and parametrizations' (torch refreshes it per call).
+        weights = [getattr(self, name) for name in self._flat_weights_names]
         if isinstance(input, PackedSequence):
             x, lengths = _unpack(input)
             y, state = fn(
                 x,
                 hx,
-                self._flat_weights,
+                weights,
                 self.bias,
                 self.num_layers,
                 self.dropout,
@@ -54,7 +57,7 @@ class _RNNBase:
         return fn(
             input,
             hx,
-            self._flat_weights,
+            weights,
             self.bias,
             self.num_layers,
             self.dropout,

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fastdl import _backend, _checks, _ext
+from fastdl import _autocast, _backend, _checks, _ext
 from fastdl.ops import _library
 
 OPS = ("attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd")
@@ -243,7 +243,9 @@ def scaled_dot_product_attention(
     counter-based hash of (seed, position), the same on every backend).
     """
     op = "fastdl.scaled_dot_product_attention"
-    q, k, v = query, key, value
+    q, k, v = _autocast.lower(query, key, value)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = _autocast.lower(q, attn_mask)[1]
     _check_heads(op, q, k, v, enable_gqa)
     if attn_mask is not None:
         _checks.same_device(op, "attn_mask", attn_mask, q)
@@ -291,6 +293,7 @@ def varlen_attention(
     dropout and determinism as :func:`scaled_dot_product_attention`.
     """
     op = "fastdl.varlen_attention"
+    q, k, v = _autocast.lower(q, k, v)
     for name, t in (
         ("k", k),
         ("v", v),

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from fastdl import _backend, _checks, _ext
+from fastdl import _autocast, _backend, _checks, _ext
 from fastdl.ops import _library
 
 OPS = ("conv2d_fwd", "conv2d_bwd", "conv_transpose2d_fwd", "conv_transpose2d_bwd")
@@ -370,6 +370,7 @@ def conv2d(
     (groups == C == K) has a direct kernel of its own. Backends: C++ (CPU), CUDA, Triton.
     Deterministic: yes on CPU (weight/bias gradients summed in a fixed order).
     """
+    x, weight, bias, residual = _autocast.lower(x, weight, bias, residual)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
@@ -412,6 +413,7 @@ def conv_transpose2d(
     output_padding + 1``, in x's memory format. Dtypes and backends as :func:`conv2d`.
     Deterministic: yes on CPU.
     """
+    x, weight, bias = _autocast.lower(x, weight, bias)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from fastdl import _backend, _checks, _ext
+from fastdl import _autocast, _backend, _checks, _ext
 from fastdl.ops import _library
 
 OPS = ("lstm_layer_fwd", "lstm_layer_bwd", "gru_layer_fwd", "gru_layer_bwd")
@@ -190,6 +190,8 @@ def _lengths(op: str, lengths, x: torch.Tensor, batch: int) -> torch.Tensor | No
     if lengths is None:
         return None
     if not isinstance(lengths, torch.Tensor):
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+            raise TypeError(f"{op}: lengths must be integers, got {list(lengths)}")
         lengths = torch.as_tensor(lengths, dtype=torch.int64, device=x.device)
     _checks.same_device(op, "lengths", lengths, x)
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
@@ -242,6 +244,19 @@ def _layers(op, params, has_biases, num_layers, num_dirs, gates):
     return groups
 
 
+def _lstm_state(op: str, hx) -> tuple:
+    """(h, c) of an LSTM's hx: None (zeros) or exactly two tensors."""
+    if hx is None:
+        return None, None
+    if not (isinstance(hx, tuple | list) and len(hx) == 2):
+        raise TypeError(f"{op}: hx must be a tuple (h, c) of two tensors, or None")
+    if not all(isinstance(t, torch.Tensor) for t in hx):
+        raise TypeError(
+            f"{op}: hx must be a tuple (h, c) of two tensors, got {[type(t) for t in hx]}"
+        )
+    return tuple(hx)
+
+
 def _check_dropout(op: str, dropout: float) -> None:
     if not 0.0 <= dropout <= 1.0:
         raise ValueError(f"{op}: dropout must be in [0, 1], got {dropout}")
@@ -273,6 +288,8 @@ def _rnn(
         hx = tuple(None if h is None else h.unsqueeze(1) for h in hx)
     elif batch_first:
         input = input.transpose(0, 1)
+    if input.shape[0] == 0:
+        raise RuntimeError(f"{op}: expected a sequence length larger than 0, got 0")
     dirs = 2 if bidirectional else 1
     groups = _layers(op, params, has_biases, num_layers, dirs, gates)
     _same_device(op, input, [(f"params[{i}]", p) for i, p in enumerate(params)])
@@ -341,12 +358,13 @@ def lstm(
     Dtypes: CPU float32/float64/bfloat16 (bfloat16 computed in float32), CUDA/Triton float32/
     float16/bfloat16. Backends: C++ (CPU), CUDA, Triton. Deterministic: yes (without dropout).
     """
-    h = (None, None) if hx is None else tuple(hx)
+    h, c = _lstm_state(LSTM, hx)
+    input, h, c, *params = _autocast.lower(input, h, c, *params)
     y, hn, cn = _rnn(
         LSTM,
         4,
         input,
-        h,
+        (h, c),
         params,
         has_biases,
         num_layers,
@@ -380,6 +398,9 @@ def gru(
     H) or None. Shapes, ``lengths``, dropout, dtypes and backends as :func:`lstm`.
     Returns ``(output, h_n)``. Deterministic: yes (without dropout).
     """
+    if hx is not None and not isinstance(hx, torch.Tensor):
+        raise TypeError(f"{GRU}: hx must be a tensor (num_layers * dirs, B, H) or None")
+    input, hx, *params = _autocast.follow_x(input, hx, *params)
     y, hn, _ = _rnn(
         GRU,
         3,
@@ -413,7 +434,12 @@ def _cell_input(op, x, states, w_ih, w_hh, b_ih, b_hh):
             out.append(x.new_zeros(x.shape[0], hidden))
             continue
         _checks.same_device(op, name, s, x)
-        s = s.unsqueeze(0) if unbatched and s.dim() == 1 else s
+        if unbatched and s.dim() != 1:
+            raise RuntimeError(
+                f"{op}: an unbatched input takes an unbatched {name} (hidden_size,), "
+                f"got shape {list(s.shape)}"
+            )
+        s = s.unsqueeze(0) if unbatched else s
         if tuple(s.shape) != (x.shape[0], hidden):
             raise RuntimeError(
                 f"{op}: {name} must have shape {[x.shape[0], hidden]} (batch, hidden_size), "
@@ -437,7 +463,8 @@ def lstm_cell(
     non-linearities and the state update are one fused pass, forward and backward. Dtypes and
     backends as :func:`lstm`.
     """
-    h, c = (None, None) if hx is None else hx
+    h, c = _lstm_state(LSTM, hx)
+    input, h, c, w_ih, w_hh, b_ih, b_hh = _autocast.follow_x(input, h, c, w_ih, w_hh, b_ih, b_hh)
     unbatched, x, (h, c) = _cell_input(LSTM, input, (("h", h), ("c", c)), w_ih, w_hh, b_ih, b_hh)
     _, hn, cn, _, _ = _ops(LSTM, x).lstm_layer_fwd(
         x, h, c, w_ih, w_hh, b_ih, b_hh, None, None, False
@@ -455,6 +482,9 @@ def gru_cell(
 ) -> torch.Tensor:
     """One GRU step, as ``torch.gru_cell`` / ``nn.GRUCell``: returns ``h'``. Shapes as
     :func:`lstm_cell`."""
+    if hx is not None and not isinstance(hx, torch.Tensor):
+        raise TypeError(f"{GRU}: hx must be a tensor (B, H) or None")
+    input, hx, w_ih, w_hh, b_ih, b_hh = _autocast.follow_x(input, hx, w_ih, w_hh, b_ih, b_hh)
     unbatched, x, (h,) = _cell_input(GRU, input, (("h", hx),), w_ih, w_hh, b_ih, b_hh)
     _, hn, _ = _ops(GRU, x).gru_layer_fwd(x, h, w_ih, w_hh, b_ih, b_hh, None, False)
     return hn[0] if unbatched else hn

@@ -1,9 +1,12 @@
 """fastdl on HuggingFace transformers models built from configs (random weights, no downloads):
 fastdl.patch switches attention to attn_implementation="fastdl" and swaps the norms; logits,
-gradients and greedy generation match the unpatched model; unpatch restores it; the attention
-function itself against transformers' "sdpa" one on masks, GQA, scaling and position bias."""
+gradients and greedy generation match the unpatched model; unpatch restores it; models that
+transformers keeps off sdpa are left; the attention function itself against transformers' "sdpa"
+one on masks, GQA, scaling, position bias and batch broadcasting, and against the model's eager
+function where it takes what neither does (softcap, sinks)."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -56,6 +59,47 @@ def llama(layers=2):
     return LlamaForCausalLM(cfg)
 
 
+def gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, max_position_embeddings=64, sliding_window=4,
+        attn_logit_softcapping=0.5, **SMALL,
+    )  # fmt: skip
+    return Gemma2ForCausalLM(cfg)
+
+
+def gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, sliding_window=4, **SMALL,
+    )  # fmt: skip
+    return GptOssForCausalLM(cfg)
+
+
+def pegasus_x():
+    from transformers import PegasusXConfig, PegasusXForConditionalGeneration
+
+    cfg = PegasusXConfig(**SEQ2SEQ, **SMALL)
+    return PegasusXForConditionalGeneration(cfg)
+
+
+def nllb_moe():
+    from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
+
+    return NllbMoeForConditionalGeneration(NllbMoeConfig(num_experts=4, **SEQ2SEQ, **SMALL))
+
+
+SEQ2SEQ = {
+    "encoder_layers": 2, "decoder_layers": 2, "d_model": 64, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+    "max_position_embeddings": 64, "dropout": 0.0, "attention_dropout": 0.0,
+    "decoder_start_token_id": 0,
+}  # fmt: skip
 MODELS = {"gpt2": gpt2, "bert": bert, "llama": llama}
 NORMS = {"gpt2": nn.LayerNorm, "bert": nn.LayerNorm, "llama": LlamaRMSNorm}
 
@@ -131,6 +175,74 @@ def test_greedy_generation_matches(name):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("name", ["gpt_oss", "pegasus_x", "nllb_moe"])
+def test_models_off_sdpa_are_left(name):
+    """transformers keeps these off "sdpa" (GPT-OSS's sinks; PegasusX's and NLLB-MoE's decoders
+    want an explicit causal mask, which sdpa's mask function skips): "fastdl" would be wrong."""
+    torch.manual_seed(0)
+    ref = globals()[name]().eval()
+    patched = copy.deepcopy(ref)
+    report = fastdl.patch(patched)
+    assert "" not in {s[0] for s in report.swapped}, str(report)
+    assert "_supports_sdpa is False" in {n: why for n, _, why in report.left}[""]
+    assert patched.config._attn_implementation == ref.config._attn_implementation
+    ids = _batch()[0]
+    kwargs = {"input_ids": ids}
+    if ref.config.is_encoder_decoder:
+        kwargs["decoder_input_ids"] = ids
+    _close(patched(**kwargs).logits, ref(**kwargs).logits)
+
+
+def test_model_without_attention_is_not_switched():
+    from transformers import ResNetConfig, ResNetModel
+
+    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1])
+    report = fastdl.patch(ResNetModel(cfg))
+    assert "" not in {s[0] for s in report.swapped}
+    assert "_supports_sdpa is False" in {n: why for n, _, why in report.left}[""]
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss"])
+def test_eager_only_features_run_the_models_eager_function(name):
+    """Gemma2's softcap and GPT-OSS's sinks, asked for with attn_implementation="fastdl":
+    the model's own eager function runs them, on the sdpa masks made additive."""
+    torch.manual_seed(0)
+    ref = globals()[name]().train()
+    model = copy.deepcopy(ref)
+    hf._set_attention(ref, "eager")
+    hf._set_attention(model, "fastdl")
+    ids = _batch()[0]
+    # no padding: the full-attention layers get no mask, only is_causal
+    _close(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    want, got = ref(**kwargs).logits, model(**kwargs).logits
+    keep = mask.bool()
+    _close(got[keep], want[keep])
+    g = torch.randn_like(want) * keep[..., None]
+    want.backward(g)
+    got.backward(g)
+    for (n, a), b in zip(ref.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=n)
+    args = {"input_ids": ids[:2], "attention_mask": mask[:2], "max_new_tokens": 8}
+    want = ref.eval().generate(**args, do_sample=False, pad_token_id=2)
+    assert torch.equal(model.eval().generate(**args, do_sample=False, pad_token_id=2), want)
+
+
+def test_torch_save_round_trip():
+    ref, patched, _ = _pair("llama")
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in patched.modules()]
+    ids = _batch()[0]
+    torch.testing.assert_close(loaded(input_ids=ids).logits, patched(input_ids=ids).logits)
+    fastdl.unpatch(loaded)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in ref.modules()]
+
+
 def test_attn_implementation_from_config(calls):
     cfg = llama().config
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="fastdl")
@@ -193,8 +305,12 @@ def test_norm_recognition():
 
 
 @pytest.mark.parametrize(
-    "case", ["causal", "bool-mask", "float-mask", "gqa", "decode", "position-bias", "scaling"]
-)
+    "case",
+    [
+        "causal", "bool-mask", "float-mask", "gqa", "decode", "position-bias", "scaling",
+        "query-batch-1", "key-batch-1",
+    ],
+)  # fmt: skip
 def test_attention_function_matches_sdpa(case):
     gen = torch.Generator().manual_seed(3)
     b, h, hkv, lq, lk, d = 2, 4, 4, 7, 7, 16
@@ -203,11 +319,12 @@ def test_attention_function_matches_sdpa(case):
     if case == "decode":
         lq = 1
     module = nn.Module()
-    module.is_causal = case in ("causal", "gqa", "decode")
+    module.is_causal = case in ("causal", "gqa", "decode", "query-batch-1")
     module.num_key_value_groups = h // hkv
-    q = torch.randn(b, h, lq, d, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    bq, bk = {"query-batch-1": (1, b), "key-batch-1": (b, 1)}.get(case, (b, b))
+    q = torch.randn(bq, h, lq, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(bk, hkv, lk, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(bk, hkv, lk, d, generator=gen, dtype=torch.float64, requires_grad=True)
     kwargs = {}
     mask = None
     if case == "bool-mask":
@@ -238,3 +355,10 @@ def test_attention_function_falls_back(calls):
     out, _ = hf.attention_forward(module, q, q, q, None)
     assert calls[0] == 0
     torch.testing.assert_close(out, sdpa_attention_forward(module, q, q, q, None)[0])
+
+
+def test_attention_function_refuses_what_it_cannot_run():
+    module = nn.Module()  # its module (torch.nn's) has no eager_attention_forward
+    q = torch.randn(1, 2, 3, 16)
+    with pytest.raises(NotImplementedError, match=r"\['softcap'\].*eager"):
+        hf.attention_forward(module, q, q, q, None, softcap=30.0)

@@ -10,13 +10,15 @@ The contract is that of transformers' own "sdpa" function: query (B, Hq, L, D) a
 (B, Hkv, S, D) with Hq a multiple of Hkv (grouped-query heads are not repeated: the kernel reads
 each key/value head once per group), a boolean mask (True attends) or an additive float mask
 broadcastable to (B, Hq, L, S), or no mask and ``is_causal``; ``scaling``, ``dropout``, and
-T5-style ``position_bias`` (added to the scores; it gets its gradient). The output is
+T5-style ``position_bias`` (added to the scores; it gets its gradient); a query batch of 1
+against a key/value batch (or the reverse) is broadcast, as torch's sdpa does. The output is
 (B, L, Hq, D). What the kernels do not take (head_dim > 256, value head_dim != query head_dim,
-float16 on CPU, ``softcap``) runs transformers' "sdpa" function instead, so every call is
-correct.
+float16 on CPU) runs transformers' "sdpa" function instead, and what neither takes (``softcap``,
+attention sinks) the model's own eager function, so every call is correct.
 """
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +32,25 @@ from fastdl.patch import DTYPES, ORIGINAL, Swap, class_swap
 
 NAME = "fastdl"
 
+# Attention arguments that change the scores beyond sdpa's contract: logit soft-capping
+# (Gemma2) and sinks (GPT-OSS's ``s_aux``), which transformers' sdpa function refuses or ignores.
+EAGER_ONLY = ("softcap", "s_aux", "sinks")
 
-def _fastdl_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs) -> bool:
+
+def _fastdl_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     return (
         query.dtype in DTYPES.get(query.device.type, ())
         and query.shape[-1] == key.shape[-1] == value.shape[-1] <= A.MAX_HEAD_DIM
         and query.shape[1] % key.shape[1] == 0
-        and kwargs.get("softcap") is None
     )
+
+
+def _causal(module: nn.Module, is_causal, mask, query: torch.Tensor) -> bool:
+    # As transformers' sdpa function: one query (decoding) attends to every cached key, and a
+    # mask, where there is one, holds the causality itself.
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    return bool(is_causal) and mask is None and query.shape[2] > 1
 
 
 def _with_bias(position_bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -48,6 +61,43 @@ def _with_bias(position_bias: torch.Tensor, mask: torch.Tensor | None) -> torch.
     if mask.dtype == torch.bool:
         return position_bias.masked_fill(~mask, torch.finfo(position_bias.dtype).min)
     return position_bias + mask
+
+
+def _additive_mask(
+    mask: torch.Tensor | None, causal: bool, query: torch.Tensor, key: torch.Tensor
+) -> torch.Tensor | None:
+    """The "fastdl" mask (sdpa's: boolean, True attends, or None for ``is_causal``) as the
+    additive float mask eager functions add to the scores."""
+    if mask is None and causal:
+        # top left, as sdpa's is_causal: keys past the queries (an unfilled static cache) left out
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+        mask = mask.tril()[None, None]
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
+        ~mask, torch.finfo(query.dtype).min
+    )
+
+
+def _eager_function(module: nn.Module, kwargs):
+    """The model's own eager function (what attn_implementation="eager" runs), for what neither
+    fastdl nor transformers' sdpa function computes."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        used = [k for k in EAGER_ONLY if kwargs.get(k) is not None]
+        raise NotImplementedError(
+            f"fastdl attention: {type(module).__name__} passes {used}, which fastdl does not "
+            "implement, and its module has no eager_attention_forward to run instead; use "
+            'attn_implementation="eager"'
+        )
+    return eager
+
+
+def _broadcast_batch(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    # torch's sdpa broadcasts the batch (learned queries of batch 1 against a batch of keys, as
+    # transformers' sdpa function notes); fastdl's kernels take one batch size.
+    batch = torch.broadcast_shapes(*(t.shape[:1] for t in tensors))
+    return [t.expand(*batch, *t.shape[1:]) for t in tensors]
 
 
 def attention_forward(
@@ -61,18 +111,24 @@ def attention_forward(
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention function signature on fastdl.scaled_dot_product_attention."""
-    if not _fastdl_takes(query, key, value, kwargs):
+    if any(kwargs.get(k) is not None for k in EAGER_ONLY):
+        eager = _eager_function(module, kwargs)
+        causal = _causal(module, is_causal, attention_mask, query)
+        mask = _additive_mask(attention_mask, causal, query, key)
+        if position_bias is not None:
+            mask = _with_bias(position_bias, mask)
+        return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    if not _fastdl_takes(query, key, value):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             is_causal=is_causal, position_bias=position_bias, **kwargs,
         )  # fmt: skip
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
-    # One query (decoding) attends to every cached key; with no mask, the band is causal from
-    # the top left, which also ignores the unfilled tail of a static cache.
-    is_causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
+    query, key, value = _broadcast_batch(query, key, value)
+    # With no mask, the band is causal from the top left, which also ignores the unfilled tail
+    # of a static cache.
+    is_causal = _causal(module, is_causal, attention_mask, query)
     if position_bias is not None:
         attention_mask = _with_bias(position_bias, attention_mask)
     out = A.scaled_dot_product_attention(
@@ -127,6 +183,10 @@ def _attention_swap(model: PreTrainedModel) -> Swap | str | None:
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
     if can_set is not None and not can_set():
         return "its attention does not go through transformers' AttentionInterface"
+    if not getattr(model, "_supports_sdpa", False):
+        # transformers keeps these off "sdpa", whose contract "fastdl" shares: they have no
+        # attention, or one that needs more (sinks, softcap, an explicit causal mask).
+        return "no attention that transformers runs on sdpa (_supports_sdpa is False)"
     return Swap("attn_implementation", f"attn_implementation={NAME!r}", _switch_attention)
 
 
@@ -170,13 +230,24 @@ def _rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return type(self).__bases__[0].forward(self, hidden_states)
 
 
+def _reduce_twin(self, protocol: int) -> tuple:
+    # A twin is made at run time, so pickle cannot import it by name: it pickles the HF class
+    # instead, and the twin is made again on load.
+    _, _, *state = object.__reduce_ex__(self, protocol)
+    return (_new_twin, (type(self).__bases__[0],), *state)
+
+
+def _new_twin(cls: type[nn.Module]) -> nn.Module:
+    twin = _rms_twin(cls)
+    return twin.__new__(twin)
+
+
 @functools.cache
 def _rms_twin(cls: type[nn.Module]) -> type[nn.Module]:
     """A subclass of the HF norm class whose forward is fastdl.rms_norm (patch swaps classes)."""
     doc = f"{cls.__name__} with its forward on fastdl.rms_norm (made by fastdl.patch)."
-    return type(
-        cls.__name__, (cls,), {"forward": _rms_forward, "__module__": __name__, "__doc__": doc}
-    )
+    attributes = {"forward": _rms_forward, "__reduce_ex__": _reduce_twin, "__doc__": doc}
+    return type(cls.__name__, (cls,), {**attributes, "__module__": __name__})
 
 
 def recognise(module: nn.Module) -> Swap | str | None:

@@ -328,6 +328,8 @@ BAD = {
     "dilation_negative": (_bad(dilation=(1, -1)), RuntimeError, "dilation must be > 0"),
     "padding_negative": (_bad(padding=-1), RuntimeError, "padding must be >= 0"),
     "kernel_too_large": (_bad(w=torch.randn(6, 4, 9, 3)), RuntimeError, "larger than the padded"),
+    "kernel_empty": (_bad(w=torch.randn(6, 4, 0, 3)), RuntimeError, "kernel of at least 1x1"),
+    "t_kernel_empty": (_bad_t(w=torch.randn(4, 3, 2, 0)), RuntimeError, "kernel of at least 1x1"),
     "bias_size": (_bad(bias=torch.randn(5)), RuntimeError, r"bias must have shape \(6,\)"),
     "activation": (_bad(activation="tanh"), RuntimeError, "activation must be one of"),
     "residual_shape": (

@@ -76,7 +76,8 @@ inline void tensors(const char* op, const at::Tensor& x, const at::Tensor& weigh
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight has dtype ",
                    weight.scalar_type(), " but x has dtype ", x.scalar_type(), "; they must match");
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D, got shape ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) >= 1 && weight.size(3) >= 1, op,
+              ": weight must be 4-D with a kernel of at least 1x1, got shape ", weight.sizes());
   TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
   const int64_t c = x.size(1);
   TORCH_CHECK(c % groups == 0, op, ": input channels ", c, " are not divisible by groups=", groups);

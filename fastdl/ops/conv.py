@@ -69,8 +69,11 @@ def _tensors(op, x, weight, groups, c_w):
         )
     if x.dim() != 4:
         raise RuntimeError(f"{op}: x must be 4-D (N, C, H, W), got shape {list(x.shape)}")
-    if weight.dim() != 4:
-        raise RuntimeError(f"{op}: weight must be 4-D, got shape {list(weight.shape)}")
+    if weight.dim() != 4 or weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise RuntimeError(
+            f"{op}: weight must be 4-D with a kernel of at least 1x1, got shape "
+            f"{list(weight.shape)}"
+        )
     if groups < 1:
         raise RuntimeError(f"{op}: groups must be >= 1, got {groups}")
     c = x.shape[1]

@@ -6,6 +6,12 @@ Edge ``k`` of ``edge_index`` goes from ``edge_index[0, k]`` (source ``j``) to ``
 aggregates over each node's incoming edges. ``perm[e]`` is the edge id of CSR entry ``e`` (None
 when edge_index is already sorted by destination), so per-edge tensors given in edge order map
 onto CSR entries and back.
+
+Under torch.compile (fullgraph, static or dynamic shapes) a Graph is built without reading a
+value on the host: every shape follows from num_nodes and the number of edges (edge_index is
+always sorted; the range check runs in the compiled graph, see _check_range), and
+:meth:`Graph.self_loops_to_sink` stands in for the removal of self loops, whose result has a
+data-dependent number of edges.
 """
 
 import torch
@@ -45,6 +51,16 @@ def check_csr(op: str, rowptr: torch.Tensor, col: torch.Tensor, num_nodes: int) 
 
 
 def _check_range(op: str, name: str, idx: torch.Tensor, num_nodes: int) -> None:
+    if torch.compiler.is_compiling():
+        # .item() would make the branch data-dependent, which torch.compile cannot trace: the
+        # compiled graph checks instead (its message cannot name the bad index).
+        in_range = ((idx >= 0) & (idx < num_nodes)).all()
+        torch._assert_async(
+            in_range,
+            f"{op}: {name} index out of range for num_nodes={num_nodes} (expected [0, "
+            f"{num_nodes}))",
+        )
+        return
     if idx.numel() == 0:
         return
     lo, hi = idx.min().item(), idx.max().item()
@@ -101,7 +117,7 @@ class Graph:
         if edge_weight is not None:
             _check_edge_values(op, "edge_weight", edge_weight, edge_index, num_edges)
         src, dst = edge_index[0].long(), edge_index[1].long()
-        if num_edges == 0 or bool((dst[1:] >= dst[:-1]).all()):
+        if _sorted(dst):
             perm, col = None, src.contiguous()
         else:
             perm = torch.argsort(dst, stable=True)
@@ -141,8 +157,9 @@ class Graph:
 
     def dst(self) -> torch.Tensor:
         """The destination node of each CSR entry."""
-        counts = self.rowptr[1:] - self.rowptr[:-1]
-        return torch.repeat_interleave(torch.arange(self.num_nodes, device=self.device), counts)
+        # output_size: a static shape under torch.compile, and no pass over counts to size it.
+        nodes = torch.arange(self.num_nodes, device=self.device)
+        return torch.repeat_interleave(nodes, self.in_degree(), output_size=self.num_edges)
 
     def transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The CSR by source node: (t_rowptr, t_col = destination, t_perm = the CSR entry of each
@@ -187,7 +204,8 @@ class Graph:
         return dinv[self.dst()] * w * dinv[self.col]
 
     def without_self_loops(self) -> "Graph":
-        """:meth:`remove_self_loops`, computed once and cached (self when there are none)."""
+        """:meth:`remove_self_loops`, computed once and cached (self when there are none). Not
+        under torch.compile: see :meth:`self_loops_to_sink`."""
         if self._no_loops is None:
             has = bool((self.col == self.dst()).any()) if self.num_edges else False
             self._no_loops = self.remove_self_loops() if has else self
@@ -203,18 +221,18 @@ class Graph:
         """A new graph with one self loop (weight ``fill_value`` when weighted) appended after
         the existing incoming edges of every node."""
         n, dev = self.num_nodes, self.device
-        counts = self.in_degree() + 1
-        rowptr = _rowptr_from_counts(counts)
+        rowptr = self.rowptr + torch.arange(n + 1, device=dev)
         loop_pos = rowptr[1:] - 1
-        keep = torch.ones(self.num_edges + n, dtype=torch.bool, device=dev)
-        keep[loop_pos] = False
-        col = torch.empty(self.num_edges + n, dtype=torch.long, device=dev)
-        col[keep] = self.col
+        # Entry e of row r moves r places: one new loop in each row before it. Index positions,
+        # not a boolean mask, so the shapes stay static under torch.compile.
+        pos = torch.arange(self.num_edges, device=dev) + self.dst()
+        col = self.col.new_empty(self.num_edges + n)
+        col[pos] = self.col
         col[loop_pos] = torch.arange(n, device=dev)
         w = None
         if self.edge_weight is not None:
             w = self.edge_weight.new_empty(self.num_edges + n)
-            w[keep] = self.edge_weight
+            w[pos] = self.edge_weight
             w[loop_pos] = fill_value
         return Graph(rowptr, col, n, None, w)
 
@@ -234,6 +252,25 @@ class Graph:
             w,
             self.num_input_edges,
         )
+
+    def self_loops_to_sink(self, add_self_loops: bool = False) -> "Graph":
+        """This graph on num_nodes + 1 nodes, its self loops i -> i turned into loops of the extra
+        last node (the sink), then (``add_self_loops``) one new loop appended to every node.
+        Nodes 0..num_nodes-1 get the incoming edges of :meth:`without_self_loops`
+        (:meth:`with_self_loops`) in the same order, but the number of entries does not depend
+        on the data, so torch.compile traces it with static shapes: aggregate features with a
+        zero row appended for the sink and drop its output row. perm and edge_weight follow the
+        moved entries (added loops: as :meth:`add_self_loops`)."""
+        n, dst = self.num_nodes, self.dst()
+        loop = self.col == dst
+        rows = torch.where(loop, n, dst)
+        order = torch.argsort(rows, stable=True)
+        col = torch.where(loop, n, self.col)[order]
+        rowptr = _rowptr(rows[order], n + 1)
+        perm = order if self.perm is None else self.perm[order]
+        w = None if self.edge_weight is None else self.edge_weight[order]
+        sunk = Graph(rowptr, col, n + 1, perm, w, self.num_input_edges)
+        return sunk.add_self_loops() if add_self_loops else sunk
 
     def to(self, device) -> "Graph":
         def mv(t):
@@ -286,4 +323,16 @@ def _rowptr_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _rowptr(sorted_rows: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    return _rowptr_from_counts(torch.bincount(sorted_rows, minlength=num_nodes))
+    # Where each row starts among the sorted entries: num_nodes + 1 values whatever the data
+    # (bincount's length follows the largest value, which torch.compile cannot trace), and
+    # faster than bincount + cumsum (18 vs 33 ms for 2M edges on 2 cores).
+    rows = torch.arange(num_nodes + 1, dtype=sorted_rows.dtype, device=sorted_rows.device)
+    return torch.searchsorted(sorted_rows, rows)
+
+
+def _sorted(rows: torch.Tensor) -> bool:
+    """Whether rows never decrease, so the sort into CSR can be skipped; never under
+    torch.compile, whose graph cannot branch on the answer (the sort is stable: same CSR)."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool((rows[1:] >= rows[:-1]).all())

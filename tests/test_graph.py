@@ -238,3 +238,42 @@ def test_power_law_graph(backend):
     for reduce in ("sum", "max"):
         ref = spmm_ref(ei, n, x.double(), reduce=reduce)
         close(fastdl.spmm(g, x, reduce=reduce), ref, torch.float32, reduce)
+
+
+# ---------------------------------------------------------------- Graph under torch.compile
+
+
+def test_self_loops_to_sink_matches_removal():
+    # Nodes 0..n-1 of the sink graph aggregate what the graph without (with) self loops gives;
+    # per-edge weights in edge_index order still reach their edges through perm.
+    n, e = 20, 90
+    ei = torch.cat([random_graph(n, e, seed=12), torch.tensor([[4, 4, 7], [4, 4, 7]])], 1)
+    g = Graph.from_edge_index(ei, n)
+    x = torch.randn(n, 5, dtype=torch.float64)
+    x_sink = torch.cat([x, torch.zeros(1, 5, dtype=torch.float64)])
+    w = torch.rand(ei.shape[1], dtype=torch.float64)
+    sink = g.self_loops_to_sink()
+    assert sink.num_nodes == n + 1 and sink.num_edges == g.num_edges
+    assert torch.equal(fastdl.spmm(sink, x_sink, w)[:n], fastdl.spmm(g.without_self_loops(), x, w))
+    with_loops = g.self_loops_to_sink(add_self_loops=True)
+    assert with_loops.num_edges == g.num_edges + n + 1
+    assert torch.equal(fastdl.spmm(with_loops, x_sink)[:n], fastdl.spmm(g.with_self_loops(), x))
+
+
+def test_from_edge_index_compiles():
+    # No host read while tracing (fullgraph): the same CSR as eager, unsorted or not, and an
+    # out-of-range index still raises, from inside the compiled graph.
+    n = 15
+
+    def csr(ei):
+        g = Graph.from_edge_index(ei, n).self_loops_to_sink(add_self_loops=True)
+        return g.rowptr, g.col
+
+    build = torch.compile(csr, fullgraph=True)
+    for ei in (random_graph(n, 60, seed=13), random_graph(n, 60, sorted_=True, seed=14)):
+        for got, want in zip(build(ei), csr(ei), strict=True):
+            assert torch.equal(got, want)
+    bad = random_graph(n, 60, seed=13)
+    bad[1, 3] = n
+    with pytest.raises(RuntimeError, match="edge_index index out of range for num_nodes=15"):
+        build(bad)

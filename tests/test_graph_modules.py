@@ -83,6 +83,42 @@ def test_bias_in_place_grad_compile_and_promotion():
         assert layer(xb, g).dtype == torch.float32
 
 
+def _compiled(layer, g):
+    return torch.compile(lambda x: layer(x, g), fullgraph=True)
+
+
+def test_compile_with_an_unused_graph():
+    # A prebuilt Graph never used outside torch.compile: its self-loop replacement and transpose
+    # are traced too (no data-dependent branch), with eager's results and gradients.
+    ei = _edge_index()  # unsorted, with self loops
+    for layer in (fastdl.nn.GCNConv(8, 5), fastdl.nn.GATConv(8, 3, heads=2)):
+        layer = layer.double()
+        torch.nn.init.normal_(layer.bias)
+        x = torch.randn(N, 8, dtype=torch.float64, requires_grad=True)
+        params = [x, *layer.parameters()]
+        out = _compiled(layer, Graph.from_edge_index(ei, N))(x)
+        want = layer(x, ei)
+        torch.testing.assert_close(out, want)
+        grads = torch.autograd.grad(out.square().sum(), params)
+        for got, ref in zip(grads, torch.autograd.grad(want.square().sum(), params), strict=True):
+            torch.testing.assert_close(got, ref)
+
+
+def test_gcn_cached_keeps_the_first_call():
+    # As PyG's cached normalization: the first call's graph and edge weights serve every later
+    # call, whatever edge_index and edge_weight it passes.
+    ei = _no_loops(_edge_index())
+    layer = fastdl.nn.GCNConv(8, 5, cached=True).double()
+    x = torch.randn(N, 8, dtype=torch.float64)
+    w = torch.rand(ei.shape[1], dtype=torch.float64)
+    first = layer(x, ei, w)
+    assert torch.allclose(first, gcn_ref(ei, N, x @ layer.lin.weight.t(), w) + layer.bias)
+    assert torch.equal(layer(x, ei, w.flip(0)), first)
+    assert torch.equal(layer(x, ei.flip(1)), first)
+    layer.reset_parameters()  # clears the cache, as PyG's
+    assert torch.allclose(layer(x, ei), gcn_ref(ei, N, x @ layer.lin.weight.t()))
+
+
 def test_sage_and_gin_reference():
     ei = _edge_index()
     x = torch.randn(N, 6, dtype=torch.float64, requires_grad=True)

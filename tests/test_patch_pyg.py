@@ -1,6 +1,7 @@
 """fastdl.patch on PyTorch Geometric models: GCNConv and GATConv replaced by fastdl.nn's with the
 same Parameter objects give PyG's outputs and gradients, keep training with an optimizer built
-before the patch, and go back with unpatch; options fastdl does not implement are left."""
+before the patch, and go back with unpatch, under torch.compile(fullgraph) too; options fastdl
+does not implement are left, and calls it does not implement run the PyG layer."""
 
 import copy
 
@@ -10,7 +11,7 @@ from torch import nn
 from torch_geometric import nn as pyg
 
 import fastdl
-from fastdl import nn as fnn
+from fastdl.integrations import pyg as twins
 
 N = 40
 
@@ -57,10 +58,10 @@ def test_gcn_and_gat_replaced_same_results():
     report = fastdl.patch(model)
     assert [s[0] for s in report.swapped] == ["gcn", "gat", "gat_mean", "gcn_out"], str(report)
     assert [type(m) for m in model.children()] == [
-        fnn.GCNConv,
-        fnn.GATConv,
-        fnn.GATConv,
-        fnn.GCNConv,
+        twins.GCNConv,
+        twins.GATConv,
+        twins.GATConv,
+        twins.GCNConv,
     ]
     assert all(p is params[n] for n, p in model.named_parameters())  # the very Parameters
     x, ei = _graph()
@@ -103,3 +104,111 @@ def test_unsupported_options_left(layer, reason):
     report = fastdl.patch(model)
     assert report.swapped == [] and reason in report.left[0][2], str(report)
     assert type(model[0]).__module__.startswith("torch_geometric")
+
+
+class Stack(nn.Module):
+    """GCN ("gcn", given the edge weights) and GAT ("gat") layers in a row."""
+
+    def __init__(self, kinds):
+        super().__init__()
+        self.kinds = kinds
+        width = {"gcn": 8, "gat": 4 * 2}
+        sizes = [12] + [width[k] for k in kinds]
+        self.layers = nn.ModuleList(
+            pyg.GCNConv(a, b) if k == "gcn" else pyg.GATConv(a, b // 2, heads=2)
+            for k, a, b in zip(kinds, sizes, sizes[1:], strict=False)
+        )
+
+    def forward(self, x, ei, w):
+        for kind, layer in zip(self.kinds, self.layers, strict=True):
+            x = torch.relu(layer(x, ei, w) if kind == "gcn" else layer(x, ei))
+        return x
+
+
+def _with_loops(ei, w):
+    # Self loops of weight 1 (PyG keeps a loop's weight, fastdl uses 1: see the integration),
+    # one node with two, appended after the unsorted edges.
+    loops = torch.tensor([[3, 3, 7, 20], [3, 3, 7, 20]])
+    return torch.cat([ei, loops], 1), torch.cat([w, torch.ones(4, dtype=w.dtype)])
+
+
+@pytest.mark.parametrize(
+    "kinds, dynamic",
+    [(("gcn", "gat"), None), (("gcn", "gat"), True), (("gcn",), None), (("gat",), None)],
+    ids=["gcn+gat", "gcn+gat-dynamic", "gcn", "gat"],
+)
+def test_compile_fullgraph_without_warm_up(kinds, dynamic):
+    # The patched model is compiled before any eager call, and given a raw edge_index: the graph
+    # build and self-loop replacement trace with static shapes (by default the second edge
+    # count recompiles with a dynamic one) or dynamic ones.
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    ref = Stack(kinds).double()
+    model = copy.deepcopy(ref)
+    assert len(fastdl.patch(model).swapped) == len(kinds)
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
+    x, ei = _graph(seed=1)
+    w = torch.rand(ei.shape[1], dtype=torch.float64)
+    for edges, weights in ((ei, w), _with_loops(ei, w)):
+        torch.testing.assert_close(
+            _outputs(compiled, model, x, edges, weights), _outputs(ref, ref, x, edges, weights)
+        )
+
+
+def _outputs(fn, module, x, *args):
+    """fn's output and the gradients of its square sum to x and module's parameters (by name)."""
+    x = x.clone().requires_grad_()
+    out = fn(x, *args)
+    params = [p for _, p in sorted(module.named_parameters())]
+    return out, *torch.autograd.grad(out.square().sum(), [x, *params])
+
+
+def test_gcn_cached_as_pyg():
+    # PyG's cached GCNConv keeps the normalized graph and edge weights of the first call: later
+    # calls' edge_index and edge_weight are ignored.
+    torch.manual_seed(0)
+    ref = nn.Sequential(pyg.GCNConv(12, 4, cached=True)).double()
+    model = copy.deepcopy(ref)
+    fastdl.patch(model)
+    x, ei = _graph()
+    w = torch.rand(ei.shape[1], dtype=torch.float64)
+    for edges, weights in ((ei, w), (ei, w.flip(0)), (ei, None), (ei[:, :50], None)):
+        torch.testing.assert_close(model[0](x, edges, weights), ref[0](x, edges, weights))
+
+
+def _sparse(kind, ei):
+    # PyG's sparse form is the transposed adjacency: row = destination.
+    if kind == "SparseTensor":
+        torch_sparse = pytest.importorskip("torch_sparse")
+        return torch_sparse.SparseTensor(row=ei[1], col=ei[0], sparse_sizes=(N, N))
+    adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.shape[1], dtype=torch.float64))
+    return adj_t.coalesce() if kind == "coo" else adj_t.to_sparse_csr()
+
+
+@pytest.mark.parametrize("kind", ["coo", "csr", "SparseTensor"])
+def test_sparse_adjacency_runs_pyg(kind):
+    torch.manual_seed(0)
+    ref = nn.Sequential(pyg.GCNConv(12, 4), pyg.GATConv(12, 3, heads=2)).double()
+    model = copy.deepcopy(ref)
+    fastdl.patch(model)
+    x, ei = _graph()
+    adj_t = _sparse(kind, ei)
+    for layer, ref_layer in zip(model, ref, strict=True):
+        torch.testing.assert_close(layer(x, adj_t), ref_layer(x, adj_t))
+
+
+def test_gat_call_options_run_pyg():
+    # return_attention_weights (True: (out, (edge_index, alpha))), size and edge_attr are
+    # PyG's; the PyG layer runs in the twin's mode (here eval: no attention dropout).
+    torch.manual_seed(0)
+    ref = nn.Sequential(pyg.GATConv(12, 3, heads=2, dropout=0.5)).double()
+    model = copy.deepcopy(ref)
+    fastdl.patch(model)
+    model.eval(), ref.eval()
+    x, ei = _graph()
+    for flag in (True, False):
+        got = model[0](x, ei, return_attention_weights=flag)
+        torch.testing.assert_close(got, ref[0](x, ei, return_attention_weights=flag))
+    torch.testing.assert_close(model[0](x, ei, size=(N, N)), ref[0](x, ei, size=(N, N)))
+    attr = torch.randn(ei.shape[1], 2, dtype=torch.float64)
+    torch.testing.assert_close(model[0](x, ei, attr), ref[0](x, ei, attr))

@@ -4,18 +4,69 @@ The fastdl layers have PyG's parameter layout (``lin.weight`` (out, in), ``bias`
 ``att_src``/``att_dst`` (1, heads, out)), so the twin takes the PyG layer's very Parameter
 objects: an optimizer built before patching keeps training them, and unpatch puts the PyG layer
 back with what was learnt. Options the fastdl layers do not implement leave the layer as it is,
-with the reason in the report. Their forward takes ``(x, edge_index)`` (GCN: and
-``edge_weight``) with x of shape (N, C) and edge_index a (2, E) tensor or a fastdl.Graph; PyG's
-SparseTensor adjacency, bipartite inputs and ``return_attention_weights`` are PyG's only.
+with the reason in the report.
+
+The twins (:class:`GCNConv`, :class:`GATConv` below: fastdl.nn's with PyG's call signature)
+run the fastdl kernels on ``x`` of shape (N, C) with ``edge_index`` a (2, E) integer tensor or a
+fastdl.Graph (GCN: and ``edge_weight``). Every other call (a sparse adjacency: torch_sparse's
+SparseTensor or a torch.sparse tensor; a pair of feature tensors; GAT's ``edge_attr``, ``size``
+or ``return_attention_weights``) runs the PyG layer they replaced, on the same Parameters, so
+it gives PyG's result (its own cache for GCNConv(cached=True)).
 One difference to know: GCNConv replaces the input's self loops by its own where PyG keeps
 theirs; the two agree unless the graph has self loops with edge weights other than 1.
 """
 
+import torch
 from torch import nn
 from torch_geometric import nn as pyg
 
 from fastdl import nn as fnn
+from fastdl.graph import INDEX_DTYPES, Graph
 from fastdl.patch import Swap, dtype_problem, qualname
+
+# Where a twin keeps the PyG layer it replaced, outside its submodules: no second copy of the
+# Parameters in its state_dict.
+PYG_LAYER = "_pyg_layer"
+
+
+def _fastdl_call(x, edge_index) -> bool:
+    """Whether the fastdl layers implement a call on these inputs (the rest go to PyG)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        return False
+    if isinstance(edge_index, Graph):
+        return True
+    return (
+        isinstance(edge_index, torch.Tensor)
+        and edge_index.layout == torch.strided
+        and edge_index.dtype in INDEX_DTYPES
+    )
+
+
+def _run_pyg(twin: nn.Module, *args):
+    layer = twin.__dict__[PYG_LAYER]
+    layer.train(twin.training)  # GAT's attention dropout
+    return layer(*args)
+
+
+class GCNConv(fnn.GCNConv):
+    """fastdl.nn.GCNConv standing in for a PyG GCNConv (see the module docstring)."""
+
+    def forward(self, x, edge_index, edge_weight=None):
+        if _fastdl_call(x, edge_index):
+            return super().forward(x, edge_index, edge_weight)
+        return _run_pyg(self, x, edge_index, edge_weight)
+
+
+class GATConv(fnn.GATConv):
+    """fastdl.nn.GATConv standing in for a PyG GATConv (see the module docstring)."""
+
+    def forward(self, x, edge_index, edge_attr=None, size=None, return_attention_weights=None):
+        # Any of these set goes to PyG, return_attention_weights=False included (PyG versions
+        # differ on what it returns).
+        extras = (edge_attr, size, return_attention_weights)
+        if _fastdl_call(x, edge_index) and all(a is None for a in extras):
+            return super().forward(x, edge_index)
+        return _run_pyg(self, x, edge_index, *extras)
 
 
 def _lazy(module: nn.Module) -> bool:
@@ -54,17 +105,18 @@ def _share(twin: nn.Module, original: nn.Module) -> nn.Module:
     for name, p in original.named_parameters():
         owner, _, attr = name.rpartition(".")
         setattr(twin.get_submodule(owner), attr, p)
+    twin.__dict__[PYG_LAYER] = original
     return twin.train(original.training)
 
 
-def _gcn(m: pyg.GCNConv) -> fnn.GCNConv:
+def _gcn(m: pyg.GCNConv) -> GCNConv:
     return _share(
-        fnn.GCNConv(m.in_channels, m.out_channels, cached=m.cached, bias=m.bias is not None), m
+        GCNConv(m.in_channels, m.out_channels, cached=m.cached, bias=m.bias is not None), m
     )
 
 
-def _gat(m: pyg.GATConv) -> fnn.GATConv:
-    twin = fnn.GATConv(
+def _gat(m: pyg.GATConv) -> GATConv:
+    twin = GATConv(
         m.in_channels, m.out_channels, m.heads, m.concat, m.negative_slope, m.dropout,
         m.add_self_loops, bias=m.bias is not None,
     )  # fmt: skip
@@ -72,8 +124,8 @@ def _gat(m: pyg.GATConv) -> fnn.GATConv:
 
 
 RULES = {
-    pyg.GCNConv: (_gcn_problem, _gcn, fnn.GCNConv),
-    pyg.GATConv: (_gat_problem, _gat, fnn.GATConv),
+    pyg.GCNConv: (_gcn_problem, _gcn, GCNConv),
+    pyg.GATConv: (_gat_problem, _gat, GATConv),
 }
 
 

@@ -21,6 +21,23 @@ def _graph(edge_index, num_nodes: int) -> Graph:
     return Graph.from_edge_index(edge_index, num_nodes)
 
 
+def _replace_self_loops(g: Graph, x: torch.Tensor, add: bool) -> tuple[Graph, torch.Tensor]:
+    """g without its self loops (with one new loop per node when ``add``), and the features x
+    to aggregate over it; pass the output through _node_rows."""
+    if not torch.compiler.is_compiling():
+        return (g.with_self_loops() if add else g.without_self_loops()), x
+    # Removing edges leaves a data-dependent number of them, which torch.compile(fullgraph)
+    # cannot trace: the loops go to an extra sink node instead, whose features are a zero row.
+    sink = x.new_zeros(1, *x.shape[1:])
+    return g.self_loops_to_sink(add), torch.cat([x, sink])
+
+
+def _node_rows(out: torch.Tensor, n: int) -> torch.Tensor:
+    # Without the sink's row, if any. No view otherwise: the bias added in place to a view
+    # would make autograd copy the whole gradient in the backward pass.
+    return out if out.size(0) == n else out[:n]
+
+
 def _add_bias(out: torch.Tensor, bias) -> torch.Tensor:
     # In place when the dtypes agree: out is the aggregation's fresh output, which its backward
     # does not read, and a new tensor cost a page-faulted allocation of the whole output (~7% of
@@ -41,7 +58,8 @@ class GCNConv(nn.Module):
     """Graph convolution (Kipf & Welling, 2017): ``D^-1/2 (A + I) D^-1/2 X W + b``, as PyG's
     GCNConv (``lin.weight``, ``bias``); ``improved`` uses 2I. Self loops in the input are
     replaced by the layer's own (PyG keeps their weights; the same for unweighted graphs).
-    ``cached`` keeps the Graph built from the first edge_index."""
+    ``cached`` keeps the Graph and edge_weight of the first call for every later call (whose
+    edge_index and edge_weight are then ignored), as PyG's cached normalization."""
 
     def __init__(
         self,
@@ -54,7 +72,7 @@ class GCNConv(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.improved, self.cached = improved, cached
-        self._cached_graph = None
+        self._cache = None
         self.lin = nn.Linear(in_channels, out_channels, bias=False)
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.reset_parameters()
@@ -63,20 +81,23 @@ class GCNConv(nn.Module):
         _glorot(self.lin.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
-        self._cached_graph = None
+        self._cache = None
 
-    def _graph(self, edge_index, n: int) -> Graph:
-        if self.cached and self._cached_graph is not None:
-            return self._cached_graph
-        g = _graph(edge_index, n).without_self_loops()
-        if self.cached:
-            self._cached_graph = g
-        return g
+    def _graph(self, edge_index, n: int, edge_weight) -> tuple[Graph, torch.Tensor | None]:
+        if not self.cached:
+            return _graph(edge_index, n), edge_weight
+        if self._cache is None:
+            # Cached before its self loops are replaced, a step that differs under torch.compile
+            # (see _replace_self_loops) and that eager caches on the Graph.
+            self._cache = _graph(edge_index, n), edge_weight
+        return self._cache
 
     def forward(self, x: torch.Tensor, edge_index, edge_weight=None) -> torch.Tensor:
-        g = self._graph(edge_index, x.size(0))
-        out = F.gcn_aggregate(g, self.lin(x), edge_weight, improved=self.improved)
-        return _add_bias(out, self.bias)
+        n = x.size(0)
+        g, edge_weight = self._graph(edge_index, n, edge_weight)
+        g, h = _replace_self_loops(g, self.lin(x), add=False)
+        out = F.gcn_aggregate(g, h, edge_weight, improved=self.improved)
+        return _add_bias(_node_rows(out, n), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}"
@@ -117,13 +138,15 @@ class GATConv(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
-        g = _graph(edge_index, x.size(0))
-        if self.add_self_loops:
-            g = g.with_self_loops()
+        n = x.size(0)
+        g = _graph(edge_index, n)
         h = self.lin(x).view(-1, self.heads, self.out_channels)
+        if self.add_self_loops:
+            g, h = _replace_self_loops(g, h, add=True)
         out = F.gat_aggregate(
             g, h, self.att_src, self.att_dst, self.negative_slope, self.dropout, self.training
         )
+        out = _node_rows(out, n)
         out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(1)
         return _add_bias(out, self.bias)
 

@@ -284,6 +284,35 @@ def test_strides_and_layouts(backend):
 
 
 @on_backends
+@pytest.mark.parametrize(
+    "q_shape,kv_shape",
+    [
+        ((2, 2, 5, 8), (1, 2, 6, 8)),
+        ((1, 2, 5, 8), (3, 2, 6, 8)),
+        ((3, 5, 8), (1, 6, 8)),
+        ((2, 3, 2, 5, 8), (1, 3, 2, 6, 8)),
+    ],
+    ids=["kv_batch1", "q_batch1", "3d", "5d"],
+)
+def test_batch_broadcast(backend, q_shape, kv_shape):
+    # The batch dims broadcast as in torch's sdpa; gradients sum over the broadcast.
+    dev = backend.device
+    q = torch.randn(q_shape, device=dev, requires_grad=True)
+    k, v = (torch.randn(kv_shape, device=dev, requires_grad=True) for _ in range(2))
+    out = fastdl.scaled_dot_product_attention(q, k, v, is_causal=True)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*leaves, is_causal=True)
+    _check(out, exact, what="broadcast")
+    g = torch.randn(exact.shape, device=dev, dtype=torch.float64)
+    for got, want in zip(
+        torch.autograd.grad(out, (q, k, v), g.float()),
+        torch.autograd.grad(exact, leaves, g),
+        strict=True,
+    ):
+        _check(got, want, what="broadcast gradient")
+
+
+@on_backends
 @pytest.mark.parametrize("shape", [(0, 2, 2, 5, 5, 8), (2, 2, 2, 0, 5, 8), (2, 2, 2, 5, 0, 8)])
 def test_empty(backend, shape):
     q, k, v = _inputs(shape, torch.float32, backend.device)
@@ -367,6 +396,9 @@ def test_bad_inputs(backend):
         sdpa(torch.randn(1, 3, 4, 8, device=dev), k, v)
     with pytest.raises(RuntimeError, match="multiple of the number of key/value heads"):
         sdpa(torch.randn(1, 3, 4, 8, device=dev), k, v, enable_gqa=True)
+    with pytest.raises(RuntimeError, match="batch dims of query, key and value must broadcast"):
+        q5, k5 = torch.randn(2, 3, 2, 5, 8, device=dev), torch.randn(3, 2, 2, 6, 8, device=dev)
+        sdpa(q5, k5, k5)
     with pytest.raises(RuntimeError, match="not broadcastable"):
         sdpa(q, k, v, attn_mask=torch.ones(3, 4, dtype=torch.bool, device=dev))
     with pytest.raises(TypeError, match="attn_mask has dtype"):

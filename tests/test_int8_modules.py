@@ -166,6 +166,19 @@ def test_quantize_model_report():
     assert "swapped 1.0" in str(report)
 
 
+def test_quantize_model_tied_and_float64_layers():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).double())
+    model.tied = model[0]  # one layer under two names: one twin, under both
+    report = fastdl.quantize_model(model)
+    assert [s[0] for s in report.swapped] == ["0", "tied"]
+    assert model.tied is model[0] and isinstance(model[0], Int8Linear)
+    # float64 activations are not what the int8 kernels take: left, not broken
+    assert [(n, why) for n, _, why in report.left] == [
+        ("1", "fastdl kernels take no float64 on cpu")
+    ]
+    assert type(model[1]) is nn.Linear
+
+
 def test_bad_inputs(backend):
     _, q = _layer(8, 4, backend.device)
     dev = backend.device

@@ -266,8 +266,12 @@ def test_create_graph_then_double_backward_raises(case):
     grads = torch.autograd.grad(fn(*inputs).square().sum(), inputs, create_graph=True)
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
+    with pytest.raises(RuntimeError, match="not differentiable"):
         grads[0].sum().backward()
+    # A gradient penalty: grad_outputs of ones, so the error must not depend on them.
+    (penalty,) = torch.autograd.grad(fn(*inputs).sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        penalty.square().sum().backward()
 
 
 AUTOCAST_MODULES = {

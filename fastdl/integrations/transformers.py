@@ -11,7 +11,7 @@ The contract is that of transformers' own "sdpa" function: query (B, Hq, L, D) a
 each key/value head once per group), a boolean mask (True attends) or an additive float mask
 broadcastable to (B, Hq, L, S), or no mask and ``is_causal``; ``scaling``, ``dropout``, and
 T5-style ``position_bias`` (added to the scores; it gets its gradient); a query batch of 1
-against a key/value batch (or the reverse) is broadcast, as torch's sdpa does. The output is
+against a key/value batch (or the reverse) is broadcast, as by torch's sdpa. The output is
 (B, L, Hq, D). What the kernels do not take (head_dim > 256, value head_dim != query head_dim,
 float16 on CPU) runs transformers' "sdpa" function instead, and what neither takes (``softcap``,
 attention sinks) the model's own eager function, so every call is correct.
@@ -93,13 +93,6 @@ def _eager_function(module: nn.Module, kwargs):
     return eager
 
 
-def _broadcast_batch(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    # torch's sdpa broadcasts the batch (learned queries of batch 1 against a batch of keys, as
-    # transformers' sdpa function notes); fastdl's kernels take one batch size.
-    batch = torch.broadcast_shapes(*(t.shape[:1] for t in tensors))
-    return [t.expand(*batch, *t.shape[1:]) for t in tensors]
-
-
 def attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -125,7 +118,6 @@ def attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             is_causal=is_causal, position_bias=position_bias, **kwargs,
         )  # fmt: skip
-    query, key, value = _broadcast_batch(query, key, value)
     # With no mask, the band is causal from the top left, which also ignores the unfilled tail
     # of a static cache.
     is_causal = _causal(module, is_causal, attention_mask, query)

@@ -119,19 +119,31 @@ def quantize_model(
     report = PatchReport()
     if type(model) is nn.Linear:
         raise TypeError("fastdl.quantize_model: pass the model that contains the nn.Linear")
+    twins = {}  # a layer registered under several names (tied) gets one twin, under each name
     for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+        for child_name, child in list(module._modules.items()):
             full = f"{name}.{child_name}" if name else child_name
             if not isinstance(child, nn.Linear):
                 continue
-            if type(child) is not nn.Linear:
-                report.left.append((full, qualname(type(child)), "subclass of nn.Linear"))
+            why = _left(full, child, include, exclude) if id(child) not in twins else None
+            if why is not None:
+                report.left.append((full, qualname(type(child)), why))
                 continue
-            if (include is not None and not any(full.startswith(p) for p in include)) or (
-                exclude is not None and any(full.startswith(p) for p in exclude)
-            ):
-                report.left.append((full, qualname(type(child)), "filtered by include/exclude"))
-                continue
-            setattr(module, child_name, Int8Linear.from_float(child, outlier_threshold))
+            if id(child) not in twins:
+                twins[id(child)] = Int8Linear.from_float(child, outlier_threshold)
+            setattr(module, child_name, twins[id(child)])
             report.swapped.append((full, qualname(nn.Linear), qualname(Int8Linear)))
     return report
+
+
+def _left(name: str, linear: nn.Linear, include, exclude) -> str | None:
+    """Why quantize_model leaves ``linear`` (None: it swaps it)."""
+    from fastdl.patch import INT8_DTYPES, dtype_problem
+
+    if type(linear) is not nn.Linear:
+        return "subclass of nn.Linear"
+    if (include is not None and not any(name.startswith(p) for p in include)) or (
+        exclude is not None and any(name.startswith(p) for p in exclude)
+    ):
+        return "filtered by include/exclude"
+    return dtype_problem(linear, {"cpu": INT8_DTYPES, "cuda": INT8_DTYPES})

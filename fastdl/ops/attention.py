@@ -211,6 +211,23 @@ def _check_heads(op, q, k, v, enable_gqa):
             )
 
 
+def _broadcast_batch(op, q, k, v):
+    # The batch dims (all but (H, L, E); N of a 3-D (N, L, E)) broadcast, as torch's sdpa: e.g.
+    # learned queries of batch 1 against a batch of keys. Expanded, not copied.
+    nb = max(q.dim() - 3, 1)
+    shapes = [t.shape[:nb] for t in (q, k, v)]
+    if shapes[0] == shapes[1] == shapes[2]:
+        return q, k, v
+    try:
+        batch = torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise RuntimeError(
+            f"{op}: the batch dims of query, key and value must broadcast, got "
+            f"{[list(s) for s in shapes]}"
+        ) from None
+    return tuple(t.expand(*batch, *t.shape[nb:]) for t in (q, k, v))
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -229,9 +246,10 @@ def scaled_dot_product_attention(
     with an online softmax, the (L, S) scores never stored; backward recomputes them from the
     saved log-sum-exp), as ``torch.nn.functional.scaled_dot_product_attention``.
 
-    Shapes: query (*, Hq, L, E) (or (N, L, E)), key/value (*, Hkv, S, E), E <= 256; Hq a multiple
-    of Hkv with ``enable_gqa``. attn_mask: bool (True attends) or float (added), broadcastable
-    to (*, Hq, L, S); a float mask that requires grad gets its gradient (a learned bias).
+    Shapes: query (*, Hq, L, E) (or (N, L, E)), key/value (*, Hkv, S, E), E <= 256, the batch
+    dims * (N) broadcast; Hq a multiple of Hkv with ``enable_gqa``. attn_mask: bool (True
+    attends) or float (added), broadcastable to (*, Hq, L, S); a float mask that requires grad
+    gets its gradient (a learned bias).
     ``is_causal``: key j <= query i (+ S - L with ``causal_alignment="bottom_right"``).
     Extras: ``window=(left, right)`` keeps keys i - left <= j <= i + right (same alignment; a
     negative side is unbounded), combinable with a mask and with ``is_causal``; ``seed`` fixes
@@ -247,6 +265,8 @@ def scaled_dot_product_attention(
     if attn_mask is not None and attn_mask.is_floating_point():
         attn_mask = _autocast.lower(q, attn_mask)[1]
     _check_heads(op, q, k, v, enable_gqa)
+    q, k, v = _broadcast_batch(op, q, k, v)
+    out_shape = q.shape
     if attn_mask is not None:
         _checks.same_device(op, "attn_mask", attn_mask, q)
     left, right, br = _band(op, is_causal, window, causal_alignment)
@@ -266,7 +286,7 @@ def scaled_dot_product_attention(
     out = _ops(op, q).attention_fwd(
         q, k, v, attn_mask, dropout_p, seed, offset, left, right, br, scale
     )[0]
-    return out if query.dim() == 4 else out.reshape(query.shape)
+    return out if len(out_shape) == 4 else out.reshape(out_shape)
 
 
 def varlen_attention(

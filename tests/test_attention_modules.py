@@ -20,7 +20,9 @@ def _pair(**kw):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("masks", ["none", "bool", "float", "padding", "both", "causal"])
+@pytest.mark.parametrize(
+    "masks", ["none", "bool", "float", "padding", "both", "causal", "causal_hint_over_mask"]
+)
 def test_matches_torch(batch_first, masks):
     kdim = 24 if masks == "padding" else None  # separate q/k/v projection weights
     ref, twin = _pair(batch_first=batch_first, kdim=kdim, vdim=kdim)
@@ -39,8 +41,10 @@ def test_matches_torch(batch_first, masks):
         pad = torch.zeros(n, s, dtype=torch.bool)
         pad[:, -3:] = True
         kw["key_padding_mask"] = pad
-    if masks == "causal":
+    if masks.startswith("causal"):
         kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(lq, dtype=torch.float64)
+        if masks == "causal_hint_over_mask":  # torch keeps the hint and drops the mask
+            kw["attn_mask"] = torch.randn(lq, lq, dtype=torch.float64)
         k = torch.randn(shape, dtype=torch.float64, requires_grad=True)
         kw["is_causal"] = True
     out, w = twin(q, k, k, **kw)
@@ -52,6 +56,14 @@ def test_matches_torch(batch_first, masks):
     want = torch.autograd.grad(exp, [q, k, *ref.parameters()], g)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_is_causal_needs_the_mask():
+    ref, twin = _pair(batch_first=True)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    for module in (ref, twin):
+        with pytest.raises(RuntimeError, match="attn_mask"):
+            module(x, x, x, need_weights=False, is_causal=True)
 
 
 def test_need_weights_and_patch():

@@ -22,8 +22,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose attention runs in fastdl.scaled_dot_product_attention
     (the in/out projections stay torch's linear layers). need_weights=False is the fused path;
     need_weights=True (which must materialize the weights), unbatched inputs, add_bias_kv and
-    add_zero_attn run torch's own forward, so every call is correct. A row whose keys are all
-    masked gives zeros where torch gives NaN."""
+    add_zero_attn run torch's own forward, so every call is correct. On the fused path a row
+    whose keys are all masked gives zeros (torch's forward: NaN), and ``is_causal`` follows
+    torch's rule: it needs attn_mask, and without a key_padding_mask it replaces the mask."""
 
     def forward(
         self,
@@ -41,6 +42,13 @@ class MultiheadAttention(nn.MultiheadAttention):
                 query, key, value, key_padding_mask, need_weights, attn_mask,
                 average_attn_weights, is_causal,
             )  # fmt: skip
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "fastdl.nn.MultiheadAttention: is_causal is a hint that attn_mask is the causal "
+                "mask; pass the mask too (as torch.nn.MultiheadAttention requires)"
+            )
+        if is_causal and key_padding_mask is None:
+            attn_mask = None  # torch's rule: the hint alone, the mask dropped
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         n, lq, e = query.shape

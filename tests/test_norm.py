@@ -129,6 +129,14 @@ def test_empty_rows(backend, kind, shape):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=str)
+def test_no_features(backend, kind):
+    # A normalized shape with no element: nothing to normalize, the empty input comes back.
+    x, r, w, b = norm_inputs(kind, (3, 0, 4), (0, 4), torch.float32, backend.device)
+    outs = kind.ours(x, r, w, b, (0, 4), 1e-5)
+    assert all(o.shape == (3, 0, 4) for o in outs)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=str)
 @pytest.mark.parametrize("eps", [1e-12, 1e-3, 0.5])
 def test_eps(backend, kind, eps):
     # Small activations, so that eps changes the result visibly.

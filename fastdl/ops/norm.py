@@ -236,6 +236,15 @@ def _affine_norm_args(op, x, normalized_shape, weight, bias, eps):
     return math.prod(shape)
 
 
+def _forward(op, name, x, residual, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, x + residual) of the forward op ``name``; with no feature to normalize
+    (normalized_numel 0, args[-2]) the (empty) input itself, as torch returns."""
+    if args[-2] == 0:
+        s = x if residual is None else x + residual
+        return s.clone(), s
+    return tuple(getattr(_ops(op, x), name)(x, residual, *args)[:2])
+
+
 def layer_norm(
     x: torch.Tensor,
     normalized_shape: int | Sequence[int],
@@ -253,7 +262,7 @@ def layer_norm(
     Backends: C++ (CPU), CUDA, Triton. Deterministic: yes (dweight/dbias reduced in a fixed order).
     """
     n = _affine_norm_args("fastdl.layer_norm", x, normalized_shape, weight, bias, eps)
-    return _ops("fastdl.layer_norm", x).layer_norm_fwd(x, None, weight, bias, n, eps)[0]
+    return _forward("fastdl.layer_norm", "layer_norm_fwd", x, None, weight, bias, n, eps)[0]
 
 
 def add_layer_norm(
@@ -272,8 +281,7 @@ def add_layer_norm(
     _same_device(op, x, residual=residual)
     _checks.same_shape(op, "residual", residual, x)
     n = _affine_norm_args(op, x, normalized_shape, weight, bias, eps)
-    out, s, _, _ = _ops(op, x).layer_norm_fwd(x, residual, weight, bias, n, eps)
-    return out, s
+    return _forward(op, "layer_norm_fwd", x, residual, weight, bias, n, eps)
 
 
 def _rms_eps(x: torch.Tensor, eps: float | None) -> float:
@@ -301,7 +309,7 @@ def rms_norm(
     """
     eps = _rms_eps(x, eps)
     n = _affine_norm_args("fastdl.rms_norm", x, normalized_shape, weight, None, eps)
-    return _ops("fastdl.rms_norm", x).rms_norm_fwd(x, None, weight, n, eps)[0]
+    return _forward("fastdl.rms_norm", "rms_norm_fwd", x, None, weight, n, eps)[0]
 
 
 def add_rms_norm(
@@ -317,8 +325,7 @@ def add_rms_norm(
     _checks.same_shape(op, "residual", residual, x)
     eps = _rms_eps(x, eps)
     n = _affine_norm_args(op, x, normalized_shape, weight, None, eps)
-    out, s, _ = _ops(op, x).rms_norm_fwd(x, residual, weight, n, eps)
-    return out, s
+    return _forward(op, "rms_norm_fwd", x, residual, weight, n, eps)
 
 
 ACTIVATIONS = (None, "relu")

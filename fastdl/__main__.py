@@ -2,6 +2,7 @@
 `python -m fastdl train <model>`: trains a model of fastdl.models beside its torch twin."""
 
 import argparse
+import os
 import platform
 import sys
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, CPU ISA, backends")
     t = sub.add_parser("train", help="train a model of fastdl.models beside its torch twin")
     t.add_argument("model", help=f"a model name (python -m fastdl models; groups {GROUPS})")
-    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--steps", type=_positive, default=100)
     t.add_argument("--device", default="cpu")
     t.add_argument("--no-twin", action="store_true", help="train the fastdl model alone")
     t.add_argument("--plot", help="PNG of the loss curve (default train-<model>.png)")
@@ -102,7 +103,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.model not in models:
         parser.error(f"unknown model {args.model!r}; choose from {', '.join(models)}")
+    import torch
+
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        parser.error(f"--device {args.device!r} is not usable here: {e}")
+    if args.plot and not args.plot.endswith(".png"):
+        parser.error(f"--plot must name a .png file, got {args.plot!r}")
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        parser.error(f"--plot: the folder of {args.plot!r} does not exist")
     return train(models[args.model], args)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of steps, got {n}")
+    return n
 
 
 if __name__ == "__main__":

@@ -58,6 +58,21 @@ def test_train_command_refuses_an_inference_only_model_and_an_unknown_name(tmp_p
     assert run.returncode == 2 and "unknown model" in run.stderr
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--steps", "0"], "must be a positive number of steps"),
+        (["--device", "bogus"], "--device 'bogus' is not usable"),
+        (["--plot", "curve.svg"], "must name a .png file"),
+        (["--plot", "no/such/dir/x.png"], "does not exist"),
+    ],
+    ids=["steps", "device", "plot_suffix", "plot_dir"],
+)
+def test_train_command_refuses_bad_options(tmp_path, args, message):
+    run = _fastdl("train", SMALL, *args, cwd=tmp_path)
+    assert run.returncode == 2 and message in run.stderr
+
+
 def test_train_loop_runs_the_same_batches_through_model_and_twin():
     spec = specs()[SMALL]
     run = training.train(spec, 3, torch.device("cpu"))

@@ -103,10 +103,13 @@ def test_bad_input(name):
     label = name.upper()
     model = small(name).build()
     (x, edge_index), _ = _batch(None, "cpu")
-    with pytest.raises(
-        ValueError, match=f"{label}: edge_index refers to node 299 but x has only 200"
-    ):
+    with pytest.raises(ValueError, match=f"{label}: edge_index refers to node 299 but x has 200"):
         model(x[:200], edge_index)
+    negative = torch.cat([edge_index, torch.tensor([[-1], [0]])], 1)
+    with pytest.raises(ValueError, match=f"{label}: edge_index refers to node -1 but x has 300"):
+        model(x, negative)
+    with pytest.raises(ValueError, match=f"{label}: edge_index must hold int64 or int32"):
+        model(x, edge_index.float())
     graph = fastdl.Graph.from_edge_index(edge_index, 300)
     with pytest.raises(ValueError, match=f"{label}: the graph has 300 nodes but x has 299 rows"):
         model(x[:299], graph)
@@ -134,3 +137,12 @@ def test_community_graph():
     guess = torch.cdist(x[known], centroids).argmin(1)
     assert 0.3 < (guess == labels[known]).float().mean() < 0.95
     assert F.cross_entropy(torch.zeros(2000, 5), target) > 0
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_compile_fullgraph(name):
+    # Under torch.compile the graph is built in the compiled code (no cache, no host read).
+    model = small(name).build().eval()
+    (x, edge_index), _ = _batch(None, "cpu")
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x, edge_index), model(x, edge_index))

@@ -238,6 +238,17 @@ def _bad(name: str):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_empty_batch_and_compile_fullgraph(name):
+    # The token check runs inside the compiled graph (no host read), and a batch of 0 passes.
+    model = CLASSES[name][0](**SMALL[name]).eval()
+    inputs = [torch.zeros(2, 4, dtype=torch.long)] * (1 if name in ("gpt", "lstm-lm") else 2)
+    empty = [t[:0] for t in inputs]
+    assert model(*empty).shape[0] == 0
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), model(*inputs))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_bad_inputs_raise(name):
     model = CLASSES[name][0](**SMALL[name])
     label = {"gpt": "GPT", "transformer": "Transformer", "lstm-lm": "LSTMLanguageModel"}

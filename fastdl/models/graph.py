@@ -52,15 +52,24 @@ class CachedGraph:
             raise ValueError(
                 f"{self.model}: edge_index must be (2, E) or a fastdl.Graph, got {got}"
             )
+        if edge_index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"{self.model}: edge_index must hold int64 or int32 node ids, "
+                f"got {edge_index.dtype}"
+            )
+        if torch.compiler.is_compiling():  # no cache, no host read: the Graph checks in-graph
+            return Graph.from_edge_index(edge_index, n)
         # The tensor itself is kept in the key, so its id cannot be reused by another one.
         key = (edge_index, edge_index._version, n)
         if self.key is not None and self.key[0] is edge_index and self.key[1:] == key[1:]:
             return self.graph
-        if edge_index.numel() and int(edge_index.max()) >= n:
-            raise ValueError(
-                f"{self.model}: edge_index refers to node {int(edge_index.max())} but x has only "
-                f"{n} rows (one per node)"
-            )
+        if edge_index.numel():
+            lo, hi = (int(v) for v in torch.aminmax(edge_index))
+            if lo < 0 or hi >= n:
+                raise ValueError(
+                    f"{self.model}: edge_index refers to node {lo if lo < 0 else hi} but x has "
+                    f"{n} rows (one per node, ids 0..{n - 1})"
+                )
         self.key, self.graph = key, Graph.from_edge_index(edge_index, n)
         return self.graph
 

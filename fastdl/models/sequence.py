@@ -43,6 +43,10 @@ def check_tokens(
         raise ValueError(
             f"{model}: {name} has {t} tokens per sequence, more than the context of {max_len}"
         )
+    if torch.compiler.is_compiling():  # .item() would break the graph: checked inside it
+        inside = ((ids >= 0) & (ids < vocab)).all()
+        torch._assert_async(inside, f"{model}: {name} holds token ids outside [0, {vocab})")
+        return
     if ids.numel():
         lo, hi = (v.item() for v in torch.aminmax(ids))
         if lo < 0 or hi >= vocab:
@@ -83,7 +87,8 @@ class Attention(nn.Module):
 
     def _heads(self, x: torch.Tensor, n: int):
         b, t, _ = x.shape
-        return x.view(b, t, n, self.heads, -1).permute(2, 0, 3, 1, 4)  # (n, B, H, T, Dh)
+        dh = x.shape[-1] // (n * self.heads)  # not -1: a batch of 0 has no size to infer
+        return x.view(b, t, n, self.heads, dh).permute(2, 0, 3, 1, 4)  # (n, B, H, T, Dh)
 
     def forward(self, x, memory=None, mask=None, causal=False):
         if memory is None:

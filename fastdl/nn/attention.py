@@ -60,7 +60,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
 
         def heads(x, w, b):
-            return F.linear(x, w, b).view(x.shape[0], x.shape[1], h, -1).transpose(1, 2)
+            return F.linear(x, w, b).view(x.shape[0], x.shape[1], h, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv)
         mask = None

@@ -14,6 +14,8 @@ always sorted; the range check runs in the compiled graph, see _check_range), an
 data-dependent number of edges.
 """
 
+import operator
+
 import torch
 
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -21,6 +23,19 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 
 def _fail(msg: str, exc: type[Exception] = ValueError) -> None:
     raise exc(msg)
+
+
+def _num_nodes(op: str, num_nodes) -> int:
+    """num_nodes as an int >= 0; a float or None is refused rather than truncated or crashed on."""
+    try:
+        n = operator.index(num_nodes)  # ints, numpy and 0-d tensor integers; not float, None
+    except TypeError:
+        n = None
+    if n is None or isinstance(num_nodes, bool):
+        _fail(f"{op}: num_nodes must be an int, got {type(num_nodes).__name__}", TypeError)
+    if n < 0:
+        _fail(f"{op}: num_nodes must be >= 0, got {n}")
+    return n
 
 
 def check_csr(op: str, rowptr: torch.Tensor, col: torch.Tensor, num_nodes: int) -> None:
@@ -34,6 +49,8 @@ def check_csr(op: str, rowptr: torch.Tensor, col: torch.Tensor, num_nodes: int) 
             )
         if t.dim() != 1:
             _fail(f"{op}: {name} must be 1-D, got shape {list(t.shape)}")
+    if rowptr.numel() == 0:
+        _fail(f"{op}: malformed CSR: rowptr is empty; it needs num_nodes + 1 >= 1 entries")
     if rowptr.numel() != num_nodes + 1:
         _fail(
             f"{op}: rowptr must have num_nodes + 1 = {num_nodes + 1} entries, got {rowptr.numel()}"
@@ -109,9 +126,7 @@ class Graph:
             )
         if edge_index.dim() != 2 or edge_index.shape[0] != 2:
             _fail(f"{op}: edge_index must have shape (2, E), got {list(edge_index.shape)}")
-        num_nodes = int(num_nodes)
-        if num_nodes < 0:
-            _fail(f"{op}: num_nodes must be >= 0, got {num_nodes}")
+        num_nodes = _num_nodes(op, num_nodes)
         _check_range(op, "edge_index", edge_index, num_nodes)
         num_edges = edge_index.shape[1]
         if edge_weight is not None:
@@ -133,7 +148,7 @@ class Graph:
         (rowptr starts at 0, never decreases, ends at nnz; col in range). edge_weight in CSR
         entry order."""
         op = "fastdl.Graph.from_csr"
-        num_nodes = rowptr.numel() - 1 if num_nodes is None else int(num_nodes)
+        num_nodes = rowptr.numel() - 1 if num_nodes is None else _num_nodes(op, num_nodes)
         check_csr(op, rowptr, col, num_nodes)
         if edge_weight is not None:
             _check_edge_values(op, "edge_weight", edge_weight, col, col.numel())

@@ -196,3 +196,16 @@ def test_against_torch_geometric():
         grads_f = torch.autograd.grad(out_f, [x, *(params_f[k] for k in names)], g)
         for k, a, b in zip(["x", *names], grads_f, grads_r, strict=True):
             assert torch.allclose(a, b, atol=1e-10), (name, k)
+
+
+def test_gat_conv_checks_x():
+    # Checked up front: a 3-D x would reach the aggregation with heads times the rows.
+    conv = fastdl.nn.GATConv(5, 3, heads=2)
+    ei = _edge_index()
+    for x, got in ((torch.randn(N, 2, 5), r"\[30, 2, 5\]"), (torch.randn(N, 4), r"\[30, 4\]")):
+        with pytest.raises(
+            ValueError, match=rf"GATConv: x must be \(num_nodes, in_channels=5\), got {got}"
+        ):
+            conv(x, ei)
+    with pytest.raises(ValueError, match=r"GATConv: x must be .* got list"):
+        conv([[0.0] * 5], ei)

@@ -2,6 +2,8 @@
 float64, torch.compile(fullgraph=True), bit-identical repeated runs, every CPU ISA, the Graph
 object, and every bad input of issue 6 answered with a clear error."""
 
+import re
+
 import pytest
 import torch
 from graph_ref import (
@@ -320,6 +322,16 @@ def test_bad_edge_index():
         Graph.from_edge_index(torch.zeros(3, 2, dtype=torch.long), 5)
     with pytest.raises(ValueError, match=r"edge_weight must have shape \(2,\)"):
         Graph.from_edge_index(torch.tensor([[0, 1], [1, 2]]), 5, torch.ones(3))
+    # num_nodes is an int: neither None nor a float to truncate (5.7 would give 5 nodes).
+    ei = torch.tensor([[0, 1], [1, 2]])
+    for bad, name in ((None, "NoneType"), (5.7, "float"), (True, "bool")):
+        with pytest.raises(
+            TypeError, match=rf"from_edge_index: num_nodes must be an int, got {name}"
+        ):
+            Graph.from_edge_index(ei, bad)
+    with pytest.raises(ValueError, match=r"num_nodes must be >= 0, got -1"):
+        Graph.from_edge_index(ei[:, :0], -1)
+    assert Graph.from_edge_index(ei, torch.tensor(3)).num_nodes == 3
 
 
 def test_bad_csr():
@@ -332,6 +344,11 @@ def test_bad_csr():
         Graph.from_csr(torch.tensor([0, 1, 2, 2]), col)
     with pytest.raises(IndexError, match=r"col index 5 out of range"):
         Graph.from_csr(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 5, 1]))
+    empty = torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"from_csr: malformed CSR: rowptr is empty"):
+        Graph.from_csr(empty, empty)
+    with pytest.raises(TypeError, match=r"from_csr: num_nodes must be an int, got float"):
+        Graph.from_csr(torch.tensor([0, 1, 2, 3]), col, 3.0)
     # The raw ops check a CSR themselves, before any kernel reads memory.
     x = torch.randn(3, 4)
     op = torch.ops.fastdl.spmm_fwd
@@ -394,8 +411,20 @@ def test_bad_op_arguments(graph_inputs):
         fastdl.gat_aggregate(
             g, torch.randn(N, 2, 3), torch.randn(2, 3), torch.randn(2, 3), 0.2, 1.5
         )
+    h, att = torch.randn(N, 2, 3), torch.randn(2, 3)
     with pytest.raises(RuntimeError, match=r"att_src must have shape \(heads, F\) = \(2, 3\)"):
-        fastdl.gat_aggregate(g, torch.randn(N, 2, 3), torch.randn(3, 3), torch.randn(2, 3))
+        fastdl.gat_aggregate(g, h, torch.randn(3, 3), att)
+    # The same element count in another shape is refused, not reinterpreted as (heads, F).
+    for shape in ((3, 2), (6,), (2, 1, 3), (1, 1, 6)):
+        got = re.escape(str(list(shape)))
+        with pytest.raises(
+            RuntimeError, match=rf"att_dst must have shape .* or \(1, 2, 3\), got {got}"
+        ):
+            fastdl.gat_aggregate(g, h, att, torch.randn(shape))
+    with pytest.raises(TypeError, match=r"gat_aggregate: att_src must be a tensor, got list"):
+        fastdl.gat_aggregate(g, h, att.tolist(), att)
+    with pytest.raises(TypeError, match=r"gcn_aggregate: eps must be a float or a one-element"):
+        fastdl.gcn_aggregate(g, x, eps=[0.1])
     with pytest.raises(RuntimeError, match=r"a and b must both be \(num_nodes, F\)"):
         fastdl.sddmm(g, x, torch.randn(N, 5))
     w = torch.ones(g.num_edges, requires_grad=True)

@@ -138,8 +138,13 @@ def test_dequantizing_twin_still_loads_float_weights():
 
 @pytest.mark.parametrize(
     "x",
-    [torch.zeros(4, 63), torch.zeros(4, 64, 1), torch.zeros(4, 64, dtype=torch.long)],
-    ids=["features", "rank", "dtype"],
+    [
+        torch.zeros(4, 63),
+        torch.zeros(4, 64, 1),
+        torch.zeros(4, 64, dtype=torch.long),
+        [[0.0] * 64] * 4,
+    ],
+    ids=["features", "rank", "dtype", "list"],
 )
 def test_mlp_bad_input(x):
     model = quantized.quantized(quantized.MLP(**MLP_SMALL))

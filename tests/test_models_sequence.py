@@ -255,3 +255,38 @@ def test_bad_inputs_raise(name):
     for inputs, message in _bad(name):
         with pytest.raises(ValueError, match=f"^{label.get(name, 'Seq2Seq')}: {message}"):
             model(*inputs)
+
+
+def test_bad_constructor_arguments():
+    # Named after the model and its own arguments, not the Attention submodule.
+    gpt, tr = dict(SMALL["gpt"], d_model=30), dict(SMALL["transformer"], d_model=30)
+    for cls, kwargs, label in (
+        (sequence.GPT, gpt, "GPT"),
+        (sequence.Transformer, tr, "Transformer"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"^{label}: heads \(4\) must be a positive divisor of d_model \(30\)"
+        ):
+            cls(**kwargs)
+    vocab = SMALL["transformer"]["src_vocab"]
+    for pad in (vocab, -1):
+        with pytest.raises(
+            ValueError, match=rf"^Transformer: pad_id {pad} is outside \[0, src_vocab={vocab}\)"
+        ):
+            sequence.Transformer(**SMALL["transformer"], pad_id=pad)
+
+
+@pytest.mark.parametrize(
+    ("name", "arg"), [("gpt", "max_new_tokens"), ("transformer", "steps"), ("seq2seq", "steps")]
+)
+def test_generate_step_counts(name, arg):
+    """0 steps give no new tokens in every generate; a negative count is refused."""
+    model, _ = pair(name)
+    (src, *_), _ = small_batch(name, torch.Generator().manual_seed(3))
+    extra = () if name == "gpt" else (10,) if name == "seq2seq" else (corpus.BOS,)
+    out = model.generate(src, 0, *extra)
+    assert out.shape == ((BATCH, src.shape[1]) if name == "gpt" else (BATCH, 0))
+    label = {"gpt": "GPT", "transformer": "Transformer", "seq2seq": "Seq2Seq"}[name]
+    for steps in (-1, 2.0):
+        with pytest.raises(ValueError, match=rf"^{label}: {arg} must be an int >= 0, got {steps}"):
+            model.generate(src, steps, *extra)

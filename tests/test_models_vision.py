@@ -244,9 +244,34 @@ def test_bad_input(model, shapes, match):
         model(*(torch.randn(s) for s in shapes))
 
 
-def test_vit_patch_must_divide_size():
+def test_vit_bad_constructor_arguments():
     with pytest.raises(ValueError, match=r"ViT: size \(30\) must be a multiple of patch \(4\)"):
         V.ViT(30, 4)
+    with pytest.raises(
+        ValueError, match=r"ViT: heads \(4\) must be a positive divisor of dim \(30\)"
+    ):
+        V.ViT(32, 8, 10, 30, 2, 4)
+
+
+def test_non_tensor_input():
+    with pytest.raises(ValueError, match=r"DCGANGenerator: z must be \(N, 8\) .* got list"):
+        V.DCGANGenerator(8, 8)([[0.0] * 8])
+
+
+def test_vae_eps_must_match_the_latent_mean():
+    # A (latent,) or (1, latent) eps would broadcast: every image the same noise.
+    model, x = V.VAE(8, 8), torch.rand(2, 3, 32, 32)
+    for shape in ((2, 9), (8,), (1, 8), (2, 8, 1)):
+        with pytest.raises(
+            ValueError, match=r"VAE: eps must have the latent mean's shape .*\(2, 8\)"
+        ):
+            model(x, torch.randn(shape))
+    with pytest.raises(
+        ValueError, match=r"VAE: eps must be a floating-point tensor, got torch.int64"
+    ):
+        model(x, torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"VAE: eps must be a floating-point tensor, got list"):
+        model(x, [[0.0] * 8] * 2)
 
 
 def test_spec_batches_are_deterministic():

@@ -34,10 +34,13 @@ class MLP(nn.Module):
         self.head = nn.Linear(widths[-1], classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features or not x.is_floating_point():
+        tensor = isinstance(x, torch.Tensor)
+        if not (
+            tensor and x.dim() == 2 and x.shape[1] == self.in_features and x.is_floating_point()
+        ):
+            got = f"shape {list(x.shape)}, dtype {x.dtype}" if tensor else type(x).__name__
             raise ValueError(
-                f"MLP: x must be a float (batch, {self.in_features}) tensor, got shape "
-                f"{list(x.shape)}, dtype {x.dtype}"
+                f"MLP: x must be a float (batch, {self.in_features}) tensor, got {got}"
             )
         for layer, norm in zip(self.layers, self.norms, strict=True):
             x = F.gelu(norm(layer(x)))

@@ -60,6 +60,21 @@ def check_start(model: str, start: int, vocab: int) -> None:
         raise ValueError(f"{model}: start token {start} is outside [0, {vocab})")
 
 
+def check_steps(model: str, name: str, steps: int) -> None:
+    """A generate length: an int >= 0 (0 gives no tokens; a negative count would give none
+    silently)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{model}: {name} must be an int >= 0, got {steps!r}")
+
+
+def check_heads(model: str, d_model: int, heads: int) -> None:
+    # Here rather than in Attention, whose message would name a submodule, not the model.
+    if heads < 1 or d_model % heads:
+        raise ValueError(
+            f"{model}: heads ({heads}) must be a positive divisor of d_model ({d_model})"
+        )
+
+
 def add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm):
     """``(norm(x + residual), x + residual)`` in one fused pass."""
     return fastdl.add_layer_norm(
@@ -142,6 +157,7 @@ class GPT(nn.Module):
         super().__init__()
         if layers < 1:
             raise ValueError(f"GPT: layers must be at least 1, got {layers}")
+        check_heads("GPT", d_model, heads)
         self.vocab_size, self.context = vocab_size, context
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(context, d_model)
@@ -163,6 +179,8 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding: appends ``max_new_tokens`` argmax tokens to idx (B, T), each step
         seeing the last ``context`` tokens (no KV cache: each step reruns the window)."""
+        check_tokens("GPT", "idx", idx, self.vocab_size)
+        check_steps("GPT", "max_new_tokens", max_new_tokens)
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.context :])
             idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
@@ -234,6 +252,10 @@ class Transformer(nn.Module):
         pad_id: int = corpus.PAD,
     ):
         super().__init__()
+        check_heads("Transformer", d_model, heads)
+        # pad_id marks source padding, so it must be a source token id.
+        if not 0 <= pad_id < src_vocab:
+            raise ValueError(f"Transformer: pad_id {pad_id} is outside [0, src_vocab={src_vocab})")
         self.src_vocab, self.tgt_vocab, self.max_len, self.pad_id = (
             src_vocab,
             tgt_vocab,
@@ -279,6 +301,7 @@ class Transformer(nn.Module):
         argmax after the start token and the tokens so far (the prefix is rerun: no KV cache)."""
         check_tokens("Transformer", "src", src, self.src_vocab, self.max_len)
         check_start("Transformer", start, self.tgt_vocab)
+        check_steps("Transformer", "steps", steps)
         if steps >= self.max_len:
             raise ValueError(
                 f"Transformer: steps must be below max_len {self.max_len}, got {steps}"
@@ -342,14 +365,15 @@ class Seq2Seq(nn.Module):
         next step's input; returns the ``steps`` tokens (B, steps)."""
         check_tokens("Seq2Seq", "src", src, self.src_vocab)
         check_start("Seq2Seq", start, self.tgt_vocab)
+        check_steps("Seq2Seq", "steps", steps)
         _, h = self.encoder(self.src_emb(src.t()))
         tok = torch.full((1, src.shape[0]), start, device=src.device)
-        out = []
+        out = [tok]  # dropped at the end, as Transformer.generate: steps=0 gives (B, 0)
         for _ in range(steps):
             y, h = self.decoder(self.tgt_emb(tok), h)
             tok = self.head(y).argmax(-1)
             out.append(tok)
-        return torch.cat(out).t()
+        return torch.cat(out)[1:].t()
 
 
 # ---------------------------------------------------------------- data and specs

@@ -20,6 +20,11 @@ from fastdl.models.twins import vision as twins
 # ---------------------------------------------------------------- input checks
 
 
+def given(x) -> tuple | str:
+    """What an input check reports as given: a tensor's shape, else the type's name."""
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def check_images(model: str, x: torch.Tensor, channels: int, size: int | None, min_size: int = 1):
     """x must be (N, channels, H, W): H = W = size when size is given, else H, W >= min_size."""
     want = f"(N, {channels}, {size or 'H'}, {size or 'W'})"
@@ -30,8 +35,7 @@ def check_images(model: str, x: torch.Tensor, channels: int, size: int | None, m
         ok = min(x.shape[2], x.shape[3]) >= min_size
         want += f" with H, W >= {min_size}"
     if not ok:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{model}: x must be {want}, got {got}")
+        raise ValueError(f"{model}: x must be {want}, got {given(x)}")
 
 
 def nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -171,12 +175,11 @@ class DCGANGenerator(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if not (z.dim() == 2 and z.shape[1] == self.nz) and not (
-            z.dim() == 4 and tuple(z.shape[1:]) == (self.nz, 1, 1)
+        if not isinstance(z, torch.Tensor) or (
+            tuple(z.shape[1:]) not in ((self.nz,), (self.nz, 1, 1))
         ):
             raise ValueError(
-                f"DCGANGenerator: z must be (N, {self.nz}) or (N, {self.nz}, 1, 1), "
-                f"got {tuple(z.shape)}"
+                f"DCGANGenerator: z must be (N, {self.nz}) or (N, {self.nz}, 1, 1), got {given(z)}"
             )
         # The first block's 1x1 input is as much NCHW as NHWC; its 4x4 output goes NHWC.
         h = nhwc(self.blocks[0](z.view(z.shape[0], self.nz, 1, 1)))
@@ -287,6 +290,18 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None):
         check_images("VAE", x, self.channels, 32)
+        if eps is not None:
+            if not isinstance(eps, torch.Tensor) or not eps.is_floating_point():
+                got = eps.dtype if isinstance(eps, torch.Tensor) else type(eps).__name__
+                raise ValueError(f"VAE: eps must be a floating-point tensor, got {got}")
+            # Exactly mu's shape: a (latent,) or (1, latent) eps would broadcast, giving every
+            # image the same noise.
+            latent = (x.shape[0], self.mu.out_features)
+            if eps.shape != latent:
+                raise ValueError(
+                    f"VAE: eps must have the latent mean's shape (N, latent) = {latent}, "
+                    f"got {tuple(eps.shape)}"
+                )
         h = self.encoder(nhwc(x)).flatten(1)
         mu, logvar = self.mu(h), self.logvar(h)
         z = mu
@@ -357,6 +372,8 @@ class ViT(nn.Module):
         super().__init__()
         if size % patch:
             raise ValueError(f"ViT: size ({size}) must be a multiple of patch ({patch})")
+        if heads < 1 or dim % heads:
+            raise ValueError(f"ViT: heads ({heads}) must be a positive divisor of dim ({dim})")
         self.size, self.channels = size, channels
         self.patch_embed = fnn.Conv2d(channels, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))

@@ -138,6 +138,13 @@ class GATConv(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
+        # Checked here: the head split below would turn a wrong x into a confusing row count.
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.in_channels:
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"fastdl.nn.GATConv: x must be (num_nodes, in_channels={self.in_channels}), "
+                f"got {got}"
+            )
         n = x.size(0)
         g = _graph(edge_index, n)
         h = self.lin(x).view(-1, self.heads, self.out_channels)

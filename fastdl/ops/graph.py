@@ -316,6 +316,10 @@ def gcn_aggregate(
     if _needs_grad(w):
         raise RuntimeError(f"{op}: edge_weight takes no gradient; pass edge_weight.detach()")
     if eps is not None and not isinstance(eps, torch.Tensor):
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(
+                f"{op}: eps must be a float or a one-element tensor, got {type(eps).__name__}"
+            )
         eps = torch.tensor([float(eps)], dtype=_acc(x), device=x.device)
     if eps is not None:
         _checks.same_device(op, "eps", eps, x)
@@ -375,10 +379,15 @@ def gat_aggregate(
         raise RuntimeError(f"{op}: h must be (num_nodes, heads, F), got {list(h.shape)}")
     heads, f = h3.shape[1], h3.shape[2]
     for name, att in (("att_src", att_src), ("att_dst", att_dst)):
+        if not isinstance(att, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(att).__name__}")
         _checks.same_device(op, name, att, h)
-        if att.numel() != heads * f:
+        # The shape, not the element count: a (F, heads) tensor has as many elements but would
+        # be read as (heads, F), a silently wrong result.
+        if tuple(att.shape) not in ((heads, f), (1, heads, f)):
             raise RuntimeError(
-                f"{op}: {name} must have shape (heads, F) = ({heads}, {f}), got {list(att.shape)}"
+                f"{op}: {name} must have shape (heads, F) = ({heads}, {f}) or (1, {heads}, {f}), "
+                f"got {list(att.shape)}"
             )
     drop = None
     if training and dropout > 0:

@@ -51,11 +51,15 @@ def bert():
     return BertForMaskedLM(cfg)
 
 
+# A small grouped-query decoder (Llama-style configs).
+DECODER = {
+    "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 64, **SMALL,
+}  # fmt: skip
+
+
 def llama(layers=2):
-    cfg = LlamaConfig(
-        num_hidden_layers=layers, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=64, **SMALL,
-    )  # fmt: skip
+    cfg = LlamaConfig(num_hidden_layers=layers, intermediate_size=128, **DECODER)
     return LlamaForCausalLM(cfg)
 
 
@@ -63,9 +67,8 @@ def gemma2():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     cfg = Gemma2Config(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=128, max_position_embeddings=64, sliding_window=4,
-        attn_logit_softcapping=0.5, **SMALL,
+        num_hidden_layers=2, head_dim=16, intermediate_size=128, sliding_window=4,
+        attn_logit_softcapping=0.5, **DECODER,
     )  # fmt: skip
     return Gemma2ForCausalLM(cfg)
 
@@ -74,9 +77,8 @@ def gpt_oss():
     from transformers import GptOssConfig, GptOssForCausalLM
 
     cfg = GptOssConfig(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64, sliding_window=4, **SMALL,
+        num_hidden_layers=2, head_dim=16, intermediate_size=64, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=4, **DECODER,
     )  # fmt: skip
     return GptOssForCausalLM(cfg)
 

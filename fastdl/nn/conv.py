@@ -110,9 +110,8 @@ def _fuse_fx(model: nn.Module) -> nn.Module | None:
         conv, bn = modules[src.target], modules[node.target]
         # Folding changes the conv module: only when its one call feeds only this BatchNorm (and
         # takes no residual, which the BatchNorm would scale too).
-        if not _foldable(conv, bn) or len(src.users) != 1 or calls[src.target] != 1:
-            continue
-        if len(src.args) != 1 or src.kwargs:
+        once = calls[src.target] == 1 and len(src.users) == 1
+        if not (_foldable(conv, bn) and once and len(src.args) == 1 and not src.kwargs):
             continue
         parent, _, name = src.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, _fold(conv, bn))

@@ -125,11 +125,11 @@ def quantize_model(
             full = f"{name}.{child_name}" if name else child_name
             if not isinstance(child, nn.Linear):
                 continue
-            why = _left(full, child, include, exclude) if id(child) not in twins else None
-            if why is not None:
-                report.left.append((full, qualname(type(child)), why))
-                continue
             if id(child) not in twins:
+                why = _left(full, child, include, exclude)
+                if why is not None:
+                    report.left.append((full, qualname(type(child)), why))
+                    continue
                 twins[id(child)] = Int8Linear.from_float(child, outlier_threshold)
             setattr(module, child_name, twins[id(child)])
             report.swapped.append((full, qualname(nn.Linear), qualname(Int8Linear)))

@@ -261,9 +261,7 @@ def scaled_dot_product_attention(
     counter-based hash of (seed, position), the same on every backend).
     """
     op = "fastdl.scaled_dot_product_attention"
-    q, k, v = _autocast.lower(query, key, value)
-    if attn_mask is not None and attn_mask.is_floating_point():
-        attn_mask = _autocast.lower(q, attn_mask)[1]
+    q, k, v, attn_mask = _autocast.lower(query, key, value, attn_mask)  # a bool mask stays
     _check_heads(op, q, k, v, enable_gqa)
     q, k, v = _broadcast_batch(op, q, k, v)
     out_shape = q.shape

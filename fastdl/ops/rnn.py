@@ -248,12 +248,12 @@ def _lstm_state(op: str, hx) -> tuple:
     """(h, c) of an LSTM's hx: None (zeros) or exactly two tensors."""
     if hx is None:
         return None, None
-    if not (isinstance(hx, tuple | list) and len(hx) == 2):
+    if not (
+        isinstance(hx, tuple | list)
+        and len(hx) == 2
+        and all(isinstance(t, torch.Tensor) for t in hx)
+    ):
         raise TypeError(f"{op}: hx must be a tuple (h, c) of two tensors, or None")
-    if not all(isinstance(t, torch.Tensor) for t in hx):
-        raise TypeError(
-            f"{op}: hx must be a tuple (h, c) of two tensors, got {[type(t) for t in hx]}"
-        )
     return tuple(hx)
 
 

@@ -263,6 +263,16 @@ int winograd_index(int64_t m) {
   return m == 4 ? kWinograd4 : kWinograd2;
 }
 
+// The distance, in floats, to give consecutive arrays of n floats (the points of a block's
+// transformed tiles): whole cache lines, an odd number of them, so that the 16 or 36 arrays a
+// transform reads or writes at once start in different cache sets (n * 4 bytes is often a
+// multiple of 2-4 KiB, which would put them all in a few sets of the 8-way L1).
+int64_t skewed(int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(float);
+  const int64_t lines = (n + kLine - 1) / kLine;
+  return (lines | 1) * kLine;
+}
+
 // The tiles of a Winograd conv (m = p.wino) cut into blocks of whole tile rows: tile row r is
 // (image r / th, row of tiles r % th), tiles run along it, and `per` tile rows make a block. The
 // output rows of a block are one contiguous range.
@@ -286,6 +296,46 @@ struct WinogradBlocks {
     const auto first = [&](int64_t r) { return (r / th * a.P + std::min(a.P, r % th * m)) * a.Q; };
     return {first(b * per), first(std::min(tile_rows, (b + 1) * per))};
   }
+  // The image rows [first, last) (row n * H + h) that the tiles of block b read: one range, as a
+  // block that ends an image reads it to its last row and the next image's first tiles read
+  // from row 0.
+  std::pair<int64_t, int64_t> input_rows(const ConvArgs& a, int64_t b) const {
+    const int64_t r0 = b * per, r1 = std::min(tile_rows, (b + 1) * per) - 1;
+    const auto row = [&](int64_t r, int64_t off) {
+      return r / th * a.H + std::clamp(r % th * m - a.pad_h + off, int64_t{0}, a.H);
+    };
+    return {row(r0, 0), std::max(row(r0, 0), row(r1, m + 2))};
+  }
+};
+
+// The input of a Winograd conv: NHWC memory, or NCHW float32 memory (`nchw`) from which each
+// block transposes the image rows its tiles read into an NHWC slab that stays in L2, instead of
+// the whole input into an NHWC copy in memory first (a pass over memory less for NCHW inputs).
+struct WinogradSource {
+  const float* x;
+  bool nchw;
+
+  // Whether x is NCHW memory that the blocks can transpose (else nhwc(x) is the source).
+  static bool takes_nchw(const at::Tensor& x) {
+    return x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+           !x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  // x (NHWC layout) for the tiles of block b and its first image row: the input itself, or the
+  // block's rows transposed into slab.
+  std::pair<const float*, int64_t> block(const ConvArgs& a, const WinogradBlocks& wb, int64_t b,
+                                         std::vector<float>& slab) const {
+    if (!nchw) return {x, 0};
+    const auto [g0, g1] = wb.input_rows(a, b);
+    slab.resize((g1 - g0) * a.W * a.C);
+    for (int64_t n = g0 / a.H; n * a.H < g1; ++n) {
+      const int64_t h0 = std::max(g0, n * a.H) - n * a.H,
+                    h1 = std::min(g1, (n + 1) * a.H) - n * a.H;
+      kernels().transpose[kConvF32](x + (n * a.C * a.H + h0) * a.W, a.H * a.W,
+                                    slab.data() + (n * a.H + h0 - g0) * a.W * a.C, a.C, a.C,
+                                    (h1 - h0) * a.W);
+    }
+    return {slab.data(), g0};
+  }
 };
 
 // U ((m + 2)^2, C, K) = G g G^T for every (output, input) channel pair of w (K, C, 3, 3);
@@ -306,10 +356,12 @@ at::Tensor winograd_weight(const at::Tensor& w, int64_t m) {
 // out = epilogue(conv(x, weight)) by Winograd F(m x m, 3x3), m = p.wino, on blocks of whole tile
 // rows (their output rows are one contiguous range): the block's input transform, (m + 2)^2
 // GEMMs (tiles x C) x (C x K) against U packed once, the output transform into the rows and the
-// epilogue, all while the block is in L2. Blocks with a non-finite input run the direct path
-// afterwards (NaN and Inf stay where torch's conv puts them). False, with nothing written, when
-// Winograd does not apply or the weight is not finite.
-bool winograd_forward(const Gemm& p, const float* x, const at::Tensor& weight, ConvEpilogue e) {
+// epilogue, all while the block is in L2. x is float32, NHWC or NCHW memory (WinogradSource).
+// Blocks with a non-finite input run the direct path afterwards (NaN and Inf stay where torch's
+// conv puts them). False, with nothing written, when Winograd does not apply or the weight is
+// not finite.
+bool winograd_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
+                      ConvEpilogue e) {
   if (p.wino == 0) return false;
   const at::Tensor u = winograd_weight(weight, p.wino);
   if (!u.defined()) return false;
@@ -324,26 +376,30 @@ bool winograd_forward(const Gemm& p, const float* x, const at::Tensor& weight, C
     for (int64_t i = i0; i < i1; ++i)
       packs[i].pack(false, C, K, u.const_data_ptr<float>() + i * C * K, K);
   });
+  const WinogradSource src{x.const_data_ptr<float>(), WinogradSource::takes_nchw(x)};
+  const int64_t ldv = skewed(tiles * C), ldm = skewed(tiles * K);
   std::vector<char> direct(blocks, 0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> v(points * tiles * C), prod(points * tiles * K);
+    std::vector<float> v(points * ldv), prod(points * ldm), slab;
     std::vector<float> acc(wb.per * wb.m * a.Q * K);
     ConvEpilogue eb = e;
     eb.acc = acc.data();
     for (int64_t b = b0; b < b1; ++b) {
       const auto [m0, m1] = wb.rows(a, b);
       const int64_t t0 = wb.t0(b), nt = wb.nt(b);
-      if (!kr.winograd_input[wt](a, x, t0, nt, v.data())) {
+      const auto [xb, row0] = src.block(a, wb, b, slab);
+      if (!kr.winograd_input[wt](a, xb, row0, t0, nt, v.data(), ldv)) {
         direct[b] = 1;
         continue;
       }
       for (int64_t i = 0; i < points; ++i)
-        packs[i].gemm(false, nt, K, C, v.data() + i * nt * C, C, 0.f, prod.data() + i * nt * K, K);
-      kr.winograd_output[wt](a, prod.data(), t0, nt, m0, acc.data());
+        packs[i].gemm(false, nt, K, C, v.data() + i * ldv, C, 0.f, prod.data() + i * ldm, K);
+      kr.winograd_output[wt](a, prod.data(), ldm, t0, nt, m0, acc.data());
       kr.epilogue[kConvF32](a, eb, m0, m1 - m0, 0);
     }
   });
   if (std::find(direct.begin(), direct.end(), 1) == direct.end()) return true;
+  const at::Tensor xn = nhwc(x);
   const at::Tensor wm = weight_matrix(weight, p, at::kFloat);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> col(p.rows * p.j), acc(p.rows * K);
@@ -352,8 +408,8 @@ bool winograd_forward(const Gemm& p, const float* x, const at::Tensor& weight, C
     for (int64_t b = b0; b < b1; ++b) {
       const auto [m0, m1] = wb.rows(a, b);
       for (int64_t i = m0; direct[b] && i < m1; i += p.rows)
-        forward_rows<float>(p, x, wm.const_data_ptr<float>(), eb, i, std::min(p.rows, m1 - i),
-                            col.data());
+        forward_rows<float>(p, xn.const_data_ptr<float>(), wm.const_data_ptr<float>(), eb, i,
+                            std::min(p.rows, m1 - i), col.data());
     }
   });
   return true;
@@ -680,9 +736,12 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
     });
     return;
   }
-  const at::Tensor xn = nhwc(x);
+  // Winograd transposes an NCHW float32 x block by block; the other paths read it NHWC.
+  at::Tensor xn =
+      std::is_same_v<T, float> && p.wino > 0 && WinogradSource::takes_nchw(x) ? x : nhwc(x);
   if constexpr (std::is_same_v<T, float>)
-    if (winograd_forward(p, xn.const_data_ptr<T>(), weight, e)) return;
+    if (winograd_forward(p, xn, weight, e)) return;
+  xn = nhwc(xn);
   const at::Tensor wm = weight_matrix(weight, p, out.scalar_type());
   (p.taps ? taps_forward<T> : forward<T>)(p, xn.const_data_ptr<T>(), wm.const_data_ptr<T>(), e);
 }
@@ -714,8 +773,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
           pre.dim() == 4 ? as_output(pre, x.scalar_type(), fmt) : pre.to(x.scalar_type())};
 }
 
-// Parameter and input gradients of the conv2d whose NHWC input is xn and whose pre-activation
-// gradient is gpre (M, K) row-major. Masked-off results stay undefined.
+// Parameter and input gradients of the conv2d whose input is xn (NHWC memory, or NCHW float32
+// that Winograd reads block by block: WinogradSource) and whose pre-activation gradient is
+// gpre (M, K) row-major. Masked-off results stay undefined.
 struct ConvGrads {
   at::Tensor input, weight, bias;
 };
@@ -727,7 +787,7 @@ struct ConvGrads {
 // bit-identical for any thread count), the partials summed in order and the adjoint weight
 // transform G^T dU G. Undefined when Winograd does not apply or an input is not finite (the
 // direct path then puts NaN and Inf where torch's conv does).
-at::Tensor winograd_weight_grad(const Gemm& p, const float* x, const float* gpre) {
+at::Tensor winograd_weight_grad(const Gemm& p, const at::Tensor& x, const float* gpre) {
   if (p.wino == 0) return {};
   const ConvArgs& a = p.a;
   const ConvKernels& kr = kernels();
@@ -739,21 +799,24 @@ at::Tensor winograd_weight_grad(const Gemm& p, const float* x, const float* gpre
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor partial = new_output({chunks, part}, opts);
   float* partial_data = partial.data_ptr<float>();
+  const WinogradSource src{x.const_data_ptr<float>(), WinogradSource::takes_nchw(x)};
+  const int64_t ldv = skewed(tiles * C), ldd = skewed(tiles * K);
   std::atomic<bool> finite{true};
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> v(points * tiles * C), dm(points * tiles * K);
+    std::vector<float> v(points * ldv), dm(points * ldd), slab;
     for (int64_t c = c0; c < c1; ++c) {
       float* du = partial_data + c * part;
       const int64_t first = c * blocks / chunks;
       for (int64_t b = first; b < (c + 1) * blocks / chunks && finite; ++b) {
         const int64_t t0 = wb.t0(b), nt = wb.nt(b);
-        if (!kr.winograd_input[wt](a, x, t0, nt, v.data()) ||
-            !kr.winograd_grad_output[wt](a, gpre, t0, nt, dm.data())) {
+        const auto [xb, row0] = src.block(a, wb, b, slab);
+        if (!kr.winograd_input[wt](a, xb, row0, t0, nt, v.data(), ldv) ||
+            !kr.winograd_grad_output[wt](a, gpre, t0, nt, dm.data(), ldd)) {
           finite = false;
           break;
         }
         for (int64_t i = 0; i < points; ++i)
-          gemm<float>(true, false, C, K, nt, v.data() + i * nt * C, C, dm.data() + i * nt * K, K,
+          gemm<float>(true, false, C, K, nt, v.data() + i * ldv, C, dm.data() + i * ldd, K,
                       b == first ? 0.f : 1.f, du + i * C * K, K);
       }
     }
@@ -787,7 +850,7 @@ at::Tensor winograd_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
   if (p.wino == 0) return {};  // before flipping the weight (a pass over it)
   const at::Tensor w = weight.flip({2, 3}).transpose(0, 1);
   const ConvEpilogue e{nullptr, nullptr, nullptr, gx.data_ptr<float>(), nullptr};
-  return winograd_forward(p, gpre.const_data_ptr<float>(), w, e) ? gx : at::Tensor();
+  return winograd_forward(p, gpre, w, e) ? gx : at::Tensor();
 }
 
 ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Tensor& gpre,
@@ -813,7 +876,7 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
     r.input = from_nhwc(gx, fmt, dtype);
   }
   if (want_weight && xn.scalar_type() == at::kFloat && p.M > 0) {
-    r.weight = winograd_weight_grad(p, xn.const_data_ptr<float>(), gpre.const_data_ptr<float>());
+    r.weight = winograd_weight_grad(p, xn, gpre.const_data_ptr<float>());
     if (r.weight.defined()) {
       r.weight = r.weight.to(weight.scalar_type()).contiguous();
       want_weight = false;
@@ -829,7 +892,8 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
     if (p.M > 0)
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_wgrad", [&] {
         // xn is undefined when only the bias gradient is wanted (a frozen weight).
-        const scalar_t* x = want_weight ? xn.const_data_ptr<scalar_t>() : nullptr;
+        const at::Tensor xr = want_weight ? nhwc(xn) : at::Tensor();
+        const scalar_t* x = want_weight ? xr.const_data_ptr<scalar_t>() : nullptr;
         (p.taps ? taps_params<scalar_t>
                 : backward_params<scalar_t>)(p, x, gpre.const_data_ptr<scalar_t>(),
                                              want_weight ? gw.data_ptr<scalar_t>() : nullptr,
@@ -877,7 +941,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(
       });
     });
   }
-  const at::Tensor xn = mask[1] ? nhwc(x) : at::Tensor();
+  const at::Tensor xn = !mask[1] ? at::Tensor() : WinogradSource::takes_nchw(x) ? x : nhwc(x);
   ConvGrads r = conv_grads(g, xn, gpre, weight, fmt, x.scalar_type(), mask[0], mask[1], mask[2]);
   at::Tensor gp = mask[3] ? as_output(gpre, x.scalar_type(), fmt) : at::Tensor();
   return {or_empty(r.input, x), or_empty(r.weight, x), or_empty(r.bias, x), or_empty(gp, x)};

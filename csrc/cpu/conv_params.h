@@ -66,21 +66,23 @@ using TransposeFn = void (*)(const void* src, int64_t lds, void* dst, int64_t ld
 // Winograd F(m x m, 3x3) transforms (csrc/cpu/conv_winograd.h), float32 only, one entry per
 // tile size (kWinograd2, kWinograd4): the weight transform of input channels [c0, c1) of
 // w (C, 3, 3, K) into u ((m + 2)^2, C, K); on blocks of nt tiles from tile t0 on, the input
-// transform of x (N, H, W, C) into v ((m + 2)^2, nt, C), false when an input it read is not
-// finite; the output transform of m ((m + 2)^2, nt, K) into the output rows from m0 on,
-// acc (rows, K). For the weight gradient, their adjoints: the output gradient gy (N, P, Q, K) of
-// nt tiles into dm ((m + 2)^2, nt, K), false when a value it read is not finite; du ((m + 2)^2,
-// C, K) of input channels [c0, c1) into dw (C, 3, 3, K). The weight transform returns false when
-// a weight it read is not finite.
+// transform of x (N, H, W, C), its image rows from row0 on, into v ((m + 2)^2, nt, C), false
+// when an input it read is not finite; the output transform of m ((m + 2)^2, nt, K) into the
+// output rows from m0 on, acc (rows, K). For the weight gradient, their adjoints: the output
+// gradient gy (N, P, Q, K) of nt tiles into dm ((m + 2)^2, nt, K), false when a value it read is
+// not finite; du ((m + 2)^2, C, K) of input channels [c0, c1) into dw (C, 3, 3, K). The weight
+// transform returns false when a weight it read is not finite. The points of v, m and dm lie
+// ldv, ldm and ldd elements apart (conv.cpp skews them off multiples of 4 KiB).
 using WinogradWeightFn = bool (*)(const void* w, int64_t C, int64_t K, int64_t c0, int64_t c1,
                                   void* u);
 using WinogradGradWeightFn = void (*)(const void* du, int64_t C, int64_t K, int64_t c0, int64_t c1,
                                       void* dw);
-using WinogradInputFn = bool (*)(const ConvArgs&, const void* x, int64_t t0, int64_t nt, void* v);
-using WinogradOutputFn = void (*)(const ConvArgs&, const void* m, int64_t t0, int64_t nt,
-                                  int64_t m0, void* acc);
+using WinogradInputFn = bool (*)(const ConvArgs&, const void* x, int64_t row0, int64_t t0,
+                                 int64_t nt, void* v, int64_t ldv);
+using WinogradOutputFn = void (*)(const ConvArgs&, const void* m, int64_t ldm, int64_t t0,
+                                  int64_t nt, int64_t m0, void* acc);
 using WinogradGradOutputFn = bool (*)(const ConvArgs&, const void* gy, int64_t t0, int64_t nt,
-                                      void* dm);
+                                      void* dm, int64_t ldd);
 enum WinogradTile : int { kWinograd2 = 0, kWinograd4 = 1, kNumWinogradTiles = 2 };
 
 enum ConvDtype : int { kConvF32 = 0, kConvF64 = 1, kNumConvDtypes = 2 };

@@ -171,12 +171,15 @@ bool conv_winograd_weight(const void* w_, int64_t C, int64_t K, int64_t c0, int6
 }
 
 // Input transform of tiles [t0, t0 + nt) (tile t = (n, tile row, tile column), ceil(P / m) x
-// ceil(Q / m) per image) from x (N, H, W, C) into v ((m + 2)^2, nt, C): point (i, j) of tile
-// t0 + l, channel c at ((i * (m + 2) + j) * nt + l) * C + c. Returns false when any input it read
-// is not finite: Winograd would smear a NaN or Inf over whole tiles, and conv.cpp recomputes such
-// blocks directly so that they propagate as torch's conv does.
+// ceil(Q / m) per image) from x (N, H, W, C) into v ((m + 2)^2, nt, C), its points ldv elements
+// apart: point (i, j) of tile t0 + l, channel c at (i * (m + 2) + j) * ldv + l * C + c. x holds the
+// image rows (row n * H + h) from row0 on: all of them (row0 = 0), or a slab of the rows these
+// tiles read. Returns false when any input it read is not finite: Winograd would smear a NaN or Inf
+// over whole tiles, and conv.cpp recomputes such blocks directly so that they propagate as torch's
+// conv does.
 template <int kM, typename T>
-bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t t0, int64_t nt, void* v_) {
+bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t row0, int64_t t0, int64_t nt,
+                         void* v_, int64_t ldv) {
   using V = Vec<T>;
   constexpr int64_t kIn = kM + 2;
   const T* x = static_cast<const T*>(x_);
@@ -192,23 +195,24 @@ bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t t0, int64_t 
           [&](int64_t r, int64_t s) {
             const int64_t h = h0 + r, w = w0 + s;
             const V d = h >= 0 && h < a.H && w >= 0 && w < a.W
-                            ? ld<V>(x + ((n * a.H + h) * a.W + w) * C + c, len)
+                            ? ld<V>(x + ((n * a.H + h - row0) * a.W + w) * C + c, len)
                             : V::zero();
             sum = sum + d;
             return d;
           },
-          [&](int64_t i, int64_t j, V o) { st(v + ((i * kIn + j) * nt + l) * C + c, o, len); });
+          [&](int64_t i, int64_t j, V o) { st(v + (i * kIn + j) * ldv + l * C + c, o, len); });
     });
   }
   return winograd::finite<T>(sum);
 }
 
-// Output transform of tiles [t0, t0 + nt) from m ((m + 2)^2, nt, K) into acc, the rows of output
+// Output transform of tiles [t0, t0 + nt) from m ((m + 2)^2, nt, K), its points ldm elements
+// apart, into acc, the rows of output
 // pixels from m0 on (row m = (n * P + p) * Q + q at (m - m0) * K): the pixels of the tiles that lie
 // inside the output.
 template <int kM, typename T>
-void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t t0, int64_t nt, int64_t m0,
-                          void* acc_) {
+void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t ldm, int64_t t0, int64_t nt,
+                          int64_t m0, void* acc_) {
   using V = Vec<T>;
   constexpr int64_t kIn = kM + 2;
   const T* m = static_cast<const T*>(m_);
@@ -219,7 +223,7 @@ void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t t0, int64_t
     for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
       winograd::transform_2d<kIn, kM, V>(
           [](const V* d, V* o) { winograd::output_1d<kM, T>(d, o); },
-          [&](int64_t r, int64_t s) { return ld<V>(m + ((r * kIn + s) * nt + l) * K + k, len); },
+          [&](int64_t r, int64_t s) { return ld<V>(m + (r * kIn + s) * ldm + l * K + k, len); },
           [&](int64_t i, int64_t j, V y) {
             if (i < tl.np && j < tl.nq)
               st(acc + ((tl.n * a.P + tl.p0 + i) * a.Q + tl.q0 + j - m0) * K + k, y, len);
@@ -228,12 +232,12 @@ void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t t0, int64_t
   }
 }
 
-// Adjoint output transform of tiles [t0, t0 + nt) for the weight gradient: dm ((m + 2)^2, nt, K)
-// = A dy A^T of each tile's m x m pixels of gy (N, P, Q, K) (zero outside the output). False when
-// a value it read is not finite.
+// Adjoint output transform of tiles [t0, t0 + nt) for the weight gradient: dm ((m + 2)^2, nt, K),
+// its points ldd elements apart, = A dy A^T of each tile's m x m pixels of gy (N, P, Q, K) (zero
+// outside the output). False when a value it read is not finite.
 template <int kM, typename T>
 bool conv_winograd_grad_output(const ConvArgs& a, const void* gy_, int64_t t0, int64_t nt,
-                               void* dm_) {
+                               void* dm_, int64_t ldd) {
   using V = Vec<T>;
   constexpr int64_t kIn = kM + 2;
   const T* gy = static_cast<const T*>(gy_);
@@ -252,7 +256,7 @@ bool conv_winograd_grad_output(const ConvArgs& a, const void* gy_, int64_t t0, i
             sum = sum + y;
             return y;
           },
-          [&](int64_t r, int64_t s, V o) { st(dm + ((r * kIn + s) * nt + l) * K + k, o, len); });
+          [&](int64_t r, int64_t s, V o) { st(dm + (r * kIn + s) * ldd + l * K + k, o, len); });
     });
   }
   return winograd::finite<T>(sum);

@@ -42,6 +42,8 @@ def check_csr(op: str, rowptr: torch.Tensor, col: torch.Tensor, num_nodes: int) 
     """rowptr starts at 0, never decreases, ends at nnz; col in [0, num_nodes) (the C++ ops check
     the same before any kernel reads memory)."""
     for name, t in (("rowptr", rowptr), ("col", col)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{op}: {name} must be a tensor, got {type(t).__name__}", TypeError)
         if t.dtype not in INDEX_DTYPES:
             _fail(
                 f"{op}: {name} must be an integer index tensor (int64 or int32), got {t.dtype}",
@@ -148,6 +150,8 @@ class Graph:
         (rowptr starts at 0, never decreases, ends at nnz; col in range). edge_weight in CSR
         entry order."""
         op = "fastdl.Graph.from_csr"
+        if not isinstance(rowptr, torch.Tensor):
+            _fail(f"{op}: rowptr must be a tensor, got {type(rowptr).__name__}", TypeError)
         num_nodes = rowptr.numel() - 1 if num_nodes is None else _num_nodes(op, num_nodes)
         check_csr(op, rowptr, col, num_nodes)
         if edge_weight is not None:

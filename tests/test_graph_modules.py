@@ -198,6 +198,29 @@ def test_against_torch_geometric():
             assert torch.allclose(a, b, atol=1e-10), (name, k)
 
 
+def test_batched_features_over_one_graph():
+    """GCNConv, SAGEConv and GINConv take x (*, num_nodes, features) as PyG's do: each set of
+    features aggregated over the graph alone (the batch was read as nodes before)."""
+    ei = _edge_index()
+    x = torch.randn(2, 3, N, 6, dtype=torch.float64, requires_grad=True)
+    gcn = fastdl.nn.GCNConv(6, 4).double()
+    sage = fastdl.nn.SAGEConv(6, 4).double()
+    gin = fastdl.nn.GINConv(torch.nn.Linear(6, 4).double())
+    for layer in (gcn, sage, gin):
+        out = layer(x, ei)
+        assert out.shape == (2, 3, N, 4)
+        for i, j in ((0, 0), (1, 2)):
+            ref = layer(x[i, j], ei)
+            torch.testing.assert_close(out[i, j], ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(out)
+        (gx,) = torch.autograd.grad(out, x, g)
+        (gx_ref,) = torch.autograd.grad(layer(x[1, 2], ei), x, g[1, 2])
+        torch.testing.assert_close(gx[1, 2], gx_ref[1, 2], rtol=1e-12, atol=1e-12)
+    for layer in (gcn, sage, gin):
+        with pytest.raises(ValueError, match=r"x must be \(\*, num_nodes, features\), got \[30\]"):
+            layer(torch.randn(N, dtype=torch.float64), ei)
+
+
 def test_gat_conv_checks_x():
     # Checked up front: a 3-D x would reach the aggregation with heads times the rows.
     conv = fastdl.nn.GATConv(5, 3, heads=2)

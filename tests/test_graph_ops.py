@@ -349,6 +349,10 @@ def test_bad_csr():
         Graph.from_csr(empty, empty)
     with pytest.raises(TypeError, match=r"from_csr: num_nodes must be an int, got float"):
         Graph.from_csr(torch.tensor([0, 1, 2, 3]), col, 3.0)
+    with pytest.raises(TypeError, match=r"from_csr: rowptr must be a tensor, got list"):
+        Graph.from_csr([0, 1, 2, 3], col)
+    with pytest.raises(TypeError, match=r"from_csr: col must be a tensor, got list"):
+        Graph.from_csr(torch.tensor([0, 1, 2, 3]), [0, 1, 2])
     # The raw ops check a CSR themselves, before any kernel reads memory.
     x = torch.randn(3, 4)
     op = torch.ops.fastdl.spmm_fwd

@@ -4,6 +4,8 @@ Constructor arguments, parameter names and shapes follow their PyTorch Geometric
 a PyG state_dict loads unchanged (``load_state_dict``). Each forward takes ``edge_index`` (2, E)
 or a prebuilt :class:`fastdl.Graph` (which skips the sort into CSR; pass one when the graph
 does not change between calls). Messages flow edge_index[0] -> edge_index[1], as in PyG.
+As PyG's, GCNConv, SAGEConv and GINConv also take x (*, num_nodes, features): one graph for a
+batch of feature sets (the nodes on dim -2); GATConv takes (num_nodes, features) only.
 """
 
 import math
@@ -30,6 +32,26 @@ def _replace_self_loops(g: Graph, x: torch.Tensor, add: bool) -> tuple[Graph, to
     # cannot trace: the loops go to an extra sink node instead, whose features are a zero row.
     sink = x.new_zeros(1, *x.shape[1:])
     return g.self_loops_to_sink(add), torch.cat([x, sink])
+
+
+def _check_nodes(op: str, x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: x must be (*, num_nodes, features), got {got}")
+
+
+def _nodes_first(x: torch.Tensor) -> torch.Tensor:
+    """x (*, N, F) as the (N, B * F) rows the graph ops aggregate (B the product of *): an
+    aggregation treats each feature column alone, so a batch of feature sets over one graph is
+    one set of wider rows."""
+    return x if x.dim() == 2 else x.movedim(-2, 0).reshape(x.size(-2), -1)
+
+
+def _nodes_back(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The aggregation out (N, B * F) of _nodes_first(x) back in x's layout (*, N, F)."""
+    if x.dim() == 2:
+        return out
+    return out.reshape(out.size(0), *x.shape[:-2], -1).movedim(0, -2)
 
 
 def _node_rows(out: torch.Tensor, n: int) -> torch.Tensor:
@@ -93,11 +115,13 @@ class GCNConv(nn.Module):
         return self._cache
 
     def forward(self, x: torch.Tensor, edge_index, edge_weight=None) -> torch.Tensor:
-        n = x.size(0)
+        _check_nodes("fastdl.nn.GCNConv", x)
+        n = x.size(-2)
         g, edge_weight = self._graph(edge_index, n, edge_weight)
-        g, h = _replace_self_loops(g, self.lin(x), add=False)
-        out = F.gcn_aggregate(g, h, edge_weight, improved=self.improved)
-        return _add_bias(_node_rows(out, n), self.bias)
+        h = self.lin(x)
+        g, rows = _replace_self_loops(g, _nodes_first(h), add=False)
+        out = F.gcn_aggregate(g, rows, edge_weight, improved=self.improved)
+        return _add_bias(_nodes_back(_node_rows(out, n), h), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}"
@@ -182,8 +206,9 @@ class SAGEConv(nn.Module):
         self.lin_r = nn.Linear(in_channels, out_channels, bias=False) if root_weight else None
 
     def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
-        g = _graph(edge_index, x.size(0))
-        out = self.lin_l(F.spmm(g, x, reduce=self.aggr))
+        _check_nodes("fastdl.nn.SAGEConv", x)
+        g = _graph(edge_index, x.size(-2))
+        out = self.lin_l(_nodes_back(F.spmm(g, _nodes_first(x), reduce=self.aggr), x))
         return out + self.lin_r(x) if self.lin_r is not None else out
 
     def extra_repr(self) -> str:
@@ -204,5 +229,6 @@ class GINConv(nn.Module):
             self.register_buffer("eps", torch.tensor([eps]))
 
     def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
-        g = _graph(edge_index, x.size(0))
-        return self.nn(F.spmm(g, x) + (1 + self.eps) * x)
+        _check_nodes("fastdl.nn.GINConv", x)
+        g = _graph(edge_index, x.size(-2))
+        return self.nn(_nodes_back(F.spmm(g, _nodes_first(x)), x) + (1 + self.eps) * x)

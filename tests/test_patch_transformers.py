@@ -195,6 +195,61 @@ def test_models_off_sdpa_are_left(name):
     _close(patched(**kwargs).logits, ref(**kwargs).logits)
 
 
+def gemma4():
+    """Gemma 4 with text, vision and audio towers: the audio one is kept off sdpa."""
+    from transformers import (
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4TextConfig,
+        Gemma4VisionConfig,
+    )
+
+    heads = {"num_attention_heads": 2, "head_dim": 16}
+    cfg = Gemma4Config(
+        text_config=Gemma4TextConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_key_value_heads=1, **heads,
+        ),
+        vision_config=Gemma4VisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_key_value_heads=2,
+            **heads,
+        ),
+        audio_config=Gemma4AudioConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            subsampling_conv_channels=[8, 4], output_proj_dims=32,
+        ),
+    )  # fmt: skip
+    audio_eager = {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa"}
+    audio_eager["audio_config"] = "eager"
+    return Gemma4ForConditionalGeneration._from_config(cfg, attn_implementation=audio_eager)
+
+
+def test_sub_model_off_sdpa_keeps_its_attention():
+    """A composite model switches each sub-model on its own config: Gemma 4's text and vision
+    towers to "fastdl", its audio tower (kept off sdpa) left on "eager"; unpatch restores each
+    (it used to set the root's previous "sdpa" on all three, which the audio tower refuses)."""
+    pytest.importorskip("transformers.models.gemma4")
+    torch.manual_seed(0)
+    ref = gemma4().eval()
+    patched = copy.deepcopy(ref)
+    report = fastdl.patch(patched)
+
+    def towers(model):
+        return [
+            getattr(model.config, f"{k}_config")._attn_implementation
+            for k in ("text", "vision", "audio")
+        ]
+
+    assert towers(patched) == ["fastdl", "fastdl", "eager"]
+    assert "_supports_sdpa is False" in {n: why for n, _, why in report.left}["model.audio_tower"]
+    ids = _batch()[0]
+    _close(patched(input_ids=ids).logits, ref(input_ids=ids).logits)
+    fastdl.unpatch(patched)
+    assert towers(patched) == ["sdpa", "sdpa", "eager"]
+    assert patched.config._attn_implementation == "sdpa"
+
+
 def test_model_without_attention_is_not_switched():
     from transformers import ResNetConfig, ResNetModel
 

@@ -148,30 +148,16 @@ register()
 
 @dataclass(frozen=True)
 class _Attention:
-    """What fastdl.unpatch restores: the attention implementation the model had."""
+    """What fastdl.unpatch restores: the attention implementation of each config of the model."""
 
-    previous: str
+    previous: str | dict
 
     def undo(self, model: PreTrainedModel) -> None:
         _set_attention(model, self.previous)
 
 
-def _set_attention(model: PreTrainedModel, implementation: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(implementation)
-    else:  # transformers < 4.50
-        model.config._attn_implementation = implementation
-
-
-def _switch_attention(model: PreTrainedModel) -> None:
-    previous = model.config._attn_implementation
-    _set_attention(model, NAME)
-    model.__dict__[ORIGINAL] = _Attention(previous)
-
-
-def _attention_swap(model: PreTrainedModel) -> Swap | str | None:
-    if getattr(model.config, "_attn_implementation", None) == NAME:
-        return None  # switched already, or a submodel sharing a switched config
+def _takes_fastdl(model: PreTrainedModel) -> str | None:
+    """Why transformers' attention of this (sub-)model cannot be "fastdl", or None."""
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
     if can_set is not None and not can_set():
         return "its attention does not go through transformers' AttentionInterface"
@@ -179,6 +165,63 @@ def _attention_swap(model: PreTrainedModel) -> Swap | str | None:
         # transformers keeps these off "sdpa", whose contract "fastdl" shares: they have no
         # attention, or one that needs more (sinks, softcap, an explicit causal mask).
         return "no attention that transformers runs on sdpa (_supports_sdpa is False)"
+    return None
+
+
+def _config_tree(config, value) -> str | dict:
+    """value(config) for config and each of its sub-configs, in the form set_attn_implementation
+    takes: {"": the config's, sub-config name: its tree}, or one string when all are the same."""
+    tree = {"": value(config)}
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            tree[key] = _config_tree(sub, value)
+
+    def values(t):
+        return {t} if isinstance(t, str) else set().union(*map(values, t.values()))
+
+    return tree[""] if len(values(tree)) == 1 else tree
+
+
+def _set_attention(model: PreTrainedModel, implementation: str | dict) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+        return
+
+    def apply(config, tree):  # transformers < 4.50
+        config._attn_implementation = tree if isinstance(tree, str) else tree[""]
+        for key, sub in () if isinstance(tree, str) else tree.items():
+            if key:
+                apply(getattr(config, key), sub)
+
+    apply(model.config, implementation)
+
+
+def _switch_attention(model: PreTrainedModel) -> None:
+    """ "fastdl" for the model's config and every sub-config whose sub-model takes it; the
+    others (a sub-model transformers keeps off sdpa, as Gemma 4's audio encoder, or a sub-config
+    no sub-model is built on) keep theirs."""
+    owners = {id(m.config): m for m in model.modules() if isinstance(m, PreTrainedModel)}
+
+    def wanted(config):
+        owner = owners.get(id(config))
+        return (
+            NAME
+            if owner is not None and _takes_fastdl(owner) is None
+            else config._attn_implementation
+        )
+
+    previous = _config_tree(model.config, lambda config: config._attn_implementation)
+    _set_attention(model, _config_tree(model.config, wanted))
+    model.__dict__[ORIGINAL] = _Attention(previous)
+
+
+def _attention_swap(model: PreTrainedModel) -> Swap | str | None:
+    if getattr(model.config, "_attn_implementation", None) == NAME:
+        return None  # switched already, or a submodel sharing a switched config
+    problem = _takes_fastdl(model)
+    if problem is not None:
+        return problem
     return Swap("attn_implementation", f"attn_implementation={NAME!r}", _switch_attention)
 
 

@@ -122,6 +122,29 @@ def test_non_contiguous_inputs(backend, kind):
     torch.testing.assert_close(y, y_torch, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", [L, G])
+def test_small_activations_keep_their_precision(backend, kind):
+    """Gates near 0 (inputs ~1e-3, weights ~1e-2): float32 within 2e-6 of the output's scale, as
+    torch's (the Triton tanh once cancelled to a fixed ~6e-8 absolute error: 5e-5 here)."""
+    torch.manual_seed(0)
+    dev = backend.device
+    ref = (torch.nn.LSTM(8, 16) if kind == L else torch.nn.GRU(8, 16)).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(1e-2)
+    x = torch.randn(5, 2, 8, dtype=torch.float64) * 1e-3
+    want = ref(x)[0]
+    fn = fastdl.lstm if kind == L else fastdl.gru
+    params = [p.detach().float().to(dev).requires_grad_() for p in ref._flat_weights]
+    got, _ = fn(x.float().to(dev), None, params)
+    assert (got.cpu().double() - want).abs().max() <= 2e-6 * want.abs().max()
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, list(ref.parameters()), g)
+    got_grads = torch.autograd.grad(got, params, g.float().to(dev))
+    for k, (a, b) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert (a.cpu().double() - b).abs().max() <= 2e-6 * b.abs().max(), k
+
+
 @pytest.mark.parametrize("kind,used", [(L, "y"), (L, "h_n"), (L, "c_n"), (G, "y"), (G, "h_n")])
 def test_gradient_from_one_output(backend, kind, used):
     """A loss on one output only: the others reach the backward op as None, not as zeros, and

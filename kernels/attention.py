@@ -117,6 +117,12 @@ def reduce_grad_mask(full: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return g.reshape(mask.shape).to(mask.dtype)
 
 
+def _side(w: int, sq: int, sk: int) -> int:
+    """A window side for the kernels' int32 index arithmetic: -1 (unbounded) from sq + sk on,
+    which bounds no (query, key) pair of sq x sk (a side near 2^31 would wrap i + side)."""
+    return -1 if w >= sq + sk else w
+
+
 def _rng(p: float, seed: int) -> dict:
     threshold = min(math.floor(p * 2**32), 2**32 - 1)
     s = seed % 2**64
@@ -169,7 +175,7 @@ def attention_fwd(
         q, k, v, out, lse, mask if mask is not None else q, q, q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
         *_mask_strides(mask),
-        hq, hq // hk, sq, sk, d, scale, window_left, window_right,
+        hq, hq // hk, sq, sk, d, scale, _side(window_left, sq, sk), _side(window_right, sq, sk),
         **_rng(dropout_p, seed), offset=offset,
         BOTTOM_RIGHT=bottom_right, HAS_MASK=mask is not None, DROPOUT=dropout_p > 0,
         VARLEN=False, IEEE=q.dtype == torch.float32,
@@ -244,7 +250,7 @@ def attention_bwd(
     mask = additive_mask(op, attn_mask, q, (b, hq, sq, sk))
     want_gm = bool(output_mask[3]) and attn_mask is not None and attn_mask.dtype != torch.bool
     if q.numel() and k.numel():
-        band = (scale, window_left, window_right, bottom_right)
+        band = (scale, _side(window_left, sq, sk), _side(window_right, sq, sk), bottom_right)
         dims = (b, hq, hk, sq, sk, d)
         rng = _rng(dropout_p, seed)
         dq, dk, dv, gm = _backward(
@@ -325,7 +331,7 @@ def varlen_attention_fwd(
         q, k, v, out, lse, q, cq, ck,
         0, q.stride(1), q.stride(0), 0, k.stride(1), k.stride(0), 0, v.stride(1), v.stride(0),
         0, out.stride(1), out.stride(0), 0, lse.stride(0), 0, 0, 0, 0,
-        hq, hq // hk, tq, tk, d, scale, window_left, window_right,
+        hq, hq // hk, tq, tk, d, scale, _side(window_left, tq, tk), _side(window_right, tq, tk),
         **_rng(dropout_p, seed), offset=offset,
         BOTTOM_RIGHT=bottom_right, HAS_MASK=False, DROPOUT=dropout_p > 0, VARLEN=True,
         IEEE=q.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
@@ -360,7 +366,7 @@ def varlen_attention_bwd(
     tk, hk = k.shape[:2]
     n = cq.numel() - 1
     if q.numel() and k.numel() and n:
-        band = (scale, window_left, window_right, bottom_right)
+        band = (scale, _side(window_left, tq, tk), _side(window_right, tq, tk), bottom_right)
         dims = (n, hq, hk, tq, tk, d)
         rng = _rng(dropout_p, seed)
         dq, dk, dv, _ = _backward(

@@ -173,9 +173,19 @@ BANDS = [
     (0, 0, "top_left"),
     (70, -1, "top_left"),
 ]
+# Sides near 2^31, where int32 index arithmetic wraps i + side (the Triton kernels returned zeros
+# or zero key gradients).
+HUGE_BANDS = [
+    (2**31 - 1, 2**31 - 1, "top_left"),
+    (2**31 - 1, 0, "bottom_right"),
+    (3, 2**31 - 25, "top_left"),
+]
+BANDS += HUGE_BANDS
 
 
-@pytest.mark.parametrize("backend,dtype,case", _params(BANDS, BANDS[1:4]), indirect=["backend"])
+@pytest.mark.parametrize(
+    "backend,dtype,case", _params(BANDS, BANDS[1:4] + HUGE_BANDS), indirect=["backend"]
+)
 def test_window_and_alignment(backend, dtype, case):
     left, right, align = case
     for sq, sk in ((40, 300), (300, 40)) if not backend.interpreted else ((7, 19), (19, 7)):

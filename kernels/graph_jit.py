@@ -10,6 +10,8 @@ Per-entry scalars are fp32 (fp64 under the interpreter for float64 inputs).
 import triton
 import triton.language as tl
 
+from .norm_jit import _cast
+
 
 @triton.jit
 def _coef(
@@ -64,7 +66,7 @@ def gather_sum_kernel(
         acc = acc * tl.load(rs + row)
     if HAS_DS:
         acc += tl.load(ds + row) * tl.load(xd + row * F + f, mask=fm, other=0.0).to(acc.dtype)
-    tl.store(out + row * F + f, acc.to(out.dtype.element_ty), mask=fm)
+    tl.store(out + row * F + f, _cast(acc, out), mask=fm)
 
 
 @triton.jit
@@ -82,7 +84,7 @@ def gather_max_kernel(
     BLOCK_F: tl.constexpr,
 ):
     """out[i, f] = max (min) over e of w[e] * x[col e, f], arg the first entry attaining it;
-    empty rows 0 and -1."""
+    empty rows 0 and -1. NaN wins (as torch's amax/amin): the row's first NaN entry."""
     row = tl.program_id(0).to(tl.int64)
     f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     fm = f < F
@@ -99,14 +101,20 @@ def gather_max_kernel(
         xv = tl.load(x + j[:, None] * F + f[None, :], mask=em[:, None] & fm[None, :], other=0.0)
         # Maximize sign * value, so one code path serves max and min.
         v = tl.where(em[:, None], sign * (c[:, None] * xv.to(tl.float32)), float("-inf"))
+        # tl.max drops NaN: the block's first NaN is found apart, and beats all but an earlier one.
+        nan = v != v
+        nan_arg = tl.min(tl.where(nan, e[:, None], e1), axis=0)
+        v = tl.where(nan, float("-inf"), v)
         blk = tl.max(v, axis=0)
         cand = tl.where((v == blk[None, :]) & em[:, None], e[:, None], e1)
         blk_arg = tl.min(cand, axis=0)
-        take = (blk > best) | ((best_arg < 0) & (blk_arg < e1))
-        best = tl.where(take, blk, best)
-        best_arg = tl.where(take, blk_arg, best_arg)
+        had_nan = best != best
+        take = ((blk > best) | ((best_arg < 0) & (blk_arg < e1))) & ~had_nan
+        new_nan = (nan_arg < e1) & ~had_nan
+        best = tl.where(new_nan, float("nan"), tl.where(take, blk, best))
+        best_arg = tl.where(new_nan, nan_arg, tl.where(take, blk_arg, best_arg))
     res = tl.where(best_arg >= 0, sign * best, 0.0)
-    tl.store(out + row * F + f, res.to(out.dtype.element_ty), mask=fm)
+    tl.store(out + row * F + f, _cast(res, out), mask=fm)
     tl.store(arg + row * F + f, best_arg, mask=fm)
 
 
@@ -142,7 +150,7 @@ def gather_max_bwd_kernel(
         a = tl.load(arg + i[:, None] * F + f[None, :], mask=m2, other=-3)
         gv = tl.load(g + i[:, None] * F + f[None, :], mask=m2, other=0.0).to(tl.float32)
         acc += tl.sum(tl.where(a == q[:, None], c[:, None] * gv, 0.0), axis=0)
-    tl.store(out + row * F + f, acc.to(out.dtype.element_ty), mask=fm)
+    tl.store(out + row * F + f, _cast(acc, out), mask=fm)
 
 
 @triton.jit
@@ -267,7 +275,7 @@ def gat_fwd_kernel(
             h + (j[:, None] * H + k) * F + f[None, :], mask=em[:, None] & fm[None, :], other=0.0
         )
         acc += tl.sum(al[:, None] * hv.to(tl.float32), axis=0)
-    tl.store(out + (row * H + k) * F + f, acc.to(out.dtype.element_ty), mask=fm)
+    tl.store(out + (row * H + k) * F + f, _cast(acc, out), mask=fm)
 
 
 @triton.jit
@@ -374,4 +382,4 @@ def gat_bwd_nodes_kernel(
     gd = tl.load(g_dst + row * H + k)
     acc += gsum * tl.load(att_src + k * F + f, mask=fm, other=0.0)
     acc += gd * tl.load(att_dst + k * F + f, mask=fm, other=0.0)
-    tl.store(out + (row * H + k) * F + f, acc.to(out.dtype.element_ty), mask=fm)
+    tl.store(out + (row * H + k) * F + f, _cast(acc, out), mask=fm)

@@ -23,8 +23,9 @@ _RNE_MAGIC = tl.constexpr(12582912.0)
 def _quantize(x, scale):
     y = tl.math.div_rn(x, scale)
     y = (y + _RNE_MAGIC) - _RNE_MAGIC
-    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-    return tl.where(y == y, y, 0.0).to(tl.int8)
+    # NaN to 0 before the clamp: tl.maximum / tl.minimum do not propagate NaN (it became -127).
+    y = tl.where(y == y, y, 0.0)
+    return tl.minimum(tl.maximum(y, -127.0), 127.0).to(tl.int8)
 
 
 @triton.jit

@@ -88,6 +88,35 @@ def test_spmm_hand_computed(backend):
         assert torch.equal(fastdl.spmm(g, x, w, reduce), torch.tensor(table)), reduce
 
 
+def test_spmm_max_min_nan_wins(backend):
+    """NaN wins max and min, as torch's amax/amin: the row's first NaN entry, which takes the
+    gradient (Triton's tl.max dropped it: 5 for [1, nan, 5], 0 for a row of NaN only)."""
+    # node 0 gathers 0, 1, 2 in that order; node 1 gathers 3 and 4 (no NaN)
+    g = Graph.from_edge_index(torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 1]]), 5)
+    nan = float("nan")
+    for col0, first in (([1.0, nan, 5.0], 1), ([nan, 1.0, nan], 0), ([nan, nan, nan], 0)):
+        x = torch.tensor([[c, 2.0] for c in col0] + [[3.0, 4.0], [-1.0, 7.0]], requires_grad=True)
+        for reduce in ("max", "min"):
+            out = fastdl.spmm(g, x, reduce=reduce)
+            assert out[0, 0].isnan(), (col0, reduce)
+            best = {"max": [[2.0], [3.0, 7.0]], "min": [[2.0], [-1.0, 4.0]]}[reduce]
+            assert out[0, 1] == best[0][0] and out[1].tolist() == best[1], (col0, reduce)
+            (grad,) = torch.autograd.grad(out[:, 0], x, torch.ones(5))
+            assert grad[:3, 0].tolist() == [float(i == first) for i in range(3)], (col0, reduce)
+
+
+def test_spmm_bfloat16_rounds_to_nearest(backend):
+    """bfloat16 sums within half an ulp (2^-8 relative, plus the float32 sum's error) of the
+    exact sum: rounded, not truncated (Triton's interpreted cast truncated: 40% of the outputs
+    one ulp low, up to 2^-7)."""
+    n = 50
+    ei = random_graph(n, 300, seed=7)
+    x = torch.randn(n, 32).bfloat16()
+    exact = spmm_ref(ei, n, x.double())
+    out = fastdl.spmm(Graph.from_edge_index(ei, n), x).double()
+    assert ((out - exact).abs() <= exact.abs() * 2**-8 * 1.01 + 1e-6).all()
+
+
 def test_spmm_weight_from_graph_and_unsorted_order(backend):
     n, e = 30, 120
     ei = random_graph(n, e, seed=3)
@@ -178,6 +207,16 @@ def test_gat_aggregate(backend, dtype, case):
         dtype,
         "gat",
     )
+
+
+def test_gat_no_heads(backend):
+    g = Graph.from_edge_index(torch.tensor([[0, 1], [1, 0]]), 2)
+    h = torch.randn(2, 0, 3, requires_grad=True)
+    att = torch.randn(0, 3)
+    out = fastdl.gat_aggregate(g, h, att, att)
+    assert out.shape == (2, 0, 3)
+    (grad,) = torch.autograd.grad(out.sum(), h)
+    assert grad.shape == h.shape
 
 
 def test_gat_isolated_node_and_dropout(backend):

@@ -386,6 +386,35 @@ def test_bad_csr():
         )
 
 
+def test_raw_ops_refuse_wrong_shapes(backend):
+    """The raw backward ops are callable directly: what they are given must have the shapes
+    their kernels index (Triton's sddmm read b with a's width, its backward crashed)."""
+    ops, dev = backend.ops(G), backend.device
+    g = Graph.from_edge_index(torch.tensor([[0, 1], [1, 0]]), 2)
+    rp, col = g.rowptr.to(dev), g.col.to(dev)
+    t = [x.to(dev) for x in g.transpose()]
+
+    def r(*shape):
+        return torch.randn(*shape, device=dev)
+
+    a, no_arg = r(2, 3), torch.empty(0, 0, dtype=torch.long, device=dev)
+    calls = [
+        lambda: ops.sddmm_fwd(rp, col, a, r(2, 5), None, None, None),
+        lambda: ops.sddmm_fwd(rp, col, a, r(1, 3), None, None, None),
+        lambda: ops.sddmm_bwd(r(2), rp, col, a, r(2, 5), *t, [True, True]),
+        lambda: ops.spmm_bwd(r(1, 2), rp, col, None, a, no_arg, *t, "sum", [True, True]),
+        lambda: ops.gcn_bwd(r(1, 3), None, a, r(2), None, *t, 1.0, [True, True]),
+        lambda: ops.gat_bwd(
+            r(2, 1, 4), rp, col, r(2, 1, 3), r(1, 3), r(1, 3), r(2, 1), r(2, 1), r(2, 1), None,
+            *t, 0.2,
+        ),
+    ]  # fmt: skip
+    shape = r"(must have( the)? shape|same number of features|rows but the graph has)"
+    for call in calls:
+        with pytest.raises(RuntimeError, match=shape):
+            call()
+
+
 def test_bad_op_arguments(graph_inputs):
     ei, g = graph_inputs
     x = torch.randn(N, 4)

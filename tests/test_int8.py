@@ -65,6 +65,21 @@ def test_quantize_table(backend):
     assert scale.cpu().tolist() == [1.0, 1.0]
 
 
+def test_quantize_non_finite_rows(backend):
+    """A row with Inf gets an Inf scale and a row with NaN a NaN scale, and their values quantize
+    to 0 (Triton clamped NaN to -127 first), so int8_linear gives NaN as float math would not
+    hide: never a finite or wrong-signed value."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[1.0, inf, -2.0], [1.0, nan, -2.0]], device=backend.device)
+    q, scale = fastdl.quantize_per_token(x)
+    assert q.cpu().tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert scale[0].isinf() and scale[1].isnan()
+    w = torch.tensor([[0, 1, 0]], dtype=torch.int8, device=backend.device)
+    out = fastdl.int8_linear(x[:1] * torch.tensor([0.0, 1.0, 0.0], device=backend.device), w,
+                             torch.ones(1, device=backend.device))  # fmt: skip
+    assert out.isnan().all()
+
+
 def test_quantize_non_contiguous(backend):
     x = torch.randn(40, 9, device=backend.device).t()  # (9, 40), column stride 9
     q, scale = fastdl.quantize_per_token(x)

@@ -487,6 +487,8 @@ std::tuple<at::Tensor, at::Tensor> sddmm_bwd(const at::Tensor& grad_out, const a
   checks::dtype(op, "a", a_, kDtypes);
   const at::Tensor a = features(op, "a", a_, a_);
   const at::Tensor b = features(op, "b", b_, a);
+  TORCH_CHECK(a.size(1) == b.size(1), op, ": a and b must have the same number of features, got ",
+              a.sizes(), " and ", b.sizes());
   const Csr c = csr(op, "", rowptr, col, std::nullopt, a.size(0), 0, a);
   const Csr t = csr(op, "t_", t_rowptr, t_col, t_perm, b.size(0), c.nnz(), a);
   TORCH_CHECK(c.rows() == b.size(0) && t.rows() == a.size(0) && t.nnz() == c.nnz(), op,

@@ -309,6 +309,7 @@ Tensor2 sddmm_bwd(const at::Tensor& grad_out, const at::Tensor& rowptr, const at
   check_dtype(op, "a", a_);
   const c10::cuda::CUDAGuard guard(a_.device());
   const at::Tensor a = features(op, "a", a_, a_), b = features(op, "b", b_, a_);
+  TORCH_CHECK(a.size(1) == b.size(1), op, ": a and b must have the same number of features");
   const Csr c = csr(op, "", rowptr, col, std::nullopt, a.size(0), a);
   const Csr t = csr(op, "t_", t_rowptr, t_col, t_perm, b.size(0), a);
   TORCH_CHECK(c.rows() == b.size(0) && t.rows() == a.size(0) && t.nnz() == c.nnz(), op,

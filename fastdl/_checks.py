@@ -23,6 +23,13 @@ def same_device(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         )
 
 
+def same_dtype(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{op}: {arg} has dtype {t.dtype} but x has dtype {ref.dtype}; they must match"
+        )
+
+
 def same_shape(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
     if t.shape != ref.shape:
         raise RuntimeError(

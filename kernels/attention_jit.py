@@ -15,22 +15,13 @@ import triton.language as tl
 
 from fastdl import _ext
 
+from .norm_jit import _to
+
 # The interpreter's tl.dot mishandles bfloat16 operands (numpy has no bfloat16); there the
 # operands are widened to float32 first, which is exact for bf16/fp16 products, as on the GPU.
 _INTERPRETED = tl.constexpr(_ext.TRITON_INTERPRET)
 
 # ---------------------------------------------------------------- device helpers
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr):
-    # The interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even; rounding
-    # by hand there keeps the CPU runs faithful to the GPU (as kernels/norm_jit.py does).
-    if _INTERPRETED and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit

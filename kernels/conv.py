@@ -127,7 +127,9 @@ def conv2d_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     conv = _conv()
     conv._check_activation(activation)
-    shape = conv.conv2d_out_shape(x, weight, stride, padding, dilation, groups)
+    shape = conv.conv2d_out_shape(
+        x, weight, stride, padding, dilation, groups, dtypes=conv.GPU_DTYPES
+    )
     conv._check_bias(conv.CONV, bias, x, shape[1])
     conv._check_residual(residual, x, shape)
     _require_runnable(conv.CONV, x)
@@ -157,7 +159,9 @@ def conv2d_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     conv = _conv()
     conv._check_activation(activation)
-    shape = conv.conv2d_out_shape(x, weight, stride, padding, dilation, groups)
+    shape = conv.conv2d_out_shape(
+        x, weight, stride, padding, dilation, groups, dtypes=conv.GPU_DTYPES
+    )
     conv._check_residual(grad_out, x, shape)
     _require_runnable(conv.CONV, x)
     fmt = conv.memory_format(x)
@@ -201,7 +205,7 @@ def conv_transpose2d_fwd(
 ) -> torch.Tensor:
     conv = _conv()
     shape = conv.conv_transpose2d_out_shape(
-        x, weight, stride, padding, output_padding, groups, dilation
+        x, weight, stride, padding, output_padding, groups, dilation, dtypes=conv.GPU_DTYPES
     )
     conv._check_bias(conv.CONV_T, bias, x, shape[1])
     _require_runnable(conv.CONV_T, x)
@@ -224,7 +228,7 @@ def conv_transpose2d_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     conv = _conv()
     shape = conv.conv_transpose2d_out_shape(
-        x, weight, stride, padding, output_padding, groups, dilation
+        x, weight, stride, padding, output_padding, groups, dilation, dtypes=conv.GPU_DTYPES
     )
     if tuple(grad_out.shape) != shape:
         raise RuntimeError(

@@ -14,6 +14,8 @@ Geometry in conv2d terms (csrc/common/conv.h): input (N, C, H, W), weight (K, C/
 import triton
 import triton.language as tl
 
+from .norm_jit import _cast
+
 NONE, RELU, SILU, GELU = 0, 1, 2, 3
 
 
@@ -95,8 +97,8 @@ def conv2d_fwd_kernel(
     if HAS_RES:
         acc += tl.load(Res + out_off, mask=mask, other=0.0).to(tl.float32)
     if SAVE_PRE:
-        tl.store(Pre + out_off, acc.to(Pre.dtype.element_ty), mask=mask)
-    tl.store(Y + out_off, _activate(acc, ACT).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Pre + out_off, _cast(acc, Pre), mask=mask)
+    tl.store(Y + out_off, _cast(_activate(acc, ACT), Y), mask=mask)
 
 
 @triton.jit
@@ -146,7 +148,7 @@ def conv2d_dgrad_kernel(
     if HAS_BIAS:
         acc += tl.load(B + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     off = (n * s_dn + h.to(tl.int64) * s_dh + w.to(tl.int64) * s_dw)[:, None] + (c * s_dc)[None, :]
-    tl.store(DX + off, acc.to(DX.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(DX + off, _cast(acc, DX), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -190,7 +192,7 @@ def conv2d_wgrad_kernel(
         b = tl.load(X + x_off[:, None] + (c * s_xc)[None, :], x_ok[:, None] & c_ok[None, :], 0.0)
         acc = _dot(a, b, acc, F32_DOT)
     off = (k * s_wk)[:, None] + (cc.to(tl.int64) * s_wc)[None, :] + r * s_wr + s * s_ws
-    tl.store(DW + off, acc.to(DW.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
+    tl.store(DW + off, _cast(acc, DW), mask=k_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -210,7 +212,7 @@ def channel_sum_kernel(
         mask = (m < N * pq)[:, None] & k_ok[None, :]
         ptr = G + off[:, None] + (k.to(tl.int64) * s_gk)[None, :]
         acc += tl.load(ptr, mask, 0.0).to(tl.float32)
-    tl.store(Out + k, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=k_ok)
+    tl.store(Out + k, _cast(tl.sum(acc, axis=0), Out), mask=k_ok)
 
 
 @triton.jit
@@ -229,4 +231,4 @@ def epilogue_bwd_kernel(GO, Saved, GP, numel, ACT: tl.constexpr, BLOCK: tl.const
     else:
         cdf = 0.5 * (1.0 + tl.erf(v * 0.7071067811865476))
         d = cdf + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
-    tl.store(GP + offs, (go * d).to(GP.dtype.element_ty), mask=mask)
+    tl.store(GP + offs, _cast(go * d, GP), mask=mask)

@@ -28,18 +28,25 @@ def _chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 # The interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even; rounding by
-# hand there keeps the CPU runs of these kernels bit-faithful to the GPU.
+# hand there keeps the CPU runs of the Triton kernels (every family's: they import _to/_cast from
+# here) bit-faithful to the GPU.
 _INTERPRETED = tl.constexpr(_ext.TRITON_INTERPRET)
 
 
 @triton.jit
-def _cast(y, PTR):
-    dtype: tl.constexpr = PTR.dtype.element_ty
+def _to(y, dtype: tl.constexpr):
+    """float32 y in dtype, rounded to nearest even."""
     if _INTERPRETED and dtype == tl.bfloat16:
         bits = y.to(tl.uint32, bitcast=True)
         bits += 0x7FFF + ((bits >> 16) & 1)
         y = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
     return y.to(dtype)
+
+
+@triton.jit
+def _cast(y, PTR):
+    """float32 y in the element type of PTR, to be stored there."""
+    return _to(y, PTR.dtype.element_ty)
 
 
 @triton.jit

@@ -210,6 +210,45 @@ def test_string_padding_and_unbatched(backend, padding, kernel, dilation):
     assert_close(y, expected, torch.float32)
 
 
+def test_bfloat16_rounds_to_nearest(backend):
+    """bfloat16 output and gradients within half an ulp (2^-8 relative) of the exact values, plus
+    the float32 sums' error: rounded, not truncated (Triton's interpreted cast truncated, a bias
+    toward zero of up to one ulp)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6).bfloat16().requires_grad_()
+    w = torch.randn(8, 8, 3, 3).bfloat16().requires_grad_()
+    g = torch.randn(2, 8, 6, 6).bfloat16()
+    y = fastdl.conv2d(x, w, padding=1)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    y64 = torch.nn.functional.conv2d(x64, w64, padding=1)
+    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), g.double())
+    for got, exact in ((y, y64), (gx, gx64), (gw, gw64)):
+        assert got.dtype == torch.bfloat16
+        err = (got.double() - exact.detach()).abs()
+        assert (err <= exact.detach().abs() * 2**-8 * 1.01 + 1e-4).all()
+
+
+def test_triton_backward_under_another_backend():
+    """A Triton forward's backward runs the Triton backward op whatever backend is in force by
+    then, float16 (a dtype of the Triton kernels only, on CPU) included: its checks took the
+    backend in force, and refused float16 under "native"."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float16, device=dev, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float16, device=dev, requires_grad=True)
+    wt = torch.randn(2, 3, 2, 2, dtype=torch.float16, device=dev, requires_grad=True)
+    with fastdl.backend("triton"):
+        y = fastdl.conv2d(x, w, padding=1)
+        yt = fastdl.conv_transpose2d(x, wt, stride=2)
+    with fastdl.backend("native"):
+        grads = torch.autograd.grad(y.float().sum() + yt.float().sum(), (x, w, wt))
+    x32, w32, wt32 = (t.detach().float().requires_grad_() for t in (x, w, wt))
+    ref = torch.nn.functional.conv2d(x32, w32, padding=1).sum()
+    ref = ref + torch.nn.functional.conv_transpose2d(x32, wt32, stride=2).sum()
+    for got, want in zip(grads, torch.autograd.grad(ref, (x32, w32, wt32)), strict=True):
+        torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
+
+
 def test_nan_propagates(backend):
     x = torch.randn(1, 2, 4, 4)
     x[0, 1, 2, 2] = float("nan")

@@ -60,13 +60,10 @@ def _pair(op: str, arg: str, v, minimum: int) -> tuple[int, int]:
     return v
 
 
-def _tensors(op, x, weight, groups, c_w):
-    _checks.dtype(op, "x", x, _dtypes(x))
+def _tensors(op, x, weight, groups, c_w, dtypes):
+    _checks.dtype(op, "x", x, dtypes or _dtypes(x))
     _checks.same_device(op, "weight", weight, x)
-    if weight.dtype != x.dtype:
-        raise TypeError(
-            f"{op}: weight has dtype {weight.dtype} but x has dtype {x.dtype}; they must match"
-        )
+    _checks.same_dtype(op, "weight", weight, x)
     if x.dim() != 4:
         raise RuntimeError(f"{op}: x must be 4-D (N, C, H, W), got shape {list(x.shape)}")
     if weight.dim() != 4 or weight.shape[2] < 1 or weight.shape[3] < 1:
@@ -93,9 +90,11 @@ def _tensors(op, x, weight, groups, c_w):
         )
 
 
-def conv2d_out_shape(x, weight, stride, padding, dilation, groups) -> tuple[int, ...]:
-    """Checks the conv2d arguments and returns the output shape (N, K, P, Q)."""
-    _tensors(CONV, x, weight, groups, 1)
+def conv2d_out_shape(x, weight, stride, padding, dilation, groups, dtypes=None) -> tuple[int, ...]:
+    """Checks the conv2d arguments and returns the output shape (N, K, P, Q). x's dtype must be
+    one of ``dtypes``: by default those of the backend in force (a kernel that runs whatever
+    backend is in force later, as a backward op, passes its own)."""
+    _tensors(CONV, x, weight, groups, 1, dtypes)
     stride = _pair(CONV, "stride", stride, 1)
     padding = _pair(CONV, "padding", padding, 0)
     dilation = _pair(CONV, "dilation", dilation, 1)
@@ -112,10 +111,11 @@ def conv2d_out_shape(x, weight, stride, padding, dilation, groups) -> tuple[int,
 
 
 def conv_transpose2d_out_shape(
-    x, weight, stride, padding, output_padding, groups, dilation
+    x, weight, stride, padding, output_padding, groups, dilation, dtypes=None
 ) -> tuple[int, ...]:
-    """Checks the conv_transpose2d arguments and returns the output shape."""
-    _tensors(CONV_T, x, weight, groups, 0)
+    """Checks the conv_transpose2d arguments and returns the output shape (dtypes as
+    conv2d_out_shape)."""
+    _tensors(CONV_T, x, weight, groups, 0, dtypes)
     stride = _pair(CONV_T, "stride", stride, 1)
     padding = _pair(CONV_T, "padding", padding, 0)
     output_padding = _pair(CONV_T, "output_padding", output_padding, 0)
@@ -147,10 +147,7 @@ def _check_bias(op, bias, x, k):
     _checks.same_device(op, "bias", bias, x)
     if bias.dim() != 1 or bias.shape[0] != k:
         raise RuntimeError(f"{op}: bias must have shape ({k},), got {list(bias.shape)}")
-    if bias.dtype != x.dtype:
-        raise TypeError(
-            f"{op}: bias has dtype {bias.dtype} but x has dtype {x.dtype}; they must match"
-        )
+    _checks.same_dtype(op, "bias", bias, x)
 
 
 def _check_residual(residual, x, shape):
@@ -162,11 +159,7 @@ def _check_residual(residual, x, shape):
             f"{CONV}: residual must have the output's shape {list(shape)}, "
             f"got {list(residual.shape)}"
         )
-    if residual.dtype != x.dtype:
-        raise TypeError(
-            f"{CONV}: residual has dtype {residual.dtype} but x has dtype {x.dtype}; "
-            "they must match"
-        )
+    _checks.same_dtype(CONV, "residual", residual, x)
 
 
 def _check_activation(activation: str) -> None:

@@ -280,6 +280,7 @@ def add_layer_norm(
     op = "fastdl.add_layer_norm"
     _same_device(op, x, residual=residual)
     _checks.same_shape(op, "residual", residual, x)
+    _checks.same_dtype(op, "residual", residual, x)
     n = _affine_norm_args(op, x, normalized_shape, weight, bias, eps)
     return _forward(op, "layer_norm_fwd", x, residual, weight, bias, n, eps)
 
@@ -323,6 +324,7 @@ def add_rms_norm(
     op = "fastdl.add_rms_norm"
     _same_device(op, x, residual=residual)
     _checks.same_shape(op, "residual", residual, x)
+    _checks.same_dtype(op, "residual", residual, x)
     eps = _rms_eps(x, eps)
     n = _affine_norm_args(op, x, normalized_shape, weight, None, eps)
     return _forward(op, "rms_norm_fwd", x, residual, weight, n, eps)

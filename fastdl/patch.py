@@ -121,6 +121,13 @@ def _recognise(module: nn.Module, quantize: bool, integrations) -> Swap | str | 
         if isinstance(module, tuple(TWINS.values())):
             return None  # a fastdl module built directly
         return "subclass of a supported module (its forward may differ)"
+    if cls is nn.TransformerEncoderLayer:
+        # Not a swap of its own: its attention and norms are swapped, but this note says where
+        # they do not run (torch's check for the fast path looks at their weights, not types).
+        return (
+            "in eval mode without autograd torch's fused fast path runs this layer whole, "
+            "not its swapped attention and norms"
+        )
     if cls is nn.Linear and quantize:
         return dtype_problem(module, {"cpu": INT8_DTYPES, "cuda": INT8_DTYPES}) or Swap(
             "Linear", qualname(fnn.Int8Linear), _quantize, in_place=False

@@ -122,6 +122,32 @@ def test_left_modules_and_reasons():
     assert type(root) is nn.Linear and "root" in report.left[0][2]
 
 
+def test_encoder_layer_fast_path_is_reported(monkeypatch):
+    """torch's TransformerEncoderLayer runs its fused fast path in eval mode without autograd,
+    never calling its (swapped) attention: the report says so for each layer."""
+    model = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2, enable_nested_tensor=False
+    )
+    report = fastdl.patch(model)
+    assert {n for n, _, _ in report.swapped} >= {"layers.0.self_attn", "layers.1.norm2"}
+    left = {n: why for n, _, why in report.left}
+    assert set(left) == {"layers.0", "layers.1"} and "fast path" in left["layers.0"]
+    calls, forward = [], fnn.MultiheadAttention.forward
+
+    def spy(self, *args, **kwargs):  # a forward hook would itself turn the fast path off
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(fnn.MultiheadAttention, "forward", spy)
+    x = torch.randn(2, 5, 16)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert not calls  # what the report says
+    model(x)
+    assert calls
+
+
 def test_shared_module_replaced_everywhere():
     shared = nn.Linear(8, 8)
     model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})

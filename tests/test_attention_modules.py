@@ -51,6 +51,8 @@ def test_matches_torch(batch_first, masks):
     exp, _ = ref(q, k, k, **kw)
     assert w is None
     torch.testing.assert_close(out, exp)
+    if not batch_first:  # torch's sequence-first output is contiguous: callers .view() it
+        assert out.is_contiguous()
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, [q, k, *twin.parameters()], g)
     want = torch.autograd.grad(exp, [q, k, *ref.parameters()], g)

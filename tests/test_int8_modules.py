@@ -4,6 +4,7 @@
 fastdl.quantize_model."""
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -131,6 +132,11 @@ def test_state_dict_round_trip(backend):
     fresh.load_state_dict(state)  # repacks the weight
     x = torch.randn(3, 40, device=backend.device)
     assert torch.equal(fresh(x), q(x))
+    # Pickles (torch.save of a whole quantized model): no lambda among its hooks.
+    copy = pickle.loads(pickle.dumps(q))
+    assert torch.equal(copy(x), q(x))
+    copy.load_state_dict(fresh.state_dict())
+    assert torch.equal(copy(x), q(x))
 
 
 def test_empty_and_non_contiguous_input(backend):

@@ -74,5 +74,6 @@ class MultiheadAttention(nn.MultiheadAttention):
             q, k, v, mask, self.dropout if self.training else 0.0,
             is_causal=is_causal and mask is None,
         )  # fmt: skip
-        out = self.out_proj(out.transpose(1, 2).reshape(n, lq, e))
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        # (N, H, L, D) -> rows in the caller's layout, contiguous as torch's output
+        rows = out.transpose(1, 2) if self.batch_first else out.permute(2, 0, 1, 3)
+        return self.out_proj(rows.reshape(*rows.shape[:2], e)), None

@@ -7,6 +7,11 @@ from torch import nn
 from fastdl.ops import int8 as F
 
 
+def _repack(module: "Int8Linear", _keys) -> None:
+    # A load_state_dict post hook at module level, not a lambda: the module must pickle.
+    module.pack()
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights: ``y = x @ (weight * weight_scale[:, None]).T + bias``.
 
@@ -43,7 +48,7 @@ class Int8Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_buffer("weight_packed", None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.pack())
+        self.register_load_state_dict_post_hook(_repack)
         self.pack()
 
     @classmethod

@@ -250,6 +250,18 @@ def test_sub_model_off_sdpa_keeps_its_attention():
     assert patched.config._attn_implementation == "sdpa"
 
 
+def test_config_tree_of_unset_sub_configs():
+    """The per-sub-config form set_attn_implementation takes; a sub-config never given an
+    implementation (None) is a leaf like the others."""
+    from types import SimpleNamespace as NS
+
+    leaf = NS(sub_configs={}, _attn_implementation=None)
+    root = NS(sub_configs={"audio": None, "text": None}, audio=leaf, text=None)
+    root._attn_implementation = "sdpa"
+    assert hf._config_tree(root, lambda c: c._attn_implementation) == {"": "sdpa", "audio": None}
+    assert hf._config_tree(root, lambda c: "eager") == "eager"
+
+
 def test_model_without_attention_is_not_switched():
     from transformers import ResNetConfig, ResNetModel
 

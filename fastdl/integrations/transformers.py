@@ -177,8 +177,8 @@ def _config_tree(config, value) -> str | dict:
         if sub is not None:
             tree[key] = _config_tree(sub, value)
 
-    def values(t):
-        return {t} if isinstance(t, str) else set().union(*map(values, t.values()))
+    def values(t):  # a leaf may be None: a sub-config never given an implementation
+        return set().union(*map(values, t.values())) if isinstance(t, dict) else {t}
 
     return tree[""] if len(values(tree)) == 1 else tree
 
@@ -189,8 +189,8 @@ def _set_attention(model: PreTrainedModel, implementation: str | dict) -> None:
         return
 
     def apply(config, tree):  # transformers < 4.50
-        config._attn_implementation = tree if isinstance(tree, str) else tree[""]
-        for key, sub in () if isinstance(tree, str) else tree.items():
+        config._attn_implementation = tree[""] if isinstance(tree, dict) else tree
+        for key, sub in tree.items() if isinstance(tree, dict) else ():
             if key:
                 apply(getattr(config, key), sub)
 

@@ -30,6 +30,11 @@ def same_dtype(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         )
 
 
+def shape(op: str, arg: str, t: torch.Tensor, want: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(want):
+        raise RuntimeError(f"{op}: {arg} must have shape {list(want)}, got {list(t.shape)}")
+
+
 def same_shape(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
     if t.shape != ref.shape:
         raise RuntimeError(

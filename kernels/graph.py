@@ -39,13 +39,6 @@ def _features(op: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> torch.T
     return t.contiguous()
 
 
-def _shape(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    """What the forward saved or the backward was given must have the sizes the kernels index it
-    with (the raw ops are callable directly)."""
-    if tuple(t.shape) != shape:
-        raise RuntimeError(f"{op}: {name} must have shape {shape}, got {list(t.shape)}")
-
-
 def _csr(op, rowptr, col, num_cols, x):
     for name, t in (("rowptr", rowptr), ("col", col)):
         _checks.same_device(op, name, t, x)
@@ -157,12 +150,12 @@ def spmm_bwd(
     rows, n, f = rowptr.numel() - 1, x.shape[0], x.shape[1]
     t_rowptr, t_col, t_perm = _transpose(op, t_rowptr, t_col, t_perm, rows, col.numel(), x)
     g = _features(op, "grad_out", grad_out, x)
-    _shape(op, "grad_out", g, (rows, f))
+    _checks.shape(op, "grad_out", g, (rows, f))
     w = _edge_scalars(op, "edge_weight", weight, x, col.numel())
     rs = _inv_count(rowptr) if red == "mean" else None
     maxmin = red in ("max", "min")
     if maxmin:
-        _shape(op, "arg", arg, (rows, f))
+        _checks.shape(op, "arg", arg, (rows, f))
     arg = arg.contiguous() if maxmin else None
     grad_x = x.new_empty(n if output_mask[0] else 0, f)
     if output_mask[0] and maxmin and n and f:
@@ -225,8 +218,8 @@ def gcn_bwd(
     x = _features(op, "x", x, x)
     n = x.shape[0]
     g = _features(op, "grad_out", grad_out, x)
-    _shape(op, "grad_out", g, tuple(x.shape))
-    _shape(op, "dinv", dinv, (n,))
+    _checks.shape(op, "grad_out", g, tuple(x.shape))
+    _checks.shape(op, "dinv", dinv, (n,))
     t_rowptr, t_col, t_perm = _transpose(op, t_rowptr, t_col, t_perm, n, t_col.numel(), x)
     w = _edge_scalars(op, "edge_weight", weight, x, t_col.numel())
     dinv = dinv.contiguous()
@@ -250,7 +243,7 @@ def sddmm_fwd(
     _require_runnable(op, a)
     a, b = _features(op, "a", a, a), _features(op, "b", b, a)
     rowptr, col = _csr(op, rowptr, col, a.shape[0], a)
-    _shape(op, "b", b, (rowptr.numel() - 1, a.shape[1]))
+    _checks.shape(op, "b", b, (rowptr.numel() - 1, a.shape[1]))
     out = torch.empty(col.numel(), dtype=torch.float32, device=a.device)
     return _edge_dot(rowptr, col, b, a, None, None, out).to(a.dtype)
 
@@ -265,7 +258,7 @@ def sddmm_bwd(
     _require_runnable(op, a)
     a, b = _features(op, "a", a, a), _features(op, "b", b, a)
     rowptr, col = _csr(op, rowptr, col, a.shape[0], a)
-    _shape(op, "b", b, (rowptr.numel() - 1, a.shape[1]))
+    _checks.shape(op, "b", b, (rowptr.numel() - 1, a.shape[1]))
     nnz = col.numel()
     t_rowptr, t_col, t_perm = _transpose(op, t_rowptr, t_col, t_perm, b.shape[0], nnz, a)
     w = _edge_scalars(op, "grad_out", grad_out, a, nnz)
@@ -335,10 +328,10 @@ def gat_bwd(
     nnz = col.numel()
     t_rowptr, t_col, t_perm = _transpose(op, t_rowptr, t_col, t_perm, n, nnz, h)
     _checks.same_device(op, "grad_out", grad_out, h)
-    _shape(op, "grad_out", grad_out, tuple(h.shape))
-    _shape(op, "alpha", alpha, (nnz, heads))
+    _checks.shape(op, "grad_out", grad_out, tuple(h.shape))
+    _checks.shape(op, "alpha", alpha, (nnz, heads))
     for name, t in (("a_src", a_src), ("a_dst", a_dst)):
-        _shape(op, name, t, (n, heads))
+        _checks.shape(op, name, t, (n, heads))
     g = grad_out.contiguous()
     acc = {"dtype": torch.float32, "device": h.device}
     dz = torch.empty(nnz, heads, **acc)

@@ -22,11 +22,6 @@ MAX_BLOCK = 256
 # ---------------------------------------------------------------- checks (csrc/common/rnn.h)
 
 
-def _shape(op, arg, t, want):
-    if tuple(t.shape) != tuple(want):
-        raise RuntimeError(f"{op}: {arg} must have shape {list(want)}, got {list(t.shape)}")
-
-
 def _like_x(op, arg, t, x):
     _checks.same_device(op, arg, t, x)
     if t.dtype != x.dtype:
@@ -68,19 +63,19 @@ def _check_layer(op, gates, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
                 f"{op}: w_hr must be (proj_size, hidden_size={H}) with 0 < proj_size < "
                 f"hidden_size, got shape {list(w_hr.shape)}"
             )
-    _shape(op, "w_hh", w_hh, (G, P))
+    _checks.shape(op, "w_hh", w_hh, (G, P))
     for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
         if b is not None:
             _like_x(op, name, b, x)
-            _shape(op, name, b, (G,))
-    _shape(op, "h0", h0, (B, P))
+            _checks.shape(op, name, b, (G,))
+    _checks.shape(op, "h0", h0, (B, P))
     if c0 is not None:
         _like_x(op, "c0", c0, x)
-        _shape(op, "c0", c0, (B, H))
+        _checks.shape(op, "c0", c0, (B, H))
     if lengths is not None:
         _checks.same_device(op, "lengths", lengths, x)
         _checks.dtype(op, "lengths", lengths, (torch.int64,))
-        _shape(op, "lengths", lengths, (B,))
+        _checks.shape(op, "lengths", lengths, (B,))
         if B:
             lo, hi = int(lengths.min()), int(lengths.max())
             if lo < 1:

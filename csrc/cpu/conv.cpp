@@ -118,10 +118,16 @@ void transpose_images(const float* src, int64_t N, int64_t rows, int64_t cols, f
   });
 }
 
+// Whether x is float32 NCHW memory (not also channels_last): what the conv kernels' own
+// transposes take, whole (nhwc below) or a block of image rows at a time (WinogradSource).
+bool nchw_float(const at::Tensor& x) {
+  return x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+         !x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // x in compute dtype, NHWC memory ((N, C, H, W) channels_last view).
 at::Tensor nhwc(const at::Tensor& x) {
-  if (x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-      !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+  if (nchw_float(x)) {
     at::Tensor y = new_output(x.sizes(), x.options(), at::MemoryFormat::ChannelsLast);
     transpose_images(x.const_data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3),
                      y.data_ptr<float>());
@@ -315,11 +321,6 @@ struct WinogradSource {
   const float* x;
   bool nchw;
 
-  // Whether x is NCHW memory that the blocks can transpose (else nhwc(x) is the source).
-  static bool takes_nchw(const at::Tensor& x) {
-    return x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-           !x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  }
   // x (NHWC layout) for the tiles of block b and its first image row: the input itself, or the
   // block's rows transposed into slab.
   std::pair<const float*, int64_t> block(const ConvArgs& a, const WinogradBlocks& wb, int64_t b,
@@ -376,7 +377,7 @@ bool winograd_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weig
     for (int64_t i = i0; i < i1; ++i)
       packs[i].pack(false, C, K, u.const_data_ptr<float>() + i * C * K, K);
   });
-  const WinogradSource src{x.const_data_ptr<float>(), WinogradSource::takes_nchw(x)};
+  const WinogradSource src{x.const_data_ptr<float>(), nchw_float(x)};
   const int64_t ldv = skewed(tiles * C), ldm = skewed(tiles * K);
   std::vector<char> direct(blocks, 0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -737,8 +738,7 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
     return;
   }
   // Winograd transposes an NCHW float32 x block by block; the other paths read it NHWC.
-  at::Tensor xn =
-      std::is_same_v<T, float> && p.wino > 0 && WinogradSource::takes_nchw(x) ? x : nhwc(x);
+  at::Tensor xn = std::is_same_v<T, float> && p.wino > 0 && nchw_float(x) ? x : nhwc(x);
   if constexpr (std::is_same_v<T, float>)
     if (winograd_forward(p, xn, weight, e)) return;
   xn = nhwc(xn);
@@ -799,7 +799,7 @@ at::Tensor winograd_weight_grad(const Gemm& p, const at::Tensor& x, const float*
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor partial = new_output({chunks, part}, opts);
   float* partial_data = partial.data_ptr<float>();
-  const WinogradSource src{x.const_data_ptr<float>(), WinogradSource::takes_nchw(x)};
+  const WinogradSource src{x.const_data_ptr<float>(), nchw_float(x)};
   const int64_t ldv = skewed(tiles * C), ldd = skewed(tiles * K);
   std::atomic<bool> finite{true};
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -941,7 +941,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(
       });
     });
   }
-  const at::Tensor xn = !mask[1] ? at::Tensor() : WinogradSource::takes_nchw(x) ? x : nhwc(x);
+  const at::Tensor xn = !mask[1] ? at::Tensor() : nchw_float(x) ? x : nhwc(x);
   ConvGrads r = conv_grads(g, xn, gpre, weight, fmt, x.scalar_type(), mask[0], mask[1], mask[2]);
   at::Tensor gp = mask[3] ? as_output(gpre, x.scalar_type(), fmt) : at::Tensor();
   return {or_empty(r.input, x), or_empty(r.weight, x), or_empty(r.bias, x), or_empty(gp, x)};

@@ -1,26 +1,26 @@
 // CPU implementations of the conv ops (schemas in csrc/ops.cpp): checks (csrc/common/conv.h),
-// layouts, blocking and threading, and the GEMMs. The kernels around the GEMMs (im2col, col2im,
-// the fused epilogue, the direct depthwise conv) are in csrc/cpu/conv_kernels.h, compiled per
-// ISA.
+// layouts, blocking and threading, the plan of the GEMMs and the implicit GEMM itself. The
+// kernels around the GEMMs (im2col, col2im, the fused epilogue, the direct depthwise conv, the
+// Winograd transforms) are in csrc/cpu/conv_kernels.h, compiled per ISA; what the files of the
+// family share is in csrc/cpu/conv.h.
 //
 // Every conv is an implicit GEMM on NHWC activations (conv_params.h): rows m = output pixels,
 // cut into blocks whose im2col panel fits in L2 (at least kMinRows rows for deep layers), each
 // block's GEMM run by cpu/gemm.h (fastdl's own for float32) and its epilogue applied while the
-// block is in cache. NCHW inputs are read once into
-// NHWC; 1x1 stride-1 convs need no im2col (the NHWC input already is the GEMM operand). The
-// backward reuses the same blocks: grad_weight = col^T * grad_pre, grad_input = col2im(grad_pre *
-// wmat^T). Small images, where over a quarter of the (pixel, tap) pairs read padding, run one GEMM
-// per tap on the pixels that read the image instead (TapBlocks), and stride-1 3x3 convs with
-// enough pixels Winograd (conv_winograd.h). conv_transpose2d is the adjoint conv2d
-// (common/conv.h), so its forward is the conv2d input gradient.
+// block is in cache. NCHW inputs are read once into NHWC; 1x1 stride-1 convs need no im2col (the
+// NHWC input already is the GEMM operand). The backward reuses the same blocks: grad_weight =
+// col^T * grad_pre, grad_input = col2im(grad_pre * wmat^T). Small images, where over a quarter of
+// the (pixel, tap) pairs read padding, run one GEMM per tap on the pixels that read the image
+// instead (conv_taps.cpp), and stride-1 3x3 convs with enough pixels Winograd
+// (conv_winograd.cpp). conv_transpose2d is the adjoint conv2d (common/conv.h), so its forward is
+// the conv2d input gradient.
 //
 // bfloat16 is computed in float32 (converted at the edges). Determinism: the weight/bias
 // gradient sums run over chunks of blocks fixed by the shapes alone, merged in a fixed order, so
 // results are bit-identical from run to run and for any number of threads.
 #include <algorithm>
-#include <cstdlib>
 #include <array>
-#include <atomic>
+#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <string_view>
@@ -34,11 +34,11 @@
 
 #include "common/conv.h"
 #include "common/isa.h"
-#include "cpu/conv_params.h"
+#include "cpu/conv.h"
 #include "cpu/gemm.h"
 #include "cpu/output.h"
 
-namespace fastdl::cpu {
+namespace fastdl::cpu::conv_impl {
 namespace {
 
 constexpr const char* kConv = "fastdl.conv2d";
@@ -46,59 +46,20 @@ constexpr const char* kConvT = "fastdl.conv_transpose2d";
 constexpr std::initializer_list<c10::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kBFloat16};
 // Bytes of one block's im2col panel: it stays in L2 between im2col, GEMM and epilogue.
 constexpr int64_t kPanelBytes = int64_t{256} << 10;
-// Rows of a block's GEMM when the panel would hold fewer than kDeepRows (deep layers: many
-// channels, few pixels). Below that the GEMMs re-read the whole weight, and in the weight
-// gradient read and write the whole partial gradient, for a handful of rows each: bound by
-// memory instead of the FMAs (512 channels 3x3 took 14 rows a block, 2.6x torch's backward).
-constexpr int64_t kDeepRows = 64, kMinRows = 256;
-// Winograd F(m x m, 3x3) (cpu/conv_winograd.h) for float32 stride-1 undilated ungrouped 3x3
+// Winograd F(m x m, 3x3) (conv_winograd.cpp) for float32 stride-1 undilated ungrouped 3x3
 // convs with at least kWinogradMinCK channel pairs (fewer leave its GEMMs too little depth and
 // width) and a transformed weight ((m + 2)^2 C K floats) no larger than the transformed input and
 // output ((m + 2)^2 tiles (C + K)): on Zen 4, 256 channels on 32 images of 8x8 (equal sizes for
 // m = 4) ran in 10 ms against 14 ms direct, 512 channels on 4x4 (m = 4: 1/8 the size) in 40-55
 // against 15, and its forward + backward with m = 2 (1/2) in 62 against 44.
-// A block holds at least kWinogradMinTiles tiles (rows of the GEMMs) and otherwise as many as
-// keep its transformed input and products ((m + 2)^2 x tiles x (C + K) floats) within
-// kWinogradBlockBytes of L2.
-constexpr int64_t kWinogradMinCK = 16 * 16, kWinogradMinTiles = 24;
-constexpr int64_t kWinogradBlockBytes = int64_t{512} << 10;
-// Tiles of a weight-gradient block: the depth of its GEMMs V^T dM, each of which reads and
-// rewrites a C x K partial (24 tiles left 256 channels on 8x8 at 0.55x torch; bound by those
-// passes, not the FMAs).
-constexpr int64_t kWinogradGradTiles = 256;
+constexpr int64_t kWinogradMinCK = 16 * 16;
 // Small images (deep layers): a 3x3 window with padding 1 on a 4x4 image reads padding at 31% of
 // its taps, whose zeros im2col writes and the GEMMs multiply. When at most kTapsMaxValid of the
 // taps read the image, the GEMMs run per tap instead, on just the rows whose tap lies inside it
-// (conv_taps below): 512 channels on 32 images of 4x4 (ResNet-18's last stage on 32x32 inputs)
+// (conv_taps.cpp): 512 channels on 32 images of 4x4 (ResNet-18's last stage on 32x32 inputs)
 // ran forward in 10 ms against 14, forward + backward in 36-39 against 48. At 84% (3x3 stride 2
 // from 8x8 to 4x4) it measured no faster.
 constexpr double kTapsMaxValid = 0.75;
-// Their blocks hold about kMinRows rows, in at least kTapBlocks blocks when there are as many
-// images (a batch of 16 on 2x2 would otherwise be one block, for one thread).
-constexpr int64_t kTapBlocks = 2;
-// Input channels of a weight-gradient GEMM of the taps (its B, packed per call).
-constexpr int64_t kTapWgradCols = 256;
-// Most partial sums of the weight gradient (chunks of blocks), and their total memory.
-constexpr int64_t kMaxChunks = 16;
-constexpr int64_t kPartialBytes = int64_t{64} << 20;
-
-const ConvKernels& kernels() {
-  switch (cpu_isa()) {
-#if defined(__x86_64__)
-    case Isa::kAvx512:
-      return conv_kernels_avx512();
-    case Isa::kAvx2:
-      return conv_kernels_avx2();
-#endif
-    default:
-      return conv_kernels_scalar();
-  }
-}
-
-template <typename T>
-constexpr int dt() {
-  return std::is_same_v<T, double> ? kConvF64 : kConvF32;
-}
 
 at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -118,14 +79,26 @@ void transpose_images(const float* src, int64_t N, int64_t rows, int64_t cols, f
   });
 }
 
-// Whether x is float32 NCHW memory (not also channels_last): what the conv kernels' own
-// transposes take, whole (nhwc below) or a block of image rows at a time (WinogradSource).
+}  // namespace
+
+const ConvKernels& kernels() {
+  switch (cpu_isa()) {
+#if defined(__x86_64__)
+    case Isa::kAvx512:
+      return conv_kernels_avx512();
+    case Isa::kAvx2:
+      return conv_kernels_avx2();
+#endif
+    default:
+      return conv_kernels_scalar();
+  }
+}
+
 bool nchw_float(const at::Tensor& x) {
   return x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
          !x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// x in compute dtype, NHWC memory ((N, C, H, W) channels_last view).
 at::Tensor nhwc(const at::Tensor& x) {
   if (nchw_float(x)) {
     at::Tensor y = new_output(x.sizes(), x.options(), at::MemoryFormat::ChannelsLast);
@@ -135,6 +108,8 @@ at::Tensor nhwc(const at::Tensor& x) {
   }
   return as_output(x, compute_type(x), at::MemoryFormat::ChannelsLast);
 }
+
+namespace {
 
 // t ((N, C, H, W), dense channels_last) in `fmt` and `dtype`.
 at::Tensor from_channels_last(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype) {
@@ -160,38 +135,7 @@ int64_t winograd_setting() {
   }();
   return m;
 }
-
-struct Gemm {
-  ConvArgs a;
-  int64_t M, j, cg, kg, rows, blocks;
-  bool direct;   // 1x1, stride 1, no padding, P x Q = H x W: the NHWC input is the GEMM operand
-  int64_t wino;  // the forward runs Winograd F(wino x wino, 3x3); 0: the implicit GEMM
-  bool taps;     // where Winograd does not run, the GEMMs run per tap (conv_taps below)
-};
-
-// Output positions [first, second) along one axis whose tap t reads inside the input (o * stride
-// - pad + t * dil in [0, size)).
-std::pair<int64_t, int64_t> tap_range(int64_t out, int64_t size, int64_t stride, int64_t pad,
-                                      int64_t dil, int64_t t) {
-  const int64_t off = t * dil - pad;  // input position o * stride + off
-  const int64_t lo = off >= 0 ? 0 : (-off + stride - 1) / stride;
-  const int64_t hi = size - 1 - off < 0 ? 0 : (size - 1 - off) / stride + 1;
-  return {std::min(lo, out), std::clamp(hi, std::min(lo, out), out)};
-}
-
-// The fraction of a conv's (output pixel, tap) pairs whose tap reads inside the input.
-double valid_taps(const conv::ConvGeom& g) {
-  int64_t rows = 0, cols = 0;
-  for (int64_t r = 0; r < g.R; ++r) {
-    const auto [lo, hi] = tap_range(g.P, g.H, g.stride_h, g.pad_h, g.dil_h, r);
-    rows += hi - lo;
-  }
-  for (int64_t s = 0; s < g.S; ++s) {
-    const auto [lo, hi] = tap_range(g.Q, g.W, g.stride_w, g.pad_w, g.dil_w, s);
-    cols += hi - lo;
-  }
-  return double(rows) * double(cols) / double(std::max<int64_t>(1, g.R * g.S * g.P * g.Q));
-}
+}  // namespace
 
 Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem,
           const at::Tensor& weight) {
@@ -252,6 +196,12 @@ void forward_rows(const Gemm& p, const T* x, const T* wmat, const ConvEpilogue& 
     kernels().epilogue[dt<T>()](p.a, eb, m0, mb, g);
   }
 }
+template void forward_rows<float>(const Gemm&, const float*, const float*, const ConvEpilogue&,
+                                  int64_t, int64_t, float*);
+template void forward_rows<double>(const Gemm&, const double*, const double*, const ConvEpilogue&,
+                                   int64_t, int64_t, double*);
+
+namespace {
 
 template <typename T>
 void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
@@ -262,158 +212,6 @@ void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
     for (int64_t b = b0; b < b1; ++b)
       forward_rows<T>(p, x, wmat, eb, b * p.rows, std::min(p.rows, p.M - b * p.rows), col.data());
   });
-}
-
-// The kernel tables' index of tile size m.
-int winograd_index(int64_t m) {
-  return m == 4 ? kWinograd4 : kWinograd2;
-}
-
-// The distance, in floats, to give consecutive arrays of n floats (the points of a block's
-// transformed tiles): whole cache lines, an odd number of them, so that the 16 or 36 arrays a
-// transform reads or writes at once start in different cache sets (n * 4 bytes is often a
-// multiple of 2-4 KiB, which would put them all in a few sets of the 8-way L1).
-int64_t skewed(int64_t n) {
-  constexpr int64_t kLine = 64 / sizeof(float);
-  const int64_t lines = (n + kLine - 1) / kLine;
-  return (lines | 1) * kLine;
-}
-
-// The tiles of a Winograd conv (m = p.wino) cut into blocks of whole tile rows: tile row r is
-// (image r / th, row of tiles r % th), tiles run along it, and `per` tile rows make a block. The
-// output rows of a block are one contiguous range.
-struct WinogradBlocks {
-  int64_t m, points, tile, th, tw, per, tile_rows, blocks;
-
-  // Blocks of about `tiles` tiles (at least one tile row).
-  WinogradBlocks(const Gemm& p, int64_t tiles)
-      : m(p.wino),
-        points((m + 2) * (m + 2)),
-        tile(winograd_index(m)),
-        th((p.a.P + m - 1) / m),
-        tw((p.a.Q + m - 1) / m),
-        per(std::max<int64_t>(1, tiles / tw)),
-        tile_rows(p.a.N * th),
-        blocks((tile_rows + per - 1) / per) {}
-  int64_t t0(int64_t b) const { return b * per * tw; }
-  int64_t nt(int64_t b) const { return (std::min(tile_rows, (b + 1) * per) - b * per) * tw; }
-  // Output rows [first, last) of block b.
-  std::pair<int64_t, int64_t> rows(const ConvArgs& a, int64_t b) const {
-    const auto first = [&](int64_t r) { return (r / th * a.P + std::min(a.P, r % th * m)) * a.Q; };
-    return {first(b * per), first(std::min(tile_rows, (b + 1) * per))};
-  }
-  // The image rows [first, last) (row n * H + h) that the tiles of block b read: one range, as a
-  // block that ends an image reads it to its last row and the next image's first tiles read
-  // from row 0.
-  std::pair<int64_t, int64_t> input_rows(const ConvArgs& a, int64_t b) const {
-    const int64_t r0 = b * per, r1 = std::min(tile_rows, (b + 1) * per) - 1;
-    const auto row = [&](int64_t r, int64_t off) {
-      return r / th * a.H + std::clamp(r % th * m - a.pad_h + off, int64_t{0}, a.H);
-    };
-    return {row(r0, 0), std::max(row(r0, 0), row(r1, m + 2))};
-  }
-};
-
-// The input of a Winograd conv: NHWC memory, or NCHW float32 memory (`nchw`) from which each
-// block transposes the image rows its tiles read into an NHWC slab that stays in L2, instead of
-// the whole input into an NHWC copy in memory first (a pass over memory less for NCHW inputs).
-struct WinogradSource {
-  const float* x;
-  bool nchw;
-
-  // x (NHWC layout) for the tiles of block b and its first image row: the input itself, or the
-  // block's rows transposed into slab.
-  std::pair<const float*, int64_t> block(const ConvArgs& a, const WinogradBlocks& wb, int64_t b,
-                                         std::vector<float>& slab) const {
-    if (!nchw) return {x, 0};
-    const auto [g0, g1] = wb.input_rows(a, b);
-    slab.resize((g1 - g0) * a.W * a.C);
-    for (int64_t n = g0 / a.H; n * a.H < g1; ++n) {
-      const int64_t h0 = std::max(g0, n * a.H) - n * a.H,
-                    h1 = std::min(g1, (n + 1) * a.H) - n * a.H;
-      kernels().transpose[kConvF32](x + (n * a.C * a.H + h0) * a.W, a.H * a.W,
-                                    slab.data() + (n * a.H + h0 - g0) * a.W * a.C, a.C, a.C,
-                                    (h1 - h0) * a.W);
-    }
-    return {slab.data(), g0};
-  }
-};
-
-// U ((m + 2)^2, C, K) = G g G^T for every (output, input) channel pair of w (K, C, 3, 3);
-// undefined when a weight is not finite.
-at::Tensor winograd_weight(const at::Tensor& w, int64_t m) {
-  const int64_t K = w.size(0), C = w.size(1);
-  const at::Tensor wt = w.to(at::kFloat).permute({1, 2, 3, 0}).contiguous();  // (C, 3, 3, K)
-  at::Tensor u = new_output({(m + 2) * (m + 2), C, K}, wt.options());
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-    if (!kernels().winograd_weight[winograd_index(m)](wt.const_data_ptr<float>(), C, K, c0, c1,
-                                                      u.data_ptr<float>()))
-      finite = false;
-  });
-  return finite ? u : at::Tensor();
-}
-
-// out = epilogue(conv(x, weight)) by Winograd F(m x m, 3x3), m = p.wino, on blocks of whole tile
-// rows (their output rows are one contiguous range): the block's input transform, (m + 2)^2
-// GEMMs (tiles x C) x (C x K) against U packed once, the output transform into the rows and the
-// epilogue, all while the block is in L2. x is float32, NHWC or NCHW memory (WinogradSource).
-// Blocks with a non-finite input run the direct path afterwards (NaN and Inf stay where torch's
-// conv puts them). False, with nothing written, when Winograd does not apply or the weight is
-// not finite.
-bool winograd_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
-                      ConvEpilogue e) {
-  if (p.wino == 0) return false;
-  const at::Tensor u = winograd_weight(weight, p.wino);
-  if (!u.defined()) return false;
-  const ConvArgs& a = p.a;
-  const ConvKernels& kr = kernels();
-  const int64_t C = a.C, K = a.K, points = (p.wino + 2) * (p.wino + 2);
-  const WinogradBlocks wb(
-      p, std::max(kWinogradMinTiles, kWinogradBlockBytes / (points * 4 * (C + K))));
-  const int64_t blocks = wb.blocks, wt = wb.tile, tiles = wb.per * wb.tw;
-  std::vector<PackedB<float>> packs(points);
-  at::parallel_for(0, points, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      packs[i].pack(false, C, K, u.const_data_ptr<float>() + i * C * K, K);
-  });
-  const WinogradSource src{x.const_data_ptr<float>(), nchw_float(x)};
-  const int64_t ldv = skewed(tiles * C), ldm = skewed(tiles * K);
-  std::vector<char> direct(blocks, 0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> v(points * ldv), prod(points * ldm), slab;
-    std::vector<float> acc(wb.per * wb.m * a.Q * K);
-    ConvEpilogue eb = e;
-    eb.acc = acc.data();
-    for (int64_t b = b0; b < b1; ++b) {
-      const auto [m0, m1] = wb.rows(a, b);
-      const int64_t t0 = wb.t0(b), nt = wb.nt(b);
-      const auto [xb, row0] = src.block(a, wb, b, slab);
-      if (!kr.winograd_input[wt](a, xb, row0, t0, nt, v.data(), ldv)) {
-        direct[b] = 1;
-        continue;
-      }
-      for (int64_t i = 0; i < points; ++i)
-        packs[i].gemm(false, nt, K, C, v.data() + i * ldv, C, 0.f, prod.data() + i * ldm, K);
-      kr.winograd_output[wt](a, prod.data(), ldm, t0, nt, m0, acc.data());
-      kr.epilogue[kConvF32](a, eb, m0, m1 - m0, 0);
-    }
-  });
-  if (std::find(direct.begin(), direct.end(), 1) == direct.end()) return true;
-  const at::Tensor xn = nhwc(x);
-  const at::Tensor wm = weight_matrix(weight, p, at::kFloat);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> col(p.rows * p.j), acc(p.rows * K);
-    ConvEpilogue eb = e;
-    eb.acc = acc.data();
-    for (int64_t b = b0; b < b1; ++b) {
-      const auto [m0, m1] = wb.rows(a, b);
-      for (int64_t i = m0; direct[b] && i < m1; i += p.rows)
-        forward_rows<float>(p, xn.const_data_ptr<float>(), wm.const_data_ptr<float>(), eb, i,
-                            std::min(p.rows, m1 - i), col.data());
-    }
-  });
-  return true;
 }
 
 // grad_x (N, H, W, C), zero-filled, += the input gradient of gpre (M, K).
@@ -452,27 +250,6 @@ void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
   });
 }
 
-// Sums chunks partial sums of part elements each, element by element in chunk order (so the
-// result does not depend on the thread count), and hands sum i to put(i, sum).
-template <typename T, typename Put>
-void sum_chunks(const T* partial, int64_t chunks, int64_t part, Put put) {
-  at::parallel_for(0, part, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      T s = T(0);
-      for (int64_t c = 0; c < chunks; ++c) s += partial[c * part + i];
-      put(i, s);
-    }
-  });
-}
-
-// This thread's scratch buffer `slot`, at least n elements (kept for its later calls).
-template <typename T>
-T* scratch(int slot, int64_t n) {
-  thread_local std::vector<T> buf[3];
-  if (buf[slot].size() < static_cast<size_t>(n)) buf[slot].resize(n);
-  return buf[slot].data();
-}
-
 // gw (K, R, S, C/G) = (col^T gpre)^T and gb (K) = column sums of gpre (either may be null).
 template <typename T>
 void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
@@ -509,188 +286,6 @@ void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
     if (i < wsize && gw != nullptr) gw[i] = s;
     if (i >= wsize && gb != nullptr) gb[i - wsize] = s;
   });
-}
-
-// The conv per tap (p.taps): for tap t = (r, s) the output pixels whose tap reads inside the
-// input, a rectangle of every image (tap_range), gathered into rows for GEMMs of depth C (K in
-// the input gradient) against the tap's slice of wmat^T ((K, R, S, C): p.a.crs is false). Blocks
-// of whole images, about kMinRows rows each, so that a block's scatters stay inside it.
-class TapBlocks {
- public:
-  explicit TapBlocks(const ConvArgs& a)
-      : a_(a),
-        pq_(a.P * a.Q),
-        per_(std::max<int64_t>(1, std::min(kMinRows / std::max<int64_t>(pq_, 1),
-                                           (a.N + kTapBlocks - 1) / kTapBlocks))) {
-    for (int64_t r = 0; r < a.R; ++r)
-      for (int64_t s = 0; s < a.S; ++s) {
-        const auto [p0, p1] = tap_range(a.P, a.H, a.stride_h, a.pad_h, a.dil_h, r);
-        const auto [q0, q1] = tap_range(a.Q, a.W, a.stride_w, a.pad_w, a.dil_w, s);
-        range_.push_back({r, s, p0, p1, q0, q1});
-      }
-  }
-  int64_t taps() const { return a_.R * a_.S; }
-  int64_t blocks() const { return (a_.N + per_ - 1) / per_; }
-  int64_t max_rows() const { return per_ * pq_; }
-  // Block b's images [first, second).
-  std::pair<int64_t, int64_t> images(int64_t b) const {
-    return {b * per_, std::min(a_.N, (b + 1) * per_)};
-  }
-  // Output pixels of tap t in `images` images, and of all taps.
-  int64_t rows(int64_t t, int64_t images) const {
-    const auto& g = range_[t];
-    return images * (g[3] - g[2]) * (g[5] - g[4]);
-  }
-  int64_t rows_all(int64_t images) const {
-    int64_t n = 0;
-    for (int64_t t = 0; t < taps(); ++t) n += rows(t, images);
-    return n;
-  }
-  // f(i, out, in) for the i-th output pixel of tap t in images [n0, n1): out its NHWC row in the
-  // output, in the input's row its tap reads.
-  template <typename F>
-  void visit(int64_t t, int64_t n0, int64_t n1, F f) const {
-    const auto& [r, s, p0, p1, q0, q1] = range_[t];
-    const ConvArgs& a = a_;
-    int64_t i = 0;
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t in = (n * a.H + p * a.stride_h - a.pad_h + r * a.dil_h) * a.W;
-        for (int64_t q = q0; q < q1; ++q, ++i)
-          f(i, (n * a.P + p) * a.Q + q, in + q * a.stride_w - a.pad_w + s * a.dil_w);
-      }
-  }
-
- private:
-  const ConvArgs& a_;
-  int64_t pq_, per_;
-  std::vector<std::array<int64_t, 6>> range_;  // per tap: r, s, p0, p1, q0, q1
-};
-
-template <typename T>
-void add_row(const T* src, int64_t n, T* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-}
-
-// Tap t's slice of wmat^T packed as op(B) of every block's GEMMs: (C x K), or transposed for the
-// input gradient.
-template <typename T>
-std::vector<PackedB<T>> pack_taps(const Gemm& p, const T* wmat, bool transposed) {
-  const int64_t taps = p.a.R * p.a.S, C = p.a.C, K = p.a.K;
-  std::vector<PackedB<T>> w(taps);
-  at::parallel_for(0, taps, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      w[t].pack(!transposed, transposed ? K : C, transposed ? C : K, wmat + t * C, p.j);
-  });
-  return w;
-}
-
-// For each tap over images [n0, n1): dst's rows += src's rows, gathered, x the tap's w. Forward
-// (adjoint false): src (width ks) is read at the input pixels the taps read and dst (width kd)
-// at their output pixels, less row0; the input gradient (adjoint true) the other way round.
-// rows and prod: tb.max_rows() x ks and x kd of scratch.
-template <typename T>
-void tap_products(const TapBlocks& tb, const std::vector<PackedB<T>>& w, bool adjoint, int64_t n0,
-                  int64_t n1, const T* src, int64_t ks, T* dst, int64_t kd, int64_t row0, T* rows,
-                  T* prod) {
-  for (int64_t t = 0; t < tb.taps(); ++t) {
-    const int64_t n = tb.rows(t, n1 - n0);
-    if (n == 0) continue;
-    tb.visit(t, n0, n1, [&](int64_t i, int64_t out, int64_t in) {
-      std::copy_n(src + (adjoint ? out : in) * ks, ks, rows + i * ks);
-    });
-    w[t].gemm(false, n, kd, ks, rows, ks, T(0), prod, kd);
-    tb.visit(t, n0, n1, [&](int64_t i, int64_t out, int64_t in) {
-      add_row(prod + i * kd, kd, dst + ((adjoint ? in : out) - row0) * kd);
-    });
-  }
-}
-
-// out = epilogue(conv(x, wmat)) per tap: the block's sums add up in acc, then its epilogue.
-template <typename T>
-void taps_forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
-  const ConvArgs& a = p.a;
-  const int64_t C = a.C, K = a.K, pq = a.P * a.Q;
-  const TapBlocks tb(a);
-  const std::vector<PackedB<T>> w = pack_taps(p, wmat, false);
-  at::parallel_for(0, tb.blocks(), 1, [&](int64_t b0, int64_t b1) {
-    T* rows = scratch<T>(0, tb.max_rows() * C);
-    T* prod = scratch<T>(1, tb.max_rows() * K);
-    T* acc = scratch<T>(2, tb.max_rows() * K);
-    ConvEpilogue eb = e;
-    eb.acc = acc;
-    for (int64_t b = b0; b < b1; ++b) {
-      const auto [n0, n1] = tb.images(b);
-      std::fill_n(acc, (n1 - n0) * pq * K, T(0));
-      tap_products(tb, w, false, n0, n1, x, C, acc, K, n0 * pq, rows, prod);
-      kernels().epilogue[dt<T>()](a, eb, n0 * pq, (n1 - n0) * pq, 0);
-    }
-  });
-}
-
-// grad_x (N, H, W, C), zero-filled, += the input gradient of gpre (M, K), per tap.
-template <typename T>
-void taps_input_grad(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
-  const int64_t C = p.a.C, K = p.a.K;
-  const TapBlocks tb(p.a);
-  const std::vector<PackedB<T>> w = pack_taps(p, wmat, true);
-  at::parallel_for(0, tb.blocks(), 1, [&](int64_t b0, int64_t b1) {
-    T* rows = scratch<T>(0, tb.max_rows() * K);
-    T* prod = scratch<T>(1, tb.max_rows() * C);
-    for (int64_t b = b0; b < b1; ++b) {
-      const auto [n0, n1] = tb.images(b);
-      tap_products(tb, w, true, n0, n1, gpre, K, gx, C, 0, rows, prod);
-    }
-  });
-}
-
-// backward_params per tap: tap t's (K, C) slice of gw (K, R, S, C) = gpre's rows^T x's rows, over
-// all the tap's pixels of a group of images at once (gathered first), one GEMM per tap and slice
-// of input channels. Each element is one GEMM's sum, its groups added in order: no partial sums
-// to add up, and the results do not depend on the thread count. (Per block of rows, a batch of
-// 16 on 2x2 images gave GEMMs of 8-32 rows, each a pass over the tap's slice of a partial.)
-template <typename T>
-void taps_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
-  const ConvArgs& a = p.a;
-  const int64_t C = a.C, K = a.K;
-  if (gb != nullptr)
-    at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
-      std::fill(gb + k0, gb + k1, T(0));
-      for (int64_t m = 0; m < p.M; ++m) add_row(gpre + m * K + k0, k1 - k0, gb + k0);
-    });
-  if (gw == nullptr) return;
-  const TapBlocks tb(a);
-  const int64_t taps = tb.taps(), per_image = tb.rows_all(1);
-  const int64_t group = std::clamp<int64_t>(
-      kPartialBytes / std::max<int64_t>(1, per_image * (C + K) * int64_t(sizeof(T))), 1, a.N);
-  const int64_t slices = (C + kTapWgradCols - 1) / kTapWgradCols;
-  std::vector<T> xs(group * per_image * C), gs(group * per_image * K);
-  std::vector<int64_t> first(taps + 1, 0);
-  for (int64_t n0 = 0; n0 < a.N; n0 += group) {
-    const int64_t n1 = std::min(a.N, n0 + group);
-    for (int64_t t = 0; t < taps; ++t) first[t + 1] = first[t] + tb.rows(t, n1 - n0);
-    at::parallel_for(0, taps, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        tb.visit(t, n0, n1, [&](int64_t i, int64_t out, int64_t in) {
-          std::copy_n(x + in * C, C, xs.data() + (first[t] + i) * C);
-          std::copy_n(gpre + out * K, K, gs.data() + (first[t] + i) * K);
-        });
-    });
-    at::parallel_for(0, taps * slices, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t t = i / slices, c0 = i % slices * kTapWgradCols;
-        const int64_t c1 = std::min(C, c0 + kTapWgradCols), n = first[t + 1] - first[t];
-        T* dst = gw + t * C + c0;
-        if (n == 0) {  // no pixel reads inside the input through this tap
-          for (int64_t k = 0; n0 == 0 && k < K; ++k)
-            std::fill(dst + k * p.j, dst + k * p.j + c1 - c0, T(0));
-          continue;
-        }
-        gemm<T>(true, false, K, c1 - c0, n, gs.data() + first[t] * K, K,
-                xs.data() + first[t] * C + c0, C, T(n0 == 0 ? 0 : 1), dst, p.j);
-      }
-    });
-  }
 }
 
 // (N, H, W, C) NHWC buffer -> (N, C, H, W) in `fmt` and `dtype`.
@@ -774,84 +369,11 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
 }
 
 // Parameter and input gradients of the conv2d whose input is xn (NHWC memory, or NCHW float32
-// that Winograd reads block by block: WinogradSource) and whose pre-activation gradient is
+// that Winograd reads block by block: conv_winograd.cpp) and whose pre-activation gradient is
 // gpre (M, K) row-major. Masked-off results stay undefined.
 struct ConvGrads {
   at::Tensor input, weight, bias;
 };
-
-// The weight gradient (K, C, 3, 3) of a conv whose forward Winograd runs, by the adjoint of that
-// forward: per block of tile rows (kWinogradGradTiles tiles), the input transform V of x and the
-// adjoint output transform dM of gpre (N, P, Q, K), then dU[i] += V[i]^T dM[i] for each of the
-// (m + 2)^2 points into a partial per chunk of blocks (chunks fixed by the shapes: the sums are
-// bit-identical for any thread count), the partials summed in order and the adjoint weight
-// transform G^T dU G. Undefined when Winograd does not apply or an input is not finite (the
-// direct path then puts NaN and Inf where torch's conv does).
-at::Tensor winograd_weight_grad(const Gemm& p, const at::Tensor& x, const float* gpre) {
-  if (p.wino == 0) return {};
-  const ConvArgs& a = p.a;
-  const ConvKernels& kr = kernels();
-  const WinogradBlocks wb(p, kWinogradGradTiles);
-  const int64_t C = a.C, K = a.K, points = wb.points, wt = wb.tile, blocks = wb.blocks;
-  const int64_t tiles = wb.per * wb.tw, part = points * C * K;
-  const int64_t chunks =
-      std::max<int64_t>(1, std::min({blocks, kMaxChunks, kPartialBytes / (part * 4)}));
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor partial = new_output({chunks, part}, opts);
-  float* partial_data = partial.data_ptr<float>();
-  const WinogradSource src{x.const_data_ptr<float>(), nchw_float(x)};
-  const int64_t ldv = skewed(tiles * C), ldd = skewed(tiles * K);
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> v(points * ldv), dm(points * ldd), slab;
-    for (int64_t c = c0; c < c1; ++c) {
-      float* du = partial_data + c * part;
-      const int64_t first = c * blocks / chunks;
-      for (int64_t b = first; b < (c + 1) * blocks / chunks && finite; ++b) {
-        const int64_t t0 = wb.t0(b), nt = wb.nt(b);
-        const auto [xb, row0] = src.block(a, wb, b, slab);
-        if (!kr.winograd_input[wt](a, xb, row0, t0, nt, v.data(), ldv) ||
-            !kr.winograd_grad_output[wt](a, gpre, t0, nt, dm.data(), ldd)) {
-          finite = false;
-          break;
-        }
-        for (int64_t i = 0; i < points; ++i)
-          gemm<float>(true, false, C, K, nt, v.data() + i * ldv, C, dm.data() + i * ldd, K,
-                      b == first ? 0.f : 1.f, du + i * C * K, K);
-      }
-    }
-  });
-  if (!finite) return {};
-  at::Tensor du = new_output({points, C, K}, opts);
-  float* dup = du.data_ptr<float>();
-  sum_chunks(partial.const_data_ptr<float>(), chunks, part,
-             [&](int64_t i, float s) { dup[i] = s; });
-  at::Tensor dw = new_output({C, 3, 3, K}, opts);
-  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-    kr.winograd_grad_weight[wt](du.const_data_ptr<float>(), C, K, c0, c1, dw.data_ptr<float>());
-  });
-  return dw.permute({3, 0, 1, 2});
-}
-
-// The input gradient of a conv whose forward Winograd runs, by Winograd too: the forward of the
-// adjoint conv (gpre (N, P, Q, K) with the weight flipped and transposed, padding 2 - pad) into
-// (N, C, H, W) channels_last. Undefined when Winograd does not apply (padding over 2 included).
-at::Tensor winograd_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
-                               const at::Tensor& weight) {
-  conv::ConvGeom adj = g;
-  std::swap(adj.C, adj.K);
-  std::tie(adj.H, adj.W, adj.P, adj.Q) = std::make_tuple(g.P, g.Q, g.H, g.W);
-  adj.pad_h = g.R - 1 - g.pad_h;
-  adj.pad_w = g.S - 1 - g.pad_w;
-  if (gpre.scalar_type() != at::kFloat || adj.pad_h < 0 || adj.pad_w < 0 || g.N * g.H * g.W == 0)
-    return {};
-  at::Tensor gx = new_output({g.N, g.C, g.H, g.W}, gpre.options(), at::MemoryFormat::ChannelsLast);
-  const Gemm p = plan(adj, 0, gx, sizeof(float), at::Tensor());  // the weight only sets crs
-  if (p.wino == 0) return {};  // before flipping the weight (a pass over it)
-  const at::Tensor w = weight.flip({2, 3}).transpose(0, 1);
-  const ConvEpilogue e{nullptr, nullptr, nullptr, gx.data_ptr<float>(), nullptr};
-  return winograd_forward(p, gpre, w, e) ? gx : at::Tensor();
-}
 
 ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Tensor& gpre,
                      const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype,
@@ -999,4 +521,4 @@ TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
   m.impl("conv_transpose2d_bwd", &conv_transpose2d_bwd);
 }
 
-}  // namespace fastdl::cpu
+}  // namespace fastdl::cpu::conv_impl

@@ -1,0 +1,95 @@
+// What the CPU files of the conv family share (as csrc/cuda/conv.cuh for the CUDA ones): the plan
+// of a conv's GEMMs, the layout helpers and the entry points of each path. conv.cpp holds the ops,
+// the plan and the implicit GEMM; conv_winograd.cpp the Winograd drivers (their transforms are
+// kernels: conv_winograd.h, compiled per ISA); conv_taps.cpp the GEMMs per tap for small images.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "common/conv.h"
+#include "cpu/conv_params.h"
+
+namespace fastdl::cpu::conv_impl {
+
+// Rows of a block's GEMM when the panel would hold fewer than kDeepRows (deep layers: many
+// channels, few pixels). Below that the GEMMs re-read the whole weight, and in the weight
+// gradient read and write the whole partial gradient, for a handful of rows each: bound by
+// memory instead of the FMAs (512 channels 3x3 took 14 rows a block, 2.6x torch's backward).
+constexpr int64_t kDeepRows = 64, kMinRows = 256;
+// Most partial sums of the weight gradient (chunks of blocks), and their total memory.
+constexpr int64_t kMaxChunks = 16;
+constexpr int64_t kPartialBytes = int64_t{64} << 20;
+
+struct Gemm {
+  ConvArgs a;
+  int64_t M, j, cg, kg, rows, blocks;
+  bool direct;   // 1x1, stride 1, no padding, P x Q = H x W: the NHWC input is the GEMM operand
+  int64_t wino;  // the forward runs Winograd F(wino x wino, 3x3); 0: the implicit GEMM
+  bool taps;     // where Winograd does not run, the GEMMs run per tap (conv_taps.cpp)
+};
+
+// The conv kernels of the ISA this CPU runs.
+const ConvKernels& kernels();
+
+// The kernel tables' dtype index of T.
+template <typename T>
+constexpr int dt() {
+  return std::is_same_v<T, double> ? kConvF64 : kConvF32;
+}
+
+// Whether x is float32 NCHW memory (not also channels_last): what the conv kernels' own
+// transposes take, whole (nhwc) or a block of image rows at a time (conv_winograd.cpp).
+bool nchw_float(const at::Tensor& x);
+
+// x in compute dtype, NHWC memory ((N, C, H, W) channels_last view).
+at::Tensor nhwc(const at::Tensor& x);
+
+// The GEMMs of the conv g with activation `act`, writing through out_like's strides (when
+// defined), elements of `elem` bytes; the weight (when defined) picks its matrix layout.
+Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem,
+          const at::Tensor& weight);
+
+// The GEMM operand wmat^T[k, j] of p in dtype ct (see conv.cpp).
+at::Tensor weight_matrix(const at::Tensor& w, const Gemm& p, at::ScalarType ct);
+
+// Rows [m0, m0 + mb) of out = epilogue(conv(x, wmat)) by the implicit GEMM (conv.cpp).
+template <typename T>
+void forward_rows(const Gemm& p, const T* x, const T* wmat, const ConvEpilogue& eb, int64_t m0,
+                  int64_t mb, T* col);
+
+// Sums chunks partial sums of part elements each, element by element in chunk order (so the
+// result does not depend on the thread count), and hands sum i to put(i, sum).
+template <typename T, typename Put>
+void sum_chunks(const T* partial, int64_t chunks, int64_t part, Put put) {
+  at::parallel_for(0, part, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T s = T(0);
+      for (int64_t c = 0; c < chunks; ++c) s += partial[c * part + i];
+      put(i, s);
+    }
+  });
+}
+
+// conv_winograd.cpp: the forward, weight gradient and input gradient by Winograd F(m x m, 3x3),
+// m = p.wino. Each returns false / an undefined tensor, having written nothing, when Winograd
+// does not apply (or, for the gradients, an input is not finite).
+bool winograd_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight, ConvEpilogue e);
+at::Tensor winograd_weight_grad(const Gemm& p, const at::Tensor& x, const float* gpre);
+at::Tensor winograd_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
+                               const at::Tensor& weight);
+
+// conv_taps.cpp: the fraction of g's (output pixel, tap) pairs whose tap reads inside the input
+// (plan runs the GEMMs per tap at or below kTapsMaxValid), and the three products per tap.
+double valid_taps(const conv::ConvGeom& g);
+template <typename T>
+void taps_forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e);
+template <typename T>
+void taps_input_grad(const Gemm& p, const T* gpre, const T* wmat, T* gx);
+template <typename T>
+void taps_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb);
+
+}  // namespace fastdl::cpu::conv_impl

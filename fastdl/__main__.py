@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, CPU ISA, backends")
     t = sub.add_parser("train", help="train a model of fastdl.models beside its torch twin")
     t.add_argument("model", help=f"a model name (python -m fastdl models; groups {GROUPS})")
-    t.add_argument("--steps", type=_positive, default=100)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--steps", type=_steps, default=100, help="training steps (default 100)")
+    t.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     t.add_argument("--no-twin", action="store_true", help="train the fastdl model alone")
     t.add_argument("--plot", help="PNG of the loss curve (default train-<model>.png)")
     sub.add_parser("models", help="list the models of fastdl.models")
@@ -101,25 +101,48 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in models.items():
             print(f"{name:20s} {spec.group:10s} {spec.task}")
         return 0
+    # Every argument is checked before training starts (an unwritable plot would otherwise
+    # fail only after the last step), each refusal by the train command's own usage.
     if args.model not in models:
-        parser.error(f"unknown model {args.model!r}; choose from {', '.join(models)}")
+        t.error(f"unknown model {args.model!r}; choose from {', '.join(models)}")
     import torch
 
     try:
-        torch.empty(0, device=args.device)
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        parser.error(f"--device {args.device!r} is not usable here: {e}")
-    if args.plot and not args.plot.endswith(".png"):
-        parser.error(f"--plot must name a .png file, got {args.plot!r}")
-    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
-        parser.error(f"--plot: the folder of {args.plot!r} does not exist")
+        t.error(f"--device {args.device!r} is not usable here: {e}")
+    if device.type not in ("cpu", "cuda"):
+        t.error(f"--device must be a cpu or cuda device, got {args.device!r}")
+    plot = args.plot or f"train-{args.model}.png"
+    if not plot.endswith(".png"):
+        t.error(f"--plot must name a .png file, got {plot!r}")
+    if (reason := _unwritable(plot)) is not None:
+        t.error(f"--plot: cannot write {plot!r}: {reason}")
     return train(models[args.model], args)
 
 
-def _positive(text: str) -> int:
-    n = int(text)
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written, or None: tried by opening it for appending (a file that
+    did not exist is removed again)."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        return e.strerror
+    if not existed:
+        os.remove(path)
+    return None
+
+
+def _steps(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number of steps, got {n}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
     return n
 
 

@@ -162,6 +162,25 @@ def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return parents
 
 
+def name_list(fn: str, arg: str, names) -> list[str] | None:
+    """An include/exclude argument as a list of strings (one string is a list of one: matched
+    whole, not character by character)."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        return [names]
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(
+        isinstance(n, str) for n in names
+    ):
+        raise TypeError(f"{fn}: {arg} must be a list of strings, got {names!r}")
+    return list(names)
+
+
+def check_module(fn: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: expects an nn.Module, got {type(model).__name__}")
+
+
 def patch(
     model: nn.Module,
     include: list[str] | None = None,
@@ -184,6 +203,9 @@ def patch(
     ``"GCNConv"``, ``"Linear"``; the attention setting is ``"attn_implementation"``).
     Patching twice swaps nothing more. Returns a :class:`PatchReport`; :func:`unpatch` reverts.
     """
+    check_module("fastdl.patch", model)
+    include = name_list("fastdl.patch", "include", include)
+    exclude = name_list("fastdl.patch", "exclude", exclude)
     quantize = quantize or (include is not None and "Linear" in include)
     report = PatchReport()
     integrations = _integrations()

@@ -172,6 +172,32 @@ def test_quantize_model_report():
     assert "swapped 1.0" in str(report)
 
 
+def test_quantize_model_arguments():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    # A string is one prefix, not a list of characters ('e' would match "encoder" too).
+    model = Pair()
+    report = fastdl.quantize_model(model, exclude="decoder")
+    assert [s[0] for s in report.swapped] == ["encoder"] and type(model.decoder) is nn.Linear
+    assert [s[0] for s in fastdl.quantize_model(Pair(), include="decoder").swapped] == ["decoder"]
+    with pytest.raises(TypeError, match=r"fastdl.quantize_model: include must be a list of str"):
+        fastdl.quantize_model(Pair(), include=3)
+    with pytest.raises(TypeError, match=r"fastdl.quantize_model: expects an nn.Module, got None"):
+        fastdl.quantize_model(None)
+    # The swapped layers keep the model's mode; a layer with NaN weights is left, with the reason.
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).eval()
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    report = fastdl.quantize_model(model)
+    assert isinstance(model[0], Int8Linear) and not model[0].training
+    assert [(n, why) for n, _, why in report.left] == [("1", "weight holds NaN or Inf")]
+    with pytest.raises(ValueError, match=r"Int8Linear.from_float: the weight holds NaN or Inf"):
+        Int8Linear.from_float(model[1])
+
+
 def test_quantize_model_tied_and_float64_layers():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).double())
     model.tied = model[0]  # one layer under two names: one twin, under both

@@ -61,16 +61,22 @@ def test_train_command_refuses_an_inference_only_model_and_an_unknown_name(tmp_p
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--steps", "0"], "must be a positive number of steps"),
+        (["--steps", "0"], "--steps: must be a positive integer, got 0"),
+        (["--steps", "abc"], "--steps: must be a positive integer, got 'abc'"),
         (["--device", "bogus"], "--device 'bogus' is not usable"),
+        (["--device", "meta"], "--device must be a cpu or cuda device, got 'meta'"),
         (["--plot", "curve.svg"], "must name a .png file"),
-        (["--plot", "no/such/dir/x.png"], "does not exist"),
+        (["--plot", "no/such/dir/x.png"], "cannot write 'no/such/dir/x.png'"),
+        (["--plot", "folder.png"], "cannot write 'folder.png': Is a directory"),
     ],
-    ids=["steps", "device", "plot_suffix", "plot_dir"],
+    ids=["steps", "steps_text", "device", "device_meta", "plot_suffix", "plot_dir", "plot_folder"],
 )
-def test_train_command_refuses_bad_options(tmp_path, args, message):
+def test_train_command_refuses_bad_options_before_training(tmp_path, args, message):
+    (tmp_path / "folder.png").mkdir()
     run = _fastdl("train", SMALL, *args, cwd=tmp_path)
+    # The train command's own usage, and no step run (no progress bar).
     assert run.returncode == 2 and message in run.stderr
+    assert "usage: python -m fastdl train" in run.stderr and "step/s" not in run.stderr
 
 
 def test_train_loop_runs_the_same_batches_through_model_and_twin():

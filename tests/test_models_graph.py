@@ -117,6 +117,16 @@ def test_bad_input(name):
         model(x[:, :15], edge_index)
     with pytest.raises(ValueError, match=rf"{label}: edge_index must be \(2, E\)"):
         model(x, edge_index[0])
+    with pytest.raises(TypeError, match=rf"{label}: x must have the model's dtype torch.float32"):
+        model(x.double(), edge_index)
+
+
+def test_bad_constructor_arguments():
+    for cls in (G.GCN, G.GAT):
+        with pytest.raises(ValueError, match=rf"^{cls.__name__}: dropout must be in \[0, 1\]"):
+            cls(4, 3, 2, dropout=1.5)
+    with pytest.raises(ValueError, match=r"^GAT: heads must be at least 1, got 0"):
+        G.GAT(4, 3, 2, heads=0)
 
 
 def test_community_graph():

@@ -268,6 +268,16 @@ def test_bad_constructor_arguments():
             ValueError, match=rf"^{label}: heads \(4\) must be a positive divisor of d_model \(30\)"
         ):
             cls(**kwargs)
+    for cls, kwargs, label in (
+        (sequence.GPT, dict(SMALL["gpt"], d_model=257, heads=1), "GPT"),
+        (sequence.Transformer, dict(SMALL["transformer"], d_model=514, heads=2), "Transformer"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{label}: d_model / heads = 257 is above .* 256"):
+            cls(**kwargs)
+    with pytest.raises(ValueError, match=r"^GPT: layers and context must be at least 1"):
+        sequence.GPT(**dict(SMALL["gpt"], context=0))
+    with pytest.raises(ValueError, match=r"^Transformer: max_len must be at least 1, got 0"):
+        sequence.Transformer(**dict(SMALL["transformer"], max_len=0))
     vocab = SMALL["transformer"]["src_vocab"]
     for pad in (vocab, -1):
         with pytest.raises(
@@ -290,3 +300,18 @@ def test_generate_step_counts(name, arg):
     for steps in (-1, 2.0):
         with pytest.raises(ValueError, match=rf"^{label}: {arg} must be an int >= 0, got {steps}"):
             model.generate(src, steps, *extra)
+    if name != "gpt":  # a start token that is not an int id
+        for start in (1.0, True):
+            with pytest.raises(ValueError, match=rf"^{label}: start must be an int token id"):
+                model.generate(src, 2, start)
+
+
+def test_transformer_generates_up_to_max_len_tokens():
+    """The last of max_len steps decodes a prefix of max_len tokens: allowed (the reversal task's
+    targets are max_len tokens long, <eos> last); one more is refused."""
+    model, _ = pair("transformer")
+    (src, *_), _ = small_batch("transformer", torch.Generator().manual_seed(3))
+    n = model.max_len
+    assert model.generate(src, n).shape == (BATCH, n)
+    with pytest.raises(ValueError, match=rf"^Transformer: steps must be at most max_len {n}"):
+        model.generate(src, n + 1)

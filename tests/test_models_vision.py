@@ -227,7 +227,7 @@ BAD = [
     (V.ResNet18(10, "imagenet", 8), [(2, 3, 16, 16)], r"ResNet18: x must be .*H, W >= 32"),
     (V.DCGANGenerator(8, 8), [(2, 7)], r"DCGANGenerator: z must be \(N, 8\)"),
     (V.DCGANDiscriminator(8), [(2, 3, 64, 64)], r"DCGANDiscriminator: x must be \(N, 3, 32, 32\)"),
-    (V.DCGAN(8, 8), [(2, 8), (2, 1, 32, 32)], r"DCGAN: x must be \(N, 3, 32, 32\)"),
+    (V.DCGAN(8, 8), [(2, 8), (2, 1, 32, 32)], r"DCGAN: real must be \(N, 3, 32, 32\)"),
     (
         V.ConvAutoencoder(8, 4),
         [(2, 3, 28, 28)],
@@ -244,13 +244,46 @@ def test_bad_input(model, shapes, match):
         model(*(torch.randn(s) for s in shapes))
 
 
+@pytest.mark.parametrize(
+    "model, inputs, name",
+    [
+        (V.ResNet18(10, "cifar", 8), [torch.zeros(2, 3, 32, 32, dtype=torch.uint8)], "x"),
+        (V.DCGANGenerator(8, 8), [torch.zeros(2, 8, dtype=torch.float64)], "z"),
+        (
+            V.DCGAN(8, 8),
+            [torch.zeros(2, 8), torch.zeros(2, 3, 32, 32, dtype=torch.bfloat16)],
+            "real",
+        ),
+        (V.ViT(32, 8, 10, 32, 2, 2), [torch.zeros(2, 3, 32, 32, dtype=torch.float64)], "x"),
+        (V.VAE(8, 8), [torch.zeros(2, 3, 32, 32), torch.zeros(2, 8, dtype=torch.float64)], "eps"),
+    ],
+    ids=["resnet_uint8", "generator_f64", "dcgan_bf16", "vit_f64", "vae_eps_f64"],
+)
+def test_input_of_another_dtype_names_model_and_argument(model, inputs, name):
+    label = type(model).__name__
+    with pytest.raises(TypeError, match=rf"^{label}: {name} must have the model's dtype"):
+        model(*inputs)
+
+
 def test_vit_bad_constructor_arguments():
-    with pytest.raises(ValueError, match=r"ViT: size \(30\) must be a multiple of patch \(4\)"):
+    with pytest.raises(ValueError, match=r"ViT: size \(30\) must be a positive multiple of patch"):
         V.ViT(30, 4)
+    with pytest.raises(ValueError, match=r"ViT: size \(4\) must be a positive multiple of patch"):
+        V.ViT(4, 0)
     with pytest.raises(
         ValueError, match=r"ViT: heads \(4\) must be a positive divisor of dim \(30\)"
     ):
         V.ViT(32, 8, 10, 30, 2, 4)
+    # Heads above the attention kernels' size limit: refused when built, not at the first call.
+    with pytest.raises(ValueError, match=r"ViT: dim / heads = 257 is above .* limit of 256"):
+        V.ViT(4, 2, dim=257, heads=1)
+
+
+def test_vit_without_blocks_matches_twin():
+    model, twin = V.ViT(8, 4, 2, dim=8, depth=0, heads=2), T.ViT(8, 4, 2, dim=8, depth=0, heads=2)
+    twin.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), twin(x))
 
 
 def test_non_tensor_input():

@@ -84,6 +84,11 @@ def test_every_supported_class_swapped_same_results(training):
     assert all(p is params[n] for n, p in model.named_parameters())
     report = fastdl.patch(model, include=["LayerNorm"])
     assert [s[0] for s in report.swapped] == ["ln"] and len(report.left) == len(names) - 1
+    fastdl.unpatch(model)
+    # One class name as a string is a list of one, not of its characters.
+    assert [s[0] for s in fastdl.patch(model, include="LayerNorm").swapped] == ["ln"]
+    with pytest.raises(TypeError, match=r"fastdl.patch: exclude must be a list of strings"):
+        fastdl.patch(model, exclude=[nn.LayerNorm])
 
 
 def test_linear_quantized_only_when_asked():

@@ -16,7 +16,7 @@ from torch import nn
 
 from fastdl import nn as fnn
 from fastdl.graph import Graph
-from fastdl.models.spec import ModelSpec
+from fastdl.models.spec import ModelSpec, check_dtype
 from fastdl.models.twins import graph as twins
 
 
@@ -74,6 +74,12 @@ class CachedGraph:
         return self.graph
 
 
+def check_dropout(model: str, p: float) -> None:
+    # F.dropout would check it only at the first training step.
+    if not 0 <= p <= 1:
+        raise ValueError(f"{model}: dropout must be in [0, 1], got {p}")
+
+
 class GCN(nn.Module):
     """Two-layer graph convolutional network (Kipf & Welling, 2017):
     ``A' relu(A' x W1 + b1) W2 + b2`` with ``A' = D^-1/2 (A + I) D^-1/2``, dropout on the hidden
@@ -82,6 +88,7 @@ class GCN(nn.Module):
 
     def __init__(self, in_channels: int, hidden: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
+        check_dropout("GCN", dropout)
         self.in_channels, self.dropout = in_channels, dropout
         self.conv1 = fnn.GCNConv(in_channels, hidden)
         self.conv2 = fnn.GCNConv(hidden, num_classes)
@@ -89,6 +96,7 @@ class GCN(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
         g = self.graph(x, edge_index, self.in_channels)
+        check_dtype(self, "x", x)
         h = F.relu(self.conv1(x, g))
         h = F.dropout(h, self.dropout, self.training)
         return self.conv2(h, g)
@@ -109,6 +117,9 @@ class GAT(nn.Module):
         dropout: float = 0.5,
     ):
         super().__init__()
+        check_dropout("GAT", dropout)
+        if heads < 1:
+            raise ValueError(f"GAT: heads must be at least 1, got {heads}")
         self.in_channels, self.dropout = in_channels, dropout
         self.conv1 = fnn.GATConv(in_channels, hidden, heads)
         self.conv2 = fnn.GATConv(hidden * heads, num_classes, 1, concat=False)
@@ -116,6 +127,7 @@ class GAT(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
         g = self.graph(x, edge_index, self.in_channels)
+        check_dtype(self, "x", x)
         x = F.dropout(x, self.dropout, self.training)
         h = F.elu(self.conv1(x, g))
         h = F.dropout(h, self.dropout, self.training)

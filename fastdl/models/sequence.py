@@ -20,7 +20,7 @@ from torch import nn
 
 import fastdl
 from fastdl.models import corpus
-from fastdl.models.spec import ModelSpec
+from fastdl.models.spec import ModelSpec, check_heads
 from fastdl.models.twins import sequence as twins
 
 
@@ -56,6 +56,8 @@ def check_tokens(
 
 
 def check_start(model: str, start: int, vocab: int) -> None:
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise ValueError(f"{model}: start must be an int token id, got {start!r}")
     if not 0 <= start < vocab:
         raise ValueError(f"{model}: start token {start} is outside [0, {vocab})")
 
@@ -65,14 +67,6 @@ def check_steps(model: str, name: str, steps: int) -> None:
     silently)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"{model}: {name} must be an int >= 0, got {steps!r}")
-
-
-def check_heads(model: str, d_model: int, heads: int) -> None:
-    # Here rather than in Attention, whose message would name a submodule, not the model.
-    if heads < 1 or d_model % heads:
-        raise ValueError(
-            f"{model}: heads ({heads}) must be a positive divisor of d_model ({d_model})"
-        )
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm):
@@ -155,9 +149,9 @@ class GPT(nn.Module):
 
     def __init__(self, vocab_size: int, context: int, d_model: int, heads: int, layers: int):
         super().__init__()
-        if layers < 1:
-            raise ValueError(f"GPT: layers must be at least 1, got {layers}")
-        check_heads("GPT", d_model, heads)
+        if layers < 1 or context < 1:
+            raise ValueError(f"GPT: layers and context must be at least 1, got {layers}, {context}")
+        check_heads("GPT", "d_model", d_model, heads)
         self.vocab_size, self.context = vocab_size, context
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(context, d_model)
@@ -252,7 +246,9 @@ class Transformer(nn.Module):
         pad_id: int = corpus.PAD,
     ):
         super().__init__()
-        check_heads("Transformer", d_model, heads)
+        check_heads("Transformer", "d_model", d_model, heads)
+        if max_len < 1:
+            raise ValueError(f"Transformer: max_len must be at least 1, got {max_len}")
         # pad_id marks source padding, so it must be a source token id.
         if not 0 <= pad_id < src_vocab:
             raise ValueError(f"Transformer: pad_id {pad_id} is outside [0, src_vocab={src_vocab})")
@@ -302,9 +298,9 @@ class Transformer(nn.Module):
         check_tokens("Transformer", "src", src, self.src_vocab, self.max_len)
         check_start("Transformer", start, self.tgt_vocab)
         check_steps("Transformer", "steps", steps)
-        if steps >= self.max_len:
+        if steps > self.max_len:  # the last step decodes a prefix of `steps` tokens
             raise ValueError(
-                f"Transformer: steps must be below max_len {self.max_len}, got {steps}"
+                f"Transformer: steps must be at most max_len {self.max_len}, got {steps}"
             )
         memory, keep = self._encode(src)
         tgt = torch.full((src.shape[0], 1), start, device=src.device)

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastdl.ops.attention import MAX_HEAD_DIM
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -31,3 +33,25 @@ class ModelSpec:
     loss: Callable[[Any, Any], torch.Tensor]
     lr: float = 1e-3
     train: bool = True
+
+
+def check_heads(model: str, name: str, width: int, heads: int) -> None:
+    """heads must divide the model width ``name`` into heads of at most fastdl's attention limit.
+    Checked when the model is built: the attention op's message would name neither."""
+    if heads < 1 or width % heads:
+        raise ValueError(f"{model}: heads ({heads}) must be a positive divisor of {name} ({width})")
+    if width // heads > MAX_HEAD_DIM:
+        raise ValueError(
+            f"{model}: {name} / heads = {width // heads} is above fastdl's attention head size "
+            f"limit of {MAX_HEAD_DIM}"
+        )
+
+
+def check_dtype(model: nn.Module, name: str, x: torch.Tensor) -> None:
+    """x's dtype must be the model's (its first parameter's): a uint8 image or a float64 input to
+    a float32 model would otherwise fail inside a kernel, naming neither."""
+    dtype = next(model.parameters()).dtype
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{type(model).__name__}: {name} must have the model's dtype {dtype}, got {x.dtype}"
+        )

@@ -89,7 +89,10 @@ def plot(run: Run, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for who, losses in run.losses.items():
         ax.plot(
-            range(1, len(losses) + 1), losses, label=f"{who} ({run.median_ms(who):.1f} ms/step)"
+            range(1, len(losses) + 1),
+            losses,
+            marker="o" if len(losses) < 30 else None,  # a curve of one point is a marker alone
+            label=f"{who} ({run.median_ms(who):.1f} ms/step)",
         )
     ax.set(xlabel="step", ylabel="loss", title=f"{run.name}: training loss")
     ax.legend()

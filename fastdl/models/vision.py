@@ -14,7 +14,7 @@ from torch import nn
 
 import fastdl
 from fastdl import nn as fnn
-from fastdl.models.spec import ModelSpec
+from fastdl.models.spec import ModelSpec, check_dtype, check_heads
 from fastdl.models.twins import vision as twins
 
 # ---------------------------------------------------------------- input checks
@@ -25,8 +25,16 @@ def given(x) -> tuple | str:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def check_images(model: str, x: torch.Tensor, channels: int, size: int | None, min_size: int = 1):
-    """x must be (N, channels, H, W): H = W = size when size is given, else H, W >= min_size."""
+def check_images(
+    model: nn.Module,
+    x: torch.Tensor,
+    channels: int,
+    size: int | None,
+    min_size: int = 1,
+    name: str = "x",
+):
+    """x must be (N, channels, H, W) in the model's dtype: H = W = size when size is given, else
+    H, W >= min_size. Errors name the model's class and the argument ``name``."""
     want = f"(N, {channels}, {size or 'H'}, {size or 'W'})"
     ok = isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == channels
     if ok and size is not None:
@@ -34,8 +42,10 @@ def check_images(model: str, x: torch.Tensor, channels: int, size: int | None, m
     if ok and size is None:
         ok = min(x.shape[2], x.shape[3]) >= min_size
         want += f" with H, W >= {min_size}"
+    model_name = type(model).__name__
     if not ok:
-        raise ValueError(f"{model}: x must be {want}, got {given(x)}")
+        raise ValueError(f"{model_name}: {name} must be {want}, got {given(x)}")
+    check_dtype(model, name, x)
 
 
 def nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +130,7 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images("ResNet18", x, self.in_channels, None, 8 if self.stem == "cifar" else 32)
+        check_images(self, x, self.in_channels, None, 8 if self.stem == "cifar" else 32)
         x = nhwc(x)
         if self.training:
             x = self.bn1(self.conv1(x))
@@ -181,6 +191,7 @@ class DCGANGenerator(nn.Module):
             raise ValueError(
                 f"DCGANGenerator: z must be (N, {self.nz}) or (N, {self.nz}, 1, 1), got {given(z)}"
             )
+        check_dtype(self, "z", z)
         # The first block's 1x1 input is as much NCHW as NHWC; its 4x4 output goes NHWC.
         h = nhwc(self.blocks[0](z.view(z.shape[0], self.nz, 1, 1)))
         return torch.tanh(self.blocks[1:](h))
@@ -202,7 +213,7 @@ class DCGANDiscriminator(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images("DCGANDiscriminator", x, self.channels, 32)
+        check_images(self, x, self.channels, 32)
         return self.blocks(nhwc(x)).view(-1)
 
 
@@ -220,7 +231,7 @@ class DCGAN(nn.Module):
         self.discriminator = DCGANDiscriminator(width, channels)
 
     def forward(self, z: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        check_images("DCGAN", real, self.discriminator.channels, 32)
+        check_images(self, real, self.discriminator.channels, 32, name="real")
         fake = self.generator(z)
         d = self.discriminator
         frozen = {name: p.detach() for name, p in d.named_parameters()}
@@ -267,7 +278,7 @@ class ConvAutoencoder(nn.Module):
         self.decoder = decoder(channels, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images("ConvAutoencoder", x, self.channels, 32)
+        check_images(self, x, self.channels, 32)
         return torch.sigmoid(self.decoder(self.expand(self.code(self.encoder(nhwc(x))))))
 
 
@@ -289,7 +300,7 @@ class VAE(nn.Module):
         self.decoder = decoder(channels, width)
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None):
-        check_images("VAE", x, self.channels, 32)
+        check_images(self, x, self.channels, 32)
         if eps is not None:
             if not isinstance(eps, torch.Tensor) or not eps.is_floating_point():
                 got = eps.dtype if isinstance(eps, torch.Tensor) else type(eps).__name__
@@ -302,6 +313,7 @@ class VAE(nn.Module):
                     f"VAE: eps must have the latent mean's shape (N, latent) = {latent}, "
                     f"got {tuple(eps.shape)}"
                 )
+            check_dtype(self, "eps", eps)
         h = self.encoder(nhwc(x)).flatten(1)
         mu, logvar = self.mu(h), self.logvar(h)
         z = mu
@@ -370,10 +382,12 @@ class ViT(nn.Module):
         channels: int = 3,
     ):
         super().__init__()
-        if size % patch:
-            raise ValueError(f"ViT: size ({size}) must be a multiple of patch ({patch})")
-        if heads < 1 or dim % heads:
-            raise ValueError(f"ViT: heads ({heads}) must be a positive divisor of dim ({dim})")
+        if patch < 1 or size < 1 or size % patch:
+            raise ValueError(
+                f"ViT: size ({size}) must be a positive multiple of patch ({patch}), "
+                "which must be >= 1"
+            )
+        check_heads("ViT", "dim", dim, heads)
         self.size, self.channels = size, channels
         self.patch_embed = fnn.Conv2d(channels, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -383,13 +397,13 @@ class ViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images("ViT", x, self.channels, self.size)
+        check_images(self, x, self.channels, self.size)
         # From NHWC the patch embedding's (N, dim, h, w) output is (N, h * w, dim) in memory.
         h = self.patch_embed(nhwc(x)).flatten(2).transpose(1, 2)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], 1) + self.pos_embed
-        y = self.blocks[0].norm1(h)
-        norms = [b.norm1 for b in self.blocks[1:]] + [self.norm]
-        for block, next_norm in zip(self.blocks, norms, strict=True):
+        norms = [b.norm1 for b in self.blocks] + [self.norm]
+        y = norms[0](h)
+        for block, next_norm in zip(self.blocks, norms[1:], strict=True):
             a = block.attn(y, y, y, need_weights=False)[0]
             y, h = _add_norm(h, a, block.norm2)
             y, h = _add_norm(h, block.mlp(y), next_norm)

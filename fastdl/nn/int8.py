@@ -56,6 +56,8 @@ class Int8Linear(nn.Module):
         """The int8 twin of ``linear``: its weight quantized per output channel, its bias kept in
         its dtype."""
         w = linear.weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError("Int8Linear.from_float: the weight holds NaN or Inf")
         module = cls(
             linear.in_features,
             linear.out_features,
@@ -70,7 +72,7 @@ class Int8Linear(nn.Module):
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         module.pack()
-        return module
+        return module.train(linear.training)
 
     @torch.no_grad()
     def pack(self) -> None:
@@ -119,8 +121,11 @@ def quantize_model(
     ``exclude``: lists of module-name prefixes (e.g. ``["encoder."]``, ``["lm_head"]``).
     Returns a :class:`fastdl.PatchReport` of what was swapped and what was left, and why.
     """
-    from fastdl.patch import PatchReport, qualname
+    from fastdl.patch import PatchReport, check_module, name_list, qualname
 
+    check_module("fastdl.quantize_model", model)
+    include = name_list("fastdl.quantize_model", "include", include)
+    exclude = name_list("fastdl.quantize_model", "exclude", exclude)
     report = PatchReport()
     if type(model) is nn.Linear:
         raise TypeError("fastdl.quantize_model: pass the model that contains the nn.Linear")
@@ -151,4 +156,7 @@ def _left(name: str, linear: nn.Linear, include, exclude) -> str | None:
         exclude is not None and any(name.startswith(p) for p in exclude)
     ):
         return "filtered by include/exclude"
-    return dtype_problem(linear, {"cpu": INT8_DTYPES, "cuda": INT8_DTYPES})
+    problem = dtype_problem(linear, {"cpu": INT8_DTYPES, "cuda": INT8_DTYPES})
+    if problem is None and not torch.isfinite(linear.weight).all():
+        return "weight holds NaN or Inf"
+    return problem

@@ -9,7 +9,12 @@ import torch
 
 
 def _enabled(x: torch.Tensor) -> bool:
-    return x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+    # Autocast has no state for other devices (meta tensors: torch.is_autocast_enabled raises).
+    return (
+        x.is_floating_point()
+        and x.device.type in ("cpu", "cuda")
+        and torch.is_autocast_enabled(x.device.type)
+    )
 
 
 def lower(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
@@ -30,6 +35,10 @@ def follow_x(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
 
 
 def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple:
+    # As torch's autocast: float64 tensors are left as they are.
     return tuple(
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors
+        t.to(dtype)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        else t
+        for t in tensors
     )

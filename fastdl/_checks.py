@@ -108,3 +108,20 @@ def int8_scale(op: str, arg: str, s: torch.Tensor, ref: torch.Tensor, n: int, al
             f"{op}: {arg} must be positive and finite, got min {f.min().item()}, "
             f"max {f.max().item()}{nan}"
         )
+
+
+def no_forward_ad(op: str) -> None:
+    """Refuses forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad): the ops
+    register reverse-mode formulas only, and torch would run them with no tangent rule, giving
+    zero tangents without a word. Skipped while torch.compile traces (it checks its own way)."""
+    if torch.compiler.is_compiling():
+        return
+    jvp = torch.autograd.forward_ad._current_level >= 0
+    functorch = torch._C._functorch
+    if not jvp and functorch.peek_interpreter_stack() is not None:
+        jvp = any(i.key() == functorch.TransformType.Jvp for i in functorch.get_interpreter_stack())
+    if jvp:
+        raise NotImplementedError(
+            f"{op}: forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) is not "
+            "supported: fastdl's ops have reverse-mode (backward) formulas only"
+        )

@@ -197,6 +197,44 @@ def test_empty_batch(backend, fmt):
 
 
 @pytest.mark.parametrize(
+    "backend,dtype,case",
+    cases(
+        [
+            (torch.contiguous_format, 3, 1, None),
+            (torch.channels_last, 3, 1, "gelu"),
+            (torch.contiguous_format, 1, 1, None),
+            (torch.contiguous_format, 3, 2, "relu"),
+        ]
+    ),
+    indirect=["backend"],
+)
+def test_no_channels(backend, dtype, case):
+    """A conv with no output channels (or a transposed one with no input channels): empty
+    outputs, zero or empty gradients (the weight gradient's partial sums once divided by 0)."""
+    fmt, kernel, groups, activation = case
+    dev = backend.device
+    x = torch.randn(2, 4, 5, 6, dtype=dtype, device=dev).contiguous(memory_format=fmt)
+    x.requires_grad_()
+    w = torch.randn(0, 4 // groups, kernel, kernel, dtype=dtype, device=dev, requires_grad=True)
+    b = torch.randn(0, dtype=dtype, device=dev, requires_grad=True)
+    y = fastdl.conv2d(x, w, b, groups=groups, activation=activation)
+    assert y.shape == (2, 0, 6 - kernel, 7 - kernel)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert w.grad.shape == w.shape and b.grad.shape == (0,)
+    # conv_transpose2d from 0 input channels: the output is the bias alone.
+    x0 = torch.randn(2, 0, 5, 6, dtype=dtype, device=dev, requires_grad=True)
+    wt = torch.randn(0, 3, kernel, kernel, dtype=dtype, device=dev, requires_grad=True)
+    bt = torch.randn(3 * groups, dtype=dtype, device=dev, requires_grad=True)
+    yt = fastdl.conv_transpose2d(x0, wt, bt, groups=groups)
+    assert torch.equal(yt, bt.detach().view(1, -1, 1, 1).expand_as(yt))
+    g = torch.randn_like(yt)
+    yt.backward(g)
+    assert x0.grad.shape == x0.shape and wt.grad.shape == wt.shape
+    assert_close(bt.grad, g.double().sum((0, 2, 3)), dtype)
+
+
+@pytest.mark.parametrize(
     "padding,kernel,dilation",
     [("same", 3, 1), ("same", 4, 1), ("same", (2, 5), (3, 1)), ("valid", 3, 2)],
 )

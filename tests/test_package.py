@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from conftest import NATIVE_CPU
 
 import fastdl
@@ -268,10 +269,75 @@ def test_create_graph_then_double_backward_raises(case):
         torch.testing.assert_close(got, want)
     with pytest.raises(RuntimeError, match="not differentiable"):
         grads[0].sum().backward()
+    # Asked for by inputs= (as hessian and gradgradcheck do) rather than by .backward(): the
+    # error node is on the path from the gradient to the inputs, not a dead end beside it.
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(grads[0].sum(), inputs)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.gradgradcheck(fn, inputs)
     # A gradient penalty: grad_outputs of ones, so the error must not depend on them.
     (penalty,) = torch.autograd.grad(fn(*inputs).sum(), inputs[0], create_graph=True)
     with pytest.raises(RuntimeError, match="not differentiable"):
         penalty.square().sum().backward()
+
+
+@pytest.mark.parametrize("case", list(_double_backward_cases()))
+def test_forward_mode_ad_is_refused(case):
+    # No jvp formulas: torch would run the ops without one and give zero tangents.
+    fn, inputs = _double_backward_cases()[case]
+    inputs = tuple(t.detach() for t in inputs)
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD .* is not supported"):
+        torch.func.jvp(fn, inputs, tangents)
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD .* is not supported"):
+        torch.func.jacfwd(fn)(*inputs)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        fn(fwAD.make_dual(inputs[0], tangents[0]), *inputs[1:])
+    # vmap (no tangents) still runs, as does the function outside any transform.
+    batched = torch.func.vmap(fn)(*(t.unsqueeze(0) for t in inputs))
+    torch.testing.assert_close(batched[0], fn(*inputs))
+
+
+def test_meta_tensors_give_the_cpu_shapes():
+    """Public functions and modules on the meta device (shape inference, deferred init) give the
+    shapes and dtypes of a CPU run, float64 included."""
+    cases = {
+        "conv2d": (lambda x, w: fastdl.conv2d(x, w, padding=1), [(2, 3, 8, 8), (4, 3, 3, 3)]),
+        "conv_transpose2d": (
+            lambda x, w: fastdl.conv_transpose2d(x, w, stride=2),
+            [(2, 3, 8, 8), (3, 4, 4, 4)],
+        ),
+        "attention": (fastdl.scaled_dot_product_attention, [(2, 4, 8, 16)] * 3),
+        "lstm": (lambda x: fastdl.nn.LSTM(8, 4).to(x)(x)[0], [(5, 2, 8)]),
+        "gru": (lambda x: fastdl.nn.GRU(8, 4).to(x)(x)[0], [(5, 2, 8)]),
+        "lstm_cell": (lambda x: fastdl.nn.LSTMCell(8, 4).to(x)(x)[0], [(2, 8)]),
+        "gru_cell": (lambda x: fastdl.nn.GRUCell(8, 4).to(x)(x), [(2, 8)]),
+        "conv_module": (lambda x: fastdl.nn.Conv2d(3, 4, 3).to(x)(x), [(2, 3, 8, 8)]),
+        "layer_norm": (lambda x: fastdl.layer_norm(x, 8), [(3, 8)]),
+    }
+    for name, (fn, shapes) in cases.items():
+        for dtype in (torch.float32, torch.float64):
+            cpu = fn(*(torch.randn(s, dtype=dtype) for s in shapes))
+            meta = fn(*(torch.empty(s, dtype=dtype, device="meta") for s in shapes))
+            assert (meta.device.type, meta.shape, meta.dtype) == ("meta", cpu.shape, cpu.dtype), (
+                name
+            )
+
+
+@pytest.mark.parametrize("name", ["conv2d", "conv_transpose2d", "attention", "lstm"])
+def test_autocast_leaves_float64_alone(name):
+    # torch's autocast casts float32 (and float16) tensors only; a float64 model stays float64.
+    make, shape = AUTOCAST_MODULES[name]
+    torch.manual_seed(0)
+    ref = make().double()
+    model = torch.nn.Sequential(copy.deepcopy(ref))
+    fastdl.patch(model)
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref(x), model[0](x)
+    expected, got = (o[0] if isinstance(o, tuple) else o for o in (expected, got))
+    assert got.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(got, expected)
 
 
 AUTOCAST_MODULES = {

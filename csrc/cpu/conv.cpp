@@ -254,8 +254,10 @@ void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
 template <typename T>
 void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
   const int64_t K = p.a.K, wsize = p.a.groups * p.j * p.kg, part = wsize + K;
+  // part is 0 for a conv without output channels (nothing to sum, one chunk).
   const int64_t chunks = std::max<int64_t>(
-      1, std::min({p.blocks, kMaxChunks, kPartialBytes / (part * int64_t(sizeof(T)))}));
+      1, std::min({p.blocks, kMaxChunks,
+                   kPartialBytes / std::max<int64_t>(1, part * int64_t(sizeof(T)))}));
   // Uninitialized: each chunk's first block overwrites its partial (beta 0), the bias part is
   // zeroed here (fresh zero-filled pages cost as much as a pass over the gradient).
   const std::unique_ptr<T[]> partial(new T[chunks * part]);

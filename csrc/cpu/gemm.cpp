@@ -76,6 +76,11 @@ void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, in
 
 void dgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,
            const double* B, int64_t ldb, double beta, double* C, int64_t ldc, double alpha) {
+  if (k == 0) {  // C = beta C: no operand read (the BLAS would refuse their 0 leading dimensions)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) C[i * ldc + j] = beta == 0 ? 0 : beta * C[i * ldc + j];
+    return;
+  }
   if (dgemm_ != nullptr) {
     // Column-major BLAS sees every row-major matrix transposed: C^T = op(B)^T op(A)^T.
     // Block dimensions and leading dimensions fit in int (callers cut blocks to cache sizes).

@@ -25,19 +25,44 @@ def register(
 
 
 def _once_differentiable(backward: Callable) -> Callable:
-    # torch.autograd.function.once_differentiable marks the results only when an incoming
-    # gradient requires grad; a gradient penalty (grad_outputs of ones) would then be a constant
-    # that a loss silently drops. Under create_graph=True every result is marked.
+    # Under create_graph=True the results are linked to everything they were computed from that
+    # requires grad (the incoming gradients and the saved tensors) through a node whose backward
+    # raises: a second derivative is refused whichever way it is asked for. torch's
+    # once_differentiable links them to nothing (a fresh leaf per result): torch.autograd.grad
+    # with inputs=, hessian and gradgradcheck then never reach its error node and return missing
+    # terms or zeros; it also marks the results only when an incoming gradient requires grad, so
+    # a gradient penalty (grad_outputs of ones) would be a constant a loss silently drops.
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         with torch.no_grad():
             results = backward(ctx, *grads)
         if not torch.is_grad_enabled():
             return results
-        results = results if isinstance(results, tuple) else (results,)
-        error = torch._C._functions.DelayedError(
-            b"fastdl: the backward ops are not differentiable (no double backward)", len(results)
-        )
-        return error(*(None if r is None else r.detach().requires_grad_() for r in results))
+        links = [
+            t
+            for t in (*grads, *ctx.saved_tensors)
+            if isinstance(t, torch.Tensor) and t.requires_grad
+        ]
+        if not links:  # the results are constants: their derivative is rightly zero
+            return results
+        results = list(results) if isinstance(results, tuple) else [results]
+        given = [i for i, r in enumerate(results) if r is not None]
+        linked = _NotDifferentiable.apply(len(given), *(results[i] for i in given), *links)
+        for i, r in zip(given, linked, strict=True):
+            results[i] = r
+        return tuple(results)
 
     return wrapper
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """The identity on the first ``n`` tensors, taking the rest as inputs only to link them into
+    the graph; its backward raises."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(t.detach() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fastdl: the backward ops are not differentiable (no double backward)")

@@ -25,7 +25,10 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _dtypes(x: torch.Tensor) -> tuple[torch.dtype, ...]:
-    """The C++ CPU kernels' dtypes, or the GPU ones (CUDA and Triton, also interpreted)."""
+    """The C++ CPU kernels' dtypes, or the GPU ones (CUDA and Triton, also interpreted); on the
+    meta device (shapes only) those of every backend."""
+    if x.device.type == "meta":
+        return tuple(dict.fromkeys(CPU_DTYPES + GPU_DTYPES))
     native_cpu = x.device.type == "cpu" and _backend.resolve("conv", "cpu") == "native"
     return CPU_DTYPES if native_cpu else GPU_DTYPES
 

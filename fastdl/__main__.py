@@ -5,6 +5,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 
 
 def info() -> str:
@@ -71,9 +72,8 @@ def train(spec, args: argparse.Namespace) -> int:
     if "torch" in run.times:
         ratio = run.median_ms("torch") / run.median_ms("fastdl")
         print(f"  speed-up over the torch twin: {ratio:.2f}x")
-    plot = args.plot or f"train-{spec.name}.png"
-    training.plot(run, plot)
-    print(f"  loss curve: {plot}")
+    training.plot(run, args.plot)
+    print(f"  loss curve: {args.plot}")
     return 0
 
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         t.error(f"--device {args.device!r} is not usable here: {e}")
     if device.type not in ("cpu", "cuda"):
         t.error(f"--device must be a cpu or cuda device, got {args.device!r}")
-    plot = args.plot or f"train-{args.model}.png"
+    args.plot = plot = args.plot or f"train-{args.model}.png"
     if not plot.endswith(".png"):
         t.error(f"--plot must name a .png file, got {plot!r}")
     if (reason := _unwritable(plot)) is not None:
@@ -123,16 +123,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _unwritable(path: str) -> str | None:
-    """Why ``path`` cannot be written, or None: tried by opening it for appending (a file that
-    did not exist is removed again)."""
-    existed = os.path.exists(path)
+    """Why ``path`` cannot be written, or None. The folder it resolves to (through links) is
+    tried with a temporary file of its own: ``path`` itself is neither created nor removed."""
+    if os.path.isdir(path):
+        return "it is a folder"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "it is read-only"
     try:
-        with open(path, "ab"):
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.realpath(path))):
             pass
     except OSError as e:
         return e.strerror
-    if not existed:
-        os.remove(path)
     return None
 
 

@@ -76,7 +76,7 @@ def namespace(family: str, op: str, x: torch.Tensor, native, triton, triton_slow
     """The ops (a family's NATIVE or TRITON namespace) that run ``x`` under the backend in force;
     under "auto", a call the family's Triton kernels are measured slow for (``triton_slow``)
     stays on the CUDA kernels."""
-    _checks.no_forward_ad(op)
+    _checks.no_forward_ad(op, x)
     choice = resolve(family, x.device.type, x.dtype)
     if choice == "triton" and triton_slow and _current == "auto" and _ext.native_cuda():
         choice = "native"

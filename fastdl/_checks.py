@@ -110,13 +110,15 @@ def int8_scale(op: str, arg: str, s: torch.Tensor, ref: torch.Tensor, n: int, al
         )
 
 
-def no_forward_ad(op: str) -> None:
-    """Refuses forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad): the ops
-    register reverse-mode formulas only, and torch would run them with no tangent rule, giving
-    zero tangents without a word. Skipped while torch.compile traces (it checks its own way)."""
+def no_forward_ad(op: str, x: torch.Tensor) -> None:
+    """Refuses forward-mode AD (torch.func.jvp / jacfwd, or x dual under
+    torch.autograd.forward_ad): the ops register reverse-mode formulas only, and torch would run
+    them with no tangent rule, giving zero tangents without a word. Not checked while
+    torch.compile traces (a compiled function drops tangents, torch's own ops' too)."""
     if torch.compiler.is_compiling():
         return
-    jvp = torch.autograd.forward_ad._current_level >= 0
+    fwd = torch.autograd.forward_ad
+    jvp = fwd._current_level >= 0 and fwd.unpack_dual(x).tangent is not None
     functorch = torch._C._functorch
     if not jvp and functorch.peek_interpreter_stack() is not None:
         jvp = any(i.key() == functorch.TransformType.Jvp for i in functorch.get_interpreter_stack())

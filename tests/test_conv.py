@@ -234,6 +234,18 @@ def test_no_channels(backend, dtype, case):
     assert_close(bt.grad, g.double().sum((0, 2, 3)), dtype)
 
 
+def test_no_channels_at_all(backend):
+    # Neither input nor output channels: every GEMM dimension but the rows is 0.
+    dev = backend.device
+    x = torch.randn(2, 0, 5, 5, device=dev, requires_grad=True)
+    w = torch.randn(0, 0, 3, 3, device=dev, requires_grad=True)
+    y = fastdl.conv2d(x, w)
+    assert y.shape == (2, 0, 3, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    assert fastdl.conv_transpose2d(x, w).shape == (2, 0, 7, 7)
+
+
 @pytest.mark.parametrize(
     "padding,kernel,dilation",
     [("same", 3, 1), ("same", 4, 1), ("same", (2, 5), (3, 1)), ("valid", 3, 2)],

@@ -196,6 +196,8 @@ def test_quantize_model_arguments():
     assert [(n, why) for n, _, why in report.left] == [("1", "weight holds NaN or Inf")]
     with pytest.raises(ValueError, match=r"Int8Linear.from_float: the weight holds NaN or Inf"):
         Int8Linear.from_float(model[1])
+    # Deferred initialization: a meta Linear gives a meta Int8Linear.
+    assert Int8Linear.from_float(nn.Linear(4, 3, device="meta")).weight.device.type == "meta"
 
 
 def test_quantize_model_tied_and_float64_layers():

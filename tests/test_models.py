@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdl.__main__ import _unwritable
 from fastdl.models import GROUPS, specs
 from fastdl.models import train as training
 
@@ -67,7 +68,7 @@ def test_train_command_refuses_an_inference_only_model_and_an_unknown_name(tmp_p
         (["--device", "meta"], "--device must be a cpu or cuda device, got 'meta'"),
         (["--plot", "curve.svg"], "must name a .png file"),
         (["--plot", "no/such/dir/x.png"], "cannot write 'no/such/dir/x.png'"),
-        (["--plot", "folder.png"], "cannot write 'folder.png': Is a directory"),
+        (["--plot", "folder.png"], "cannot write 'folder.png': it is a folder"),
     ],
     ids=["steps", "steps_text", "device", "device_meta", "plot_suffix", "plot_dir", "plot_folder"],
 )
@@ -77,6 +78,20 @@ def test_train_command_refuses_bad_options_before_training(tmp_path, args, messa
     # The train command's own usage, and no step run (no progress bar).
     assert run.returncode == 2 and message in run.stderr
     assert "usage: python -m fastdl train" in run.stderr and "step/s" not in run.stderr
+
+
+def test_plot_probe_leaves_the_path_alone(tmp_path):
+    # The folder is tried with a file of its own: a link named as the plot stays as it is, and
+    # its target is not created; a link into a missing folder is refused.
+    link, target = tmp_path / "curve.png", tmp_path / "target.png"
+    link.symlink_to(target)
+    assert _unwritable(str(link)) is None
+    assert link.is_symlink() and not target.exists()
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "missing" / "target.png")
+    assert _unwritable(str(tmp_path / "dangling.png")) == "No such file or directory"
+    assert (tmp_path / "dangling.png").is_symlink()
+    assert _unwritable(str(tmp_path / "no" / "x.png")) == "No such file or directory"
+    assert _unwritable(str(tmp_path)) == "it is a folder"
 
 
 def test_train_loop_runs_the_same_batches_through_model_and_twin():

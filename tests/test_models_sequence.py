@@ -6,6 +6,7 @@ the specs' own (bench-sized) configs are built and compared forward only."""
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -274,7 +275,7 @@ def test_bad_constructor_arguments():
     ):
         with pytest.raises(ValueError, match=rf"^{label}: d_model / heads = 257 is above .* 256"):
             cls(**kwargs)
-    with pytest.raises(ValueError, match=r"^GPT: layers and context must be at least 1"):
+    with pytest.raises(ValueError, match=r"^GPT: context must be at least 1, got 0"):
         sequence.GPT(**dict(SMALL["gpt"], context=0))
     with pytest.raises(ValueError, match=r"^Transformer: max_len must be at least 1, got 0"):
         sequence.Transformer(**dict(SMALL["transformer"], max_len=0))
@@ -302,8 +303,12 @@ def test_generate_step_counts(name, arg):
             model.generate(src, steps, *extra)
     if name != "gpt":  # a start token that is not an int id
         for start in (1.0, True):
-            with pytest.raises(ValueError, match=rf"^{label}: start must be an int token id"):
+            with pytest.raises(TypeError, match=rf"^{label}: start must be an int token id"):
                 model.generate(src, 2, start)
+        # any integer type is an int id
+        expected = model.generate(src, 2, 1)
+        for start in (np.int64(1), torch.tensor(1)):
+            assert torch.equal(model.generate(src, 2, start), expected)
 
 
 def test_transformer_generates_up_to_max_len_tokens():

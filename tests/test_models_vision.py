@@ -265,6 +265,13 @@ def test_input_of_another_dtype_names_model_and_argument(model, inputs, name):
         model(*inputs)
 
 
+def test_autocast_takes_inputs_of_its_dtype():
+    model, x = V.DCGANDiscriminator(8), torch.rand(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(x), model(x.bfloat16())
+    torch.testing.assert_close(got, expected)
+
+
 def test_vit_bad_constructor_arguments():
     with pytest.raises(ValueError, match=r"ViT: size \(30\) must be a positive multiple of patch"):
         V.ViT(30, 4)

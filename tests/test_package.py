@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from conftest import NATIVE_CPU
+from torch.utils.checkpoint import checkpoint
 
 import fastdl
 from fastdl import _backend, _ext
@@ -275,6 +276,13 @@ def test_create_graph_then_double_backward_raises(case):
         torch.autograd.grad(grads[0].sum(), inputs)
     with pytest.raises(RuntimeError, match="not differentiable"):
         torch.autograd.gradgradcheck(fn, inputs)
+    # Under non-reentrant checkpointing a saved tensor unpacks once only: the first derivative
+    # with create_graph=True must not unpack it twice.
+    checkpointed = torch.autograd.grad(
+        checkpoint(fn, *inputs, use_reentrant=False).square().sum(), inputs, create_graph=True
+    )
+    for got, want in zip(checkpointed, expected, strict=True):
+        torch.testing.assert_close(got, want)
     # A gradient penalty: grad_outputs of ones, so the error must not depend on them.
     (penalty,) = torch.autograd.grad(fn(*inputs).sum(), inputs[0], create_graph=True)
     with pytest.raises(RuntimeError, match="not differentiable"):
@@ -291,8 +299,10 @@ def test_forward_mode_ad_is_refused(case):
         torch.func.jvp(fn, inputs, tangents)
     with pytest.raises(NotImplementedError, match=r"forward-mode AD .* is not supported"):
         torch.func.jacfwd(fn)(*inputs)
-    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
-        fn(fwAD.make_dual(inputs[0], tangents[0]), *inputs[1:])
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            fn(fwAD.make_dual(inputs[0], tangents[0]), *inputs[1:])
+        fn(*inputs)  # no tangent: runs
     # vmap (no tangents) still runs, as does the function outside any transform.
     batched = torch.func.vmap(fn)(*(t.unsqueeze(0) for t in inputs))
     torch.testing.assert_close(batched[0], fn(*inputs))

@@ -85,8 +85,9 @@ def test_every_supported_class_swapped_same_results(training):
     report = fastdl.patch(model, include=["LayerNorm"])
     assert [s[0] for s in report.swapped] == ["ln"] and len(report.left) == len(names) - 1
     fastdl.unpatch(model)
-    # One class name as a string is a list of one, not of its characters.
-    assert [s[0] for s in fastdl.patch(model, include="LayerNorm").swapped] == ["ln"]
+    # One class name as a string is a list of one: "LSTMCell" does not also name LSTM (in a
+    # string, "LSTM" is a substring of it).
+    assert [s[0] for s in fastdl.patch(model, include="LSTMCell").swapped] == ["lstm_cell"]
     with pytest.raises(TypeError, match=r"fastdl.patch: exclude must be a list of strings"):
         fastdl.patch(model, exclude=[nn.LayerNorm])
 

@@ -79,6 +79,31 @@ void transpose_images(const float* src, int64_t N, int64_t rows, int64_t cols, f
   });
 }
 
+// t ((N, C, H, W), dense channels_last) in `fmt` and `dtype`.
+at::Tensor from_channels_last(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype) {
+  if (fmt == at::MemoryFormat::Contiguous && dtype == at::kFloat && t.scalar_type() == at::kFloat &&
+      !t.is_contiguous()) {
+    at::Tensor y = new_output(t.sizes(), t.options());
+    transpose_images(t.const_data_ptr<float>(), t.size(0), t.size(2) * t.size(3), t.size(1),
+                     y.data_ptr<float>());
+    return y;
+  }
+  return as_output(t, dtype, fmt);
+}
+
+// The Winograd tile size m (cpu/conv_winograd.h): FASTDL_CONV_WINOGRAD=2 (the default: float32
+// error of a direct conv, so training follows torch's as closely as the direct path), 4 (a 4x
+// instead of 2.25x cut, ~10x the rounding error: for inference) or 0 (every conv runs the
+// implicit GEMM); read once, at the first conv.
+int64_t winograd_setting() {
+  static const int64_t m = [] {
+    const char* v = std::getenv("FASTDL_CONV_WINOGRAD");
+    const std::string_view s = v == nullptr ? "2" : v;
+    return s == "0" ? 0 : s == "2" ? 2 : 4;
+  }();
+  return m;
+}
+
 }  // namespace
 
 const ConvKernels& kernels() {
@@ -109,34 +134,6 @@ at::Tensor nhwc(const at::Tensor& x) {
   return as_output(x, compute_type(x), at::MemoryFormat::ChannelsLast);
 }
 
-namespace {
-
-// t ((N, C, H, W), dense channels_last) in `fmt` and `dtype`.
-at::Tensor from_channels_last(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype) {
-  if (fmt == at::MemoryFormat::Contiguous && dtype == at::kFloat && t.scalar_type() == at::kFloat &&
-      !t.is_contiguous()) {
-    at::Tensor y = new_output(t.sizes(), t.options());
-    transpose_images(t.const_data_ptr<float>(), t.size(0), t.size(2) * t.size(3), t.size(1),
-                     y.data_ptr<float>());
-    return y;
-  }
-  return as_output(t, dtype, fmt);
-}
-
-// The Winograd tile size m (cpu/conv_winograd.h): FASTDL_CONV_WINOGRAD=2 (the default: float32
-// error of a direct conv, so training follows torch's as closely as the direct path), 4 (a 4x
-// instead of 2.25x cut, ~10x the rounding error: for inference) or 0 (every conv runs the
-// implicit GEMM); read once, at the first conv.
-int64_t winograd_setting() {
-  static const int64_t m = [] {
-    const char* v = std::getenv("FASTDL_CONV_WINOGRAD");
-    const std::string_view s = v == nullptr ? "2" : v;
-    return s == "0" ? 0 : s == "2" ? 2 : 4;
-  }();
-  return m;
-}
-}  // namespace
-
 Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem,
           const at::Tensor& weight) {
   Gemm p{};
@@ -163,7 +160,8 @@ Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t 
                     g.N * ((g.P + m - 1) / m) * ((g.Q + m - 1) / m) * (g.C + g.K) >= g.C * g.K;
   p.wino = wino ? m : 0;
   p.taps = g.groups == 1 && !p.direct && valid_taps(g) <= kTapsMaxValid;
-  const int64_t panel_rows = kPanelBytes / (elem * std::max(p.j, p.kg));
+  // Both 0 for a conv without input and output channels.
+  const int64_t panel_rows = kPanelBytes / (elem * std::max({p.j, p.kg, int64_t{1}}));
   p.rows = std::clamp<int64_t>(panel_rows < kDeepRows ? kMinRows : panel_rows, 16, 1024);
   p.blocks = (p.M + p.rows - 1) / p.rows;
   // (c, r, s) columns (ConvArgs::crs) when the weight is larger than the im2col of all rows
@@ -198,8 +196,6 @@ void forward_rows(const Gemm& p, const T* x, const T* wmat, const ConvEpilogue& 
 }
 template void forward_rows<float>(const Gemm&, const float*, const float*, const ConvEpilogue&,
                                   int64_t, int64_t, float*);
-template void forward_rows<double>(const Gemm&, const double*, const double*, const ConvEpilogue&,
-                                   int64_t, int64_t, double*);
 
 namespace {
 

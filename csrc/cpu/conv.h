@@ -76,7 +76,8 @@ void sum_chunks(const T* partial, int64_t chunks, int64_t part, Put put) {
 
 // conv_winograd.cpp: the forward, weight gradient and input gradient by Winograd F(m x m, 3x3),
 // m = p.wino. Each returns false / an undefined tensor, having written nothing, when Winograd
-// does not apply (or, for the gradients, an input is not finite).
+// does not apply or the weight is not finite (the weight gradient also when x or gpre is not);
+// the caller then runs the direct path.
 bool winograd_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight, ConvEpilogue e);
 at::Tensor winograd_weight_grad(const Gemm& p, const at::Tensor& x, const float* gpre);
 at::Tensor winograd_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,

@@ -1,5 +1,5 @@
-// The interface between csrc/cpu/conv.cpp (torch-facing: checks, layouts, blocking, threading,
-// the BLAS calls) and the conv kernels compiled once per ISA (csrc/cpu/isa/*.cpp): parameters on
+// The interface between csrc/cpu/conv*.cpp (torch-facing: checks, layouts, blocking, threading,
+// the GEMM calls) and the conv kernels compiled once per ISA (csrc/cpu/isa/*.cpp): parameters on
 // raw pointers and a table of plain function pointers. Plain data only (see norm_params.h).
 //
 // Internally every conv runs on NHWC activations: the GEMM view of a conv2d is
@@ -72,7 +72,7 @@ using TransposeFn = void (*)(const void* src, int64_t lds, void* dst, int64_t ld
 // gradient gy (N, P, Q, K) of nt tiles into dm ((m + 2)^2, nt, K), false when a value it read is
 // not finite; du ((m + 2)^2, C, K) of input channels [c0, c1) into dw (C, 3, 3, K). The weight
 // transform returns false when a weight it read is not finite. The points of v, m and dm lie
-// ldv, ldm and ldd elements apart (conv.cpp skews them off multiples of 4 KiB).
+// ldv, ldm and ldd elements apart (conv_winograd.cpp skews them off multiples of 4 KiB).
 using WinogradWeightFn = bool (*)(const void* w, int64_t C, int64_t K, int64_t c0, int64_t c1,
                                   void* u);
 using WinogradGradWeightFn = void (*)(const void* du, int64_t C, int64_t K, int64_t c0, int64_t c1,

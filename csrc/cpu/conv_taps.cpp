@@ -15,8 +15,8 @@
 namespace fastdl::cpu::conv_impl {
 namespace {
 
-// Their blocks hold about kMinRows rows, in at least kTapBlocks blocks when there are as many
-// images (a batch of 16 on 2x2 would otherwise be one block, for one thread).
+// The blocks of the per-tap GEMMs hold about kMinRows rows, in at least kTapBlocks blocks when
+// there are as many images (a batch of 16 on 2x2 would otherwise be one block, for one thread).
 constexpr int64_t kTapBlocks = 2;
 // Input channels of a weight-gradient GEMM of the taps (its B, packed per call).
 constexpr int64_t kTapWgradCols = 256;
@@ -133,9 +133,9 @@ void tap_products(const TapBlocks& tb, const std::vector<PackedB<T>>& w, bool ad
     });
   }
 }
+
 }  // namespace
 
-// The fraction of a conv's (output pixel, tap) pairs whose tap reads inside the input.
 double valid_taps(const conv::ConvGeom& g) {
   int64_t rows = 0, cols = 0;
   for (int64_t r = 0; r < g.R; ++r) {

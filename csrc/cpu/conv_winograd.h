@@ -1,7 +1,7 @@
 // Winograd F(m x m, 3x3) transforms for stride-1, undilated 3x3 convs on NHWC, m = 2 or 4
-// (csrc/cpu/conv.cpp runs the (m + 2)^2 GEMMs between them and picks m). An m x m output tile is
-// A^T [ (G g G^T) . (B^T d B) ] A for the (m + 2) x (m + 2) input tile d: (m + 2)^2 channel
-// products per tile instead of 9 m^2, a 2.25x (m = 2) or 4x (m = 4) cut in the GEMM work.
+// (csrc/cpu/conv_winograd.cpp runs the (m + 2)^2 GEMMs between them, conv.cpp picks m). An m x m
+// output tile is A^T [ (G g G^T) . (B^T d B) ] A for the (m + 2) x (m + 2) input tile d: (m + 2)^2
+// channel products per tile instead of 9 m^2, a 2.25x (m = 2) or 4x (m = 4) cut in the GEMM work.
 // m = 2 takes the points 0, 1, -1 and infinity (Lavin's F(2, 3)): its float32 error is that of a
 // direct conv (4-6e-7 of the output's largest magnitude on random 64- and 256-channel layers).
 // m = 4 takes 0, 1, -1, 2, -1/2 and infinity: 2-5e-6 (7-10e-6 for the usual 0, +-1, +-2), most
@@ -64,7 +64,7 @@ inline void weight_1d(const V* g, V* o) {
   }
 }
 
-// The adjoints, for the weight gradient (conv.cpp sums V^T dM over the tiles in between):
+// The adjoints, for the weight gradient (conv_winograd.cpp sums V^T dM over the tiles in between):
 // o = A y, m + 2 values from the m of a column of the output gradient.
 template <int kM, typename T, typename V>
 inline void output_1d_adjoint(const V* y, V* o) {
@@ -175,8 +175,8 @@ bool conv_winograd_weight(const void* w_, int64_t C, int64_t K, int64_t c0, int6
 // apart: point (i, j) of tile t0 + l, channel c at (i * (m + 2) + j) * ldv + l * C + c. x holds the
 // image rows (row n * H + h) from row0 on: all of them (row0 = 0), or a slab of the rows these
 // tiles read. Returns false when any input it read is not finite: Winograd would smear a NaN or Inf
-// over whole tiles, and conv.cpp recomputes such blocks directly so that they propagate as torch's
-// conv does.
+// over whole tiles, and conv_winograd.cpp recomputes such blocks directly so that they propagate as
+// torch's conv does.
 template <int kM, typename T>
 bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t row0, int64_t t0, int64_t nt,
                          void* v_, int64_t ldv) {

@@ -13,6 +13,7 @@ GPT, characters for the LSTM), reversing a generated clause (Transformer), sorti
 """
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +56,17 @@ def check_tokens(
             )
 
 
-def check_start(model: str, start: int, vocab: int) -> None:
-    if isinstance(start, bool) or not isinstance(start, int):
-        raise ValueError(f"{model}: start must be an int token id, got {start!r}")
+def check_start(model: str, start: int, vocab: int) -> int:
+    """The start token as an int (any integer type: a numpy or 0-d torch integer too)."""
+    if isinstance(start, bool):
+        raise TypeError(f"{model}: start must be an int token id, got {start!r}")
+    try:
+        start = operator.index(start)
+    except TypeError:
+        raise TypeError(f"{model}: start must be an int token id, got {start!r}") from None
     if not 0 <= start < vocab:
         raise ValueError(f"{model}: start token {start} is outside [0, {vocab})")
+    return start
 
 
 def check_steps(model: str, name: str, steps: int) -> None:
@@ -149,8 +156,9 @@ class GPT(nn.Module):
 
     def __init__(self, vocab_size: int, context: int, d_model: int, heads: int, layers: int):
         super().__init__()
-        if layers < 1 or context < 1:
-            raise ValueError(f"GPT: layers and context must be at least 1, got {layers}, {context}")
+        for name, value in (("layers", layers), ("context", context)):
+            if value < 1:
+                raise ValueError(f"GPT: {name} must be at least 1, got {value}")
         check_heads("GPT", "d_model", d_model, heads)
         self.vocab_size, self.context = vocab_size, context
         self.tok_emb = nn.Embedding(vocab_size, d_model)
@@ -296,7 +304,7 @@ class Transformer(nn.Module):
         """Greedy decoding: the source encoded once, then ``steps`` tokens (B, steps), each the
         argmax after the start token and the tokens so far (the prefix is rerun: no KV cache)."""
         check_tokens("Transformer", "src", src, self.src_vocab, self.max_len)
-        check_start("Transformer", start, self.tgt_vocab)
+        start = check_start("Transformer", start, self.tgt_vocab)
         check_steps("Transformer", "steps", steps)
         if steps > self.max_len:  # the last step decodes a prefix of `steps` tokens
             raise ValueError(
@@ -360,7 +368,7 @@ class Seq2Seq(nn.Module):
         """Greedy decoding without teacher forcing: from ``start``, each step's argmax is the
         next step's input; returns the ``steps`` tokens (B, steps)."""
         check_tokens("Seq2Seq", "src", src, self.src_vocab)
-        check_start("Seq2Seq", start, self.tgt_vocab)
+        start = check_start("Seq2Seq", start, self.tgt_vocab)
         check_steps("Seq2Seq", "steps", steps)
         _, h = self.encoder(self.src_emb(src.t()))
         tok = torch.full((1, src.shape[0]), start, device=src.device)

@@ -49,9 +49,12 @@ def check_heads(model: str, name: str, width: int, heads: int) -> None:
 
 def check_dtype(model: nn.Module, name: str, x: torch.Tensor) -> None:
     """x's dtype must be the model's (its first parameter's): a uint8 image or a float64 input to
-    a float32 model would otherwise fail inside a kernel, naming neither."""
-    dtype = next(model.parameters()).dtype
-    if x.dtype != dtype:
+    a float32 model would otherwise fail inside a kernel, naming neither. Inside torch.autocast
+    any floating-point x is taken, as the ops cast it."""
+    param = next(model.parameters(), None)
+    dtype = x.dtype if param is None else param.dtype
+    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    if x.dtype != dtype and not (autocast and x.is_floating_point()):
         raise TypeError(
             f"{type(model).__name__}: {name} must have the model's dtype {dtype}, got {x.dtype}"
         )

@@ -34,6 +34,7 @@ def _once_differentiable(backward: Callable) -> Callable:
     # a gradient penalty (grad_outputs of ones) would be a constant a loss silently drops.
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        ctx = _Unpacked(ctx)
         with torch.no_grad():
             results = backward(ctx, *grads)
         if not torch.is_grad_enabled():
@@ -53,6 +54,18 @@ def _once_differentiable(backward: Callable) -> Callable:
         return tuple(results)
 
     return wrapper
+
+
+class _Unpacked:
+    """A backward's ctx with its saved tensors unpacked once: a second unpack fails under
+    non-reentrant checkpointing and doubles a saved-tensor hook's work (offloading, say)."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self.saved_tensors = ctx.saved_tensors
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
 
 
 class _NotDifferentiable(torch.autograd.Function):

@@ -138,6 +138,31 @@ def test_compile(backend):
         torch.testing.assert_close(a, b)
 
 
+@on_backends
+def test_compile_dropout_draws_its_seed_in_the_graph(backend):
+    """Dropout with no seed draws one per call (a .item(), data-dependent under torch.compile,
+    which the ops take as a SymInt): fullgraph compiles, each call draws a new mask, and a given
+    seed gives eager's mask."""
+    dev = backend.device
+    q, k, v = (_t(2, 2, 9, 16, dev=dev, grad=True) for _ in range(3))
+
+    def f(q, k, v, seed=None):
+        return fastdl.scaled_dot_product_attention(q, k, v, dropout_p=0.3, seed=seed)
+
+    def g(qv, seed=None):
+        return fastdl.varlen_attention(qv, qv, qv, cq, cq, 5, 5, dropout_p=0.3, seed=seed)
+
+    cq = torch.tensor([0, 4, 9], device=dev)
+    qv = _t(9, 2, 16, dev=dev, grad=True)
+    torch._dynamo.reset()
+    for fn, args in ((f, (q, k, v)), (g, (qv,))):
+        compiled = torch.compile(fn, fullgraph=True)
+        first, second = compiled(*args), compiled(*args)
+        assert not torch.equal(first, second)
+        torch.autograd.grad(first.sum(), args)
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*args, 7), fn(*args, 7))
+
+
 @pytest.mark.skipif(_ext._C is None, reason="needs the built extension")
 def test_deterministic_any_thread_count():
     q, k, v = (_t(2, 4, 150, 32, grad=True) for _ in range(3))

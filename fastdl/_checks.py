@@ -7,6 +7,19 @@ from collections.abc import Sequence
 import torch
 
 REDUCED = (torch.bfloat16, torch.float16)
+# The floating dtypes fastdl's kernels take per device type (the int8 family aside); meta tensors
+# run the fake kernels, which take any of them.
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "meta": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+def kernels_take(x: torch.Tensor) -> bool:
+    """Whether fastdl's kernels take x's dtype on x's device: the fastdl.nn modules run their
+    torch twin's forward otherwise (a patched model moved to float16 on the CPU still runs)."""
+    return x.dtype in KERNEL_DTYPES.get(x.device.type, ())
 
 
 def dtype(op: str, arg: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:

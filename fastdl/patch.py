@@ -14,13 +14,16 @@ when their package is already imported (a model made of its classes has imported
 """
 
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from fastdl import _checks
 from fastdl import nn as fnn
 
 # torch.nn class -> fastdl twin. Exact types only: a user subclass may change forward.
@@ -39,10 +42,7 @@ TWINS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 # The floating dtypes every fastdl kernel of these modules takes, per device type.
-DTYPES = {
-    "cpu": (torch.float32, torch.float64, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-}
+DTYPES = _checks.KERNEL_DTYPES
 INT8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Instance attribute of a patched module: what unpatch puts back (a class, a module or an Undo).
@@ -89,10 +89,35 @@ def class_swap(twin: type[nn.Module], name: str | None = None) -> Swap:
     """The swap of a module's class for ``twin`` (a subclass of it that only replaces forward)."""
 
     def apply(module: nn.Module) -> None:
-        module.__dict__[ORIGINAL] = type(module)
+        module.__dict__[ORIGINAL] = _ClassSwap(type(module), twin)
         module.__class__ = twin
 
     return Swap(name or twin.__name__, qualname(twin), apply)
+
+
+@dataclass(frozen=True)
+class _ClassSwap:
+    """Undoes a class swap. A class put over the twin since (torch's parametrize subclasses a
+    module's class to add weight_norm, say) is kept, rebuilt over the original class."""
+
+    original: type[nn.Module]
+    twin: type[nn.Module]
+
+    def undo(self, module: nn.Module) -> None:
+        cls = type(module)
+        if cls is self.twin:
+            module.__class__ = self.original
+        elif self.twin in cls.__bases__:
+            bases = tuple(self.original if b is self.twin else b for b in cls.__bases__)
+            body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            name = cls.__name__.replace(self.twin.__name__, self.original.__name__)
+            module.__class__ = type(name, bases, body)
+        else:
+            warnings.warn(
+                f"fastdl.unpatch: a {qualname(cls)} is left as it is (its class changed after "
+                f"fastdl.patch set {qualname(self.twin)})",
+                stacklevel=3,
+            )
 
 
 def dtype_problem(module: nn.Module, dtypes: dict[str, tuple[torch.dtype, ...]] = DTYPES):
@@ -115,11 +140,15 @@ def _recognise(module: nn.Module, quantize: bool, integrations) -> Swap | str | 
     cls = type(module)
     if ORIGINAL in module.__dict__:
         return None  # patched already
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy module: run the model once (its shapes are set then), then patch"
     if cls in TWINS:
         return dtype_problem(module) or class_swap(TWINS[cls], cls.__name__)
     if isinstance(module, tuple(TWINS)):
         if isinstance(module, tuple(TWINS.values())):
             return None  # a fastdl module built directly
+        if parametrize.is_parametrized(module):
+            return "parametrized (torch.nn.utils.parametrize builds a subclass of its own)"
         return "subclass of a supported module (its forward may differ)"
     if cls is nn.TransformerEncoderLayer:
         # Not a swap of its own: its attention and norms are swapped, but this note says where
@@ -242,9 +271,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     parents = _parents(model)
     for module in list(model.modules()):
         original = module.__dict__.pop(ORIGINAL, None)
-        if isinstance(original, type):
-            module.__class__ = original
-        elif isinstance(original, nn.Module):
+        if isinstance(original, nn.Module):
             original.train(module.training)
             for parent, key in parents.get(id(module), []):
                 parent._modules[key] = original

@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
 
 import fastdl
 from fastdl import nn as fnn
@@ -126,6 +128,96 @@ def test_left_modules_and_reasons():
     root = nn.Linear(4, 4)
     report = fastdl.patch(root, quantize=True)
     assert type(root) is nn.Linear and "root" in report.left[0][2]
+
+    model = nn.Sequential(
+        nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), weight_norm(nn.Conv2d(3, 3, 3))
+    )
+    left = {n: why for n, _, why in fastdl.patch(model).left}
+    assert left == {
+        "0": "lazy module: run the model once (its shapes are set then), then patch",
+        "1": "lazy module: run the model once (its shapes are set then), then patch",
+        "2": "parametrized (torch.nn.utils.parametrize builds a subclass of its own)",
+    }
+
+
+def _same(model, ref, *inputs, **kwargs):
+    got, want = model(*inputs, **kwargs), ref(*inputs, **kwargs)
+    got, want = (o[0] if isinstance(o, tuple) else o for o in (got, want))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_what_the_kernels_do_not_take_runs_torch():
+    """float16 on the CPU (a model moved after patch, or norms without parameters, which patch
+    cannot tell by their dtype), eps 0 norms, an LSTM in float16: torch's forward, same results."""
+    ref = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.Flatten(2),
+        nn.LayerNorm(9, elementwise_affine=False), nn.RMSNorm(9, elementwise_affine=False),
+    )  # fmt: skip
+    model = copy.deepcopy(ref)
+    assert len(fastdl.patch(model).swapped) == 4
+    model.half(), ref.half()
+    _same(model, ref, torch.randn(2, 3, 5, 5).half())
+    model[0].activation = "relu"  # the fused epilogue too
+    _same(model[0], lambda x, residual: torch.relu(ref[0](x) + residual),
+          torch.randn(1, 3, 5, 5).half(), residual=torch.randn(1, 4, 3, 3).half())  # fmt: skip
+    for ref, shape, dtype in (
+        (nn.LayerNorm(4, eps=0.0), (2, 4), torch.float32),
+        (nn.RMSNorm(4, eps=0.0), (2, 4), torch.float32),
+        (nn.LSTM(3, 4), (5, 2, 3), torch.float16),
+        (nn.GRUCell(3, 4), (2, 3), torch.float16),
+        (nn.ConvTranspose2d(3, 2, 3), (1, 3, 4, 4), torch.float16),
+        (nn.MultiheadAttention(4, 2), (3, 1, 4), torch.float16),
+    ):
+        model = nn.Sequential(copy.deepcopy(ref))
+        assert len(fastdl.patch(model).swapped) == 1
+        model.to(dtype), ref.to(dtype)
+        x = torch.randn(shape, dtype=dtype)
+        _same(model[0], ref, *((x, x, x) if isinstance(ref, nn.MultiheadAttention) else (x,)))
+
+
+def test_torch_call_conventions():
+    # forward(input=...) as torch's modules are called; integer masks refused, as torch does.
+    for ref, shape in (
+        (nn.LayerNorm(4), (2, 4)),
+        (nn.BatchNorm1d(4), (3, 4)),
+        (nn.Conv2d(3, 4, 3), (1, 3, 5, 5)),
+        (nn.ConvTranspose2d(3, 4, 3), (1, 3, 5, 5)),
+    ):
+        model = nn.Sequential(copy.deepcopy(ref))
+        fastdl.patch(model)
+        _same(model[0], ref, input=torch.randn(shape))
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    fastdl.patch(mha)
+    x, pad = torch.randn(2, 3, 8), torch.tensor([[0, 0, 1], [0, 0, 0]], dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"key_padding_mask must be a bool or floating-point mask"):
+        mha[0](x, x, x, key_padding_mask=pad, need_weights=False)
+
+
+def test_meta_model_patched_then_materialized():
+    # Deferred initialization: patch on meta, then to_empty and initialize.
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(2), nn.LayerNorm(9))
+    assert len(fastdl.patch(model).swapped) == 3
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for m in model:
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    ref = copy.deepcopy(model)
+    fastdl.unpatch(ref)
+    _same(model, ref, torch.randn(2, 3, 5, 5))
+
+
+def test_unpatch_keeps_a_parametrization_added_after_patch():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    fastdl.patch(model)
+    weight_norm(model[0])
+    x = torch.randn(1, 3, 8, 8)
+    want = model(x)
+    fastdl.unpatch(model)
+    assert isinstance(model[0], nn.Conv2d) and not isinstance(model[0], fnn.Conv2d)
+    assert parametrize.is_parametrized(model[0], "weight")
+    torch.testing.assert_close(model(x), want)
 
 
 def test_encoder_layer_fast_path_is_reported(monkeypatch):

@@ -6,11 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdl import _checks
 from fastdl.ops import attention as A
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _additive(name: str, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # nn.MultiheadAttention's bool masks mark what NOT to attend (the opposite of SDPA's).
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        # torch refuses them too; a 0/1 integer mask would otherwise be added as a bias
+        raise TypeError(
+            f"fastdl.nn.MultiheadAttention: {name} must be a bool or floating-point mask, "
+            f"got {mask.dtype}"
+        )
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             mask, -torch.inf
@@ -21,8 +28,9 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class MultiheadAttention(nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose attention runs in fastdl.scaled_dot_product_attention
     (the in/out projections stay torch's linear layers). need_weights=False is the fused path;
-    need_weights=True (which must materialize the weights), unbatched inputs, add_bias_kv and
-    add_zero_attn run torch's own forward, so every call is correct. On the fused path a row
+    need_weights=True (which must materialize the weights), unbatched inputs, add_bias_kv,
+    add_zero_attn and dtypes the kernels do not take run torch's own forward, so every call is
+    correct. On the fused path a row
     whose keys are all masked gives zeros (torch's forward: NaN), and ``is_causal`` follows
     torch's rule: it needs attn_mask, and without a key_padding_mask it replaces the mask."""
 
@@ -37,7 +45,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if need_weights or query.dim() != 3 or self.bias_k is not None or self.add_zero_attn:
+        if (
+            need_weights
+            or query.dim() != 3
+            or self.bias_k is not None
+            or self.add_zero_attn
+            or not _checks.kernels_take(query)
+        ):
             return super().forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask,
                 average_attn_weights, is_causal,
@@ -65,10 +79,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         q, k, v = heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv)
         mask = None
         if attn_mask is not None:
-            mask = _additive(attn_mask, q.dtype)
+            mask = _additive("attn_mask", attn_mask, q.dtype)
             mask = mask.view(n, h, lq, s) if mask.dim() == 3 else mask
         if key_padding_mask is not None:
-            pad = _additive(key_padding_mask, q.dtype).view(n, 1, 1, s)
+            pad = _additive("key_padding_mask", key_padding_mask, q.dtype).view(n, 1, 1, s)
             mask = pad if mask is None else mask + pad
         out = A.scaled_dot_product_attention(
             q, k, v, mask, self.dropout if self.training else 0.0,

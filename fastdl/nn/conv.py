@@ -11,7 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdl import _checks
 from fastdl.ops import conv as ops
+
+# The fused activations of Conv2d, as torch computes them (gelu: the exact erf form).
+_EPILOGUES = {
+    None: lambda y: y,
+    "none": lambda y: y,
+    "relu": F.relu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+}
 
 
 class Conv2d(nn.Conv2d):
@@ -19,7 +29,12 @@ class Conv2d(nn.Conv2d):
     kernel, the others ("reflect", "replicate", "circular") pad with F.pad first, as torch does.
     An ``activation`` attribute ("relu", "silu", "gelu"), when set, is fused into the conv."""
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        x, activation = input, getattr(self, "activation", None)
+        if not _checks.kernels_take(x):  # torch's forward, then the same epilogue
+            y = super().forward(x)
+            y = y if residual is None else y + residual
+            return _EPILOGUES[activation](y)
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -32,7 +47,7 @@ class Conv2d(nn.Conv2d):
             padding,
             self.dilation,
             self.groups,
-            activation=getattr(self, "activation", None),
+            activation=activation,
             residual=residual,
         )
 
@@ -40,7 +55,10 @@ class Conv2d(nn.Conv2d):
 class ConvTranspose2d(nn.ConvTranspose2d):
     """torch.nn.ConvTranspose2d on fastdl.conv_transpose2d (``output_size`` as torch)."""
 
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        x = input
+        if not _checks.kernels_take(x):
+            return super().forward(x, output_size)
         if self.padding_mode != "zeros":
             raise ValueError(
                 f"fastdl.nn.ConvTranspose2d: only padding_mode='zeros' is supported, "

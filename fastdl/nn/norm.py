@@ -5,16 +5,27 @@ the twin's: a torch state_dict loads unchanged and fastdl.patch can swap classes
 import torch
 from torch import nn
 
+from fastdl import _checks
 from fastdl.ops import norm as F
 
 
+def _torch_runs(x: torch.Tensor, eps: float | None) -> bool:
+    # What the kernels do not take runs torch's forward: x's dtype on its device, or eps 0
+    # (the kernels want eps > 0; torch's LayerNorm with eps 0 is fine on non-constant rows).
+    return not _checks.kernels_take(x) or (eps is not None and eps <= 0)
+
+
 class LayerNorm(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _torch_runs(input, self.eps):
+            return super().forward(input)
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _torch_runs(x, self.eps):
+            return super().forward(x)
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
@@ -30,7 +41,11 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             )
         self.activation = activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input
+        if _torch_runs(x, self.eps):
+            y = super().forward(x)
+            return torch.relu(y) if getattr(self, "activation", None) == "relu" else y
         self._check_input_dim(x)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

@@ -16,7 +16,13 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from fastdl import _checks
 from fastdl.ops import rnn as F
+
+
+def _takes(input) -> bool:
+    # What the kernels do not take (float16 on the CPU, say) runs the torch twin's forward.
+    return _checks.kernels_take(input.data if isinstance(input, PackedSequence) else input)
 
 
 def _unpack(input):
@@ -73,7 +79,14 @@ class LSTM(_RNNBase, nn.RNNBase):
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
 
+    # nn.LSTM's own checks of (h, c), which its forward (the fallback below) calls.
+    check_forward_args = nn.LSTM.check_forward_args
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    permute_hidden = nn.LSTM.permute_hidden
+
     def forward(self, input, hx=None):
+        if not _takes(input):
+            return nn.LSTM.forward(self, input, hx)
         return self._run(F.lstm, input, hx)
 
 
@@ -86,14 +99,20 @@ class GRU(_RNNBase, nn.RNNBase):
         super().__init__("GRU", *args, **kwargs)
 
     def forward(self, input, hx=None):
+        if not _takes(input):
+            return nn.GRU.forward(self, input, hx)
         return self._run(F.gru, input, hx)
 
 
 class LSTMCell(nn.LSTMCell):
     def forward(self, input, hx=None):
+        if not _takes(input):
+            return super().forward(input, hx)
         return F.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
 
 class GRUCell(nn.GRUCell):
     def forward(self, input, hx=None):
+        if not _takes(input):
+            return super().forward(input, hx)
         return F.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)

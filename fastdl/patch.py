@@ -14,7 +14,6 @@ when their package is already imported (a model made of its classes has imported
 """
 
 import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -89,7 +88,7 @@ def class_swap(twin: type[nn.Module], name: str | None = None) -> Swap:
     """The swap of a module's class for ``twin`` (a subclass of it that only replaces forward)."""
 
     def apply(module: nn.Module) -> None:
-        module.__dict__[ORIGINAL] = _ClassSwap(type(module), twin)
+        module.__dict__[ORIGINAL] = _ClassSwap(type(module))
         module.__class__ = twin
 
     return Swap(name or twin.__name__, qualname(twin), apply)
@@ -97,27 +96,19 @@ def class_swap(twin: type[nn.Module], name: str | None = None) -> Swap:
 
 @dataclass(frozen=True)
 class _ClassSwap:
-    """Undoes a class swap. A class put over the twin since (torch's parametrize subclasses a
-    module's class to add weight_norm, say) is kept, rebuilt over the original class."""
+    """Undoes a class swap. A parametrization added since (torch's parametrize puts a class of
+    its own over the module's class, here the twin) is kept: its class is rebuilt over the
+    original. Holds the original class only, so that a patched model pickles."""
 
     original: type[nn.Module]
-    twin: type[nn.Module]
 
     def undo(self, module: nn.Module) -> None:
         cls = type(module)
-        if cls is self.twin:
-            module.__class__ = self.original
-        elif self.twin in cls.__bases__:
-            bases = tuple(self.original if b is self.twin else b for b in cls.__bases__)
+        if parametrize.is_parametrized(module) and cls.__bases__ != (self.original,):
             body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-            name = cls.__name__.replace(self.twin.__name__, self.original.__name__)
-            module.__class__ = type(name, bases, body)
+            module.__class__ = type(cls.__name__, (self.original,), body)
         else:
-            warnings.warn(
-                f"fastdl.unpatch: a {qualname(cls)} is left as it is (its class changed after "
-                f"fastdl.patch set {qualname(self.twin)})",
-                stacklevel=3,
-            )
+            module.__class__ = self.original
 
 
 def dtype_problem(module: nn.Module, dtypes: dict[str, tuple[torch.dtype, ...]] = DTYPES):

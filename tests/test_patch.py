@@ -173,6 +173,13 @@ def test_what_the_kernels_do_not_take_runs_torch():
         model.to(dtype), ref.to(dtype)
         x = torch.randn(shape, dtype=dtype)
         _same(model[0], ref, *((x, x, x) if isinstance(ref, nn.MultiheadAttention) else (x,)))
+    # An RMSNorm weight of another dtype than x: torch promotes (float64 out).
+    ref = nn.RMSNorm(4)
+    model = nn.Sequential(copy.deepcopy(ref))
+    fastdl.patch(model)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    assert model[0](x).dtype == torch.float64
+    _same(model[0], ref, x)
 
 
 def test_torch_call_conventions():

@@ -24,7 +24,13 @@ class LayerNorm(nn.LayerNorm):
 
 class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _torch_runs(x, self.eps):
+        # torch promotes a weight of another dtype (float64 x, float32 weight: float64); the
+        # kernels take x's dtype, or float32 for 16-bit x.
+        w = self.weight
+        promotes = w is not None and not (
+            w.dtype == x.dtype or (x.dtype in _checks.REDUCED and w.dtype == torch.float32)
+        )
+        if promotes or _torch_runs(x, self.eps):
             return super().forward(x)
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 

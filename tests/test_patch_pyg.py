@@ -155,6 +155,19 @@ def test_compile_fullgraph_without_warm_up(kinds, dynamic):
         )
 
 
+def test_weighted_self_loops_as_pyg():
+    # PyG keeps the weight of a self loop in the input (fastdl's layer puts its own, weight 1):
+    # a weighted call whose edge_index has self loops runs the PyG layer, same results.
+    torch.manual_seed(0)
+    ref = Stack(("gcn",)).double()
+    model = copy.deepcopy(ref)
+    fastdl.patch(model)
+    x, ei = _graph(seed=2)
+    ei, w = _with_loops(ei, torch.rand(ei.shape[1], dtype=torch.float64))
+    w[-4:] = torch.tensor([0.3, 2.0, 0.5, 1.5], dtype=torch.float64)
+    torch.testing.assert_close(_outputs(model, model, x, ei, w), _outputs(ref, ref, x, ei, w))
+
+
 def _outputs(fn, module, x, *args):
     """fn's output and the gradients of its square sum to x and module's parameters (by name)."""
     x = x.clone().requires_grad_()

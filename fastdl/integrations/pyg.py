@@ -12,8 +12,10 @@ fastdl.Graph (GCN: and ``edge_weight``). Every other call (a sparse adjacency: t
 SparseTensor or a torch.sparse tensor; a pair of feature tensors; GAT's ``edge_attr``, ``size``
 or ``return_attention_weights``) runs the PyG layer they replaced, on the same Parameters, so
 it gives PyG's result (its own cache for GCNConv(cached=True)).
-One difference to know: GCNConv replaces the input's self loops by its own where PyG keeps
-theirs; the two agree unless the graph has self loops with edge weights other than 1.
+fastdl's GCNConv replaces the input's self loops by its own where PyG keeps theirs, so a
+weighted call whose edge_index has self loops (their weights may differ from 1) runs the PyG
+layer too; a fastdl.Graph, or any call under torch.compile (which cannot branch on the edges),
+runs fastdl's (the two differ only when a self loop's weight is not 1).
 """
 
 import torch
@@ -52,9 +54,17 @@ class GCNConv(fnn.GCNConv):
     """fastdl.nn.GCNConv standing in for a PyG GCNConv (see the module docstring)."""
 
     def forward(self, x, edge_index, edge_weight=None):
-        if _fastdl_call(x, edge_index):
+        if _fastdl_call(x, edge_index) and not _weighted_loops(edge_index, edge_weight):
             return super().forward(x, edge_index, edge_weight)
         return _run_pyg(self, x, edge_index, edge_weight)
+
+
+def _weighted_loops(edge_index, edge_weight) -> bool:
+    """Whether a weighted edge_index has self loops, whose weights PyG keeps (see the
+    docstring)."""
+    if edge_weight is None or isinstance(edge_index, Graph) or torch.compiler.is_compiling():
+        return False
+    return bool((edge_index[0] == edge_index[1]).any())
 
 
 class GATConv(fnn.GATConv):

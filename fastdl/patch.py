@@ -215,7 +215,7 @@ def patch(
     when asked: ``quantize=True`` or ``"Linear"`` in ``include``. With their packages imported:
     HuggingFace RMS norms whose forward is LlamaRMSNorm's or T5LayerNorm's (recognised by
     their bytecode and attributes, see fastdl.integrations.transformers), a HuggingFace model's
-    attention (``attn_implementation="fastdl"``), PyG GCNConv and GATConv.
+    attention (``attn_implementation="fastdl"``), PyG GCNConv, GATConv, SAGEConv and GINConv.
 
     Parameters, buffers, devices, dtypes, hooks and train/eval mode are kept (a replaced module
     hands its very Parameter objects to the twin, except Int8Linear's quantized weight).

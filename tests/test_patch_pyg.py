@@ -1,7 +1,8 @@
-"""fastdl.patch on PyTorch Geometric models: GCNConv and GATConv replaced by fastdl.nn's with the
-same Parameter objects give PyG's outputs and gradients, keep training with an optimizer built
-before the patch, and go back with unpatch, under torch.compile(fullgraph) too; options fastdl
-does not implement are left, and calls it does not implement run the PyG layer."""
+"""fastdl.patch on PyTorch Geometric models: GCNConv, GATConv, SAGEConv and GINConv replaced by
+fastdl.nn's with the same Parameter objects give PyG's outputs and gradients, keep training with
+an optimizer built before the patch, and go back with unpatch, under torch.compile(fullgraph)
+too; options fastdl does not implement are left, and calls it does not implement run the PyG
+layer."""
 
 import copy
 
@@ -88,6 +89,32 @@ def test_training_carries_over_and_unpatch():
 
 
 @pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: pyg.SAGEConv(12, 5),
+        lambda: pyg.SAGEConv(12, 5, aggr="max", root_weight=False, bias=False),
+        lambda: pyg.SAGEConv(12, 5, aggr="add"),
+        lambda: pyg.GINConv(nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Linear(8, 5))),
+        lambda: pyg.GINConv(nn.Linear(12, 5), eps=0.3, train_eps=True),
+        lambda: pyg.GINConv(nn.Linear(12, 5), eps=0.2),
+    ],
+    ids=["sage", "sage_max", "sage_add", "gin_mlp_bn", "gin_train_eps", "gin_eps"],
+)
+def test_sage_and_gin_replaced_same_results(layer):
+    # Duplicate edges and self loops included (neither layer adds or removes loops).
+    torch.manual_seed(0)
+    ref = nn.Sequential(layer()).double()
+    model = copy.deepcopy(ref)
+    report = fastdl.patch(model)
+    assert type(model[0]) in (twins.SAGEConv, twins.GINConv), str(report)
+    x, ei = _graph(seed=3)
+    ei = torch.cat([ei, torch.tensor([[3, 3, 5], [3, 3, 5]])], 1)
+    torch.testing.assert_close(_outputs(model[0], model, x, ei), _outputs(ref[0], ref, x, ei))
+    fastdl.unpatch(model)
+    assert type(model[0]) is type(ref[0])
+
+
+@pytest.mark.parametrize(
     "layer, reason",
     [
         (lambda: pyg.GCNConv(4, 4, improved=True), "improved"),
@@ -97,6 +124,11 @@ def test_training_carries_over_and_unpatch():
         (lambda: pyg.GATConv(4, 4, edge_dim=3), "edge_dim"),
         (lambda: pyg.GATConv((4, 6), 4), "bipartite"),
         (lambda: pyg.GATConv(4, 4, residual=True), "residual"),
+        (lambda: pyg.SAGEConv(4, 4, normalize=True), "normalize=True"),
+        (lambda: pyg.SAGEConv(4, 4, project=True), "project=True"),
+        (lambda: pyg.SAGEConv((4, 6), 4), "bipartite"),
+        (lambda: pyg.SAGEConv(4, 4, aggr="std"), "aggr"),
+        (lambda: pyg.GINConv(nn.Linear(4, 4), aggr="mean"), "aggr"),
     ],
 )
 def test_unsupported_options_left(layer, reason):

@@ -1,4 +1,4 @@
-"""PyTorch Geometric: fastdl.patch replaces GCNConv and GATConv by fastdl.nn's.
+"""PyTorch Geometric: fastdl.patch replaces GCNConv, GATConv, SAGEConv and GINConv by fastdl.nn's.
 
 The fastdl layers have PyG's parameter layout (``lin.weight`` (out, in), ``bias``; GAT's
 ``att_src``/``att_dst`` (1, heads, out)), so the twin takes the PyG layer's very Parameter
@@ -6,11 +6,12 @@ objects: an optimizer built before patching keeps training them, and unpatch put
 back with what was learnt. Options the fastdl layers do not implement leave the layer as it is,
 with the reason in the report.
 
-The twins (:class:`GCNConv`, :class:`GATConv` below: fastdl.nn's with PyG's call signature)
-run the fastdl kernels on ``x`` of shape (N, C) with ``edge_index`` a (2, E) integer tensor or a
-fastdl.Graph (GCN: and ``edge_weight``). Every other call (a sparse adjacency: torch_sparse's
-SparseTensor or a torch.sparse tensor; a pair of feature tensors; GAT's ``edge_attr``, ``size``
-or ``return_attention_weights``) runs the PyG layer they replaced, on the same Parameters, so
+The twins (:class:`GCNConv`, :class:`GATConv`, :class:`SAGEConv`, :class:`GINConv` below:
+fastdl.nn's with PyG's call signature) run the fastdl kernels on ``x`` of shape (N, C) with
+``edge_index`` a (2, E) integer tensor or a fastdl.Graph (GCN: and ``edge_weight``). Every other
+call (a sparse adjacency: torch_sparse's SparseTensor or a torch.sparse tensor; a pair of feature
+tensors; ``size``; GAT's ``edge_attr`` or ``return_attention_weights``) runs the PyG layer they
+replaced, on the same Parameters, so
 it gives PyG's result (its own cache for GCNConv(cached=True)).
 fastdl's GCNConv replaces the input's self loops by its own where PyG keeps theirs, so a
 weighted call whose edge_index has self loops (their weights may differ from 1) runs the PyG
@@ -24,6 +25,7 @@ from torch_geometric import nn as pyg
 
 from fastdl import nn as fnn
 from fastdl.graph import INDEX_DTYPES, Graph
+from fastdl.ops.graph import REDUCES
 from fastdl.patch import Swap, dtype_problem, qualname
 
 # Where a twin keeps the PyG layer it replaced, outside its submodules: no second copy of the
@@ -79,6 +81,24 @@ class GATConv(fnn.GATConv):
         return _run_pyg(self, x, edge_index, *extras)
 
 
+class SAGEConv(fnn.SAGEConv):
+    """fastdl.nn.SAGEConv standing in for a PyG SAGEConv (see the module docstring)."""
+
+    def forward(self, x, edge_index, size=None):
+        if _fastdl_call(x, edge_index) and size is None:
+            return super().forward(x, edge_index)
+        return _run_pyg(self, x, edge_index, size)
+
+
+class GINConv(fnn.GINConv):
+    """fastdl.nn.GINConv standing in for a PyG GINConv (see the module docstring)."""
+
+    def forward(self, x, edge_index, size=None):
+        if _fastdl_call(x, edge_index) and size is None:
+            return super().forward(x, edge_index)
+        return _run_pyg(self, x, edge_index, size)
+
+
 def _lazy(module: nn.Module) -> bool:
     return any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters())
 
@@ -111,6 +131,19 @@ def _gat_problem(m: pyg.GATConv) -> str | None:
     return _common_problem(m, "add")
 
 
+def _sage_problem(m: pyg.SAGEConv) -> str | None:
+    if isinstance(m.in_channels, tuple):
+        return "bipartite in_channels (a pair of sizes)"
+    if m.normalize or m.project:
+        return f"normalize={m.normalize}, project={m.project}"
+    aggr = "sum" if m.aggr == "add" else m.aggr
+    return _common_problem(m, m.aggr if aggr in REDUCES else "mean, sum, max or min")
+
+
+def _gin_problem(m: pyg.GINConv) -> str | None:
+    return _common_problem(m, "add")
+
+
 def _share(twin: nn.Module, original: nn.Module) -> nn.Module:
     for name, p in original.named_parameters():
         owner, _, attr = name.rpartition(".")
@@ -133,9 +166,26 @@ def _gat(m: pyg.GATConv) -> GATConv:
     return _share(twin, m)
 
 
+def _sage(m: pyg.SAGEConv) -> SAGEConv:
+    aggr = "sum" if m.aggr == "add" else m.aggr
+    twin = SAGEConv(m.in_channels, m.out_channels, aggr, m.root_weight, m.lin_l.bias is not None)
+    return _share(twin, m)
+
+
+def _gin(m: pyg.GINConv) -> GINConv:
+    # The same nn module (so its Parameters, and any of its modules patch swaps, are shared);
+    # eps the same Parameter or, without train_eps, the same buffer.
+    twin = GINConv(m.nn, m.initial_eps, isinstance(m.eps, nn.Parameter))
+    if not isinstance(m.eps, nn.Parameter):
+        twin.eps = m.eps
+    return _share(twin, m)
+
+
 RULES = {
     pyg.GCNConv: (_gcn_problem, _gcn, GCNConv),
     pyg.GATConv: (_gat_problem, _gat, GATConv),
+    pyg.SAGEConv: (_sage_problem, _sage, SAGEConv),
+    pyg.GINConv: (_gin_problem, _gin, GINConv),
 }
 
 

@@ -132,7 +132,10 @@ def _recognise(module: nn.Module, quantize: bool, integrations) -> Swap | str | 
     if ORIGINAL in module.__dict__:
         return None  # patched already
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-        return "lazy module: run the model once (its shapes are set then), then patch"
+        becomes = getattr(module, "cls_to_become", None)
+        if becomes in TWINS or (becomes is nn.Linear and quantize):
+            return "lazy module: run the model once (its shapes are set then), then patch"
+        return None
     if cls in TWINS:
         return dtype_problem(module) or class_swap(TWINS[cls], cls.__name__)
     if isinstance(module, tuple(TWINS)):
@@ -262,7 +265,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     parents = _parents(model)
     for module in list(model.modules()):
         original = module.__dict__.pop(ORIGINAL, None)
-        if isinstance(original, nn.Module):
+        if isinstance(original, type):  # a model patched (and pickled) by an older fastdl
+            module.__class__ = original
+        elif isinstance(original, nn.Module):
             original.train(module.training)
             for parent, key in parents.get(id(module), []):
                 parent._modules[key] = original

@@ -130,8 +130,9 @@ def test_left_modules_and_reasons():
     assert type(root) is nn.Linear and "root" in report.left[0][2]
 
     model = nn.Sequential(
-        nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), weight_norm(nn.Conv2d(3, 3, 3))
-    )
+        nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), weight_norm(nn.Conv2d(3, 3, 3)),
+        nn.LazyConv1d(4, 3), nn.LazyLinear(3),  # no twins (Linear: not asked for): not listed
+    )  # fmt: skip
     left = {n: why for n, _, why in fastdl.patch(model).left}
     assert left == {
         "0": "lazy module: run the model once (its shapes are set then), then patch",

@@ -114,6 +114,18 @@ def test_sage_and_gin_replaced_same_results(layer):
     assert type(model[0]) is type(ref[0])
 
 
+def test_gin_eps_buffer_stays_shared_after_conversion():
+    # .double() replaces buffers: the PyG layer (calls with size=, unpatch) must see the new eps.
+    model = nn.Sequential(pyg.GINConv(nn.Linear(12, 5), eps=0.3))
+    fastdl.patch(model)
+    model.double()
+    model.load_state_dict({**model.state_dict(), "0.eps": torch.tensor([5.0])})
+    x, ei = _graph(seed=4)
+    torch.testing.assert_close(model[0](x, ei), model[0](x, ei, (N, N)))
+    fastdl.unpatch(model)
+    assert model[0].eps.item() == 5.0 and model[0].eps.dtype == torch.float64
+
+
 @pytest.mark.parametrize(
     "layer, reason",
     [

@@ -98,6 +98,15 @@ class GINConv(fnn.GINConv):
             return super().forward(x, edge_index)
         return _run_pyg(self, x, edge_index, size)
 
+    def _apply(self, fn, recurse=True):
+        # .to()/.double() convert Parameters in place (still shared with the PyG layer) but
+        # replace buffers: the PyG layer is pointed at the twin's new eps buffer again.
+        super()._apply(fn, recurse)
+        layer = self.__dict__.get(PYG_LAYER)
+        if layer is not None and "eps" in self._buffers:
+            layer._buffers["eps"] = self._buffers["eps"]
+        return self
+
 
 def _lazy(module: nn.Module) -> bool:
     return any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters())

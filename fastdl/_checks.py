@@ -12,7 +12,7 @@ REDUCED = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    "meta": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "meta": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
 }
 
 

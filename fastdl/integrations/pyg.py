@@ -81,22 +81,22 @@ class GATConv(fnn.GATConv):
         return _run_pyg(self, x, edge_index, *extras)
 
 
-class SAGEConv(fnn.SAGEConv):
+class _SizeCall:
+    """The forward of a twin whose PyG layer is called as (x, edge_index, size): calls with a
+    size run the PyG layer."""
+
+    def forward(self, x, edge_index, size=None):
+        if _fastdl_call(x, edge_index) and size is None:
+            return super().forward(x, edge_index)
+        return _run_pyg(self, x, edge_index, size)
+
+
+class SAGEConv(_SizeCall, fnn.SAGEConv):
     """fastdl.nn.SAGEConv standing in for a PyG SAGEConv (see the module docstring)."""
 
-    def forward(self, x, edge_index, size=None):
-        if _fastdl_call(x, edge_index) and size is None:
-            return super().forward(x, edge_index)
-        return _run_pyg(self, x, edge_index, size)
 
-
-class GINConv(fnn.GINConv):
+class GINConv(_SizeCall, fnn.GINConv):
     """fastdl.nn.GINConv standing in for a PyG GINConv (see the module docstring)."""
-
-    def forward(self, x, edge_index, size=None):
-        if _fastdl_call(x, edge_index) and size is None:
-            return super().forward(x, edge_index)
-        return _run_pyg(self, x, edge_index, size)
 
     def _apply(self, fn, recurse=True):
         # .to()/.double() convert Parameters in place (still shared with the PyG layer) but
@@ -145,8 +145,12 @@ def _sage_problem(m: pyg.SAGEConv) -> str | None:
         return "bipartite in_channels (a pair of sizes)"
     if m.normalize or m.project:
         return f"normalize={m.normalize}, project={m.project}"
-    aggr = "sum" if m.aggr == "add" else m.aggr
-    return _common_problem(m, m.aggr if aggr in REDUCES else "mean, sum, max or min")
+    return _common_problem(m, m.aggr if _sage_aggr(m) in REDUCES else "mean, sum, max or min")
+
+
+def _sage_aggr(m: pyg.SAGEConv):
+    """PyG's aggregation under fastdl's name ("add" is "sum")."""
+    return "sum" if m.aggr == "add" else m.aggr
 
 
 def _gin_problem(m: pyg.GINConv) -> str | None:
@@ -176,8 +180,9 @@ def _gat(m: pyg.GATConv) -> GATConv:
 
 
 def _sage(m: pyg.SAGEConv) -> SAGEConv:
-    aggr = "sum" if m.aggr == "add" else m.aggr
-    twin = SAGEConv(m.in_channels, m.out_channels, aggr, m.root_weight, m.lin_l.bias is not None)
+    twin = SAGEConv(
+        m.in_channels, m.out_channels, _sage_aggr(m), m.root_weight, m.lin_l.bias is not None
+    )
     return _share(twin, m)
 
 

@@ -20,15 +20,15 @@ OPS = ("conv2d_fwd", "conv2d_bwd", "conv_transpose2d_fwd", "conv_transpose2d_bwd
 ACTIVATIONS = ("none", "relu", "silu", "gelu")
 CONV = "fastdl.conv2d"
 CONV_T = "fastdl.conv_transpose2d"
-CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_DTYPES = _checks.KERNEL_DTYPES["cpu"]
+GPU_DTYPES = _checks.KERNEL_DTYPES["cuda"]
 
 
 def _dtypes(x: torch.Tensor) -> tuple[torch.dtype, ...]:
     """The C++ CPU kernels' dtypes, or the GPU ones (CUDA and Triton, also interpreted); on the
     meta device (shapes only) those of every backend."""
     if x.device.type == "meta":
-        return tuple(dict.fromkeys(CPU_DTYPES + GPU_DTYPES))
+        return _checks.KERNEL_DTYPES["meta"]
     native_cpu = x.device.type == "cpu" and _backend.resolve("conv", "cpu") == "native"
     return CPU_DTYPES if native_cpu else GPU_DTYPES
 

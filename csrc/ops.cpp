@@ -93,9 +93,12 @@ TORCH_LIBRARY(fastdl, m) {
   // "none", "relu", "silu", "gelu" (exact erf GELU). `pre` is the pre-activation
   // conv + bias + residual, saved for the backward of silu/gelu; for "none" and "relu" it is an
   // empty (0,) tensor (relu's backward reads `out` instead: out > 0 <=> pre > 0).
+  // inference: no gradient will flow through the output, so the CPU kernels may round more
+  // (Winograd F(4x4, 3x3): csrc/cpu/conv.cpp, winograd_tile); the GPU kernels ignore it.
   m.def(
       "conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, str activation) -> (Tensor out, Tensor pre)");
+      "int[2] padding, int[2] dilation, int groups, str activation, bool inference=False) "
+      "-> (Tensor out, Tensor pre)");
   // Backward of conv2d_fwd. `out` and `pre` are what the forward returned (out is read for
   // relu, pre for silu/gelu; the other may be empty). output_mask = (input, weight, bias,
   // pre-activation): grad_pre = grad_out * act'(pre) is the residual's gradient, only asked

@@ -338,7 +338,8 @@ def test_nonfinite_propagates_winograd(backend, layout):
 
 # Run in a subprocess per FASTDL_CONV_WINOGRAD setting (read once per process): forward and
 # input gradient of the Winograd-sized shapes against float64 (partial tiles, padding 0-2, both
-# layouts, a NaN), and the output of one conv saved for the parent to compare across settings.
+# layouts, a NaN), and the outputs of one conv, as inference and as a differentiable forward,
+# saved for the parent to compare across settings.
 _WINOGRAD_SWITCH = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -352,6 +353,9 @@ for n, c, h, w, k, pad in [(2, 16, 11, 13, 20, 1), (3, 20, 9, 10, 17, 0), (3, 24
         xd, wd = (t.detach().double().requires_grad_() for t in (x, wt))
         expected = ref_conv2d(xd, wd, None, 1, pad, 1, 1, "relu")
         assert_close(y, expected, torch.float32)
+        with torch.no_grad():
+            inferred = fastdl.conv2d(x, wt, padding=pad, activation="relu")
+        assert_close(inferred, expected, torch.float32)
         g = torch.randn(expected.shape, dtype=torch.float64)
         y.backward(g.float())
         expected.backward(g)
@@ -360,29 +364,36 @@ for n, c, h, w, k, pad in [(2, 16, 11, 13, 20, 1), (3, 20, 9, 10, 17, 0), (3, 24
 torch.manual_seed(0)
 x = torch.randn(4, 64, 12, 12)
 w = torch.randn(64, 64, 3, 3)
-torch.save((x, w, fastdl.conv2d(x, w, padding=1)), {path!r})
+trained = fastdl.conv2d(x, w.requires_grad_(), padding=1).detach()
+torch.save((x, w.detach(), fastdl.conv2d(x, w.detach(), padding=1), trained), {path!r})
 x[1, 2, 3, 4] = float("nan")
-y = fastdl.conv2d(x, w, padding=1)
+y = fastdl.conv2d(x, w.detach(), padding=1)
 assert torch.equal(y.isnan(), torch.nn.functional.conv2d(x, w, padding=1).isnan())
 """
 
 
 def test_winograd_settings(tmp_path):
-    """FASTDL_CONV_WINOGRAD=0 (direct), 2 (the default, F(2x2, 3x3)) and 4 (F(4x4, 3x3)) are each
-    correct on the Winograd shapes (checked in their subprocess) and really take different
-    paths: three roundings of one 64-channel conv, F(4x4, 3x3)'s RMS error the largest (~4x the
-    direct GEMM's here), F(2x2, 3x3)'s of the direct one's order."""
-    err = {}
-    for flag in ("0", "2", "4"):
+    """FASTDL_CONV_WINOGRAD=0 (direct), 2 (F(2x2, 3x3)) and 4 (F(4x4, 3x3)) are each correct on
+    the Winograd shapes (checked in their subprocess) and really take different paths: three
+    roundings of one 64-channel conv, F(4x4, 3x3)'s RMS error the largest (~4x the direct
+    GEMM's here), F(2x2, 3x3)'s of the direct one's order. Unset (the default), a forward whose
+    output will be differentiated takes F(2x2, 3x3), an inference forward F(4x4, 3x3)."""
+    err, out = {}, {}
+    for flag in ("0", "2", "4", None):
         path = str(tmp_path / f"y{flag}.pt")
-        env = {**os.environ, "FASTDL_CONV_WINOGRAD": flag}
+        env = {k: v for k, v in os.environ.items() if k != "FASTDL_CONV_WINOGRAD"}
+        env.update({} if flag is None else {"FASTDL_CONV_WINOGRAD": flag})
         script = _WINOGRAD_SWITCH.format(tests=os.path.dirname(__file__), path=path)
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
-        x, w, y = torch.load(path)
+        x, w, inferred, trained = torch.load(path)
+        out[flag] = inferred, trained
         expected = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
-        err[flag] = (y.double() - expected).square().mean().sqrt().item()
+        err[flag] = (trained.double() - expected).square().mean().sqrt().item()
     assert err["0"] != err["2"] != err["4"] != err["0"]
     assert err["4"] > 2.5 * max(err["0"], err["2"]) and err["2"] < 2 * err["0"]
+    for flag in ("0", "2", "4"):
+        assert torch.equal(*out[flag])
+    assert torch.equal(out[None][0], out["4"][0]) and torch.equal(out[None][1], out["2"][1])
 
 
 def _window(size, p, q, device):

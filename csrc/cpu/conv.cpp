@@ -91,17 +91,38 @@ at::Tensor from_channels_last(const at::Tensor& t, at::MemoryFormat fmt, at::Sca
   return as_output(t, dtype, fmt);
 }
 
-// The Winograd tile size m (cpu/conv_winograd.h): FASTDL_CONV_WINOGRAD=2 (the default: float32
-// error of a direct conv, so training follows torch's as closely as the direct path), 4 (a 4x
-// instead of 2.25x cut, ~10x the rounding error: for inference) or 0 (every conv runs the
-// implicit GEMM); read once, at the first conv.
+// FASTDL_CONV_WINOGRAD, read once, at the first conv: 2 or 4 takes F(m x m, 3x3) with that m
+// wherever Winograd suits, 0 runs every conv on the implicit GEMM; unset (-1) picks per call
+// (winograd_tile).
 int64_t winograd_setting() {
   static const int64_t m = [] {
     const char* v = std::getenv("FASTDL_CONV_WINOGRAD");
-    const std::string_view s = v == nullptr ? "2" : v;
-    return s == "0" ? 0 : s == "2" ? 2 : 4;
+    const std::string_view s = v == nullptr ? "" : v;
+    return s == "0" ? 0 : s == "2" ? 2 : s == "4" ? 4 : -1;
   }();
   return m;
+}
+
+// Whether Winograd F(m x m, 3x3) suits the conv g with elements of `elem` bytes (see
+// kWinogradMinCK).
+bool winograd_suits(const conv::ConvGeom& g, int64_t elem, int64_t m) {
+  return elem == int64_t(sizeof(float)) && g.groups == 1 && g.R == 3 && g.S == 3 &&
+         g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 && g.dil_w == 1 &&
+         g.C * g.K >= kWinogradMinCK &&
+         g.N * ((g.P + m - 1) / m) * ((g.Q + m - 1) / m) * (g.C + g.K) >= g.C * g.K;
+}
+
+// The Winograd tile size m for g (0: none). By default F(2x2, 3x3) where the output will be
+// differentiated: its float32 error is that of a direct conv, so training follows torch's as
+// closely as the direct path. An inference forward takes F(4x4, 3x3), a 4x instead of a 2.25x
+// cut in multiply-adds, with ~5x the rounding error (a few 1e-6 of the output's largest
+// magnitude: within DESIGN section 4, yet enough to flip the odd ReLU mask and move a network's
+// training loss by ~1e-4 within a few steps).
+int64_t winograd_tile(const conv::ConvGeom& g, int64_t elem, bool inference) {
+  const int64_t set = winograd_setting();
+  if (set >= 0) return set > 0 && winograd_suits(g, elem, set) ? set : 0;
+  if (inference && winograd_suits(g, elem, 4)) return 4;
+  return winograd_suits(g, elem, 2) ? 2 : 0;
 }
 
 }  // namespace
@@ -135,7 +156,7 @@ at::Tensor nhwc(const at::Tensor& x) {
 }
 
 Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem,
-          const at::Tensor& weight) {
+          const at::Tensor& weight, bool inference) {
   Gemm p{};
   p.a =
       ConvArgs{g.N,        g.C,     g.H,     g.W,     g.K,     g.R,      g.S, g.P, g.Q, g.stride_h,
@@ -153,12 +174,7 @@ Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t 
   // its output even for a 1x1 stride-1 unpadded kernel.
   p.direct = g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 &&
              g.pad_w == 0 && g.P == g.H && g.Q == g.W;
-  const int64_t m = winograd_setting();
-  const bool wino = m > 0 && elem == int64_t(sizeof(float)) && g.groups == 1 && g.R == 3 &&
-                    g.S == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
-                    g.dil_w == 1 && g.C * g.K >= kWinogradMinCK &&
-                    g.N * ((g.P + m - 1) / m) * ((g.Q + m - 1) / m) * (g.C + g.K) >= g.C * g.K;
-  p.wino = wino ? m : 0;
+  p.wino = winograd_tile(g, elem, inference);
   p.taps = g.groups == 1 && !p.direct && valid_taps(g) <= kTapsMaxValid;
   // Both 0 for a conv without input and output channels.
   const int64_t panel_rows = kPanelBytes / (elem * std::max({p.j, p.kg, int64_t{1}}));
@@ -344,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
                                               const std::optional<at::Tensor>& residual,
                                               at::IntArrayRef stride, at::IntArrayRef padding,
                                               at::IntArrayRef dilation, int64_t groups,
-                                              std::string_view activation) {
+                                              std::string_view activation, bool inference) {
   const auto g = conv::conv2d_geom(kConv, x, weight, stride, padding, dilation, groups, kDtypes);
   const auto act = conv::parse_activation(kConv, activation);
   conv::check_bias(kConv, bias, x, g.K);
@@ -355,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
   at::Tensor pre = conv::saves_pre(act) ? new_output(out.sizes(), out.options(), fmt)
                                         : at::empty({0}, x.options());
   if (out.numel() > 0) {
-    const Gemm p = plan(g, static_cast<int>(act), out, c10::elementSize(ct), weight);
+    const Gemm p = plan(g, static_cast<int>(act), out, c10::elementSize(ct), weight, inference);
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
     const at::Tensor res = residual.has_value() ? as_output(*residual, ct, fmt) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(ct, "conv2d_fwd",

@@ -49,9 +49,10 @@ bool nchw_float(const at::Tensor& x);
 at::Tensor nhwc(const at::Tensor& x);
 
 // The GEMMs of the conv g with activation `act`, writing through out_like's strides (when
-// defined), elements of `elem` bytes; the weight (when defined) picks its matrix layout.
+// defined), elements of `elem` bytes; the weight (when defined) picks its matrix layout. An
+// inference forward (no gradient will flow through it) may take a coarser Winograd tile.
 Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem,
-          const at::Tensor& weight);
+          const at::Tensor& weight, bool inference = false);
 
 // The GEMM operand wmat^T[k, j] of p in dtype ct (see conv.cpp).
 at::Tensor weight_matrix(const at::Tensor& w, const Gemm& p, at::ScalarType ct);

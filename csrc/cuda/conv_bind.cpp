@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
                                               const OptTensor& bias, const OptTensor& residual,
                                               at::IntArrayRef stride, at::IntArrayRef padding,
                                               at::IntArrayRef dilation, int64_t groups,
-                                              std::string_view activation) {
+                                              std::string_view activation, bool /*inference*/) {
   const auto g = conv::conv2d_geom(kConv, x, weight, stride, padding, dilation, groups, kDtypes);
   const auto act = conv::parse_activation(kConv, activation);
   conv::check_bias(kConv, bias, x, g.K);

@@ -228,6 +228,34 @@ def test_every_isa_nchw_winograd(isa):
         assert_close(got, want, torch.float32, scale=4.0)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_isa_streamed_outputs(isa, layout):
+    """Per ISA and layout: outputs of >= 8 MiB are written with non-temporal stores where a whole
+    vector lands aligned, ordinary ones elsewhere (rows of 131 pixels: vectors straddle the
+    alignment), through the Winograd epilogue with bias + residual + ReLU, the implicit GEMM's
+    (1x1) and both depthwise kernels; equal to float64."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 16, 131, 131).contiguous(memory_format=fmt)
+    w, w1 = torch.randn(64, 16, 3, 3) / 12, torch.randn(64, 16, 1, 1) / 4
+    b, res = torch.randn(64), torch.randn(2, 64, 131, 131).contiguous(memory_format=fmt)
+    wd = torch.randn(64, 1, 3, 3) / 3
+    previous = _ext.cpu_isa()
+    _ext.set_cpu_isa(isa)
+    try:
+        with fastdl.backend(NATIVE_CPU.name), torch.no_grad():
+            y = fastdl.conv2d(x, w, b, 1, 1, activation="relu", residual=res)
+            y1 = fastdl.conv2d(x, w1, b)
+            z = fastdl.conv2d(y, wd, None, 1, 1, 1, 64)
+    finally:
+        _ext.set_cpu_isa(previous)
+    assert y.numel() * 4 >= 8 << 20 and y.is_contiguous(memory_format=fmt)
+    yd = ref_conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 1, "relu", res.double())
+    assert_close(y, yd, torch.float32)
+    assert_close(y1, ref_conv2d(x.double(), w1.double(), b.double(), 1, 0, 1, 1), torch.float32)
+    assert_close(z, ref_conv2d(y.double(), wd.double(), None, 1, 1, 1, 64), torch.float32)
+
+
 def test_taps_any_thread_count():
     """The per-tap GEMMs of small images (4x4, 31% of the taps on padding, as ResNet-18's last
     stage on 32x32 inputs; few images for so many channels, so not Winograd): outputs and

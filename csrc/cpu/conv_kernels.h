@@ -189,7 +189,7 @@ namespace conv_detail {
 
 // The epilogue of len contiguous outputs at element offset o (one SIMD vector): v + bias (per
 // lane) + residual, pre stored when asked, then the activation (ReLU in SIMD, the
-// transcendental ones per lane).
+// transcendental ones per lane). A whole vector at an aligned `out` is streamed when e.stream.
 template <typename T, typename V>
 inline void store_vec(const ConvArgs& a, const ConvEpilogue& e, V v, V bias, int64_t o,
                       int64_t len) {
@@ -198,7 +198,11 @@ inline void store_vec(const ConvArgs& a, const ConvEpilogue& e, V v, V bias, int
   if (e.pre != nullptr) st(static_cast<T*>(e.pre) + o, v, len);
   T* out = static_cast<T*>(e.out) + o;
   if (a.activation == 0 || a.activation == kRelu) {
-    st(out, a.activation == kRelu ? relu(v) : v, len);
+    const V y = a.activation == kRelu ? relu(v) : v;
+    if (e.stream && len == V::W && reinterpret_cast<uintptr_t>(out) % (V::W * sizeof(T)) == 0)
+      y.stream(out);
+    else
+      st(out, y, len);
     return;
   }
   T lanes[V::W];
@@ -231,6 +235,7 @@ void conv_epilogue(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t
         conv_detail::store_vec<T>(a, e, ld<V>(acc + i * kg + c, len), vb, base + k0 + c, len);
       });
     }
+    if (e.stream) V::fence();
     return;
   }
   T tile[V::W * V::W];
@@ -252,6 +257,7 @@ void conv_epilogue(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t
     });
     i0 += run;
   }
+  if (e.stream) V::fence();
 }
 
 // One output row (n, p) of a 3x3 depthwise conv, channels [c0, c0 + len), output channels_last:
@@ -347,6 +353,7 @@ void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const
       }
     });
   }
+  if (e.stream) V::fence();
 }
 
 // Direct depthwise conv on NCHW with stride_w == 1, planes (n, c) in [plane0, plane1): each
@@ -411,6 +418,7 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
         conv_detail::store_vec<T>(a, e, acc0 + acc1, vb, base + p * a.Q + q0, len);
       });
   }
+  if (e.stream) V::fence();
 }
 
 #include "cpu/conv_winograd.h"

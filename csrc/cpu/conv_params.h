@@ -26,13 +26,16 @@ struct ConvArgs {
 };
 
 // Epilogue of one block of GEMM rows [m0, m0 + mb) and one group g: acc is (mb, K / groups),
-// row-major; bias (K) may be null, residual/pre may be null.
+// row-major; bias (K) may be null, residual/pre may be null. With `stream` (large outputs:
+// cpu/output.h, kStreamBytes), whole aligned vectors of out are written non-temporally and the
+// kernel fences before it returns.
 struct ConvEpilogue {
   const void* acc;
   const void* bias;
   const void* residual;
   void* out;
   void* pre;
+  bool stream = false;
 };
 
 // im2col of rows [m0, m0 + mb), group g, from x (N, H, W, C) into col (mb, R * S * C / groups),

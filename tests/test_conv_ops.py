@@ -256,6 +256,23 @@ def test_every_isa_streamed_outputs(isa, layout):
     assert_close(z, ref_conv2d(y.double(), wd.double(), None, 1, 1, 1, 64), torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_streamed_input_gradient(layout):
+    """The Winograd input gradient of >= 8 MiB, written straight in x's memory format with
+    non-temporal stores where whole vectors land aligned: equal to float64, in x's format."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 64, 131, 131).contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.randn(64, 64, 3, 3) / 24).requires_grad_()
+    g = torch.randn(2, 64, 131, 131)
+    with fastdl.backend(NATIVE_CPU.name):
+        (gx,) = torch.autograd.grad(fastdl.conv2d(x, w, None, 1, 1), x, g)
+    assert gx.numel() * 4 >= 8 << 20 and gx.is_contiguous(memory_format=fmt)
+    xd = x.detach().double().requires_grad_()
+    want = ref_conv2d(xd, w.detach().double(), None, 1, 1, 1, 1)
+    (want,) = torch.autograd.grad(want, xd, g.double())
+    assert_close(gx, want, torch.float32, scale=4.0)
+
+
 def test_taps_any_thread_count():
     """The per-tap GEMMs of small images (4x4, 31% of the taps on padding, as ResNet-18's last
     stage on 32x32 inputs; few images for so many channels, so not Winograd): outputs and

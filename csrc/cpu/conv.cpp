@@ -404,7 +404,7 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
   const Gemm p = plan(g, 0, at::Tensor(), c10::elementSize(ct), weight);
   ConvGrads r;
   const auto opts = gpre.options();
-  if (want_input) r.input = winograd_input_grad(g, gpre, weight);
+  if (want_input) r.input = winograd_input_grad(g, gpre, weight, fmt);
   if (r.input.defined()) {
     r.input = from_channels_last(r.input, fmt, dtype);
   } else if (want_input) {

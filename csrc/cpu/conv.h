@@ -82,7 +82,7 @@ void sum_chunks(const T* partial, int64_t chunks, int64_t part, Put put) {
 bool winograd_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight, ConvEpilogue e);
 at::Tensor winograd_weight_grad(const Gemm& p, const at::Tensor& x, const float* gpre);
 at::Tensor winograd_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
-                               const at::Tensor& weight);
+                               const at::Tensor& weight, at::MemoryFormat fmt);
 
 // conv_taps.cpp: the fraction of g's (output pixel, tap) pairs whose tap reads inside the input
 // (plan runs the GEMMs per tap at or below kTapsMaxValid), and the three products per tap.

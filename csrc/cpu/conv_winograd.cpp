@@ -237,9 +237,10 @@ at::Tensor winograd_weight_grad(const Gemm& p, const at::Tensor& x, const float*
 
 // The input gradient of a conv whose forward Winograd runs, by Winograd too: the forward of the
 // adjoint conv (gpre (N, P, Q, K) with the weight flipped and transposed, padding 2 - pad) into
-// (N, C, H, W) channels_last. Undefined when Winograd does not apply (padding over 2 included).
+// (N, C, H, W) in memory format fmt. Undefined when Winograd does not apply (padding over 2
+// included).
 at::Tensor winograd_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
-                               const at::Tensor& weight) {
+                               const at::Tensor& weight, at::MemoryFormat fmt) {
   conv::ConvGeom adj = g;
   std::swap(adj.C, adj.K);
   std::tie(adj.H, adj.W, adj.P, adj.Q) = std::make_tuple(g.P, g.Q, g.H, g.W);
@@ -247,11 +248,12 @@ at::Tensor winograd_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
   adj.pad_w = g.S - 1 - g.pad_w;
   if (gpre.scalar_type() != at::kFloat || adj.pad_h < 0 || adj.pad_w < 0 || g.N * g.H * g.W == 0)
     return {};
-  at::Tensor gx = new_output({g.N, g.C, g.H, g.W}, gpre.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor gx = new_output({g.N, g.C, g.H, g.W}, gpre.options(), fmt);
   const Gemm p = plan(adj, 0, gx, sizeof(float), at::Tensor());  // the weight only sets crs
   if (p.wino == 0) return {};  // before flipping the weight (a pass over it)
   const at::Tensor w = weight.flip({2, 3}).transpose(0, 1);
-  const ConvEpilogue e{nullptr, nullptr, nullptr, gx.data_ptr<float>(), nullptr};
+  const ConvEpilogue e{
+      nullptr, nullptr, nullptr, gx.data_ptr<float>(), nullptr, gx.nbytes() >= kStreamBytes};
   return winograd_forward(p, gpre, w, e) ? gx : at::Tensor();
 }
 }  // namespace fastdl::cpu::conv_impl

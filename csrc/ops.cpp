@@ -16,17 +16,18 @@ TORCH_LIBRARY(fastdl, m) {
   // Masked-off gradients (output_mask false) come back as empty tensors.
   m.def(
       "layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, "
-      "int normalized_numel, float eps) -> (Tensor out, Tensor sum, Tensor mean, Tensor rstd)");
+      "SymInt normalized_numel, float eps) -> (Tensor out, Tensor sum, Tensor mean, Tensor rstd)");
   m.def(
       "layer_norm_bwd(Tensor grad_out, Tensor? grad_sum, Tensor input, Tensor mean, Tensor rstd, "
-      "Tensor? weight, int normalized_numel, bool[3] output_mask) "
+      "Tensor? weight, SymInt normalized_numel, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
-      "rms_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, int normalized_numel, float eps) "
+      "rms_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, SymInt normalized_numel, float "
+      "eps) "
       "-> (Tensor out, Tensor sum, Tensor rstd)");
   m.def(
       "rms_norm_bwd(Tensor grad_out, Tensor? grad_sum, Tensor input, Tensor rstd, Tensor? weight, "
-      "int normalized_numel, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight)");
+      "SymInt normalized_numel, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight)");
   // batch_norm: x is (N, C, *); save_mean/save_invstd have shape (C,), dtype as above. Training
   // uses batch statistics (running stats are updated by the caller from save_*), eval uses the
   // running statistics. relu=True fuses max(0, .) and its backward (recomputed from x).

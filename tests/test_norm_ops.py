@@ -4,6 +4,7 @@ repeated backward, and the CPU kernels under every ISA this CPU supports."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import NATIVE_CPU, cases, dtype_id
 from norm_ref import KINDS, bn_inputs, check_bn, check_norm, norm_inputs
 
@@ -194,6 +195,34 @@ def test_compile_matches_eager(backend, case):
     compiled = _run(torch.compile(fn, fullgraph=True), inputs, n_diff)
     for e, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
+
+
+def test_compile_dynamic_normalized_size(backend):
+    """torch.compile(dynamic=True) keeps the normalized size symbolic: one graph serves rows of
+    16, 24 and 40, forward and backward, matching float64 (an int normalized_numel in the
+    schemas specialized it: one recompile per size)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def fn(x, w, b):
+        n = (x.shape[-1],)
+        return fastdl.layer_norm(x, n, w, b).sum() + fastdl.rms_norm(x, n, w).square().sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, dynamic=True, fullgraph=True)
+    frames = []
+    for n in (16, 24, 40):
+        inputs = [
+            torch.randn(s, device=backend.device, requires_grad=True) for s in ((3, n), (n,), (n,))
+        ]
+        y = compiled(*inputs)
+        grads = torch.autograd.grad(y, inputs)
+        ref = [t.detach().double().requires_grad_() for t in inputs]
+        yr = F.layer_norm(ref[0], (n,), ref[1], ref[2]).sum()
+        yr = yr + F.rms_norm(ref[0], (n,), ref[1]).square().sum()
+        for got, want in zip((y, *grads), (yr, *torch.autograd.grad(yr, ref)), strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[-1]  # compiled for the first size only
 
 
 # ---------------------------------------------------------------- determinism

@@ -26,8 +26,10 @@ def _samples(dev, grad):
     xg, wg = t(1, 6, 5, 5), t(4, 3, 2, 2)
     xd, wd = t(1, 5, 4, 4), t(5, 1, 3, 3)
     xt, wt, bt = t(2, 4, 3, 3), t(4, 3, 4, 4), t(3)
+    xw, ww = t(2, 16, 6, 6), t(16, 16, 3, 3)  # Winograd-sized: inference takes F(4x4, 3x3)
     samples = [
         ("fwd", "conv2d_fwd", (x, w, b, None, S1, P1, D1, 1, "none")),
+        ("fwd_winograd_inference", "conv2d_fwd", (xw, ww, None, None, S1, P1, D1, 1, "relu", True)),
         ("fwd_cl_relu_res", "conv2d_fwd", (xc, w, b, res_c, S1, P1, D1, 1, "relu")),
         ("fwd_grouped_gelu", "conv2d_fwd", (xg, wg, None, None, [2, 1], [0, 1], [1, 2], 2, "gelu")),
         ("fwd_depthwise_silu", "conv2d_fwd", (xd, wd, None, None, S1, P1, D1, 5, "silu")),

@@ -115,7 +115,7 @@ bool winograd_suits(const conv::ConvGeom& g, int64_t elem, int64_t m) {
 // The Winograd tile size m for g (0: none). By default F(2x2, 3x3) where the output will be
 // differentiated: its float32 error is that of a direct conv, so training follows torch's as
 // closely as the direct path. An inference forward takes F(4x4, 3x3), a 4x instead of a 2.25x
-// cut in multiply-adds, with ~5x the rounding error (a few 1e-6 of the output's largest
+// cut in multiply-adds, with ~8x the rounding error (4-8e-6 of the output's largest
 // magnitude: within DESIGN section 4, yet enough to flip the odd ReLU mask and move a network's
 // training loss by ~1e-4 within a few steps).
 int64_t winograd_tile(const conv::ConvGeom& g, int64_t elem, bool inference) {

@@ -373,8 +373,11 @@ def conv2d(
 
     CPU float32 stride-1 3x3 convs run Winograd: F(2x2, 3x3), whose rounding is the direct
     conv's, when a gradient will flow through the output (grad mode on and an input requiring
-    grad); F(4x4, 3x3), ~1.4x faster with ~5x the rounding error (still ~1e-6 relative), for
-    inference. ``FASTDL_CONV_WINOGRAD`` = 2 / 4 / 0 forces one tile or the direct path.
+    grad); F(4x4, 3x3), ~1.4x faster with ~8x the rounding error (4-8e-6 of the output's largest
+    magnitude), for inference. A forward under reentrant checkpointing
+    (``use_reentrant=True`` runs it under no_grad) counts as inference, its recomputation in the
+    backward does not: use ``use_reentrant=False``. ``FASTDL_CONV_WINOGRAD`` = 2 / 4 / 0 forces
+    one tile or the direct path.
     """
     x, weight, bias, residual = _autocast.lower(x, weight, bias, residual)
     unbatched = x.dim() == 3

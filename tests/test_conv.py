@@ -186,6 +186,10 @@ def test_empty_batch(backend, fmt):
     b = torch.randn(6, requires_grad=True)
     y = fastdl.conv2d(x, w, b, padding=1, groups=2, activation="relu")
     assert y.shape == (0, 6, 6, 6)
+    (gx,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    # An empty x is contiguous in every format: output and gradient take NCHW strides alike.
+    assert y.stride() == torch.empty(y.shape).stride()
+    assert gx.stride() == torch.empty(x.shape).stride()
     y.sum().backward()
     assert x.grad.shape == x.shape
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))

@@ -98,7 +98,8 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
 }
 
 at::Tensor as_output(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
-  if (t.scalar_type() == dtype && t.is_contiguous(format)) return t;
+  // An empty t counts as contiguous in every format; a fresh one has format's strides.
+  if (t.scalar_type() == dtype && t.is_contiguous(format) && t.numel() > 0) return t;
   at::Tensor out = new_output(t.sizes(), t.options().dtype(dtype), format);
   out.copy_(t);
   return out;

@@ -369,7 +369,10 @@ torch.manual_seed(0)
 x = torch.randn(4, 64, 12, 12)
 w = torch.randn(64, 64, 3, 3)
 trained = fastdl.conv2d(x, w.requires_grad_(), padding=1).detach()
-torch.save((x, w.detach(), fastdl.conv2d(x, w.detach(), padding=1), trained), {path!r})
+# Too few tiles of 8x8 images for F(4x4, 3x3)'s weight, enough for F(2x2, 3x3)'s.
+deep = fastdl.conv2d(torch.randn(8, 256, 8, 8), torch.randn(256, 256, 3, 3) / 48, padding=1)
+saved = (x, w.detach(), fastdl.conv2d(x, w.detach(), padding=1), trained, deep)
+torch.save(saved, {path!r})
 x[1, 2, 3, 4] = float("nan")
 y = fastdl.conv2d(x, w.detach(), padding=1)
 assert torch.equal(y.isnan(), torch.nn.functional.conv2d(x, w, padding=1).isnan())
@@ -381,7 +384,8 @@ def test_winograd_settings(tmp_path):
     the Winograd shapes (checked in their subprocess) and really take different paths: three
     roundings of one 64-channel conv, F(4x4, 3x3)'s RMS error the largest (~4x the direct
     GEMM's here), F(2x2, 3x3)'s of the direct one's order. Unset (the default), a forward whose
-    output will be differentiated takes F(2x2, 3x3), an inference forward F(4x4, 3x3)."""
+    output will be differentiated takes F(2x2, 3x3), an inference forward F(4x4, 3x3) where it
+    suits, else F(2x2, 3x3)."""
     err, out = {}, {}
     for flag in ("0", "2", "4", None):
         path = str(tmp_path / f"y{flag}.pt")
@@ -389,7 +393,7 @@ def test_winograd_settings(tmp_path):
         env.update({} if flag is None else {"FASTDL_CONV_WINOGRAD": flag})
         script = _WINOGRAD_SWITCH.format(tests=os.path.dirname(__file__), path=path)
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
-        x, w, inferred, trained = torch.load(path)
+        x, w, inferred, trained, out[flag, "deep"] = torch.load(path)
         out[flag] = inferred, trained
         expected = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
         err[flag] = (trained.double() - expected).square().mean().sqrt().item()
@@ -398,6 +402,10 @@ def test_winograd_settings(tmp_path):
     for flag in ("0", "2", "4"):
         assert torch.equal(*out[flag])
     assert torch.equal(out[None][0], out["4"][0]) and torch.equal(out[None][1], out["2"][1])
+    # An inference forward that F(4x4, 3x3) does not suit takes F(2x2, 3x3) (forced "4" runs it
+    # on the implicit GEMM).
+    assert torch.equal(out[None, "deep"], out["2", "deep"])
+    assert not torch.equal(out[None, "deep"], out["4", "deep"])
 
 
 def _window(size, p, q, device):

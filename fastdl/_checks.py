@@ -22,6 +22,12 @@ def kernels_take(x: torch.Tensor) -> bool:
     return x.dtype in KERNEL_DTYPES.get(x.device.type, ())
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether a gradient will flow through an op taking these tensors (grad mode on and one of
+    them requiring grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def dtype(op: str, arg: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
     if t.dtype not in allowed:
         names = ", ".join(str(a).removeprefix("torch.") for a in allowed)

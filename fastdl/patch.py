@@ -41,7 +41,6 @@ TWINS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 # The floating dtypes every fastdl kernel of these modules takes, per device type.
-DTYPES = _checks.KERNEL_DTYPES
 INT8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Instance attribute of a patched module: what unpatch puts back (a class, a module or an Undo).
@@ -111,7 +110,9 @@ class _ClassSwap:
             module.__class__ = self.original
 
 
-def dtype_problem(module: nn.Module, dtypes: dict[str, tuple[torch.dtype, ...]] = DTYPES):
+def dtype_problem(
+    module: nn.Module, dtypes: dict[str, tuple[torch.dtype, ...]] = _checks.KERNEL_DTYPES
+):
     """Why the fastdl kernels cannot take this module's floating parameters, or None."""
     for p in module.parameters(recurse=False):
         allowed = dtypes.get(p.device.type, ())

@@ -28,7 +28,7 @@ struct ConvArgs {
 // Epilogue of one block of GEMM rows [m0, m0 + mb) and one group g: acc is (mb, K / groups),
 // row-major; bias (K) may be null, residual/pre may be null. With `stream` (large outputs:
 // cpu/output.h, kStreamBytes), whole aligned vectors of out are written non-temporally and the
-// kernel fences before it returns.
+// kernel fences before it returns (the NCHW depthwise plane kernel keeps ordinary stores).
 struct ConvEpilogue {
   const void* acc;
   const void* bias;

@@ -26,9 +26,10 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from fastdl import _checks
 from fastdl.ops import attention as A
 from fastdl.ops import norm as N
-from fastdl.patch import DTYPES, ORIGINAL, Swap, class_swap
+from fastdl.patch import ORIGINAL, Swap, class_swap
 
 NAME = "fastdl"
 
@@ -39,7 +40,7 @@ EAGER_ONLY = ("softcap", "s_aux", "sinks")
 
 def _fastdl_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     return (
-        query.dtype in DTYPES.get(query.device.type, ())
+        _checks.kernels_take(query)
         and query.shape[-1] == key.shape[-1] == value.shape[-1] <= A.MAX_HEAD_DIM
         and query.shape[1] % key.shape[1] == 0
     )
@@ -260,7 +261,7 @@ def _rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     x, w = hidden_states, self.weight
     # HF multiplies in the weight's dtype when it differs from x's (and returns that dtype);
     # fastdl.rms_norm returns x's dtype, so only matching dtypes run the kernel.
-    if x.dtype == w.dtype and x.dtype in DTYPES.get(x.device.type, ()):
+    if x.dtype == w.dtype and _checks.kernels_take(x):
         return N.rms_norm(x, w.shape, w, self.variance_epsilon)
     return type(self).__bases__[0].forward(self, hidden_states)
 

@@ -390,7 +390,6 @@ def conv2d(
     shape = conv2d_out_shape(x, weight, stride, padding, dilation, groups)
     _check_bias(CONV, bias, x, weight.shape[0])
     _check_residual(residual, x, shape)
-    tensors = (x, weight, bias, residual)
     out = _ops(CONV, x, groups == 1).conv2d_fwd(
         x,
         weight,
@@ -401,7 +400,7 @@ def conv2d(
         _pair(CONV, "dilation", dilation, 1),
         groups,
         activation,
-        not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)),
+        not _checks.needs_grad(x, weight, bias, residual),
     )[0]
     return out.squeeze(0) if unbatched else out
 

@@ -260,13 +260,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _carry(graph: Graph, *tensors):
     """The transpose when a gradient will be needed, else three Nones."""
-    return graph.transpose() if _needs_grad(*tensors) else (None, None, None)
+    return graph.transpose() if _checks.needs_grad(*tensors) else (None, None, None)
 
 
 def spmm(
@@ -313,7 +309,7 @@ def gcn_aggregate(
     op = "fastdl.gcn_aggregate"
     _graph_args(op, graph, x)
     w = graph.edge_values(op, "edge_weight", edge_weight)
-    if _needs_grad(w):
+    if _checks.needs_grad(w):
         raise RuntimeError(f"{op}: edge_weight takes no gradient; pass edge_weight.detach()")
     if eps is not None and not isinstance(eps, torch.Tensor):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):

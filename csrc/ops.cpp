@@ -172,17 +172,18 @@ TORCH_LIBRARY(fastdl, m) {
   // fastdl_dropout_keep(seed, offset + ((b * Hq + h) * Sq + i) * Sk + j, threshold(p)) in
   // csrc/common/attention_math.h. seed is a SymInt: drawn by .item() (fastdl/ops/attention.py),
   // it is a data-dependent value under torch.compile, which an int argument would refuse.
+  // scale None is 1 / sqrt(D) (computed in the op, so a symbolic D stays symbolic under compile).
   // grad_mask has attn_mask's shape and dtype (empty unless output_mask[3] and mask is float).
   // Gradients masked off in output_mask come back as empty tensors.
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, SymInt "
       "seed, "
-      "int offset, int window_left, int window_right, bool bottom_right, float scale) "
+      "int offset, int window_left, int window_right, bool bottom_right, float? scale) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor out, "
       "Tensor lse, float dropout_p, SymInt seed, int offset, int window_left, int window_right, "
-      "bool bottom_right, float scale, bool[4] output_mask) "
+      "bool bottom_right, float? scale, bool[4] output_mask) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_mask)");
   // varlen: sequences packed along the token axis. q (Tq, Hq, D), k/v (Tk, Hkv, D), any strides;
   // cu_seqlens_q/k int32 or int64 (N + 1,), starting at 0, non-decreasing, ending at Tq/Tk;
@@ -194,13 +195,13 @@ TORCH_LIBRARY(fastdl, m) {
   m.def(
       "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float dropout_p, SymInt seed, "
-      "int offset, int window_left, int window_right, bool bottom_right, float scale) "
+      "int offset, int window_left, int window_right, bool bottom_right, float? scale) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor out, Tensor lse, "
       "float dropout_p, SymInt seed, int offset, int window_left, int window_right, "
-      "bool bottom_right, float scale, bool[3] output_mask) "
+      "bool bottom_right, float? scale, bool[3] output_mask) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // ---- int8: symmetric int8 quantization and int8 x int8 -> int32 GEMMs with the per-row x
   // per-column dequantization and bias fused into the epilogue. int8_quantize quantizes the

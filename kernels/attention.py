@@ -138,6 +138,11 @@ def _mask_strides(m):
     return (0, 0, 0, 0) if m is None else tuple(m.stride())
 
 
+def _scale(scale: float | None, d: int) -> float:
+    # None is the default 1 / sqrt(D) (csrc/common/attention.h: attention::scale_or_default).
+    return 1.0 / math.sqrt(d) if scale is None else scale
+
+
 def _last_unit(t):
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
@@ -156,12 +161,13 @@ def attention_fwd(
     window_left: int,
     window_right: int,
     bottom_right: bool,
-    scale: float,
+    scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     op = "fastdl::attention_fwd_triton"
     _qkv(op, q, k, v, 4)
     _dropout(op, dropout_p)
     b, hq, sq, d = q.shape
+    scale = _scale(scale, d)
     hk, sk = k.shape[1], k.shape[2]
     mask = additive_mask(op, attn_mask, q, (b, hq, sq, sk))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -239,13 +245,14 @@ def attention_bwd(
     window_left: int,
     window_right: int,
     bottom_right: bool,
-    scale: float,
+    scale: float | None,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "fastdl::attention_bwd_triton"
     _qkv(op, q, k, v, 4)
     _dropout(op, dropout_p)
     b, hq, sq, d = q.shape
+    scale = _scale(scale, d)
     hk, sk = k.shape[1], k.shape[2]
     mask = additive_mask(op, attn_mask, q, (b, hq, sq, sk))
     want_gm = bool(output_mask[3]) and attn_mask is not None and attn_mask.dtype != torch.bool
@@ -313,12 +320,13 @@ def varlen_attention_fwd(
     window_left: int,
     window_right: int,
     bottom_right: bool,
-    scale: float,
+    scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     op = "fastdl::varlen_attention_fwd_triton"
     cq, ck = _varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           dropout_p)  # fmt: skip
     tq, hq, d = q.shape
+    scale = _scale(scale, d)
     tk, hk = k.shape[:2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
@@ -356,13 +364,14 @@ def varlen_attention_bwd(
     window_left: int,
     window_right: int,
     bottom_right: bool,
-    scale: float,
+    scale: float | None,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "fastdl::varlen_attention_bwd_triton"
     cq, ck = _varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           dropout_p)  # fmt: skip
     tq, hq, d = q.shape
+    scale = _scale(scale, d)
     tk, hk = k.shape[:2]
     n = cq.numel() - 1
     if q.numel() and k.numel() and n:

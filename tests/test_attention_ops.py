@@ -4,6 +4,7 @@ against eager, bit-identical repeated runs, and the CPU kernels under every ISA.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import NATIVE_CPU
 from test_attention import ATT_BACKENDS
 
@@ -34,6 +35,12 @@ def _samples(dev, grad):
         ("fwd_fmask_causal", "attention_fwd", (q, k, v, fmask, 0.0, 0, 0, *band, 0.3)),
         ("fwd_bmask_dropout", "attention_fwd", (q, k, v, bmask, 0.3, 5, 0, 2, 1, False, 0.3)),
         ("varlen_fwd", "varlen_attention_fwd", (qv, kv, vv, cq, ck, 5, 6, 0.0, 0, 0, *band, 0.3)),
+        ("fwd_default_scale", "attention_fwd", (q, k, v, None, 0.0, 0, 0, *band, None)),
+        (
+            "varlen_fwd_default_scale",
+            "varlen_attention_fwd",
+            (qv, kv, vv, cq, ck, 5, 6, 0.0, 0, 0, *band, None),
+        ),
     ]
     if grad:
         return samples
@@ -136,6 +143,44 @@ def test_compile(backend):
     g2 = torch.autograd.grad(compiled(*args), args)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@on_backends
+def test_compile_dynamic_head_dim(backend):
+    """torch.compile(dynamic=True) keeps head_dim symbolic: the default scale 1 / sqrt(E) goes to
+    the ops as None and is computed there (a float computed from the symbolic E was specialized:
+    one graph per head_dim). One graph serves E = 16, 24 and 40, forward and backward, matching
+    float64."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    dev = backend.device
+    cq = torch.tensor([0, 4, 9], device=dev)
+
+    def fn(q, k, v, qv):
+        a = fastdl.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return a.square().sum() + fastdl.varlen_attention(qv, qv, qv, cq, cq, 5, 5).square().sum()
+
+    def ref(q, k, v, qv):
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum()
+        for s0, s1 in ((0, 4), (4, 9)):  # varlen: each sequence on its own
+            x = qv[s0:s1].transpose(0, 1)
+            a = a + F.scaled_dot_product_attention(x, x, x).square().sum()
+        return a
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, dynamic=True, fullgraph=True)
+    frames = []
+    for e in (16, 24, 40):
+        args = [_t(*s, e, dev=dev, grad=True) for s in ((2, 2, 7), (2, 2, 9), (2, 2, 9), (9, 2))]
+        y = compiled(*args)
+        grads = torch.autograd.grad(y, args)
+        args64 = [a.detach().double().requires_grad_() for a in args]
+        y64 = ref(*args64)
+        for got, want in zip((y, *grads), (y64, *torch.autograd.grad(y64, args64)), strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[-1]  # compiled for the first head_dim only
 
 
 @on_backends

@@ -36,6 +36,13 @@ inline void head_dim(const char* op, int64_t d) {
               "] (the supported limit), got ", d);
 }
 
+// The score scale: the given one, or 1 / sqrt(D) when the schema's `float? scale` is None (the
+// public functions pass None for torch's default, so a symbolic head_dim under
+// torch.compile(dynamic=True) stays symbolic instead of being specialized into a float).
+inline double scale_or_default(const std::optional<double>& scale, int64_t d) {
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d));
+}
+
 inline void heads(const char* op, int64_t hq, int64_t hkv) {
   TORCH_CHECK((hkv > 0 && hq % hkv == 0) || (hkv == 0 && hq == 0), op,
               ": the number of query heads must be a multiple of the number of key/value heads, "

@@ -340,10 +340,10 @@ int64_t row_ld(const at::Tensor& t, int64_t row_dim) {
   return t.size(row_dim) <= 1 ? t.size(-1) : t.stride(row_dim);
 }
 
-Opts make_opts(int64_t D, double scale, double p, int64_t seed, int64_t left, int64_t right,
-               bool bottom_right) {
+Opts make_opts(int64_t D, std::optional<double> scale, double p, int64_t seed, int64_t left,
+               int64_t right, bool bottom_right) {
   return {D,
-          scale,
+          attention::scale_or_default(scale, D),
           left,
           right,
           bottom_right,
@@ -448,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
                                                  const std::optional<at::Tensor>& attn_mask,
                                                  double p, int64_t seed, int64_t offset,
                                                  int64_t left, int64_t right, bool bottom_right,
-                                                 double scale) {
+                                                 std::optional<double> scale) {
   const auto d = attention::sdpa_dims(kFwd, q_, k_, v_, kDtypes);
   attention::dropout(kFwd, p);
   const at::Tensor mask = attention::additive_mask(kFwd, attn_mask, q_, d);
@@ -484,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& out_, const at::Tensor& lse_,
     double p, int64_t seed, int64_t offset, int64_t left, int64_t right, bool bottom_right,
-    double scale, std::array<bool, 4> output_mask) {
+    std::optional<double> scale, std::array<bool, 4> output_mask) {
   const auto d = attention::sdpa_dims(kBwd, q_, k_, v_, kDtypes);
   attention::dropout(kBwd, p);
   const at::Tensor mask = attention::additive_mask(kBwd, attn_mask, q_, d);
@@ -579,7 +579,7 @@ Head<T> varlen_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& cu_q_,
     const at::Tensor& cu_k_, int64_t max_q, int64_t max_k, double p, int64_t seed, int64_t offset,
-    int64_t left, int64_t right, bool bottom_right, double scale) {
+    int64_t left, int64_t right, bool bottom_right, std::optional<double> scale) {
   const auto d = attention::varlen_dims(kVFwd, q_, k_, v_, cu_q_, cu_k_, max_q, max_k, kDtypes);
   attention::dropout(kVFwd, p);
   const at::Tensor cu_q = seqlens(kVFwd, "cu_seqlens_q", cu_q_, d.Tq, max_q);
@@ -620,7 +620,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
     const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k,
     const at::Tensor& out_, const at::Tensor& lse_, double p, int64_t seed, int64_t offset,
-    int64_t left, int64_t right, bool bottom_right, double scale, std::array<bool, 3> output_mask) {
+    int64_t left, int64_t right, bool bottom_right, std::optional<double> scale,
+    std::array<bool, 3> output_mask) {
   const auto d = attention::varlen_dims(kVBwd, q_, k_, v_, cu_q_, cu_k_, max_q, max_k, kDtypes);
   attention::dropout(kVBwd, p);
   attention::saved_outputs(kVBwd, grad_out_, out_, lse_, q_, {d.Tq, d.Hq, d.D}, {d.Hq, d.Tq});

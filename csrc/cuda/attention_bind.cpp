@@ -52,14 +52,14 @@ cu::Strides strides_of(const Tensor& t) {
 
 void fill_common(cu::AttnParams& a, const Tensor& q, const Tensor& k, const Tensor& v, double p,
                  int64_t seed, int64_t offset, int64_t left, int64_t right, bool bottom_right,
-                 double scale) {
+                 std::optional<double> scale) {
   a.q = q.data_ptr();
   a.k = k.data_ptr();
   a.v = v.data_ptr();
   a.sq = strides_of(q);
   a.sk = strides_of(k);
   a.sv = strides_of(v);
-  a.scale = static_cast<float>(scale);
+  a.scale = static_cast<float>(attention::scale_or_default(scale, q.size(-1)));
   a.dropout = p > 0.0;
   a.drop_all = p >= 1.0;
   a.threshold = p < 1.0 ? fastdl_dropout_threshold(p) : 0xffffffffu;
@@ -110,7 +110,7 @@ void run_fwd(cu::AttnFwdParams& prm, const Tensor& q) {
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_,
                                          const OptTensor& attn_mask, double p, int64_t seed,
                                          int64_t offset, int64_t left, int64_t right,
-                                         bool bottom_right, double scale) {
+                                         bool bottom_right, std::optional<double> scale) {
   const auto d = attention::sdpa_dims(kFwd, q_, k_, v_, kDtypes);
   attention::dropout(kFwd, p);
   const Tensor mask = attention::additive_mask(kFwd, attn_mask, q_, d);
@@ -132,7 +132,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_, const Tensor& k_, con
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& grad_out_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
     const OptTensor& attn_mask, const Tensor& out_, const Tensor& lse_, double p, int64_t seed,
-    int64_t offset, int64_t left, int64_t right, bool bottom_right, double scale,
+    int64_t offset, int64_t left, int64_t right, bool bottom_right, std::optional<double> scale,
     std::array<bool, 4> output_mask) {
   const auto d = attention::sdpa_dims(kBwd, q_, k_, v_, kDtypes);
   attention::dropout(kBwd, p);
@@ -180,7 +180,7 @@ std::tuple<Tensor, Tensor> varlen_attention_fwd(const Tensor& q_, const Tensor& 
                                                 const Tensor& cu_k_, int64_t max_q, int64_t max_k,
                                                 double p, int64_t seed, int64_t offset,
                                                 int64_t left, int64_t right, bool bottom_right,
-                                                double scale) {
+                                                std::optional<double> scale) {
   const auto d = attention::varlen_dims(kVarFwd, q_, k_, v_, cu_q_, cu_k_, max_q, max_k, kDtypes);
   attention::dropout(kVarFwd, p);
   const c10::cuda::CUDAGuard guard(q_.device());  // after the device checks
@@ -207,7 +207,7 @@ std::tuple<Tensor, Tensor, Tensor> varlen_attention_bwd(
     const Tensor& grad_out_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
     const Tensor& cu_q_, const Tensor& cu_k_, int64_t max_q, int64_t max_k, const Tensor& out_,
     const Tensor& lse_, double p, int64_t seed, int64_t offset, int64_t left, int64_t right,
-    bool bottom_right, double scale, std::array<bool, 3> output_mask) {
+    bool bottom_right, std::optional<double> scale, std::array<bool, 3> output_mask) {
   const auto d = attention::varlen_dims(kVarBwd, q_, k_, v_, cu_q_, cu_k_, max_q, max_k, kDtypes);
   attention::dropout(kVarBwd, p);
   attention::saved_outputs(kVarBwd, grad_out_, out_, lse_, q_, {d.Tq, d.Hq, d.D}, {d.Hq, d.Tq});

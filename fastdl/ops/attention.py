@@ -7,7 +7,6 @@ csrc/ops.cpp and csrc/common/attention_math.h). The raw ops take the band as
 translate torch's arguments. One fake kernel and one autograd formula serve every backend.
 """
 
-import math
 from types import SimpleNamespace
 
 import torch
@@ -269,7 +268,7 @@ def scaled_dot_product_attention(
         _checks.same_device(op, "attn_mask", attn_mask, q)
     left, right, br = _band(op, is_causal, window, causal_alignment)
     seed, offset = _dropout_args(op, dropout_p, seed)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = None if scale is None else float(scale)  # None: 1 / sqrt(E), in the op
     if q.dim() == 3:  # (N, L, E): one head
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
         if attn_mask is not None and attn_mask.dim() == 3:
@@ -321,7 +320,7 @@ def varlen_attention(
         _checks.same_device(op, name, t, q)
     left, right, br = _band(op, is_causal, window, causal_alignment)
     seed, offset = _dropout_args(op, dropout_p, seed)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = None if scale is None else float(scale)  # None: 1 / sqrt(E), in the op
     return _ops(op, q).varlen_attention_fwd(
         q,
         k,

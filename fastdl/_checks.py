@@ -28,6 +28,13 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def plans_for_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op that plans for its backward (conv's inference-only Winograd tile, the graph
+    ops' transpose) should: a gradient will flow, or a torch.jit trace is being recorded (the
+    traced graph must serve both grad modes: its check retraces under another)."""
+    return torch.jit.is_tracing() or needs_grad(*tensors)
+
+
 def dtype(op: str, arg: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
     if t.dtype not in allowed:
         names = ", ".join(str(a).removeprefix("torch.") for a in allowed)

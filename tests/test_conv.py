@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import cases
 from conv_ref import assert_close, make, ref_conv2d, ref_conv_transpose2d
 
@@ -198,6 +199,14 @@ def test_empty_batch(backend, fmt):
     assert yt.shape == (0, 3, 12, 12)
     yt.sum().backward()
     assert torch.equal(wt.grad, torch.zeros_like(wt))
+    # An empty batch may have an empty output plane too, as torch's (with images it is an error).
+    w0 = torch.randn(4, 2, 2, 2, requires_grad=True)
+    y0 = fastdl.conv_transpose2d(torch.randn(0, 4, 1, 5, requires_grad=True), w0, padding=(1, 0))
+    assert y0.shape == (0, 2, 0, 6)
+    y0.sum().backward()
+    assert torch.equal(w0.grad, torch.zeros_like(w0))
+    with pytest.raises(RuntimeError, match="output size 0 is not positive"):
+        fastdl.conv_transpose2d(torch.randn(1, 4, 1, 5), w0, padding=(1, 0))
 
 
 @pytest.mark.parametrize(
@@ -248,6 +257,19 @@ def test_no_channels_at_all(backend):
     y.sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
     assert fastdl.conv_transpose2d(x, w).shape == (2, 0, 7, 7)
+
+
+def test_one_value_sequences(backend):
+    """stride/padding/dilation/output_padding as one-element sequences serve both dims, as
+    torch's functional convs take them."""
+    x = torch.randn(2, 4, 7, 6, device=backend.device)
+    w = torch.randn(6, 4, 3, 3, device=backend.device)
+    wt = torch.randn(4, 3, 3, 3, device=backend.device)
+    got = fastdl.conv2d(x, w, None, (2,), [1], [2])
+    assert_close(got, F.conv2d(x.double(), w.double(), None, (2,), [1], [2]), torch.float32)
+    got = fastdl.conv_transpose2d(x, wt, None, [2], (1,), [1])
+    want = F.conv_transpose2d(x.double(), wt.double(), None, [2], (1,), [1])
+    assert_close(got, want, torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -471,6 +493,9 @@ BAD = {
     "t_channels": (_bad_t(w=torch.randn(3, 3, 3, 3)), RuntimeError, "x has 4 channels"),
     "t_bias": (_bad_t(bias=torch.randn(4)), RuntimeError, r"bias must have shape \(3,\)"),
     "t_stride": (_bad_t(stride=(1, 0)), RuntimeError, "stride must be > 0"),
+    "stride_three": (_bad(stride=(1, 1, 1)), RuntimeError, "stride must have 2 values"),
+    "padding_float": (_bad(padding=1.0), TypeError, "padding must be an int or a pair of ints"),
+    "t_padding_string": (_bad_t(padding="same"), TypeError, "padding must be an int or a pair"),
 }
 
 

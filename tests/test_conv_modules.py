@@ -46,6 +46,22 @@ def test_conv_transpose2d_module_matches_torch(output_size):
     torch.testing.assert_close(y, torch_conv(x, output_size))
 
 
+def test_jit_trace():
+    """torch.jit.trace records the training path (a traced graph serves both grad modes; its
+    check retraces under another one, where the inference flag once differed): the trace checks
+    and gives eager's outputs and gradients."""
+    conv = fastdl.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(torch.jit.TracerWarning):  # the shape checks read shapes as constants
+        traced = torch.jit.trace(conv, x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), conv(x), rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_()
+    (got,) = torch.autograd.grad(traced(xg).square().sum(), xg)
+    (want,) = torch.autograd.grad(conv(xg).square().sum(), xg)
+    torch.testing.assert_close(got, want)
+
+
 def test_conv_transpose2d_padding_mode_refused():
     conv = fastdl.nn.ConvTranspose2d(2, 2, 3)
     conv.padding_mode = "reflect"

@@ -149,8 +149,10 @@ inline ConvGeom conv_transpose2d_geom(const char* op, const at::Tensor& x, const
              output_padding[1]};
   g.H = (g.P - 1) * g.stride_h - 2 * g.pad_h + g.dil_h * (g.R - 1) + g.out_pad_h + 1;
   g.W = (g.Q - 1) * g.stride_w - 2 * g.pad_w + g.dil_w * (g.S - 1) + g.out_pad_w + 1;
-  TORCH_CHECK(g.H > 0 && g.W > 0, op, ": output size ", g.H, "x", g.W, " is not positive (input ",
-              g.P, "x", g.Q, ", padding ", padding, ")");
+  // An empty batch may have an empty output plane too (torch returns it).
+  const bool empty_ok = x.size(0) == 0 && g.H >= 0 && g.W >= 0;
+  TORCH_CHECK((g.H > 0 && g.W > 0) || empty_ok, op, ": output size ", g.H, "x", g.W,
+              " is not positive (input ", g.P, "x", g.Q, ", padding ", padding, ")");
   return g;
 }
 

@@ -54,7 +54,14 @@ def saves_pre(activation: str) -> bool:
 
 
 def _pair(op: str, arg: str, v, minimum: int) -> tuple[int, int]:
-    v = (v, v) if isinstance(v, int) else tuple(v)
+    # An int or one or two ints, as torch takes them (one value serves both dims).
+    ints = (int, torch.SymInt)
+    if isinstance(v, ints):
+        v = (v, v)
+    elif isinstance(v, (tuple, list, torch.Size)) and all(isinstance(e, ints) for e in v):
+        v = tuple(v) * 2 if len(v) == 1 else tuple(v)
+    else:
+        raise TypeError(f"{op}: {arg} must be an int or a pair of ints, got {v!r}")
     if len(v) != 2:
         raise RuntimeError(f"{op}: {arg} must have 2 values, got {list(v)}")
     if v[0] < minimum or v[1] < minimum:
@@ -138,7 +145,7 @@ def conv_transpose2d_out_shape(
             + output_padding[d]
             + 1
         )
-        if size <= 0:
+        if size < 0 or (size == 0 and x.shape[0] != 0):  # an empty batch may give 0 (as torch)
             raise RuntimeError(f"{CONV_T}: output size {size} is not positive")
         out.append(size)
     return tuple(out)
@@ -400,7 +407,7 @@ def conv2d(
         _pair(CONV, "dilation", dilation, 1),
         groups,
         activation,
-        not _checks.needs_grad(x, weight, bias, residual),
+        not _checks.plans_for_grad(x, weight, bias, residual),
     )[0]
     return out.squeeze(0) if unbatched else out
 

@@ -262,7 +262,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _carry(graph: Graph, *tensors):
     """The transpose when a gradient will be needed, else three Nones."""
-    return graph.transpose() if _checks.needs_grad(*tensors) else (None, None, None)
+    return graph.transpose() if _checks.plans_for_grad(*tensors) else (None, None, None)
 
 
 def spmm(

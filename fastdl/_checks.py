@@ -16,6 +16,17 @@ KERNEL_DTYPES = {
 }
 
 
+class DtypeError(TypeError, ValueError, RuntimeError):
+    """A tensor of a dtype the op does not take, or that does not match the others'. A TypeError,
+    and also the classes torch raises for the same mistake (RuntimeError from its ops, ValueError
+    from its recurrent modules), so code written against torch catches it."""
+
+
+class RankError(RuntimeError, ValueError):
+    """An input of a rank the op does not take: a RuntimeError, and a ValueError as torch's
+    recurrent modules raise for it."""
+
+
 def kernels_take(x: torch.Tensor) -> bool:
     """Whether fastdl's kernels take x's dtype on x's device: the fastdl.nn modules run their
     torch twin's forward otherwise (a patched model moved to float16 on the CPU still runs)."""
@@ -38,7 +49,7 @@ def plans_for_grad(*tensors: torch.Tensor | None) -> bool:
 def dtype(op: str, arg: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
     if t.dtype not in allowed:
         names = ", ".join(str(a).removeprefix("torch.") for a in allowed)
-        raise TypeError(f"{op}: {arg} has dtype {t.dtype}; supported dtypes: {names}")
+        raise DtypeError(f"{op}: {arg} has dtype {t.dtype}; supported dtypes: {names}")
 
 
 def same_device(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
@@ -51,7 +62,7 @@ def same_device(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
 
 def same_dtype(op: str, arg: str, t: torch.Tensor, ref: torch.Tensor) -> None:
     if t.dtype != ref.dtype:
-        raise TypeError(
+        raise DtypeError(
             f"{op}: {arg} has dtype {t.dtype} but x has dtype {ref.dtype}; they must match"
         )
 
@@ -86,7 +97,7 @@ def param(op: str, arg: str, p: torch.Tensor | None, x: torch.Tensor, numel: int
         raise RuntimeError(f"{op}: {arg} must have {numel} elements, got shape {list(p.shape)}")
     if not (p.dtype == x.dtype or (x.dtype in REDUCED and p.dtype == torch.float32)):
         extra = " or torch.float32" if x.dtype in REDUCED else ""
-        raise TypeError(
+        raise DtypeError(
             f"{op}: {arg} has dtype {p.dtype} but x has dtype {x.dtype}; expected {x.dtype}{extra}"
         )
 

@@ -52,7 +52,7 @@ def _qkv(op, q, k, v, rank):
     _checks.dtype(op, "q", q, DTYPES)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(
+            raise _checks.DtypeError(
                 f"{op}: {name} has dtype {t.dtype} but q has dtype {q.dtype}; "
                 "q, k and v must have one dtype"
             )
@@ -89,7 +89,7 @@ def additive_mask(op, mask, q, full):
         return None
     _checks.same_device(op, "attn_mask", mask, q)
     if mask.dtype not in (torch.bool, torch.float32, q.dtype):
-        raise TypeError(
+        raise _checks.DtypeError(
             f"{op}: attn_mask has dtype {mask.dtype}; supported: bool, float32 or q's dtype "
             f"{q.dtype}"
         )

@@ -25,7 +25,7 @@ MAX_BLOCK = 256
 def _like_x(op, arg, t, x):
     _checks.same_device(op, arg, t, x)
     if t.dtype != x.dtype:
-        raise TypeError(
+        raise _checks.DtypeError(
             f"{op}: {arg} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must have "
             "x's dtype"
         )

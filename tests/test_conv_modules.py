@@ -212,3 +212,14 @@ def test_fuse_conv_bn_after_patch():
     fused = fastdl.fuse_conv_bn(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     torch.testing.assert_close(fused(x), expected)
+
+
+@pytest.mark.parametrize("module", ["Conv2d", "ConvTranspose2d"])
+def test_mixed_dtypes_raise_torchs_exception_class(module):
+    # torch answers a float64 input to a float32 conv with a RuntimeError; fastdl's DtypeError
+    # is one (and a TypeError).
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    with pytest.raises(Exception) as torch_error:
+        getattr(nn, module)(2, 3, 3)(x)
+    with pytest.raises(torch_error.type, match="fastdl"):
+        getattr(fastdl.nn, module)(2, 3, 3)(x)

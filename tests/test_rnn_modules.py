@@ -175,3 +175,52 @@ def test_patch_swaps_rnn_modules(backend):
     ref.load_state_dict(model.lstm.state_dict())
     x = torch.randn(5, 2, 3)
     torch.testing.assert_close(model.lstm(x)[0], ref(x)[0], rtol=2e-5, atol=2e-5)
+
+
+BAD_MODULE_CALLS = {
+    "lstm_float64_x": (lambda M: M.LSTM(5, 6), (torch.randn(3, 2, 5, dtype=torch.float64),)),
+    "gru_bfloat16_x": (lambda M: M.GRU(5, 6), (torch.randn(3, 2, 5, dtype=torch.bfloat16),)),
+    "lstm_4d_x": (lambda M: M.LSTM(5, 6), (torch.randn(3, 2, 2, 5),)),
+    "gru_1d_x": (lambda M: M.GRU(5, 6), (torch.randn(5),)),
+    "lstm_cell_3d_x": (lambda M: M.LSTMCell(5, 6), (torch.randn(1, 2, 5),)),
+    "gru_cell_float64_x": (lambda M: M.GRUCell(5, 6), (torch.randn(2, 5, dtype=torch.float64),)),
+    "gru_cell_float64_h": (
+        lambda M: M.GRUCell(5, 6),
+        (torch.randn(2, 5), torch.randn(2, 6, dtype=torch.float64)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODULE_CALLS)
+def test_bad_input_raises_torchs_exception_class(case):
+    """A mistake torch.nn answers with ValueError (the modules' dtype and rank checks) or
+    RuntimeError (its ops') is answered with an exception of that class too (fastdl's DtypeError
+    and RankError derive from both, and DtypeError from TypeError), so code written against torch
+    catches it."""
+    build, args = BAD_MODULE_CALLS[case]
+    with pytest.raises(Exception) as torch_error:
+        build(nn)(*args)
+    with pytest.raises(torch_error.type, match="fastdl"):
+        build(fastdl.nn)(*args)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_packed_sequence_under_autocast_keeps_its_dtype(kind):
+    """torch autocasts the padded lstm/gru overloads, not the packed ones: under CPU autocast a
+    packed float32 sequence gives float32 outputs and states, as torch's module does (whose
+    GRU still runs its matmuls in bfloat16), here with float32's values."""
+    torch.manual_seed(0)
+    ref = getattr(nn, kind)(3, 4)
+    ours = getattr(fastdl.nn, kind)(3, 4)
+    ours.load_state_dict(ref.state_dict())
+    packed = pack_padded_sequence(torch.randn(4, 3, 3), [4, 2, 1])
+    exact = ref(packed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast, got = ref(packed), ours(packed)
+
+    def flat(out):
+        return [out[0].data, *out[1]] if kind == "LSTM" else [out[0].data, out[1]]
+
+    for g, a, e in zip(flat(got), flat(autocast), flat(exact), strict=True):
+        assert g.dtype == a.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)

@@ -47,18 +47,21 @@ class _RNNBase:
         weights = [getattr(self, name) for name in self._flat_weights_names]
         if isinstance(input, PackedSequence):
             x, lengths = _unpack(input)
-            y, state = fn(
-                x,
-                hx,
-                weights,
-                self.bias,
-                self.num_layers,
-                self.dropout,
-                self.training,
-                self.bidirectional,
-                False,
-                lengths=lengths,
-            )
+            # torch autocasts the padded overloads of lstm/gru, not the packed ones: a packed
+            # sequence runs in its own dtype under autocast, as torch's does.
+            with torch.autocast(x.device.type, enabled=False):
+                y, state = fn(
+                    x,
+                    hx,
+                    weights,
+                    self.bias,
+                    self.num_layers,
+                    self.dropout,
+                    self.training,
+                    self.bidirectional,
+                    False,
+                    lengths=lengths,
+                )
             return _repack(y, lengths, input), state
         return fn(
             input,

@@ -177,11 +177,18 @@ def _ops(op: str, x: torch.Tensor) -> SimpleNamespace:
 # ---------------------------------------------------------------- public functions
 
 
-def _same_device(op: str, x: torch.Tensor, tensors) -> None:
-    # Also here, not only in the kernels: a "meta" argument would route the call to the fake.
+PARAM_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")  # a (layer, direction)'s group, as _layers
+
+
+def _like_x(op: str, x: torch.Tensor, tensors) -> None:
+    # Also here, not only in the kernels: a "meta" argument would route the call to the fake, and
+    # a dtype mismatch raises _checks.DtypeError (the class torch's modules raise as well). A
+    # non-float x is left to the op, whose message lists the dtypes its backend takes.
     for name, t in tensors:
         if t is not None:
             _checks.same_device(op, name, t, x)
+            if x.is_floating_point():
+                _checks.same_dtype(op, name, t, x)
 
 
 def _lengths(op: str, lengths, x: torch.Tensor, batch: int) -> torch.Tensor | None:
@@ -208,6 +215,7 @@ def _state(op, name, t, x, shape):
     if t is None:
         return x.new_zeros(shape)
     _checks.same_device(op, name, t, x)
+    _checks.same_dtype(op, name, t, x)
     if tuple(t.shape) != tuple(shape):
         raise RuntimeError(
             f"{op}: {name} must have shape {list(shape)} (num_layers * num_directions, batch, "
@@ -278,7 +286,7 @@ def _rnn(
 ):
     _check_dropout(op, dropout)
     if input.dim() not in (2, 3):
-        raise RuntimeError(
+        raise _checks.RankError(
             f"{op}: input must be (T, B, input_size), (B, T, input_size) with batch_first, or "
             f"unbatched (T, input_size), got shape {list(input.shape)}"
         )
@@ -292,7 +300,9 @@ def _rnn(
         raise RuntimeError(f"{op}: expected a sequence length larger than 0, got 0")
     dirs = 2 if bidirectional else 1
     groups = _layers(op, params, has_biases, num_layers, dirs, gates)
-    _same_device(op, input, [(f"params[{i}]", p) for i, p in enumerate(params)])
+    for i, group in enumerate(groups):
+        where = "" if len(groups) == 1 else f" of layer {i // dirs}" + " reverse" * (i % dirs)
+        _like_x(op, input, [(n + where, t) for n, t in zip(PARAM_NAMES, group, strict=True)])
     batch = input.shape[1]
     hidden = groups[0][1].shape[-1] if groups[0][4] is None else groups[0][4].shape[1]
     out_size = groups[0][1].shape[-1]
@@ -419,9 +429,9 @@ def gru(
 
 
 def _cell_input(op, x, states, w_ih, w_hh, b_ih, b_hh):
-    _same_device(op, x, [("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)])
+    _like_x(op, x, [("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)])
     if x.dim() not in (1, 2):
-        raise RuntimeError(
+        raise _checks.RankError(
             f"{op}: input must be (B, input_size) or unbatched (input_size,), "
             f"got shape {list(x.shape)}"
         )
@@ -434,6 +444,7 @@ def _cell_input(op, x, states, w_ih, w_hh, b_ih, b_hh):
             out.append(x.new_zeros(x.shape[0], hidden))
             continue
         _checks.same_device(op, name, s, x)
+        _checks.same_dtype(op, name, s, x)
         if unbatched and s.dim() != 1:
             raise RuntimeError(
                 f"{op}: an unbatched input takes an unbatched {name} (hidden_size,), "

@@ -224,3 +224,32 @@ def test_packed_sequence_under_autocast_keeps_its_dtype(kind):
     for g, a, e in zip(flat(got), flat(autocast), flat(exact), strict=True):
         assert g.dtype == a.dtype == torch.float32
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind,kwargs,shape",
+    [
+        ("GRU", {}, (5, 2, 3)),
+        ("LSTM", {"num_layers": 2}, (5, 2, 3)),
+        ("GRU", {"batch_first": True}, (2, 5, 3)),
+        ("LSTM", {"proj_size": 2}, (5, 3)),
+    ],
+)
+def test_output_edited_in_place(backend, kind, kwargs, shape):
+    """The output may be edited in place before backward (nn.ReLU(inplace=True) after the RNN),
+    as with torch's float64 modules: the layer's backward reads its own copy of h(t-1)."""
+    torch.manual_seed(0)
+    dtype = torch.float64 if torch.float64 in backend.dtypes else torch.float32
+    ref = getattr(nn, kind)(3, 4, **kwargs).double()
+    ours = getattr(fastdl.nn, kind)(3, 4, **kwargs).to(backend.device, dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(shape, dtype=torch.float64)
+    grads = []
+    for m, dev in ((ref, "cpu"), (ours, backend.device)):
+        xi = x.to(dev, m.weight_ih_l0.dtype).detach().requires_grad_()
+        y, _ = m(xi)
+        y.relu_()
+        y.square().sum().backward()
+        grads.append([xi.grad.cpu().double(), *(p.grad.cpu().double() for p in m.parameters())])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -294,6 +294,49 @@ def test_strides_and_layouts(backend):
 
 
 @on_backends
+@pytest.mark.parametrize("shared", ["k_heads", "v_heads", "k_batch", "k_heads_and_batch"])
+def test_expanded_k_or_v_alone(backend, shared):
+    """K (or V) expanded with stride 0 over heads or batch while the other is not: heads that
+    share K's memory must not share its packed V (the CPU kernel once keyed its packed key
+    blocks on K's pointer alone: errors of ~1 in the output). Sk = 300 spans several key
+    blocks; forward and every gradient against float64, and varlen with such a K."""
+    dev = backend.device
+    b, h, sq, sk, d = 2, 3, 9, 300, 8
+    expand = {"k_heads": (b, 1), "v_heads": (b, 1), "k_batch": (1, h), "k_heads_and_batch": (1, 1)}
+    small = torch.randn(*expand[shared], sk, d, device=dev, requires_grad=True)
+    full = torch.randn(b, h, sk, d, device=dev, requires_grad=True)
+    q = torch.randn(b, h, sq, d, device=dev, requires_grad=True)
+    k, v = (
+        (small.expand(b, h, sk, d), full)
+        if shared != "v_heads"
+        else (full, small.expand(b, h, sk, d))
+    )
+    leaves = [t.detach().double().requires_grad_() for t in (q, small, full)]
+    k64, v64 = (
+        (leaves[1].expand(b, h, sk, d), leaves[2])
+        if shared != "v_heads"
+        else (leaves[2], leaves[1].expand(b, h, sk, d))
+    )
+    for causal in (False, True):
+        out = fastdl.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        exact = F.scaled_dot_product_attention(leaves[0], k64, v64, is_causal=causal)
+        _check(out, exact, what="expanded")
+        g = torch.randn(exact.shape, device=dev, dtype=torch.float64)
+        got = torch.autograd.grad(out, (q, small, full), g.float())
+        want = torch.autograd.grad(exact, leaves, g)
+        for a, e in zip(got, want, strict=True):
+            _check(a, e, what="expanded gradient")
+    # varlen: tokens (T, H, D) with K's heads expanded
+    cu = torch.tensor([0, 4, 9], device=dev)
+    qv = torch.randn(9, h, d, device=dev)
+    kv = torch.randn(9, 1, d, device=dev).expand(9, h, d)
+    vv = torch.randn(9, h, d, device=dev)
+    out = fastdl.varlen_attention(qv, kv, vv, cu, cu, 5, 5)
+    dense = fastdl.varlen_attention(qv, kv.contiguous(), vv, cu, cu, 5, 5)
+    torch.testing.assert_close(out, dense)
+
+
+@on_backends
 @pytest.mark.parametrize(
     "q_shape,kv_shape",
     [

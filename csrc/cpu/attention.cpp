@@ -174,8 +174,12 @@ class KeyBlocks {
   // K^T and V of keys [j0, j0 + n) of h, or of more keys from j0.
   std::pair<const PackedB<T>*, const PackedB<T>*> get(const Head<T>& h, int64_t D, int64_t j0,
                                                       int64_t n) {
-    if (h.k != head_) {
-      head_ = h.k;
+    // Heads that share K (kv heads or a batch expanded with stride 0) reuse the packed blocks,
+    // as long as they share V and the key count too.
+    if (h.k != key_k_ || h.v != key_v_ || h.Sk != key_sk_) {
+      key_k_ = h.k;
+      key_v_ = h.v;
+      key_sk_ = h.Sk;
       std::fill(ready_.begin(), ready_.end(), 0);
     }
     if (j0 % kBlockK != 0) {
@@ -199,7 +203,9 @@ class KeyBlocks {
     kt.pack(true, D, n, h.k + j0 * h.ldk, h.ldk);
     v.pack(false, n, D, h.v + j0 * h.ldv, h.ldv);
   }
-  const T* head_ = nullptr;
+  const T* key_k_ = nullptr;
+  const T* key_v_ = nullptr;
+  int64_t key_sk_ = -1;
   std::vector<PackedB<T>> kt_, v_;
   std::vector<char> ready_;
   PackedB<T> loose_kt_, loose_v_;

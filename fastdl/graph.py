@@ -228,6 +228,7 @@ class Graph:
         if self._no_loops is None:
             has = bool((self.col == self.dst()).any()) if self.num_edges else False
             self._no_loops = self.remove_self_loops() if has else self
+            self._no_loops._no_loops = self._no_loops  # known loop-free: never scanned again
         return self._no_loops
 
     def with_self_loops(self) -> "Graph":
@@ -346,7 +347,8 @@ def _rowptr(sorted_rows: torch.Tensor, num_nodes: int) -> torch.Tensor:
     # (bincount's length follows the largest value, which torch.compile cannot trace), and
     # faster than bincount + cumsum (18 vs 33 ms for 2M edges on 2 cores).
     rows = torch.arange(num_nodes + 1, dtype=sorted_rows.dtype, device=sorted_rows.device)
-    return torch.searchsorted(sorted_rows, rows)
+    # searchsorted warns on a non-contiguous boundary (a row of a PyG-style edge_index.t()).
+    return torch.searchsorted(sorted_rows.contiguous(), rows)
 
 
 def _sorted(rows: torch.Tensor) -> bool:

@@ -465,6 +465,9 @@ def test_bad_inputs(backend):
         sdpa(q.int(), k.int(), v.int())
     with pytest.raises(ValueError, match="causal_alignment"):
         sdpa(q, k, v, is_causal=True, causal_alignment="center")
+    for window in ((1, 2, 3), (1,), 4, (1.5, 0)):
+        with pytest.raises(TypeError, match="window must be a pair of ints"):
+            sdpa(q, k, v, window=window)
     with pytest.raises(RuntimeError, match="same device"):
         sdpa(q, k.to("meta"), v)
 

@@ -3,6 +3,8 @@ reduces), gcn_aggregate, gat_aggregate, sddmm; odd feature counts, empty graphs,
 nodes, unsorted edge lists, non-contiguous inputs, and a small hand-computed table. Every test
 runs on every backend (Triton through the interpreter on small graphs)."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import backend_of, cases
@@ -316,3 +318,34 @@ def test_from_edge_index_compiles():
     bad[1, 3] = n
     with pytest.raises(RuntimeError, match="edge_index index out of range for num_nodes=15"):
         build(bad)
+
+
+def test_transposed_sorted_edge_index_builds_without_warning():
+    # (E, 2) pairs transposed (PyG style): sorted rows are a non-contiguous view, which
+    # torch.searchsorted warns about unless given a contiguous copy.
+    pairs = torch.tensor([[0, 1], [0, 2], [1, 2]])  # both columns sorted: no sort is needed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph = fastdl.Graph.from_edge_index(pairs.t(), 3)
+    assert graph.num_nodes == 3
+    x = torch.randn(3, 4, dtype=torch.float64)
+    want = torch.zeros_like(x).index_add_(0, pairs[:, 1], x[pairs[:, 0]])
+    torch.testing.assert_close(fastdl.spmm(graph, x), want)
+
+
+def test_gcn_aggregate_self_loops_count_as_edges():
+    # A loop already in the graph is an edge of A, added to the diagonal f I (gcn_ref); PyG's
+    # normalization (loops replaced) is the same op on graph.without_self_loops().
+    edge_index = torch.tensor([[0, 1, 2, 1], [1, 2, 0, 1]])
+    graph = Graph.from_edge_index(edge_index, 3)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(fastdl.gcn_aggregate(graph, x), gcn_ref(edge_index, 3, x))
+    clean = graph.without_self_loops()
+    assert clean.without_self_loops() is clean
+    loops = torch.arange(3)
+    src = torch.cat([edge_index[0, :3], loops])
+    dst = torch.cat([edge_index[1, :3], loops])
+    deg = torch.zeros(3, dtype=torch.float64).index_add_(0, dst, torch.ones(6, dtype=torch.float64))
+    coef = (deg[src] * deg[dst]).rsqrt()
+    want = torch.zeros_like(x).index_add_(0, dst, x[src] * coef[:, None])
+    torch.testing.assert_close(fastdl.gcn_aggregate(clean, x), want)

@@ -99,6 +99,22 @@ def test_graph_is_built_once_per_edge_index(name):
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
+def test_inference_mode(name):
+    """An edge_index made under torch.inference_mode has no version counter: the model and its
+    twin run on it (rebuilding the graph each call, nothing cached) and agree."""
+    model, twin = pair(small(name))
+    (x, edge_index), _ = _batch(None, "cpu")
+    with torch.no_grad():
+        want = model.eval()(x, edge_index)
+    with torch.inference_mode():
+        x_inf, edge_inf = x.clone(), edge_index.clone()
+        for _ in range(2):
+            got = model(x_inf, edge_inf)
+            assert rel(got, want) <= 1e-6
+            assert rel(twin.eval()(x_inf, edge_inf), want) <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
 def test_bad_input(name):
     label = name.upper()
     model = small(name).build()

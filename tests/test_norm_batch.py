@@ -209,6 +209,18 @@ def _bad_calls(dev):
             "required in eval mode",
         ),
         (
+            "running_mean_alone",
+            lambda: bn(x, rm, None, training=True),
+            ValueError,
+            "both be None or both be tensors",
+        ),
+        (
+            "running_var_alone",
+            lambda: bn(x, None, rv, training=False),
+            ValueError,
+            "both be None or both be tensors",
+        ),
+        (
             "running_mean_size",
             lambda: bn(x, rm[:3], rv, training=True),
             RuntimeError,

@@ -59,9 +59,16 @@ class CachedGraph:
             )
         if torch.compiler.is_compiling():  # no cache, no host read: the Graph checks in-graph
             return Graph.from_edge_index(edge_index, n)
-        # The tensor itself is kept in the key, so its id cannot be reused by another one.
-        key = (edge_index, edge_index._version, n)
-        if self.key is not None and self.key[0] is edge_index and self.key[1:] == key[1:]:
+        # The tensor itself is kept in the key, so its id cannot be reused by another one. An
+        # inference tensor has no version counter to tell an in-place edit: never cached.
+        cached = not edge_index.is_inference()
+        key = (edge_index, edge_index._version, n) if cached else None
+        if (
+            cached
+            and self.key is not None
+            and self.key[0] is edge_index
+            and self.key[1:] == key[1:]
+        ):
             return self.graph
         if edge_index.numel():
             lo, hi = (int(v) for v in torch.aminmax(edge_index))
@@ -70,8 +77,10 @@ class CachedGraph:
                     f"{self.model}: edge_index refers to node {lo if lo < 0 else hi} but x has "
                     f"{n} rows (one per node, ids 0..{n - 1})"
                 )
-        self.key, self.graph = key, Graph.from_edge_index(edge_index, n)
-        return self.graph
+        graph = Graph.from_edge_index(edge_index, n)
+        if cached:
+            self.key, self.graph = key, graph
+        return graph
 
 
 def check_dropout(model: str, p: float) -> None:

@@ -160,9 +160,14 @@ def _band(op, is_causal, window, causal_alignment):
         raise ValueError(
             f"{op}: causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}"
         )
-    left, right = (-1, -1) if window is None else window
-    if not (isinstance(left, int) and isinstance(right, int)):
+    window = (-1, -1) if window is None else window
+    if not (
+        isinstance(window, (tuple, list))
+        and len(window) == 2
+        and all(isinstance(w, int) for w in window)
+    ):
         raise TypeError(f"{op}: window must be a pair of ints (left, right), got {window!r}")
+    left, right = window
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
     return left, right, causal_alignment == "bottom_right"

@@ -302,7 +302,9 @@ def gcn_aggregate(
     degrees computed on the fly (no normalized edge-weight tensor): ``f = 2`` when ``improved``,
     else 1; ``D`` the weighted in-degrees plus f. With ``eps`` (float or learnable one-element
     tensor) the self term is scaled by (1 + eps) (GIN-style diagonal enhancement), degrees
-    unchanged. The graph must not already contain self loops (see Graph.remove_self_loops).
+    unchanged. Self loops already in the graph count as ordinary edges of A (a loop
+    i -> i then adds to the diagonal twice); Kipf's normalization, as PyG's GCNConv computes it
+    (existing loops replaced), is this on ``graph.without_self_loops()``.
 
     Gradients to x and eps; edge_weight takes none. Dtypes, backends, determinism as :func:`spmm`.
     """

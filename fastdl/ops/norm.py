@@ -363,6 +363,12 @@ def batch_norm(
     c = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         _checks.param(op, name, t, x, c)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{op}: running_mean and running_var must both be None or both be tensors, got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'} and "
+            f"running_var={'None' if running_var is None else 'a tensor'}"
+        )
     if training:
         count = x.numel() // c if c else 0
         if count == 1:
@@ -370,14 +376,14 @@ def batch_norm(
                 f"{op}: expected more than 1 value per channel when training, "
                 f"got x of shape {list(x.shape)}"
             )
-    elif running_mean is None or running_var is None:
+    elif running_mean is None:
         raise RuntimeError(f"{op}: running_mean and running_var are required in eval mode")
     ops = _ops(op, x)
     rm, rv = (None, None) if training else (running_mean, running_var)
     out, mean, invstd = ops.batch_norm_fwd(
         x, weight, bias, rm, rv, training, eps, activation == "relu"
     )
-    if training and running_mean is not None and running_var is not None and count > 0:
+    if training and running_mean is not None and count > 0:
         _update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
     return out
 

@@ -27,8 +27,10 @@ class EdgeCache:
         self.value = None
 
     def __call__(self, edge_index: torch.Tensor, n: int, dtype: torch.dtype):
-        key = (edge_index._version, n, dtype)
-        if self.key is not None and self.key[0] is edge_index and self.key[1:] == key:
+        # An inference tensor has no version counter: never cached (as the fastdl model).
+        cached = not edge_index.is_inference()
+        key = (edge_index._version, n, dtype) if cached else None
+        if cached and self.key is not None and self.key[0] is edge_index and self.key[1:] == key:
             return self.value
         src, dst = edge_index[0], edge_index[1]
         keep = src != dst
@@ -38,8 +40,10 @@ class EdgeCache:
             0, dst, torch.ones(dst.numel(), dtype=dtype, device=src.device)
         )
         dinv = deg.rsqrt()
-        self.key, self.value = (edge_index, *key), (src, dst, dinv[src] * dinv[dst])
-        return self.value
+        value = (src, dst, dinv[src] * dinv[dst])
+        if cached:
+            self.key, self.value = (edge_index, *key), value
+        return value
 
 
 class GCNConv(nn.Module):

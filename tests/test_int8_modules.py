@@ -139,6 +139,17 @@ def test_state_dict_round_trip(backend):
     assert torch.equal(copy(x), q(x))
 
 
+def test_reassigned_weight_is_packed(backend):
+    # q.weight = t (not an in-place edit) packs the new weight for the next forward.
+    _, q = _layer(40, 20, backend.device)
+    x = torch.randn(3, 40, device=backend.device)
+    fresh = Int8Linear(40, 20, device=backend.device)
+    fresh.weight_scale.copy_(q.weight_scale)
+    fresh.bias.data.copy_(q.bias)
+    fresh.weight = q.weight.clone()
+    assert torch.equal(fresh(x), q(x))
+
+
 def test_empty_and_non_contiguous_input(backend):
     _, q = _layer(24, 10, backend.device)
     assert q(torch.randn(0, 24, device=backend.device)).shape == (0, 10)

@@ -135,6 +135,8 @@ def test_bad_input(name):
         model(x, edge_index[0])
     with pytest.raises(TypeError, match=rf"{label}: x must have the model's dtype torch.float32"):
         model(x.double(), edge_index)
+    with pytest.raises(TypeError, match=rf"{label}: edge_index must hold int64 or int32 node ids"):
+        model(x, edge_index.float())  # a DtypeError: a ValueError too, as it was
 
 
 def test_bad_constructor_arguments():

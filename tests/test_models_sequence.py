@@ -309,6 +309,10 @@ def test_generate_step_counts(name, arg):
         expected = model.generate(src, 2, 1)
         for start in (np.int64(1), torch.tensor(1)):
             assert torch.equal(model.generate(src, 2, start), expected)
+    # any integer type is a step count too
+    expected = model.generate(src, 2, *extra)
+    for steps in (np.int64(2), torch.tensor(2)):
+        assert torch.equal(model.generate(src, steps, *extra), expected)
 
 
 def test_transformer_generates_up_to_max_len_tokens():

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdl import _checks
 from fastdl import nn as fnn
 from fastdl.graph import Graph
 from fastdl.models.spec import ModelSpec, check_dtype
@@ -53,7 +54,7 @@ class CachedGraph:
                 f"{self.model}: edge_index must be (2, E) or a fastdl.Graph, got {got}"
             )
         if edge_index.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
+            raise _checks.DtypeError(
                 f"{self.model}: edge_index must hold int64 or int32 node ids, "
                 f"got {edge_index.dtype}"
             )

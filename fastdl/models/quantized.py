@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdl
+from fastdl import _checks
 from fastdl.models import sequence
 from fastdl.models.spec import ModelSpec
 from fastdl.models.twins import quantized as qtwins
@@ -39,7 +40,8 @@ class MLP(nn.Module):
             tensor and x.dim() == 2 and x.shape[1] == self.in_features and x.is_floating_point()
         ):
             got = f"shape {list(x.shape)}, dtype {x.dtype}" if tensor else type(x).__name__
-            raise ValueError(
+            bad_dtype = tensor and not x.is_floating_point()  # DtypeError: a ValueError too
+            raise (_checks.DtypeError if bad_dtype else ValueError)(
                 f"MLP: x must be a float (batch, {self.in_features}) tensor, got {got}"
             )
         for layer, norm in zip(self.layers, self.norms, strict=True):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdl
+from fastdl import _checks
 from fastdl.models import corpus
 from fastdl.models.spec import ModelSpec, check_heads
 from fastdl.models.twins import sequence as twins
@@ -33,7 +34,9 @@ def check_tokens(
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"{model}: {name} must be a tensor of token ids, got {type(ids).__name__}")
     if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
+        # A wrong dtype raises _checks.DtypeError, a ValueError as well (and a TypeError).
+        bad_dtype = ids.dim() == 2
+        raise (_checks.DtypeError if bad_dtype else ValueError)(
             f"{model}: {name} must be a (batch, time) tensor of integer token ids (int64 or "
             f"int32), got shape {list(ids.shape)}, dtype {ids.dtype}"
         )
@@ -69,11 +72,16 @@ def check_start(model: str, start: int, vocab: int) -> int:
     return start
 
 
-def check_steps(model: str, name: str, steps: int) -> None:
-    """A generate length: an int >= 0 (0 gives no tokens; a negative count would give none
-    silently)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+def check_steps(model: str, name: str, steps: int) -> int:
+    """A generate length as an int >= 0 (any integer type, as check_start; 0 gives no tokens, a
+    negative count would give none silently)."""
+    try:
+        count = None if isinstance(steps, bool) else operator.index(steps)
+    except TypeError:
+        count = None
+    if count is None or count < 0:
         raise ValueError(f"{model}: {name} must be an int >= 0, got {steps!r}")
+    return count
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm):
@@ -182,7 +190,7 @@ class GPT(nn.Module):
         """Greedy decoding: appends ``max_new_tokens`` argmax tokens to idx (B, T), each step
         seeing the last ``context`` tokens (no KV cache: each step reruns the window)."""
         check_tokens("GPT", "idx", idx, self.vocab_size)
-        check_steps("GPT", "max_new_tokens", max_new_tokens)
+        max_new_tokens = check_steps("GPT", "max_new_tokens", max_new_tokens)
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.context :])
             idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
@@ -305,7 +313,7 @@ class Transformer(nn.Module):
         argmax after the start token and the tokens so far (the prefix is rerun: no KV cache)."""
         check_tokens("Transformer", "src", src, self.src_vocab, self.max_len)
         start = check_start("Transformer", start, self.tgt_vocab)
-        check_steps("Transformer", "steps", steps)
+        steps = check_steps("Transformer", "steps", steps)
         if steps > self.max_len:  # the last step decodes a prefix of `steps` tokens
             raise ValueError(
                 f"Transformer: steps must be at most max_len {self.max_len}, got {steps}"
@@ -369,7 +377,7 @@ class Seq2Seq(nn.Module):
         next step's input; returns the ``steps`` tokens (B, steps)."""
         check_tokens("Seq2Seq", "src", src, self.src_vocab)
         start = check_start("Seq2Seq", start, self.tgt_vocab)
-        check_steps("Seq2Seq", "steps", steps)
+        steps = check_steps("Seq2Seq", "steps", steps)
         _, h = self.encoder(self.src_emb(src.t()))
         tok = torch.full((1, src.shape[0]), start, device=src.device)
         out = [tok]  # dropped at the end, as Transformer.generate: steps=0 gives (B, 0)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastdl import _checks
 from fastdl.ops.attention import MAX_HEAD_DIM
 
 
@@ -55,6 +56,6 @@ def check_dtype(model: nn.Module, name: str, x: torch.Tensor) -> None:
     dtype = x.dtype if param is None else param.dtype
     autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
     if x.dtype != dtype and not (autocast and x.is_floating_point()):
-        raise TypeError(
+        raise _checks.DtypeError(
             f"{type(model).__name__}: {name} must have the model's dtype {dtype}, got {x.dtype}"
         )

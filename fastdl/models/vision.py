@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdl
+from fastdl import _checks
 from fastdl import nn as fnn
 from fastdl.models.spec import ModelSpec, check_dtype, check_heads
 from fastdl.models.twins import vision as twins
@@ -304,7 +305,7 @@ class VAE(nn.Module):
         if eps is not None:
             if not isinstance(eps, torch.Tensor) or not eps.is_floating_point():
                 got = eps.dtype if isinstance(eps, torch.Tensor) else type(eps).__name__
-                raise ValueError(f"VAE: eps must be a floating-point tensor, got {got}")
+                raise _checks.DtypeError(f"VAE: eps must be a floating-point tensor, got {got}")
             # Exactly mu's shape: a (latent,) or (1, latent) eps would broadcast, giving every
             # image the same noise.
             latent = (x.shape[0], self.mu.out_features)

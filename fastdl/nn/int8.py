@@ -17,9 +17,10 @@ class Int8Linear(nn.Module):
 
     State (the state_dict): ``weight`` (out_features, in_features) int8 and ``weight_scale``
     (out_features,) float32 buffers, ``bias`` a float Parameter (or None). The weight is packed
-    once for the CPU kernel (at construction, ``from_float`` and ``load_state_dict``; call
-    :meth:`pack` after changing ``weight`` in place). The activation is quantized per token on
-    the fly; ``outlier_threshold`` keeps input columns reaching it in floating point (LLM.int8).
+    once for the CPU kernel (at construction, ``from_float``, ``load_state_dict`` and when
+    ``weight`` is reassigned; call :meth:`pack` after changing ``weight`` in place). The
+    activation is quantized per token on the fly; ``outlier_threshold`` keeps input columns
+    reaching it in floating point (LLM.int8).
     Gradients flow to the input (through the dequantized weight) and to the bias, so a model with
     frozen int8 weights can be fine-tuned.
     """
@@ -78,6 +79,12 @@ class Int8Linear(nn.Module):
     def pack(self) -> None:
         """(Re)pack ``weight`` for the CPU kernel (an empty buffer on CUDA)."""
         self.weight_packed = F.pack_weight(self.weight)
+
+    def __setattr__(self, name, value):
+        # A reassigned weight (``q.weight = t``) is packed at once; in-place edits need pack().
+        super().__setattr__(name, value)
+        if name == "weight" and "weight_packed" in self._buffers:
+            self.pack()
 
     def _apply(self, fn, recurse=True):
         # A module built on CUDA (nothing packed) and moved to the CPU needs its packing.

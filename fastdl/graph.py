@@ -18,6 +18,8 @@ import operator
 
 import torch
 
+from fastdl import _checks
+
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
@@ -47,7 +49,7 @@ def check_csr(op: str, rowptr: torch.Tensor, col: torch.Tensor, num_nodes: int) 
         if t.dtype not in INDEX_DTYPES:
             _fail(
                 f"{op}: {name} must be an integer index tensor (int64 or int32), got {t.dtype}",
-                TypeError,
+                _checks.DtypeError,
             )
         if t.dim() != 1:
             _fail(f"{op}: {name} must be 1-D, got shape {list(t.shape)}")
@@ -108,7 +110,8 @@ class Graph:
         self.num_input_edges = col.numel() if num_input_edges is None else num_input_edges
         self._transpose = None
         self._inv_perm = None
-        self._no_loops = None
+        self._no_loops = None  # the graph without self loops, when it has some
+        self._loop_free = False  # known to have none (a flag: no reference cycle to itself)
         self._with_loops = None
 
     # ---------------------------------------------------------------- construction
@@ -124,7 +127,7 @@ class Graph:
             _fail(
                 f"{op}: edge_index must be an integer tensor (int64 or int32), got "
                 f"{edge_index.dtype}",
-                TypeError,
+                _checks.DtypeError,
             )
         if edge_index.dim() != 2 or edge_index.shape[0] != 2:
             _fail(f"{op}: edge_index must have shape (2, E), got {list(edge_index.shape)}")
@@ -225,10 +228,14 @@ class Graph:
     def without_self_loops(self) -> "Graph":
         """:meth:`remove_self_loops`, computed once and cached (self when there are none). Not
         under torch.compile: see :meth:`self_loops_to_sink`."""
+        if self._loop_free:
+            return self
         if self._no_loops is None:
-            has = bool((self.col == self.dst()).any()) if self.num_edges else False
-            self._no_loops = self.remove_self_loops() if has else self
-            self._no_loops._no_loops = self._no_loops  # known loop-free: never scanned again
+            if not (self.num_edges and bool((self.col == self.dst()).any())):
+                self._loop_free = True
+                return self
+            self._no_loops = self.remove_self_loops()
+            self._no_loops._loop_free = True
         return self._no_loops
 
     def with_self_loops(self) -> "Graph":
@@ -324,7 +331,7 @@ class Graph:
 def _check_edge_values(op, name, values, ref, num_edges):
     if not isinstance(values, torch.Tensor) or not values.is_floating_point():
         got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
-        _fail(f"{op}: {name} must be a floating-point tensor, got {got}", TypeError)
+        _fail(f"{op}: {name} must be a floating-point tensor, got {got}", _checks.DtypeError)
     if values.device != ref.device:
         _fail(
             f"{op}: {name} is on {values.device} but the graph is on {ref.device}; all tensors "

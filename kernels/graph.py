@@ -43,7 +43,7 @@ def _csr(op, rowptr, col, num_cols, x):
     for name, t in (("rowptr", rowptr), ("col", col)):
         _checks.same_device(op, name, t, x)
         if t.dtype != torch.int64:
-            raise TypeError(f"{op}: {name} must be an int64 index tensor, got {t.dtype}")
+            raise _checks.DtypeError(f"{op}: {name} must be an int64 index tensor, got {t.dtype}")
     check_csr(op, rowptr, col, num_cols)
     return rowptr.contiguous(), col.contiguous()
 

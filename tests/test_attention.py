@@ -301,7 +301,9 @@ def test_expanded_k_or_v_alone(backend, shared):
     blocks on K's pointer alone: errors of ~1 in the output). Sk = 300 spans several key
     blocks; forward and every gradient against float64, and varlen with such a K."""
     dev = backend.device
-    b, h, sq, sk, d = 2, 3, 9, 300, 8
+    # One head when K is shared over the batch: consecutive tasks then share K whatever the
+    # order threads claim them in.
+    b, h, sq, sk, d = 2, 1 if shared == "k_batch" else 3, 9, 300, 8
     expand = {"k_heads": (b, 1), "v_heads": (b, 1), "k_batch": (1, h), "k_heads_and_batch": (1, 1)}
     small = torch.randn(*expand[shared], sk, d, device=dev, requires_grad=True)
     full = torch.randn(b, h, sk, d, device=dev, requires_grad=True)
@@ -326,13 +328,14 @@ def test_expanded_k_or_v_alone(backend, shared):
         want = torch.autograd.grad(exact, leaves, g)
         for a, e in zip(got, want, strict=True):
             _check(a, e, what="expanded gradient")
-    # varlen: tokens (T, H, D) with K's heads expanded
-    cu = torch.tensor([0, 4, 9], device=dev)
-    qv = torch.randn(9, h, d, device=dev)
-    kv = torch.randn(9, 1, d, device=dev).expand(9, h, d)
-    vv = torch.randn(9, h, d, device=dev)
-    out = fastdl.varlen_attention(qv, kv, vv, cu, cu, 5, 5)
-    dense = fastdl.varlen_attention(qv, kv.contiguous(), vv, cu, cu, 5, 5)
+    # varlen: tokens (T, H, D) with K's heads expanded, one sequence (its heads are consecutive
+    # tasks sharing K)
+    cu = torch.tensor([0, 9], device=dev)
+    qv = torch.randn(9, 3, d, device=dev)
+    kv = torch.randn(9, 1, d, device=dev).expand(9, 3, d)
+    vv = torch.randn(9, 3, d, device=dev)
+    out = fastdl.varlen_attention(qv, kv, vv, cu, cu, 9, 9)
+    dense = fastdl.varlen_attention(qv, kv.contiguous(), vv, cu, cu, 9, 9)
     torch.testing.assert_close(out, dense)
 
 

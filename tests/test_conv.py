@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,6 +268,9 @@ def test_one_value_sequences(backend):
     wt = torch.randn(4, 3, 3, 3, device=backend.device)
     got = fastdl.conv2d(x, w, None, (2,), [1], [2])
     assert_close(got, F.conv2d(x.double(), w.double(), None, (2,), [1], [2]), torch.float32)
+    # any integer type, numpy's too (a model built from a numpy config), as torch takes them
+    got = fastdl.conv2d(x, w, None, np.int64(2), (np.int32(1), 1))
+    assert_close(got, F.conv2d(x.double(), w.double(), None, 2, 1), torch.float32)
     got = fastdl.conv_transpose2d(x, wt, None, [2], (1,), [1])
     want = F.conv_transpose2d(x.double(), wt.double(), None, [2], (1,), [1])
     assert_close(got, want, torch.float32)

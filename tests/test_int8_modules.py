@@ -139,15 +139,22 @@ def test_state_dict_round_trip(backend):
     assert torch.equal(copy(x), q(x))
 
 
-def test_reassigned_weight_is_packed(backend):
-    # q.weight = t (not an in-place edit) packs the new weight for the next forward.
+def test_changed_weight_is_packed_again(backend):
+    # The next forward packs a weight that was reassigned, swapped in by functional_call or
+    # edited in place since it was packed.
     _, q = _layer(40, 20, backend.device)
     x = torch.randn(3, 40, device=backend.device)
     fresh = Int8Linear(40, 20, device=backend.device)
     fresh.weight_scale.copy_(q.weight_scale)
     fresh.bias.data.copy_(q.bias)
+    zero = fresh(x)
     fresh.weight = q.weight.clone()
     assert torch.equal(fresh(x), q(x))
+    fresh.weight.zero_()
+    assert torch.equal(fresh(x), zero)
+    swapped = torch.func.functional_call(fresh, {"weight": q.weight}, (x,))
+    assert torch.equal(swapped, q(x))
+    assert torch.equal(fresh(x), zero)
 
 
 def test_empty_and_non_contiguous_input(backend):

@@ -112,6 +112,11 @@ def test_inference_mode(name):
             got = model(x_inf, edge_inf)
             assert rel(got, want) <= 1e-6
             assert rel(twin.eval()(x_inf, edge_inf), want) <= 1e-4
+        model(x, edge_index)  # an ordinary edge_index first seen under inference_mode
+        twin(x, edge_index)
+    # ... is not cached with inference tensors: a training step on it runs its backward
+    for m in (model.train(), twin.train()):
+        m(x, edge_index).square().sum().backward()
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -216,9 +216,15 @@ def _bad_calls(dev):
         ),
         (
             "running_var_alone",
-            lambda: bn(x, None, rv, training=False),
+            lambda: bn(x, None, rv, training=True),
             ValueError,
             "both be None or both be tensors",
+        ),
+        (  # as torch's: a RuntimeError in eval mode
+            "eval_running_mean_alone",
+            lambda: bn(x, rm, None, training=False),
+            RuntimeError,
+            "required in eval mode",
         ),
         (
             "running_mean_size",

@@ -61,8 +61,10 @@ class CachedGraph:
         if torch.compiler.is_compiling():  # no cache, no host read: the Graph checks in-graph
             return Graph.from_edge_index(edge_index, n)
         # The tensor itself is kept in the key, so its id cannot be reused by another one. An
-        # inference tensor has no version counter to tell an in-place edit: never cached.
-        cached = not edge_index.is_inference()
+        # inference tensor has no version counter to tell an in-place edit, and a graph built
+        # under inference_mode holds inference tensors a later training step cannot save for
+        # backward: neither is cached.
+        cached = not (edge_index.is_inference() or torch.is_inference_mode_enabled())
         key = (edge_index, edge_index._version, n) if cached else None
         if (
             cached

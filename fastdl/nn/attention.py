@@ -14,7 +14,7 @@ def _additive(name: str, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     # nn.MultiheadAttention's bool masks mark what NOT to attend (the opposite of SDPA's).
     if not (mask.dtype == torch.bool or mask.is_floating_point()):
         # torch refuses them too; a 0/1 integer mask would otherwise be added as a bias
-        raise TypeError(
+        raise _checks.DtypeError(
             f"fastdl.nn.MultiheadAttention: {name} must be a bool or floating-point mask, "
             f"got {mask.dtype}"
         )

@@ -17,10 +17,10 @@ class Int8Linear(nn.Module):
 
     State (the state_dict): ``weight`` (out_features, in_features) int8 and ``weight_scale``
     (out_features,) float32 buffers, ``bias`` a float Parameter (or None). The weight is packed
-    once for the CPU kernel (at construction, ``from_float``, ``load_state_dict`` and when
-    ``weight`` is reassigned; call :meth:`pack` after changing ``weight`` in place). The
-    activation is quantized per token on the fly; ``outlier_threshold`` keeps input columns
-    reaching it in floating point (LLM.int8).
+    for the CPU kernel, and packed again by the next forward whenever ``weight`` is reassigned,
+    swapped in (``torch.func.functional_call``) or edited in place (under torch.compile: call
+    :meth:`pack` before compiling). The activation is quantized per token on the fly;
+    ``outlier_threshold`` keeps input columns reaching it in floating point (LLM.int8).
     Gradients flow to the input (through the dequantized weight) and to the bias, so a model with
     frozen int8 weights can be fine-tuned.
     """
@@ -79,12 +79,12 @@ class Int8Linear(nn.Module):
     def pack(self) -> None:
         """(Re)pack ``weight`` for the CPU kernel (an empty buffer on CUDA)."""
         self.weight_packed = F.pack_weight(self.weight)
+        self._packed_for = self._weight_key()
 
-    def __setattr__(self, name, value):
-        # A reassigned weight (``q.weight = t``) is packed at once; in-place edits need pack().
-        super().__setattr__(name, value)
-        if name == "weight" and "weight_packed" in self._buffers:
-            self.pack()
+    def _weight_key(self) -> tuple:
+        # Which weight was packed: its memory, version (in-place edits) and shape.
+        w = self.weight
+        return w.data_ptr(), None if w.is_inference() else w._version, w.shape, w.device
 
     def _apply(self, fn, recurse=True):
         # A module built on CUDA (nothing packed) and moved to the CPU needs its packing.
@@ -100,6 +100,11 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A weight reassigned, swapped in (torch.func.functional_call) or edited in place since
+        # it was packed is packed again (not under torch.compile, which captures the buffer).
+        packed_for = getattr(self, "_packed_for", None)  # absent from older pickles
+        if not torch.compiler.is_compiling() and packed_for != self._weight_key():
+            self.pack()
         return F.int8_linear(
             x,
             self.weight,

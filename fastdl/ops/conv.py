@@ -7,6 +7,7 @@ schema). Both share one fake kernel and one autograd formula; the public functio
 arguments here (the messages of csrc/common/conv.h) and pick the backend per call.
 """
 
+import operator
 from collections.abc import Sequence
 from types import SimpleNamespace
 
@@ -54,14 +55,23 @@ def saves_pre(activation: str) -> bool:
 
 
 def _pair(op: str, arg: str, v, minimum: int) -> tuple[int, int]:
-    # An int or one or two ints, as torch takes them (one value serves both dims).
-    ints = (int, torch.SymInt)
-    if isinstance(v, ints):
-        v = (v, v)
-    elif isinstance(v, (tuple, list, torch.Size)) and all(isinstance(e, ints) for e in v):
-        v = tuple(v) * 2 if len(v) == 1 else tuple(v)
-    else:
-        raise TypeError(f"{op}: {arg} must be an int or a pair of ints, got {v!r}")
+    # An int or one or two ints, as torch takes them (one value serves both dims); any integer
+    # type (numpy's too), not a bool.
+    def integer(e):
+        if isinstance(e, torch.SymInt):
+            return e
+        if isinstance(e, bool):
+            raise TypeError
+        return operator.index(e)
+
+    try:
+        if isinstance(v, (tuple, list, torch.Size)):
+            v = tuple(integer(e) for e in v)
+            v = v * 2 if len(v) == 1 else v
+        else:
+            v = (integer(v),) * 2
+    except TypeError:
+        raise TypeError(f"{op}: {arg} must be an int or a pair of ints, got {v!r}") from None
     if len(v) != 2:
         raise RuntimeError(f"{op}: {arg} must have 2 values, got {list(v)}")
     if v[0] < minimum or v[1] < minimum:

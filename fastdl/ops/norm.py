@@ -363,7 +363,7 @@ def batch_norm(
     c = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         _checks.param(op, name, t, x, c)
-    if (running_mean is None) != (running_var is None):
+    if training and (running_mean is None) != (running_var is None):  # eval: RuntimeError below
         raise ValueError(
             f"{op}: running_mean and running_var must both be None or both be tensors, got "
             f"running_mean={'None' if running_mean is None else 'a tensor'} and "
@@ -376,7 +376,7 @@ def batch_norm(
                 f"{op}: expected more than 1 value per channel when training, "
                 f"got x of shape {list(x.shape)}"
             )
-    elif running_mean is None:
+    elif running_mean is None or running_var is None:
         raise RuntimeError(f"{op}: running_mean and running_var are required in eval mode")
     ops = _ops(op, x)
     rm, rv = (None, None) if training else (running_mean, running_var)

@@ -202,7 +202,9 @@ def _lengths(op: str, lengths, x: torch.Tensor, batch: int) -> torch.Tensor | No
         lengths = torch.as_tensor(lengths, dtype=torch.int64, device=x.device)
     _checks.same_device(op, "lengths", lengths, x)
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise TypeError(f"{op}: lengths must be an integer tensor, got dtype {lengths.dtype}")
+        raise _checks.DtypeError(
+            f"{op}: lengths must be an integer tensor, got dtype {lengths.dtype}"
+        )
     if tuple(lengths.shape) != (batch,):
         raise RuntimeError(
             f"{op}: lengths must have shape ({batch},) (one per sequence), "

@@ -27,8 +27,8 @@ class EdgeCache:
         self.value = None
 
     def __call__(self, edge_index: torch.Tensor, n: int, dtype: torch.dtype):
-        # An inference tensor has no version counter: never cached (as the fastdl model).
-        cached = not edge_index.is_inference()
+        # Not cached under inference_mode or for an inference tensor (as the fastdl model).
+        cached = not (edge_index.is_inference() or torch.is_inference_mode_enabled())
         key = (edge_index._version, n, dtype) if cached else None
         if cached and self.key is not None and self.key[0] is edge_index and self.key[1:] == key:
             return self.value

@@ -45,35 +45,15 @@ class _RNNBase:
         # The parameters as they are now, not the cached self._flat_weights, which misses
         # torch.func.functional_call's and parametrizations' (torch refreshes it per call).
         weights = [getattr(self, name) for name in self._flat_weights_names]
+        args = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
         if isinstance(input, PackedSequence):
             x, lengths = _unpack(input)
             # torch autocasts the padded overloads of lstm/gru, not the packed ones: a packed
             # sequence runs in its own dtype under autocast, as torch's does.
             with torch.autocast(x.device.type, enabled=False):
-                y, state = fn(
-                    x,
-                    hx,
-                    weights,
-                    self.bias,
-                    self.num_layers,
-                    self.dropout,
-                    self.training,
-                    self.bidirectional,
-                    False,
-                    lengths=lengths,
-                )
+                y, state = fn(x, hx, weights, *args, False, lengths=lengths)
             return _repack(y, lengths, input), state
-        return fn(
-            input,
-            hx,
-            weights,
-            self.bias,
-            self.num_layers,
-            self.dropout,
-            self.training,
-            self.bidirectional,
-            self.batch_first,
-        )
+        return fn(input, hx, weights, *args, self.batch_first)
 
 
 class LSTM(_RNNBase, nn.RNNBase):

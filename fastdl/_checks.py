@@ -2,6 +2,7 @@
 csrc/common/checks.h: they name the op, the argument, what was expected and what was given."""
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +26,17 @@ class DtypeError(TypeError, ValueError, RuntimeError):
 class RankError(RuntimeError, ValueError):
     """An input of a rank the op does not take: a RuntimeError, and a ValueError as torch's
     recurrent modules raise for it."""
+
+
+def as_int(v) -> int | None:
+    """v as an int when it is one of any integer type (numpy's, a 0-d integer tensor), else None
+    (floats, None, bools: a flag is not a count)."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
 
 
 def kernels_take(x: torch.Tensor) -> bool:

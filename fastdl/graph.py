@@ -14,8 +14,6 @@ always sorted; the range check runs in the compiled graph, see _check_range), an
 data-dependent number of edges.
 """
 
-import operator
-
 import torch
 
 from fastdl import _checks
@@ -29,11 +27,8 @@ def _fail(msg: str, exc: type[Exception] = ValueError) -> None:
 
 def _num_nodes(op: str, num_nodes) -> int:
     """num_nodes as an int >= 0; a float or None is refused rather than truncated or crashed on."""
-    try:
-        n = operator.index(num_nodes)  # ints, numpy and 0-d tensor integers; not float, None
-    except TypeError:
-        n = None
-    if n is None or isinstance(num_nodes, bool):
+    n = _checks.as_int(num_nodes)  # ints, numpy and 0-d tensor integers; not float, None
+    if n is None:
         _fail(f"{op}: num_nodes must be an int, got {type(num_nodes).__name__}", TypeError)
     if n < 0:
         _fail(f"{op}: num_nodes must be >= 0, got {n}")

@@ -13,7 +13,6 @@ GPT, characters for the LSTM), reversing a generated clause (Transformer), sorti
 """
 
 import math
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -61,24 +60,18 @@ def check_tokens(
 
 def check_start(model: str, start: int, vocab: int) -> int:
     """The start token as an int (any integer type: a numpy or 0-d torch integer too)."""
-    if isinstance(start, bool):
+    token = _checks.as_int(start)
+    if token is None:
         raise TypeError(f"{model}: start must be an int token id, got {start!r}")
-    try:
-        start = operator.index(start)
-    except TypeError:
-        raise TypeError(f"{model}: start must be an int token id, got {start!r}") from None
-    if not 0 <= start < vocab:
-        raise ValueError(f"{model}: start token {start} is outside [0, {vocab})")
-    return start
+    if not 0 <= token < vocab:
+        raise ValueError(f"{model}: start token {token} is outside [0, {vocab})")
+    return token
 
 
 def check_steps(model: str, name: str, steps: int) -> int:
     """A generate length as an int >= 0 (any integer type, as check_start; 0 gives no tokens, a
     negative count would give none silently)."""
-    try:
-        count = None if isinstance(steps, bool) else operator.index(steps)
-    except TypeError:
-        count = None
+    count = _checks.as_int(steps)
     if count is None or count < 0:
         raise ValueError(f"{model}: {name} must be an int >= 0, got {steps!r}")
     return count

@@ -7,7 +7,6 @@ schema). Both share one fake kernel and one autograd formula; the public functio
 arguments here (the messages of csrc/common/conv.h) and pick the backend per call.
 """
 
-import operator
 from collections.abc import Sequence
 from types import SimpleNamespace
 
@@ -54,22 +53,22 @@ def saves_pre(activation: str) -> bool:
 # ---------------------------------------------------------------- checks (mirror common/conv.h)
 
 
-def _pair(op: str, arg: str, v, minimum: int) -> tuple[int, int]:
-    # An int or one or two ints, as torch takes them (one value serves both dims); any integer
-    # type (numpy's too), not a bool.
-    def integer(e):
-        if isinstance(e, torch.SymInt):
-            return e
-        if isinstance(e, bool):
-            raise TypeError
-        return operator.index(e)
+def _integer(e):
+    # _checks.as_int, a SymInt as it is; TypeError for anything else.
+    n = e if isinstance(e, torch.SymInt) else _checks.as_int(e)
+    if n is None:
+        raise TypeError
+    return n
 
+
+def _pair(op: str, arg: str, v, minimum: int) -> tuple[int, int]:
+    # An int or one or two ints, as torch takes them (one value serves both dims).
     try:
         if isinstance(v, (tuple, list, torch.Size)):
-            v = tuple(integer(e) for e in v)
+            v = tuple(_integer(e) for e in v)
             v = v * 2 if len(v) == 1 else v
         else:
-            v = (integer(v),) * 2
+            v = (_integer(v),) * 2
     except TypeError:
         raise TypeError(f"{op}: {arg} must be an int or a pair of ints, got {v!r}") from None
     if len(v) != 2:

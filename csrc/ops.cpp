@@ -139,21 +139,24 @@ TORCH_LIBRARY(fastdl, m) {
   // weights and biases]; grad_h0/grad_c0 always come back; masked-off gradients (and grad_w_hr
   // without w_hr) come back as empty (0,) tensors. grad_b_ih/grad_b_hh are computed whether
   // the biases exist or not (the caller drops them); for the LSTM they are equal.
+  // w_ih None: x already holds the input projection x W_ih^T, (T, B, G) (e.g. an embedding's rows
+  // through W_ih, gathered per token); the op still adds the biases, grad_x is the gradient of
+  // that projection and grad_w_ih comes back empty.
   m.def(
-      "lstm_layer_fwd(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "lstm_layer_fwd(Tensor x, Tensor h0, Tensor c0, Tensor? w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse) "
       "-> (Tensor y, Tensor hn, Tensor cn, Tensor gates, Tensor cs)");
   m.def(
       "lstm_layer_bwd(Tensor? grad_y, Tensor? grad_hn, Tensor? grad_cn, Tensor x, Tensor h0, "
-      "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
+      "Tensor c0, Tensor? w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
       "Tensor y, Tensor gates, Tensor cs, bool[2] output_mask) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
   m.def(
-      "gru_layer_fwd(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "gru_layer_fwd(Tensor x, Tensor h0, Tensor? w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor? lengths, bool reverse) -> (Tensor y, Tensor hn, Tensor gates)");
   m.def(
-      "gru_layer_bwd(Tensor? grad_y, Tensor? grad_hn, Tensor x, Tensor h0, Tensor w_ih, "
+      "gru_layer_bwd(Tensor? grad_y, Tensor? grad_hn, Tensor x, Tensor h0, Tensor? w_ih, "
       "Tensor w_hh, Tensor? lengths, bool reverse, Tensor y, Tensor gates, bool[2] output_mask) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");

@@ -41,17 +41,25 @@ def _check_layer(op, gates, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
         )
     if x.dim() != 3:
         raise RuntimeError(f"{op}: x must be (T, B, input_size), got shape {list(x.shape)}")
-    if w_ih.dim() != 2 or w_ih.shape[0] % gates or w_ih.shape[0] == 0:
+    rows, w = ("w_ih", w_ih) if w_ih is not None else ("w_hh", w_hh)
+    if w.dim() != 2 or w.shape[0] % gates or w.shape[0] == 0:
+        cols = "input_size" if w_ih is not None else "hidden_size or proj_size"
         raise RuntimeError(
-            f"{op}: w_ih must be ({gates} * hidden_size, input_size), got shape {list(w_ih.shape)}"
+            f"{op}: {rows} must be ({gates} * hidden_size, {cols}), got shape {list(w.shape)}"
         )
     T, B, IN = x.shape
-    G = w_ih.shape[0]
+    G = w.shape[0]
     H = G // gates
     P = w_hr.shape[0] if w_hr is not None else H
     for name, t in (("w_ih", w_ih), ("w_hh", w_hh), ("h0", h0)):
-        _like_x(op, name, t, x)
-    if w_ih.shape[1] != IN:
+        if t is not None:
+            _like_x(op, name, t, x)
+    if w_ih is None and IN != G:
+        raise RuntimeError(
+            f"{op}: without w_ih, x holds the input projection (T, B, {G}) ({gates} * "
+            f"hidden_size), got shape {list(x.shape)}"
+        )
+    if w_ih is not None and w_ih.shape[1] != IN:
         raise RuntimeError(
             f"{op}: input size {IN} of x does not match w_ih of shape {list(w_ih.shape)} "
             f"(expected ({G}, {IN}))"
@@ -164,11 +172,18 @@ def _none(x):
     return x.new_empty(0)
 
 
+def _projection(xf, wi, T, B, IN):
+    """(T * B, G) float32 input projection, a fresh tensor (the launchers add biases to it in
+    place): xf W_ih^T, or a copy of xf when it is already projected (no w_ih)."""
+    x2 = xf.reshape(T * B, IN)
+    return x2 @ wi.t() if wi is not None else x2.clone()
+
+
 def lstm_layer_fwd(
     x: torch.Tensor,
     h0: torch.Tensor,
     c0: torch.Tensor,
-    w_ih: torch.Tensor,
+    w_ih: torch.Tensor | None,
     w_hh: torch.Tensor,
     b_ih: torch.Tensor | None,
     b_hh: torch.Tensor | None,
@@ -189,7 +204,7 @@ def lstm_layer_fwd(
         _seq(sch, T, B, H, device=dev),
     )
     if T and B:
-        gx = xf.view(T * B, IN) @ wi.t()
+        gx = _projection(xf, wi, T, B, IN)
         for b in (b_ih, b_hh):
             if b is not None:
                 gx += b.float()
@@ -215,7 +230,7 @@ def lstm_layer_bwd(
     x: torch.Tensor,
     h0: torch.Tensor,
     c0: torch.Tensor,
-    w_ih: torch.Tensor,
+    w_ih: torch.Tensor | None,
     w_hh: torch.Tensor,
     w_hr: torch.Tensor | None,
     lengths: torch.Tensor | None,
@@ -275,12 +290,15 @@ def lstm_layer_bwd(
             else:
                 _set_active(dh, dh_new, pos)
     dg2 = dg.view(T * B, 4 * H)
-    gx = (dg2 @ wi).view(T, B, IN).to(x.dtype) if output_mask[0] else _none(x)
+    gx = _none(x)
+    if output_mask[0]:
+        gx = (dg2 @ wi if wi is not None else dg2).view(T, B, IN).to(x.dtype)
     grads = [_none(x) for _ in range(5)]
     if output_mask[1]:
         hprev = _prev_states(_f32(y), _f32(h0), sch).view(T * B, P)
         db = dg2.sum(0)
-        grads = [dg2.t() @ xf.view(T * B, IN), dg2.t() @ hprev, db, db.clone(), None]
+        gw_ih = dg2.t() @ xf.view(T * B, IN) if wi is not None else None
+        grads = [gw_ih, dg2.t() @ hprev, db, db.clone(), None]
         if wr is not None:
             r = gates[..., 3 * H :] * torch.tanh(cs)
             grads[4] = dhp.view(T * B, P).t() @ r.view(T * B, H)
@@ -291,7 +309,7 @@ def lstm_layer_bwd(
 def gru_layer_fwd(
     x: torch.Tensor,
     h0: torch.Tensor,
-    w_ih: torch.Tensor,
+    w_ih: torch.Tensor | None,
     w_hh: torch.Tensor,
     b_ih: torch.Tensor | None,
     b_hh: torch.Tensor | None,
@@ -307,7 +325,7 @@ def gru_layer_fwd(
     h = _f32(h0).clone()
     y, gates = _seq(sch, T, B, H, device=dev), _seq(sch, T, B, 4 * H, device=dev)
     if T and B:
-        gx = xf.view(T * B, IN) @ wi.t()
+        gx = _projection(xf, wi, T, B, IN)
         if b_ih is not None:
             gx += b_ih.float()
         grid, block = _grid(B, H)
@@ -323,7 +341,7 @@ def gru_layer_bwd(
     grad_hn: torch.Tensor | None,
     x: torch.Tensor,
     h0: torch.Tensor,
-    w_ih: torch.Tensor,
+    w_ih: torch.Tensor | None,
     w_hh: torch.Tensor,
     lengths: torch.Tensor | None,
     reverse: bool,
@@ -369,13 +387,17 @@ def gru_layer_bwd(
     d_rz, d_n = dg2[:, : 2 * H], dg2[:, 3 * H :]
     gx = _none(x)
     if output_mask[0]:
-        gx = torch.addmm(d_rz @ wi[: 2 * H], d_n, wi[2 * H :]).view(T, B, IN).to(x.dtype)
+        if wi is not None:
+            gx = torch.addmm(d_rz @ wi[: 2 * H], d_n, wi[2 * H :])
+        else:
+            gx = torch.cat([d_rz, d_n], 1)
+        gx = gx.view(T, B, IN).to(x.dtype)
     grads = [_none(x) for _ in range(4)]
     if output_mask[1]:
         x2 = xf.view(T * B, IN)
         db = dg2.sum(0)
         grads = [
-            torch.cat([d_rz.t() @ x2, d_n.t() @ x2]),
+            torch.cat([d_rz.t() @ x2, d_n.t() @ x2]) if wi is not None else _none(x),
             dg2[:, :G].t() @ hprev.view(T * B, H),
             torch.cat([db[: 2 * H], db[3 * H :]]),
             db[:G].clone(),

@@ -25,6 +25,9 @@ class RnnCase:
     bias: bool = True
     batch_first: bool = False
     lengths: bool = False  # variable lengths (including 1 and T)
+    # fastdl gets the first layer's input projected (x W_ih^T per direction, w_ih None); the
+    # gradients still reach x and w_ih, through the caller's product.
+    projected: bool = False
 
     def __str__(self) -> str:
         flags = [
@@ -34,6 +37,7 @@ class RnnCase:
             "" if self.bias else "nobias",
             "bf" if self.batch_first else "",
             "len" if self.lengths else "",
+            "projin" if self.projected else "",
         ]
         return "-".join([self.kind, f"{self.T}x{self.B}x{self.IN}x{self.H}", *filter(None, flags)])
 
@@ -89,10 +93,17 @@ def run_fastdl(mod: nn.Module, case: RnnCase, x, states, lengths):
     fn = fastdl.lstm if case.kind == "lstm" else fastdl.gru
     hx = tuple(states) if case.kind == "lstm" else states[0]
     lens = None if lengths is None else lengths.to(x.device)
+    params = list(mod._flat_weights)
+    if case.projected:
+        dirs = 2 if case.bidir else 1
+        per = len(params) // (case.layers * dirs)
+        x = torch.cat([x @ params[d * per].t() for d in range(dirs)], -1)
+        for d in range(dirs):
+            params[d * per] = None
     y, h = fn(
         x,
         hx,
-        mod._flat_weights,
+        params,
         case.bias,
         case.layers,
         0.0,

@@ -115,6 +115,25 @@ def test_twenty_training_steps_match_twin(name):
     assert sum(ours[-3:]) < sum(ours[:3])  # it learns
 
 
+@pytest.mark.parametrize("batch,steps", [(6, 12), (2, 5)])
+def test_lstm_lm_input_table_when_the_vocabulary_is_small(batch, steps):
+    """With more tokens than vocabulary entries the LSTM LM gathers its first layer's input
+    projection from an embedding x W_ih table (projected=True), otherwise it embeds; both give
+    the twin's outputs and gradients."""
+    model, twin = pair("lstm-lm")
+    calls = []
+    forward = model.lstm.forward
+    model.lstm.forward = lambda *a, **k: calls.append(k.get("projected", False)) or forward(*a, **k)
+    x, target = sequence._windows(corpus.chars(), torch.Generator().manual_seed(3), batch, steps)
+    out, ref = model(x), twin(x)
+    assert calls == [batch * steps > model.vocab_size]
+    assert rel_err(out, ref) <= 1e-4
+    sequence.token_loss(out, target).backward()
+    sequence.token_loss(ref, target).backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        assert rel_err(p.grad, q.grad) <= 1e-4, n
+
+
 def test_comparison_detects_a_changed_weight():
     """The twin comparison is sharp enough to see one LayerNorm bias moved by 0.01."""
     model, twin = pair("gpt")

@@ -29,6 +29,13 @@ NATIVE_CASES = [
     RnnCase(G, 13, 4, 10, 17, layers=2, bidir=True, batch_first=True, lengths=True),
     RnnCase(G, 7, 5, 6, 19, layers=3, bias=False, lengths=True),
     RnnCase(G, 7, 6, 5, 37, layers=2, bidir=True, batch_first=True),
+    # The first layer's input projected by the caller (w_ih None): small and fused batches,
+    # lengths, projection, both directions side by side.
+    RnnCase(L, 4, 2, 3, 5, projected=True),
+    RnnCase(L, 6, 7, 5, 9, layers=2, bias=False, projected=True),
+    RnnCase(L, 5, 3, 4, 6, bidir=True, proj=3, lengths=True, projected=True),
+    RnnCase(G, 4, 2, 3, 5, lengths=True, projected=True),
+    RnnCase(G, 5, 6, 5, 19, layers=2, bidir=True, batch_first=True, projected=True),
 ]
 # The interpreter launches one program per step and row: a few steps of small batches.
 INTERP_CASES = [
@@ -36,6 +43,8 @@ INTERP_CASES = [
     RnnCase(L, 4, 3, 3, 5, bidir=True, proj=3, lengths=True),
     RnnCase(G, 3, 2, 5, 6),
     RnnCase(G, 4, 3, 3, 5, layers=2, bidir=True, lengths=True),
+    RnnCase(L, 3, 2, 4, 5, bidir=True, lengths=True, projected=True),
+    RnnCase(G, 3, 2, 4, 5, projected=True),
 ]
 
 
@@ -233,6 +242,10 @@ def _lstm_args(dev="cpu", T=4, B=3, IN=5, H=6, proj=0, **over):
     return args
 
 
+def _no_w_ih(dev):
+    return [None, *_lstm_args(dev)["params"][1:]]
+
+
 def _cast_first(params):
     return [params[0].to(torch.bfloat16), *params[1:]]
 
@@ -365,6 +378,34 @@ BAD = [
         lambda d: _lstm_args(d, params=list(torch.nn.LSTM(5, 6)._flat_weights)[:3]),
         RuntimeError,
         r"expected 4 parameters per layer and direction",
+    ),
+    (
+        "projected_width",
+        lambda d: _lstm_args(d, input=torch.randn(4, 3, 23, device=d), params=_no_w_ih(d)),
+        RuntimeError,
+        r"without w_ih, x holds the input projection \(T, B, 24\)",
+    ),
+    (
+        "projected_bidirectional_width",
+        lambda d: _lstm_args(
+            d,
+            input=torch.randn(4, 3, 24, device=d),
+            params=[None, *_lstm_args(d)["params"][1:]] * 2,
+            bidirectional=True,
+        ),
+        RuntimeError,
+        r"both directions' input projections \(T, B, 2 \* 24\)",
+    ),
+    (
+        "projected_second_layer",
+        lambda d: _lstm_args(
+            d,
+            input=torch.randn(4, 3, 5, device=d),
+            params=_lstm_args(d)["params"] + [None, *_lstm_args(d, IN=6)["params"][1:]],
+            num_layers=2,
+        ),
+        ValueError,
+        r"only the first layer's w_ih may be None",
     ),
     (
         "input_dims",

@@ -253,3 +253,20 @@ def test_output_edited_in_place(backend, kind, kwargs, shape):
         grads.append([xi.grad.cpu().double(), *(p.grad.cpu().double() for p in m.parameters())])
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("twin", range(len(TWINS)), ids=IDS)
+def test_projected_input(backend, twin):
+    """forward(x W_ih^T per direction, projected=True) gives forward(x)'s outputs, and the same
+    gradients to x and to every weight (weight_ih_l0 through the caller's product)."""
+    torch.manual_seed(0)
+    _, cls, kw = TWINS[twin]
+    mod = cls(**kw).to(backend.device)
+    x = torch.randn(3, 4, 5, device=backend.device, requires_grad=True)
+    want_out = _flat(mod(x))
+    want = _grads(mod, want_out, [x])
+    w_ih = [mod.weight_ih_l0] + ([mod.weight_ih_l0_reverse] if mod.bidirectional else [])
+    got_out = _flat(mod(torch.cat([x @ w.t() for w in w_ih], -1), projected=True))
+    got = _grads(mod, got_out, [x])
+    for g, w in zip([*got_out, *got], [*want_out, *want], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

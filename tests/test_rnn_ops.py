@@ -26,6 +26,7 @@ def _forward_samples(dev, grad):
     wg = (t(3 * H, IN), t(3 * H, H), t(3 * H), t(3 * H))
     wlp, w_hr = t(4 * H, P), t(P, H)
     lens = torch.tensor([2, 3], device=dev)
+    xl, xg = t(T, B, 4 * H), t(T, B, 3 * H)  # input projections (no w_ih)
     return [
         ("lstm", "lstm_layer_fwd", (x, h0, c0, *wl, None, None, False)),
         ("lstm_rev_len", "lstm_layer_fwd", (x, h0, c0, *wl, None, lens, True)),
@@ -36,6 +37,8 @@ def _forward_samples(dev, grad):
         ),
         ("gru", "gru_layer_fwd", (x, h0, *wg, None, False)),
         ("gru_rev_len", "gru_layer_fwd", (x, h0, wg[0], wg[1], None, wg[3], lens, True)),
+        ("lstm_projected", "lstm_layer_fwd", (xl, h0, c0, None, *wl[1:], None, lens, False)),
+        ("gru_projected", "gru_layer_fwd", (xg, h0, None, *wg[1:], None, True)),
     ]
 
 
@@ -191,6 +194,11 @@ def _compile_fns(dev):
             lambda x: fastdl.gru(x, None, gru, batch_first=True),
             (3, 4, 5),
         ),
+        # The first layer's input projected in the compiled graph (w_ih None).
+        "gru_projected": (
+            lambda x: fastdl.gru(x @ gru[0].t(), None, [None, *gru[1:]], batch_first=True),
+            (3, 4, 5),
+        ),
         "lstm_cell": (
             lambda x: fastdl.lstm_cell(x, None, *lcell),
             (3, 5),
@@ -209,7 +217,9 @@ def _flat(out):
 
 
 # The interpreter: the cells and a one-layer GRU (a bidirectional 2-layer LSTM takes ~30 s there).
-COMPILE_CASES = cases(list(_compile_fns("cpu")), ["lstm_cell", "gru_batch_first"], dtypes=False)
+COMPILE_CASES = cases(
+    list(_compile_fns("cpu")), ["lstm_cell", "gru_batch_first", "gru_projected"], dtypes=False
+)
 
 
 @pytest.mark.parametrize("backend,case", COMPILE_CASES, indirect=["backend"])

@@ -53,26 +53,36 @@ inline void lengths(const char* op, const std::optional<at::Tensor>& len, const 
 }
 
 // Checks the forward inputs of one layer and returns its sizes. `gates` is 4 (LSTM) or 3 (GRU);
-// c0 and w_hr are LSTM-only (pass nullptr / nullopt for the GRU).
+// c0 and w_hr are LSTM-only (pass nullptr / nullopt for the GRU). Without w_ih, x is the input
+// projection (T, B, G) and I = G.
 inline Dims check_layer(const char* op, std::initializer_list<c10::ScalarType> dtypes,
                         int64_t gates, const at::Tensor& x, const at::Tensor& h0,
-                        const at::Tensor* c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                        const std::optional<at::Tensor>& b_ih,
+                        const at::Tensor* c0, const std::optional<at::Tensor>& w_ih,
+                        const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                         const std::optional<at::Tensor>& b_hh,
                         const std::optional<at::Tensor>& w_hr,
                         const std::optional<at::Tensor>& len) {
   checks::dtype(op, "x", x, dtypes);
   TORCH_CHECK(x.dim() == 3, op, ": x must be (T, B, input_size), got shape ", x.sizes());
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % gates == 0 && w_ih.size(0) > 0, op,
-              ": w_ih must be (", gates, " * hidden_size, input_size), got shape ", w_ih.sizes());
-  Dims d{x.size(0), x.size(1), x.size(2), w_ih.size(0) / gates, 0, w_ih.size(0), 0};
+  const char* rows = w_ih ? "w_ih" : "w_hh";
+  const at::Tensor& w = w_ih ? *w_ih : w_hh;
+  TORCH_CHECK(w.dim() == 2 && w.size(0) % gates == 0 && w.size(0) > 0, op, ": ", rows, " must be (",
+              gates, " * hidden_size, ", w_ih ? "input_size" : "hidden_size or proj_size",
+              "), got shape ", w.sizes());
+  Dims d{x.size(0), x.size(1), x.size(2), w.size(0) / gates, 0, w.size(0), 0};
   d.P = w_hr.has_value() ? w_hr->size(0) : d.H;
   d.S = 4 * d.H;
-  like_x(op, "w_ih", w_ih, x);
+  if (w_ih) like_x(op, "w_ih", *w_ih, x);
   like_x(op, "w_hh", w_hh, x);
   like_x(op, "h0", h0, x);
-  TORCH_CHECK(w_ih.size(1) == d.I, op, ": input size ", d.I, " of x does not match w_ih of shape ",
-              w_ih.sizes(), " (expected (", d.G, ", ", d.I, "))");
+  if (w_ih) {
+    TORCH_CHECK(w_ih->size(1) == d.I, op, ": input size ", d.I,
+                " of x does not match w_ih of shape ", w_ih->sizes(), " (expected (", d.G, ", ",
+                d.I, "))");
+  } else {
+    TORCH_CHECK(d.I == d.G, op, ": without w_ih, x holds the input projection (T, B, ", d.G, ") (",
+                gates, " * hidden_size), got shape ", x.sizes());
+  }
   if (w_hr.has_value()) {
     like_x(op, "w_hr", *w_hr, x);
     TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == d.H && d.P >= 1 && d.P < d.H, op,

@@ -1,15 +1,15 @@
 // CPU implementations of the rnn ops (schemas and semantics in csrc/ops.cpp): one LSTM/GRU layer
 // in one direction over a whole sequence, forward and backpropagation through time.
 //
-// Forward: the input projection of every step is one large GEMM (its biases added by the
-// pointwise kernels as they read it); then per step the recurrent GEMM h W_hh^T and one fused
-// pointwise pass
-// (csrc/cpu/rnn_kernels.h) that applies the gates, updates the state and writes the output and
-// what BPTT needs. Backward: per step the fused pointwise pass gives the gate gradients and
-// dh_{t-1} = dgates W_hh; the weight gradients and dx are single large GEMMs over all steps after
-// the loop (K = T * B instead of T GEMMs with K = B). Kernels compute in the accumulation type
-// (float for float32 and bfloat16, double for float64): bfloat16 tensors are widened once on
-// entry, so states and sums stay in float across steps, and outputs are rounded once.
+// Forward: the input projection of every step is one large GEMM (or the caller's x, without
+// w_ih; its biases added by the pointwise kernels as they read it); then per step the recurrent
+// GEMM h W_hh^T and one fused pointwise pass (csrc/cpu/rnn_kernels.h) that applies the gates,
+// updates the state and writes the output and what BPTT needs. Backward: per step the fused
+// pointwise pass gives the gate gradients and dh_{t-1} = dgates W_hh; the weight gradients and dx
+// are single large GEMMs over all steps after the loop (K = T * B instead of T GEMMs with K = B).
+// Kernels compute in the accumulation type (float for float32 and bfloat16, double for float64):
+// bfloat16 tensors are widened once on entry, so states and sums stay in float across steps, and
+// outputs are rounded once.
 //
 // Deterministic: the same fixed sequence of GEMMs and row-parallel pointwise passes (each row
 // written by one thread) every run.
@@ -394,6 +394,14 @@ std::optional<at::Tensor> acc_opt(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(acc(*t)) : std::nullopt;
 }
 
+// The input projection of every position, (T * B, G): x W_ih^T, or x itself when the caller
+// passed it projected (no w_ih). x and w_ih in the accumulation dtype.
+at::Tensor input_projection(const at::Tensor& x, const std::optional<at::Tensor>& w_ih,
+                            const rnn::Dims& d) {
+  const at::Tensor x2 = x.view({d.T * d.B, d.I});
+  return w_ih ? rnn_mm(x2, w_ih->t()) : x2;
+}
+
 at::Tensor state_grad(const std::optional<at::Tensor>& g, int64_t B, int64_t D,
                       const at::TensorOptions& opts) {
   return g.has_value() ? acc(*g).clone() : at::zeros({B, D}, opts);
@@ -406,15 +414,17 @@ at::Tensor none(const at::Tensor& x) {
 // ---------------------------------------------------------------- LSTM
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(
-    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
-    const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr_,
-    const std::optional<at::Tensor>& lengths, bool reverse) {
+    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
+    const std::optional<at::Tensor>& w_ih_, const at::Tensor& w_hh_,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& lengths,
+    bool reverse) {
   const rnn::Dims d = rnn::check_layer("fastdl.lstm", kDtypes, 4, x_, h0_, &c0_, w_ih_, w_hh_, b_ih,
                                        b_hh, w_hr_, lengths);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
-  const at::Tensor x = acc(x_), w_ih = acc(w_ih_), w_hh = acc(w_hh_);
+  const at::Tensor x = acc(x_), w_hh = acc(w_hh_);
+  const std::optional<at::Tensor> w_ih = acc_opt(w_ih_);
   const std::optional<at::Tensor> w_hr = acc_opt(w_hr_);
   const auto opts = x.options();
   at::Tensor h = acc(h0_).clone(), c = acc(c0_).clone();
@@ -422,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
   at::Tensor cs = seq_buffer(sch, {T, B, H}, opts);
   if (T > 0 && B > 0) {
-    const at::Tensor gx = rnn_mm(x.view({T * B, I}), w_ih.t());
+    const at::Tensor gx = input_projection(x, w_ih, d);
     const at::Tensor bx = input_bias(b_ih, b_hh, G, opts);
     const bool dbl = x.scalar_type() == at::kDouble;
     if (!w_hr && B <= kSeqMaxBatch) {
@@ -490,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
            at::Tensor>
 lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at::Tensor>& grad_hn,
                const std::optional<at::Tensor>& grad_cn, const at::Tensor& x_,
-               const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
+               const at::Tensor& h0_, const at::Tensor& c0_, const std::optional<at::Tensor>& w_ih_,
                const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
                const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& y_,
                const at::Tensor& gates_, const at::Tensor& cs_, std::array<bool, 2> mask) {
@@ -500,7 +510,8 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
   rnn::check_saved(op, d, x_, grad_y_, grad_hn, grad_cn, y_, gates_, &cs_);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
-  const at::Tensor x = acc(x_), w_ih = acc(w_ih_), w_hh = acc(w_hh_);
+  const at::Tensor x = acc(x_), w_hh = acc(w_hh_);
+  const std::optional<at::Tensor> w_ih = acc_opt(w_ih_);
   const at::Tensor gates = gates_.contiguous(), cs = cs_.contiguous();
   const std::optional<at::Tensor> w_hr = acc_opt(w_hr_), grad_y = acc_opt(grad_y_);
   const auto opts = x.options();
@@ -544,12 +555,12 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
   }
   const auto dtype = x_.scalar_type();
   const at::Tensor dg2 = dg.view({T * B, S});
-  at::Tensor gx = mask[0] ? rnn_mm(dg2, w_ih).view({T, B, I}).to(dtype) : none(x_);
+  at::Tensor gx = mask[0] ? (w_ih ? rnn_mm(dg2, *w_ih) : dg2).view({T, B, I}).to(dtype) : none(x_);
   at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
   at::Tensor gw_hr = none(x_);
   if (mask[1]) {
     const at::Tensor hprev = prev_states(acc(y_), acc(h0_), sch, reverse);
-    gw_ih = rnn_mm(dg2.t(), x.view({T * B, I})).to(dtype);
+    if (w_ih) gw_ih = rnn_mm(dg2.t(), x.view({T * B, I})).to(dtype);
     gw_hh = rnn_mm(dg2.t(), hprev.view({T * B, P})).to(dtype);
     const at::Tensor db = dg2.sum(0);
     gb_ih = db.to(dtype);
@@ -565,20 +576,21 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
 // ---------------------------------------------------------------- GRU
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
-    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& lengths, bool reverse) {
+    const at::Tensor& x_, const at::Tensor& h0_, const std::optional<at::Tensor>& w_ih_,
+    const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths, bool reverse) {
   const rnn::Dims d = rnn::check_layer("fastdl.gru", kDtypes, 3, x_, h0_, nullptr, w_ih_, w_hh_,
                                        b_ih, b_hh, std::nullopt, lengths);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
-  const at::Tensor x = acc(x_), w_ih = acc(w_ih_), w_hh = acc(w_hh_);
+  const at::Tensor x = acc(x_), w_hh = acc(w_hh_);
+  const std::optional<at::Tensor> w_ih = acc_opt(w_ih_);
   const auto opts = x.options();
   at::Tensor h = acc(h0_).clone();
   at::Tensor y = seq_buffer(sch, {T, B, H}, opts);
   at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
   if (T > 0 && B > 0) {
-    const at::Tensor gx = rnn_mm(x.view({T * B, I}), w_ih.t());
+    const at::Tensor gx = input_projection(x, w_ih, d);
     const at::Tensor bx = input_bias(b_ih, std::nullopt, G, opts);
     const std::optional<at::Tensor> bh = acc_opt(b_hh);
     const bool dbl = x.scalar_type() == at::kDouble;
@@ -637,16 +649,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(
     const std::optional<at::Tensor>& grad_y_, const std::optional<at::Tensor>& grad_hn,
-    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-    const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& y_,
-    const at::Tensor& gates_, std::array<bool, 2> mask) {
+    const at::Tensor& x_, const at::Tensor& h0_, const std::optional<at::Tensor>& w_ih_,
+    const at::Tensor& w_hh_, const std::optional<at::Tensor>& lengths, bool reverse,
+    const at::Tensor& y_, const at::Tensor& gates_, std::array<bool, 2> mask) {
   const char* op = "fastdl.gru";
   const rnn::Dims d = rnn::check_layer(op, kDtypes, 3, x_, h0_, nullptr, w_ih_, w_hh_, std::nullopt,
                                        std::nullopt, std::nullopt, lengths);
   rnn::check_saved(op, d, x_, grad_y_, grad_hn, std::nullopt, y_, gates_, nullptr);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
-  const at::Tensor x = acc(x_), w_ih = acc(w_ih_), w_hh = acc(w_hh_);
+  const at::Tensor x = acc(x_), w_hh = acc(w_hh_);
+  const std::optional<at::Tensor> w_ih = acc_opt(w_ih_);
   const at::Tensor gates = gates_.contiguous();
   const std::optional<at::Tensor> grad_y = acc_opt(grad_y_);
   const auto opts = x.options();
@@ -686,14 +699,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor d_rz = dg2.narrow(1, 0, 2 * H), d_n = dg2.narrow(1, 3 * H, H);
   at::Tensor gx = none(x_);
   if (mask[0])
-    gx = rnn_mm(d_rz, w_ih.narrow(0, 0, 2 * H))
-             .add_(rnn_mm(d_n, w_ih.narrow(0, 2 * H, H)))
-             .view({T, B, I})
-             .to(dtype);
+    gx =
+        (w_ih ? rnn_mm(d_rz, w_ih->narrow(0, 0, 2 * H)).add_(rnn_mm(d_n, w_ih->narrow(0, 2 * H, H)))
+              : at::cat({d_rz, d_n}, 1))
+            .view({T, B, I})
+            .to(dtype);
   at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
   if (mask[1]) {
     const at::Tensor x2 = x.view({T * B, I});
-    gw_ih = at::cat({rnn_mm(d_rz.t(), x2), rnn_mm(d_n.t(), x2)}).to(dtype);
+    if (w_ih) gw_ih = at::cat({rnn_mm(d_rz.t(), x2), rnn_mm(d_n.t(), x2)}).to(dtype);
     gw_hh = rnn_mm(dg2.narrow(1, 0, G).t(), hprev.view({T * B, H})).to(dtype);
     const at::Tensor db = dg2.sum(0);
     gb_ih = at::cat({db.narrow(0, 0, 2 * H), db.narrow(0, 3 * H, H)}).to(dtype);

@@ -197,7 +197,7 @@ cuda::RnnPersistParams persist_params(Cell cell, const at::Tensor& x, const cuda
 // Both cells: y (T, B, P), hn (B, P), cn (B, H) (LSTM; undefined for the GRU), gates, cs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd(
     Cell cell, const rnn::Dims& d, const at::Tensor& x_, const at::Tensor& h0, const at::Tensor* c0,
-    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const OptTensor& b_ih, const OptTensor& b_hh,
+    const OptTensor& w_ih, const at::Tensor& w_hh_, const OptTensor& b_ih, const OptTensor& b_hh,
     const OptTensor& w_hr, const OptTensor& lengths_, bool reverse) {
   const auto [T, B, I, H, P, G, S] = d;
   const auto dt = x_.scalar_type();
@@ -215,8 +215,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
 
   // Contiguous operands: cuBLAS picks its kernel (and so its rounding) by layout, so a strided x
   // or transposed weight gives the very bits of the contiguous call.
-  const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const at::Tensor gx = mm_f32(x.view({T * B, I}), w_ih.t());
+  const at::Tensor x = x_.contiguous(), w_hh = w_hh_.contiguous();
+  // Without w_ih x is the projection already (float32 for the kernels, which only read it).
+  const at::Tensor gx =
+      w_ih ? mm_f32(x.view({T * B, I}), w_ih->contiguous().t()) : f32(x).view({T * B, G});
   // LSTM: both biases fold into the input side; GRU: b_hh stays apart (n scales it by r).
   OptTensor bias_x, bias_h;
   if (cell == Cell::kLstm && (b_ih || b_hh)) {
@@ -263,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const OptTensor& w_ih,
     const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
     const OptTensor& lengths, bool reverse) {
   const rnn::Dims d =
@@ -273,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& x, const at::Tensor& h0, const OptTensor& w_ih, const at::Tensor& w_hh,
     const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths, bool reverse) {
   const rnn::Dims d = rnn::check_layer(kGru, kDtypes, 3, x, h0, nullptr, w_ih, w_hh, b_ih, b_hh,
                                        std::nullopt, lengths);
@@ -291,7 +293,7 @@ struct LayerGrads {
 
 LayerGrads layer_bwd(Cell cell, const rnn::Dims& d, const OptTensor& grad_y_,
                      const OptTensor& grad_hn, const OptTensor& grad_cn, const at::Tensor& x_,
-                     const at::Tensor& h0, const at::Tensor* c0, const at::Tensor& w_ih_,
+                     const at::Tensor& h0, const at::Tensor* c0, const OptTensor& w_ih,
                      const at::Tensor& w_hh_, const OptTensor& w_hr, const OptTensor& lengths_,
                      bool reverse, const at::Tensor& y, const at::Tensor& gates_,
                      const at::Tensor* cs_, std::array<bool, 2> mask) {
@@ -349,10 +351,9 @@ LayerGrads layer_bwd(Cell cell, const rnn::Dims& d, const OptTensor& grad_y_,
   // the GRU's [dr, dz, dghn, dn] use [dr, dz, dn] for w_ih and [dr, dz, dghn] for w_hh.
   const at::Tensor dgx =
       lstm ? dg2 : at::cat({dg2.narrow(1, 0, 2 * H), dg2.narrow(1, 3 * H, H)}, 1);
-  if (mask[0]) g.gx = at::mm(dgx, f32(w_ih_)).view({T, B, I}).to(dt);
+  if (mask[0]) g.gx = (w_ih ? at::mm(dgx, f32(*w_ih)) : dgx).view({T, B, I}).to(dt);
   if (mask[1]) {
-    const at::Tensor x2 = f32(x_).view({T * B, I});
-    g.gw_ih = at::mm(dgx.t(), x2).to(dt);
+    if (w_ih) g.gw_ih = at::mm(dgx.t(), f32(x_).view({T * B, I})).to(dt);
     g.gw_hh = at::mm(dg2.narrow(1, 0, G).t(), hprev.view({T * B, P})).to(dt);
     const at::Tensor db = dgx.sum(0);
     g.gb_ih = db.to(dt, false, true);
@@ -369,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
            at::Tensor>
 lstm_layer_bwd(const OptTensor& grad_y, const OptTensor& grad_hn, const OptTensor& grad_cn,
                const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-               const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& w_hr,
+               const OptTensor& w_ih, const at::Tensor& w_hh, const OptTensor& w_hr,
                const OptTensor& lengths, bool reverse, const at::Tensor& y, const at::Tensor& gates,
                const at::Tensor& cs, std::array<bool, 2> mask) {
   const rnn::Dims d = rnn::check_layer(kLstm, kDtypes, 4, x, h0, &c0, w_ih, w_hh, std::nullopt,
@@ -383,7 +384,7 @@ lstm_layer_bwd(const OptTensor& grad_y, const OptTensor& grad_hn, const OptTenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(
     const OptTensor& grad_y, const OptTensor& grad_hn, const at::Tensor& x, const at::Tensor& h0,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& lengths, bool reverse,
+    const OptTensor& w_ih, const at::Tensor& w_hh, const OptTensor& lengths, bool reverse,
     const at::Tensor& y, const at::Tensor& gates, std::array<bool, 2> mask) {
   const rnn::Dims d = rnn::check_layer(kGru, kDtypes, 3, x, h0, nullptr, w_ih, w_hh, std::nullopt,
                                        std::nullopt, std::nullopt, lengths);

@@ -322,7 +322,13 @@ class Transformer(nn.Module):
 class LSTMLanguageModel(nn.Module):
     """Embedding -> ``layers``-layer LSTM (fastdl.nn.LSTM) -> linear head. ``forward(idx)``: idx
     (B, T) int64 -> logits (B, T, vocab_size). The recurrence runs time-major: the embedding
-    gathers straight into (T, B, E), the layout the kernel walks."""
+    gathers straight into (T, B, ...), the layout the kernel walks.
+
+    A token's input to the first layer is its embedding times W_ih, row v of the (vocab, 4H)
+    table ``emb.weight W_ih^T``: when the vocabulary has fewer entries than the batch has tokens,
+    the model builds that table (per call, so the gradients reach both weights) and gathers its
+    rows, in place of the (tokens, embed) x (embed, 4H) products of the forward and of the
+    backward (dx, dW_ih)."""
 
     def __init__(self, vocab_size: int, embed: int, hidden: int, layers: int = 1):
         super().__init__()
@@ -333,7 +339,12 @@ class LSTMLanguageModel(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         check_tokens("LSTMLanguageModel", "idx", idx, self.vocab_size)
-        y, _ = self.lstm(self.emb(idx.t()))
+        ids = idx.t()
+        if self.vocab_size < ids.numel():
+            table = F.linear(self.emb.weight, self.lstm.weight_ih_l0)
+            y, _ = self.lstm(F.embedding(ids, table), projected=True)
+        else:
+            y, _ = self.lstm(self.emb(ids))
         return self.head(y).transpose(0, 1)
 
 

@@ -41,10 +41,14 @@ def _repack(y: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> Pac
 
 
 class _RNNBase:
-    def _run(self, fn, input, hx):
+    def _run(self, fn, input, hx, projected):
         # The parameters as they are now, not the cached self._flat_weights, which misses
         # torch.func.functional_call's and parametrizations' (torch refreshes it per call).
         weights = [getattr(self, name) for name in self._flat_weights_names]
+        if projected:  # the first layer's w_ih, one per direction
+            dirs = 2 if self.bidirectional else 1
+            for d in range(dirs):
+                weights[d * len(weights) // (self.num_layers * dirs)] = None
         args = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
         if isinstance(input, PackedSequence):
             x, lengths = _unpack(input)
@@ -57,7 +61,12 @@ class _RNNBase:
 
 
 class LSTM(_RNNBase, nn.RNNBase):
-    """Drop-in for nn.LSTM (same arguments, proj_size included)."""
+    """Drop-in for nn.LSTM (same arguments, proj_size included).
+
+    ``forward(input, hx=None, *, projected=False)``: with ``projected``, input holds the first
+    layer's input projection ``x W_ih^T`` instead of x ((T, B, 4H), both directions' side by side
+    when bidirectional; see fastdl.lstm), e.g. rows of ``F.linear(emb.weight, weight_ih_l0)``
+    gathered per token; weight_ih_l0 then gets its gradient only through that product."""
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
@@ -67,24 +76,25 @@ class LSTM(_RNNBase, nn.RNNBase):
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     permute_hidden = nn.LSTM.permute_hidden
 
-    def forward(self, input, hx=None):
-        if not _takes(input):
+    def forward(self, input, hx=None, *, projected=False):
+        if not projected and not _takes(input):
             return nn.LSTM.forward(self, input, hx)
-        return self._run(F.lstm, input, hx)
+        return self._run(F.lstm, input, hx, projected)
 
 
 class GRU(_RNNBase, nn.RNNBase):
-    """Drop-in for nn.GRU."""
+    """Drop-in for nn.GRU; ``forward(input, hx=None, *, projected=False)`` as LSTM's (input then
+    (T, B, 3H) per direction)."""
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
-    def forward(self, input, hx=None):
-        if not _takes(input):
+    def forward(self, input, hx=None, *, projected=False):
+        if not projected and not _takes(input):
             return nn.GRU.forward(self, input, hx)
-        return self._run(F.gru, input, hx)
+        return self._run(F.gru, input, hx, projected)
 
 
 class LSTMCell(nn.LSTMCell):

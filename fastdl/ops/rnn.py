@@ -34,7 +34,7 @@ def _seq_fake(x, width, dtype=None):
 
 
 def _lstm_layer_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
-    hidden = w_ih.shape[0] // 4
+    hidden = w_hh.shape[0] // 4
     acc = _acc_dtype(x)
     return (
         _seq_fake(x, h0.shape[1]),
@@ -49,24 +49,29 @@ def _grad_or_none(x, shape, wanted):
     return x.new_empty(shape if wanted else (0,))
 
 
+def _weight_grad(x, w, wanted):
+    """The gradient of an optional weight: empty when masked off or when there is no weight."""
+    return _grad_or_none(x, w.shape if w is not None else (0,), wanted and w is not None)
+
+
 def _lstm_layer_bwd_fake(
     grad_y, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, y, gates, cs, mask
 ):
-    g = w_ih.shape[0]
+    g = w_hh.shape[0]
     return (
         _grad_or_none(x, x.shape, mask[0]),
         x.new_empty(h0.shape),
         x.new_empty(c0.shape),
-        _grad_or_none(x, w_ih.shape, mask[1]),
+        _weight_grad(x, w_ih, mask[1]),
         _grad_or_none(x, w_hh.shape, mask[1]),
         _grad_or_none(x, (g,), mask[1]),
         _grad_or_none(x, (g,), mask[1]),
-        _grad_or_none(x, w_hr.shape if w_hr is not None else (0,), mask[1] and w_hr is not None),
+        _weight_grad(x, w_hr, mask[1]),
     )
 
 
 def _gru_layer_fwd_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
-    hidden = w_ih.shape[0] // 3
+    hidden = w_hh.shape[0] // 3
     return (
         _seq_fake(x, hidden),
         torch.empty_like(h0, memory_format=torch.contiguous_format),
@@ -75,11 +80,11 @@ def _gru_layer_fwd_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
 
 
 def _gru_layer_bwd_fake(grad_y, grad_hn, x, h0, w_ih, w_hh, lengths, reverse, y, gates, mask):
-    g = w_ih.shape[0]
+    g = w_hh.shape[0]
     return (
         _grad_or_none(x, x.shape, mask[0]),
         x.new_empty(h0.shape),
-        _grad_or_none(x, w_ih.shape, mask[1]),
+        _weight_grad(x, w_ih, mask[1]),
         _grad_or_none(x, w_hh.shape, mask[1]),
         _grad_or_none(x, (g,), mask[1]),
         _grad_or_none(x, (g,), mask[1]),
@@ -254,6 +259,26 @@ def _layers(op, params, has_biases, num_layers, num_dirs, gates):
     return groups
 
 
+def _projected(op, groups, dirs, x) -> bool:
+    """Whether the first layer's input comes projected (its w_ih None, every direction): x then
+    holds each direction's projection x W_ih^T side by side, (T, B, dirs * G)."""
+    missing = [g[0] is None for g in groups]
+    if not any(missing):
+        return False
+    if any(missing[dirs:]) or not all(missing[:dirs]):
+        raise ValueError(
+            f"{op}: only the first layer's w_ih may be None (for each of its directions): its "
+            "input is then the input projection"
+        )
+    g = groups[0][1].shape[0]
+    if dirs == 2 and x.shape[-1] != 2 * g:
+        raise RuntimeError(
+            f"{op}: without w_ih, a bidirectional layer's input holds both directions' input "
+            f"projections (T, B, 2 * {g}), got shape {list(x.shape)}"
+        )
+    return True
+
+
 def _lstm_state(op: str, hx) -> tuple:
     """(h, c) of an LSTM's hx: None (zeros) or exactly two tensors."""
     if hx is None:
@@ -305,6 +330,7 @@ def _rnn(
     for i, group in enumerate(groups):
         where = "" if len(groups) == 1 else f" of layer {i // dirs}" + " reverse" * (i % dirs)
         _like_x(op, input, [(n + where, t) for n, t in zip(PARAM_NAMES, group, strict=True)])
+    split = _projected(op, groups, dirs, input) and dirs == 2
     batch = input.shape[1]
     hidden = groups[0][1].shape[-1] if groups[0][4] is None else groups[0][4].shape[1]
     out_size = groups[0][1].shape[-1]
@@ -318,13 +344,15 @@ def _rnn(
         for d in range(dirs):
             i = layer * dirs + d
             w_ih, w_hh, b_ih, b_hh, w_hr = groups[i]
+            # Projected input, both directions: each reads its own half.
+            xd = x.narrow(-1, d * w_hh.shape[0], w_hh.shape[0]) if split and layer == 0 else x
             if gates == 4:
                 y, h, c, _, _ = ops.lstm_layer_fwd(
-                    x, h0[i], c0[i], w_ih, w_hh, b_ih, b_hh, w_hr, lens, d == 1
+                    xd, h0[i], c0[i], w_ih, w_hh, b_ih, b_hh, w_hr, lens, d == 1
                 )
                 cn.append(c)
             else:
-                y, h, _ = ops.gru_layer_fwd(x, h0[i], w_ih, w_hh, b_ih, b_hh, lens, d == 1)
+                y, h, _ = ops.gru_layer_fwd(xd, h0[i], w_ih, w_hh, b_ih, b_hh, lens, d == 1)
             outs.append(y)
             hn.append(h)
         x = outs[0] if dirs == 1 else torch.cat(outs, -1)
@@ -365,6 +393,11 @@ def lstm(
 
     ``params`` in ``nn.LSTM._flat_weights`` order: per layer and direction ``w_ih, w_hh[, b_ih,
     b_hh][, w_hr]`` (the projection, proj_size = w_hr.shape[0], is inferred as torch does).
+    The first layer's ``w_ih`` may be None (every direction's): input then holds its input
+    projection ``x W_ih^T`` (T, B, 4H), both directions' side by side (T, B, 2 * 4H) when
+    bidirectional, and the op still adds the biases. The gradient reaches the projection, so
+    ``input = F.embedding(ids, F.linear(emb.weight, w_ih))`` is an embedding and the layer's
+    input GEMM done as a row lookup in a (vocab, 4H) table (fastdl.models' LSTM language model).
     input (T, B, I) ((B, T, I) with batch_first, (T, I) unbatched); hx = (h0, c0) of shapes
     (num_layers * dirs, B, proj_size or H) and (num_layers * dirs, B, H), or None for zeros.
     ``lengths`` (B,) ints on input's device, 1 <= lengths[b] <= T: each sequence's final state is
@@ -412,7 +445,8 @@ def gru(
     r (W_hn h + b_hn))``, ``h' = (1 - z) n + z h``.
 
     ``params`` per layer and direction ``w_ih, w_hh[, b_ih, b_hh]``; hx (num_layers * dirs, B,
-    H) or None. Shapes, ``lengths``, dropout, dtypes and backends as :func:`lstm`.
+    H) or None. Shapes, ``lengths``, dropout, dtypes and backends as :func:`lstm`, a first layer
+    without ``w_ih`` too (its input then (T, B, 3H) per direction).
     Returns ``(output, h_n)``. Deterministic: yes (without dropout).
     """
     if hx is not None and not isinstance(hx, torch.Tensor):

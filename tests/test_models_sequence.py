@@ -134,6 +134,15 @@ def test_lstm_lm_input_table_when_the_vocabulary_is_small(batch, steps):
         assert rel_err(p.grad, q.grad) <= 1e-4, n
 
 
+def test_lstm_lm_float16_on_the_cpu_runs_torchs_lstm():
+    """A dtype the kernels do not take keeps the embedding path (torch's LSTM, the module's
+    fallback, has no projected input), also for batches with more tokens than the vocabulary."""
+    model, twin = pair("lstm-lm")
+    model, twin = model.half(), twin.half()
+    x = torch.arange(60).view(5, 12) % model.vocab_size
+    torch.testing.assert_close(model(x), twin(x))
+
+
 def test_comparison_detects_a_changed_weight():
     """The twin comparison is sharp enough to see one LayerNorm bias moved by 0.01."""
     model, twin = pair("gpt")
@@ -262,6 +271,8 @@ def test_empty_batch_and_compile_fullgraph(name):
     # The token check runs inside the compiled graph (no host read), and a batch of 0 passes.
     model = CLASSES[name][0](**SMALL[name]).eval()
     inputs = [torch.zeros(2, 4, dtype=torch.long)] * (1 if name in ("gpt", "lstm-lm") else 2)
+    if name == "lstm-lm":  # more tokens than vocabulary entries: the input-table path
+        inputs = [torch.arange(40).view(4, 10) % len(corpus.ALPHABET)]
     empty = [t[:0] for t in inputs]
     assert model(*empty).shape[0] == 0
     compiled = torch.compile(model, fullgraph=True)

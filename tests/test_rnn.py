@@ -397,6 +397,19 @@ BAD = [
         r"both directions' input projections \(T, B, 2 \* 24\)",
     ),
     (
+        "w_hh_none",
+        lambda d: _lstm_args(d, params=[_lstm_args(d)["params"][0], None], has_biases=False),
+        TypeError,
+        r"fastdl.lstm: w_hh must be a tensor, got NoneType",
+    ),
+    (
+        # Three tensors without biases read as (w_ih, w_hh, w_hr): a bias is no projection.
+        "bias_as_projection",
+        lambda d: _lstm_args(d, params=_lstm_args(d)["params"][:3], has_biases=False),
+        RuntimeError,
+        r"w_hr must be \(proj_size, hidden_size=6\)",
+    ),
+    (
         "projected_second_layer",
         lambda d: _lstm_args(
             d,
@@ -437,6 +450,8 @@ def test_bad_proj_size(backend):
 def test_bad_gru_and_cells(backend):
     dev = backend.device
     gru = torch.nn.GRU(5, 6).to(dev)
+    with pytest.raises(TypeError, match=r"fastdl.gru: a cell's w_ih must be a tensor, got None"):
+        fastdl.gru_cell(torch.randn(2, 18, device=dev), None, None, gru.weight_hh_l0)
     with pytest.raises(RuntimeError, match=r"fastdl.gru: h0 must have shape \[1, 3, 6\]"):
         fastdl.gru(
             torch.randn(4, 3, 5, device=dev), torch.zeros(1, 3, 7, device=dev), gru._flat_weights

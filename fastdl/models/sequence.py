@@ -340,7 +340,9 @@ class LSTMLanguageModel(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         check_tokens("LSTMLanguageModel", "idx", idx, self.vocab_size)
         ids = idx.t()
-        if self.vocab_size < ids.numel():
+        # (Only in dtypes the kernels take: float16 on the CPU runs torch's LSTM, which has no
+        # projected input.)
+        if self.vocab_size < ids.numel() and _checks.kernels_take(self.emb.weight):
             table = F.linear(self.emb.weight, self.lstm.weight_ih_l0)
             y, _ = self.lstm(F.embedding(ids, table), projected=True)
         else:

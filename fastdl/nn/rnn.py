@@ -64,9 +64,11 @@ class LSTM(_RNNBase, nn.RNNBase):
     """Drop-in for nn.LSTM (same arguments, proj_size included).
 
     ``forward(input, hx=None, *, projected=False)``: with ``projected``, input holds the first
-    layer's input projection ``x W_ih^T`` instead of x ((T, B, 4H), both directions' side by side
-    when bidirectional; see fastdl.lstm), e.g. rows of ``F.linear(emb.weight, weight_ih_l0)``
-    gathered per token; weight_ih_l0 then gets its gradient only through that product."""
+    layer's input projection ``x W_ih^T`` instead of x (last dimension 4H, both directions' side
+    by side when bidirectional; see fastdl.lstm), e.g. rows of ``F.linear(emb.weight,
+    weight_ih_l0)`` gathered per token; weight_ih_l0 then gets its gradient only through that
+    product. Only in the dtypes fastdl's kernels take (torch's LSTM, the fallback for others,
+    has no such input)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)

@@ -329,10 +329,13 @@ def _rnn(
     groups = _layers(op, params, has_biases, num_layers, dirs, gates)
     for i, group in enumerate(groups):
         where = "" if len(groups) == 1 else f" of layer {i // dirs}" + " reverse" * (i % dirs)
+        if not isinstance(group[1], torch.Tensor):
+            raise TypeError(f"{op}: w_hh{where} must be a tensor, got {type(group[1]).__name__}")
         _like_x(op, input, [(n + where, t) for n, t in zip(PARAM_NAMES, group, strict=True)])
     split = _projected(op, groups, dirs, input) and dirs == 2
     batch = input.shape[1]
-    hidden = groups[0][1].shape[-1] if groups[0][4] is None else groups[0][4].shape[1]
+    # (shape[-1]: a w_hr of the wrong rank reaches the op, which names the shape it wants.)
+    hidden = groups[0][1].shape[-1] if groups[0][4] is None else groups[0][4].shape[-1]
     out_size = groups[0][1].shape[-1]
     lens = _lengths(op, lengths, input, batch)
     h0 = _state(op, "h0", hx[0], input, (num_layers * dirs, batch, out_size))
@@ -394,8 +397,9 @@ def lstm(
     ``params`` in ``nn.LSTM._flat_weights`` order: per layer and direction ``w_ih, w_hh[, b_ih,
     b_hh][, w_hr]`` (the projection, proj_size = w_hr.shape[0], is inferred as torch does).
     The first layer's ``w_ih`` may be None (every direction's): input then holds its input
-    projection ``x W_ih^T`` (T, B, 4H), both directions' side by side (T, B, 2 * 4H) when
-    bidirectional, and the op still adds the biases. The gradient reaches the projection, so
+    projection ``x W_ih^T``, (T, B, 4H) ((B, T, 4H) with batch_first, (T, 4H) unbatched), both
+    directions' side by side (last dimension 2 * 4H) when bidirectional, and the op still adds
+    the biases. The gradient reaches the projection, so
     ``input = F.embedding(ids, F.linear(emb.weight, w_ih))`` is an embedding and the layer's
     input GEMM done as a row lookup in a (vocab, 4H) table (fastdl.models' LSTM language model).
     input (T, B, I) ((B, T, I) with batch_first, (T, I) unbatched); hx = (h0, c0) of shapes
@@ -470,6 +474,8 @@ def gru(
 
 
 def _cell_input(op, x, states, w_ih, w_hh, b_ih, b_hh):
+    if w_ih is None:  # the layers' projected input (w_ih None) is not a cell feature
+        raise TypeError(f"{op}: a cell's w_ih must be a tensor, got None")
     _like_x(op, x, [("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)])
     if x.dim() not in (1, 2):
         raise _checks.RankError(

@@ -37,9 +37,14 @@ namespace {
 
 constexpr std::initializer_list<c10::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kBFloat16};
 // Query rows x key columns per score block: 64 x 256 floats (64 KiB) stay in L2 with the K/V
-// block (256 x D) they are multiplied with.
+// block (256 x D) they are multiplied with. The backward's key blocks are narrower: its dK/dV
+// accumulators, P and dP of a block stay closer to L1, and a causal band's diagonal blocks mask
+// fewer keys (it has no edge chunks). On Zen 4 (8 x 16 x 1024 x 64 and 2 x 8 x 2048 x 128,
+// causal or not, 2026-12-05), 128 against 256 ran the backward 3-30% faster; 64 was mixed, and
+// 512 against 256 in the forward no faster.
 constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 256;
+constexpr int64_t kFwdBlockK = 256;
+constexpr int64_t kBwdBlockK = 128;
 // Query rows per piece of a block that the band's upper edge crosses (a multiple of the GEMM's
 // 6-row micro-tile).
 constexpr int64_t kEdgeRows = 18;
@@ -97,15 +102,15 @@ struct Head {
   uint64_t ctr, ctr_ld;
 };
 
-// Scores of rows [i0, i0 + rows) x keys [j0, j0 + n) of h into s (ld kBlockK): scale * q.k,
-// plus the mask, -inf outside the band. kt: those keys' K^T (at least n columns).
+// Scores of rows [i0, i0 + rows) x keys [j0, j0 + n) of h into s (ld `ld`): scale * q.k, plus
+// the mask, -inf outside the band. kt: those keys' K^T (at least n columns).
 template <typename T>
 void scores(const Head<T>& h, const Opts& o, const PackedB<T>& kt, int64_t i0, int64_t rows,
-            int64_t j0, int64_t n, T* s) {
-  kt.gemm(false, rows, n, o.D, h.q + i0 * h.ldq, h.ldq, T(0), s, kBlockK, static_cast<T>(o.scale));
+            int64_t j0, int64_t n, T* s, int64_t ld) {
+  kt.gemm(false, rows, n, o.D, h.q + i0 * h.ldq, h.ldq, T(0), s, ld, static_cast<T>(o.scale));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
-    T* row = s + r * kBlockK;
+    T* row = s + r * ld;
     if (h.mask) {
       const T* m = h.mask + i * h.msi + j0 * h.msj;
       if (h.msj == 1)
@@ -120,15 +125,15 @@ void scores(const Head<T>& h, const Opts& o, const PackedB<T>& kt, int64_t i0, i
   }
 }
 
-// Dropout on a block (probabilities, or the backward's dP): kept entries times 1 / (1 - p),
-// the others 0.
+// Dropout on a block (probabilities, or the backward's dP; ld `ld`): kept entries times
+// 1 / (1 - p), the others 0.
 template <typename T>
-void dropout(const Head<T>& h, const Opts& o, int64_t i0, int64_t rows, int64_t j0, int64_t n,
-             T* p) {
+void dropout(const Head<T>& h, const Opts& o, int64_t i0, int64_t rows, int64_t j0, int64_t n, T* p,
+             int64_t ld) {
   const T keep_scale = o.p >= 1.0 ? T(0) : static_cast<T>(1.0 / (1.0 - o.p));
   for (int64_t r = 0; r < rows; ++r) {
     const uint64_t c = h.ctr + (i0 + r) * h.ctr_ld + j0;
-    T* row = p + r * kBlockK;
+    T* row = p + r * ld;
     for (int64_t j = 0; j < n; ++j) {
       const bool keep = fastdl_dropout_keep(o.seed, c + j, o.threshold);
       row[j] = keep ? row[j] * keep_scale : T(0);
@@ -166,7 +171,7 @@ class Buf {
 
 // The forward's B operands of one key head's blocks, K^T (the scores') and V (the output's):
 // packed when a task's query block first needs them, then reused by the task's next query blocks
-// of that head (and by the other query heads of a GQA group). Blocks on the kBlockK grid are
+// of that head (and by the other query heads of a GQA group). Blocks on the kFwdBlockK grid are
 // kept, whole; one that starts elsewhere (a sliding window's first) is packed for one use.
 template <typename T>
 class KeyBlocks {
@@ -182,17 +187,17 @@ class KeyBlocks {
       key_sk_ = h.Sk;
       std::fill(ready_.begin(), ready_.end(), 0);
     }
-    if (j0 % kBlockK != 0) {
+    if (j0 % kFwdBlockK != 0) {
       pack(h, D, j0, n, loose_kt_, loose_v_);
       return {&loose_kt_, &loose_v_};
     }
-    const size_t b = static_cast<size_t>(j0 / kBlockK);
+    const size_t b = static_cast<size_t>(j0 / kFwdBlockK);
     if (b >= ready_.size()) {
       kt_.resize(b + 1);
       v_.resize(b + 1);
       ready_.resize(b + 1, 0);
     }
-    if (!ready_[b]) pack(h, D, j0, std::min(kBlockK, h.Sk - j0), kt_[b], v_[b]);
+    if (!ready_[b]) pack(h, D, j0, std::min(kFwdBlockK, h.Sk - j0), kt_[b], v_[b]);
     ready_[b] = 1;
     return {&kt_[b], &v_[b]};
   }
@@ -222,17 +227,17 @@ struct GradOperands {
 // Per-thread scratch of the forward and backward blocks.
 template <typename T>
 struct Scratch {
-  static constexpr int64_t kBlock = kBlockQ * kBlockK;
+  static constexpr int64_t kFwdBlock = kBlockQ * kFwdBlockK, kBwdBlock = kBlockQ * kBwdBlockK;
   const int64_t acc_size;
   Buf<T> s, dp, pz, acc, m, l, corr;
   KeyBlocks<T> keys;    // forward
   GradOperands<T> ops;  // backward
   // acc: the forward's (kBlockQ, D) output accumulator, the backward's dK and dV blocks.
   Scratch(int64_t D, bool backward, bool dropout)
-      : acc_size((backward ? 2 * kBlockK : kBlockQ) * D),
-        s(kBlock),
-        dp(backward ? kBlock : 0),
-        pz(backward && dropout ? kBlock : 0),
+      : acc_size((backward ? 2 * kBwdBlockK : kBlockQ) * D),
+        s(backward ? kBwdBlock : kFwdBlock),
+        dp(backward ? kBwdBlock : 0),
+        pz(backward && dropout ? kBwdBlock : 0),
         acc(acc_size),
         m(kBlockQ),
         l(kBlockQ),
@@ -254,19 +259,19 @@ void fwd_block(const Head<T>& h, const Opts& o, int64_t i0, int64_t i1, T* out, 
   // Rows [r0, r1) of the block against keys [j0, j0 + n).
   const auto step = [&](int64_t r0, int64_t r1, int64_t j0, int64_t n, const PackedB<T>& kt,
                         const PackedB<T>& vb) {
-    T* s = w.s.data() + r0 * kBlockK;
-    scores(h, o, kt, i0 + r0, r1 - r0, j0, n, s);
-    kern.softmax_step[kAcc<T>](s, r1 - r0, n, kBlockK, w.m.data() + r0, w.l.data() + r0,
+    T* s = w.s.data() + r0 * kFwdBlockK;
+    scores(h, o, kt, i0 + r0, r1 - r0, j0, n, s, kFwdBlockK);
+    kern.softmax_step[kAcc<T>](s, r1 - r0, n, kFwdBlockK, w.m.data() + r0, w.l.data() + r0,
                                w.corr.data() + r0);
-    if (o.p > 0) dropout(h, o, i0 + r0, r1 - r0, j0, n, s);
+    if (o.p > 0) dropout(h, o, i0 + r0, r1 - r0, j0, n, s, kFwdBlockK);
     for (int64_t r = r0; r < r1; ++r)
       if (w.corr[r] != T(1))
         for (int64_t d = 0; d < D; ++d) w.acc[r * D + d] *= w.corr[r];
-    vb.gemm(false, r1 - r0, D, n, s, kBlockK, T(1), w.acc.data() + r0 * D, D);
+    vb.gemm(false, r1 - r0, D, n, s, kFwdBlockK, T(1), w.acc.data() + r0 * D, D);
   };
   const auto [jlo, jhi] = key_range(h, o, i0, i1);
-  for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
-    const int64_t n = std::min(kBlockK, jhi - j0);
+  for (int64_t j0 = jlo; j0 < jhi; j0 += kFwdBlockK) {
+    const int64_t n = std::min(kFwdBlockK, jhi - j0);
     const auto [kt, vb] = w.keys.get(h, D, j0, n);
     if (fastdl_band_hi(i0, h.Sq, h.Sk, o.right, o.bottom_right) >= j0 + n) {
       step(0, rows, j0, n, *kt, *vb);
@@ -300,7 +305,7 @@ struct HeadGrad {
 };
 
 // Adds the contributions of key rows [j0, j0 + n) x query rows [i0, i1) of h to the dK and dV
-// blocks (w.acc, laid out [2][kBlockK][D]) and to dQ (FlashAttention-2's backward, Alg. 2).
+// blocks (w.acc, laid out [2][kBwdBlockK][D]) and to dQ (FlashAttention-2's backward, Alg. 2).
 // qb, dob: the query block's packed Q and dO; w.ops: the key block's packed operands.
 template <typename T>
 void bwd_block(const Head<T>& h, const HeadGrad<T>& g, const Opts& o, int64_t i0, int64_t i1,
@@ -308,30 +313,30 @@ void bwd_block(const Head<T>& h, const HeadGrad<T>& g, const Opts& o, int64_t i0
   const auto& kern = kernels();
   const int64_t rows = i1 - i0, D = o.D;
   T* dk = w.acc.data();
-  T* dv = dk + kBlockK * D;
+  T* dv = dk + kBwdBlockK * D;
   T* p = w.s.data();
   T* dp = w.dp.data();
   const T* dout = g.dout + i0 * g.lddo;
-  scores(h, o, w.ops.kt, i0, rows, j0, n, p);
-  kern.exp_rows[kAcc<T>](p, rows, n, kBlockK, g.lse + i0);
-  w.ops.vt.gemm(false, rows, n, D, dout, g.lddo, T(0), dp, kBlockK);
+  scores(h, o, w.ops.kt, i0, rows, j0, n, p, kBwdBlockK);
+  kern.exp_rows[kAcc<T>](p, rows, n, kBwdBlockK, g.lse + i0);
+  w.ops.vt.gemm(false, rows, n, D, dout, g.lddo, T(0), dp, kBwdBlockK);
   // With dropout (mask Z, scaled), dV takes P * Z and dP is dropped the same way; dS =
   // P * (dP * Z - delta) uses the undropped P, as rowsum(P * Z * dP) = rowsum(dO * O) = delta.
   const T* pv = p;
   if (o.p > 0) {
-    std::copy(p, p + rows * kBlockK, w.pz.data());
-    dropout(h, o, i0, rows, j0, n, w.pz.data());
-    dropout(h, o, i0, rows, j0, n, dp);
+    std::copy(p, p + rows * kBwdBlockK, w.pz.data());
+    dropout(h, o, i0, rows, j0, n, w.pz.data(), kBwdBlockK);
+    dropout(h, o, i0, rows, j0, n, dp, kBwdBlockK);
     pv = w.pz.data();
   }
-  dob.gemm(true, n, D, rows, pv, kBlockK, T(1), dv, D);
-  kern.ds_rows[kAcc<T>](p, dp, rows, n, kBlockK, g.delta + i0);
+  dob.gemm(true, n, D, rows, pv, kBwdBlockK, T(1), dv, D);
+  kern.ds_rows[kAcc<T>](p, dp, rows, n, kBwdBlockK, g.delta + i0);
   if (g.gmask)
     for (int64_t r = 0; r < rows; ++r)
-      std::copy(dp + r * kBlockK, dp + r * kBlockK + n, g.gmask + (i0 + r) * h.Sk + j0);
+      std::copy(dp + r * kBwdBlockK, dp + r * kBwdBlockK + n, g.gmask + (i0 + r) * h.Sk + j0);
   const T sc = static_cast<T>(o.scale);
-  qb.gemm(true, n, D, rows, dp, kBlockK, T(1), dk, D, sc);
-  w.ops.k.gemm(false, rows, D, n, dp, kBlockK, T(1), g.dq + i0 * D, D, sc);
+  qb.gemm(true, n, D, rows, dp, kBwdBlockK, T(1), dk, D, sc);
+  w.ops.k.gemm(false, rows, D, n, dp, kBwdBlockK, T(1), g.dq + i0 * D, D, sc);
 }
 
 // t with unit stride in its last dim and rows at least D apart (what the GEMMs accept); copies
@@ -389,8 +394,8 @@ void bwd_group(const Head<T>* hs, HeadGrad<T>* gs, const T* const* outs, const i
       ops.q[g * nqb + b].pack(false, rows, D, hs[g].q + i0 * hs[g].ldq, hs[g].ldq);
       ops.dout[g * nqb + b].pack(false, rows, D, gs[g].dout + i0 * gs[g].lddo, gs[g].lddo);
     }
-  for (int64_t j0 = 0; j0 < Sk; j0 += kBlockK) {
-    const int64_t n = std::min(kBlockK, Sk - j0);
+  for (int64_t j0 = 0; j0 < Sk; j0 += kBwdBlockK) {
+    const int64_t n = std::min(kBwdBlockK, Sk - j0);
     std::fill(w.acc.data(), w.acc.data() + w.acc_size, T(0));
     const Head<T>& h = hs[0];  // the group's heads share K and V
     ops.kt.pack(true, D, n, h.k + j0 * h.ldk, h.ldk);
@@ -405,7 +410,7 @@ void bwd_group(const Head<T>* hs, HeadGrad<T>* gs, const T* const* outs, const i
       }
     for (int64_t r = 0; r < n; ++r) {
       std::copy_n(w.acc.data() + r * D, D, dk + (j0 + r) * lddk);
-      std::copy_n(w.acc.data() + (kBlockK + r) * D, D, dv + (j0 + r) * lddv);
+      std::copy_n(w.acc.data() + (kBwdBlockK + r) * D, D, dv + (j0 + r) * lddv);
     }
   }
   for (int64_t g = 0; g < group; ++g)

@@ -172,11 +172,14 @@ def _none(x):
     return x.new_empty(0)
 
 
-def _projection(xf, wi, T, B, IN):
-    """(T * B, G) float32 input projection, a fresh tensor (the launchers add biases to it in
-    place): xf W_ih^T, or a copy of xf when it is already projected (no w_ih)."""
+def _projection(x, xf, wi, T, B, IN):
+    """(T * B, G) float32 input projection, a tensor of its own (the launchers add biases to it
+    in place): xf W_ih^T, or xf (x in float32) when x is already projected (no w_ih), copied when
+    it is x itself."""
     x2 = xf.reshape(T * B, IN)
-    return x2 @ wi.t() if wi is not None else x2.clone()
+    if wi is not None:
+        return x2 @ wi.t()
+    return x2.clone() if xf is x else x2
 
 
 def lstm_layer_fwd(
@@ -204,7 +207,7 @@ def lstm_layer_fwd(
         _seq(sch, T, B, H, device=dev),
     )
     if T and B:
-        gx = _projection(xf, wi, T, B, IN)
+        gx = _projection(x, xf, wi, T, B, IN)
         for b in (b_ih, b_hh):
             if b is not None:
                 gx += b.float()
@@ -254,7 +257,8 @@ def lstm_layer_bwd(
     T, B, IN, H, P, _ = _check_layer(op, 4, x, h0, c0, w_ih, w_hh, None, None, w_hr, lengths)
     dev = x.device
     sch = _Schedule(lengths, T, B, reverse, dev)
-    xf, wi, wh, wr, gy = _f32(x), _f32(w_ih), _f32(w_hh), _f32(w_hr), _f32(grad_y)
+    # x only for dw_ih (without w_ih the autograd formula passes a stride-0 stand-in).
+    wi, wh, wr, gy = _f32(w_ih), _f32(w_hh), _f32(w_hr), _f32(grad_y)
     gates, cs = gates.contiguous(), cs.contiguous()
     dh = _f32(grad_hn).clone() if grad_hn is not None else torch.zeros(B, P, device=dev)
     dc = _f32(grad_cn).clone() if grad_cn is not None else torch.zeros(B, H, device=dev)
@@ -297,7 +301,7 @@ def lstm_layer_bwd(
     if output_mask[1]:
         hprev = _prev_states(_f32(y), _f32(h0), sch).view(T * B, P)
         db = dg2.sum(0)
-        gw_ih = dg2.t() @ xf.view(T * B, IN) if wi is not None else None
+        gw_ih = dg2.t() @ _f32(x).view(T * B, IN) if wi is not None else None
         grads = [gw_ih, dg2.t() @ hprev, db, db.clone(), None]
         if wr is not None:
             r = gates[..., 3 * H :] * torch.tanh(cs)
@@ -325,7 +329,7 @@ def gru_layer_fwd(
     h = _f32(h0).clone()
     y, gates = _seq(sch, T, B, H, device=dev), _seq(sch, T, B, 4 * H, device=dev)
     if T and B:
-        gx = _projection(xf, wi, T, B, IN)
+        gx = _projection(x, xf, wi, T, B, IN)
         if b_ih is not None:
             gx += b_ih.float()
         grid, block = _grid(B, H)
@@ -354,7 +358,7 @@ def gru_layer_bwd(
     T, B, IN, H, _, G = _check_layer(op, 3, x, h0, None, w_ih, w_hh, None, None, None, lengths)
     dev = x.device
     sch = _Schedule(lengths, T, B, reverse, dev)
-    xf, wi, wh, gy = _f32(x), _f32(w_ih), _f32(w_hh), _f32(grad_y)
+    wi, wh, gy = _f32(w_ih), _f32(w_hh), _f32(grad_y)  # x only for dw_ih, as in lstm_layer_bwd
     gates = gates.contiguous()
     dh = _f32(grad_hn).clone() if grad_hn is not None else torch.zeros(B, H, device=dev)
     dg = _seq(sch, T, B, 4 * H, device=dev)
@@ -394,10 +398,13 @@ def gru_layer_bwd(
         gx = gx.view(T, B, IN).to(x.dtype)
     grads = [_none(x) for _ in range(4)]
     if output_mask[1]:
-        x2 = xf.view(T * B, IN)
+        gw_ih = _none(x)
+        if wi is not None:
+            x2 = _f32(x).view(T * B, IN)
+            gw_ih = torch.cat([d_rz.t() @ x2, d_n.t() @ x2])
         db = dg2.sum(0)
         grads = [
-            torch.cat([d_rz.t() @ x2, d_n.t() @ x2]) if wi is not None else _none(x),
+            gw_ih,
             dg2[:, :G].t() @ hprev.view(T * B, H),
             torch.cat([db[: 2 * H], db[3 * H :]]),
             db[:G].clone(),

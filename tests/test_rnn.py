@@ -418,7 +418,7 @@ BAD = [
             num_layers=2,
         ),
         ValueError,
-        r"only the first layer's w_ih may be None",
+        r"w_ih of layer 1 is None, but only the first layer's w_ih may be None",
     ),
     (
         "input_dims",

@@ -2,6 +2,8 @@
 parameters and state_dict, same outputs and gradients, PackedSequence in and out, eval mode with
 gradients, torch.compile(fullgraph=True), and fastdl.patch."""
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -270,3 +272,19 @@ def test_projected_input(backend, twin):
     got = _grads(mod, got_out, [x])
     for g, w in zip([*got_out, *got], [*want_out, *want], strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_projected_input_is_not_kept_for_backward(backend, kind):
+    """The backward never reads a projected input: the graph keeps a stride-0 stand-in of its
+    shape, not the (T, B, G) activation (an LM's gathered table rows)."""
+    mod = getattr(fastdl.nn, kind)(5, 6).to(backend.device)
+    x = torch.randn(4, 3, 5, device=backend.device, requires_grad=True)
+    gx = x @ mod.weight_ih_l0.t()
+    alive = weakref.ref(gx)
+    y, _ = mod(gx, projected=True)
+    del gx
+    assert alive() is None
+    y.square().sum().backward()
+    want = torch.autograd.grad(mod(x)[0].square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)

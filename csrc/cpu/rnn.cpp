@@ -510,11 +510,13 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
   rnn::check_saved(op, d, x_, grad_y_, grad_hn, grad_cn, y_, gates_, &cs_);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
-  const at::Tensor x = acc(x_), w_hh = acc(w_hh_);
+  // x itself only for dw_ih: without w_ih it is the caller's projection, which the backward
+  // never reads (the autograd formula passes a stride-0 stand-in of its shape).
+  const at::Tensor w_hh = acc(w_hh_);
   const std::optional<at::Tensor> w_ih = acc_opt(w_ih_);
   const at::Tensor gates = gates_.contiguous(), cs = cs_.contiguous();
   const std::optional<at::Tensor> w_hr = acc_opt(w_hr_), grad_y = acc_opt(grad_y_);
-  const auto opts = x.options();
+  const auto opts = w_hh.options();
   at::Tensor dh = state_grad(grad_hn, B, P, opts), dc = state_grad(grad_cn, B, H, opts);
   at::Tensor dg = seq_buffer(sch, {T, B, S}, opts);
   // With a projection, the gradient of each step's projected output (T, B, P), for dw_hr.
@@ -534,7 +536,7 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
               .prev = cprev.const_data_ptr(),
               .dgates = dg.data_ptr(),
               .dc = dc.data_ptr()};
-    const RnnStepFn fn = kernels().lstm_bwd[x.scalar_type() == at::kDouble];
+    const RnnStepFn fn = kernels().lstm_bwd[w_hh.scalar_type() == at::kDouble];
     const bool fused = !w_hr && !sch.masked() && B > kSeqMaxBatch;
     if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, nullptr, T);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
@@ -560,7 +562,7 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
   at::Tensor gw_hr = none(x_);
   if (mask[1]) {
     const at::Tensor hprev = prev_states(acc(y_), acc(h0_), sch, reverse);
-    if (w_ih) gw_ih = rnn_mm(dg2.t(), x.view({T * B, I})).to(dtype);
+    if (w_ih) gw_ih = rnn_mm(dg2.t(), acc(x_).view({T * B, I})).to(dtype);
     gw_hh = rnn_mm(dg2.t(), hprev.view({T * B, P})).to(dtype);
     const at::Tensor db = dg2.sum(0);
     gb_ih = db.to(dtype);
@@ -658,11 +660,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   rnn::check_saved(op, d, x_, grad_y_, grad_hn, std::nullopt, y_, gates_, nullptr);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
-  const at::Tensor x = acc(x_), w_hh = acc(w_hh_);
+  const at::Tensor w_hh = acc(w_hh_);  // x only for dw_ih, as in lstm_layer_bwd
   const std::optional<at::Tensor> w_ih = acc_opt(w_ih_);
   const at::Tensor gates = gates_.contiguous();
   const std::optional<at::Tensor> grad_y = acc_opt(grad_y_);
-  const auto opts = x.options();
+  const auto opts = w_hh.options();
   at::Tensor dh = state_grad(grad_hn, B, H, opts);
   at::Tensor dg = seq_buffer(sch, {T, B, S}, opts);
   const at::Tensor hprev = prev_states(acc(y_), acc(h0_), sch, reverse);
@@ -677,7 +679,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               .prev = hprev.const_data_ptr(),
               .dgates = dg.data_ptr(),
               .dh_direct = direct.data_ptr()};
-    const RnnStepFn fn = kernels().gru_bwd[x.scalar_type() == at::kDouble];
+    const RnnStepFn fn = kernels().gru_bwd[w_hh.scalar_type() == at::kDouble];
     const bool fused = !sch.masked() && B > kSeqMaxBatch;
     if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, &direct, T);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
@@ -706,8 +708,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             .to(dtype);
   at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
   if (mask[1]) {
-    const at::Tensor x2 = x.view({T * B, I});
-    if (w_ih) gw_ih = at::cat({rnn_mm(d_rz.t(), x2), rnn_mm(d_n.t(), x2)}).to(dtype);
+    if (w_ih) {
+      const at::Tensor x2 = acc(x_).view({T * B, I});
+      gw_ih = at::cat({rnn_mm(d_rz.t(), x2), rnn_mm(d_n.t(), x2)}).to(dtype);
+    }
     gw_hh = rnn_mm(dg2.narrow(1, 0, G).t(), hprev.view({T * B, H})).to(dtype);
     const at::Tensor db = dg2.sum(0);
     gb_ih = at::cat({db.narrow(0, 0, 2 * H), db.narrow(0, 3 * H, H)}).to(dtype);

@@ -47,8 +47,9 @@ class _RNNBase:
         weights = [getattr(self, name) for name in self._flat_weights_names]
         if projected:  # the first layer's w_ih, one per direction
             dirs = 2 if self.bidirectional else 1
+            per = len(weights) // (self.num_layers * dirs)  # parameters per layer and direction
             for d in range(dirs):
-                weights[d * len(weights) // (self.num_layers * dirs)] = None
+                weights[d * per] = None
         args = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
         if isinstance(input, PackedSequence):
             x, lengths = _unpack(input)

@@ -94,13 +94,22 @@ def _gru_layer_bwd_fake(grad_y, grad_hn, x, h0, w_ih, w_hh, lengths, reverse, y,
 # ---------------------------------------------------------------- autograd (all backends)
 
 
+def _x_to_save(x, w_ih):
+    """What the backward op gets as x: x itself for dw_ih, or, without w_ih (x the caller's input
+    projection, which the backward does not read), a stride-0 stand-in of its shape that keeps
+    no (T, B, G) activation alive."""
+    return x if w_ih is not None else x.new_zeros(()).expand(x.shape)
+
+
 def _lstm_setup(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, lengths, reverse = inputs
     # Outputs without a gradient reach backward as None (the op takes them as optional), not
     # as zeros: gates alone would be a fresh (T, B, 4H) tensor of zeros every backward.
     ctx.set_materialize_grads(False)
     ctx.reverse = reverse
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, output[0], *output[3:])
+    ctx.save_for_backward(
+        _x_to_save(x, w_ih), h0, c0, w_ih, w_hh, w_hr, lengths, output[0], *output[3:]
+    )
 
 
 def _lstm_backward(bwd):
@@ -121,7 +130,7 @@ def _gru_setup(ctx, inputs, output):
     x, h0, w_ih, w_hh, _b_ih, _b_hh, lengths, reverse = inputs
     ctx.set_materialize_grads(False)  # as in _lstm_setup
     ctx.reverse = reverse
-    ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, output[0], output[2])
+    ctx.save_for_backward(_x_to_save(x, w_ih), h0, w_ih, w_hh, lengths, output[0], output[2])
 
 
 def _gru_backward(bwd):
@@ -266,9 +275,11 @@ def _projected(op, groups, dirs, x) -> bool:
     if not any(missing):
         return False
     if any(missing[dirs:]) or not all(missing[:dirs]):
+        i = next(i for i, m in enumerate(missing) if m)
+        where = f"layer {i // dirs}" + " reverse" * (i % dirs)
         raise ValueError(
-            f"{op}: only the first layer's w_ih may be None (for each of its directions): its "
-            "input is then the input projection"
+            f"{op}: w_ih of {where} is None, but only the first layer's w_ih may be None (for "
+            "each of its directions): its input is then the input projection"
         )
     g = groups[0][1].shape[0]
     if dirs == 2 and x.shape[-1] != 2 * g:

@@ -268,6 +268,11 @@ def _layers(op, params, has_biases, num_layers, num_dirs, gates):
     return groups
 
 
+def _group_name(i: int, dirs: int) -> str:
+    """The (layer, direction) of _layers' group i, as error messages name it."""
+    return f"layer {i // dirs}" + " reverse" * (i % dirs)
+
+
 def _projected(op, groups, dirs, x) -> bool:
     """Whether the first layer's input comes projected (its w_ih None, every direction): x then
     holds each direction's projection x W_ih^T side by side, (T, B, dirs * G)."""
@@ -276,10 +281,9 @@ def _projected(op, groups, dirs, x) -> bool:
         return False
     if any(missing[dirs:]) or not all(missing[:dirs]):
         i = next(i for i, m in enumerate(missing) if m)
-        where = f"layer {i // dirs}" + " reverse" * (i % dirs)
         raise ValueError(
-            f"{op}: w_ih of {where} is None, but only the first layer's w_ih may be None (for "
-            "each of its directions): its input is then the input projection"
+            f"{op}: w_ih of {_group_name(i, dirs)} is None, but only the first layer's w_ih "
+            "may be None (for each of its directions): its input is then the input projection"
         )
     g = groups[0][1].shape[0]
     if dirs == 2 and x.shape[-1] != 2 * g:
@@ -339,7 +343,7 @@ def _rnn(
     dirs = 2 if bidirectional else 1
     groups = _layers(op, params, has_biases, num_layers, dirs, gates)
     for i, group in enumerate(groups):
-        where = "" if len(groups) == 1 else f" of layer {i // dirs}" + " reverse" * (i % dirs)
+        where = "" if len(groups) == 1 else f" of {_group_name(i, dirs)}"
         if not isinstance(group[1], torch.Tensor):
             raise TypeError(f"{op}: w_hh{where} must be a tensor, got {type(group[1]).__name__}")
         _like_x(op, input, [(n + where, t) for n, t in zip(PARAM_NAMES, group, strict=True)])

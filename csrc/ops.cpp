@@ -142,22 +142,28 @@ TORCH_LIBRARY(fastdl, m) {
   // w_ih None: x already holds the input projection x W_ih^T, (T, B, G) (e.g. an embedding's rows
   // through W_ih, gathered per token); the op still adds the biases, grad_x is the gradient of
   // that projection and grad_w_ih comes back empty.
+  // index (w_ih None only): int64 (T, B) on x's device; x is then a table (R, G) of input
+  // projections and position (t, b) reads row index[t, b] (0 <= index < R): an embedding and the
+  // input GEMM as one lookup in the (vocab, G) table emb W_ih^T, without a (T, B, G) tensor from
+  // the caller. grad_x is then the table's gradient (R, G), each row the sum over the positions
+  // that read it, in a fixed order (deterministic).
   m.def(
       "lstm_layer_fwd(Tensor x, Tensor h0, Tensor c0, Tensor? w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse) "
+      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor? index=None) "
       "-> (Tensor y, Tensor hn, Tensor cn, Tensor gates, Tensor cs)");
   m.def(
       "lstm_layer_bwd(Tensor? grad_y, Tensor? grad_hn, Tensor? grad_cn, Tensor x, Tensor h0, "
       "Tensor c0, Tensor? w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
-      "Tensor y, Tensor gates, Tensor cs, bool[2] output_mask) "
+      "Tensor y, Tensor gates, Tensor cs, bool[2] output_mask, Tensor? index=None) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
   m.def(
       "gru_layer_fwd(Tensor x, Tensor h0, Tensor? w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "Tensor? lengths, bool reverse) -> (Tensor y, Tensor hn, Tensor gates)");
+      "Tensor? lengths, bool reverse, Tensor? index=None) -> (Tensor y, Tensor hn, Tensor gates)");
   m.def(
       "gru_layer_bwd(Tensor? grad_y, Tensor? grad_hn, Tensor x, Tensor h0, Tensor? w_ih, "
-      "Tensor w_hh, Tensor? lengths, bool reverse, Tensor y, Tensor gates, bool[2] output_mask) "
+      "Tensor w_hh, Tensor? lengths, bool reverse, Tensor y, Tensor gates, bool[2] output_mask, "
+      "Tensor? index=None) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");
   // ---- attention (semantics pinned in csrc/common/attention.h and attention_math.h).

@@ -31,7 +31,31 @@ def _like_x(op, arg, t, x):
         )
 
 
-def _check_layer(op, gates, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
+def _check_index(op, index, w_ih, x):
+    """rnn::index: int64 (T, B) rows of the table x (w_ih None)."""
+    if w_ih is not None:
+        raise RuntimeError(
+            f"{op}: index picks rows of a table of input projections: w_ih must be None with it"
+        )
+    _checks.same_device(op, "index", index, x)
+    _checks.dtype(op, "index", index, (torch.int64,))
+    if index.dim() != 2:
+        raise RuntimeError(f"{op}: index must be (T, B), got shape {list(index.shape)}")
+    if x.dim() != 2:
+        raise RuntimeError(
+            f"{op}: with index, x is the table of input projections (rows, gates * "
+            f"hidden_size), got shape {list(x.shape)}"
+        )
+    if index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= x.shape[0]:
+            raise RuntimeError(
+                f"{op}: index out of range for a table of {x.shape[0]} rows, got "
+                f"{lo if lo < 0 else hi}"
+            )
+
+
+def _check_layer(op, gates, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, index):
     """(T, B, IN, H, P, G) of one layer after the checks of rnn::check_layer."""
     _checks.dtype(op, "x", x, DTYPES)
     if x.device.type != "cuda" and not _ext.TRITON_INTERPRET:
@@ -39,7 +63,9 @@ def _check_layer(op, gates, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
             f"{op}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
             f"importing fastdl, for CPU tensors), got x on {x.device}"
         )
-    if x.dim() != 3:
+    if index is not None:
+        _check_index(op, index, w_ih, x)
+    elif x.dim() != 3:
         raise RuntimeError(f"{op}: x must be (T, B, input_size), got shape {list(x.shape)}")
     rows, w = ("w_ih", w_ih) if w_ih is not None else ("w_hh", w_hh)
     if w.dim() != 2 or w.shape[0] % gates or w.shape[0] == 0:
@@ -47,7 +73,7 @@ def _check_layer(op, gates, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
         raise RuntimeError(
             f"{op}: {rows} must be ({gates} * hidden_size, {cols}), got shape {list(w.shape)}"
         )
-    T, B, IN = x.shape
+    T, B, IN = (*index.shape, x.shape[1]) if index is not None else x.shape
     G = w.shape[0]
     H = G // gates
     P = w_hr.shape[0] if w_hr is not None else H
@@ -56,8 +82,9 @@ def _check_layer(op, gates, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
             _like_x(op, name, t, x)
     if w_ih is None and IN != G:
         raise RuntimeError(
-            f"{op}: without w_ih, x holds the input projection (T, B, {G}) ({gates} * "
-            f"hidden_size), got shape {list(x.shape)}"
+            f"{op}: without w_ih, x holds the input projection "
+            f"({'rows' if index is not None else 'T, B'}, {G}) ({gates} * hidden_size), got "
+            f"shape {list(x.shape)}"
         )
     if w_ih is not None and w_ih.shape[1] != IN:
         raise RuntimeError(
@@ -172,14 +199,27 @@ def _none(x):
     return x.new_empty(0)
 
 
-def _projection(x, xf, wi, T, B, IN):
+def _projection(x, xf, wi, T, B, IN, index):
     """(T * B, G) float32 input projection, a tensor of its own (the launchers add biases to it
     in place): xf W_ih^T, or xf (x in float32) when x is already projected (no w_ih), copied when
-    it is x itself."""
+    it is x itself, or the rows of the table xf that index picks."""
+    if index is not None:
+        return xf.index_select(0, index.reshape(-1))
     x2 = xf.reshape(T * B, IN)
     if wi is not None:
         return x2 @ wi.t()
     return x2.clone() if xf is x else x2
+
+
+def _input_grad(dgx, x, wi, index, T, B, IN):
+    """grad_x from the input projection's gradient dgx (T * B, G), as input_grad in
+    csrc/cpu/rnn.cpp: through w_ih, dgx itself, or the gradient of index's table."""
+    if index is not None:
+        grad = torch.ops.aten.embedding_dense_backward(
+            dgx, index.reshape(-1), x.shape[0], -1, False
+        )
+        return grad.to(x.dtype)
+    return (dgx @ wi if wi is not None else dgx).view(T, B, IN).to(x.dtype)
 
 
 def lstm_layer_fwd(
@@ -193,10 +233,11 @@ def lstm_layer_fwd(
     w_hr: torch.Tensor | None,
     lengths: torch.Tensor | None,
     reverse: bool,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, hn, cn, gates, cs) of one LSTM layer in one direction; see csrc/ops.cpp."""
     op = "fastdl.lstm"
-    T, B, IN, H, P, _ = _check_layer(op, 4, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    T, B, IN, H, P, _ = _check_layer(op, 4, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, index)
     dev = x.device
     sch = _Schedule(lengths, T, B, reverse, dev)
     xf, wi, wh, wr = _f32(x), _f32(w_ih), _f32(w_hh), _f32(w_hr)
@@ -207,7 +248,7 @@ def lstm_layer_fwd(
         _seq(sch, T, B, H, device=dev),
     )
     if T and B:
-        gx = _projection(x, xf, wi, T, B, IN)
+        gx = _projection(x, xf, wi, T, B, IN, index)
         for b in (b_ih, b_hh):
             if b is not None:
                 gx += b.float()
@@ -242,6 +283,7 @@ def lstm_layer_bwd(
     gates: torch.Tensor,
     cs: torch.Tensor,
     output_mask: list[bool],
+    index: torch.Tensor | None = None,
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -254,7 +296,7 @@ def lstm_layer_bwd(
 ]:
     """(grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr)."""
     op = "fastdl.lstm"
-    T, B, IN, H, P, _ = _check_layer(op, 4, x, h0, c0, w_ih, w_hh, None, None, w_hr, lengths)
+    T, B, IN, H, P, _ = _check_layer(op, 4, x, h0, c0, w_ih, w_hh, None, None, w_hr, lengths, index)
     dev = x.device
     sch = _Schedule(lengths, T, B, reverse, dev)
     # x only for dw_ih (without w_ih the autograd formula passes a stride-0 stand-in).
@@ -296,7 +338,7 @@ def lstm_layer_bwd(
     dg2 = dg.view(T * B, 4 * H)
     gx = _none(x)
     if output_mask[0]:
-        gx = (dg2 @ wi if wi is not None else dg2).view(T, B, IN).to(x.dtype)
+        gx = _input_grad(dg2, x, wi, index, T, B, IN)
     grads = [_none(x) for _ in range(5)]
     if output_mask[1]:
         hprev = _prev_states(_f32(y), _f32(h0), sch).view(T * B, P)
@@ -319,17 +361,20 @@ def gru_layer_fwd(
     b_hh: torch.Tensor | None,
     lengths: torch.Tensor | None,
     reverse: bool,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, hn, gates) of one GRU layer in one direction; see csrc/ops.cpp."""
     op = "fastdl.gru"
-    T, B, IN, H, _, _ = _check_layer(op, 3, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths)
+    T, B, IN, H, _, _ = _check_layer(
+        op, 3, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, index
+    )
     dev = x.device
     sch = _Schedule(lengths, T, B, reverse, dev)
     xf, wi, wh, bh = _f32(x), _f32(w_ih), _f32(w_hh), _f32(b_hh)
     h = _f32(h0).clone()
     y, gates = _seq(sch, T, B, H, device=dev), _seq(sch, T, B, 4 * H, device=dev)
     if T and B:
-        gx = _projection(x, xf, wi, T, B, IN)
+        gx = _projection(x, xf, wi, T, B, IN, index)
         if b_ih is not None:
             gx += b_ih.float()
         grid, block = _grid(B, H)
@@ -352,10 +397,13 @@ def gru_layer_bwd(
     y: torch.Tensor,
     gates: torch.Tensor,
     output_mask: list[bool],
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)."""
     op = "fastdl.gru"
-    T, B, IN, H, _, G = _check_layer(op, 3, x, h0, None, w_ih, w_hh, None, None, None, lengths)
+    T, B, IN, H, _, G = _check_layer(
+        op, 3, x, h0, None, w_ih, w_hh, None, None, None, lengths, index
+    )
     dev = x.device
     sch = _Schedule(lengths, T, B, reverse, dev)
     wi, wh, gy = _f32(w_ih), _f32(w_hh), _f32(grad_y)  # x only for dw_ih, as in lstm_layer_bwd
@@ -392,10 +440,9 @@ def gru_layer_bwd(
     gx = _none(x)
     if output_mask[0]:
         if wi is not None:
-            gx = torch.addmm(d_rz @ wi[: 2 * H], d_n, wi[2 * H :])
+            gx = torch.addmm(d_rz @ wi[: 2 * H], d_n, wi[2 * H :]).view(T, B, IN).to(x.dtype)
         else:
-            gx = torch.cat([d_rz, d_n], 1)
-        gx = gx.view(T, B, IN).to(x.dtype)
+            gx = _input_grad(torch.cat([d_rz, d_n], 1), x, None, index, T, B, IN)
     grads = [_none(x) for _ in range(4)]
     if output_mask[1]:
         gw_ih = _none(x)

@@ -5,11 +5,14 @@ variable lengths) on float64 copies of the same weights and inputs, compared und
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from norm_ref import assert_matches
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastdl
+
+TABLE_ROWS = 7
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,16 @@ class RnnCase:
     # fastdl gets the first layer's input projected (x W_ih^T per direction, w_ih None); the
     # gradients still reach x and w_ih, through the caller's product.
     projected: bool = False
+    # x is an embedding table (TABLE_ROWS, IN) read at index(): torch gets F.embedding(index, x),
+    # fastdl the table x W_ih^T per direction and the index (the ops gather the rows); "grad x"
+    # is then the table's gradient.
+    indexed: bool = False
+
+    def index(self, device="cpu") -> torch.Tensor:
+        """The rows the positions read, (T, B) ((B, T) with batch_first); every row, repeats."""
+        seq = (self.B, self.T) if self.batch_first else (self.T, self.B)
+        gen = torch.Generator().manual_seed(self.T * 100 + self.B)
+        return torch.randint(0, TABLE_ROWS, seq, generator=gen).to(device)
 
     def __str__(self) -> str:
         flags = [
@@ -38,6 +51,7 @@ class RnnCase:
             "bf" if self.batch_first else "",
             "len" if self.lengths else "",
             "projin" if self.projected else "",
+            "index" if self.indexed else "",
         ]
         return "-".join([self.kind, f"{self.T}x{self.B}x{self.IN}x{self.H}", *filter(None, flags)])
 
@@ -58,7 +72,8 @@ class RnnCase:
 def make_inputs(case: RnnCase, device="cpu"):
     """x, (h0[, c0]), lengths (CPU int64 or None), and the output gradients, all float64."""
     dirs = 2 if case.bidir else 1
-    shape = (case.B, case.T, case.IN) if case.batch_first else (case.T, case.B, case.IN)
+    seq = (case.B, case.T) if case.batch_first else (case.T, case.B)
+    shape = (TABLE_ROWS, case.IN) if case.indexed else (*seq, case.IN)
     x = torch.randn(shape, dtype=torch.float64, device=device)
     out = case.proj or case.H
     h0 = 0.5 * torch.randn(case.layers * dirs, case.B, out, dtype=torch.float64, device=device)
@@ -72,7 +87,7 @@ def make_inputs(case: RnnCase, device="cpu"):
         lengths = torch.randint(1, case.T + 1, (case.B,))
         lengths[0] = case.T
         lengths[-1] = 1 if case.B > 1 else case.T
-    y_shape = (*shape[:2], dirs * out)
+    y_shape = (*seq, dirs * out)
     grads = [torch.randn(y_shape, dtype=torch.float64, device=device)]
     grads += [torch.randn_like(s) for s in states]
     return x, states, lengths, grads
@@ -80,6 +95,8 @@ def make_inputs(case: RnnCase, device="cpu"):
 
 def run_torch(mod: nn.Module, case: RnnCase, x, states, lengths):
     hx = tuple(states) if case.kind == "lstm" else states[0]
+    if case.indexed:
+        x = F.embedding(case.index(x.device), x)
     if lengths is None:
         y, h = mod(x, hx)
     else:
@@ -94,7 +111,7 @@ def run_fastdl(mod: nn.Module, case: RnnCase, x, states, lengths):
     hx = tuple(states) if case.kind == "lstm" else states[0]
     lens = None if lengths is None else lengths.to(x.device)
     params = list(mod._flat_weights)
-    if case.projected:
+    if case.projected or case.indexed:
         dirs = 2 if case.bidir else 1
         per = len(params) // (case.layers * dirs)
         x = torch.cat([x @ params[d * per].t() for d in range(dirs)], -1)
@@ -111,6 +128,7 @@ def run_fastdl(mod: nn.Module, case: RnnCase, x, states, lengths):
         case.bidir,
         case.batch_first,
         lengths=lens,
+        index=case.index(x.device) if case.indexed else None,
     )
     return (y, *h) if case.kind == "lstm" else (y, h)
 

@@ -117,13 +117,18 @@ def test_twenty_training_steps_match_twin(name):
 
 @pytest.mark.parametrize("batch,steps", [(6, 12), (2, 5)])
 def test_lstm_lm_input_table_when_the_vocabulary_is_small(batch, steps):
-    """With more tokens than vocabulary entries the LSTM LM gathers its first layer's input
-    projection from an embedding x W_ih table (projected=True), otherwise it embeds; both give
-    the twin's outputs and gradients."""
+    """With more tokens than vocabulary entries the LSTM LM hands its LSTM an embedding x W_ih
+    table, which the op reads at the token ids (projected=True, index=ids), otherwise it embeds;
+    both give the twin's outputs and gradients."""
     model, twin = pair("lstm-lm")
     calls = []
     forward = model.lstm.forward
-    model.lstm.forward = lambda *a, **k: calls.append(k.get("projected", False)) or forward(*a, **k)
+
+    def spy(*a, **k):
+        calls.append(k.get("projected", False) and k.get("index") is not None)
+        return forward(*a, **k)
+
+    model.lstm.forward = spy
     x, target = sequence._windows(corpus.chars(), torch.Generator().manual_seed(3), batch, steps)
     out, ref = model(x), twin(x)
     assert calls == [batch * steps > model.vocab_size]

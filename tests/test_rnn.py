@@ -36,6 +36,12 @@ NATIVE_CASES = [
     RnnCase(L, 5, 3, 4, 6, bidir=True, proj=3, lengths=True, projected=True),
     RnnCase(G, 4, 2, 3, 5, lengths=True, projected=True),
     RnnCase(G, 5, 6, 5, 19, layers=2, bidir=True, batch_first=True, projected=True),
+    # ... or as a table of projections whose rows the ops gather (index).
+    RnnCase(L, 6, 7, 5, 9, layers=2, indexed=True),
+    RnnCase(L, 5, 3, 4, 6, bidir=True, batch_first=True, lengths=True, indexed=True),
+    RnnCase(L, 4, 5, 3, 6, proj=2, indexed=True),
+    RnnCase(G, 4, 2, 3, 5, lengths=True, indexed=True),
+    RnnCase(G, 5, 6, 5, 19, bidir=True, batch_first=True, indexed=True),
 ]
 # The interpreter launches one program per step and row: a few steps of small batches.
 INTERP_CASES = [
@@ -45,6 +51,8 @@ INTERP_CASES = [
     RnnCase(G, 4, 3, 3, 5, layers=2, bidir=True, lengths=True),
     RnnCase(L, 3, 2, 4, 5, bidir=True, lengths=True, projected=True),
     RnnCase(G, 3, 2, 4, 5, projected=True),
+    RnnCase(L, 3, 2, 4, 5, bidir=True, lengths=True, indexed=True),
+    RnnCase(G, 3, 2, 4, 5, batch_first=True, indexed=True),
 ]
 
 
@@ -246,6 +254,16 @@ def _no_w_ih(dev):
     return [None, *_lstm_args(dev)["params"][1:]]
 
 
+def _index(dev):
+    return torch.randint(0, 7, (4, 3), device=dev)
+
+
+def _indexed(dev, **over):
+    """fastdl.lstm's arguments in index mode: a (7, 24) table read at a (4, 3) index."""
+    args = {"input": torch.randn(7, 24, device=dev), "params": _no_w_ih(dev), "index": _index(dev)}
+    return _lstm_args(dev, **{**args, **over})
+
+
 def _cast_first(params):
     return [params[0].to(torch.bfloat16), *params[1:]]
 
@@ -419,6 +437,42 @@ BAD = [
         ),
         ValueError,
         r"w_ih of layer 1 is None, but only the first layer's w_ih may be None",
+    ),
+    (
+        "index_with_w_ih",
+        lambda d: _lstm_args(d, input=torch.randn(7, 24, device=d), index=_index(d)),
+        ValueError,
+        r"index picks rows of a table of input projections: the first layer's w_ih must be None",
+    ),
+    (
+        "index_float",
+        lambda d: _indexed(d, index=_index(d).float()),
+        TypeError,
+        r"index must be an integer tensor, got dtype torch.float32",
+    ),
+    (
+        "index_past_table",
+        lambda d: _indexed(d, index=_index(d).index_fill(1, torch.tensor([1], device=d), 7)),
+        RuntimeError,
+        r"index out of range for a table of 7 rows, got 7",
+    ),
+    (
+        "index_negative",
+        lambda d: _indexed(d, index=_index(d).index_fill(0, torch.tensor([2], device=d), -1)),
+        RuntimeError,
+        r"index out of range for a table of 7 rows, got -1",
+    ),
+    (
+        "index_rank",
+        lambda d: _indexed(d, index=_index(d)[None]),
+        RuntimeError,
+        r"with index, input is a table of input projections \(rows, dirs \* gates",
+    ),
+    (
+        "index_table_width",
+        lambda d: _indexed(d, input=torch.randn(7, 23, device=d)),
+        RuntimeError,
+        r"without w_ih, x holds the input projection \(rows, 24\)",
     ),
     (
         "input_dims",

@@ -288,3 +288,39 @@ def test_projected_input_is_not_kept_for_backward(backend, kind):
     y.square().sum().backward()
     want = torch.autograd.grad(mod(x)[0].square().sum(), x)[0]
     torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("twin", range(len(TWINS)), ids=IDS)
+def test_indexed_input(backend, twin):
+    """forward(table, projected=True, index=ids), the table an embedding's rows through W_ih per
+    direction, gives forward(embedding(ids))'s outputs and the same gradients to the embedding
+    (rows read several times, one never) and to every weight."""
+    torch.manual_seed(0)
+    _, cls, kw = TWINS[twin]
+    mod = cls(**kw).to(backend.device)
+    emb = torch.randn(6, 5, device=backend.device, requires_grad=True)
+    ids = torch.tensor([[0, 2, 2, 5], [5, 0, 3, 3], [1, 1, 0, 2]], device=backend.device)
+    want_out = _flat(mod(torch.nn.functional.embedding(ids, emb)))
+    want = _grads(mod, want_out, [emb])
+    w_ih = [mod.weight_ih_l0] + ([mod.weight_ih_l0_reverse] if mod.bidirectional else [])
+    table = torch.cat([emb @ w.t() for w in w_ih], -1)
+    got_out = _flat(mod(table, projected=True, index=ids))
+    got = _grads(mod, got_out, [emb])
+    for g, w in zip([*got_out, *got], [*want_out, *want], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_bad_indexed_input(backend, kind):
+    """index only with a projected table: without projected=True, or with a PackedSequence, a
+    clear error rather than an index silently ignored."""
+    mod = getattr(fastdl.nn, kind)(5, 6).to(backend.device)
+    g = mod.weight_ih_l0.shape[0]
+    ids = torch.zeros(4, 3, dtype=torch.int64, device=backend.device)
+    table = torch.randn(7, g, device=backend.device)
+    with pytest.raises(ValueError, match=rf"{kind}: index picks rows .* with projected=True"):
+        mod(table, index=ids)
+    with pytest.raises(ValueError, match=rf"{kind}: index picks rows .*not a PackedSequence"):
+        mod(pack_padded_sequence(torch.randn(4, 3, g), [4, 2, 1]), projected=True, index=ids)
+    with pytest.raises(ValueError, match=rf"{kind}: index picks rows"):  # float16: torch's path
+        mod.half()(table.half(), index=ids)

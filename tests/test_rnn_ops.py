@@ -27,6 +27,8 @@ def _forward_samples(dev, grad):
     wlp, w_hr = t(4 * H, P), t(P, H)
     lens = torch.tensor([2, 3], device=dev)
     xl, xg = t(T, B, 4 * H), t(T, B, 3 * H)  # input projections (no w_ih)
+    tl, tg = t(7, 4 * H), t(7, 3 * H)  # tables of them, read at idx (a row twice, some never)
+    idx = torch.tensor([[0, 6], [3, 3], [5, 0]], device=dev)
     return [
         ("lstm", "lstm_layer_fwd", (x, h0, c0, *wl, None, None, False)),
         ("lstm_rev_len", "lstm_layer_fwd", (x, h0, c0, *wl, None, lens, True)),
@@ -39,6 +41,8 @@ def _forward_samples(dev, grad):
         ("gru_rev_len", "gru_layer_fwd", (x, h0, wg[0], wg[1], None, wg[3], lens, True)),
         ("lstm_projected", "lstm_layer_fwd", (xl, h0, c0, None, *wl[1:], None, lens, False)),
         ("gru_projected", "gru_layer_fwd", (xg, h0, None, *wg[1:], None, True)),
+        ("lstm_indexed", "lstm_layer_fwd", (tl, h0, c0, None, *wl[1:], None, lens, True, idx)),
+        ("gru_indexed", "gru_layer_fwd", (tg, h0, None, *wg[1:], None, False, idx)),
     ]
 
 
@@ -52,7 +56,7 @@ def _backward_sample(ops, dev, fwd_id, mask):
         out = getattr(ops, op)(*args)
     y = out[0]
     if op == "lstm_layer_fwd":
-        x, h0, c0, w_ih, w_hh, _, _, w_hr, lens, rev = args
+        x, h0, c0, w_ih, w_hh, _, _, w_hr, lens, rev, *index = args
         return "lstm_layer_bwd", (
             torch.randn_like(y),
             torch.randn_like(out[1]),
@@ -69,8 +73,9 @@ def _backward_sample(ops, dev, fwd_id, mask):
             out[3],
             out[4],
             mask,
+            *index,
         )
-    x, h0, w_ih, w_hh, _, _, lens, rev = args
+    x, h0, w_ih, w_hh, _, _, lens, rev, *index = args
     return "gru_layer_bwd", (
         torch.randn_like(y),
         None,
@@ -83,6 +88,7 @@ def _backward_sample(ops, dev, fwd_id, mask):
         y,
         out[2],
         mask,
+        *index,
     )
 
 
@@ -138,6 +144,28 @@ def _gradcheck_case(kind, layers=1, bidir=False, proj=0, lengths=None, bias=True
     return fn, (x, h0, *params)
 
 
+def _gradcheck_indexed(kind):
+    """The index mode: gradients of the table (rows read twice, one never) and of the rest."""
+    mod = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(3, 4).double()
+    params = [p.detach().clone().requires_grad_() for p in mod._flat_weights][1:]
+    table = torch.randn(5, mod.weight_ih_l0.shape[0], dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([[0, 3], [3, 1], [4, 0], [0, 0]])
+    run = fastdl.lstm if kind == "lstm" else fastdl.gru
+
+    def fn(table, *ps):
+        y, h = run(table, None, [None, *ps], index=index)
+        return y, *(h if kind == "lstm" else (h,))
+
+    return fn, (table, *params)
+
+
+@pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gradcheck_indexed(backend, kind):
+    fn, inputs = _gradcheck_indexed(kind)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 GRADCHECK = {
     "lstm": ("lstm",),
     "lstm_bi_len": ("lstm", 1, True, 0, [4, 2]),
@@ -181,6 +209,7 @@ def _compile_fns(dev):
     gru = torch.nn.GRU(5, 6, batch_first=True).to(dev)
     lcell, gcell = torch.nn.LSTMCell(5, 6).to(dev), torch.nn.GRUCell(5, 6).to(dev)
     lens = torch.tensor([4, 1, 3], device=dev)
+    index = torch.tensor([[0, 5, 2], [5, 5, 1], [3, 0, 4]], device=dev)
     # The weights as lists: Dynamo refuses to trace anything touching an nn.LSTM/nn.GRU instance.
     lstm, gru = list(lstm._flat_weights), list(gru._flat_weights)
     lcell = [lcell.weight_ih, lcell.weight_hh, lcell.bias_ih, lcell.bias_hh]
@@ -198,6 +227,11 @@ def _compile_fns(dev):
         "gru_projected": (
             lambda x: fastdl.gru(x @ gru[0].t(), None, [None, *gru[1:]], batch_first=True),
             (3, 4, 5),
+        ),
+        # ... and as a table the op reads at an index.
+        "lstm_indexed": (
+            lambda x: fastdl.lstm(x @ lstm[0].t(), None, [None, *lstm[1:4]], index=index),
+            (6, 5),
         ),
         "lstm_cell": (
             lambda x: fastdl.lstm_cell(x, None, *lcell),
@@ -218,7 +252,9 @@ def _flat(out):
 
 # The interpreter: the cells and a one-layer GRU (a bidirectional 2-layer LSTM takes ~30 s there).
 COMPILE_CASES = cases(
-    list(_compile_fns("cpu")), ["lstm_cell", "gru_batch_first", "gru_projected"], dtypes=False
+    list(_compile_fns("cpu")),
+    ["lstm_cell", "gru_batch_first", "gru_projected", "lstm_indexed"],
+    dtypes=False,
 )
 
 

@@ -5,7 +5,7 @@
 #include <initializer_list>
 #include <optional>
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include "common/checks.h"
@@ -52,24 +52,44 @@ inline void lengths(const char* op, const std::optional<at::Tensor>& len, const 
               hi);
 }
 
+// index: None, or int64 (T, B) on x's device with every entry a row of the (R, G) table x (w_ih
+// None). Reads the values (a device sync on CUDA), as lengths.
+inline void index(const char* op, const std::optional<at::Tensor>& idx,
+                  const std::optional<at::Tensor>& w_ih, const at::Tensor& x) {
+  if (!idx.has_value()) return;
+  TORCH_CHECK(!w_ih.has_value(), op,
+              ": index picks rows of a table of input projections: w_ih must be None with it");
+  checks::same_device(op, "index", *idx, x);
+  checks::dtype(op, "index", *idx, {at::kLong});
+  TORCH_CHECK(idx->dim() == 2, op, ": index must be (T, B), got shape ", idx->sizes());
+  TORCH_CHECK(x.dim() == 2, op, ": with index, x is the table of input projections (rows, ",
+              "gates * hidden_size), got shape ", x.sizes());
+  if (idx->numel() == 0) return;
+  const int64_t lo = idx->min().item<int64_t>(), hi = idx->max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < x.size(0), op, ": index out of range for a table of ", x.size(0),
+              " rows, got ", lo < 0 ? lo : hi);
+}
+
 // Checks the forward inputs of one layer and returns its sizes. `gates` is 4 (LSTM) or 3 (GRU);
 // c0 and w_hr are LSTM-only (pass nullptr / nullopt for the GRU). Without w_ih, x is the input
-// projection (T, B, G) and I = G.
+// projection (T, B, G) and I = G; with index, x is a table of them (R, G) and (T, B) index's.
 inline Dims check_layer(const char* op, std::initializer_list<c10::ScalarType> dtypes,
                         int64_t gates, const at::Tensor& x, const at::Tensor& h0,
                         const at::Tensor* c0, const std::optional<at::Tensor>& w_ih,
                         const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                         const std::optional<at::Tensor>& b_hh,
-                        const std::optional<at::Tensor>& w_hr,
-                        const std::optional<at::Tensor>& len) {
+                        const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& len,
+                        const std::optional<at::Tensor>& idx) {
   checks::dtype(op, "x", x, dtypes);
-  TORCH_CHECK(x.dim() == 3, op, ": x must be (T, B, input_size), got shape ", x.sizes());
+  index(op, idx, w_ih, x);
+  TORCH_CHECK(idx || x.dim() == 3, op, ": x must be (T, B, input_size), got shape ", x.sizes());
   const char* rows = w_ih ? "w_ih" : "w_hh";
   const at::Tensor& w = w_ih ? *w_ih : w_hh;
   TORCH_CHECK(w.dim() == 2 && w.size(0) % gates == 0 && w.size(0) > 0, op, ": ", rows, " must be (",
               gates, " * hidden_size, ", w_ih ? "input_size" : "hidden_size or proj_size",
               "), got shape ", w.sizes());
-  Dims d{x.size(0), x.size(1), x.size(2), w.size(0) / gates, 0, w.size(0), 0};
+  Dims d = idx ? Dims{idx->size(0), idx->size(1), x.size(1), w.size(0) / gates, 0, w.size(0), 0}
+               : Dims{x.size(0), x.size(1), x.size(2), w.size(0) / gates, 0, w.size(0), 0};
   d.P = w_hr.has_value() ? w_hr->size(0) : d.H;
   d.S = 4 * d.H;
   if (w_ih) like_x(op, "w_ih", *w_ih, x);
@@ -80,8 +100,9 @@ inline Dims check_layer(const char* op, std::initializer_list<c10::ScalarType> d
                 " of x does not match w_ih of shape ", w_ih->sizes(), " (expected (", d.G, ", ",
                 d.I, "))");
   } else {
-    TORCH_CHECK(d.I == d.G, op, ": without w_ih, x holds the input projection (T, B, ", d.G, ") (",
-                gates, " * hidden_size), got shape ", x.sizes());
+    TORCH_CHECK(d.I == d.G, op, ": without w_ih, x holds the input projection (",
+                idx ? "rows" : "T, B", ", ", d.G, ") (", gates, " * hidden_size), got shape ",
+                x.sizes());
   }
   if (w_hr.has_value()) {
     like_x(op, "w_hr", *w_hr, x);
@@ -102,6 +123,18 @@ inline Dims check_layer(const char* op, std::initializer_list<c10::ScalarType> d
   }
   lengths(op, len, x, d.T, d.B);
   return d;
+}
+
+// Index mode (see check_layer): the table rows each position reads, (T * B, G), into out.
+inline void gather_rows(at::Tensor& out, const at::Tensor& table, const at::Tensor& idx) {
+  at::index_select_out(out, table, 0, idx.reshape({-1}));
+}
+
+// Index mode: the (rows, G) table's gradient from its positions' (T * B, G): per row, the sum over
+// the positions that read it, in a fixed order.
+inline at::Tensor table_grad(const at::Tensor& grad, const at::Tensor& idx, int64_t rows) {
+  return at::embedding_dense_backward(grad, idx.reshape({-1}), rows, /*padding_idx=*/-1,
+                                      /*scale_grad_by_freq=*/false);
 }
 
 // Checks what a backward op gets beside the forward's inputs: the incoming gradients (each may

@@ -395,11 +395,26 @@ std::optional<at::Tensor> acc_opt(const std::optional<at::Tensor>& t) {
 }
 
 // The input projection of every position, (T * B, G): x W_ih^T, or x itself when the caller
-// passed it projected (no w_ih). x and w_ih in the accumulation dtype.
+// passed it projected (no w_ih), or the rows of the table x that index picks. x and w_ih in the
+// accumulation dtype.
 at::Tensor input_projection(const at::Tensor& x, const std::optional<at::Tensor>& w_ih,
-                            const rnn::Dims& d) {
+                            const std::optional<at::Tensor>& index, const rnn::Dims& d) {
+  if (index) {
+    at::Tensor rows = new_output({d.T * d.B, d.G}, x.options());
+    rnn::gather_rows(rows, x, *index);
+    return rows;
+  }
   const at::Tensor x2 = x.view({d.T * d.B, d.I});
   return w_ih ? rnn_mm(x2, w_ih->t()) : x2;
+}
+
+// grad_x from the gradient of the input projection dgx (T * B, G): through w_ih, or dgx itself
+// as (T, B, G), or the gradient of index's table; in x's dtype.
+at::Tensor input_grad(const at::Tensor& dgx, const at::Tensor& x,
+                      const std::optional<at::Tensor>& w_ih, const std::optional<at::Tensor>& index,
+                      const rnn::Dims& d) {
+  if (index) return rnn::table_grad(dgx, *index, x.size(0)).to(x.scalar_type());
+  return (w_ih ? rnn_mm(dgx, *w_ih) : dgx).view({d.T, d.B, d.I}).to(x.scalar_type());
 }
 
 at::Tensor state_grad(const std::optional<at::Tensor>& g, int64_t B, int64_t D,
@@ -417,10 +432,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
     const std::optional<at::Tensor>& w_ih_, const at::Tensor& w_hh_,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& lengths,
-    bool reverse) {
+    const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& lengths, bool reverse,
+    const std::optional<at::Tensor>& index) {
   const rnn::Dims d = rnn::check_layer("fastdl.lstm", kDtypes, 4, x_, h0_, &c0_, w_ih_, w_hh_, b_ih,
-                                       b_hh, w_hr_, lengths);
+                                       b_hh, w_hr_, lengths, index);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
   const at::Tensor x = acc(x_), w_hh = acc(w_hh_);
@@ -432,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
   at::Tensor cs = seq_buffer(sch, {T, B, H}, opts);
   if (T > 0 && B > 0) {
-    const at::Tensor gx = input_projection(x, w_ih, d);
+    const at::Tensor gx = input_projection(x, w_ih, index, d);
     const at::Tensor bx = input_bias(b_ih, b_hh, G, opts);
     const bool dbl = x.scalar_type() == at::kDouble;
     if (!w_hr && B <= kSeqMaxBatch) {
@@ -503,10 +518,11 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
                const at::Tensor& h0_, const at::Tensor& c0_, const std::optional<at::Tensor>& w_ih_,
                const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
                const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& y_,
-               const at::Tensor& gates_, const at::Tensor& cs_, std::array<bool, 2> mask) {
+               const at::Tensor& gates_, const at::Tensor& cs_, std::array<bool, 2> mask,
+               const std::optional<at::Tensor>& index) {
   const char* op = "fastdl.lstm";
   const rnn::Dims d = rnn::check_layer(op, kDtypes, 4, x_, h0_, &c0_, w_ih_, w_hh_, std::nullopt,
-                                       std::nullopt, w_hr_, lengths);
+                                       std::nullopt, w_hr_, lengths, index);
   rnn::check_saved(op, d, x_, grad_y_, grad_hn, grad_cn, y_, gates_, &cs_);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
@@ -557,7 +573,7 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
   }
   const auto dtype = x_.scalar_type();
   const at::Tensor dg2 = dg.view({T * B, S});
-  at::Tensor gx = mask[0] ? (w_ih ? rnn_mm(dg2, *w_ih) : dg2).view({T, B, I}).to(dtype) : none(x_);
+  at::Tensor gx = mask[0] ? input_grad(dg2, x_, w_ih, index, d) : none(x_);
   at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
   at::Tensor gw_hr = none(x_);
   if (mask[1]) {
@@ -580,9 +596,10 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
     const at::Tensor& x_, const at::Tensor& h0_, const std::optional<at::Tensor>& w_ih_,
     const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths, bool reverse) {
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths, bool reverse,
+    const std::optional<at::Tensor>& index) {
   const rnn::Dims d = rnn::check_layer("fastdl.gru", kDtypes, 3, x_, h0_, nullptr, w_ih_, w_hh_,
-                                       b_ih, b_hh, std::nullopt, lengths);
+                                       b_ih, b_hh, std::nullopt, lengths, index);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
   const at::Tensor x = acc(x_), w_hh = acc(w_hh_);
@@ -592,7 +609,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
   at::Tensor y = seq_buffer(sch, {T, B, H}, opts);
   at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
   if (T > 0 && B > 0) {
-    const at::Tensor gx = input_projection(x, w_ih, d);
+    const at::Tensor gx = input_projection(x, w_ih, index, d);
     const at::Tensor bx = input_bias(b_ih, std::nullopt, G, opts);
     const std::optional<at::Tensor> bh = acc_opt(b_hh);
     const bool dbl = x.scalar_type() == at::kDouble;
@@ -653,10 +670,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_y_, const std::optional<at::Tensor>& grad_hn,
     const at::Tensor& x_, const at::Tensor& h0_, const std::optional<at::Tensor>& w_ih_,
     const at::Tensor& w_hh_, const std::optional<at::Tensor>& lengths, bool reverse,
-    const at::Tensor& y_, const at::Tensor& gates_, std::array<bool, 2> mask) {
+    const at::Tensor& y_, const at::Tensor& gates_, std::array<bool, 2> mask,
+    const std::optional<at::Tensor>& index) {
   const char* op = "fastdl.gru";
   const rnn::Dims d = rnn::check_layer(op, kDtypes, 3, x_, h0_, nullptr, w_ih_, w_hh_, std::nullopt,
-                                       std::nullopt, std::nullopt, lengths);
+                                       std::nullopt, std::nullopt, lengths, index);
   rnn::check_saved(op, d, x_, grad_y_, grad_hn, std::nullopt, y_, gates_, nullptr);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
@@ -700,12 +718,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor dg2 = dg.view({T * B, S});
   const at::Tensor d_rz = dg2.narrow(1, 0, 2 * H), d_n = dg2.narrow(1, 3 * H, H);
   at::Tensor gx = none(x_);
-  if (mask[0])
-    gx =
-        (w_ih ? rnn_mm(d_rz, w_ih->narrow(0, 0, 2 * H)).add_(rnn_mm(d_n, w_ih->narrow(0, 2 * H, H)))
-              : at::cat({d_rz, d_n}, 1))
-            .view({T, B, I})
-            .to(dtype);
+  if (mask[0] && w_ih)
+    gx = rnn_mm(d_rz, w_ih->narrow(0, 0, 2 * H))
+             .add_(rnn_mm(d_n, w_ih->narrow(0, 2 * H, H)))
+             .view({T, B, I})
+             .to(dtype);
+  else if (mask[0])
+    gx = input_grad(at::cat({d_rz, d_n}, 1), x_, w_ih, index, d);
   at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
   if (mask[1]) {
     if (w_ih) {

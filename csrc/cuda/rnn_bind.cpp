@@ -198,7 +198,7 @@ cuda::RnnPersistParams persist_params(Cell cell, const at::Tensor& x, const cuda
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd(
     Cell cell, const rnn::Dims& d, const at::Tensor& x_, const at::Tensor& h0, const at::Tensor* c0,
     const OptTensor& w_ih, const at::Tensor& w_hh_, const OptTensor& b_ih, const OptTensor& b_hh,
-    const OptTensor& w_hr, const OptTensor& lengths_, bool reverse) {
+    const OptTensor& w_hr, const OptTensor& lengths_, bool reverse, const OptTensor& index) {
   const auto [T, B, I, H, P, G, S] = d;
   const auto dt = x_.scalar_type();
   const auto f = x_.options().dtype(at::kFloat);
@@ -216,9 +216,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
   // Contiguous operands: cuBLAS picks its kernel (and so its rounding) by layout, so a strided x
   // or transposed weight gives the very bits of the contiguous call.
   const at::Tensor x = x_.contiguous(), w_hh = w_hh_.contiguous();
-  // Without w_ih x is the projection already (float32 for the kernels, which only read it).
-  const at::Tensor gx =
-      w_ih ? mm_f32(x.view({T * B, I}), w_ih->contiguous().t()) : f32(x).view({T * B, G});
+  // Without w_ih x is the projection already (float32 for the kernels, which only read it), or
+  // the table whose rows index picks.
+  at::Tensor gx;
+  if (index) {
+    gx = at::empty({T * B, G}, f);
+    rnn::gather_rows(gx, f32(x), *index);
+  } else {
+    gx = w_ih ? mm_f32(x.view({T * B, I}), w_ih->contiguous().t()) : f32(x).view({T * B, G});
+  }
   // LSTM: both biases fold into the input side; GRU: b_hh stays apart (n scales it by r).
   OptTensor bias_x, bias_h;
   if (cell == Cell::kLstm && (b_ih || b_hh)) {
@@ -267,21 +273,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const OptTensor& w_ih,
     const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-    const OptTensor& lengths, bool reverse) {
+    const OptTensor& lengths, bool reverse, const OptTensor& index) {
   const rnn::Dims d =
-      rnn::check_layer(kLstm, kDtypes, 4, x, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+      rnn::check_layer(kLstm, kDtypes, 4, x, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, index);
   const c10::cuda::CUDAGuard guard(x.device());
-  return layer_fwd(Cell::kLstm, d, x, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
+  return layer_fwd(Cell::kLstm, d, x, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                   index);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
     const at::Tensor& x, const at::Tensor& h0, const OptTensor& w_ih, const at::Tensor& w_hh,
-    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths, bool reverse) {
+    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths, bool reverse,
+    const OptTensor& index) {
   const rnn::Dims d = rnn::check_layer(kGru, kDtypes, 3, x, h0, nullptr, w_ih, w_hh, b_ih, b_hh,
-                                       std::nullopt, lengths);
+                                       std::nullopt, lengths, index);
   const c10::cuda::CUDAGuard guard(x.device());
   auto [y, hn, cn, gates, cs] = layer_fwd(Cell::kGru, d, x, h0, nullptr, w_ih, w_hh, b_ih, b_hh,
-                                          std::nullopt, lengths, reverse);
+                                          std::nullopt, lengths, reverse, index);
   return {y, hn, gates};
 }
 
@@ -296,7 +304,7 @@ LayerGrads layer_bwd(Cell cell, const rnn::Dims& d, const OptTensor& grad_y_,
                      const at::Tensor& h0, const at::Tensor* c0, const OptTensor& w_ih,
                      const at::Tensor& w_hh_, const OptTensor& w_hr, const OptTensor& lengths_,
                      bool reverse, const at::Tensor& y, const at::Tensor& gates_,
-                     const at::Tensor* cs_, std::array<bool, 2> mask) {
+                     const at::Tensor* cs_, std::array<bool, 2> mask, const OptTensor& index) {
   const auto [T, B, I, H, P, G, S] = d;
   const auto dt = x_.scalar_type();
   const auto f = x_.options().dtype(at::kFloat);
@@ -351,7 +359,10 @@ LayerGrads layer_bwd(Cell cell, const rnn::Dims& d, const OptTensor& grad_y_,
   // the GRU's [dr, dz, dghn, dn] use [dr, dz, dn] for w_ih and [dr, dz, dghn] for w_hh.
   const at::Tensor dgx =
       lstm ? dg2 : at::cat({dg2.narrow(1, 0, 2 * H), dg2.narrow(1, 3 * H, H)}, 1);
-  if (mask[0]) g.gx = (w_ih ? at::mm(dgx, f32(*w_ih)) : dgx).view({T, B, I}).to(dt);
+  if (mask[0] && index)
+    g.gx = rnn::table_grad(dgx, *index, x_.size(0)).to(dt);
+  else if (mask[0])
+    g.gx = (w_ih ? at::mm(dgx, f32(*w_ih)) : dgx).view({T, B, I}).to(dt);
   if (mask[1]) {
     if (w_ih) g.gw_ih = at::mm(dgx.t(), f32(x_).view({T * B, I})).to(dt);
     g.gw_hh = at::mm(dg2.narrow(1, 0, G).t(), hprev.view({T * B, P})).to(dt);
@@ -372,26 +383,28 @@ lstm_layer_bwd(const OptTensor& grad_y, const OptTensor& grad_hn, const OptTenso
                const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                const OptTensor& w_ih, const at::Tensor& w_hh, const OptTensor& w_hr,
                const OptTensor& lengths, bool reverse, const at::Tensor& y, const at::Tensor& gates,
-               const at::Tensor& cs, std::array<bool, 2> mask) {
+               const at::Tensor& cs, std::array<bool, 2> mask, const OptTensor& index) {
   const rnn::Dims d = rnn::check_layer(kLstm, kDtypes, 4, x, h0, &c0, w_ih, w_hh, std::nullopt,
-                                       std::nullopt, w_hr, lengths);
+                                       std::nullopt, w_hr, lengths, index);
   rnn::check_saved(kLstm, d, x, grad_y, grad_hn, grad_cn, y, gates, &cs);
   const c10::cuda::CUDAGuard guard(x.device());
   const LayerGrads g = layer_bwd(Cell::kLstm, d, grad_y, grad_hn, grad_cn, x, h0, &c0, w_ih, w_hh,
-                                 w_hr, lengths, reverse, y, gates, &cs, mask);
+                                 w_hr, lengths, reverse, y, gates, &cs, mask, index);
   return {g.gx, g.gh0, g.gc0, g.gw_ih, g.gw_hh, g.gb_ih, g.gb_hh, g.gw_hr};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(
     const OptTensor& grad_y, const OptTensor& grad_hn, const at::Tensor& x, const at::Tensor& h0,
     const OptTensor& w_ih, const at::Tensor& w_hh, const OptTensor& lengths, bool reverse,
-    const at::Tensor& y, const at::Tensor& gates, std::array<bool, 2> mask) {
+    const at::Tensor& y, const at::Tensor& gates, std::array<bool, 2> mask,
+    const OptTensor& index) {
   const rnn::Dims d = rnn::check_layer(kGru, kDtypes, 3, x, h0, nullptr, w_ih, w_hh, std::nullopt,
-                                       std::nullopt, std::nullopt, lengths);
+                                       std::nullopt, std::nullopt, lengths, index);
   rnn::check_saved(kGru, d, x, grad_y, grad_hn, std::nullopt, y, gates, nullptr);
   const c10::cuda::CUDAGuard guard(x.device());
-  const LayerGrads g = layer_bwd(Cell::kGru, d, grad_y, grad_hn, std::nullopt, x, h0, nullptr, w_ih,
-                                 w_hh, std::nullopt, lengths, reverse, y, gates, nullptr, mask);
+  const LayerGrads g =
+      layer_bwd(Cell::kGru, d, grad_y, grad_hn, std::nullopt, x, h0, nullptr, w_ih, w_hh,
+                std::nullopt, lengths, reverse, y, gates, nullptr, mask, index);
   return {g.gx, g.gh0, g.gw_ih, g.gw_hh, g.gb_ih, g.gb_hh};
 }
 

@@ -326,9 +326,9 @@ class LSTMLanguageModel(nn.Module):
 
     A token's input to the first layer is its embedding times W_ih, row v of the (vocab, 4H)
     table ``emb.weight W_ih^T``: when the vocabulary has fewer entries than the batch has tokens,
-    the model builds that table (per call, so the gradients reach both weights) and gathers its
-    rows, in place of the (tokens, embed) x (embed, 4H) products of the forward and of the
-    backward (dx, dW_ih)."""
+    the model builds that table (per call, so the gradients reach both weights) and the LSTM op
+    gathers its rows (``index``), in place of the (tokens, embed) x (embed, 4H) products of the
+    forward and of the backward (dx, dW_ih)."""
 
     def __init__(self, vocab_size: int, embed: int, hidden: int, layers: int = 1):
         super().__init__()
@@ -344,7 +344,7 @@ class LSTMLanguageModel(nn.Module):
         # projected input.)
         if self.vocab_size < ids.numel() and _checks.kernels_take(self.emb.weight):
             table = F.linear(self.emb.weight, self.lstm.weight_ih_l0)
-            y, _ = self.lstm(F.embedding(ids, table), projected=True)
+            y, _ = self.lstm(table, projected=True, index=ids)
         else:
             y, _ = self.lstm(self.emb(ids))
         return self.head(y).transpose(0, 1)

@@ -41,7 +41,7 @@ def _repack(y: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> Pac
 
 
 class _RNNBase:
-    def _run(self, fn, input, hx, projected):
+    def _run(self, fn, input, hx, projected, index):
         # The parameters as they are now, not the cached self._flat_weights, which misses
         # torch.func.functional_call's and parametrizations' (torch refreshes it per call).
         weights = [getattr(self, name) for name in self._flat_weights_names]
@@ -51,6 +51,13 @@ class _RNNBase:
             for d in range(dirs):
                 weights[d * per] = None
         args = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        if index is not None:
+            if not projected or isinstance(input, PackedSequence):
+                raise ValueError(
+                    f"{type(self).__name__}: index picks rows of a table of input projections: "
+                    "pass the table (not a PackedSequence) with projected=True"
+                )
+            return fn(input, hx, weights, *args, self.batch_first, index=index)
         if isinstance(input, PackedSequence):
             x, lengths = _unpack(input)
             # torch autocasts the padded overloads of lstm/gru, not the packed ones: a packed
@@ -64,12 +71,13 @@ class _RNNBase:
 class LSTM(_RNNBase, nn.RNNBase):
     """Drop-in for nn.LSTM (same arguments, proj_size included).
 
-    ``forward(input, hx=None, *, projected=False)``: with ``projected``, input holds the first
-    layer's input projection ``x W_ih^T`` instead of x (last dimension 4H, both directions' side
-    by side when bidirectional; see fastdl.lstm), e.g. rows of ``F.linear(emb.weight,
-    weight_ih_l0)`` gathered per token; weight_ih_l0 then gets its gradient only through that
-    product. Only in the dtypes fastdl's kernels take (torch's LSTM, the fallback for others,
-    has no such input)."""
+    ``forward(input, hx=None, *, projected=False, index=None)``: with ``projected``, input holds
+    the first layer's input projection ``x W_ih^T`` instead of x (last dimension 4H, both
+    directions' side by side when bidirectional; see fastdl.lstm), e.g. rows of
+    ``F.linear(emb.weight, weight_ih_l0)`` gathered per token, or, with ``index`` (T, B) ((B, T)
+    with batch_first), that table itself, whose row ``index[t, b]`` position (t, b) reads;
+    weight_ih_l0 then gets its gradient only through that product. Only in the dtypes fastdl's
+    kernels take (torch's LSTM, the fallback for others, has no such input)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
@@ -79,25 +87,25 @@ class LSTM(_RNNBase, nn.RNNBase):
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     permute_hidden = nn.LSTM.permute_hidden
 
-    def forward(self, input, hx=None, *, projected=False):
-        if not projected and not _takes(input):
+    def forward(self, input, hx=None, *, projected=False, index=None):
+        if not projected and index is None and not _takes(input):
             return nn.LSTM.forward(self, input, hx)
-        return self._run(F.lstm, input, hx, projected)
+        return self._run(F.lstm, input, hx, projected, index)
 
 
 class GRU(_RNNBase, nn.RNNBase):
-    """Drop-in for nn.GRU; ``forward(input, hx=None, *, projected=False)`` as LSTM's (input then
-    (T, B, 3H) per direction)."""
+    """Drop-in for nn.GRU; ``forward(input, hx=None, *, projected=False, index=None)`` as
+    LSTM's (input then (T, B, 3H) per direction, or a table of such rows)."""
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, projected=False):
-        if not projected and not _takes(input):
+    def forward(self, input, hx=None, *, projected=False, index=None):
+        if not projected and index is None and not _takes(input):
             return nn.GRU.forward(self, input, hx)
-        return self._run(F.gru, input, hx, projected)
+        return self._run(F.gru, input, hx, projected, index)
 
 
 class LSTMCell(nn.LSTMCell):

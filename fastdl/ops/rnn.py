@@ -29,19 +29,21 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 # ---------------------------------------------------------------- fake kernels (all backends)
 
 
-def _seq_fake(x, width, dtype=None):
-    return x.new_empty(x.shape[0], x.shape[1], width, dtype=dtype or x.dtype)
+def _seq_fake(x, index, width, dtype=None):
+    """A (T, B, width) output: (T, B) of x, or of index when x is its table."""
+    T, B = (index if index is not None else x).shape[:2]
+    return x.new_empty(T, B, width, dtype=dtype or x.dtype)
 
 
-def _lstm_layer_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+def _lstm_layer_fwd_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, index=None):
     hidden = w_hh.shape[0] // 4
     acc = _acc_dtype(x)
     return (
-        _seq_fake(x, h0.shape[1]),
+        _seq_fake(x, index, h0.shape[1]),
         torch.empty_like(h0, memory_format=torch.contiguous_format),
         torch.empty_like(c0, memory_format=torch.contiguous_format),
-        _seq_fake(x, 4 * hidden, acc),
-        _seq_fake(x, hidden, acc),
+        _seq_fake(x, index, 4 * hidden, acc),
+        _seq_fake(x, index, hidden, acc),
     )
 
 
@@ -55,8 +57,9 @@ def _weight_grad(x, w, wanted):
 
 
 def _lstm_layer_bwd_fake(
-    grad_y, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, y, gates, cs, mask
-):
+    grad_y, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, y, gates, cs, mask,
+    index=None,
+):  # fmt: skip
     g = w_hh.shape[0]
     return (
         _grad_or_none(x, x.shape, mask[0]),
@@ -70,16 +73,18 @@ def _lstm_layer_bwd_fake(
     )
 
 
-def _gru_layer_fwd_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+def _gru_layer_fwd_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, index=None):
     hidden = w_hh.shape[0] // 3
     return (
-        _seq_fake(x, hidden),
+        _seq_fake(x, index, hidden),
         torch.empty_like(h0, memory_format=torch.contiguous_format),
-        _seq_fake(x, 4 * hidden, _acc_dtype(x)),
+        _seq_fake(x, index, 4 * hidden, _acc_dtype(x)),
     )
 
 
-def _gru_layer_bwd_fake(grad_y, grad_hn, x, h0, w_ih, w_hh, lengths, reverse, y, gates, mask):
+def _gru_layer_bwd_fake(
+    grad_y, grad_hn, x, h0, w_ih, w_hh, lengths, reverse, y, gates, mask, index=None
+):
     g = w_hh.shape[0]
     return (
         _grad_or_none(x, x.shape, mask[0]),
@@ -96,50 +101,50 @@ def _gru_layer_bwd_fake(grad_y, grad_hn, x, h0, w_ih, w_hh, lengths, reverse, y,
 
 def _x_to_save(x, w_ih):
     """What the backward op gets as x: x itself for dw_ih, or, without w_ih (x the caller's input
-    projection, which the backward does not read), a stride-0 stand-in of its shape that keeps
-    no (T, B, G) activation alive."""
+    projection or its table, which the backward does not read), a stride-0 stand-in of its shape
+    that keeps no (T, B, G) activation alive."""
     return x if w_ih is not None else x.new_zeros(()).expand(x.shape)
 
 
 def _lstm_setup(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, lengths, reverse = inputs
+    x, h0, c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, lengths, reverse, index = inputs
     # Outputs without a gradient reach backward as None (the op takes them as optional), not
     # as zeros: gates alone would be a fresh (T, B, 4H) tensor of zeros every backward.
     ctx.set_materialize_grads(False)
     ctx.reverse = reverse
     ctx.save_for_backward(
-        _x_to_save(x, w_ih), h0, c0, w_ih, w_hh, w_hr, lengths, output[0], *output[3:]
+        _x_to_save(x, w_ih), h0, c0, w_ih, w_hh, w_hr, lengths, index, output[0], *output[3:]
     )
 
 
 def _lstm_backward(bwd):
     def backward(ctx, g_y, g_hn, g_cn, _g_gates, _g_cs):
-        x, h0, c0, w_ih, w_hh, w_hr, lengths, y, gates, cs = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, w_hr, lengths, index, y, gates, cs = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = [need[0], any(need[3:8])]
-        gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = bwd(
-            g_y, g_hn, g_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, y, gates, cs, mask
-        )
-        grads = (gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr)
-        return *(g if n else None for g, n in zip(grads, need[:8], strict=True)), None, None
+        grads = bwd(
+            g_y, g_hn, g_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, ctx.reverse, y, gates, cs, mask,
+            index,
+        )  # fmt: skip
+        return *(g if n else None for g, n in zip(grads, need[:8], strict=True)), None, None, None
 
     return backward
 
 
 def _gru_setup(ctx, inputs, output):
-    x, h0, w_ih, w_hh, _b_ih, _b_hh, lengths, reverse = inputs
+    x, h0, w_ih, w_hh, _b_ih, _b_hh, lengths, reverse, index = inputs
     ctx.set_materialize_grads(False)  # as in _lstm_setup
     ctx.reverse = reverse
-    ctx.save_for_backward(_x_to_save(x, w_ih), h0, w_ih, w_hh, lengths, output[0], output[2])
+    ctx.save_for_backward(_x_to_save(x, w_ih), h0, w_ih, w_hh, lengths, index, output[0], output[2])
 
 
 def _gru_backward(bwd):
     def backward(ctx, g_y, g_hn, _g_gates):
-        x, h0, w_ih, w_hh, lengths, y, gates = ctx.saved_tensors
+        x, h0, w_ih, w_hh, lengths, index, y, gates = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = [need[0], any(need[2:6])]
-        grads = bwd(g_y, g_hn, x, h0, w_ih, w_hh, lengths, ctx.reverse, y, gates, mask)
-        return *(g if n else None for g, n in zip(grads, need[:6], strict=True)), None, None
+        grads = bwd(g_y, g_hn, x, h0, w_ih, w_hh, lengths, ctx.reverse, y, gates, mask, index)
+        return *(g if n else None for g, n in zip(grads, need[:6], strict=True)), None, None, None
 
     return backward
 
@@ -273,11 +278,17 @@ def _group_name(i: int, dirs: int) -> str:
     return f"layer {i // dirs}" + " reverse" * (i % dirs)
 
 
-def _projected(op, groups, dirs, x) -> bool:
+def _projected(op, groups, dirs, x, index) -> bool:
     """Whether the first layer's input comes projected (its w_ih None, every direction): x then
-    holds each direction's projection x W_ih^T side by side, (T, B, dirs * G)."""
+    holds each direction's projection x W_ih^T side by side, (T, B, dirs * G), or a table of
+    them (rows, dirs * G) with index."""
     missing = [g[0] is None for g in groups]
     if not any(missing):
+        if index is not None:
+            raise ValueError(
+                f"{op}: index picks rows of a table of input projections: the first layer's "
+                "w_ih must be None with it"
+            )
         return False
     if any(missing[dirs:]) or not all(missing[:dirs]):
         i = next(i for i, m in enumerate(missing) if m)
@@ -289,9 +300,32 @@ def _projected(op, groups, dirs, x) -> bool:
     if dirs == 2 and x.shape[-1] != 2 * g:
         raise RuntimeError(
             f"{op}: without w_ih, a bidirectional layer's input holds both directions' input "
-            f"projections (T, B, 2 * {g}), got shape {list(x.shape)}"
+            f"projections ({'rows' if index is not None else 'T, B'}, 2 * {g}), got shape "
+            f"{list(x.shape)}"
         )
     return True
+
+
+def _index(op, index, input, batch_first):
+    """index as int64 (T, B) (from (B, T) with batch_first; (T,) unbatched) on the table's device,
+    and whether it is unbatched; its values are checked by the op."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{op}: index must be an integer tensor, got {type(index).__name__}")
+    _checks.same_device(op, "index", index, input)
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise _checks.DtypeError(f"{op}: index must be an integer tensor, got dtype {index.dtype}")
+    if index.dim() not in (1, 2) or input.dim() != 2:
+        raise _checks.RankError(
+            f"{op}: with index, input is a table of input projections (rows, dirs * gates * "
+            f"hidden_size) and index (T, B) ((B, T) with batch_first, (T,) unbatched), got "
+            f"input {list(input.shape)} and index {list(index.shape)}"
+        )
+    unbatched = index.dim() == 1
+    if unbatched:
+        index = index.unsqueeze(1)
+    elif batch_first:
+        index = index.t()
+    return index.to(torch.int64), unbatched
 
 
 def _lstm_state(op: str, hx) -> tuple:
@@ -325,20 +359,26 @@ def _rnn(
     bidirectional,
     batch_first,
     lengths,
+    index,
 ):
     _check_dropout(op, dropout)
-    if input.dim() not in (2, 3):
+    if index is not None:
+        index, unbatched = _index(op, index, input, batch_first)
+    elif input.dim() not in (2, 3):
         raise _checks.RankError(
             f"{op}: input must be (T, B, input_size), (B, T, input_size) with batch_first, or "
             f"unbatched (T, input_size), got shape {list(input.shape)}"
         )
-    unbatched = input.dim() == 2
+    else:
+        unbatched = input.dim() == 2
+        if unbatched:
+            input = input.unsqueeze(1)
+        elif batch_first:
+            input = input.transpose(0, 1)
     if unbatched:
-        input = input.unsqueeze(1)
         hx = tuple(None if h is None else h.unsqueeze(1) for h in hx)
-    elif batch_first:
-        input = input.transpose(0, 1)
-    if input.shape[0] == 0:
+    steps, batch = (index if index is not None else input).shape[:2]
+    if steps == 0:
         raise RuntimeError(f"{op}: expected a sequence length larger than 0, got 0")
     dirs = 2 if bidirectional else 1
     groups = _layers(op, params, has_biases, num_layers, dirs, gates)
@@ -347,8 +387,7 @@ def _rnn(
         if not isinstance(group[1], torch.Tensor):
             raise TypeError(f"{op}: w_hh{where} must be a tensor, got {type(group[1]).__name__}")
         _like_x(op, input, [(n + where, t) for n, t in zip(PARAM_NAMES, group, strict=True)])
-    split = _projected(op, groups, dirs, input) and dirs == 2
-    batch = input.shape[1]
+    split = _projected(op, groups, dirs, input, index) and dirs == 2
     # (shape[-1]: a w_hr of the wrong rank reaches the op, which names the shape it wants.)
     hidden = groups[0][1].shape[-1] if groups[0][4] is None else groups[0][4].shape[-1]
     out_size = groups[0][1].shape[-1]
@@ -364,13 +403,14 @@ def _rnn(
             w_ih, w_hh, b_ih, b_hh, w_hr = groups[i]
             # Projected input, both directions: each reads its own half.
             xd = x.narrow(-1, d * w_hh.shape[0], w_hh.shape[0]) if split and layer == 0 else x
+            idx = index if layer == 0 else None
             if gates == 4:
                 y, h, c, _, _ = ops.lstm_layer_fwd(
-                    xd, h0[i], c0[i], w_ih, w_hh, b_ih, b_hh, w_hr, lens, d == 1
+                    xd, h0[i], c0[i], w_ih, w_hh, b_ih, b_hh, w_hr, lens, d == 1, idx
                 )
                 cn.append(c)
             else:
-                y, h, _ = ops.gru_layer_fwd(xd, h0[i], w_ih, w_hh, b_ih, b_hh, lens, d == 1)
+                y, h, _ = ops.gru_layer_fwd(xd, h0[i], w_ih, w_hh, b_ih, b_hh, lens, d == 1, idx)
             outs.append(y)
             hn.append(h)
         x = outs[0] if dirs == 1 else torch.cat(outs, -1)
@@ -403,6 +443,7 @@ def lstm(
     batch_first: bool = False,
     *,
     lengths: torch.Tensor | Sequence[int] | None = None,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Multi-layer LSTM (Hochreiter & Schmidhuber, 1997) over a whole sequence, as
     ``torch.lstm`` / ``nn.LSTM``: per step the gate pre-activations ``W_ih x + b_ih + W_hh h +
@@ -416,7 +457,10 @@ def lstm(
     directions' side by side (last dimension 2 * 4H) when bidirectional, and the op still adds
     the biases. The gradient reaches the projection, so
     ``input = F.embedding(ids, F.linear(emb.weight, w_ih))`` is an embedding and the layer's
-    input GEMM done as a row lookup in a (vocab, 4H) table (fastdl.models' LSTM language model).
+    input GEMM done as a row lookup in a (vocab, 4H) table. ``index`` does that lookup in the op:
+    input is then the table itself, (rows, dirs * 4H), and ``index`` integer (T, B) ((B, T) with
+    batch_first, (T,) unbatched) the row each position reads (fastdl.models' LSTM language
+    model: no (T, B, 4H) tensor is made by the caller; the table gets the summed gradients).
     input (T, B, I) ((B, T, I) with batch_first, (T, I) unbatched); hx = (h0, c0) of shapes
     (num_layers * dirs, B, proj_size or H) and (num_layers * dirs, B, H), or None for zeros.
     ``lengths`` (B,) ints on input's device, 1 <= lengths[b] <= T: each sequence's final state is
@@ -442,6 +486,7 @@ def lstm(
         bidirectional,
         batch_first,
         lengths,
+        index,
     )
     return y, (hn, cn)
 
@@ -458,6 +503,7 @@ def gru(
     batch_first: bool = False,
     *,
     lengths: torch.Tensor | Sequence[int] | None = None,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-layer GRU (Cho et al., 2014) over a whole sequence, as ``torch.gru`` / ``nn.GRU``:
     ``r, z = sigmoid(W_i{r,z} x + b_i{r,z} + W_h{r,z} h + b_h{r,z})``, ``n = tanh(W_in x + b_in +
@@ -465,7 +511,8 @@ def gru(
 
     ``params`` per layer and direction ``w_ih, w_hh[, b_ih, b_hh]``; hx (num_layers * dirs, B,
     H) or None. Shapes, ``lengths``, dropout, dtypes and backends as :func:`lstm`, a first layer
-    without ``w_ih`` too (its input then (T, B, 3H) per direction).
+    without ``w_ih`` and ``index`` too (its input then (T, B, 3H) per direction, or a table of
+    such rows).
     Returns ``(output, h_n)``. Deterministic: yes (without dropout).
     """
     if hx is not None and not isinstance(hx, torch.Tensor):
@@ -484,6 +531,7 @@ def gru(
         bidirectional,
         batch_first,
         lengths,
+        index,
     )
     return y, hn
 

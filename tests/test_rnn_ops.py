@@ -320,6 +320,10 @@ def test_isa_paths(backend, isa, dtype):
                 check_rnn(RnnCase("gru", 3, b, 3, h, lengths=True), dtype)
             check_rnn(RnnCase("lstm", 3, 5, 3, h, bidir=True), dtype)
             check_rnn(RnnCase("gru", 3, 5, 3, h, bidir=True), dtype)
+        # Batch 1: five 16-unit register blocks of the small-batch kernels, the last one short,
+        # split unevenly between two threads.
+        check_rnn(RnnCase("lstm", 3, 1, 3, 70), dtype)
+        check_rnn(RnnCase("gru", 3, 1, 3, 70), dtype)
         mod = torch.nn.LSTM(3, 16)
         x = 40 * torch.randn(4, 2, 3)
         y, (h, c) = fastdl.lstm(x.to(dtype), None, [p.to(dtype) for p in mod._flat_weights])

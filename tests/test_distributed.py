@@ -1,8 +1,10 @@
-"""Scaling out: fastdl.models' GPT trained with DistributedDataParallel and FSDP2 (fully_shard)
-on 2 CPU processes (gloo) gives the losses of one process on the same global batch.
+"""Scaling out: fastdl.models' GPT trained with DistributedDataParallel and FSDP2 (fully_shard,
+per block), and the ViT with FSDP2, on 2 CPU processes (gloo) give the losses of one process on
+the same global batch.
 
-The global batch is the spec's first GLOBAL sequences (256 tokens each), split evenly across
-the ranks: small enough for a 2-core CI machine, still the model's full context."""
+The global batch is the spec's first GLOBAL[model] samples (GPT: sequences of 256 tokens, ViT:
+32x32 images), split evenly across the ranks: small enough for a 2-core CI machine, still the
+GPT's full context."""
 
 import pytest
 import torch
@@ -16,21 +18,23 @@ from fastdl.models import train as training
 
 STEPS = 3
 WORLD = 2
-GLOBAL = 2
-MODES = ("ddp", "fsdp2")
+GLOBAL = {"gpt": 2, "vit": 16}
+RUNS = (("gpt", "ddp"), ("gpt", "fsdp2"), ("vit", "fsdp2"))  # (model, wrapping)
 
 
-def _global_batch(spec, step: int):
-    (x,), y = spec.batch(torch.Generator().manual_seed(step), torch.device("cpu"))
-    return x[:GLOBAL], y[:GLOBAL]
+def _global_batch(spec):
+    (x,), y = spec.batch(torch.Generator().manual_seed(0), torch.device("cpu"))
+    n = GLOBAL[spec.name]
+    return x[:n], y[:n]
 
 
 def _losses(model, spec, rank: int, world: int) -> list[float]:
-    """STEPS AdamW steps on each rank's share of the global batches; the global mean losses."""
+    """STEPS AdamW steps on each rank's share of the global batch (the same batch every step, so
+    that the loss falls step after step); the global mean losses."""
     opt = training.optimizer(model, spec)
     losses = []
-    for i in range(STEPS):
-        x, y = _global_batch(spec, i)
+    x, y = _global_batch(spec)
+    for _ in range(STEPS):
         share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
         loss = training.step(model, opt, spec, (x[share],), y[share])
         if world > 1:  # equal shares: the mean of the ranks' means is the global mean
@@ -43,9 +47,10 @@ def _losses(model, spec, rank: int, world: int) -> list[float]:
 def _wrap(model, mode: str):
     if mode == "ddp":
         return DistributedDataParallel(model)
-    # One FSDP unit for the whole model: each GPT block applies the next block's norm (fused
-    # with its residual add), so per-block units would read another unit's still-sharded
-    # weights (a DTensor beside plain tensors, which the op rejects).
+    # The usual FSDP2 units: each block (which reads only its own weights, its fused residual
+    # adds included), then the root for the embeddings, final norm and head.
+    for block in model.blocks:
+        fully_shard(block)
     return fully_shard(model)
 
 
@@ -54,11 +59,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
     try:
-        spec = specs()["gpt"]
         losses = {}
-        for mode in MODES:
+        for name, mode in RUNS:
+            spec = specs()[name]
             torch.manual_seed(0)
-            losses[mode] = _losses(_wrap(spec.build(), mode), spec, rank, WORLD)
+            losses[name, mode] = _losses(_wrap(spec.build(), mode), spec, rank, WORLD)
         if rank == 0:
             torch.save(losses, out)
         dist.barrier()  # neither rank tears down its connections while the other still uses them
@@ -70,9 +75,11 @@ def _worker(rank: int, port: int, out: str) -> None:
 def runs(tmp_path_factory):
     """The losses of one process on the global batches, and of 2 processes in each mode, all
     from the same initial weights."""
-    spec = specs()["gpt"]
-    torch.manual_seed(0)
-    single = _losses(spec.build(), spec, 0, 1)
+    single = {}
+    for name in {name for name, _ in RUNS}:
+        spec = specs()[name]
+        torch.manual_seed(0)
+        single[name] = _losses(spec.build(), spec, 0, 1)
     out = str(tmp_path_factory.mktemp("distributed") / "losses.pt")
     # The store lives in this process, so that it outlives both workers whichever exits first.
     # Hosted by rank 0 (and no barrier before the teardown), rank 1 aborted at exit in about
@@ -82,8 +89,8 @@ def runs(tmp_path_factory):
     return single, torch.load(out)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_two_processes_match_one(mode, runs):
+@pytest.mark.parametrize("run", RUNS, ids="-".join)
+def test_two_processes_match_one(run, runs):
     single, losses = runs
-    assert len(losses[mode]) == STEPS and losses[mode][0] > losses[mode][-1], losses[mode]
-    torch.testing.assert_close(losses[mode], single, rtol=1e-4, atol=0)
+    assert len(losses[run]) == STEPS and losses[run][0] > losses[run][-1], losses[run]
+    torch.testing.assert_close(losses[run], single[run[0]], rtol=1e-4, atol=0)

@@ -132,9 +132,11 @@ class FeedForward(nn.Module):
 
 
 class GPTBlock(nn.Module):
-    """Pre-norm block ``x += attn(ln1(x)); x += mlp(ln2(x))``, written for the fused add+norm: it
-    takes ``ln1(x)`` and ``x`` and returns ``next_norm(x')`` and ``x'``, so every residual add is
-    fused into the LayerNorm after it (the next block's ln1, or the final norm)."""
+    """Pre-norm block ``x += attn(ln1(x)); x += mlp(ln2(x))``, written for the fused add+norm:
+    ``forward(d, x)`` takes the previous branch's output ``d`` not yet added to ``x`` and returns
+    its own MLP output and ``x`` before that add, so every residual add is fused into the
+    LayerNorm after it (this block's ln1, the next block's, or the model's final norm) and a
+    block reads only its own weights (FSDP2 can shard it as a unit)."""
 
     def __init__(self, d_model: int, heads: int):
         super().__init__()
@@ -143,9 +145,10 @@ class GPTBlock(nn.Module):
         self.ln2 = fastdl.nn.LayerNorm(d_model)
         self.mlp = FeedForward(d_model)
 
-    def forward(self, h, x, next_norm):
+    def forward(self, d, x):
+        h, x = add_norm(d, x, self.ln1)
         h, x = add_norm(self.attn(h, causal=True), x, self.ln2)
-        return add_norm(self.mlp(h), x, next_norm)
+        return self.mlp(h), x
 
 
 class GPT(nn.Module):
@@ -172,11 +175,10 @@ class GPT(nn.Module):
         check_tokens("GPT", "idx", idx, self.vocab_size, self.context)
         tok = self.tok_emb(idx)
         # The embedding sum is fused into the first block's ln1 like every other residual add.
-        h, x = add_norm(tok, self.pos_emb.weight[: idx.shape[1]].expand_as(tok), self.blocks[0].ln1)
-        norms = [b.ln1 for b in self.blocks[1:]] + [self.ln_f]
-        for block, next_norm in zip(self.blocks, norms, strict=True):
-            h, x = block(h, x, next_norm)
-        return self.head(h)
+        d, x = tok, self.pos_emb.weight[: idx.shape[1]].expand_as(tok)
+        for block in self.blocks:
+            d, x = block(d, x)
+        return self.head(add_norm(d, x, self.ln_f)[0])
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

@@ -347,9 +347,17 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def _add_norm(h: torch.Tensor, r: torch.Tensor, norm: nn.LayerNorm):
+    """(norm(h + r), h + r) in one pass (fastdl.add_layer_norm)."""
+    return fastdl.add_layer_norm(h, r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 class EncoderBlock(nn.Module):
-    """Pre-norm Transformer encoder block: x + attn(norm1(x)), then + mlp(norm2(.)). Its norms
-    are applied by :class:`ViT`, fused with the residual adds."""
+    """Pre-norm Transformer encoder block: x + attn(norm1(x)), then + mlp(norm2(.)), each residual
+    add fused with the LayerNorm after it: ``forward(h, d)`` takes the previous block's MLP output
+    ``d`` not yet added to ``h`` (None before the first block) and returns ``h`` before its own
+    MLP output's add and that output, so a block reads only its own weights (FSDP2 can shard it
+    as a unit)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -358,10 +366,11 @@ class EncoderBlock(nn.Module):
         self.norm2 = fnn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-
-def _add_norm(h: torch.Tensor, r: torch.Tensor, norm: nn.LayerNorm):
-    """(norm(h + r), h + r) in one pass (fastdl.add_layer_norm)."""
-    return fastdl.add_layer_norm(h, r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    def forward(self, h: torch.Tensor, d: torch.Tensor | None):
+        y, h = (self.norm1(h), h) if d is None else _add_norm(h, d, self.norm1)
+        a = self.attn(y, y, y, need_weights=False)[0]
+        y, h = _add_norm(h, a, self.norm2)
+        return h, self.mlp(y)
 
 
 class ViT(nn.Module):
@@ -402,12 +411,10 @@ class ViT(nn.Module):
         # From NHWC the patch embedding's (N, dim, h, w) output is (N, h * w, dim) in memory.
         h = self.patch_embed(nhwc(x)).flatten(2).transpose(1, 2)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], 1) + self.pos_embed
-        norms = [b.norm1 for b in self.blocks] + [self.norm]
-        y = norms[0](h)
-        for block, next_norm in zip(self.blocks, norms[1:], strict=True):
-            a = block.attn(y, y, y, need_weights=False)[0]
-            y, h = _add_norm(h, a, block.norm2)
-            y, h = _add_norm(h, block.mlp(y), next_norm)
+        d = None
+        for block in self.blocks:
+            h, d = block(h, d)
+        y = self.norm(h) if d is None else _add_norm(h, d, self.norm)[0]
         return self.head(y[:, 0])
 
 

@@ -396,7 +396,8 @@ void bwd_group(const Head<T>* hs, HeadGrad<T>* gs, const T* const* outs, const i
     }
   for (int64_t j0 = 0; j0 < Sk; j0 += kBwdBlockK) {
     const int64_t n = std::min(kBwdBlockK, Sk - j0);
-    std::fill(w.acc.data(), w.acc.data() + w.acc_size, T(0));
+    std::fill_n(w.acc.data(), n * D, T(0));  // dK, then dV, of the block's n keys
+    std::fill_n(w.acc.data() + kBwdBlockK * D, n * D, T(0));
     const Head<T>& h = hs[0];  // the group's heads share K and V
     ops.kt.pack(true, D, n, h.k + j0 * h.ldk, h.ldk);
     ops.vt.pack(true, D, n, h.v + j0 * h.ldv, h.ldv);

@@ -8,6 +8,7 @@
 #include "common/isa.h"
 #include "cpu/gemm.h"
 #include "cpu/int8_params.h"
+#include "cpu/output.h"
 
 TORCH_LIBRARY(fastdl, m) {
   // ---- norm: x is viewed as (rows, normalized_numel); mean/rstd have shape (rows,) and dtype
@@ -236,6 +237,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](const std::string& name) { fastdl::set_cpu_isa(fastdl::parse_isa(name.c_str())); });
   // Bench hook (bench/machine.py), not an op: the int8 multiply-add peak in GOP/s, 0 if none.
   m.def("_int8_peak_gops", [] { return fastdl::cpu::int8_peak_gops(); });
+  // Test hook (tests/test_output_cache.py): the sizes of the output cache's free blocks.
+  m.def("_output_cache_blocks", [] { return fastdl::cpu::output_cache_blocks(); });
   // Test hook for the block GEMM of cpu/gemm.h (tests/test_gemm.py), not an op: c (m, n) =
   // alpha * op(a) op(b) + beta * c in place.
   m.def("_gemm", [](const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool ta, bool tb,

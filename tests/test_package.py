@@ -56,6 +56,25 @@ def test_available_backends_names_each_backend():
         assert not states["cuda (native .cu)"].startswith("available")
 
 
+def test_output_cache_keeps_the_sizes_in_use():
+    """The CPU ops' cache of freed large outputs (csrc/cpu/output.cpp) holds at most
+    FASTDL_CPU_CACHE_MB; a freed block that does not fit evicts the blocks freed longest ago, so
+    that the sizes a process uses now stay cached (rather than the first ones it ever freed)."""
+    run = _python(
+        """
+        import torch, fastdl
+        from fastdl import _ext
+        for mib in (4, 2, 4, 6, 2):  # a layer_norm output of that many MiB, freed at once
+            fastdl.layer_norm(torch.randn(mib * 1024, 256), (256,))
+            print([b >> 20 for b in _ext._C._output_cache_blocks()])
+        """,
+        FASTDL_CPU_CACHE_MB="10",
+    )
+    assert run.returncode == 0, run.stderr
+    # The second 4 MiB output reuses the first's block; 6 MiB evicts the 2, the last 2 the 4.
+    assert run.stdout.split("\n")[:5] == ["[4]", "[4, 2]", "[2, 4]", "[4, 6]", "[6, 2]"]
+
+
 def test_info_command():
     run = subprocess.run(
         [sys.executable, "-m", "fastdl", "info"],

@@ -3,9 +3,12 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <iterator>
+#include <list>
 #include <map>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 
 #include <sys/mman.h>
 
@@ -20,7 +23,9 @@ namespace {
 // a new output of tens of MiB is a page fault plus the zeroing of a page per 4 KiB on first
 // touch: measured here, more time than the normalization itself. Like the CUDA caching
 // allocator, freed blocks are kept (at most FASTDL_CPU_CACHE_MB, default 1024; 0 turns the
-// cache off) for the next output of the same size.
+// cache off) for the next output of the same size. When a freed block does not fit, the blocks
+// freed longest ago make room for it: a process whose sizes change (another model, another batch
+// size) keeps caching the sizes it uses now.
 class OutputCache final : public c10::Allocator {
  public:
   static constexpr size_t kMinBytes = size_t{1} << 20;
@@ -57,15 +62,30 @@ class OutputCache final : public c10::Allocator {
     const char* env = std::getenv("FASTDL_CPU_CACHE_MB");
     limit_ = (env != nullptr ? std::strtoull(env, nullptr, 10) : 1024) << 20;
   }
+  // A freed block: its size and address, in idle_ by the time it was freed (oldest first).
+  using Idle = std::list<std::pair<size_t, void*>>;
+
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = free_.find(bytes);
-    if (it == free_.end()) return nullptr;
-    void* p = it->second;
+    auto [lo, hi] = free_.equal_range(bytes);
+    if (lo == hi) return nullptr;
+    const auto it = std::prev(hi);  // the most recently freed of this size
+    void* p = it->second->second;
+    idle_.erase(it->second);
     free_.erase(it);
     cached_ -= bytes;
     live_[p] = bytes;
     return p;
+  }
+  // Frees the block freed longest ago.
+  void evict_oldest() {
+    const auto [bytes, p] = idle_.front();
+    auto [lo, hi] = free_.equal_range(bytes);
+    while (lo->second != idle_.begin()) ++lo;
+    free_.erase(lo);
+    idle_.pop_front();
+    cached_ -= bytes;
+    std::free(p);
   }
   static void release(void* p) {
     OutputCache& c = get();
@@ -73,14 +93,25 @@ class OutputCache final : public c10::Allocator {
     auto it = c.live_.find(p);
     const size_t bytes = it->second;
     c.live_.erase(it);
-    if (c.cached_ + bytes > c.limit_) return std::free(p);
-    c.free_.emplace(bytes, p);
+    if (bytes > c.limit_) return std::free(p);
+    while (c.cached_ + bytes > c.limit_) c.evict_oldest();
+    c.free_.emplace(bytes, c.idle_.emplace(c.idle_.end(), bytes, p));
     c.cached_ += bytes;
   }
 
+ public:
+  std::vector<int64_t> idle_sizes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<int64_t> sizes;
+    for (const auto& [bytes, p] : idle_) sizes.push_back(static_cast<int64_t>(bytes));
+    return sizes;
+  }
+
+ private:
   std::mutex mu_;
   std::unordered_map<void*, size_t> live_;
-  std::multimap<size_t, void*> free_;
+  Idle idle_;
+  std::multimap<size_t, Idle::iterator> free_;  // idle_ by size
   size_t cached_ = 0, limit_ = 0;
 };
 
@@ -95,6 +126,10 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
     return at::empty(sizes, opts.memory_format(format));
   return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    opts.dtype().toScalarType(), format);
+}
+
+std::vector<int64_t> output_cache_blocks() {
+  return OutputCache::get().idle_sizes();
 }
 
 at::Tensor as_output(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -21,5 +22,8 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
 // t in `dtype` and dense in `format`: t itself when it already is, else a copy into new_output
 // (what x.to(dtype).contiguous(format) gives, without a fresh allocation's page faults).
 at::Tensor as_output(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format);
+
+// Test hook: the sizes in bytes of the cached free blocks, freed longest ago first.
+std::vector<int64_t> output_cache_blocks();
 
 }  // namespace fastdl::cpu

@@ -197,32 +197,42 @@ at::Tensor weight_matrix(const at::Tensor& w, const Gemm& p, at::ScalarType ct) 
 // Rows [m0, m0 + mb) (mb <= p.rows) of out (in its layout, via p.a.out_*) = epilogue(conv(x,
 // wmat)): im2col into col (unless p.direct), the GEMM into eb.acc, the epilogue.
 template <typename T>
-void forward_rows(const Gemm& p, const T* x, const T* wmat, const ConvEpilogue& eb, int64_t m0,
-                  int64_t mb, T* col) {
+std::vector<PackedB<T>> pack_weight(const Gemm& p, const T* wmat, bool trans) {
+  std::vector<PackedB<T>> wp(p.a.groups);
+  for (int64_t g = 0; g < p.a.groups; ++g)
+    wp[g].pack(trans, trans ? p.j : p.kg, trans ? p.kg : p.j, wmat + g * p.kg * p.j, p.j);
+  return wp;
+}
+template std::vector<PackedB<float>> pack_weight<float>(const Gemm&, const float*, bool);
+
+template <typename T>
+void forward_rows(const Gemm& p, const T* x, const std::vector<PackedB<T>>& wp,
+                  const ConvEpilogue& eb, int64_t m0, int64_t mb, T* col) {
   for (int64_t g = 0; g < p.a.groups; ++g) {
     const T* A = x + m0 * p.a.C + g * p.cg;
     if (!p.direct) {
       kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col);
       A = col;
     }
-    gemm<T>(false, true, mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, wmat + g * p.kg * p.j, p.j, T(0),
-            static_cast<T*>(const_cast<void*>(eb.acc)), p.kg);
+    wp[g].gemm(false, mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, T(0),
+               static_cast<T*>(const_cast<void*>(eb.acc)), p.kg);
     kernels().epilogue[dt<T>()](p.a, eb, m0, mb, g);
   }
 }
-template void forward_rows<float>(const Gemm&, const float*, const float*, const ConvEpilogue&,
-                                  int64_t, int64_t, float*);
+template void forward_rows<float>(const Gemm&, const float*, const std::vector<PackedB<float>>&,
+                                  const ConvEpilogue&, int64_t, int64_t, float*);
 
 namespace {
 
 template <typename T>
 void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
+  const std::vector<PackedB<T>> wp = pack_weight(p, wmat, true);
   at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> col(p.direct ? 0 : p.rows * p.j), acc(p.rows * p.kg);
     ConvEpilogue eb = e;
     eb.acc = acc.data();
     for (int64_t b = b0; b < b1; ++b)
-      forward_rows<T>(p, x, wmat, eb, b * p.rows, std::min(p.rows, p.M - b * p.rows), col.data());
+      forward_rows<T>(p, x, wp, eb, b * p.rows, std::min(p.rows, p.M - b * p.rows), col.data());
   });
 }
 
@@ -230,13 +240,14 @@ void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
 template <typename T>
 void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
   const int64_t K = p.a.K, C = p.a.C;
-  if (p.direct) {  // rows map one to one onto input pixels: no scatter, any block split
+  const std::vector<PackedB<T>> wp = pack_weight(p, wmat, false);
+  if (p.direct) {  // rows map one to one onto input pixels (j = cg): no scatter, any block split
     at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
         for (int64_t g = 0; g < p.a.groups; ++g)
-          gemm<T>(false, false, mb, p.cg, p.kg, gpre + m0 * K + g * p.kg, K, wmat + g * p.kg * p.j,
-                  p.j, T(0), gx + m0 * C + g * p.cg, C);
+          wp[g].gemm(false, mb, p.cg, p.kg, gpre + m0 * K + g * p.kg, K, T(0),
+                     gx + m0 * C + g * p.cg, C);
       }
     });
     return;
@@ -253,8 +264,7 @@ void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
       for (int64_t m0 = t * per * pq; m0 < end; m0 += step) {
         const int64_t mb = std::min(step, end - m0);
         for (int64_t g = 0; g < p.a.groups; ++g) {
-          gemm<T>(false, false, mb, p.j, p.kg, gpre + m0 * K + g * p.kg, K, wmat + g * p.kg * p.j,
-                  p.j, T(0), gcol.data(), p.j);
+          wp[g].gemm(false, mb, p.j, p.kg, gpre + m0 * K + g * p.kg, K, T(0), gcol.data(), p.j);
           kernels().col2im[dt<T>()](p.a, gcol.data(), m0, mb, g, gx);
         }
       }

@@ -6,12 +6,14 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include "common/conv.h"
 #include "cpu/conv_params.h"
+#include "cpu/gemm.h"
 
 namespace fastdl::cpu::conv_impl {
 
@@ -57,10 +59,17 @@ Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t 
 // The GEMM operand wmat^T[k, j] of p in dtype ct (see conv.cpp).
 at::Tensor weight_matrix(const at::Tensor& w, const Gemm& p, at::ScalarType ct);
 
-// Rows [m0, m0 + mb) of out = epilogue(conv(x, wmat)) by the implicit GEMM (conv.cpp).
+// Each group's block (kg, j) of wmat as the B operand of the GEMMs that share it, packed once per
+// op rather than once per block of rows: wmat^T for the forward (trans), wmat for the input
+// gradient.
 template <typename T>
-void forward_rows(const Gemm& p, const T* x, const T* wmat, const ConvEpilogue& eb, int64_t m0,
-                  int64_t mb, T* col);
+std::vector<PackedB<T>> pack_weight(const Gemm& p, const T* wmat, bool trans);
+
+// Rows [m0, m0 + mb) of out = epilogue(conv(x, wmat)) by the implicit GEMM (conv.cpp); wp is
+// pack_weight(p, wmat, true).
+template <typename T>
+void forward_rows(const Gemm& p, const T* x, const std::vector<PackedB<T>>& wp,
+                  const ConvEpilogue& eb, int64_t m0, int64_t mb, T* col);
 
 // Sums chunks partial sums of part elements each, element by element in chunk order (so the
 // result does not depend on the thread count), and hands sum i to put(i, sum).

@@ -168,6 +168,7 @@ bool winograd_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weig
   if (std::find(direct.begin(), direct.end(), 1) == direct.end()) return true;
   const at::Tensor xn = nhwc(x);
   const at::Tensor wm = weight_matrix(weight, p, at::kFloat);
+  const std::vector<PackedB<float>> wp = pack_weight(p, wm.const_data_ptr<float>(), true);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> col(p.rows * p.j), acc(p.rows * K);
     ConvEpilogue eb = e;
@@ -175,8 +176,8 @@ bool winograd_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weig
     for (int64_t b = b0; b < b1; ++b) {
       const auto [m0, m1] = wb.rows(a, b);
       for (int64_t i = m0; direct[b] && i < m1; i += p.rows)
-        forward_rows<float>(p, xn.const_data_ptr<float>(), wm.const_data_ptr<float>(), eb, i,
-                            std::min(p.rows, m1 - i), col.data());
+        forward_rows<float>(p, xn.const_data_ptr<float>(), wp, eb, i, std::min(p.rows, m1 - i),
+                            col.data());
     }
   });
   return true;

@@ -5,6 +5,7 @@
 #include "cpu/gemm.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -122,6 +123,12 @@ void PackedB<T>::pack(bool tb, int64_t k, int64_t n, const T* B, int64_t ldb) {
     const GemmKernels& t = kernels();
     kc_ = gemm_kc(k);
     npad_ = (n + t.nr - 1) / t.nr * t.nr;
+    // One panel's width of row-major rows, aligned: B is its own packed panel (attention's V
+    // blocks for head dim 64 with AVX-512), read in place.
+    if (!tb && n == t.nr && ldb == t.nr && reinterpret_cast<uintptr_t>(B) % 64 == 0) {
+      panels_ = B;
+      return;
+    }
     const size_t need = k * npad_ + kAlignFloats;
     if (buf_.size() < need) buf_.resize(need);
     float* dst = aligned(buf_.data());

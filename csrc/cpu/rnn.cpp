@@ -78,12 +78,14 @@ class Schedule {
     if (len_.empty()) return T_ - 1 - s;
     return std::nullopt;
   }
+  // Row b's position in step s, -1 once its sequence has ended.
+  int64_t position(int64_t s, int64_t b) const {
+    const int64_t L = len(b);
+    return s >= L ? -1 : (reverse_ ? L - 1 - s : s);
+  }
   // Fills the positions of step s; returns them (valid until the next call).
   const int64_t* step(int64_t s) {
-    for (size_t b = 0; b < pos_.size(); ++b) {
-      const int64_t L = len(b);
-      pos_[b] = s >= L ? -1 : (reverse_ ? L - 1 - s : s);
-    }
+    for (size_t b = 0; b < pos_.size(); ++b) pos_[b] = position(s, static_cast<int64_t>(b));
     return pos_.data();
   }
 
@@ -265,13 +267,14 @@ void step_gemm(const PackedB<T>& w, int64_t rows, int64_t n, int64_t k, const T*
   w.gemm(false, rows, n, k, a, lda, init != nullptr ? T(1) : T(0), out, ldo);
 }
 
-// The forward steps without projection or lengths, batches above kSeqMaxBatch (LSTM: k = 4
-// gates, GRU: k = 3 with b_hh inside the recurrent GEMM): one parallel region for the whole
-// sequence. Each thread owns a block of hidden units and per step runs the recurrent GEMM of just
-// its units' k gates (single-threaded, on its slice of a w_hh whose rows are regrouped per block,
-// packed once) and at once the fused pointwise on that slice, while its gates are still in cache;
-// h is double-buffered, so one barrier per step is all the ordering needed (instead of a GEMM
-// fork/join and a parallel_for per step). Returns the buffer holding h_T. E: the element type.
+// The forward steps without projection, batches above kSeqMaxBatch (LSTM: k = 4 gates, GRU:
+// k = 3 with b_hh inside the recurrent GEMM): one parallel region for the whole sequence. Each
+// thread owns a block of hidden units and per step runs the recurrent GEMM of just its units' k
+// gates (single-threaded, on its slice of a w_hh whose rows are regrouped per block, packed once)
+// and at once the fused pointwise on that slice, while its gates are still in cache; h is
+// double-buffered, so one barrier per step is all the ordering needed (instead of a GEMM
+// fork/join and a parallel_for per step). A row whose sequence has ended carries its h over to
+// the other buffer. Returns the buffer holding h_T. E: the element type.
 template <typename E>
 at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
                             const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
@@ -301,7 +304,7 @@ at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
       w[t].pack(true, H, k * (bound[t + 1] - bound[t]),
                 wperm.const_data_ptr<E>() + k * bound[t] * H, H);
     for (int64_t s = 0; s < T; ++s) {
-      std::fill(pos.begin(), pos.end(), *sch.shared_position(s));
+      for (int64_t b = 0; b < B; ++b) pos[b] = sch.position(s, b);
       for (int64_t t = tid; t < nb; t += nt) {
         const int64_t j0 = bound[t], n = bound[t + 1] - j0;
         if (n == 0) continue;
@@ -315,6 +318,10 @@ at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
         q.j0 = j0;
         q.j1 = j0 + n;
         fn(q, 0, B);
+        for (int64_t b = 0; sch.masked() && b < B; ++b)
+          if (pos[b] < 0)
+            std::copy_n(hbuf[s & 1].const_data_ptr<E>() + b * H + j0, n,
+                        hbuf[(s + 1) & 1].data_ptr<E>() + b * H + j0);
       }
 #pragma omp barrier
     }
@@ -470,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
     }
-    if (!w_hr && !sch.masked()) {
+    if (!w_hr) {
       const RnnStep p{.B = B,
                       .H = H,
                       .gx = gx.const_data_ptr(),
@@ -632,35 +639,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), gates};
     }
-    if (!sch.masked()) {
-      const RnnStep p{.B = B,
-                      .H = H,
-                      .gx = gx.const_data_ptr(),
-                      .bx = bx.const_data_ptr(),
-                      .y = y.data_ptr(),
-                      .gates = gates.data_ptr()};
-      h = fused_fwd_steps(kernels().gru_fwd[dbl], p, sch, 3, w_hh, bh, h, T);
-      const auto dtype = x_.scalar_type();
-      return {y.to(dtype), h.to(dtype), gates};
-    }
-    at::Tensor gh = at::empty({B, G}, opts);
-    RnnStep p{.B = B,
-              .H = H,
-              .gx = gx.const_data_ptr(),
-              .bx = bx.const_data_ptr(),
-              .gh = gh.const_data_ptr(),
-              .h = h.data_ptr(),
-              .y = y.data_ptr(),
-              .gates = gates.data_ptr()};
-    const RnnStepFn fn = kernels().gru_fwd[dbl];
-    for (int64_t s = 0; s < T; ++s) {
-      p.pos = sch.step(s);
-      if (bh)
-        at::addmm_out(gh, *bh, h, w_hh.t());
-      else
-        at::mm_out(gh, h, w_hh.t());
-      run_rows(fn, p, G);
-    }
+    const RnnStep p{.B = B,
+                    .H = H,
+                    .gx = gx.const_data_ptr(),
+                    .bx = bx.const_data_ptr(),
+                    .y = y.data_ptr(),
+                    .gates = gates.data_ptr()};
+    h = fused_fwd_steps(kernels().gru_fwd[dbl], p, sch, 3, w_hh, bh, h, T);
   }
   const auto dtype = x_.scalar_type();
   return {y.to(dtype), h.to(dtype), gates};

@@ -139,7 +139,7 @@ void gru_fwd_step(const RnnStep& p, int64_t b0, int64_t b1) {
     const A* __restrict bx = static_cast<const A*>(p.bx) + j0;
     const A* __restrict gh = static_cast<const A*>(p.gh) + b * 3 * H + 3 * j0;
     const A* __restrict h = static_cast<const A*>(p.h) + b * H + j0;
-    A* __restrict hout = static_cast<A*>(p.out != nullptr ? p.out : p.h) + b * H + j0;
+    A* __restrict hout = static_cast<A*>(p.out) + b * H + j0;
     A* __restrict y = static_cast<A*>(p.y) + row * H + j0;
     A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H + j0;
 #pragma omp simd

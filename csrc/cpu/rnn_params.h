@@ -22,7 +22,8 @@ struct RnnStep {
   const void* gh;
   // LSTM forward: c (B, H) cell state, updated in place; out (B, H) gets r = o * tanh(c) (the
   // hidden state, or what the projection multiplies); y (T, B, H) gets it too when not null.
-  // GRU forward: h (B, H) hidden state, updated in place; y (T, B, H) gets it too.
+  // GRU forward: h (B, H) the state before the step (read only), out (B, H) the new one (h is
+  // double-buffered); y (T, B, H) gets it too.
   void* c;
   void* h;
   void* out;
@@ -47,8 +48,7 @@ struct RnnStep {
   // Hidden units [j0, j1) of each row (j1 == 0: up to H), a thread's own slice in the fused
   // sequence loops of rnn.cpp; the default 0, 0 is all units. Forward: gh holds this block's
   // gates as 4 (GRU: 3) runs of j1 - j0 columns from column 4 * j0 (3 * j0), the thread's slice
-  // of the recurrent GEMM; with the default that is the usual gate order. GRU forward: when out
-  // is not null the new state goes there and h is only read (double-buffered h).
+  // of the recurrent GEMM; with the default that is the usual gate order.
   int64_t j0, j1;
 };
 

@@ -329,13 +329,16 @@ at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
   return hbuf[T & 1];
 }
 
-// The backward steps without projection or lengths, batches above kSeqMaxBatch: one parallel
-// region for the whole sequence, as fused_fwd_steps. Each thread owns a block of hidden units:
-// per step the fused pointwise of its units (their gate gradients; LSTM: dc), a barrier, then its
-// columns of dh_{t-1} = dgates[:, :G] W_hh (GRU: + dh_direct), single-threaded on its column
-// slice of w_hh, packed once. The next step's pointwise reads only those
-// columns of dh, so one barrier per step orders everything (instead of a BLAS fork/join and a
-// parallel_for per step). Each element is written by one thread in a fixed order: deterministic.
+// The backward steps without projection, batches above kSeqMaxBatch: one parallel region for the
+// whole sequence, as fused_fwd_steps. Each thread owns a block of hidden units: per step the
+// fused pointwise of its units (their gate gradients; LSTM: dc), a barrier, then its columns of
+// dh_{t-1} = dgates[:, :G] W_hh (GRU: + dh_direct), single-threaded on its column slice of
+// w_hh, packed once. The next step's pointwise reads only those columns of dh, so one barrier
+// per step orders everything (instead of a BLAS fork/join and a parallel_for per step). With
+// lengths, each thread also gathers its columns of the step's gate gradients into one of two
+// (B, S) buffers (rows at different positions; zeros, only to keep the product finite, for
+// ended rows) before the barrier, and an ended row keeps its dh. Each element is written by one
+// thread in a fixed order: deterministic.
 template <typename E>
 void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
                       at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
@@ -343,35 +346,53 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
   const std::vector<int64_t> bound = unit_blocks(p.H);
   const int64_t nb = static_cast<int64_t>(bound.size()) - 1;
   const at::Tensor wc = w_hh.contiguous();
+  const int64_t H = p.H, S = dg.size(2);  // S = 4H: 4 runs of H gate-gradient columns
+  const bool masked = sch.masked();
+  const at::Tensor gathered = masked ? at::empty({2, B, S}, dg.options()) : at::Tensor();
   const at::ThreadLocalState tls;
 #pragma omp parallel num_threads(static_cast<int>(nb))
   {
     const at::ThreadLocalStateGuard guard(tls);
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<int64_t> pos(B);
+    std::vector<E> kept;  // with lengths: the ended rows' dh columns of this thread's block
     std::vector<PackedB<E>> w(nb);  // this thread's column blocks of w_hh
     for (int64_t t = tid; t < nb; t += nt)
       w[t].pack(false, G, bound[t + 1] - bound[t], wc.const_data_ptr<E>() + bound[t], wc.stride(0));
     for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t row = *sch.shared_position(s);
-      std::fill(pos.begin(), pos.end(), row);
-      for (int64_t t = tid; t < nb; t += nt) {
-        if (bound[t + 1] == bound[t]) continue;
-        RnnStep q = p;
-        q.pos = pos.data();
-        q.j0 = bound[t];
-        q.j1 = bound[t + 1];
-        fn(q, 0, B);
-      }
-#pragma omp barrier
-      const E* dgs = dg.const_data_ptr<E>() + row * dg.stride(0);
+      for (int64_t b = 0; b < B; ++b) pos[b] = sch.position(s, b);
+      E* gs = masked ? gathered.data_ptr<E>() + (s & 1) * B * S : nullptr;
       for (int64_t t = tid; t < nb; t += nt) {
         const int64_t j0 = bound[t], n = bound[t + 1] - j0;
         if (n == 0) continue;
-        step_gemm(w[t], B, n, G, dgs, dg.stride(1),
+        RnnStep q = p;
+        q.pos = pos.data();
+        q.j0 = j0;
+        q.j1 = j0 + n;
+        fn(q, 0, B);
+        for (int64_t b = 0; masked && b < B; ++b)
+          for (int64_t c = j0; c < S; c += H) {
+            E* to = gs + b * S + c;
+            if (pos[b] < 0)
+              std::fill_n(to, n, E(0));
+            else
+              std::copy_n(dg.const_data_ptr<E>() + (pos[b] * B + b) * S + c, n, to);
+          }
+      }
+#pragma omp barrier
+      const E* dgs = masked ? gs : dg.const_data_ptr<E>() + *sch.shared_position(s) * B * S;
+      for (int64_t t = tid; t < nb; t += nt) {
+        const int64_t j0 = bound[t], n = bound[t + 1] - j0;
+        if (n == 0) continue;
+        E* dht = dh.mutable_data_ptr<E>() + j0;
+        kept.clear();
+        for (int64_t b = 0; masked && b < B; ++b)
+          if (pos[b] < 0) kept.insert(kept.end(), dht + b * H, dht + b * H + n);
+        step_gemm(w[t], B, n, G, dgs, S,
                   direct != nullptr ? direct->const_data_ptr<E>() + j0 : nullptr,
-                  direct != nullptr ? direct->stride(0) : 0, dh.mutable_data_ptr<E>() + j0,
-                  dh.stride(0));
+                  direct != nullptr ? direct->stride(0) : 0, dht, H);
+        for (int64_t b = 0, i = 0; masked && b < B; ++b)
+          if (pos[b] < 0) std::copy_n(kept.data() + n * i++, n, dht + b * H);
       }
     }
   }
@@ -560,7 +581,7 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
               .dgates = dg.data_ptr(),
               .dc = dc.data_ptr()};
     const RnnStepFn fn = kernels().lstm_bwd[w_hh.scalar_type() == at::kDouble];
-    const bool fused = !w_hr && !sch.masked() && B > kSeqMaxBatch;
+    const bool fused = !w_hr && B > kSeqMaxBatch;
     if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, nullptr, T);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
@@ -683,7 +704,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               .dgates = dg.data_ptr(),
               .dh_direct = direct.data_ptr()};
     const RnnStepFn fn = kernels().gru_bwd[w_hh.scalar_type() == at::kDouble];
-    const bool fused = !sch.masked() && B > kSeqMaxBatch;
+    const bool fused = B > kSeqMaxBatch;
     if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, &direct, T);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);

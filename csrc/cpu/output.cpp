@@ -54,6 +54,13 @@ class OutputCache final : public c10::Allocator {
   void copy_data(void* dest, const void* src, size_t count) const override {
     default_copy_data(dest, src, count);
   }
+  // The sizes of the cached free blocks, freed longest ago first.
+  std::vector<int64_t> idle_sizes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<int64_t> sizes;
+    for (const auto& [bytes, p] : idle_) sizes.push_back(static_cast<int64_t>(bytes));
+    return sizes;
+  }
 
  private:
   static constexpr size_t kHugePage = size_t{2} << 20;
@@ -99,15 +106,6 @@ class OutputCache final : public c10::Allocator {
     c.cached_ += bytes;
   }
 
- public:
-  std::vector<int64_t> idle_sizes() {
-    std::lock_guard<std::mutex> lock(mu_);
-    std::vector<int64_t> sizes;
-    for (const auto& [bytes, p] : idle_) sizes.push_back(static_cast<int64_t>(bytes));
-    return sizes;
-  }
-
- private:
   std::mutex mu_;
   std::unordered_map<void*, size_t> live_;
   Idle idle_;

@@ -335,10 +335,10 @@ at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
 // dh_{t-1} = dgates[:, :G] W_hh (GRU: + dh_direct), single-threaded on its column slice of
 // w_hh, packed once. The next step's pointwise reads only those columns of dh, so one barrier
 // per step orders everything (instead of a BLAS fork/join and a parallel_for per step). With
-// lengths, each thread also gathers its columns of the step's gate gradients into one of two
-// (B, S) buffers (rows at different positions; zeros, only to keep the product finite, for
-// ended rows) before the barrier, and an ended row keeps its dh. Each element is written by one
-// thread in a fixed order: deterministic.
+// lengths an ended row keeps its dh; when the rows of a step are at different positions
+// (reversed with lengths), each thread also gathers its columns of the step's gate gradients
+// into one of two (B, S) buffers before the barrier (zeros, only to keep the product finite,
+// for ended rows). Each element is written by one thread in a fixed order: deterministic.
 template <typename E>
 void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
                       at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
@@ -348,7 +348,9 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
   const at::Tensor wc = w_hh.contiguous();
   const int64_t H = p.H, S = dg.size(2);  // S = 4H: 4 runs of H gate-gradient columns
   const bool masked = sch.masked();
-  const at::Tensor gathered = masked ? at::empty({2, B, S}, dg.options()) : at::Tensor();
+  // Positions are shared by every step or by none (they differ only reversed with lengths).
+  const bool gather = !sch.shared_position(0).has_value();
+  const at::Tensor gathered = gather ? at::empty({2, B, S}, dg.options()) : at::Tensor();
   const at::ThreadLocalState tls;
 #pragma omp parallel num_threads(static_cast<int>(nb))
   {
@@ -361,7 +363,7 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
       w[t].pack(false, G, bound[t + 1] - bound[t], wc.const_data_ptr<E>() + bound[t], wc.stride(0));
     for (int64_t s = T - 1; s >= 0; --s) {
       for (int64_t b = 0; b < B; ++b) pos[b] = sch.position(s, b);
-      E* gs = masked ? gathered.data_ptr<E>() + (s & 1) * B * S : nullptr;
+      E* gs = gather ? gathered.data_ptr<E>() + (s & 1) * B * S : nullptr;
       for (int64_t t = tid; t < nb; t += nt) {
         const int64_t j0 = bound[t], n = bound[t + 1] - j0;
         if (n == 0) continue;
@@ -370,8 +372,8 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
         q.j0 = j0;
         q.j1 = j0 + n;
         fn(q, 0, B);
-        for (int64_t b = 0; masked && b < B; ++b)
-          for (int64_t c = j0; c < S; c += H) {
+        for (int64_t b = 0; gather && b < B; ++b)
+          for (int64_t c = j0; c < G; c += H) {  // the columns the product reads
             E* to = gs + b * S + c;
             if (pos[b] < 0)
               std::fill_n(to, n, E(0));
@@ -380,7 +382,7 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
           }
       }
 #pragma omp barrier
-      const E* dgs = masked ? gs : dg.const_data_ptr<E>() + *sch.shared_position(s) * B * S;
+      const E* dgs = gather ? gs : dg.const_data_ptr<E>() + *sch.shared_position(s) * B * S;
       for (int64_t t = tid; t < nb; t += nt) {
         const int64_t j0 = bound[t], n = bound[t + 1] - j0;
         if (n == 0) continue;

@@ -21,7 +21,7 @@ from torch import nn
 import fastdl
 from fastdl import _checks
 from fastdl.models import corpus
-from fastdl.models.spec import ModelSpec, check_heads
+from fastdl.models.spec import ModelSpec, add_norm, check_heads
 from fastdl.models.twins import sequence as twins
 
 
@@ -75,13 +75,6 @@ def check_steps(model: str, name: str, steps: int) -> int:
     if count is None or count < 0:
         raise ValueError(f"{model}: {name} must be an int >= 0, got {steps!r}")
     return count
-
-
-def add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm):
-    """``(norm(x + residual), x + residual)`` in one fused pass."""
-    return fastdl.add_layer_norm(
-        x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps
-    )
 
 
 class Attention(nn.Module):

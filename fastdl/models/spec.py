@@ -14,6 +14,7 @@ from torch import nn
 
 from fastdl import _checks
 from fastdl.ops.attention import MAX_HEAD_DIM
+from fastdl.ops.norm import add_layer_norm
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ def check_heads(model: str, name: str, width: int, heads: int) -> None:
             f"{model}: {name} / heads = {width // heads} is above fastdl's attention head size "
             f"limit of {MAX_HEAD_DIM}"
         )
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm):
+    """``(norm(x + residual), x + residual)`` in one fused pass (fastdl.add_layer_norm): the
+    residual add of the Transformer blocks fused into the LayerNorm after it."""
+    return add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def check_dtype(model: nn.Module, name: str, x: torch.Tensor) -> None:

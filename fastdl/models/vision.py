@@ -15,7 +15,7 @@ from torch import nn
 import fastdl
 from fastdl import _checks
 from fastdl import nn as fnn
-from fastdl.models.spec import ModelSpec, check_dtype, check_heads
+from fastdl.models.spec import ModelSpec, add_norm, check_dtype, check_heads
 from fastdl.models.twins import vision as twins
 
 # ---------------------------------------------------------------- input checks
@@ -347,11 +347,6 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def _add_norm(h: torch.Tensor, r: torch.Tensor, norm: nn.LayerNorm):
-    """(norm(h + r), h + r) in one pass (fastdl.add_layer_norm)."""
-    return fastdl.add_layer_norm(h, r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
 class EncoderBlock(nn.Module):
     """Pre-norm Transformer encoder block: x + attn(norm1(x)), then + mlp(norm2(.)), each residual
     add fused with the LayerNorm after it: ``forward(h, d)`` takes the previous block's MLP output
@@ -367,9 +362,9 @@ class EncoderBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, h: torch.Tensor, d: torch.Tensor | None):
-        y, h = (self.norm1(h), h) if d is None else _add_norm(h, d, self.norm1)
+        y, h = (self.norm1(h), h) if d is None else add_norm(h, d, self.norm1)
         a = self.attn(y, y, y, need_weights=False)[0]
-        y, h = _add_norm(h, a, self.norm2)
+        y, h = add_norm(h, a, self.norm2)
         return h, self.mlp(y)
 
 
@@ -414,7 +409,7 @@ class ViT(nn.Module):
         d = None
         for block in self.blocks:
             h, d = block(h, d)
-        y = self.norm(h) if d is None else _add_norm(h, d, self.norm)[0]
+        y = self.norm(h) if d is None else add_norm(h, d, self.norm)[0]
         return self.head(y[:, 0])
 
 

@@ -210,6 +210,13 @@ def _like_x(op: str, x: torch.Tensor, tensors) -> None:
                 _checks.same_dtype(op, name, t, x)
 
 
+def _integers(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """t (lengths, index) is an integer tensor on x's device."""
+    _checks.same_device(op, name, t, x)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise _checks.DtypeError(f"{op}: {name} must be an integer tensor, got dtype {t.dtype}")
+
+
 def _lengths(op: str, lengths, x: torch.Tensor, batch: int) -> torch.Tensor | None:
     """lengths as int64 (B,) on x's device; their values are checked by the op itself (reading
     them here would break torch.compile's graph)."""
@@ -219,11 +226,7 @@ def _lengths(op: str, lengths, x: torch.Tensor, batch: int) -> torch.Tensor | No
         if not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
             raise TypeError(f"{op}: lengths must be integers, got {list(lengths)}")
         lengths = torch.as_tensor(lengths, dtype=torch.int64, device=x.device)
-    _checks.same_device(op, "lengths", lengths, x)
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise _checks.DtypeError(
-            f"{op}: lengths must be an integer tensor, got dtype {lengths.dtype}"
-        )
+    _integers(op, "lengths", lengths, x)
     if tuple(lengths.shape) != (batch,):
         raise RuntimeError(
             f"{op}: lengths must have shape ({batch},) (one per sequence), "
@@ -311,9 +314,7 @@ def _index(op, index, input, batch_first):
     and whether it is unbatched; its values are checked by the op."""
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"{op}: index must be an integer tensor, got {type(index).__name__}")
-    _checks.same_device(op, "index", index, input)
-    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        raise _checks.DtypeError(f"{op}: index must be an integer tensor, got dtype {index.dtype}")
+    _integers(op, "index", index, input)
     if index.dim() not in (1, 2) or input.dim() != 2:
         raise _checks.RankError(
             f"{op}: with index, input is a table of input projections (rows, dirs * gates * "

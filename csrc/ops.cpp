@@ -238,19 +238,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Bench hook (bench/machine.py), not an op: the int8 multiply-add peak in GOP/s, 0 if none.
   m.def("_int8_peak_gops", [] { return fastdl::cpu::int8_peak_gops(); });
   // Test hook (tests/test_output_cache.py): the sizes of the output cache's free blocks.
+  // Test hook (tests/test_gemm.py): whether gemm_bf16 runs on AVX512-BF16 under the current ISA.
+  m.def("_gemm_bf16_native", [] { return fastdl::cpu::gemm_bf16_native(); });
   m.def("_output_cache_blocks", [] { return fastdl::cpu::output_cache_blocks(); });
   // Test hook for the block GEMM of cpu/gemm.h (tests/test_gemm.py), not an op: c (m, n) =
-  // alpha * op(a) op(b) + beta * c in place.
+  // alpha * op(a) op(b) + beta * c in place; bfloat16 a and b with a float32 c run gemm_bf16.
   m.def("_gemm", [](const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool ta, bool tb,
                     double alpha, double beta) {
     TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "_gemm: 2-D operands");
     TORCH_CHECK(a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1, "_gemm: unit columns");
-    TORCH_CHECK(a.scalar_type() == c.scalar_type() && b.scalar_type() == c.scalar_type(),
+    const bool bf16 = a.scalar_type() == at::kBFloat16 && c.scalar_type() == at::kFloat;
+    TORCH_CHECK(b.scalar_type() == a.scalar_type() && (bf16 || a.scalar_type() == c.scalar_type()),
                 "_gemm: one dtype");
     const int64_t m = c.size(0), n = c.size(1), k = ta ? a.size(0) : a.size(1);
     TORCH_CHECK(a.size(ta ? 1 : 0) == m && b.size(tb ? 1 : 0) == k && b.size(tb ? 0 : 1) == n,
                 "_gemm: shapes");
-    if (c.scalar_type() == at::kDouble) {
+    if (bf16) {
+      fastdl::cpu::gemm_bf16(ta, tb, m, n, k, static_cast<const uint16_t*>(a.const_data_ptr()),
+                             a.stride(0), static_cast<const uint16_t*>(b.const_data_ptr()),
+                             b.stride(0), beta, c.data_ptr<float>(), c.stride(0), alpha);
+    } else if (c.scalar_type() == at::kDouble) {
       fastdl::cpu::gemm<double>(ta, tb, m, n, k, a.data_ptr<double>(), a.stride(0),
                                 b.data_ptr<double>(), b.stride(0), beta, c.data_ptr<double>(),
                                 c.stride(0), alpha);

@@ -1,9 +1,11 @@
-"""The block GEMM of csrc/cpu/gemm.h (fastdl's own float32 kernels, the BLAS for float64) through
-its test hook fastdl._C._gemm, under every CPU ISA: odd sizes across the micro-tile (6 x 64 on
-AVX-512) and k-block (256) edges, both transposes, beta 0 over a NaN-filled C, beta 1, alpha,
-padded leading dimensions, against float64. The conv and attention tests cover it in use."""
+"""The block GEMM of csrc/cpu/gemm.h (fastdl's own float32 kernels, the BLAS for float64, the
+bfloat16 x bfloat16 -> float32 product) through its test hook fastdl._C._gemm, under every CPU
+ISA: odd sizes across the micro-tile (6 x 64 on AVX-512) and k-block (512; bfloat16: 1024, in
+pairs) edges, both transposes, beta 0 over a NaN-filled C, beta 1, alpha, padded leading
+dimensions, against float64. The conv, attention and rnn tests cover it in use."""
 
 import itertools
+import pathlib
 
 import pytest
 import torch
@@ -23,8 +25,10 @@ def operand(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def check(m, n, k, ta, tb, beta, alpha, dtype=torch.float32):
+    """bfloat16: a and b in bfloat16, c in float32 (their products are exact in float32)."""
     a = operand(k, m, dtype) if ta else operand(m, k, dtype)
     b = operand(n, k, dtype) if tb else operand(k, n, dtype)
+    dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     c0 = operand(m, n, dtype)
     c = c0.clone() if beta else torch.full((m, n + 3), float("nan"), dtype=dtype)[:, :n]
     _ext._C._gemm(a, b, c, ta, tb, alpha, beta)
@@ -73,3 +77,31 @@ def test_empty_output(isa):
 def test_float64(ta, tb):
     check(65, 63, 200, ta, tb, 0.0, 0.5, torch.float64)
     check(5, 64, 1, ta, tb, 1.0, 1.0, torch.float64)
+
+
+BF16_SIZES = (1, 2, 5, 63, 64, 65, 130)
+
+
+@pytest.mark.parametrize("ta,tb", list(itertools.product((False, True), repeat=2)))
+@pytest.mark.parametrize("beta", (0.0, 1.0))
+def test_bfloat16_odd_sizes(isa, ta, tb, beta):
+    """Odd k leaves a last k without its pair (zero high halves on both sides)."""
+    for m, n, k in itertools.product(BF16_SIZES, BF16_SIZES, BF16_SIZES):
+        check(m, n, k, ta, tb, beta, 1.0 if k % 2 else -0.5, torch.bfloat16)
+
+
+# k past one bfloat16 k block (1024), split unevenly and odd; n past a column chunk (256).
+@pytest.mark.parametrize("m,n,k", [(7, 300, 2049), (130, 70, 1500), (6, 64, 1024), (3, 5, 0)])
+@pytest.mark.parametrize("ta,tb", [(False, True), (True, False), (True, True)])
+def test_bfloat16_blocks(isa, m, n, k, ta, tb):
+    check(m, n, k, ta, tb, 1.0, 0.5, torch.bfloat16)
+    check(m, n, k, ta, tb, 0.0, 1.0, torch.bfloat16)
+
+
+def test_bfloat16_native_where_the_cpu_has_it(isa):
+    """AVX512-BF16 (vdpbf16ps) runs under the AVX-512 ISA where the CPU has it; below it, the
+    operands are widened for the float32 kernels (the tests above check both)."""
+    flags = (
+        pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+    )
+    assert _ext._C._gemm_bf16_native() == (isa == "avx512" and "avx512_bf16" in flags)

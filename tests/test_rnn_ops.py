@@ -332,3 +332,21 @@ def test_isa_paths(backend, isa, dtype):
         torch.testing.assert_close(c.double(), c_ref, rtol=1e-5, atol=1e-6)
     finally:
         fastdl.set_cpu_isa(before)
+
+
+@pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
+@pytest.mark.parametrize("isa", ISAS)
+def test_isa_paths_bfloat16(backend, isa):
+    """bfloat16 layers under every ISA: with AVX512-BF16 their sequence-sized GEMMs (input
+    projection, weight and input gradients) multiply bfloat16 operands, the gate gradients rounded
+    to bfloat16; below it they run widened to float32. Both within twice torch's bfloat16 error."""
+    before = fastdl.cpu_isa()
+    fastdl.set_cpu_isa(isa)
+    try:
+        for b in (2, 7):
+            check_rnn(RnnCase("lstm", 9, b, 33, 20, bidir=True, lengths=True), torch.bfloat16)
+            check_rnn(RnnCase("gru", 9, b, 33, 20, layers=2), torch.bfloat16)
+        check_rnn(RnnCase("lstm", 6, 3, 5, 8, proj=3), torch.bfloat16)
+        check_rnn(RnnCase("gru", 6, 3, 5, 8, indexed=True), torch.bfloat16)
+    finally:
+        fastdl.set_cpu_isa(before)

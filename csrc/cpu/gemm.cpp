@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -75,6 +76,52 @@ void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, in
   }
 }
 
+bool has_avx512_bf16() {
+#if defined(__x86_64__)
+  static const bool bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return bf16;
+#else
+  return false;
+#endif
+}
+
+// As sgemm, on the bfloat16 kernels (k blocks of whole pairs).
+void bgemm(const GemmKernels& t, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+           const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,
+           int64_t ldc, float alpha) {
+  const int64_t kc = gemm_kc_bf16(k), kq = kc / 2;
+  thread_local std::vector<uint32_t> work;
+  const size_t need = kq * kGemmNc + kGemmMc * kq + kAlignFloats;
+  if (work.size() < need) work.resize(need);
+  uint32_t* packed = reinterpret_cast<uint32_t*>(aligned(reinterpret_cast<float*>(work.data())));
+  const GemmBf16 g{ta, m, alpha, A, lda, C, ldc, packed + kq * kGemmNc};
+  const PackBBf16 pb{tb, B, ldb};
+  for (int64_t n0 = 0; n0 < n; n0 += kGemmNc) {
+    const int64_t n1 = std::min(n, n0 + kGemmNc);
+    for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kc) {
+      const int64_t k1 = std::min(k, k0 + kc);
+      t.pack_bf16(pb, k0, k1, n0, n1, packed);
+      t.block_bf16(g, packed, k0, k1, n0, n1, k0 == 0 ? beta : 1.f, (k1 - k0 + 1) / 2);
+      if (kc == 0) break;
+    }
+  }
+}
+
+// rows x cols of bfloat16 bits (ld) as float32, packed rows.
+const float* widened(std::vector<float>& buf, const uint16_t* p, int64_t rows, int64_t cols,
+                     int64_t ld) {
+  buf.resize(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint32_t bits = static_cast<uint32_t>(p[r * ld + c]) << 16;
+      std::memcpy(&buf[r * cols + c], &bits, sizeof(float));
+    }
+  return buf.data();
+}
+
 void dgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,
            const double* B, int64_t ldb, double beta, double* C, int64_t ldc, double alpha) {
   if (k == 0) {  // C = beta C: no operand read (the BLAS would refuse their 0 leading dimensions)
@@ -111,6 +158,21 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
     sgemm(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, alpha);
   else
     dgemm(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, alpha);
+}
+
+bool gemm_bf16_native() {
+  return kernels().block_bf16 != nullptr && has_avx512_bf16();
+}
+
+void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* A, int64_t lda,
+               const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc, float alpha) {
+  if (m == 0 || n == 0) return;
+  if (gemm_bf16_native())
+    return bgemm(kernels(), ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, alpha);
+  thread_local std::vector<float> a, b;
+  const float* fa = widened(a, A, ta ? k : m, ta ? m : k, lda);
+  const float* fb = widened(b, B, tb ? n : k, tb ? k : n, ldb);
+  sgemm(ta, tb, m, n, k, fa, ta ? m : k, fb, tb ? k : n, beta, C, ldc, alpha);
 }
 
 template <typename T>

@@ -139,8 +139,180 @@ inline void block(const GemmF32& g, const float* bp, int64_t k0, int64_t k1, int
 
 }  // namespace gemm_f32
 
+#if FASTDL_VEC == 512
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+// bfloat16 operands on AVX512-BF16: the same micro-tile (6 rows x 64 columns, 24 zmm
+// accumulators), each vdpbf16ps adding two k at once to 16 float sums: a broadcast word of A
+// (its row's k and k + 1) against a panel row of B's words. Products of two bfloat16 values are
+// exact in float32; the instruction reads subnormal inputs as zero.
+namespace gemm_bf16 {
+
+constexpr int kMr = 6, kNv = 4;
+constexpr int64_t kNr = kNv * 16;
+constexpr int64_t kPrefetchRows = 8;
+
+inline uint32_t word(uint16_t lo, uint16_t hi) {
+  return lo | static_cast<uint32_t>(hi) << 16;
+}
+
+inline uint32_t pair_at(const uint16_t* p) {
+  uint32_t w;
+  __builtin_memcpy(&w, p, sizeof w);
+  return w;
+}
+
+inline __m512 dot(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+}
+
+// As gemm_f32::micro over kc values of k: A's word for pair q of row r is a[q * kMr + r] when
+// packed (kc rounded up to pairs), else read from row r at 2q (an odd last k alone).
+template <int MR, int NV, bool kPackedA>
+inline void micro(const uint16_t* a, int64_t lda, const uint32_t* bp, int64_t kc, float* c,
+                  int64_t ldc, int64_t cols, float alpha, float beta) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const uint32_t* aw = reinterpret_cast<const uint32_t*>(a);
+  const int64_t pairs = kPackedA ? (kc + 1) / 2 : kc / 2;
+  for (int64_t q = 0; q < pairs; ++q, bp += kNr) {
+    for (int64_t l = 0; l < kNr * 4 / 64; ++l)
+      __builtin_prefetch(bp + kPrefetchRows * kNr + l * 16);
+    __m512i b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_load_si512(bp + v * 16);
+    for (int r = 0; r < MR; ++r) {
+      const uint32_t w = kPackedA ? aw[q * kMr + r] : pair_at(a + r * lda + 2 * q);
+      const __m512i x = _mm512_set1_epi32(static_cast<int>(w));
+      for (int v = 0; v < NV; ++v) acc[r][v] = dot(acc[r][v], x, b[v]);
+    }
+  }
+  if (!kPackedA && kc % 2 != 0) {  // the last k: A's high half zero, as the panel's
+    __m512i b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_load_si512(bp + v * 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512i x = _mm512_set1_epi32(static_cast<int>(a[r * lda + kc - 1]));
+      for (int v = 0; v < NV; ++v) acc[r][v] = dot(acc[r][v], x, b[v]);
+    }
+  }
+  const VecF va = VecF::set1(alpha), vb = VecF::set1(beta);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* p = c + r * ldc + v * 16;
+      const int64_t len = imin(16, cols - v * 16);
+      VecF o = VecF{acc[r][v]} * va;
+      if (beta != 0.f) o = fma(vb, ld<VecF>(p, len), o);  // beta 0 must not read C
+      st(p, o, len);
+    }
+}
+
+template <int MR, int NV, bool kPackedA>
+inline void micro_any(int rows, int nv, const uint16_t* a, int64_t lda, const uint32_t* bp,
+                      int64_t kc, float* c, int64_t ldc, int64_t cols, float alpha, float beta) {
+  if constexpr (MR > 1) {
+    if (rows < MR)
+      return micro_any<MR - 1, NV, kPackedA>(rows, nv, a, lda, bp, kc, c, ldc, cols, alpha, beta);
+  }
+  if constexpr (NV > 1) {
+    if (nv < NV)
+      return micro_any<MR, NV - 1, kPackedA>(rows, nv, a, lda, bp, kc, c, ldc, cols, alpha, beta);
+  }
+  micro<MR, NV, kPackedA>(a, lda, bp, kc, c, ldc, cols, alpha, beta);
+}
+
+inline void pack(const PackBBf16& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+                 uint32_t* dst) {
+  const int64_t kc = k1 - k0, kq = (kc + 1) / 2, ldb = p.ldb;
+  for (int64_t j0 = n0; j0 < n1; j0 += kNr, dst += kq * kNr) {
+    const int64_t cols = imin(kNr, n1 - j0);
+    if (p.tb) {
+      // Column j of the panel is row j of B, its k pairs one 32-bit load each; sliced by 16
+      // pairs as gemm_f32::pack.
+      if (cols < kNr)
+        for (int64_t i = 0; i < kq * kNr; ++i) dst[i] = 0;
+      for (int64_t qs = 0; qs < kq; qs += 16) {
+        const int64_t qe = imin(kc / 2, qs + 16);
+        for (int64_t j = 0; j < cols; ++j) {
+          const uint16_t* __restrict src = p.b + (j0 + j) * ldb + k0;
+          uint32_t* __restrict d = dst + j;
+          for (int64_t q = qs; q < qe; ++q) d[q * kNr] = pair_at(src + 2 * q);
+        }
+      }
+      if (kc % 2 != 0)  // the last k alone, its high half zero
+        for (int64_t j = 0; j < cols; ++j) dst[(kq - 1) * kNr + j] = p.b[(j0 + j) * ldb + k1 - 1];
+    } else {
+      // Rows k and k + 1, 16 columns at a time, widened to words and merged.
+      for (int64_t q = 0; q < kq; ++q) {
+        const uint16_t* s0 = p.b + (k0 + 2 * q) * ldb + j0;
+        const bool both = 2 * q + 1 < kc;
+        uint32_t* d = dst + q * kNr;
+        for (int64_t j = 0; j < kNr; j += 16) {
+          const int64_t len = imin(16, cols - j);
+          __m512i w = _mm512_setzero_si512();
+          if (len > 0) {
+            const __mmask16 m = VecF::mask(len);
+            w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s0 + j));
+            if (both) {
+              const __m256i hi = _mm256_maskz_loadu_epi16(m, s0 + ldb + j);
+              w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+            }
+          }
+          _mm512_store_si512(d + j, w);
+        }
+      }
+    }
+  }
+}
+
+template <bool kPackedA>
+inline void row_tiles(const GemmBf16& g, const uint16_t* a, int64_t m0, int64_t m1,
+                      const uint32_t* bp, int64_t kc, int64_t kp, int64_t n0, int64_t n1,
+                      float beta) {
+  const int64_t tile = kPackedA ? 2 * kMr * ((kc + 1) / 2) : kMr * g.lda;  // in uint16_t
+  for (int64_t m = m0; m < m1; m += kMr, a += tile) {
+    const int rows = static_cast<int>(imin(kMr, m1 - m));
+    const uint32_t* b = bp;
+    for (int64_t j = n0; j < n1; j += kNr, b += kp * kNr) {
+      const int64_t cols = imin(kNr, n1 - j);
+      const int nv = static_cast<int>((cols + 15) / 16);
+      micro_any<kMr, kNv, kPackedA>(rows, nv, a, g.lda, b, kc, g.c + m * g.ldc + j, g.ldc, cols,
+                                    g.alpha, beta);
+    }
+  }
+}
+
+inline void block(const GemmBf16& g, const uint32_t* bp, int64_t k0, int64_t k1, int64_t n0,
+                  int64_t n1, float beta, int64_t kp) {
+  const int64_t kc = k1 - k0, kq = (kc + 1) / 2;
+  if (!g.ta) return row_tiles<false>(g, g.a + k0, 0, g.m, bp, kc, kp, n0, n1, beta);
+  for (int64_t m0 = 0; m0 < g.m; m0 += kGemmMc) {
+    const int64_t m1 = imin(g.m, m0 + kGemmMc);
+    for (int64_t q = 0; q < kq; ++q) {
+      const uint16_t* s0 = g.a + (k0 + 2 * q) * g.lda;
+      const uint16_t* s1 = 2 * q + 1 < kc ? s0 + g.lda : nullptr;
+      uint32_t* dst = g.apack + q * kMr;
+      for (int64_t m = m0; m < m1; m += kMr, dst += kMr * kq)
+        for (int64_t r = 0; r < kMr; ++r)
+          dst[r] = m + r < m1 ? word(s0[m + r], s1 != nullptr ? s1[m + r] : 0) : 0;
+    }
+    row_tiles<true>(g, reinterpret_cast<const uint16_t*>(g.apack), m0, m1, bp, kc, kp, n0, n1,
+                    beta);
+  }
+}
+
+}  // namespace gemm_bf16
+#pragma GCC pop_options
+#endif
+
 const GemmKernels kGemmKernels = {
     .pack = &gemm_f32::pack,
     .block = &gemm_f32::block,
     .nr = gemm_f32::kNr,
+#if FASTDL_VEC == 512
+    .pack_bf16 = &gemm_bf16::pack,
+    .block_bf16 = &gemm_bf16::block,
+#else
+    .pack_bf16 = nullptr,
+    .block_bf16 = nullptr,
+#endif
 };

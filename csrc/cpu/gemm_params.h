@@ -60,10 +60,51 @@ using GemmPackFn = void (*)(const PackBF32&, int64_t k0, int64_t k1, int64_t n0,
 using GemmBlockFn = void (*)(const GemmF32&, const float* bp, int64_t k0, int64_t k1, int64_t n0,
                              int64_t n1, float beta, int64_t kp);
 
+// bfloat16 operands (their bits), float32 C: the same roles, k taken in pairs. A packed panel
+// holds per pair of rows (k, k + 1) of op(B) one 32-bit word per column, row k in its low half
+// (the high half zero past an odd k); a packed transposed A the same words per row of its tile.
+// k blocks start at even k.
+struct GemmBf16 {
+  bool ta;
+  int64_t m;
+  float alpha;
+  const uint16_t* a;
+  int64_t lda;
+  float* c;
+  int64_t ldc;
+  uint32_t* apack;  // workspace for a transposed A: kGemmMc * kGemmKcBf16 / 2 words
+};
+
+struct PackBBf16 {
+  bool tb;
+  const uint16_t* b;
+  int64_t ldb;
+};
+
+// Rows of a bfloat16 k block: its panels (kGemmKcBf16 / 2 words x 64 columns, 128 KiB) take the
+// L2 room of float32's.
+constexpr int64_t kGemmKcBf16 = 2 * kGemmKc;
+
+// The bfloat16 k block size: as gemm_kc, rounded up to a whole pair.
+inline int64_t gemm_kc_bf16(int64_t k) {
+  const int64_t blocks = (k + kGemmKcBf16 - 1) / kGemmKcBf16;
+  return blocks == 0 ? 0 : ((k + blocks - 1) / blocks + 1) / 2 * 2;
+}
+
+// As GemmPackFn and GemmBlockFn; kp counts the pairs of rows of each panel.
+using GemmPackBf16Fn = void (*)(const PackBBf16&, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+                                uint32_t* dst);
+using GemmBlockBf16Fn = void (*)(const GemmBf16&, const uint32_t* bp, int64_t k0, int64_t k1,
+                                 int64_t n0, int64_t n1, float beta, int64_t kp);
+
 struct GemmKernels {
   GemmPackFn pack;
   GemmBlockFn block;
   int64_t nr;  // columns per panel
+  // AVX512-BF16 kernels (vdpbf16ps) where the ISA's table has them, else null; usable only on a
+  // CPU with AVX512-BF16 on top of what Isa::kAvx512 guarantees.
+  GemmPackBf16Fn pack_bf16;
+  GemmBlockBf16Fn block_bf16;
 };
 
 // One table per ISA, defined in csrc/cpu/isa/{avx512,avx2,scalar}.cpp.

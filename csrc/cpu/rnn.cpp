@@ -9,7 +9,8 @@
 // are single large GEMMs over all steps after the loop (K = T * B instead of T GEMMs with K = B).
 // Kernels compute in the accumulation type (float for float32 and bfloat16, double for float64):
 // bfloat16 tensors are widened once on entry, so states and sums stay in float across steps, and
-// outputs are rounded once.
+// outputs are rounded once. The sequence-sized GEMMs of a bfloat16 layer multiply bfloat16
+// operands where the CPU has AVX512-BF16 (mm_dtype), summing in float.
 //
 // Deterministic: the same fixed sequence of GEMMs and row-parallel pointwise passes (each row
 // written by one thread) every run.
@@ -224,24 +225,45 @@ Operand operand(const at::Tensor& t) {
   return {c, false, std::max<int64_t>(c.size(1), 1)};
 }
 
-// a (m x k) @ b (k x n), 2-D views of any strides: float32 on fastdl's GEMM over row blocks in
-// parallel (the MKL sgemm torch links runs these sequence-sized products at ~60 GFLOP/s on AMD
-// CPUs), float64 through at::mm. Each element sums over k in one fixed order, whatever the
-// thread count: deterministic.
+// The dtype of the sequence-sized GEMMs' operands (input projection, weight and input
+// gradients): a bfloat16 layer keeps bfloat16 where the CPU multiplies it natively (AVX512-BF16,
+// twice the float32 rate; a float32 operand, such as the gate gradients, is rounded to bfloat16
+// first, as every tensor of torch's bfloat16 layers is), else the accumulation dtype.
+at::ScalarType mm_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && gemm_bf16_native() ? at::kBFloat16 : rnn::acc_type(x);
+}
+
+// t as a GEMM operand of dtype dt, contiguous.
+at::Tensor mm_operand(const at::Tensor& t, at::ScalarType dt) {
+  return t.to(dt).contiguous();
+}
+
+// a (m x k) @ b (k x n), 2-D views of any strides, in the accumulation dtype: float32 on
+// fastdl's GEMM over row blocks in parallel (the MKL sgemm torch links runs these sequence-sized
+// products at ~60 GFLOP/s on AMD CPUs), bfloat16 operands on its bfloat16 GEMM (float32 out),
+// float64 through at::mm. Each element sums over k in one fixed order, whatever the thread
+// count: deterministic.
 at::Tensor rnn_mm(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() != at::kFloat) return at::mm(a, b);
+  if (a.scalar_type() == at::kDouble) return at::mm(a, b);
+  TORCH_INTERNAL_ASSERT(b.scalar_type() == a.scalar_type());
+  const bool bf16 = a.scalar_type() == at::kBFloat16;
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  at::Tensor c = new_output({m, n}, a.options());
+  at::Tensor c = new_output({m, n}, a.options().dtype(at::kFloat));
   const Operand oa = operand(a), ob = operand(b);
-  const float* pa = oa.t.const_data_ptr<float>();
-  const float* pb = ob.t.const_data_ptr<float>();
+  const char* pa = static_cast<const char*>(oa.t.const_data_ptr());
+  const void* pb = ob.t.const_data_ptr();
   float* pc = c.mutable_data_ptr<float>();
+  const int64_t rs = (oa.trans ? 1 : oa.ld) * a.element_size();  // bytes from row to row of A
   // One row block per thread (each packs all of b once), in multiples of the micro-tile's rows.
   const int64_t threads = at::get_num_threads();
   const int64_t grain = std::max<int64_t>(1, ((m + threads - 1) / threads + 5) / 6 * 6);
   at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
-    gemm<float>(oa.trans, ob.trans, r1 - r0, n, k, pa + (oa.trans ? r0 : r0 * oa.ld), oa.ld, pb,
-                ob.ld, 0.f, pc + r0 * n, n);
+    if (bf16)
+      gemm_bf16(oa.trans, ob.trans, r1 - r0, n, k, reinterpret_cast<const uint16_t*>(pa + r0 * rs),
+                oa.ld, static_cast<const uint16_t*>(pb), ob.ld, 0.f, pc + r0 * n, n);
+    else
+      gemm<float>(oa.trans, ob.trans, r1 - r0, n, k, reinterpret_cast<const float*>(pa + r0 * rs),
+                  oa.ld, static_cast<const float*>(pb), ob.ld, 0.f, pc + r0 * n, n);
   });
   return c;
 }
@@ -424,27 +446,30 @@ std::optional<at::Tensor> acc_opt(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(acc(*t)) : std::nullopt;
 }
 
-// The input projection of every position, (T * B, G): x W_ih^T, or x itself when the caller
-// passed it projected (no w_ih), or the rows of the table x that index picks. x and w_ih in the
-// accumulation dtype.
+// The input projection of every position, (T * B, G), in the accumulation dtype: x W_ih^T (its
+// operands as mm_dtype says), or x itself when the caller passed it projected (no w_ih), or the
+// rows of the table x that index picks.
 at::Tensor input_projection(const at::Tensor& x, const std::optional<at::Tensor>& w_ih,
                             const std::optional<at::Tensor>& index, const rnn::Dims& d) {
   if (index) {
-    at::Tensor rows = new_output({d.T * d.B, d.G}, x.options());
-    rnn::gather_rows(rows, x, *index);
+    at::Tensor rows = new_output({d.T * d.B, d.G}, x.options().dtype(rnn::acc_type(x)));
+    rnn::gather_rows(rows, acc(x), *index);
     return rows;
   }
-  const at::Tensor x2 = x.view({d.T * d.B, d.I});
-  return w_ih ? rnn_mm(x2, w_ih->t()) : x2;
+  if (!w_ih) return acc(x).view({d.T * d.B, d.I});
+  const at::ScalarType mt = mm_dtype(x);
+  return rnn_mm(mm_operand(x, mt).view({d.T * d.B, d.I}), mm_operand(*w_ih, mt).t());
 }
 
-// grad_x from the gradient of the input projection dgx (T * B, G): through w_ih, or dgx itself
-// as (T, B, G), or the gradient of index's table; in x's dtype.
+// grad_x from the gradient of the input projection dgx (T * B, G; as the GEMMs read it, see
+// mm_dtype): through w_ih, or dgx itself as (T, B, G), or the gradient of index's table (dgx in
+// the accumulation dtype then); in x's dtype.
 at::Tensor input_grad(const at::Tensor& dgx, const at::Tensor& x,
                       const std::optional<at::Tensor>& w_ih, const std::optional<at::Tensor>& index,
                       const rnn::Dims& d) {
   if (index) return rnn::table_grad(dgx, *index, x.size(0)).to(x.scalar_type());
-  return (w_ih ? rnn_mm(dgx, *w_ih) : dgx).view({d.T, d.B, d.I}).to(x.scalar_type());
+  const at::Tensor g = w_ih ? rnn_mm(dgx, mm_operand(*w_ih, dgx.scalar_type())) : dgx;
+  return g.view({d.T, d.B, d.I}).to(x.scalar_type());
 }
 
 at::Tensor state_grad(const std::optional<at::Tensor>& g, int64_t B, int64_t D,
@@ -468,18 +493,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                                        b_hh, w_hr_, lengths, index);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
-  const at::Tensor x = acc(x_), w_hh = acc(w_hh_);
-  const std::optional<at::Tensor> w_ih = acc_opt(w_ih_);
+  const at::Tensor w_hh = acc(w_hh_);
   const std::optional<at::Tensor> w_hr = acc_opt(w_hr_);
-  const auto opts = x.options();
+  const auto opts = w_hh.options();
   at::Tensor h = acc(h0_).clone(), c = acc(c0_).clone();
   at::Tensor y = seq_buffer(sch, {T, B, P}, opts);
   at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
   at::Tensor cs = seq_buffer(sch, {T, B, H}, opts);
   if (T > 0 && B > 0) {
-    const at::Tensor gx = input_projection(x, w_ih, index, d);
+    const at::Tensor gx = input_projection(x_, w_ih_, index, d);
     const at::Tensor bx = input_bias(b_ih, b_hh, G, opts);
-    const bool dbl = x.scalar_type() == at::kDouble;
+    const bool dbl = w_hh.scalar_type() == at::kDouble;
     if (!w_hr && B <= kSeqMaxBatch) {
       at::Tensor h2 = at::empty_like(h);
       const at::Tensor wp = seq_weights(w_hh, 4);
@@ -559,7 +583,6 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
   // x itself only for dw_ih: without w_ih it is the caller's projection, which the backward
   // never reads (the autograd formula passes a stride-0 stand-in of its shape).
   const at::Tensor w_hh = acc(w_hh_);
-  const std::optional<at::Tensor> w_ih = acc_opt(w_ih_);
   const at::Tensor gates = gates_.contiguous(), cs = cs_.contiguous();
   const std::optional<at::Tensor> w_hr = acc_opt(w_hr_), grad_y = acc_opt(grad_y_);
   const auto opts = w_hh.options();
@@ -602,14 +625,16 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
     }
   }
   const auto dtype = x_.scalar_type();
+  const at::ScalarType mt = mm_dtype(x_);
   const at::Tensor dg2 = dg.view({T * B, S});
-  at::Tensor gx = mask[0] ? input_grad(dg2, x_, w_ih, index, d) : none(x_);
+  const at::Tensor dgm = dg2.to(mt);  // as the GEMMs read it
+  at::Tensor gx = mask[0] ? input_grad(index ? dg2 : dgm, x_, w_ih_, index, d) : none(x_);
   at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
   at::Tensor gw_hr = none(x_);
   if (mask[1]) {
-    const at::Tensor hprev = prev_states(acc(y_), acc(h0_), sch, reverse);
-    if (w_ih) gw_ih = rnn_mm(dg2.t(), acc(x_).view({T * B, I})).to(dtype);
-    gw_hh = rnn_mm(dg2.t(), hprev.view({T * B, P})).to(dtype);
+    const at::Tensor hprev = prev_states(mm_operand(y_, mt), mm_operand(h0_, mt), sch, reverse);
+    if (w_ih_) gw_ih = rnn_mm(dgm.t(), mm_operand(x_, mt).view({T * B, I})).to(dtype);
+    gw_hh = rnn_mm(dgm.t(), hprev.view({T * B, P})).to(dtype);
     const at::Tensor db = dg2.sum(0);
     gb_ih = db.to(dtype);
     gb_hh = db.to(dtype).clone();
@@ -632,17 +657,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
                                        b_ih, b_hh, std::nullopt, lengths, index);
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
-  const at::Tensor x = acc(x_), w_hh = acc(w_hh_);
-  const std::optional<at::Tensor> w_ih = acc_opt(w_ih_);
-  const auto opts = x.options();
+  const at::Tensor w_hh = acc(w_hh_);
+  const auto opts = w_hh.options();
   at::Tensor h = acc(h0_).clone();
   at::Tensor y = seq_buffer(sch, {T, B, H}, opts);
   at::Tensor gates = seq_buffer(sch, {T, B, S}, opts);
   if (T > 0 && B > 0) {
-    const at::Tensor gx = input_projection(x, w_ih, index, d);
+    const at::Tensor gx = input_projection(x_, w_ih_, index, d);
     const at::Tensor bx = input_bias(b_ih, std::nullopt, G, opts);
     const std::optional<at::Tensor> bh = acc_opt(b_hh);
-    const bool dbl = x.scalar_type() == at::kDouble;
+    const bool dbl = w_hh.scalar_type() == at::kDouble;
     if (B <= kSeqMaxBatch) {
       at::Tensor h2 = at::empty_like(h);
       const at::Tensor wp = seq_weights(w_hh, 3);
@@ -687,7 +711,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto [T, B, I, H, P, G, S] = d;
   Schedule sch(lengths, T, B, reverse);
   const at::Tensor w_hh = acc(w_hh_);  // x only for dw_ih, as in lstm_layer_bwd
-  const std::optional<at::Tensor> w_ih = acc_opt(w_ih_);
   const at::Tensor gates = gates_.contiguous();
   const std::optional<at::Tensor> grad_y = acc_opt(grad_y_);
   const auto opts = w_hh.options();
@@ -723,23 +746,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // dgates columns: [r, z] and n_pre multiply w_ih (its rows [0, 2H) and [2H, 3H)); [r, z] and
   // W_hn h + b_hn multiply w_hh (columns [0, 3H)).
   const auto dtype = x_.scalar_type();
+  const at::ScalarType mt = mm_dtype(x_);
   const at::Tensor dg2 = dg.view({T * B, S});
-  const at::Tensor d_rz = dg2.narrow(1, 0, 2 * H), d_n = dg2.narrow(1, 3 * H, H);
+  const at::Tensor dgm = dg2.to(mt);  // as the GEMMs read it
+  const at::Tensor d_rz = dgm.narrow(1, 0, 2 * H), d_n = dgm.narrow(1, 3 * H, H);
   at::Tensor gx = none(x_);
-  if (mask[0] && w_ih)
-    gx = rnn_mm(d_rz, w_ih->narrow(0, 0, 2 * H))
-             .add_(rnn_mm(d_n, w_ih->narrow(0, 2 * H, H)))
+  if (mask[0] && w_ih_) {
+    const at::Tensor w_ih = mm_operand(*w_ih_, mt);
+    gx = rnn_mm(d_rz, w_ih.narrow(0, 0, 2 * H))
+             .add_(rnn_mm(d_n, w_ih.narrow(0, 2 * H, H)))
              .view({T, B, I})
              .to(dtype);
-  else if (mask[0])
-    gx = input_grad(at::cat({d_rz, d_n}, 1), x_, w_ih, index, d);
+  } else if (mask[0]) {
+    const at::Tensor g = index ? dg2 : dgm;
+    gx =
+        input_grad(at::cat({g.narrow(1, 0, 2 * H), g.narrow(1, 3 * H, H)}, 1), x_, w_ih_, index, d);
+  }
   at::Tensor gw_ih = none(x_), gw_hh = none(x_), gb_ih = none(x_), gb_hh = none(x_);
   if (mask[1]) {
-    if (w_ih) {
-      const at::Tensor x2 = acc(x_).view({T * B, I});
+    if (w_ih_) {
+      const at::Tensor x2 = mm_operand(x_, mt).view({T * B, I});
       gw_ih = at::cat({rnn_mm(d_rz.t(), x2), rnn_mm(d_n.t(), x2)}).to(dtype);
     }
-    gw_hh = rnn_mm(dg2.narrow(1, 0, G).t(), hprev.view({T * B, H})).to(dtype);
+    gw_hh = rnn_mm(dgm.narrow(1, 0, G).t(), hprev.to(mt).view({T * B, H})).to(dtype);
     const at::Tensor db = dg2.sum(0);
     gb_ih = at::cat({db.narrow(0, 0, 2 * H), db.narrow(0, 3 * H, H)}).to(dtype);
     gb_hh = db.narrow(0, 0, G).to(dtype).clone();

@@ -221,6 +221,37 @@ void PackedB<T>::gemm(bool ta, int64_t m, int64_t n, int64_t k, const T* A, int6
   }
 }
 
+void PackedBBf16::pack(bool tb, int64_t k, int64_t n, const uint16_t* B, int64_t ldb) {
+  TORCH_CHECK(gemm_bf16_native(), "fastdl: PackedBBf16 needs AVX512-BF16");
+  const GemmKernels& t = kernels();
+  k_ = k;
+  kc_ = gemm_kc_bf16(k);
+  npad_ = (n + t.nr - 1) / t.nr * t.nr;
+  // Block k0's panels hold (its rows + 1) / 2 words per column (only the last block's rows odd).
+  const size_t need = (k + 1) / 2 * npad_ + kAlignFloats;
+  if (buf_.size() < need) buf_.resize(need);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(aligned(reinterpret_cast<float*>(buf_.data())));
+  for (int64_t k0 = 0; k0 < k; k0 += kc_)
+    t.pack_bf16(PackBBf16{tb, B, ldb}, k0, std::min(k, k0 + kc_), 0, n, dst + k0 / 2 * npad_);
+  panels_ = dst;
+}
+
+void PackedBBf16::gemm(int64_t m, int64_t n, int64_t k, const uint16_t* A, int64_t lda, float beta,
+                       float* C, int64_t ldc, float alpha) const {
+  if (m == 0 || n == 0) return;
+  const GemmKernels& t = kernels();
+  TORCH_CHECK(t.block_bf16 != nullptr && (k == k_ || k <= kc_), "fastdl: PackedBBf16 of ", k_,
+              " rows used for ", k);
+  const GemmBf16 g{false, m, alpha, A, lda, C, ldc, nullptr};
+  for (int64_t n0 = 0; n0 < n; n0 += kGemmNc)
+    for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kc_) {
+      const int64_t kp = (std::min(k_, k0 + kc_) - k0 + 1) / 2;  // pairs of this block's panels
+      t.block_bf16(g, panels_ + k0 / 2 * npad_ + n0 * kp, k0, std::min(k, k0 + kc_), n0,
+                   std::min(n, n0 + kGemmNc), k0 == 0 ? beta : 1.f, kp);
+      if (kc_ == 0) break;
+    }
+}
+
 template class PackedB<float>;
 template class PackedB<double>;
 

@@ -47,4 +47,19 @@ class PackedB {
   const float* panels_ = nullptr;
 };
 
+// PackedB for gemm_bf16 (the recurrent weights of a bfloat16 RNN), on its AVX512-BF16 kernels:
+// only where gemm_bf16_native().
+class PackedBBf16 {
+ public:
+  void pack(bool tb, int64_t k, int64_t n, const uint16_t* B, int64_t ldb);
+  // C (m x n', ldc) = alpha * A (m x k', bfloat16) * op(B)[:k', :n'] + beta * C.
+  void gemm(int64_t m, int64_t n, int64_t k, const uint16_t* A, int64_t lda, float beta, float* C,
+            int64_t ldc, float alpha = 1.f) const;
+
+ private:
+  int64_t k_ = 0, kc_ = 0, npad_ = 0;
+  std::vector<uint32_t> buf_;
+  const uint32_t* panels_ = nullptr;
+};
+
 }  // namespace fastdl::cpu

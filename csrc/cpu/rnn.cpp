@@ -10,7 +10,8 @@
 // Kernels compute in the accumulation type (float for float32 and bfloat16, double for float64):
 // bfloat16 tensors are widened once on entry, so states and sums stay in float across steps, and
 // outputs are rounded once. The sequence-sized GEMMs of a bfloat16 layer multiply bfloat16
-// operands where the CPU has AVX512-BF16 (mm_dtype), summing in float.
+// operands where the CPU has AVX512-BF16 (mm_dtype), summing in float, and so do the per-step
+// recurrent products of the fused forward loops (h rounded to bfloat16 for them).
 //
 // Deterministic: the same fixed sequence of GEMMs and row-parallel pointwise passes (each row
 // written by one thread) every run.
@@ -18,6 +19,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -281,12 +283,17 @@ at::Tensor input_bias(const std::optional<at::Tensor>& b_ih, const std::optional
 // out (rows x n, ld ldo) = a (rows x w's k, ld lda) * w, plus `init`'s rows (ld ldi, 0: one row
 // for all) when given: a step's recurrent product on one thread's block of units, w packed once
 // for the sequence (fastdl's GEMM: the MKL sgemm torch links is slow on AMD CPUs).
-template <typename T>
-void step_gemm(const PackedB<T>& w, int64_t rows, int64_t n, int64_t k, const T* a, int64_t lda,
+// With PackedBBf16, a bfloat16 (its bits) and T float; for other T it does nothing (never called).
+template <typename W, typename A, typename T>
+void step_gemm(const W& w, int64_t rows, int64_t n, int64_t k, const A* a, int64_t lda,
                const T* init, int64_t ldi, T* out, int64_t ldo) {
   if (init != nullptr)
     for (int64_t r = 0; r < rows; ++r) std::copy_n(init + r * ldi, n, out + r * ldo);
-  w.gemm(false, rows, n, k, a, lda, init != nullptr ? T(1) : T(0), out, ldo);
+  const T beta = init != nullptr ? T(1) : T(0);
+  if constexpr (!std::is_same_v<W, PackedBBf16>)
+    w.gemm(false, rows, n, k, a, lda, beta, out, ldo);
+  else if constexpr (std::is_same_v<T, float>)
+    w.gemm(rows, n, k, a, lda, beta, out, ldo);
 }
 
 // The forward steps without projection, batches above kSeqMaxBatch (LSTM: k = 4 gates, GRU:
@@ -296,11 +303,12 @@ void step_gemm(const PackedB<T>& w, int64_t rows, int64_t n, int64_t k, const T*
 // and at once the fused pointwise on that slice, while its gates are still in cache; h is
 // double-buffered, so one barrier per step is all the ordering needed (instead of a GEMM
 // fork/join and a parallel_for per step). A row whose sequence has ended carries its h over to
-// the other buffer. Returns the buffer holding h_T. E: the element type.
+// the other buffer. Returns the buffer holding h_T. E: the element type. bf16 (E float): the
+// recurrent products multiply bfloat16 (mm_dtype), each thread rounding h to bfloat16 per step.
 template <typename E>
 at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
                             const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-                            at::Tensor h, int64_t T) {
+                            at::Tensor h, int64_t T, bool bf16) {
   const int64_t B = p.B, H = p.H;
   const std::vector<int64_t> bound = unit_blocks(H);
   const int64_t nb = static_cast<int64_t>(bound.size()) - 1;
@@ -310,6 +318,7 @@ at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
       for (int64_t j = bound[t]; j < bound[t + 1]; ++j) rows.push_back(q * H + j);
   const at::Tensor index = at::from_blob(rows.data(), {k * H}, at::kLong);
   const at::Tensor wperm = w_hh.index_select(0, index).contiguous();
+  const at::Tensor wlow = bf16 ? wperm.to(at::kBFloat16) : at::Tensor();
   const std::optional<at::Tensor> bperm =
       b_hh ? std::optional<at::Tensor>(b_hh->index_select(0, index)) : std::nullopt;
   const at::Tensor gh = at::empty({B, k * H}, h.options());
@@ -321,18 +330,29 @@ at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
     const at::ThreadLocalStateGuard guard(tls);
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<int64_t> pos(B);
-    std::vector<PackedB<E>> w(nb);  // this thread's blocks of w_hh^T
-    for (int64_t t = tid; t < nb; t += nt)
-      w[t].pack(true, H, k * (bound[t + 1] - bound[t]),
-                wperm.const_data_ptr<E>() + k * bound[t] * H, H);
+    std::vector<PackedB<E>> w(bf16 ? 0 : nb);  // this thread's blocks of w_hh^T
+    std::vector<PackedBBf16> wb(bf16 ? nb : 0);
+    const at::Tensor hb = bf16 ? at::empty({B, H}, wlow.options()) : at::Tensor();
+    for (int64_t t = tid; t < nb; t += nt) {
+      const int64_t off = k * bound[t] * H, n = k * (bound[t + 1] - bound[t]);
+      if (bf16)
+        wb[t].pack(true, H, n, static_cast<const uint16_t*>(wlow.const_data_ptr()) + off, H);
+      else
+        w[t].pack(true, H, n, wperm.const_data_ptr<E>() + off, H);
+    }
     for (int64_t s = 0; s < T; ++s) {
       for (int64_t b = 0; b < B; ++b) pos[b] = sch.position(s, b);
+      if (bf16) hb.copy_(hbuf[s & 1]);
       for (int64_t t = tid; t < nb; t += nt) {
         const int64_t j0 = bound[t], n = bound[t + 1] - j0;
         if (n == 0) continue;
-        step_gemm(w[t], B, k * n, H, hbuf[s & 1].const_data_ptr<E>(), H,
-                  bperm ? bperm->const_data_ptr<E>() + k * j0 : nullptr, 0,
-                  gh.mutable_data_ptr<E>() + k * j0, k * H);
+        const E* init = bperm ? bperm->const_data_ptr<E>() + k * j0 : nullptr;
+        E* out = gh.mutable_data_ptr<E>() + k * j0;
+        if (bf16)
+          step_gemm(wb[t], B, k * n, H, static_cast<const uint16_t*>(hb.const_data_ptr()), H, init,
+                    0, out, k * H);
+        else
+          step_gemm(w[t], B, k * n, H, hbuf[s & 1].const_data_ptr<E>(), H, init, 0, out, k * H);
         RnnStep q = p;
         q.pos = pos.data();
         q.h = hbuf[s & 1].data_ptr();
@@ -360,14 +380,17 @@ at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
 // lengths an ended row keeps its dh; when the rows of a step are at different positions
 // (reversed with lengths), each thread also gathers its columns of the step's gate gradients
 // into one of two (B, S) buffers before the barrier (zeros, only to keep the product finite,
-// for ended rows). Each element is written by one thread in a fixed order: deterministic.
+// for ended rows). Each element is written by one thread in a fixed order: deterministic. bf16
+// (E float): the products multiply bfloat16, each thread rounding the step's gate gradients.
 template <typename E>
 void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
-                      at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
+                      at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T,
+                      bool bf16) {
   const int64_t B = p.B, G = w_hh.size(0);
   const std::vector<int64_t> bound = unit_blocks(p.H);
   const int64_t nb = static_cast<int64_t>(bound.size()) - 1;
   const at::Tensor wc = w_hh.contiguous();
+  const at::Tensor wlow = bf16 ? wc.to(at::kBFloat16) : at::Tensor();
   const int64_t H = p.H, S = dg.size(2);  // S = 4H: 4 runs of H gate-gradient columns
   const bool masked = sch.masked();
   // Positions are shared by every step or by none (they differ only reversed with lengths).
@@ -380,9 +403,17 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<int64_t> pos(B);
     std::vector<E> kept;  // with lengths: the ended rows' dh columns of this thread's block
-    std::vector<PackedB<E>> w(nb);  // this thread's column blocks of w_hh
-    for (int64_t t = tid; t < nb; t += nt)
-      w[t].pack(false, G, bound[t + 1] - bound[t], wc.const_data_ptr<E>() + bound[t], wc.stride(0));
+    std::vector<PackedB<E>> w(bf16 ? 0 : nb);  // this thread's column blocks of w_hh
+    std::vector<PackedBBf16> wb(bf16 ? nb : 0);
+    const at::Tensor dgb = bf16 ? at::empty({B, G}, wlow.options()) : at::Tensor();
+    for (int64_t t = tid; t < nb; t += nt) {
+      const int64_t n = bound[t + 1] - bound[t];
+      if (bf16)
+        wb[t].pack(false, G, n, static_cast<const uint16_t*>(wlow.const_data_ptr()) + bound[t],
+                   wlow.stride(0));
+      else
+        w[t].pack(false, G, n, wc.const_data_ptr<E>() + bound[t], wc.stride(0));
+    }
     for (int64_t s = T - 1; s >= 0; --s) {
       for (int64_t b = 0; b < B; ++b) pos[b] = sch.position(s, b);
       E* gs = gather ? gathered.data_ptr<E>() + (s & 1) * B * S : nullptr;
@@ -405,6 +436,7 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
       }
 #pragma omp barrier
       const E* dgs = gather ? gs : dg.const_data_ptr<E>() + *sch.shared_position(s) * B * S;
+      if (bf16) dgb.copy_(at::from_blob(const_cast<E*>(dgs), {B, G}, {S, 1}, dg.options()));
       for (int64_t t = tid; t < nb; t += nt) {
         const int64_t j0 = bound[t], n = bound[t + 1] - j0;
         if (n == 0) continue;
@@ -412,9 +444,13 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
         kept.clear();
         for (int64_t b = 0; masked && b < B; ++b)
           if (pos[b] < 0) kept.insert(kept.end(), dht + b * H, dht + b * H + n);
-        step_gemm(w[t], B, n, G, dgs, S,
-                  direct != nullptr ? direct->const_data_ptr<E>() + j0 : nullptr,
-                  direct != nullptr ? direct->stride(0) : 0, dht, H);
+        const E* init = direct != nullptr ? direct->const_data_ptr<E>() + j0 : nullptr;
+        const int64_t ldi = direct != nullptr ? direct->stride(0) : 0;
+        if (bf16)
+          step_gemm(wb[t], B, n, G, static_cast<const uint16_t*>(dgb.const_data_ptr()), G, init,
+                    ldi, dht, H);
+        else
+          step_gemm(w[t], B, n, G, dgs, S, init, ldi, dht, H);
         for (int64_t b = 0, i = 0; masked && b < B; ++b)
           if (pos[b] < 0) std::copy_n(kept.data() + n * i++, n, dht + b * H);
       }
@@ -423,19 +459,22 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
 }
 
 // fused_fwd_region / fused_bwd_region for the element type of the tensors.
+// bf16: the recurrent products multiply bfloat16 (see fused_fwd_region).
 at::Tensor fused_fwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, int64_t k,
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-                           const at::Tensor& h, int64_t T) {
-  return h.scalar_type() == at::kDouble ? fused_fwd_region<double>(fn, p, sch, k, w_hh, b_hh, h, T)
-                                        : fused_fwd_region<float>(fn, p, sch, k, w_hh, b_hh, h, T);
+                           const at::Tensor& h, int64_t T, bool bf16) {
+  if (h.scalar_type() == at::kDouble)
+    return fused_fwd_region<double>(fn, p, sch, k, w_hh, b_hh, h, T, false);
+  return fused_fwd_region<float>(fn, p, sch, k, w_hh, b_hh, h, T, bf16);
 }
 
 void fused_bwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
-                     at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
+                     at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T,
+                     bool bf16) {
   if (dh.scalar_type() == at::kDouble)
-    fused_bwd_region<double>(fn, p, sch, w_hh, dh, dg, direct, T);
+    fused_bwd_region<double>(fn, p, sch, w_hh, dh, dg, direct, T, false);
   else
-    fused_bwd_region<float>(fn, p, sch, w_hh, dh, dg, direct, T);
+    fused_bwd_region<float>(fn, p, sch, w_hh, dh, dg, direct, T, bf16);
 }
 
 const void* ptr_or_null(const std::optional<at::Tensor>& t) {
@@ -533,7 +572,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                       .y = y.data_ptr(),
                       .gates = gates.data_ptr(),
                       .cs = cs.data_ptr()};
-      h = fused_fwd_steps(kernels().lstm_fwd[dbl], p, sch, 4, w_hh, std::nullopt, h, T);
+      h = fused_fwd_steps(kernels().lstm_fwd[dbl], p, sch, 4, w_hh, std::nullopt, h, T,
+                          mm_dtype(x_) == at::kBFloat16);
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
     }
@@ -607,7 +647,7 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
               .dc = dc.data_ptr()};
     const RnnStepFn fn = kernels().lstm_bwd[w_hh.scalar_type() == at::kDouble];
     const bool fused = !w_hr && B > kSeqMaxBatch;
-    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, nullptr, T);
+    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, nullptr, T, mm_dtype(x_) == at::kBFloat16);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
       if (w_hr) {
@@ -692,7 +732,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
                     .bx = bx.const_data_ptr(),
                     .y = y.data_ptr(),
                     .gates = gates.data_ptr()};
-    h = fused_fwd_steps(kernels().gru_fwd[dbl], p, sch, 3, w_hh, bh, h, T);
+    h = fused_fwd_steps(kernels().gru_fwd[dbl], p, sch, 3, w_hh, bh, h, T,
+                        mm_dtype(x_) == at::kBFloat16);
   }
   const auto dtype = x_.scalar_type();
   return {y.to(dtype), h.to(dtype), gates};
@@ -730,7 +771,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               .dh_direct = direct.data_ptr()};
     const RnnStepFn fn = kernels().gru_bwd[w_hh.scalar_type() == at::kDouble];
     const bool fused = B > kSeqMaxBatch;
-    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, &direct, T);
+    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, &direct, T, mm_dtype(x_) == at::kBFloat16);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
       run_rows(fn, p, S);

@@ -55,25 +55,30 @@ float* workspace(int64_t floats) {
   return aligned(work.data());
 }
 
-// C = alpha * op(A) op(B) + beta * C over chunks of kGemmNc columns and k blocks, a chunk's
-// block of B packed just before use (it is then in L2). k = 0 still runs one (empty) block, which
-// sets C = beta * C.
+// Visits the chunks of kGemmNc columns of C (their panels stay in L2 while every row tile
+// passes) and in each the k blocks of kc rows, as fn(n0, n1, k0, k1). k = 0 still visits one
+// (empty) block, which sets C = beta * C.
+template <typename Fn>
+void for_blocks(int64_t n, int64_t k, int64_t kc, Fn&& fn) {
+  for (int64_t n0 = 0; n0 < n; n0 += kGemmNc)
+    for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kc) {
+      fn(n0, std::min(n, n0 + kGemmNc), k0, std::min(k, k0 + kc));
+      if (kc == 0) break;
+    }
+}
+
+// C = alpha * op(A) op(B) + beta * C, a chunk's block of B packed just before use (it is then
+// in L2).
 void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
            const float* B, int64_t ldb, float beta, float* C, int64_t ldc, float alpha) {
   const GemmKernels& t = kernels();
   const int64_t kc = gemm_kc(k);
   float* packed = workspace(kc * kGemmNc);
   const GemmF32 g{ta, m, alpha, A, lda, C, ldc, packed + kc * kGemmNc};
-  const PackBF32 pb{tb, B, ldb};
-  for (int64_t n0 = 0; n0 < n; n0 += kGemmNc) {
-    const int64_t n1 = std::min(n, n0 + kGemmNc);
-    for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kc) {
-      const int64_t k1 = std::min(k, k0 + kc);
-      t.pack(pb, k0, k1, n0, n1, packed);
-      t.block(g, packed, k0, k1, n0, n1, k0 == 0 ? beta : 1.f, k1 - k0);
-      if (kc == 0) break;
-    }
-  }
+  for_blocks(n, k, kc, [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+    t.pack(PackBF32{tb, B, ldb}, k0, k1, n0, n1, packed);
+    t.block(g, packed, k0, k1, n0, n1, k0 == 0 ? beta : 1.f, k1 - k0);
+  });
 }
 
 bool has_avx512_bf16() {
@@ -98,16 +103,10 @@ void bgemm(const GemmKernels& t, bool ta, bool tb, int64_t m, int64_t n, int64_t
   if (work.size() < need) work.resize(need);
   uint32_t* packed = reinterpret_cast<uint32_t*>(aligned(reinterpret_cast<float*>(work.data())));
   const GemmBf16 g{ta, m, alpha, A, lda, C, ldc, packed + kq * kGemmNc};
-  const PackBBf16 pb{tb, B, ldb};
-  for (int64_t n0 = 0; n0 < n; n0 += kGemmNc) {
-    const int64_t n1 = std::min(n, n0 + kGemmNc);
-    for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kc) {
-      const int64_t k1 = std::min(k, k0 + kc);
-      t.pack_bf16(pb, k0, k1, n0, n1, packed);
-      t.block_bf16(g, packed, k0, k1, n0, n1, k0 == 0 ? beta : 1.f, (k1 - k0 + 1) / 2);
-      if (kc == 0) break;
-    }
-  }
+  for_blocks(n, k, kc, [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+    t.pack_bf16(PackBBf16{tb, B, ldb}, k0, k1, n0, n1, packed);
+    t.block_bf16(g, packed, k0, k1, n0, n1, k0 == 0 ? beta : 1.f, (k1 - k0 + 1) / 2);
+  });
 }
 
 // rows x cols of bfloat16 bits (ld) as float32, packed rows.
@@ -208,14 +207,10 @@ void PackedB<T>::gemm(bool ta, int64_t m, int64_t n, int64_t k, const T* A, int6
     const GemmKernels& t = kernels();
     const GemmF32 g{ta, m, alpha, A, lda, C, ldc, workspace(0)};
     TORCH_CHECK(k == k_ || k <= kc_, "fastdl: PackedB of ", k_, " rows used for ", k);
-    // Chunks of kGemmNc columns, as sgemm: their panels stay in L2 while every row tile passes.
-    for (int64_t n0 = 0; n0 < n; n0 += kGemmNc)
-      for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kc_) {
-        const int64_t kp = std::min(k_, k0 + kc_) - k0;  // rows of this block's panels
-        t.block(g, panels_ + k0 * npad_ + n0 * kp, k0, std::min(k, k0 + kc_), n0,
-                std::min(n, n0 + kGemmNc), k0 == 0 ? beta : 1.f, kp);
-        if (kc_ == 0) break;
-      }
+    for_blocks(n, k, kc_, [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+      const int64_t kp = std::min(k_, k0 + kc_) - k0;  // rows of this block's panels
+      t.block(g, panels_ + k0 * npad_ + n0 * kp, k0, k1, n0, n1, k0 == 0 ? beta : 1.f, kp);
+    });
   } else {
     dgemm(ta, tb_, m, n, k, A, lda, b_, ldb_, beta, C, ldc, alpha);
   }
@@ -243,13 +238,10 @@ void PackedBBf16::gemm(int64_t m, int64_t n, int64_t k, const uint16_t* A, int64
   TORCH_CHECK(t.block_bf16 != nullptr && (k == k_ || k <= kc_), "fastdl: PackedBBf16 of ", k_,
               " rows used for ", k);
   const GemmBf16 g{false, m, alpha, A, lda, C, ldc, nullptr};
-  for (int64_t n0 = 0; n0 < n; n0 += kGemmNc)
-    for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kc_) {
-      const int64_t kp = (std::min(k_, k0 + kc_) - k0 + 1) / 2;  // pairs of this block's panels
-      t.block_bf16(g, panels_ + k0 / 2 * npad_ + n0 * kp, k0, std::min(k, k0 + kc_), n0,
-                   std::min(n, n0 + kGemmNc), k0 == 0 ? beta : 1.f, kp);
-      if (kc_ == 0) break;
-    }
+  for_blocks(n, k, kc_, [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+    const int64_t kp = (std::min(k_, k0 + kc_) - k0 + 1) / 2;  // pairs of this block's panels
+    t.block_bf16(g, panels_ + k0 / 2 * npad_ + n0 * kp, k0, k1, n0, n1, k0 == 0 ? beta : 1.f, kp);
+  });
 }
 
 template class PackedB<float>;

@@ -12,6 +12,19 @@
 // Rows of A are read where they are (MR unit-stride streams); a transposed A is packed (see
 // kGemmMc), its MR elements per k then one contiguous run.
 
+// Kern::run<rows, ceil(cols / W), kPackedA>(args...): the edge tiles compute no more rows or
+// vectors than they store (Kern: each element type's micro-kernel).
+template <class Kern, int MR, int NV, bool kPackedA, typename... Args>
+inline void micro_any(int rows, int nv, Args... args) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return micro_any<Kern, MR - 1, NV, kPackedA>(rows, nv, args...);
+  }
+  if constexpr (NV > 1) {
+    if (nv < NV) return micro_any<Kern, MR, NV - 1, kPackedA>(rows, nv, args...);
+  }
+  Kern::template run<MR, NV, kPackedA>(args...);
+}
+
 namespace gemm_f32 {
 
 #if FASTDL_VEC == 512
@@ -57,20 +70,12 @@ inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, floa
     }
 }
 
-// micro<rows, ceil(cols / W)>: the edge tiles compute no more rows or vectors than they store.
-template <int MR, int NV, bool kPackedA>
-inline void micro_any(int rows, int nv, const float* a, int64_t lda, const float* bp, int64_t kc,
-                      float* c, int64_t ldc, int64_t cols, float alpha, float beta) {
-  if constexpr (MR > 1) {
-    if (rows < MR)
-      return micro_any<MR - 1, NV, kPackedA>(rows, nv, a, lda, bp, kc, c, ldc, cols, alpha, beta);
+struct Micro {
+  template <int MR, int NV, bool kPackedA, typename... Args>
+  static void run(Args... args) {
+    micro<MR, NV, kPackedA>(args...);
   }
-  if constexpr (NV > 1) {
-    if (nv < NV)
-      return micro_any<MR, NV - 1, kPackedA>(rows, nv, a, lda, bp, kc, c, ldc, cols, alpha, beta);
-  }
-  micro<MR, NV, kPackedA>(a, lda, bp, kc, c, ldc, cols, alpha, beta);
-}
+};
 
 inline void pack(const PackBF32& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* dst) {
   const int64_t kc = k1 - k0, ldb = p.ldb;
@@ -113,8 +118,8 @@ inline void row_tiles(const GemmF32& g, const float* a, int64_t m0, int64_t m1, 
     for (int64_t j = n0; j < n1; j += kNr, b += kp * kNr) {
       const int64_t cols = imin(kNr, n1 - j);
       const int nv = static_cast<int>((cols + VecF::W - 1) / VecF::W);
-      micro_any<kMr, kNv, kPackedA>(rows, nv, a, g.lda, b, kc, g.c + m * g.ldc + j, g.ldc, cols,
-                                    g.alpha, beta);
+      micro_any<Micro, kMr, kNv, kPackedA>(rows, nv, a, g.lda, b, kc, g.c + m * g.ldc + j, g.ldc,
+                                           cols, g.alpha, beta);
     }
   }
 }
@@ -206,19 +211,12 @@ inline void micro(const uint16_t* a, int64_t lda, const uint32_t* bp, int64_t kc
     }
 }
 
-template <int MR, int NV, bool kPackedA>
-inline void micro_any(int rows, int nv, const uint16_t* a, int64_t lda, const uint32_t* bp,
-                      int64_t kc, float* c, int64_t ldc, int64_t cols, float alpha, float beta) {
-  if constexpr (MR > 1) {
-    if (rows < MR)
-      return micro_any<MR - 1, NV, kPackedA>(rows, nv, a, lda, bp, kc, c, ldc, cols, alpha, beta);
+struct Micro {
+  template <int MR, int NV, bool kPackedA, typename... Args>
+  static void run(Args... args) {
+    micro<MR, NV, kPackedA>(args...);
   }
-  if constexpr (NV > 1) {
-    if (nv < NV)
-      return micro_any<MR, NV - 1, kPackedA>(rows, nv, a, lda, bp, kc, c, ldc, cols, alpha, beta);
-  }
-  micro<MR, NV, kPackedA>(a, lda, bp, kc, c, ldc, cols, alpha, beta);
-}
+};
 
 inline void pack(const PackBBf16& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
                  uint32_t* dst) {
@@ -275,8 +273,8 @@ inline void row_tiles(const GemmBf16& g, const uint16_t* a, int64_t m0, int64_t 
     for (int64_t j = n0; j < n1; j += kNr, b += kp * kNr) {
       const int64_t cols = imin(kNr, n1 - j);
       const int nv = static_cast<int>((cols + 15) / 16);
-      micro_any<kMr, kNv, kPackedA>(rows, nv, a, g.lda, b, kc, g.c + m * g.ldc + j, g.ldc, cols,
-                                    g.alpha, beta);
+      micro_any<Micro, kMr, kNv, kPackedA>(rows, nv, a, g.lda, b, kc, g.c + m * g.ldc + j, g.ldc,
+                                           cols, g.alpha, beta);
     }
   }
 }

@@ -248,3 +248,68 @@ def test_cpu_isas(isa):
         fastdl.set_cpu_isa(previous)
     assert (out.double() - exact).abs().max() < 2e-6
     assert torch.isfinite(gq).all()
+
+
+ISA_ORDER = ["scalar", "avx2", "avx512"]
+BF16_ISAS = ISA_ORDER[: ISA_ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else []
+
+
+def _bf16_run(fn, leaves, g, *args, **kw):
+    out = fn(*leaves, *args, **kw)
+    return [out, *torch.autograd.grad(out, leaves, g)]
+
+
+@pytest.mark.skipif(_ext._C is None, reason="needs the built extension")
+@pytest.mark.parametrize("isa", BF16_ISAS)
+def test_cpu_isas_bfloat16(isa):
+    """bfloat16 under every ISA: with AVX512-BF16, S = Q K^T and dP = dO V^T multiply the
+    bfloat16 inputs (gemm_bf16), read in place through their strides (a (B, L, H, D) layout
+    transposed, GQA, an additive mask, causal; and varlen); elsewhere everything runs widened.
+    Both within twice torch's bfloat16 error, and equal to each other up to the final rounding."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 45, 4, 40).to(torch.bfloat16).transpose(1, 2)  # (B, H, L, D) view
+    k, v = (torch.randn(2, 2, 37, 40).to(torch.bfloat16) for _ in range(2))
+    mask = torch.randn(2, 1, 45, 37).to(torch.bfloat16)
+    g = torch.randn(2, 4, 45, 40).to(torch.bfloat16)
+    cases = {
+        "mask": {"attn_mask": mask, "enable_gqa": True},
+        "causal": {"is_causal": True, "enable_gqa": True},
+    }
+    previous = _ext._C.cpu_isa()
+    for name, kw in cases.items():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        fastdl.set_cpu_isa(isa)
+        try:
+            ours = _bf16_run(fastdl.scaled_dot_product_attention, leaves, g, **kw)
+        finally:
+            fastdl.set_cpu_isa(previous)
+        fastdl.set_cpu_isa("avx2" if "avx2" in BF16_ISAS else "scalar")
+        try:
+            widened = _bf16_run(fastdl.scaled_dot_product_attention, leaves, g, **kw)
+        finally:
+            fastdl.set_cpu_isa(previous)
+        lowp = _bf16_run(F.scaled_dot_product_attention, leaves, g, **kw)
+        leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        kw64 = {**kw, "attn_mask": mask.double()} if "attn_mask" in kw else kw
+        exact = _bf16_run(F.scaled_dot_product_attention, leaves64, g.double(), **kw64)
+        for i, (a, w, lp, e) in enumerate(zip(ours, widened, lowp, exact, strict=True)):
+            err = (a.double() - e).abs().max().item()
+            base = (lp.double() - e).abs().max().item()
+            assert err <= 2 * base + 1e-6, f"{name} {i}: {err} vs torch {base}"
+            tol = 2**-7 * e.abs().max().item()
+            assert (a.double() - w.double()).abs().max().item() <= tol, f"{name} {i}"
+    # varlen: two sequences of 30 and 15 queries against 20 and 17 keys.
+    cu_q, cu_k = torch.tensor([0, 30, 45]), torch.tensor([0, 20, 37])
+    qv = torch.randn(45, 4, 32).to(torch.bfloat16)
+    kv, vv = (torch.randn(37, 2, 32).to(torch.bfloat16) for _ in range(2))
+    leaves = [t.requires_grad_() for t in (qv, kv, vv)]
+    gv = torch.randn(45, 4, 32).to(torch.bfloat16)
+    runs = []
+    for which in (isa, "scalar"):
+        fastdl.set_cpu_isa(which)
+        try:
+            runs.append(_bf16_run(fastdl.varlen_attention, leaves, gv, cu_q, cu_k, 30, 20))
+        finally:
+            fastdl.set_cpu_isa(previous)
+    for a, w in zip(*runs, strict=True):
+        assert (a.double() - w.double()).abs().max().item() <= 2**-7 * w.double().abs().max().item()

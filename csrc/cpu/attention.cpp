@@ -3,7 +3,8 @@
 // and key blocks with an online softmax, so the Sq x Sk scores are never materialized.
 //
 // The GEMM-shaped inner loops (S = Q K^T, O += P V and the backward's four products on one
-// block) run cpu/gemm.h (fastdl's own for float32, the BLAS torch links for float64); the fusion
+// block) run cpu/gemm.h (fastdl's own for float32 and, where two bfloat16 inputs meet, for
+// bfloat16; the BLAS torch links for float64); the fusion
 // around them -- masks, band skipping, online softmax (vectorized exp in attention_kernels.h,
 // chosen per ISA), dropout, scheduling -- is ours. Forward: one task per (sequence, query head,
 // query block); only the key blocks that intersect the causal/window band are visited, so a
@@ -15,6 +16,7 @@
 #include <cstdlib>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -92,22 +94,47 @@ struct Opts {
 
 // One (sequence, query head) problem, pointers at its first row; rows of q/k/v/o/grad_out are
 // D contiguous elements `ld*` apart. The dropout counter of (i, j) is ctr + i * ctr_ld + j.
+// qb/kb/vb: the bfloat16 inputs themselves (their bits), set where the CPU multiplies bfloat16
+// natively: the products of two inputs (S = Q K^T, the backward's dP = dO V^T) then run on
+// gemm_bf16 (exact products, float sums: the same precision at twice the rate), the others in
+// float32 on the widened copies q/k/v.
 template <typename T>
 struct Head {
   const T *q, *k, *v;
   int64_t ldq, ldk, ldv;
+  const uint16_t *qb, *kb, *vb;
+  int64_t ldqb, ldkb, ldvb;
   const T* mask;  // additive, (i, j) at mask[i * msi + j * msj]; null without
   int64_t msi, msj;
   int64_t Sq, Sk;
   uint64_t ctr, ctr_ld;
 };
 
+// The keys' K^T as the scores read it: float (kt) or, with h.kb, bfloat16 (ktb).
+template <typename T>
+struct KeysT {
+  PackedB<T> kt;
+  PackedBBf16 ktb;
+
+  void pack(const Head<T>& h, int64_t D, int64_t j0, int64_t n) {
+    if (h.kb != nullptr)
+      ktb.pack(true, D, n, h.kb + j0 * h.ldkb, h.ldkb);
+    else
+      kt.pack(true, D, n, h.k + j0 * h.ldk, h.ldk);
+  }
+};
+
 // Scores of rows [i0, i0 + rows) x keys [j0, j0 + n) of h into s (ld `ld`): scale * q.k, plus
 // the mask, -inf outside the band. kt: those keys' K^T (at least n columns).
 template <typename T>
-void scores(const Head<T>& h, const Opts& o, const PackedB<T>& kt, int64_t i0, int64_t rows,
+void scores(const Head<T>& h, const Opts& o, const KeysT<T>& kt, int64_t i0, int64_t rows,
             int64_t j0, int64_t n, T* s, int64_t ld) {
-  kt.gemm(false, rows, n, o.D, h.q + i0 * h.ldq, h.ldq, T(0), s, ld, static_cast<T>(o.scale));
+  if constexpr (std::is_same_v<T, float>) {
+    if (h.qb != nullptr)
+      kt.ktb.gemm(rows, n, o.D, h.qb + i0 * h.ldqb, h.ldqb, 0.f, s, ld, static_cast<T>(o.scale));
+  }
+  if (h.qb == nullptr)
+    kt.kt.gemm(false, rows, n, o.D, h.q + i0 * h.ldq, h.ldq, T(0), s, ld, static_cast<T>(o.scale));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     T* row = s + r * ld;
@@ -177,8 +204,8 @@ template <typename T>
 class KeyBlocks {
  public:
   // K^T and V of keys [j0, j0 + n) of h, or of more keys from j0.
-  std::pair<const PackedB<T>*, const PackedB<T>*> get(const Head<T>& h, int64_t D, int64_t j0,
-                                                      int64_t n) {
+  std::pair<const KeysT<T>*, const PackedB<T>*> get(const Head<T>& h, int64_t D, int64_t j0,
+                                                    int64_t n) {
     // Heads that share K (kv heads or a batch expanded with stride 0) reuse the packed blocks,
     // as long as they share V and the key count too.
     if (h.k != key_k_ || h.v != key_v_ || h.Sk != key_sk_) {
@@ -203,24 +230,28 @@ class KeyBlocks {
   }
 
  private:
-  static void pack(const Head<T>& h, int64_t D, int64_t j0, int64_t n, PackedB<T>& kt,
+  static void pack(const Head<T>& h, int64_t D, int64_t j0, int64_t n, KeysT<T>& kt,
                    PackedB<T>& v) {
-    kt.pack(true, D, n, h.k + j0 * h.ldk, h.ldk);
+    kt.pack(h, D, j0, n);
     v.pack(false, n, D, h.v + j0 * h.ldv, h.ldv);
   }
   const T* key_k_ = nullptr;
   const T* key_v_ = nullptr;
   int64_t key_sk_ = -1;
-  std::vector<PackedB<T>> kt_, v_;
+  std::vector<KeysT<T>> kt_;
+  std::vector<PackedB<T>> v_;
   std::vector<char> ready_;
-  PackedB<T> loose_kt_, loose_v_;
+  KeysT<T> loose_kt_;
+  PackedB<T> loose_v_;
 };
 
-// The backward's B operands: per key block, K^T (the scores'), V^T (dP's) and K (dQ's); per
-// query block of the group's heads, Q (dK's) and dO (dV's), packed once per task.
+// The backward's B operands: per key block, K^T (the scores'), V^T (dP's; vtb with h.vb) and K
+// (dQ's); per query block of the group's heads, Q (dK's) and dO (dV's), packed once per task.
 template <typename T>
 struct GradOperands {
-  PackedB<T> kt, vt, k;
+  KeysT<T> kt;
+  PackedB<T> vt, k;
+  PackedBBf16 vtb;
   std::vector<PackedB<T>> q, dout;  // [head of the group][query block]
 };
 
@@ -257,7 +288,7 @@ void fwd_block(const Head<T>& h, const Opts& o, int64_t i0, int64_t i1, T* out, 
   std::fill(w.l.data(), w.l.data() + kBlockQ, T(0));
   std::fill(w.acc.data(), w.acc.data() + rows * D, T(0));
   // Rows [r0, r1) of the block against keys [j0, j0 + n).
-  const auto step = [&](int64_t r0, int64_t r1, int64_t j0, int64_t n, const PackedB<T>& kt,
+  const auto step = [&](int64_t r0, int64_t r1, int64_t j0, int64_t n, const KeysT<T>& kt,
                         const PackedB<T>& vb) {
     T* s = w.s.data() + r0 * kFwdBlockK;
     scores(h, o, kt, i0 + r0, r1 - r0, j0, n, s, kFwdBlockK);
@@ -298,6 +329,8 @@ template <typename T>
 struct HeadGrad {
   const T* dout;
   int64_t lddo;
+  const uint16_t* doutb;  // dO's bfloat16 bits, with Head::vb
+  int64_t lddob;
   const T* lse;
   const T* delta;  // rowsum(dO * O)
   T* dq;           // (Sq, D) accumulator
@@ -319,7 +352,11 @@ void bwd_block(const Head<T>& h, const HeadGrad<T>& g, const Opts& o, int64_t i0
   const T* dout = g.dout + i0 * g.lddo;
   scores(h, o, w.ops.kt, i0, rows, j0, n, p, kBwdBlockK);
   kern.exp_rows[kAcc<T>](p, rows, n, kBwdBlockK, g.lse + i0);
-  w.ops.vt.gemm(false, rows, n, D, dout, g.lddo, T(0), dp, kBwdBlockK);
+  if constexpr (std::is_same_v<T, float>) {
+    if (h.vb != nullptr)
+      w.ops.vtb.gemm(rows, n, D, g.doutb + i0 * g.lddob, g.lddob, 0.f, dp, kBwdBlockK);
+  }
+  if (h.vb == nullptr) w.ops.vt.gemm(false, rows, n, D, dout, g.lddo, T(0), dp, kBwdBlockK);
   // With dropout (mask Z, scaled), dV takes P * Z and dP is dropped the same way; dS =
   // P * (dP * Z - delta) uses the undropped P, as rowsum(P * Z * dP) = rowsum(dO * O) = delta.
   const T* pv = p;
@@ -399,8 +436,11 @@ void bwd_group(const Head<T>* hs, HeadGrad<T>* gs, const T* const* outs, const i
     std::fill_n(w.acc.data(), n * D, T(0));  // dK, then dV, of the block's n keys
     std::fill_n(w.acc.data() + kBwdBlockK * D, n * D, T(0));
     const Head<T>& h = hs[0];  // the group's heads share K and V
-    ops.kt.pack(true, D, n, h.k + j0 * h.ldk, h.ldk);
-    ops.vt.pack(true, D, n, h.v + j0 * h.ldv, h.ldv);
+    ops.kt.pack(h, D, j0, n);
+    if (h.vb != nullptr)
+      ops.vtb.pack(true, D, n, h.vb + j0 * h.ldvb, h.ldvb);
+    else
+      ops.vt.pack(true, D, n, h.v + j0 * h.ldv, h.ldv);
     ops.k.pack(false, n, D, h.k + j0 * h.ldk, h.ldk);
     for (int64_t g = 0; g < group; ++g)
       for (int64_t b = 0; b < nqb; ++b) {
@@ -430,13 +470,45 @@ at::Tensor compute_view(const at::Tensor& t, int64_t row_dim) {
   return gemm_ready(t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t, row_dim);
 }
 
+// The bfloat16 inputs as the products of two inputs read them (see Head), where the CPU
+// multiplies bfloat16 natively; else all undefined. go: grad_out, for the backward.
+struct Bf16Inputs {
+  at::Tensor q, k, v, go;
+};
+
+Bf16Inputs bf16_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor* go, int64_t row_dim) {
+  if (q.scalar_type() != at::kBFloat16 || !gemm_bf16_native()) return {};
+  return {gemm_ready(q, row_dim), gemm_ready(k, row_dim), gemm_ready(v, row_dim),
+          go != nullptr ? gemm_ready(*go, row_dim) : at::Tensor()};
+}
+
+// Element (a, b, 0, ...) of a bfloat16 tensor, as bits.
+const uint16_t* bits_at(const at::Tensor& t, int64_t a, int64_t b) {
+  return static_cast<const uint16_t*>(t.const_data_ptr()) + a * t.stride(0) + b * t.stride(1);
+}
+
+// h's bfloat16 pointers: query head (a, hq) and key head (ak, hk) of lo, rows along row_dim.
+template <typename T>
+void set_bf16(Head<T>& r, const Bf16Inputs& lo, int64_t a, int64_t hq, int64_t ak, int64_t hk,
+              int64_t row_dim) {
+  if (!lo.q.defined()) return;
+  r.qb = bits_at(lo.q, a, hq);
+  r.kb = bits_at(lo.k, ak, hk);
+  r.vb = bits_at(lo.v, ak, hk);
+  r.ldqb = row_ld(lo.q, row_dim);
+  r.ldkb = row_ld(lo.k, row_dim);
+  r.ldvb = row_ld(lo.v, row_dim);
+}
+
 // The Head of (b, h).
 template <typename T>
 Head<T> dense_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& mask, const attention::Dims& d, int64_t b, int64_t h,
-                   int64_t offset) {
+                   const Bf16Inputs& lo, const at::Tensor& mask, const attention::Dims& d,
+                   int64_t b, int64_t h, int64_t offset) {
   const int64_t hk = h / (d.Hq / d.Hkv);
   Head<T> r{};
+  set_bf16(r, lo, b, h, b, hk, 2);
   r.q = q.const_data_ptr<T>() + b * q.stride(0) + h * q.stride(1);
   r.k = k.const_data_ptr<T>() + b * k.stride(0) + hk * k.stride(1);
   r.v = v.const_data_ptr<T>() + b * v.stride(0) + hk * v.stride(1);
@@ -467,6 +539,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   auto [out, lse] = attention::sdpa_outputs(q_, d);
   if (out.numel() == 0) return {out, lse};
   const at::Tensor q = compute_view(q_, 2), k = compute_view(k_, 2), v = compute_view(v_, 2);
+  const Bf16Inputs lo = bf16_inputs(q_, k_, v_, nullptr, 2);
   at::Tensor out_c = out.scalar_type() == q.scalar_type() ? out : at::empty_like(out, q.options());
   const Opts o = make_opts(d.D, scale, p, seed, left, right, bottom_right);
   const int64_t nqb = (d.Sq + kBlockQ - 1) / kBlockQ;
@@ -482,7 +555,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
         for (int64_t t = begin; t < end; ++t) {
           const int64_t bh = t / nqb, i0 = (t % nqb) * kBlockQ;
           const int64_t i1 = std::min(d.Sq, i0 + kBlockQ);
-          const auto h = dense_head<T>(q, k, v, mask, d, bh / d.Hq, bh % d.Hq, offset);
+          const auto h = dense_head<T>(q, k, v, lo, mask, d, bh / d.Hq, bh % d.Hq, offset);
           fwd_block(h, o, i0, i1, out_c.mutable_data_ptr<T>() + (bh * d.Sq + i0) * d.D, d.D,
                     lse.mutable_data_ptr<T>() + bh * d.Sq + i0, w);
         }
@@ -512,6 +585,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   if (q_.numel() > 0 && k_.numel() > 0) {
     const at::Tensor q = compute_view(q_, 2), k = compute_view(k_, 2), v = compute_view(v_, 2);
     const at::Tensor go = compute_view(grad_out_, 2), out = compute_view(out_, 2);
+    const Bf16Inputs lo = bf16_inputs(q_, k_, v_, &grad_out_, 2);
     const at::Tensor lse = lse_.contiguous();
     const Opts o = make_opts(d.D, scale, p, seed, left, right, bottom_right);
     const int64_t group = d.Hq / d.Hkv;
@@ -530,9 +604,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
             const int64_t b = t / d.Hkv, hk = t % d.Hkv;
             for (int64_t g = 0; g < group; ++g) {
               const int64_t h = hk * group + g, bh = b * d.Hq + h;
-              hs[g] = dense_head<T>(q, k, v, mask, d, b, h, offset);
+              hs[g] = dense_head<T>(q, k, v, lo, mask, d, b, h, offset);
               gs[g] = {go.const_data_ptr<T>() + b * go.stride(0) + h * go.stride(1),
                        row_ld(go, 2),
+                       lo.go.defined() ? bits_at(lo.go, b, h) : nullptr,
+                       lo.go.defined() ? row_ld(lo.go, 2) : 0,
                        lse.const_data_ptr<T>() + bh * d.Sq,
                        nullptr,
                        nullptr,
@@ -571,10 +647,11 @@ at::Tensor seqlens(const char* op, const char* name, const at::Tensor& cu, int64
 // The Head of query head h in sequence n; q/k/v rows are tokens (row dim 0).
 template <typename T>
 Head<T> varlen_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const attention::VarlenDims& d, const int64_t* cq, const int64_t* ck, int64_t n,
-                    int64_t h, int64_t offset) {
+                    const Bf16Inputs& lo, const attention::VarlenDims& d, const int64_t* cq,
+                    const int64_t* ck, int64_t n, int64_t h, int64_t offset) {
   const int64_t hk = h / (d.Hq / d.Hkv);
   Head<T> r{};
+  set_bf16(r, lo, cq[n], h, ck[n], hk, 0);
   r.q = q.const_data_ptr<T>() + cq[n] * q.stride(0) + h * q.stride(1);
   r.k = k.const_data_ptr<T>() + ck[n] * k.stride(0) + hk * k.stride(1);
   r.v = v.const_data_ptr<T>() + ck[n] * v.stride(0) + hk * v.stride(1);
@@ -600,6 +677,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
   at::Tensor lse =
       new_output({d.Hq, d.Tq}, q_.options().dtype(attention::acc_type(q_.scalar_type())));
   const at::Tensor q = compute_view(q_, 0), k = compute_view(k_, 0), v = compute_view(v_, 0);
+  const Bf16Inputs lo = bf16_inputs(q_, k_, v_, nullptr, 0);
   at::Tensor out_c = out.scalar_type() == q.scalar_type() ? out : at::empty_like(out, q.options());
   const int64_t* cq = cu_q.const_data_ptr<int64_t>();
   const int64_t* ck = cu_k.const_data_ptr<int64_t>();
@@ -617,7 +695,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
         for (int64_t t = begin; t < end; ++t) {
           const int64_t h = t / nb;
           const auto [n, i0] = blocks[t % nb];
-          const auto hd = varlen_head<T>(q, k, v, d, cq, ck, n, h, offset);
+          const auto hd = varlen_head<T>(q, k, v, lo, d, cq, ck, n, h, offset);
           const int64_t i1 = std::min(hd.Sq, i0 + kBlockQ), row = cq[n] + i0;
           fwd_block(hd, o, i0, i1, out_c.mutable_data_ptr<T>() + (row * d.Hq + h) * d.D, d.Hq * d.D,
                     lse.mutable_data_ptr<T>() + h * d.Tq + row, w);
@@ -644,6 +722,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
              gv = new_output(v_.sizes(), copt).zero_();
   const at::Tensor q = compute_view(q_, 0), k = compute_view(k_, 0), v = compute_view(v_, 0);
   const at::Tensor go = compute_view(grad_out_, 0), out = compute_view(out_, 0);
+  const Bf16Inputs lo = bf16_inputs(q_, k_, v_, &grad_out_, 0);
   const at::Tensor lse = lse_.contiguous();
   const int64_t* cq = cu_q.const_data_ptr<int64_t>();
   const int64_t* ck = cu_k.const_data_ptr<int64_t>();
@@ -664,9 +743,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
           const int64_t hk = t / d.N, n = t % d.N;
           for (int64_t g = 0; g < group; ++g) {
             const int64_t h = hk * group + g;
-            hs[g] = varlen_head<T>(q, k, v, d, cq, ck, n, h, offset);
+            hs[g] = varlen_head<T>(q, k, v, lo, d, cq, ck, n, h, offset);
             gs[g] = {go.const_data_ptr<T>() + cq[n] * go.stride(0) + h * go.stride(1),
                      row_ld(go, 0),
+                     lo.go.defined() ? bits_at(lo.go, cq[n], h) : nullptr,
+                     lo.go.defined() ? row_ld(lo.go, 0) : 0,
                      lse.const_data_ptr<T>() + h * d.Tq + cq[n],
                      nullptr,
                      nullptr,

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import case_id, cases
 from norm_ref import KIND, KINDS, check_norm, norm_inputs
 
@@ -445,6 +446,30 @@ def test_bad_inputs(backend, which):
     _, call, exc, match = next(c for c in _bad_calls(backend.device) if c[0] == which)
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "xd,wd", [(torch.float64, torch.float32), (torch.float32, torch.float64)], ids=str
+)
+def test_rms_norm_weight_of_another_dtype_with_float64(xd, wd):
+    """torch's rms_norm takes a weight of another float dtype and returns x's dtype; so does
+    fastdl's where float64 is involved (on the CPU backend, which has float64), gradients in
+    each input's own dtype."""
+    x = torch.randn(5, 2, 12, dtype=xd, requires_grad=True)
+    w = torch.randn(12, dtype=wd, requires_grad=True)
+    r = torch.randn(5, 2, 12, dtype=xd)
+    tol = 1e-12 if xd == torch.float64 else 2e-6
+    for ours, ref in (
+        (fastdl.rms_norm(x, 12, w), F.rms_norm(x, (12,), w)),
+        (fastdl.add_rms_norm(x, r, 12, w)[0], F.rms_norm(x + r, (12,), w)),
+    ):
+        assert ours.dtype == xd
+        torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+        g = torch.randn_like(ref)
+        got, want = torch.autograd.grad(ours, (x, w), g), torch.autograd.grad(ref, (x, w), g)
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=tol, atol=10 * tol)
 
 
 def test_unsupported_float_dtype(backend):

@@ -236,6 +236,17 @@ def _affine_norm_args(op, x, normalized_shape, weight, bias, eps):
     return math.prod(shape)
 
 
+def _rms_weight(x, weight):
+    """torch's rms_norm multiplies by a weight of another float dtype after normalizing in x's
+    and returns x's dtype; where float64 meets another dtype the kernels take the weight cast to
+    x's (exact upward; downward, the product's one rounding moves to the weight)."""
+    if weight is None or weight.dtype == x.dtype or torch.float64 not in (x.dtype, weight.dtype):
+        return weight
+    if not (weight.is_floating_point() and x.is_floating_point()):
+        return weight  # the op's dtype check names the problem
+    return weight.to(x.dtype)
+
+
 def _forward(op, name, x, residual, *args) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, x + residual) of the forward op ``name``; with no feature to normalize
     (normalized_numel 0, args[-2]) the (empty) input itself, as torch returns."""
@@ -310,7 +321,7 @@ def rms_norm(
     """
     eps = _rms_eps(x, eps)
     n = _affine_norm_args("fastdl.rms_norm", x, normalized_shape, weight, None, eps)
-    return _forward("fastdl.rms_norm", "rms_norm_fwd", x, None, weight, n, eps)[0]
+    return _forward("fastdl.rms_norm", "rms_norm_fwd", x, None, _rms_weight(x, weight), n, eps)[0]
 
 
 def add_rms_norm(
@@ -327,7 +338,7 @@ def add_rms_norm(
     _checks.same_dtype(op, "residual", residual, x)
     eps = _rms_eps(x, eps)
     n = _affine_norm_args(op, x, normalized_shape, weight, None, eps)
-    return _forward(op, "rms_norm_fwd", x, residual, weight, n, eps)
+    return _forward(op, "rms_norm_fwd", x, residual, _rms_weight(x, weight), n, eps)
 
 
 ACTIVATIONS = (None, "relu")

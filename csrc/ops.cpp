@@ -237,9 +237,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](const std::string& name) { fastdl::set_cpu_isa(fastdl::parse_isa(name.c_str())); });
   // Bench hook (bench/machine.py), not an op: the int8 multiply-add peak in GOP/s, 0 if none.
   m.def("_int8_peak_gops", [] { return fastdl::cpu::int8_peak_gops(); });
-  // Test hook (tests/test_output_cache.py): the sizes of the output cache's free blocks.
   // Test hook (tests/test_gemm.py): whether gemm_bf16 runs on AVX512-BF16 under the current ISA.
   m.def("_gemm_bf16_native", [] { return fastdl::cpu::gemm_bf16_native(); });
+  // Test hook (tests/test_output_cache.py): the sizes of the output cache's free blocks.
   m.def("_output_cache_blocks", [] { return fastdl::cpu::output_cache_blocks(); });
   // Test hook for the block GEMM of cpu/gemm.h (tests/test_gemm.py), not an op: c (m, n) =
   // alpha * op(a) op(b) + beta * c in place; bfloat16 a and b with a float32 c run gemm_bf16.

@@ -2,6 +2,8 @@
 float64 (CPU native) through masks, bands, GQA, dropout and varlen, torch.compile(fullgraph=True)
 against eager, bit-identical repeated runs, and the CPU kernels under every ISA."""
 
+import pathlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,6 +253,9 @@ def test_cpu_isas(isa):
 
 
 ISA_ORDER = ["scalar", "avx2", "avx512"]
+_CPU_FLAGS = (
+    pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+)
 BF16_ISAS = ISA_ORDER[: ISA_ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else []
 
 
@@ -276,6 +281,12 @@ def test_cpu_isas_bfloat16(isa):
         "causal": {"is_causal": True, "enable_gqa": True},
     }
     previous = _ext._C.cpu_isa()
+    fastdl.set_cpu_isa(isa)
+    try:
+        native = _ext._C._gemm_bf16_native()
+    finally:
+        fastdl.set_cpu_isa(previous)
+    assert native == (isa == "avx512" and "avx512_bf16" in _CPU_FLAGS)
     for name, kw in cases.items():
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         fastdl.set_cpu_isa(isa)

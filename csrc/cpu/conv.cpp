@@ -195,9 +195,9 @@ at::Tensor weight_matrix(const at::Tensor& w, const Gemm& p, at::ScalarType ct) 
   return as_output(p.a.crs ? w : w.permute({0, 2, 3, 1}), ct, at::MemoryFormat::Contiguous);
 }
 
-template <typename T>
-std::vector<PackedB<T>> pack_weight(const Gemm& p, const T* wmat, bool trans) {
-  std::vector<PackedB<T>> wp(p.a.groups);
+template <typename E>
+std::vector<PackedOf<E>> pack_weight(const Gemm& p, const E* wmat, bool trans) {
+  std::vector<PackedOf<E>> wp(p.a.groups);
   for (int64_t g = 0; g < p.a.groups; ++g)
     wp[g].pack(trans, trans ? p.j : p.kg, trans ? p.kg : p.j, wmat + g * p.kg * p.j, p.j);
   return wp;
@@ -207,17 +207,24 @@ template std::vector<PackedB<float>> pack_weight<float>(const Gemm&, const float
 // Rows [m0, m0 + mb) (mb <= p.rows) of out (in its layout, via p.a.out_*) = epilogue(conv(x,
 // wmat)): im2col into col (unless p.direct), the GEMM into eb.acc, the epilogue.
 
-template <typename T>
-void forward_rows(const Gemm& p, const T* x, const std::vector<PackedB<T>>& wp,
-                  const ConvEpilogue& eb, int64_t m0, int64_t mb, T* col) {
+template <typename T, typename E>
+void forward_rows(const Gemm& p, const E* x, const std::vector<PackedOf<E>>& wp,
+                  const ConvEpilogue& eb, int64_t m0, int64_t mb, E* col) {
+  T* acc = static_cast<T*>(const_cast<void*>(eb.acc));
   for (int64_t g = 0; g < p.a.groups; ++g) {
-    const T* A = x + m0 * p.a.C + g * p.cg;
+    const E* A = x + m0 * p.a.C + g * p.cg;
     if (!p.direct) {
-      kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col);
+      if constexpr (std::is_same_v<E, uint16_t>)
+        kernels().im2col_bf16(p.a, x, m0, mb, g, col);
+      else
+        kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col);
       A = col;
     }
-    wp[g].gemm(false, mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, T(0),
-               static_cast<T*>(const_cast<void*>(eb.acc)), p.kg);
+    const int64_t lda = p.direct ? p.a.C : p.j;
+    if constexpr (std::is_same_v<E, uint16_t>)
+      wp[g].gemm(mb, p.kg, p.j, A, lda, 0.f, acc, p.kg);
+    else
+      wp[g].gemm(false, mb, p.kg, p.j, A, lda, T(0), acc, p.kg);
     kernels().epilogue[dt<T>()](p.a, eb, m0, mb, g);
   }
 }
@@ -226,16 +233,22 @@ template void forward_rows<float>(const Gemm&, const float*, const std::vector<P
 
 namespace {
 
-template <typename T>
-void forward(const Gemm& p, const T* x, const T* wmat, ConvEpilogue e) {
-  const std::vector<PackedB<T>> wp = pack_weight(p, wmat, true);
+// The implicit GEMM forward over all blocks of rows (T, E: as forward_rows).
+template <typename T, typename E = T>
+void forward(const Gemm& p, const E* x, const E* wmat, ConvEpilogue e) {
+  const std::vector<PackedOf<E>> wp = pack_weight(p, wmat, true);
   at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> col(p.direct ? 0 : p.rows * p.j), acc(p.rows * p.kg);
+    std::vector<E> col(p.direct ? 0 : p.rows * p.j);
+    std::vector<T> acc(p.rows * p.kg);
     ConvEpilogue eb = e;
     eb.acc = acc.data();
     for (int64_t b = b0; b < b1; ++b)
-      forward_rows<T>(p, x, wp, eb, b * p.rows, std::min(p.rows, p.M - b * p.rows), col.data());
+      forward_rows<T, E>(p, x, wp, eb, b * p.rows, std::min(p.rows, p.M - b * p.rows), col.data());
   });
+}
+
+const uint16_t* bits(const at::Tensor& t) {
+  return static_cast<const uint16_t*>(t.const_data_ptr());
 }
 
 // grad_x (N, H, W, C), zero-filled, += the input gradient of gpre (M, K).
@@ -362,6 +375,16 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
       kr.depthwise_fwd[dt<T>()](a, xn.const_data_ptr<T>(), w.const_data_ptr<T>(), e, r0, r1);
     });
     return;
+  }
+  // A bfloat16 conv on the implicit GEMM multiplies its bfloat16 x and weight as they are, where
+  // the CPU does natively (gemm_bf16: exact products, float sums, the precision of the widened
+  // path); Winograd and the per-tap GEMMs take them widened.
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.wino == 0 && !p.taps && x.scalar_type() == at::kBFloat16 && gemm_bf16_native()) {
+      const at::Tensor xb = as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast);
+      const at::Tensor wb = weight_matrix(weight, p, at::kBFloat16);
+      return forward<float, uint16_t>(p, bits(xb), bits(wb), e);
+    }
   }
   // Winograd transposes an NCHW float32 x block by block; the other paths read it NHWC.
   at::Tensor xn = std::is_same_v<T, float> && p.wino > 0 && nchw_float(x) ? x : nhwc(x);

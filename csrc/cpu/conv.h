@@ -59,17 +59,22 @@ Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t 
 // The GEMM operand wmat^T[k, j] of p in dtype ct (see conv.cpp).
 at::Tensor weight_matrix(const at::Tensor& w, const Gemm& p, at::ScalarType ct);
 
+// The packed GEMM operand of elements E: PackedB, or for bfloat16 bits (uint16_t) PackedBBf16.
+template <typename E>
+using PackedOf = std::conditional_t<std::is_same_v<E, uint16_t>, PackedBBf16, PackedB<E>>;
+
 // Each group's block (kg, j) of wmat as the B operand of the GEMMs that share it, packed once per
 // op rather than once per block of rows: wmat^T for the forward (trans), wmat for the input
 // gradient.
-template <typename T>
-std::vector<PackedB<T>> pack_weight(const Gemm& p, const T* wmat, bool trans);
+template <typename E>
+std::vector<PackedOf<E>> pack_weight(const Gemm& p, const E* wmat, bool trans);
 
 // Rows [m0, m0 + mb) of out = epilogue(conv(x, wmat)) by the implicit GEMM (conv.cpp); wp is
-// pack_weight(p, wmat, true).
-template <typename T>
-void forward_rows(const Gemm& p, const T* x, const std::vector<PackedB<T>>& wp,
-                  const ConvEpilogue& eb, int64_t m0, int64_t mb, T* col);
+// pack_weight(p, wmat, true). T: the compute dtype (eb.acc's); E: x's and wmat's, T or (T float)
+// bfloat16 bits, multiplied on gemm_bf16.
+template <typename T, typename E = T>
+void forward_rows(const Gemm& p, const E* x, const std::vector<PackedOf<E>>& wp,
+                  const ConvEpilogue& eb, int64_t m0, int64_t mb, E* col);
 
 // Sums chunks partial sums of part elements each, element by element in chunk order (so the
 // result does not depend on the thread count), and hands sum i to put(i, sum).

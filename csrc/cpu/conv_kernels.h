@@ -440,4 +440,5 @@ const ConvKernels kConvKernels = {
                              conv_winograd_grad_output<4, float>},
     .winograd_grad_weight = {conv_winograd_grad_weight<2, float>,
                              conv_winograd_grad_weight<4, float>},
+    .im2col_bf16 = conv_im2col<uint16_t>,
 };

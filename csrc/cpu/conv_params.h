@@ -103,6 +103,7 @@ struct ConvKernels {
   WinogradOutputFn winograd_output[kNumWinogradTiles];
   WinogradGradOutputFn winograd_grad_output[kNumWinogradTiles];
   WinogradGradWeightFn winograd_grad_weight[kNumWinogradTiles];
+  Im2colFn im2col_bf16;  // bfloat16 bits, for the forward on gemm_bf16
 };
 
 const ConvKernels& conv_kernels_scalar();

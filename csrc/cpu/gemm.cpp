@@ -216,9 +216,19 @@ void PackedB<T>::gemm(bool ta, int64_t m, int64_t n, int64_t k, const T* A, int6
   }
 }
 
+// PackedBBf16 runs the AVX-512 table whatever the current ISA (set_cpu_isa from another thread
+// may lower it between a caller's gemm_bf16_native() and its packing inside a parallel region).
+const GemmKernels& bf16_kernels() {
+  TORCH_CHECK(has_avx512_bf16(), "fastdl: PackedBBf16 needs AVX512-BF16");
+#if defined(__x86_64__)
+  return gemm_kernels_avx512();
+#else
+  return kernels();  // not reached: no AVX512-BF16 off x86
+#endif
+}
+
 void PackedBBf16::pack(bool tb, int64_t k, int64_t n, const uint16_t* B, int64_t ldb) {
-  TORCH_CHECK(gemm_bf16_native(), "fastdl: PackedBBf16 needs AVX512-BF16");
-  const GemmKernels& t = kernels();
+  const GemmKernels& t = bf16_kernels();
   k_ = k;
   kc_ = gemm_kc_bf16(k);
   npad_ = (n + t.nr - 1) / t.nr * t.nr;
@@ -234,9 +244,9 @@ void PackedBBf16::pack(bool tb, int64_t k, int64_t n, const uint16_t* B, int64_t
 void PackedBBf16::gemm(int64_t m, int64_t n, int64_t k, const uint16_t* A, int64_t lda, float beta,
                        float* C, int64_t ldc, float alpha) const {
   if (m == 0 || n == 0) return;
-  const GemmKernels& t = kernels();
-  TORCH_CHECK(t.block_bf16 != nullptr && (k == k_ || k <= kc_), "fastdl: PackedBBf16 of ", k_,
-              " rows used for ", k);
+  const GemmKernels& t = bf16_kernels();
+  TORCH_CHECK(k == k_ || k <= std::min(kc_, k_), "fastdl: PackedBBf16 of ", k_, " rows used for ",
+              k);
   const GemmBf16 g{false, m, alpha, A, lda, C, ldc, nullptr};
   for_blocks(n, k, kc_, [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
     const int64_t kp = (std::min(k_, k0 + kc_) - k0 + 1) / 2;  // pairs of this block's panels

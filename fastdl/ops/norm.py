@@ -239,12 +239,13 @@ def _affine_norm_args(op, x, normalized_shape, weight, bias, eps):
 def _rms_weight(x, weight):
     """torch's rms_norm multiplies by a weight of another float dtype after normalizing in x's
     and returns x's dtype; where float64 meets another dtype the kernels take the weight cast to
-    x's (exact upward; downward, the product's one rounding moves to the weight)."""
+    x's compute dtype (float32 for bfloat16/float16 x, which the kernels take with a float32
+    weight as is): exact upward, downward the product's one rounding moves to the weight."""
     if weight is None or weight.dtype == x.dtype or torch.float64 not in (x.dtype, weight.dtype):
         return weight
     if not (weight.is_floating_point() and x.is_floating_point()):
         return weight  # the op's dtype check names the problem
-    return weight.to(x.dtype)
+    return weight.to(torch.float32 if x.element_size() < 4 else x.dtype)
 
 
 def _forward(op, name, x, residual, *args) -> tuple[torch.Tensor, torch.Tensor]:

@@ -210,6 +210,17 @@ at::Tensor seq_weights(const at::Tensor& w_hh, int64_t k) {
                    at::MemoryFormat::Contiguous);
 }
 
+// The weights the sequence kernels stream: a bfloat16 layer's own (half the bytes of the widened
+// copy, which they widen exactly as they read them), else w_hh in the accumulation dtype.
+const at::Tensor& seq_weight_source(const at::Tensor& w_hh_, const at::Tensor& w_hh) {
+  return w_hh_.scalar_type() == at::kBFloat16 ? w_hh_ : w_hh;
+}
+
+// The sequence kernels' table index for packed weights wp (RnnKernels::lstm_seq_fwd).
+int seq_kind(const at::Tensor& wp) {
+  return wp.scalar_type() == at::kDouble ? 1 : wp.scalar_type() == at::kBFloat16 ? 2 : 0;
+}
+
 // One 2-D operand as the GEMM reads it: rows or columns unit-stride (`trans` for the latter),
 // copied only when neither is.
 struct Operand {
@@ -545,7 +556,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const bool dbl = w_hh.scalar_type() == at::kDouble;
     if (!w_hr && B <= kSeqMaxBatch) {
       at::Tensor h2 = at::empty_like(h);
-      const at::Tensor wp = seq_weights(w_hh, 4);
+      const at::Tensor wp = seq_weights(seq_weight_source(w_hh_, w_hh), 4);
       const RnnSeqFwd p{.gx = gx.const_data_ptr(),
                         .bx = bx.const_data_ptr(),
                         .wp = wp.const_data_ptr(),
@@ -559,7 +570,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                         .B = B,
                         .H = H,
                         .reverse = reverse};
-      if (run_sequence(kernels().lstm_seq_fwd[dbl], p) != h.data_ptr()) h = h2;
+      if (run_sequence(kernels().lstm_seq_fwd[seq_kind(wp)], p) != h.data_ptr()) h = h2;
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
     }
@@ -709,7 +720,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
     const bool dbl = w_hh.scalar_type() == at::kDouble;
     if (B <= kSeqMaxBatch) {
       at::Tensor h2 = at::empty_like(h);
-      const at::Tensor wp = seq_weights(w_hh, 3);
+      const at::Tensor wp = seq_weights(seq_weight_source(w_hh_, w_hh), 3);
       const RnnSeqFwd p{.gx = gx.const_data_ptr(),
                         .bx = bx.const_data_ptr(),
                         .wp = wp.const_data_ptr(),
@@ -722,7 +733,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
                         .B = B,
                         .H = H,
                         .reverse = reverse};
-      if (run_sequence(kernels().gru_seq_fwd[dbl], p) != h.data_ptr()) h = h2;
+      if (run_sequence(kernels().gru_seq_fwd[seq_kind(wp)], p) != h.data_ptr()) h = h2;
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), gates};
     }

@@ -197,18 +197,19 @@ inline int64_t seq_row(const RnnSeqFwd& p, int64_t s, int64_t b) {
 // acc[q][u] += sum over k of h[k] * w[k][q][u]: the GEMV of one register block, all gates of a
 // unit together so the pointwise that follows needs nothing from other threads. w is the block's
 // packed weights (RnnSeqFwd::wp): one contiguous stream of kGates * kSeqUnits per k, zeros past H.
-template <typename A, int kGates>
-inline void seq_gemv(A (&acc)[kGates][kSeqUnits], const A* __restrict h, const A* __restrict w,
+// W: A, or bf16 (a bfloat16 layer's weights read as they are, half the bytes, widened exactly).
+template <typename A, typename W, int kGates>
+inline void seq_gemv(A (&acc)[kGates][kSeqUnits], const A* __restrict h, const W* __restrict w,
                      int64_t H) {
   for (int64_t k = 0; k < H; ++k, w += kGates * kSeqUnits) {
     const A hk = h[k];
     for (int q = 0; q < kGates; ++q)
 #pragma omp simd
-      for (int64_t u = 0; u < kSeqUnits; ++u) acc[q][u] += hk * w[q * kSeqUnits + u];
+      for (int64_t u = 0; u < kSeqUnits; ++u) acc[q][u] += hk * widen(w[q * kSeqUnits + u]);
   }
 }
 
-template <typename A, bool kFull>
+template <typename A, typename W, bool kFull>
 inline void lstm_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict hin,
                            A* __restrict hout, A* __restrict c, int64_t j, int64_t n) {
   const int64_t H = p.H, m = kFull ? kSeqUnits : n;
@@ -217,7 +218,7 @@ inline void lstm_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict 
   A acc[4][kSeqUnits];
   for (int q = 0; q < 4; ++q)
     for (int64_t u = 0; u < kSeqUnits; ++u) acc[q][u] = u < m ? gx[q * H + u] + bx[q * H + u] : 0;
-  seq_gemv<A, 4>(acc, hin, static_cast<const A*>(p.wp) + j * 4 * H, H);
+  seq_gemv<A, W, 4>(acc, hin, static_cast<const W*>(p.wp) + j * 4 * H, H);
   A* __restrict y = static_cast<A*>(p.y) + row * H + j;
   A* __restrict cs = static_cast<A*>(p.cs) + row * H + j;
   A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H + j;
@@ -238,7 +239,7 @@ inline void lstm_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict 
   }
 }
 
-template <typename A, bool kFull>
+template <typename A, typename W, bool kFull>
 inline void gru_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict hin,
                           A* __restrict hout, int64_t j, int64_t n) {
   const int64_t H = p.H, m = kFull ? kSeqUnits : n;
@@ -249,7 +250,7 @@ inline void gru_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict h
   for (int q = 0; q < 3; ++q)
     for (int64_t u = 0; u < kSeqUnits; ++u)
       acc[q][u] = bh != nullptr && u < m ? bh[q * H + j + u] : 0;
-  seq_gemv<A, 3>(acc, hin, static_cast<const A*>(p.wp) + j * 3 * H, H);
+  seq_gemv<A, W, 3>(acc, hin, static_cast<const W*>(p.wp) + j * 3 * H, H);
   A* __restrict y = static_cast<A*>(p.y) + row * H + j;
   A* __restrict gates = static_cast<A*>(p.gates) + row * 4 * H + j;
 #pragma omp simd
@@ -267,7 +268,7 @@ inline void gru_seq_block(const RnnSeqFwd& p, int64_t row, const A* __restrict h
   }
 }
 
-template <typename A, bool kLstm>
+template <typename A, typename W, bool kLstm>
 void seq_fwd_step(const RnnSeqFwd& p, int64_t s, int64_t j0, int64_t j1) {
   const int64_t H = p.H;
   for (int64_t b = 0; b < p.B; ++b) {
@@ -283,14 +284,14 @@ void seq_fwd_step(const RnnSeqFwd& p, int64_t s, int64_t j0, int64_t j1) {
       const int64_t n = imin(kSeqUnits, j1 - j);
       if constexpr (kLstm) {
         if (n == kSeqUnits)
-          lstm_seq_block<A, true>(p, row, hin, hout, c, j, n);
+          lstm_seq_block<A, W, true>(p, row, hin, hout, c, j, n);
         else
-          lstm_seq_block<A, false>(p, row, hin, hout, c, j, n);
+          lstm_seq_block<A, W, false>(p, row, hin, hout, c, j, n);
       } else {
         if (n == kSeqUnits)
-          gru_seq_block<A, true>(p, row, hin, hout, j, n);
+          gru_seq_block<A, W, true>(p, row, hin, hout, j, n);
         else
-          gru_seq_block<A, false>(p, row, hin, hout, j, n);
+          gru_seq_block<A, W, false>(p, row, hin, hout, j, n);
       }
     }
   }
@@ -301,6 +302,8 @@ const RnnKernels kRnnKernels = {
     .lstm_bwd = {lstm_bwd_step<float>, lstm_bwd_step<double>},
     .gru_fwd = {gru_fwd_step<float>, gru_fwd_step<double>},
     .gru_bwd = {gru_bwd_step<float>, gru_bwd_step<double>},
-    .lstm_seq_fwd = {seq_fwd_step<float, true>, seq_fwd_step<double, true>},
-    .gru_seq_fwd = {seq_fwd_step<float, false>, seq_fwd_step<double, false>},
+    .lstm_seq_fwd = {seq_fwd_step<float, float, true>, seq_fwd_step<double, double, true>,
+                     seq_fwd_step<float, bf16, true>},
+    .gru_seq_fwd = {seq_fwd_step<float, float, false>, seq_fwd_step<double, double, false>,
+                    seq_fwd_step<float, bf16, false>},
 };

@@ -85,8 +85,9 @@ struct RnnKernels {
   RnnStepFn lstm_bwd[2];
   RnnStepFn gru_fwd[2];
   RnnStepFn gru_bwd[2];
-  RnnSeqStepFn lstm_seq_fwd[2];
-  RnnSeqStepFn gru_seq_fwd[2];
+  // The sequence kernels' [2]: A = float with bfloat16 weights (RnnSeqFwd::wp).
+  RnnSeqStepFn lstm_seq_fwd[3];
+  RnnSeqStepFn gru_seq_fwd[3];
 };
 
 // One table per ISA, defined in csrc/cpu/isa/{avx512,avx2,scalar}.cpp.

@@ -19,6 +19,23 @@ Isa detect_cpu_isa() {
   return Isa::kScalar;
 }
 
+// __builtin_cpu_supports takes a string literal; each answer is probed once.
+#if defined(__x86_64__) || defined(__i386__)
+#define FASTDL_CPU_SUPPORTS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature) != 0)
+#else
+#define FASTDL_CPU_SUPPORTS(feature) false
+#endif
+
+bool cpu_has_avx512_vnni() {
+  static const bool has = FASTDL_CPU_SUPPORTS("avx512vnni");
+  return has;
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = FASTDL_CPU_SUPPORTS("avx512bf16");
+  return has;
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512:

@@ -15,4 +15,9 @@ void set_cpu_isa(Isa isa);
 const char* isa_name(Isa isa);
 Isa parse_isa(const char* name);
 
+// Extensions beyond what Isa::kAvx512 guarantees, which kernels of its table may use when the CPU
+// has them (the int8 GEMM's AVX512-VNNI, the bfloat16 GEMM's AVX512-BF16).
+bool cpu_has_avx512_vnni();
+bool cpu_has_avx512_bf16();
+
 }  // namespace fastdl

@@ -81,18 +81,6 @@ void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, in
   });
 }
 
-bool has_avx512_bf16() {
-#if defined(__x86_64__)
-  static const bool bf16 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return bf16;
-#else
-  return false;
-#endif
-}
-
 // As sgemm, on the bfloat16 kernels (k blocks of whole pairs).
 void bgemm(const GemmKernels& t, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
            const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,
@@ -160,7 +148,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
 }
 
 bool gemm_bf16_native() {
-  return kernels().block_bf16 != nullptr && has_avx512_bf16();
+  return kernels().block_bf16 != nullptr && cpu_has_avx512_bf16();
 }
 
 void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* A, int64_t lda,
@@ -219,7 +207,7 @@ void PackedB<T>::gemm(bool ta, int64_t m, int64_t n, int64_t k, const T* A, int6
 // PackedBBf16 runs the AVX-512 table whatever the current ISA (set_cpu_isa from another thread
 // may lower it between a caller's gemm_bf16_native() and its packing inside a parallel region).
 const GemmKernels& bf16_kernels() {
-  TORCH_CHECK(has_avx512_bf16(), "fastdl: PackedBBf16 needs AVX512-BF16");
+  TORCH_CHECK(cpu_has_avx512_bf16(), "fastdl: PackedBBf16 needs AVX512-BF16");
 #if defined(__x86_64__)
   return gemm_kernels_avx512();
 #else

@@ -29,25 +29,13 @@ constexpr std::initializer_list<c10::ScalarType> kOutDtypes = {at::kInt, at::kFl
 // Rows per parallel task of the row passes (quantization, A copy).
 constexpr int64_t kRowGrain = 16;
 
-bool has_vnni() {
-#if defined(__x86_64__)
-  static const bool vnni = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vnni") != 0;
-  }();
-  return vnni;
-#else
-  return false;
-#endif
-}
-
 // AVX-512 without VNNI (Skylake-X) runs the AVX2 kernels: vpmaddwd is exact, and AVX-512's
 // vpmaddubsw would saturate like AVX2's.
 const Int8Kernels& kernels() {
   switch (cpu_isa()) {
 #if defined(__x86_64__)
     case Isa::kAvx512:
-      if (has_vnni()) return int8_kernels_avx512();
+      if (cpu_has_avx512_vnni()) return int8_kernels_avx512();
       return int8_kernels_avx2();
     case Isa::kAvx2:
       return int8_kernels_avx2();

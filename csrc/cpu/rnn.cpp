@@ -11,7 +11,8 @@
 // bfloat16 tensors are widened once on entry, so states and sums stay in float across steps, and
 // outputs are rounded once. The sequence-sized GEMMs of a bfloat16 layer multiply bfloat16
 // operands where the CPU has AVX512-BF16 (mm_dtype), summing in float, and so do the per-step
-// recurrent products of the fused forward loops (h rounded to bfloat16 for them).
+// recurrent products of the fused forward and backward loops (h, resp. the gate gradients,
+// rounded to bfloat16 for them); the small-batch sequence kernels read its bfloat16 w_hh as is.
 //
 // Deterministic: the same fixed sequence of GEMMs and row-parallel pointwise passes (each row
 // written by one thread) every run.

@@ -25,6 +25,23 @@ inline void micro_any(int rows, int nv, Args... args) {
   Kern::template run<MR, NV, kPackedA>(args...);
 }
 
+// C tile (MR rows x the `cols` <= NV * W columns at c, ld ldc) = alpha * acc + beta * C; beta 0
+// does not read C (it may hold NaN).
+template <int MR, int NV>
+inline void store_tile(const VecF (&acc)[MR][NV], float* c, int64_t ldc, int64_t cols, float alpha,
+                       float beta) {
+  constexpr int W = VecF::W;
+  const VecF va = VecF::set1(alpha), vb = VecF::set1(beta);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* p = c + r * ldc + v * W;
+      const int64_t len = imin(W, cols - v * W);
+      VecF o = acc[r][v] * va;
+      if (beta != 0.f) o = fma(vb, ld<VecF>(p, len), o);
+      st(p, o, len);
+    }
+}
+
 namespace gemm_f32 {
 
 #if FASTDL_VEC == 512
@@ -58,16 +75,7 @@ inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, floa
       for (int v = 0; v < NV; ++v) acc[r][v] = fma(x, b[v], acc[r][v]);
     }
   }
-  const VecF va = VecF::set1(alpha), vb = VecF::set1(beta);
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) {
-      float* p = c + r * ldc + v * W;
-      const int64_t len = imin(W, cols - v * W);
-      // beta 0 must not read C: it may hold NaN.
-      VecF o = acc[r][v] * va;
-      if (beta != 0.f) o = fma(vb, ld<VecF>(p, len), o);
-      st(p, o, len);
-    }
+  store_tile(acc, c, ldc, cols, alpha, beta);
 }
 
 struct Micro {
@@ -176,9 +184,9 @@ inline __m512 dot(__m512 acc, __m512i a, __m512i b) {
 template <int MR, int NV, bool kPackedA>
 inline void micro(const uint16_t* a, int64_t lda, const uint32_t* bp, int64_t kc, float* c,
                   int64_t ldc, int64_t cols, float alpha, float beta) {
-  __m512 acc[MR][NV];
+  VecF acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = VecF::zero();
   const uint32_t* aw = reinterpret_cast<const uint32_t*>(a);
   const int64_t pairs = kPackedA ? (kc + 1) / 2 : kc / 2;
   for (int64_t q = 0; q < pairs; ++q, bp += kNr) {
@@ -189,7 +197,7 @@ inline void micro(const uint16_t* a, int64_t lda, const uint32_t* bp, int64_t kc
     for (int r = 0; r < MR; ++r) {
       const uint32_t w = kPackedA ? aw[q * kMr + r] : pair_at(a + r * lda + 2 * q);
       const __m512i x = _mm512_set1_epi32(static_cast<int>(w));
-      for (int v = 0; v < NV; ++v) acc[r][v] = dot(acc[r][v], x, b[v]);
+      for (int v = 0; v < NV; ++v) acc[r][v].v = dot(acc[r][v].v, x, b[v]);
     }
   }
   if (!kPackedA && kc % 2 != 0) {  // the last k: A's high half zero, as the panel's
@@ -197,18 +205,10 @@ inline void micro(const uint16_t* a, int64_t lda, const uint32_t* bp, int64_t kc
     for (int v = 0; v < NV; ++v) b[v] = _mm512_load_si512(bp + v * 16);
     for (int r = 0; r < MR; ++r) {
       const __m512i x = _mm512_set1_epi32(static_cast<int>(a[r * lda + kc - 1]));
-      for (int v = 0; v < NV; ++v) acc[r][v] = dot(acc[r][v], x, b[v]);
+      for (int v = 0; v < NV; ++v) acc[r][v].v = dot(acc[r][v].v, x, b[v]);
     }
   }
-  const VecF va = VecF::set1(alpha), vb = VecF::set1(beta);
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) {
-      float* p = c + r * ldc + v * 16;
-      const int64_t len = imin(16, cols - v * 16);
-      VecF o = VecF{acc[r][v]} * va;
-      if (beta != 0.f) o = fma(vb, ld<VecF>(p, len), o);  // beta 0 must not read C
-      st(p, o, len);
-    }
+  store_tile(acc, c, ldc, cols, alpha, beta);
 }
 
 struct Micro {

@@ -247,6 +247,12 @@ at::ScalarType mm_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 && gemm_bf16_native() ? at::kBFloat16 : rnn::acc_type(x);
 }
 
+// w_hh as the fused loops' per-step products read it: the layer's own bfloat16 weights where
+// mm_dtype says bfloat16, else w_hh in the accumulation dtype.
+const at::Tensor& step_weights(const at::Tensor& w_hh_, const at::Tensor& w_hh) {
+  return mm_dtype(w_hh_) == at::kBFloat16 ? w_hh_ : w_hh;
+}
+
 // t as a GEMM operand of dtype dt, contiguous.
 at::Tensor mm_operand(const at::Tensor& t, at::ScalarType dt) {
   return t.to(dt).contiguous();
@@ -315,12 +321,14 @@ void step_gemm(const W& w, int64_t rows, int64_t n, int64_t k, const A* a, int64
 // and at once the fused pointwise on that slice, while its gates are still in cache; h is
 // double-buffered, so one barrier per step is all the ordering needed (instead of a GEMM
 // fork/join and a parallel_for per step). A row whose sequence has ended carries its h over to
-// the other buffer. Returns the buffer holding h_T. E: the element type. bf16 (E float): the
-// recurrent products multiply bfloat16 (mm_dtype), each thread rounding h to bfloat16 per step.
+// the other buffer. Returns the buffer holding h_T. E: the element type. w_hh in E, or bfloat16
+// (E float, see step_weights): the recurrent products then multiply bfloat16, each thread
+// rounding h to bfloat16 per step.
 template <typename E>
 at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
                             const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-                            at::Tensor h, int64_t T, bool bf16) {
+                            at::Tensor h, int64_t T) {
+  const bool bf16 = w_hh.scalar_type() == at::kBFloat16;
   const int64_t B = p.B, H = p.H;
   const std::vector<int64_t> bound = unit_blocks(H);
   const int64_t nb = static_cast<int64_t>(bound.size()) - 1;
@@ -330,7 +338,6 @@ at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
       for (int64_t j = bound[t]; j < bound[t + 1]; ++j) rows.push_back(q * H + j);
   const at::Tensor index = at::from_blob(rows.data(), {k * H}, at::kLong);
   const at::Tensor wperm = w_hh.index_select(0, index).contiguous();
-  const at::Tensor wlow = bf16 ? wperm.to(at::kBFloat16) : at::Tensor();
   const std::optional<at::Tensor> bperm =
       b_hh ? std::optional<at::Tensor>(b_hh->index_select(0, index)) : std::nullopt;
   const at::Tensor gh = at::empty({B, k * H}, h.options());
@@ -344,11 +351,11 @@ at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
     std::vector<int64_t> pos(B);
     std::vector<PackedB<E>> w(bf16 ? 0 : nb);  // this thread's blocks of w_hh^T
     std::vector<PackedBBf16> wb(bf16 ? nb : 0);
-    const at::Tensor hb = bf16 ? at::empty({B, H}, wlow.options()) : at::Tensor();
+    const at::Tensor hb = bf16 ? at::empty({B, H}, wperm.options()) : at::Tensor();
     for (int64_t t = tid; t < nb; t += nt) {
       const int64_t off = k * bound[t] * H, n = k * (bound[t + 1] - bound[t]);
       if (bf16)
-        wb[t].pack(true, H, n, static_cast<const uint16_t*>(wlow.const_data_ptr()) + off, H);
+        wb[t].pack(true, H, n, static_cast<const uint16_t*>(wperm.const_data_ptr()) + off, H);
       else
         w[t].pack(true, H, n, wperm.const_data_ptr<E>() + off, H);
     }
@@ -392,17 +399,17 @@ at::Tensor fused_fwd_region(RnnStepFn fn, RnnStep p, Schedule& sch, int64_t k,
 // lengths an ended row keeps its dh; when the rows of a step are at different positions
 // (reversed with lengths), each thread also gathers its columns of the step's gate gradients
 // into one of two (B, S) buffers before the barrier (zeros, only to keep the product finite,
-// for ended rows). Each element is written by one thread in a fixed order: deterministic. bf16
-// (E float): the products multiply bfloat16, each thread rounding the step's gate gradients.
+// for ended rows). Each element is written by one thread in a fixed order: deterministic. w_hh
+// in E, or bfloat16 (E float, see step_weights): the products then multiply bfloat16, each thread
+// rounding the step's gate gradients.
 template <typename E>
 void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
-                      at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T,
-                      bool bf16) {
+                      at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
+  const bool bf16 = w_hh.scalar_type() == at::kBFloat16;
   const int64_t B = p.B, G = w_hh.size(0);
   const std::vector<int64_t> bound = unit_blocks(p.H);
   const int64_t nb = static_cast<int64_t>(bound.size()) - 1;
   const at::Tensor wc = w_hh.contiguous();
-  const at::Tensor wlow = bf16 ? wc.to(at::kBFloat16) : at::Tensor();
   const int64_t H = p.H, S = dg.size(2);  // S = 4H: 4 runs of H gate-gradient columns
   const bool masked = sch.masked();
   // Positions are shared by every step or by none (they differ only reversed with lengths).
@@ -417,12 +424,12 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
     std::vector<E> kept;  // with lengths: the ended rows' dh columns of this thread's block
     std::vector<PackedB<E>> w(bf16 ? 0 : nb);  // this thread's column blocks of w_hh
     std::vector<PackedBBf16> wb(bf16 ? nb : 0);
-    const at::Tensor dgb = bf16 ? at::empty({B, G}, wlow.options()) : at::Tensor();
+    const at::Tensor dgb = bf16 ? at::empty({B, G}, wc.options()) : at::Tensor();
     for (int64_t t = tid; t < nb; t += nt) {
       const int64_t n = bound[t + 1] - bound[t];
       if (bf16)
-        wb[t].pack(false, G, n, static_cast<const uint16_t*>(wlow.const_data_ptr()) + bound[t],
-                   wlow.stride(0));
+        wb[t].pack(false, G, n, static_cast<const uint16_t*>(wc.const_data_ptr()) + bound[t],
+                   wc.stride(0));
       else
         w[t].pack(false, G, n, wc.const_data_ptr<E>() + bound[t], wc.stride(0));
     }
@@ -471,22 +478,20 @@ void fused_bwd_region(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::T
 }
 
 // fused_fwd_region / fused_bwd_region for the element type of the tensors.
-// bf16: the recurrent products multiply bfloat16 (see fused_fwd_region).
 at::Tensor fused_fwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, int64_t k,
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-                           const at::Tensor& h, int64_t T, bool bf16) {
+                           const at::Tensor& h, int64_t T) {
   if (h.scalar_type() == at::kDouble)
-    return fused_fwd_region<double>(fn, p, sch, k, w_hh, b_hh, h, T, false);
-  return fused_fwd_region<float>(fn, p, sch, k, w_hh, b_hh, h, T, bf16);
+    return fused_fwd_region<double>(fn, p, sch, k, w_hh, b_hh, h, T);
+  return fused_fwd_region<float>(fn, p, sch, k, w_hh, b_hh, h, T);
 }
 
 void fused_bwd_steps(RnnStepFn fn, const RnnStep& p, Schedule& sch, const at::Tensor& w_hh,
-                     at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T,
-                     bool bf16) {
+                     at::Tensor& dh, const at::Tensor& dg, const at::Tensor* direct, int64_t T) {
   if (dh.scalar_type() == at::kDouble)
-    fused_bwd_region<double>(fn, p, sch, w_hh, dh, dg, direct, T, false);
+    fused_bwd_region<double>(fn, p, sch, w_hh, dh, dg, direct, T);
   else
-    fused_bwd_region<float>(fn, p, sch, w_hh, dh, dg, direct, T, bf16);
+    fused_bwd_region<float>(fn, p, sch, w_hh, dh, dg, direct, T);
 }
 
 const void* ptr_or_null(const std::optional<at::Tensor>& t) {
@@ -584,8 +589,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                       .y = y.data_ptr(),
                       .gates = gates.data_ptr(),
                       .cs = cs.data_ptr()};
-      h = fused_fwd_steps(kernels().lstm_fwd[dbl], p, sch, 4, w_hh, std::nullopt, h, T,
-                          mm_dtype(x_) == at::kBFloat16);
+      h = fused_fwd_steps(kernels().lstm_fwd[dbl], p, sch, 4, step_weights(w_hh_, w_hh),
+                          std::nullopt, h, T);
       const auto dtype = x_.scalar_type();
       return {y.to(dtype), h.to(dtype), c.to(dtype), gates, cs};
     }
@@ -659,7 +664,7 @@ lstm_layer_bwd(const std::optional<at::Tensor>& grad_y_, const std::optional<at:
               .dc = dc.data_ptr()};
     const RnnStepFn fn = kernels().lstm_bwd[w_hh.scalar_type() == at::kDouble];
     const bool fused = !w_hr && B > kSeqMaxBatch;
-    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, nullptr, T, mm_dtype(x_) == at::kBFloat16);
+    if (fused) fused_bwd_steps(fn, p, sch, step_weights(w_hh_, w_hh), dh, dg, nullptr, T);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
       if (w_hr) {
@@ -744,8 +749,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(
                     .bx = bx.const_data_ptr(),
                     .y = y.data_ptr(),
                     .gates = gates.data_ptr()};
-    h = fused_fwd_steps(kernels().gru_fwd[dbl], p, sch, 3, w_hh, bh, h, T,
-                        mm_dtype(x_) == at::kBFloat16);
+    h = fused_fwd_steps(kernels().gru_fwd[dbl], p, sch, 3, step_weights(w_hh_, w_hh), bh, h, T);
   }
   const auto dtype = x_.scalar_type();
   return {y.to(dtype), h.to(dtype), gates};
@@ -783,7 +787,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               .dh_direct = direct.data_ptr()};
     const RnnStepFn fn = kernels().gru_bwd[w_hh.scalar_type() == at::kDouble];
     const bool fused = B > kSeqMaxBatch;
-    if (fused) fused_bwd_steps(fn, p, sch, w_hh, dh, dg, &direct, T, mm_dtype(x_) == at::kBFloat16);
+    if (fused) fused_bwd_steps(fn, p, sch, step_weights(w_hh_, w_hh), dh, dg, &direct, T);
     for (int64_t s = fused ? -1 : T - 1; s >= 0; --s) {
       p.pos = sch.step(s);
       run_rows(fn, p, S);

@@ -208,8 +208,9 @@ class KeyBlocks {
                                                     int64_t n) {
     // Heads that share K (kv heads or a batch expanded with stride 0) reuse the packed blocks,
     // as long as they share V and the key count too.
-    if (h.k != key_k_ || h.v != key_v_ || h.Sk != key_sk_) {
-      key_k_ = h.k;
+    const void* key = h.kb != nullptr ? static_cast<const void*>(h.kb) : h.k;
+    if (key != key_k_ || h.v != key_v_ || h.Sk != key_sk_) {
+      key_k_ = key;
       key_v_ = h.v;
       key_sk_ = h.Sk;
       std::fill(ready_.begin(), ready_.end(), 0);
@@ -235,7 +236,7 @@ class KeyBlocks {
     kt.pack(h, D, j0, n);
     v.pack(false, n, D, h.v + j0 * h.ldv, h.ldv);
   }
-  const T* key_k_ = nullptr;
+  const void* key_k_ = nullptr;  // h.kb or h.k: what the scores read
   const T* key_v_ = nullptr;
   int64_t key_sk_ = -1;
   std::vector<KeysT<T>> kt_;
@@ -471,34 +472,56 @@ at::Tensor compute_view(const at::Tensor& t, int64_t row_dim) {
 }
 
 // The bfloat16 inputs as the products of two inputs read them (see Head), where the CPU
-// multiplies bfloat16 natively; else all undefined. go: grad_out, for the backward.
+// multiplies bfloat16 natively; else all undefined. The forward reads q and k (v and go null),
+// the backward all four (go: grad_out).
 struct Bf16Inputs {
   at::Tensor q, k, v, go;
 };
 
-Bf16Inputs bf16_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+Bf16Inputs bf16_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
                        const at::Tensor* go, int64_t row_dim) {
   if (q.scalar_type() != at::kBFloat16 || !gemm_bf16_native()) return {};
-  return {gemm_ready(q, row_dim), gemm_ready(k, row_dim), gemm_ready(v, row_dim),
-          go != nullptr ? gemm_ready(*go, row_dim) : at::Tensor()};
+  const auto ready = [&](const at::Tensor* t) {
+    return t != nullptr ? gemm_ready(*t, row_dim) : at::Tensor();
+  };
+  return {ready(&q), ready(&k), ready(v), ready(go)};
 }
 
-// Element (a, b, 0, ...) of a bfloat16 tensor, as bits.
-const uint16_t* bits_at(const at::Tensor& t, int64_t a, int64_t b) {
-  return static_cast<const uint16_t*>(t.const_data_ptr()) + a * t.stride(0) + b * t.stride(1);
+// t widened for the float32 products (compute_view), unless its products all read the bfloat16
+// bits (defined): undefined then.
+at::Tensor widened_unless(const at::Tensor& t, const at::Tensor& bits, int64_t row_dim) {
+  return bits.defined() ? at::Tensor() : compute_view(t, row_dim);
 }
 
-// h's bfloat16 pointers: query head (a, hq) and key head (ak, hk) of lo, rows along row_dim.
+// Element (a, b, 0, ...) of t as E (bfloat16: its bits), null when t is undefined.
+template <typename E>
+const E* elem_at(const at::Tensor& t, int64_t a, int64_t b) {
+  if (!t.defined()) return nullptr;
+  return static_cast<const E*>(t.const_data_ptr()) + a * t.stride(0) + b * t.stride(1);
+}
+
+int64_t ld_or_0(const at::Tensor& t, int64_t row_dim) {
+  return t.defined() ? row_ld(t, row_dim) : 0;
+}
+
+// Query head (a, hq) and key head (ak, hk) of the widened q/k/v and of lo's bits, rows along
+// row_dim (dense: (B, H, S, D), varlen: (T, H, D)).
 template <typename T>
-void set_bf16(Head<T>& r, const Bf16Inputs& lo, int64_t a, int64_t hq, int64_t ak, int64_t hk,
-              int64_t row_dim) {
-  if (!lo.q.defined()) return;
-  r.qb = bits_at(lo.q, a, hq);
-  r.kb = bits_at(lo.k, ak, hk);
-  r.vb = bits_at(lo.v, ak, hk);
-  r.ldqb = row_ld(lo.q, row_dim);
-  r.ldkb = row_ld(lo.k, row_dim);
-  r.ldvb = row_ld(lo.v, row_dim);
+void set_heads(Head<T>& r, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const Bf16Inputs& lo, int64_t a, int64_t hq, int64_t ak, int64_t hk,
+               int64_t row_dim) {
+  r.q = elem_at<T>(q, a, hq);
+  r.k = elem_at<T>(k, ak, hk);
+  r.v = elem_at<T>(v, ak, hk);
+  r.ldq = ld_or_0(q, row_dim);
+  r.ldk = ld_or_0(k, row_dim);
+  r.ldv = ld_or_0(v, row_dim);
+  r.qb = elem_at<uint16_t>(lo.q, a, hq);
+  r.kb = elem_at<uint16_t>(lo.k, ak, hk);
+  r.vb = elem_at<uint16_t>(lo.v, ak, hk);
+  r.ldqb = ld_or_0(lo.q, row_dim);
+  r.ldkb = ld_or_0(lo.k, row_dim);
+  r.ldvb = ld_or_0(lo.v, row_dim);
 }
 
 // The Head of (b, h).
@@ -508,13 +531,7 @@ Head<T> dense_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    int64_t b, int64_t h, int64_t offset) {
   const int64_t hk = h / (d.Hq / d.Hkv);
   Head<T> r{};
-  set_bf16(r, lo, b, h, b, hk, 2);
-  r.q = q.const_data_ptr<T>() + b * q.stride(0) + h * q.stride(1);
-  r.k = k.const_data_ptr<T>() + b * k.stride(0) + hk * k.stride(1);
-  r.v = v.const_data_ptr<T>() + b * v.stride(0) + hk * v.stride(1);
-  r.ldq = row_ld(q, 2);
-  r.ldk = row_ld(k, 2);
-  r.ldv = row_ld(v, 2);
+  set_heads(r, q, k, v, lo, b, h, b, hk, 2);
   if (mask.defined()) {
     r.mask = mask.const_data_ptr<T>() + b * mask.stride(0) + h * mask.stride(1);
     r.msi = mask.stride(2);
@@ -538,12 +555,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   const at::Tensor mask = attention::additive_mask(kFwd, attn_mask, q_, d);
   auto [out, lse] = attention::sdpa_outputs(q_, d);
   if (out.numel() == 0) return {out, lse};
-  const at::Tensor q = compute_view(q_, 2), k = compute_view(k_, 2), v = compute_view(v_, 2);
-  const Bf16Inputs lo = bf16_inputs(q_, k_, v_, nullptr, 2);
-  at::Tensor out_c = out.scalar_type() == q.scalar_type() ? out : at::empty_like(out, q.options());
+  const Bf16Inputs lo = bf16_inputs(q_, k_, nullptr, nullptr, 2);
+  const at::Tensor q = widened_unless(q_, lo.q, 2), k = widened_unless(k_, lo.k, 2);
+  const at::Tensor v = compute_view(v_, 2);
+  at::Tensor out_c = out.scalar_type() == v.scalar_type() ? out : at::empty_like(out, v.options());
   const Opts o = make_opts(d.D, scale, p, seed, left, right, bottom_right);
   const int64_t nqb = (d.Sq + kBlockQ - 1) / kBlockQ;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "attention_fwd", [&] {
     using T = scalar_t;
     // A thread takes a whole head at a time (its key blocks packed once) when there are heads
     // enough to go round.
@@ -583,9 +601,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
              gv = new_output(v_.sizes(), copt).zero_();
   at::Tensor gm_full = want_mask ? new_output({d.B, d.Hq, d.Sq, d.Sk}, copt).zero_() : at::Tensor();
   if (q_.numel() > 0 && k_.numel() > 0) {
-    const at::Tensor q = compute_view(q_, 2), k = compute_view(k_, 2), v = compute_view(v_, 2);
+    const Bf16Inputs lo = bf16_inputs(q_, k_, &v_, &grad_out_, 2);
+    const at::Tensor q = compute_view(q_, 2), k = compute_view(k_, 2);
+    const at::Tensor v = widened_unless(v_, lo.v, 2);
     const at::Tensor go = compute_view(grad_out_, 2), out = compute_view(out_, 2);
-    const Bf16Inputs lo = bf16_inputs(q_, k_, v_, &grad_out_, 2);
     const at::Tensor lse = lse_.contiguous();
     const Opts o = make_opts(d.D, scale, p, seed, left, right, bottom_right);
     const int64_t group = d.Hq / d.Hkv;
@@ -607,8 +626,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               hs[g] = dense_head<T>(q, k, v, lo, mask, d, b, h, offset);
               gs[g] = {go.const_data_ptr<T>() + b * go.stride(0) + h * go.stride(1),
                        row_ld(go, 2),
-                       lo.go.defined() ? bits_at(lo.go, b, h) : nullptr,
-                       lo.go.defined() ? row_ld(lo.go, 2) : 0,
+                       elem_at<uint16_t>(lo.go, b, h),
+                       ld_or_0(lo.go, 2),
                        lse.const_data_ptr<T>() + bh * d.Sq,
                        nullptr,
                        nullptr,
@@ -651,13 +670,7 @@ Head<T> varlen_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const int64_t* ck, int64_t n, int64_t h, int64_t offset) {
   const int64_t hk = h / (d.Hq / d.Hkv);
   Head<T> r{};
-  set_bf16(r, lo, cq[n], h, ck[n], hk, 0);
-  r.q = q.const_data_ptr<T>() + cq[n] * q.stride(0) + h * q.stride(1);
-  r.k = k.const_data_ptr<T>() + ck[n] * k.stride(0) + hk * k.stride(1);
-  r.v = v.const_data_ptr<T>() + ck[n] * v.stride(0) + hk * v.stride(1);
-  r.ldq = row_ld(q, 0);
-  r.ldk = row_ld(k, 0);
-  r.ldv = row_ld(v, 0);
+  set_heads(r, q, k, v, lo, cq[n], h, ck[n], hk, 0);
   r.Sq = cq[n + 1] - cq[n];
   r.Sk = ck[n + 1] - ck[n];
   r.ctr_ld = static_cast<uint64_t>(d.Tk);
@@ -676,9 +689,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
   at::Tensor out = new_output({d.Tq, d.Hq, d.D}, q_.options());
   at::Tensor lse =
       new_output({d.Hq, d.Tq}, q_.options().dtype(attention::acc_type(q_.scalar_type())));
-  const at::Tensor q = compute_view(q_, 0), k = compute_view(k_, 0), v = compute_view(v_, 0);
-  const Bf16Inputs lo = bf16_inputs(q_, k_, v_, nullptr, 0);
-  at::Tensor out_c = out.scalar_type() == q.scalar_type() ? out : at::empty_like(out, q.options());
+  const Bf16Inputs lo = bf16_inputs(q_, k_, nullptr, nullptr, 0);
+  const at::Tensor q = widened_unless(q_, lo.q, 0), k = widened_unless(k_, lo.k, 0);
+  const at::Tensor v = compute_view(v_, 0);
+  at::Tensor out_c = out.scalar_type() == v.scalar_type() ? out : at::empty_like(out, v.options());
   const int64_t* cq = cu_q.const_data_ptr<int64_t>();
   const int64_t* ck = cu_k.const_data_ptr<int64_t>();
   std::vector<std::pair<int64_t, int64_t>> blocks;  // (sequence, first query row)
@@ -686,7 +700,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
     for (int64_t i0 = 0; i0 < cq[n + 1] - cq[n]; i0 += kBlockQ) blocks.emplace_back(n, i0);
   const int64_t nb = static_cast<int64_t>(blocks.size());
   const Opts o = make_opts(d.D, scale, p, seed, left, right, bottom_right);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "varlen_attention_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "varlen_attention_fwd", [&] {
     using T = scalar_t;
     parallel_claim(d.Hq * nb, 1, [&](const auto& claim) {
       const SequentialBlas sequential;
@@ -720,9 +734,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
   const auto copt = q_.options().dtype(attention::acc_type(q_.scalar_type()));
   at::Tensor gq = new_output(q_.sizes(), copt).zero_(), gk = new_output(k_.sizes(), copt).zero_(),
              gv = new_output(v_.sizes(), copt).zero_();
-  const at::Tensor q = compute_view(q_, 0), k = compute_view(k_, 0), v = compute_view(v_, 0);
+  const Bf16Inputs lo = bf16_inputs(q_, k_, &v_, &grad_out_, 0);
+  const at::Tensor q = compute_view(q_, 0), k = compute_view(k_, 0);
+  const at::Tensor v = widened_unless(v_, lo.v, 0);
   const at::Tensor go = compute_view(grad_out_, 0), out = compute_view(out_, 0);
-  const Bf16Inputs lo = bf16_inputs(q_, k_, v_, &grad_out_, 0);
   const at::Tensor lse = lse_.contiguous();
   const int64_t* cq = cu_q.const_data_ptr<int64_t>();
   const int64_t* ck = cu_k.const_data_ptr<int64_t>();
@@ -746,8 +761,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
             hs[g] = varlen_head<T>(q, k, v, lo, d, cq, ck, n, h, offset);
             gs[g] = {go.const_data_ptr<T>() + cq[n] * go.stride(0) + h * go.stride(1),
                      row_ld(go, 0),
-                     lo.go.defined() ? bits_at(lo.go, cq[n], h) : nullptr,
-                     lo.go.defined() ? row_ld(lo.go, 0) : 0,
+                     elem_at<uint16_t>(lo.go, cq[n], h),
+                     ld_or_0(lo.go, 0),
                      lse.const_data_ptr<T>() + h * d.Tq + cq[n],
                      nullptr,
                      nullptr,

@@ -321,42 +321,68 @@ def test_taps_weight_gradient_in_groups_of_images():
 
 
 BF16_CONVS = {
-    # name: (x shape, weight shape, stride, padding, dilation, groups, channels_last x); none
-    # on Winograd (stride 1, 3x3) or the per-tap GEMMs (groups 1 with > 25% of the taps on padding)
-    "1x1 direct": ((2, 24, 6, 7), (40, 24, 1, 1), 1, 0, 1, 1, True),
-    "3x3 s2 deep (c,r,s) columns": ((2, 70, 16, 16), (160, 70, 3, 3), 2, 1, 1, 1, False),
-    "7x7 s2 stem": ((2, 3, 31, 29), (16, 3, 7, 7), 2, 3, 1, 1, False),
-    "grouped dilated": ((2, 12, 11, 9), (18, 4, 3, 3), 1, 2, 2, 3, True),
+    # name: (x shape, weight shape, stride, padding, dilation, groups, channels_last x, fused
+    # bias + residual + ReLU); none on Winograd (stride 1, 3x3) or the per-tap GEMMs (groups 1
+    # with > 25% of the taps on padding)
+    "1x1 direct": ((2, 24, 6, 7), (40, 24, 1, 1), 1, 0, 1, 1, True, True),
+    "3x3 s2 deep (c,r,s) columns": ((2, 70, 16, 16), (160, 70, 3, 3), 2, 1, 1, 1, False, False),
+    "7x7 s2 stem": ((2, 3, 31, 29), (16, 3, 7, 7), 2, 3, 1, 1, False, True),
+    "grouped dilated": ((2, 12, 11, 9), (18, 4, 3, 3), 1, 2, 2, 3, True, False),
+    "transposed 4x4 s2": ((2, 32, 7, 6), (32, 24, 4, 4), 2, 1, 1, 1, False, None),
 }
+
+
+def _bf16_conv(x, w, b, res, spec, fn):
+    """The conv of BF16_CONVS' spec by fn (fastdl's or torch.nn.functional's module)."""
+    stride, pad, dil, groups, fused = spec[2], spec[3], spec[4], spec[5], spec[7]
+    if fused is None:
+        return fn.conv_transpose2d(x, w, b, stride, pad, 0, groups, dil)
+    if fused and fn is fastdl:
+        return fastdl.conv2d(x, w, b, stride, pad, dil, groups, residual=res, activation="relu")
+    y = fn.conv2d(x, w, b, stride, pad, dil, groups)
+    return torch.relu(y + res) if fused else y
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", list(BF16_CONVS))
-def test_every_isa_bfloat16_forward(isa, name):
-    """bfloat16 forwards on the implicit GEMM: with AVX512-BF16 they multiply the bfloat16 x and
-    weight as they are (gemm_bf16), elsewhere widened; both within twice torch's bfloat16 error
-    and equal to each other up to the output's rounding. Bias, residual and ReLU fused."""
-    xs, ws, stride, pad, dil, groups, cl = BF16_CONVS[name]
+def test_every_isa_bfloat16(isa, name):
+    """bfloat16 convs on the implicit GEMM, forward and every gradient: with AVX512-BF16 they
+    multiply bfloat16 operands as they are (gemm_bf16: x and the weight; the output gradient
+    and x for the input and weight gradients; a fused ReLU's gradient rounded to bfloat16
+    first), elsewhere widened; both within twice torch's bfloat16 error of the float64 result,
+    and equal to each other up to bfloat16 rounding. conv_transpose2d's forward is the input
+    gradient of its adjoint conv."""
+    spec = BF16_CONVS[name]
     torch.manual_seed(0)
-    x = torch.randn(xs).to(torch.bfloat16)
-    x = x.contiguous(memory_format=torch.channels_last) if cl else x
-    w, b = torch.randn(ws).to(torch.bfloat16), torch.randn(ws[0]).to(torch.bfloat16)
-    args = (stride, pad, dil, groups)
-    base = torch.nn.functional.conv2d(x, w, b, *args)
-    res = torch.randn(base.shape).to(torch.bfloat16)
+    x = torch.randn(spec[0]).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last) if spec[6] else x
+    w = torch.randn(spec[1]).to(torch.bfloat16)
+    b = torch.randn(w.shape[1 if spec[7] is None else 0]).to(torch.bfloat16)
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    base = _bf16_conv(x, w, b, None, spec, torch.nn.functional) if spec[7] is not True else None
+    shape = (base if base is not None else torch.nn.functional.conv2d(x, w, b, *spec[2:6])).shape
+    res = torch.randn(shape).to(torch.bfloat16).requires_grad_() if spec[7] else None
+    inputs += [res] if res is not None else []
+    g = torch.randn(shape).to(torch.bfloat16)
+
+    def grads(fn, ts):
+        y = _bf16_conv(*ts[:3], ts[3] if len(ts) > 3 else None, spec, fn)
+        return [y.detach(), *torch.autograd.grad(y, ts, g.to(y.dtype))]
+
     runs = []
     for which in (isa, "scalar"):
         previous = _ext.cpu_isa()
         _ext.set_cpu_isa(which)
         try:
-            with fastdl.backend(NATIVE_CPU.name), torch.no_grad():
-                runs.append(fastdl.conv2d(x, w, b, *args, residual=res, activation="relu"))
+            with fastdl.backend(NATIVE_CPU.name):
+                runs.append(grads(fastdl, inputs))
         finally:
             _ext.set_cpu_isa(previous)
-    exact = torch.relu(ref_conv2d(x.double(), w.double(), b.double(), *args) + res.double())
-    lowp = torch.relu(base + res)
-    torch_err = (lowp.double() - exact).abs().max().item()
-    for y in runs:
-        assert y.dtype == torch.bfloat16 and y.shape == exact.shape
-        assert (y.double() - exact).abs().max().item() <= 2 * torch_err + 1e-6
-    assert (runs[0].double() - runs[1].double()).abs().max() <= 2**-7 * exact.abs().max()
+    exact = grads(torch.nn.functional, [t.detach().double().requires_grad_() for t in inputs])
+    lowp = grads(torch.nn.functional, inputs)
+    for i, want in enumerate(exact):
+        torch_err = (lowp[i].double() - want).abs().max().item()
+        for got in (run[i] for run in runs):
+            assert got.dtype == torch.bfloat16 and got.shape == want.shape
+            assert (got.double() - want).abs().max().item() <= 2 * torch_err + 1e-6, i
+        assert (runs[0][i].double() - runs[1][i].double()).abs().max() <= 2**-7 * want.abs().max()

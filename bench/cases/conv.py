@@ -180,6 +180,11 @@ CASES = [
     ),
     _case("conv2d 3x3", "fwd", RESNET, BF16, "", None, 64, 3, 1, 1, _3x3),
     _case("conv2d 3x3", "fwd", RESNET, BF16, CL, None, 64, 3, 1, 1, _3x3),
+    # bfloat16 training: the implicit GEMM's three products on gemm_bf16 (1x1, stride 2), the
+    # stride-1 3x3 on float32 Winograd.
+    _case("conv2d 1x1", "fwd+bwd", (32, 256, 56, 56), BF16, CL, None, 64, 1, 1, 0, _conv(1, 0)),
+    _case("conv2d 3x3 s2", "fwd+bwd", (32, 128, 56, 56), BF16, "", None, 128, 3, 2, 1, _conv(2, 1)),
+    _case("conv2d 3x3", "fwd+bwd", RESNET, BF16, CL, None, 64, 3, 1, 1, _3x3),
     # ResNet-18 on 32x32 images: the deep layers (many channels, few pixels; reported beside
     # torch, no target of the issue) and a stride-2 downsampling conv and its 1x1 shortcut.
     *(

@@ -15,7 +15,10 @@
 // (conv_winograd.cpp). conv_transpose2d is the adjoint conv2d (common/conv.h), so its forward is
 // the conv2d input gradient.
 //
-// bfloat16 is computed in float32 (converted at the edges). Determinism: the weight/bias
+// bfloat16 is multiplied as it is on the implicit GEMM where the CPU has AVX512-BF16 (forward,
+// input and weight gradients: gemm_bf16, exact products summed in float32), else widened to
+// float32 (Winograd, the per-tap GEMMs, the depthwise conv); sums and outputs are float32 until
+// the final rounding. Determinism: the weight/bias
 // gradient sums run over chunks of blocks fixed by the shapes alone, merged in a fixed order, so
 // results are bit-identical from run to run and for any number of threads.
 #include <algorithm>
@@ -204,6 +207,50 @@ std::vector<PackedOf<E>> pack_weight(const Gemm& p, const E* wmat, bool trans) {
 }
 template std::vector<PackedB<float>> pack_weight<float>(const Gemm&, const float*, bool);
 
+// Whether p's implicit GEMM multiplies operands of `dtype` as they are: bfloat16 on gemm_bf16
+// where the CPU runs it natively (exact products, float sums: the precision of the widened path).
+bool bf16_products(const Gemm& p, at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && p.wino == 0 && !p.taps && gemm_bf16_native();
+}
+
+// The GEMMs of the implicit-GEMM paths for operands of elements E (T, or bfloat16 bits with T
+// float): im2col of a block, the product with a packed weight, and A^T B of two unpacked
+// operands (cpu/gemm.h's signatures).
+template <typename T, typename E>
+void im2col(const Gemm& p, const E* x, int64_t m0, int64_t mb, int64_t g, E* col) {
+  if constexpr (std::is_same_v<E, uint16_t>)
+    kernels().im2col_bf16(p.a, x, m0, mb, g, col);
+  else
+    kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col);
+}
+
+template <typename T, typename E>
+void packed_gemm(const PackedOf<E>& b, int64_t m, int64_t n, int64_t k, const E* A, int64_t lda,
+                 T beta, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<E, uint16_t>)
+    b.gemm(m, n, k, A, lda, beta, C, ldc);
+  else
+    b.gemm(false, m, n, k, A, lda, beta, C, ldc);
+}
+
+template <typename T, typename E>
+void gemm_tn(int64_t m, int64_t n, int64_t k, const E* A, int64_t lda, const E* B, int64_t ldb,
+             T beta, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<E, uint16_t>)
+    gemm_bf16(true, false, m, n, k, A, lda, B, ldb, beta, C, ldc);
+  else
+    gemm<T>(true, false, m, n, k, A, lda, B, ldb, beta, C, ldc);
+}
+
+// e as the accumulation type T.
+template <typename T, typename E>
+T widened(E e) {
+  if constexpr (std::is_same_v<E, uint16_t>)
+    return static_cast<float>(c10::BFloat16(e, c10::BFloat16::from_bits()));
+  else
+    return e;
+}
+
 // Rows [m0, m0 + mb) (mb <= p.rows) of out (in its layout, via p.a.out_*) = epilogue(conv(x,
 // wmat)): im2col into col (unless p.direct), the GEMM into eb.acc, the epilogue.
 
@@ -214,17 +261,10 @@ void forward_rows(const Gemm& p, const E* x, const std::vector<PackedOf<E>>& wp,
   for (int64_t g = 0; g < p.a.groups; ++g) {
     const E* A = x + m0 * p.a.C + g * p.cg;
     if (!p.direct) {
-      if constexpr (std::is_same_v<E, uint16_t>)
-        kernels().im2col_bf16(p.a, x, m0, mb, g, col);
-      else
-        kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col);
+      im2col<T>(p, x, m0, mb, g, col);
       A = col;
     }
-    const int64_t lda = p.direct ? p.a.C : p.j;
-    if constexpr (std::is_same_v<E, uint16_t>)
-      wp[g].gemm(mb, p.kg, p.j, A, lda, 0.f, acc, p.kg);
-    else
-      wp[g].gemm(false, mb, p.kg, p.j, A, lda, T(0), acc, p.kg);
+    packed_gemm<T, E>(wp[g], mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, T(0), acc, p.kg);
     kernels().epilogue[dt<T>()](p.a, eb, m0, mb, g);
   }
 }
@@ -251,18 +291,19 @@ const uint16_t* bits(const at::Tensor& t) {
   return static_cast<const uint16_t*>(t.const_data_ptr());
 }
 
-// grad_x (N, H, W, C), zero-filled, += the input gradient of gpre (M, K).
-template <typename T>
-void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
+// grad_x (N, H, W, C) = the input gradient of gpre (M, K): written by the GEMMs when p.direct,
+// else added by col2im into a zero-filled grad_x (T, E: as forward_rows).
+template <typename T, typename E = T>
+void backward_input(const Gemm& p, const E* gpre, const E* wmat, T* gx) {
   const int64_t K = p.a.K, C = p.a.C;
-  const std::vector<PackedB<T>> wp = pack_weight(p, wmat, false);
+  const std::vector<PackedOf<E>> wp = pack_weight(p, wmat, false);
   if (p.direct) {  // rows map one to one onto input pixels (j = cg): no scatter, any block split
     at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
         for (int64_t g = 0; g < p.a.groups; ++g)
-          wp[g].gemm(false, mb, p.cg, p.kg, gpre + m0 * K + g * p.kg, K, T(0),
-                     gx + m0 * C + g * p.cg, C);
+          packed_gemm<T, E>(wp[g], mb, p.cg, p.kg, gpre + m0 * K + g * p.kg, K, T(0),
+                            gx + m0 * C + g * p.cg, C);
       }
     });
     return;
@@ -279,7 +320,8 @@ void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
       for (int64_t m0 = t * per * pq; m0 < end; m0 += step) {
         const int64_t mb = std::min(step, end - m0);
         for (int64_t g = 0; g < p.a.groups; ++g) {
-          wp[g].gemm(false, mb, p.j, p.kg, gpre + m0 * K + g * p.kg, K, T(0), gcol.data(), p.j);
+          packed_gemm<T, E>(wp[g], mb, p.j, p.kg, gpre + m0 * K + g * p.kg, K, T(0), gcol.data(),
+                            p.j);
           kernels().col2im[dt<T>()](p.a, gcol.data(), m0, mb, g, gx);
         }
       }
@@ -287,9 +329,10 @@ void backward_input(const Gemm& p, const T* gpre, const T* wmat, T* gx) {
   });
 }
 
-// gw (K, R, S, C/G) = (col^T gpre)^T and gb (K) = column sums of gpre (either may be null).
-template <typename T>
-void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
+// gw (K, R, S, C/G) = (col^T gpre)^T and gb (K) = column sums of gpre (either may be null; T,
+// E: as forward_rows).
+template <typename T, typename E = T>
+void backward_params(const Gemm& p, const E* x, const E* gpre, T* gw, T* gb) {
   const int64_t K = p.a.K, wsize = p.a.groups * p.j * p.kg, part = wsize + K;
   // part is 0 for a conv without output channels (nothing to sum, one chunk).
   const int64_t chunks = std::max<int64_t>(
@@ -299,7 +342,7 @@ void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
   // zeroed here (fresh zero-filled pages cost as much as a pass over the gradient).
   const std::unique_ptr<T[]> partial(new T[chunks * part]);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> col(p.direct || gw == nullptr ? 0 : p.rows * p.j);
+    std::vector<E> col(p.direct || gw == nullptr ? 0 : p.rows * p.j);
     for (int64_t c = c0; c < c1; ++c) {
       T* pw = partial.get() + c * part;
       T* pb = pw + wsize;
@@ -308,15 +351,15 @@ void backward_params(const Gemm& p, const T* x, const T* gpre, T* gw, T* gb) {
       for (int64_t b = first; b < (c + 1) * p.blocks / chunks; ++b) {
         const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
         for (int64_t m = m0; gb != nullptr && m < m0 + mb; ++m)
-          for (int64_t k = 0; k < K; ++k) pb[k] += gpre[m * K + k];
+          for (int64_t k = 0; k < K; ++k) pb[k] += widened<T>(gpre[m * K + k]);
         for (int64_t g = 0; gw != nullptr && g < p.a.groups; ++g) {
-          const T* A = x + m0 * p.a.C + g * p.cg;
+          const E* A = x + m0 * p.a.C + g * p.cg;
           if (!p.direct) {
-            kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col.data());
+            im2col<T>(p, x, m0, mb, g, col.data());
             A = col.data();
           }
-          gemm<T>(true, false, p.kg, p.j, mb, gpre + m0 * K + g * p.kg, K, A,
-                  p.direct ? p.a.C : p.j, T(b == first ? 0 : 1), pw + g * p.kg * p.j, p.j);
+          gemm_tn<T, E>(p.kg, p.j, mb, gpre + m0 * K + g * p.kg, K, A, p.direct ? p.a.C : p.j,
+                        T(b == first ? 0 : 1), pw + g * p.kg * p.j, p.j);
         }
       }
     }
@@ -376,11 +419,8 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
     });
     return;
   }
-  // A bfloat16 conv on the implicit GEMM multiplies its bfloat16 x and weight as they are, where
-  // the CPU does natively (gemm_bf16: exact products, float sums, the precision of the widened
-  // path); Winograd and the per-tap GEMMs take them widened.
   if constexpr (std::is_same_v<T, float>) {
-    if (p.wino == 0 && !p.taps && x.scalar_type() == at::kBFloat16 && gemm_bf16_native()) {
+    if (bf16_products(p, x.scalar_type())) {
       const at::Tensor xb = as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast);
       const at::Tensor wb = weight_matrix(weight, p, at::kBFloat16);
       return forward<float, uint16_t>(p, bits(xb), bits(wb), e);
@@ -422,37 +462,48 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
           pre.dim() == 4 ? as_output(pre, x.scalar_type(), fmt) : pre.to(x.scalar_type())};
 }
 
-// Parameter and input gradients of the conv2d whose input is xn (NHWC memory, or NCHW float32
-// that Winograd reads block by block: conv_winograd.cpp) and whose pre-activation gradient is
-// gpre (M, K) row-major. Masked-off results stay undefined.
+// Parameter and input gradients of the conv2d g whose input is x ((N, C, H, W), undefined when
+// the weight gradient is not wanted) and whose pre-activation gradient is gpre ((N, K, P, Q)),
+// both in any layout; the input gradient in `fmt` and `dtype`. Where bf16_products, the GEMMs
+// multiply gpre and x in bfloat16 (gpre rounded to it if it came in float32, as torch's
+// bfloat16 autograd rounds every gradient). Masked-off results stay undefined.
 struct ConvGrads {
   at::Tensor input, weight, bias;
 };
 
-ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Tensor& gpre,
+ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Tensor& gpre,
                      const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype,
                      bool want_input, bool want_weight, bool want_bias) {
-  const at::ScalarType ct = gpre.scalar_type();
+  const at::ScalarType ct = compute_type(gpre);
   const Gemm p = plan(g, 0, at::Tensor(), c10::elementSize(ct), weight);
+  const bool bf16 = bf16_products(p, gpre.scalar_type() == at::kBFloat16 ? at::kBFloat16 : dtype);
+  // (M, K) rows: NHWC memory, in the dtype the GEMMs read.
+  const at::Tensor gp =
+      bf16 ? as_output(gpre, at::kBFloat16, at::MemoryFormat::ChannelsLast) : nhwc(gpre);
   ConvGrads r;
-  const auto opts = gpre.options();
-  if (want_input) r.input = winograd_input_grad(g, gpre, weight, fmt);
+  const auto opts = gp.options().dtype(ct);
+  if (want_input && !bf16) r.input = winograd_input_grad(g, gp, weight, fmt);
   if (r.input.defined()) {
     r.input = as_output(r.input, dtype, fmt);
   } else if (want_input) {
-    at::Tensor gx = new_output({g.N, g.H, g.W, g.C}, opts).zero_();
-    if (p.M > 0) {
+    at::Tensor gx = new_output({g.N, g.H, g.W, g.C}, opts);
+    if (!p.direct) gx.zero_();
+    if (p.M > 0 && bf16) {
+      const at::Tensor wm = weight_matrix(weight, p, at::kBFloat16);
+      backward_input<float, uint16_t>(p, bits(gp), bits(wm), gx.data_ptr<float>());
+    } else if (p.M > 0) {
       const at::Tensor wm = weight_matrix(weight, p, ct);
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_dgrad", [&] {
         (p.taps ? taps_input_grad<scalar_t>
-                : backward_input<scalar_t>)(p, gpre.const_data_ptr<scalar_t>(),
+                : backward_input<scalar_t>)(p, gp.const_data_ptr<scalar_t>(),
                                             wm.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
       });
     }
     r.input = from_nhwc(gx, fmt, dtype);
   }
-  if (want_weight && xn.scalar_type() == at::kFloat && p.M > 0) {
-    r.weight = winograd_weight_grad(p, xn, gpre.const_data_ptr<float>());
+  if (want_weight && !bf16 && p.M > 0 && ct == at::kFloat) {
+    // Winograd reads an NCHW float32 x block by block (conv_winograd.cpp).
+    r.weight = winograd_weight_grad(p, nchw_float(x) ? x : nhwc(x), gp.const_data_ptr<float>());
     if (r.weight.defined()) {
       r.weight = r.weight.to(weight.scalar_type()).contiguous();
       want_weight = false;
@@ -465,16 +516,23 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& xn, const at::Te
                                             : std::vector<int64_t>{g.K, g.R, g.S, g.c_per_group()};
     at::Tensor gw = p.M > 0 ? new_output(wsizes, opts) : at::zeros(wsizes, opts);
     at::Tensor gb = at::zeros({g.K}, opts);
-    if (p.M > 0)
+    // x is undefined when only the bias gradient is wanted (a frozen weight).
+    if (p.M > 0 && bf16) {
+      const at::Tensor xb =
+          want_weight ? as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast) : at::Tensor();
+      backward_params<float, uint16_t>(p, want_weight ? bits(xb) : nullptr, bits(gp),
+                                       want_weight ? gw.data_ptr<float>() : nullptr,
+                                       want_bias ? gb.data_ptr<float>() : nullptr);
+    } else if (p.M > 0) {
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_wgrad", [&] {
-        // xn is undefined when only the bias gradient is wanted (a frozen weight).
-        const at::Tensor xr = want_weight ? nhwc(xn) : at::Tensor();
-        const scalar_t* x = want_weight ? xr.const_data_ptr<scalar_t>() : nullptr;
+        const at::Tensor xr = want_weight ? nhwc(x) : at::Tensor();
+        const scalar_t* xp = want_weight ? xr.const_data_ptr<scalar_t>() : nullptr;
         (p.taps ? taps_params<scalar_t>
-                : backward_params<scalar_t>)(p, x, gpre.const_data_ptr<scalar_t>(),
+                : backward_params<scalar_t>)(p, xp, gp.const_data_ptr<scalar_t>(),
                                              want_weight ? gw.data_ptr<scalar_t>() : nullptr,
                                              want_bias ? gb.data_ptr<scalar_t>() : nullptr);
       });
+    }
     if (want_weight) r.weight = weight_from_matrix(gw, p, weight);
     if (want_bias) r.bias = gb.to(dtype);
   }
@@ -498,10 +556,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(
   if (conv::saves_pre(act)) conv::check_saved(kConv, "pre", pre, x, osizes);
   const at::ScalarType ct = compute_type(x);
   const at::MemoryFormat fmt = conv::memory_format(x);
-  // The pre-activation gradient as (M, K) rows: NHWC memory.
+  // The pre-activation gradient (with an activation: computed in NHWC memory).
   at::Tensor gpre;
   if (act == conv::Activation::kNone) {
-    gpre = nhwc(grad_out);
+    gpre = grad_out;
   } else {
     const at::Tensor go = as_output(grad_out, ct, fmt);
     const at::Tensor saved = as_output(act == conv::Activation::kRelu ? out : pre, ct, fmt);
@@ -517,8 +575,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(
       });
     });
   }
-  const at::Tensor xn = !mask[1] ? at::Tensor() : nchw_float(x) ? x : nhwc(x);
-  ConvGrads r = conv_grads(g, xn, gpre, weight, fmt, x.scalar_type(), mask[0], mask[1], mask[2]);
+  ConvGrads r = conv_grads(g, mask[1] ? x : at::Tensor(), gpre, weight, fmt, x.scalar_type(),
+                           mask[0], mask[1], mask[2]);
   at::Tensor gp = mask[3] ? as_output(gpre, x.scalar_type(), fmt) : at::Tensor();
   return {or_empty(r.input, x), or_empty(r.weight, x), or_empty(r.bias, x), or_empty(gp, x)};
 }
@@ -530,8 +588,9 @@ at::Tensor conv_transpose2d_fwd(const at::Tensor& x, const at::Tensor& weight,
   const auto g = conv::conv_transpose2d_geom(kConvT, x, weight, stride, padding, output_padding,
                                              groups, dilation, kDtypes);
   conv::check_bias(kConvT, bias, x, g.C);
-  at::Tensor out = conv_grads(g, at::Tensor(), nhwc(x), weight, conv::memory_format(x),
-                              compute_type(x), true, false, false)
+  // The output in float32 (float64) until the bias is added: one rounding for bfloat16.
+  at::Tensor out = conv_grads(g, at::Tensor(), x, weight, conv::memory_format(x), compute_type(x),
+                              true, false, false)
                        .input;
   if (bias.has_value()) out.add_(bias->to(out.scalar_type()).view({1, g.C, 1, 1}));
   return out.to(x.scalar_type());
@@ -560,8 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_bwd(
     gi = as_output(gi, x.scalar_type(), fmt);
   }
   if (mask[1])
-    gw = conv_grads(g, nhwc(grad_out), nhwc(x), weight, fmt, x.scalar_type(), false, true, false)
-             .weight;
+    gw = conv_grads(g, grad_out, x, weight, fmt, x.scalar_type(), false, true, false).weight;
   if (mask[2]) gb = grad_out.to(ct).sum({0, 2, 3}).to(x.scalar_type());
   return {or_empty(gi, x), or_empty(gw, x), or_empty(gb, x)};
 }

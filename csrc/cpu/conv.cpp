@@ -386,23 +386,27 @@ const T* ptr(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.const_data_ptr<T>() : nullptr;
 }
 
+// out (and pre, residual: T, or bfloat16 with T float, which the epilogue writes and reads as
+// such) = epilogue(conv(x, weight)); bias in T.
 template <typename T>
 void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                    const at::Tensor& bias, const at::Tensor& residual, at::Tensor& out,
                    at::Tensor& pre) {
+  const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
   ConvEpilogue e{nullptr,
                  ptr<T>(bias),
-                 ptr<T>(residual),
-                 out.data_ptr<T>(),
-                 pre.numel() > 0 ? pre.data_ptr<T>() : nullptr,
-                 out.nbytes() >= kStreamBytes};
+                 residual.defined() && residual.numel() > 0 ? residual.const_data_ptr() : nullptr,
+                 out.data_ptr(),
+                 pre.numel() > 0 ? pre.data_ptr() : nullptr,
+                 out.nbytes() >= kStreamBytes,
+                 out.scalar_type() == at::kBFloat16};
   const ConvArgs& a = p.a;
   if (a.groups == a.C && a.K == a.C && a.C > 1) {
     const ConvKernels& kr = kernels();
-    const at::Tensor wc = weight.to(out.scalar_type()).reshape({a.C, a.R * a.S});
+    const at::Tensor wc = weight.to(ct).reshape({a.C, a.R * a.S});
     // NCHW output and unit width stride: SIMD over the width of each plane, no transposes.
     if (a.stride_w == 1 && a.out_spq == 1 && a.out_sk == a.P * a.Q && a.out_sn == a.C * a.P * a.Q) {
-      const at::Tensor xc = x.to(out.scalar_type()).contiguous();
+      const at::Tensor xc = x.to(ct).contiguous();
       const at::Tensor w = wc.contiguous();
       const int64_t scratch = (a.H + 2 * a.pad_h) * (a.W + 2 * a.pad_w);
       at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
@@ -431,7 +435,7 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
   if constexpr (std::is_same_v<T, float>)
     if (winograd_forward(p, xn, weight, e)) return;
   xn = nhwc(xn);
-  const at::Tensor wm = weight_matrix(weight, p, out.scalar_type());
+  const at::Tensor wm = weight_matrix(weight, p, ct);
   (p.taps ? taps_forward<T> : forward<T>)(p, xn.const_data_ptr<T>(), wm.const_data_ptr<T>(), e);
 }
 
@@ -447,19 +451,20 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
   conv::check_residual(kConv, residual, x, g);
   const at::ScalarType ct = compute_type(x);
   const at::MemoryFormat fmt = conv::memory_format(x);
-  at::Tensor out = new_output({g.N, g.K, g.P, g.Q}, x.options().dtype(ct), fmt);
+  // out, pre and residual in x's dtype (a bfloat16 epilogue rounds once, as it stores).
+  at::Tensor out = new_output({g.N, g.K, g.P, g.Q}, x.options(), fmt);
+  // pre is an empty 1-D tensor when the activation needs none: no memory format to keep.
   at::Tensor pre = conv::saves_pre(act) ? new_output(out.sizes(), out.options(), fmt)
                                         : at::empty({0}, x.options());
   if (out.numel() > 0) {
     const Gemm p = plan(g, static_cast<int>(act), out, c10::elementSize(ct), weight, inference);
     const at::Tensor b = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
-    const at::Tensor res = residual.has_value() ? as_output(*residual, ct, fmt) : at::Tensor();
+    const at::Tensor res =
+        residual.has_value() ? as_output(*residual, x.scalar_type(), fmt) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(ct, "conv2d_fwd",
                                [&] { conv_fwd_impl<scalar_t>(p, x, weight, b, res, out, pre); });
   }
-  // pre is an empty 1-D tensor when the activation needs none: no memory format to keep.
-  return {as_output(out, x.scalar_type(), fmt),
-          pre.dim() == 4 ? as_output(pre, x.scalar_type(), fmt) : pre.to(x.scalar_type())};
+  return {out, pre};
 }
 
 // Parameter and input gradients of the conv2d g whose input is x ((N, C, H, W), undefined when
@@ -607,7 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_bwd(
   const at::MemoryFormat fmt = conv::memory_format(x);
   at::Tensor gi, gw, gb;
   if (mask[0]) {
-    gi = new_output({g.N, g.K, g.P, g.Q}, x.options().dtype(ct), fmt);
+    gi = new_output({g.N, g.K, g.P, g.Q}, x.options(), fmt);
     if (gi.numel() > 0) {
       const Gemm p = plan(g, 0, gi, c10::elementSize(ct), weight);
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_transpose2d_dgrad", [&] {
@@ -616,7 +621,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_bwd(
         conv_fwd_impl<scalar_t>(p, grad_out, weight, none, none, gi, no_pre);
       });
     }
-    gi = as_output(gi, x.scalar_type(), fmt);
   }
   if (mask[1])
     gw = conv_grads(g, grad_out, x, weight, fmt, x.scalar_type(), false, true, false).weight;

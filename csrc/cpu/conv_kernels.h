@@ -43,13 +43,23 @@ inline T activate_grad(T v, T y, int act) {
   }
 }
 
-// v = acc + bias[k] + residual at element offset o; writes pre (when asked) and out.
+// v + residual at element offset o of residual, pre and out, stored as S; writes pre (when
+// asked) and out.
+template <typename S, typename T>
+inline void store_as(const ConvArgs& a, const ConvEpilogue& e, T v, int64_t o) {
+  if (e.residual != nullptr) v += widen(static_cast<const S*>(e.residual)[o]);
+  if (e.pre != nullptr) narrow(static_cast<S*>(e.pre) + o, v);
+  narrow(static_cast<S*>(e.out) + o, activate(v, a.activation));
+}
+
+// v = acc + bias[k] + residual at element offset o; writes pre (when asked) and out, in T or
+// (e.bf16) bfloat16.
 template <typename T>
 inline void store(const ConvArgs& a, const ConvEpilogue& e, T v, int64_t k, int64_t o) {
   if (e.bias != nullptr) v += static_cast<const T*>(e.bias)[k];
-  if (e.residual != nullptr) v += static_cast<const T*>(e.residual)[o];
-  if (e.pre != nullptr) static_cast<T*>(e.pre)[o] = v;
-  static_cast<T*>(e.out)[o] = activate(v, a.activation);
+  if constexpr (sizeof(T) == 4)
+    if (e.bf16) return store_as<bf16>(a, e, v, o);
+  store_as<T>(a, e, v, o);
 }
 
 }  // namespace conv_detail
@@ -187,19 +197,18 @@ void conv_transpose(const void* src_, int64_t lds, void* dst_, int64_t ldd, int6
 
 namespace conv_detail {
 
-// The epilogue of len contiguous outputs at element offset o (one SIMD vector): v + bias (per
-// lane) + residual, pre stored when asked, then the activation (ReLU in SIMD, the
-// transcendental ones per lane). A whole vector at an aligned `out` is streamed when e.stream.
-template <typename T, typename V>
-inline void store_vec(const ConvArgs& a, const ConvEpilogue& e, V v, V bias, int64_t o,
-                      int64_t len) {
-  v = v + bias;
-  if (e.residual != nullptr) v = v + ld<V>(static_cast<const T*>(e.residual) + o, len);
-  if (e.pre != nullptr) st(static_cast<T*>(e.pre) + o, v, len);
-  T* out = static_cast<T*>(e.out) + o;
+// The epilogue of len contiguous outputs at element offset o (one SIMD vector of T) after the
+// bias: v + residual, pre stored when asked, then the activation (ReLU in SIMD, the
+// transcendental ones per lane), residual, pre and out stored as S. A whole vector at an
+// aligned `out` is streamed when e.stream.
+template <typename S, typename T, typename V>
+inline void store_vec_as(const ConvArgs& a, const ConvEpilogue& e, V v, int64_t o, int64_t len) {
+  if (e.residual != nullptr) v = v + ld<V>(static_cast<const S*>(e.residual) + o, len);
+  if (e.pre != nullptr) st(static_cast<S*>(e.pre) + o, v, len);
+  S* out = static_cast<S*>(e.out) + o;
   if (a.activation == 0 || a.activation == kRelu) {
     const V y = a.activation == kRelu ? relu(v) : v;
-    if (e.stream && len == V::W && reinterpret_cast<uintptr_t>(out) % (V::W * sizeof(T)) == 0)
+    if (e.stream && len == V::W && reinterpret_cast<uintptr_t>(out) % (V::W * sizeof(S)) == 0)
       y.stream(out);
     else
       st(out, y, len);
@@ -207,7 +216,17 @@ inline void store_vec(const ConvArgs& a, const ConvEpilogue& e, V v, V bias, int
   }
   T lanes[V::W];
   v.store(lanes);
-  for (int64_t i = 0; i < len; ++i) out[i] = activate(lanes[i], a.activation);
+  for (int64_t i = 0; i < len; ++i) narrow(out + i, activate(lanes[i], a.activation));
+}
+
+// store_vec_as of v + bias (per lane), in T or (e.bf16) bfloat16.
+template <typename T, typename V>
+inline void store_vec(const ConvArgs& a, const ConvEpilogue& e, V v, V bias, int64_t o,
+                      int64_t len) {
+  v = v + bias;
+  if constexpr (sizeof(T) == 4)
+    if (e.bf16) return store_vec_as<bf16, T>(a, e, v, o, len);
+  store_vec_as<T, T>(a, e, v, o, len);
 }
 
 }  // namespace conv_detail
@@ -367,7 +386,8 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   using V = Vec<T>;
   // Ordinary stores even for a large output: plane rows end mid-vector, and streaming would
   // leave part lines (2.8 ms against 3.6 for 32 x 256 x 28 x 28).
-  const ConvEpilogue e{e_.acc, e_.bias, e_.residual, e_.out, e_.pre};
+  ConvEpilogue e = e_;
+  e.stream = false;
   const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
   const T* bias = static_cast<const T*>(e.bias);

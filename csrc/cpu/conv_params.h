@@ -5,7 +5,8 @@
 // Internally every conv runs on NHWC activations: the GEMM view of a conv2d is
 // out[m, k] = sum_j col[m, j] * wmat[j, k] with m = (n, p, q) an output pixel, j = (r, s, c) a
 // tap and channel of one group, k an output channel of that group (implicit GEMM, as cuDNN).
-// Element type T is float or double (bfloat16 is computed in float by conv.cpp).
+// Element type T is float or double (bfloat16 is computed in float by conv.cpp; the epilogue
+// reads and writes it: ConvEpilogue::bf16).
 #pragma once
 
 #include <cstdint>
@@ -28,7 +29,9 @@ struct ConvArgs {
 // Epilogue of one block of GEMM rows [m0, m0 + mb) and one group g: acc is (mb, K / groups),
 // row-major; bias (K) may be null, residual/pre may be null. With `stream` (large outputs:
 // cpu/output.h, kStreamBytes), whole aligned vectors of out are written non-temporally and the
-// kernel fences before it returns (the NCHW depthwise plane kernel keeps ordinary stores).
+// kernel fences before it returns (the NCHW depthwise plane kernel keeps ordinary stores). With
+// `bf16` (float32 kernels only), residual, pre and out are bfloat16: read widened, stored
+// rounded, so a bfloat16 conv writes its output once.
 struct ConvEpilogue {
   const void* acc;
   const void* bias;
@@ -36,6 +39,7 @@ struct ConvEpilogue {
   void* out;
   void* pre;
   bool stream = false;
+  bool bf16 = false;
 };
 
 // im2col of rows [m0, m0 + mb), group g, from x (N, H, W, C) into col (mb, R * S * C / groups),

@@ -158,6 +158,23 @@ CASES = [
         _conv(1, 1, 256),
         groups=256,
     ),
+    *(
+        _case(
+            "depthwise 3x3",
+            "fwd+bwd",
+            (32, 256, 28, 28),
+            F32,
+            fmt,
+            None,
+            256,
+            3,
+            1,
+            1,
+            _conv(1, 1, 256),
+            groups=256,
+        )
+        for fmt in ("", CL)
+    ),
     # Also reported.
     _case("conv2d 1x1", "fwd", (32, 256, 56, 56), F32, "", None, 64, 1, 1, 0, _conv(1, 0)),
     _case("conv2d 1x1", "fwd", (32, 256, 56, 56), BF16, "", None, 64, 1, 1, 0, _conv(1, 0)),

@@ -476,11 +476,63 @@ struct ConvGrads {
   at::Tensor input, weight, bias;
 };
 
+// conv_grads of a depthwise conv (groups == C == K > 1) by its direct kernels, on NHWC in the
+// compute dtype: R * S multiply-adds per element, bound by memory like its forward (per-group
+// GEMMs of one channel each ran its backward ~20x slower than torch's). The weight and bias
+// gradients sum over chunks of output rows fixed by the shapes, merged in order: deterministic.
+ConvGrads depthwise_grads(const Gemm& p, const at::Tensor& x, const at::Tensor& gy,
+                          const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype,
+                          bool want_input, bool want_weight, bool want_bias) {
+  const ConvArgs& a = p.a;
+  const at::ScalarType ct = gy.scalar_type();
+  const ConvKernels& kr = kernels();
+  ConvGrads r;
+  if (want_input) {
+    at::Tensor gx = new_output({a.N, a.H, a.W, a.C}, gy.options());
+    const at::Tensor w = weight.to(ct).reshape({a.C, a.R * a.S}).t().contiguous();
+    AT_DISPATCH_FLOATING_TYPES(ct, "conv_depthwise_dgrad", [&] {
+      at::parallel_for(0, a.N * a.H, 1, [&](int64_t r0, int64_t r1) {
+        kr.depthwise_bwd_input[dt<scalar_t>()](a, gy.const_data_ptr<scalar_t>(),
+                                               w.const_data_ptr<scalar_t>(),
+                                               gx.data_ptr<scalar_t>(), r0, r1);
+      });
+    });
+    r.input = from_nhwc(gx, fmt, dtype);
+  }
+  if (!want_weight && !want_bias) return r;
+  const at::Tensor xn = want_weight ? nhwc(x) : at::Tensor();
+  const int64_t rows = a.N * a.P, taps = a.R * a.S, part = (taps + 1) * a.C;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min({rows, kMaxChunks, kPartialBytes / (part * int64_t(c10::elementSize(ct)))}));
+  at::Tensor partial = at::zeros({chunks, part}, gy.options());
+  at::Tensor gw = at::empty({taps, a.C}, gy.options()), gb = at::empty({a.C}, gy.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "conv_depthwise_wgrad", [&] {
+    scalar_t* pp = partial.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        kr.depthwise_bwd_params[dt<scalar_t>()](
+            a, want_weight ? xn.const_data_ptr<scalar_t>() : nullptr, gy.const_data_ptr<scalar_t>(),
+            pp + c * part, c * rows / chunks, (c + 1) * rows / chunks);
+    });
+    scalar_t* w_out = gw.data_ptr<scalar_t>();
+    scalar_t* b_out = gb.data_ptr<scalar_t>();
+    const int64_t wsize = taps * a.C;
+    sum_chunks(pp, chunks, part,
+               [&](int64_t i, scalar_t v) { (i < wsize ? w_out[i] : b_out[i - wsize]) = v; });
+  });
+  if (want_weight) r.weight = gw.t().reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
+  if (want_bias) r.bias = gb.to(dtype);
+  return r;
+}
+
 ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Tensor& gpre,
                      const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype,
                      bool want_input, bool want_weight, bool want_bias) {
   const at::ScalarType ct = compute_type(gpre);
   const Gemm p = plan(g, 0, at::Tensor(), c10::elementSize(ct), weight);
+  if (g.groups == g.C && g.K == g.C && g.C > 1)
+    return depthwise_grads(p, x, nhwc(gpre), weight, fmt, dtype, want_input, want_weight,
+                           want_bias);
   const bool bf16 = bf16_products(p, gpre.scalar_type() == at::kBFloat16 ? at::kBFloat16 : dtype);
   // (M, K) rows: NHWC memory, in the dtype the GEMMs read.
   const at::Tensor gp =

@@ -1,6 +1,6 @@
 // The conv kernels around the GEMMs (csrc/cpu/conv_params.h): im2col, col2im, the fused
-// epilogue (bias + residual + activation) and its backward, the direct depthwise conv, and the
-// Winograd transforms (cpu/conv_winograd.h).
+// epilogue (bias + residual + activation) and its backward, the direct depthwise conv and its
+// gradients, and the Winograd transforms (cpu/conv_winograd.h).
 // Included inside an ISA namespace by csrc/cpu/isa/*.cpp; plain loops the compiler vectorizes
 // for that ISA (the innermost loops run over contiguous NHWC channels). No torch, no std
 // templates (see vec.h).
@@ -443,6 +443,81 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   }
 }
 
+// Input gradient of a depthwise conv on NHWC, input rows (n, h) in [r0, r1): gx[n, h, w] = the
+// sum over the taps (r, s) that read (h, w), in tap order, of gy[n, p, q] * w[r, s] (p = (h +
+// pad_h - r dil_h) / stride_h where that divides exactly, q alike). A gather, so rows are
+// independent and every element written once; each pixel's C channels stay in L1 while the taps
+// add into them, SIMD over the channels.
+template <typename T>
+void conv_depthwise_bwd_input(const ConvArgs& a, const void* gy_, const void* w_, void* gx_,
+                              int64_t r0, int64_t r1) {
+  using V = Vec<T>;
+  const T* gy = static_cast<const T*>(gy_);
+  const T* w = static_cast<const T*>(w_);
+  T* gx = static_cast<T*>(gx_);
+  const int64_t C = a.C;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t n = row / a.H, h = row % a.H;
+    for (int64_t wc = 0; wc < a.W; ++wc) {
+      T* out = gx + (row * a.W + wc) * C;
+      bool first = true;
+      for (int64_t r = 0; r < a.R; ++r) {
+        const int64_t hp = h + a.pad_h - r * a.dil_h;
+        if (hp < 0 || hp % a.stride_h != 0 || hp / a.stride_h >= a.P) continue;
+        for (int64_t s = 0; s < a.S; ++s) {
+          const int64_t wq = wc + a.pad_w - s * a.dil_w;
+          if (wq < 0 || wq % a.stride_w != 0 || wq / a.stride_w >= a.Q) continue;
+          const T* g = gy + ((n * a.P + hp / a.stride_h) * a.Q + wq / a.stride_w) * C;
+          const T* wt = w + (r * a.S + s) * C;
+          for_vectors<V::W>(0, C, [&](int64_t c, int64_t len) {
+            const V prod = ld<V>(g + c, len) * ld<V>(wt + c, len);
+            st(out + c, first ? prod : prod + ld<V>(out + c, len), len);
+          });
+          first = false;
+        }
+      }
+      if (first)
+        for_vectors<V::W>(0, C, [&](int64_t c, int64_t len) { st(out + c, V::zero(), len); });
+    }
+  }
+}
+
+// Weight and bias gradients of a depthwise conv on NHWC, output rows (n, p) in [r0, r1): part
+// (R * S + 1, C) += gy[n, p, q] * x[n, h, w] at each tap (r, s) that reads inside x (row
+// r * S + s; none when x is null) and gy itself (the last row: the bias gradient).
+template <typename T>
+void conv_depthwise_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
+                               int64_t r0, int64_t r1) {
+  using V = Vec<T>;
+  const T* x = static_cast<const T*>(x_);
+  const T* gy = static_cast<const T*>(gy_);
+  T* part = static_cast<T*>(part_);
+  const int64_t C = a.C;
+  T* gb = part + a.R * a.S * C;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t n = row / a.P, p = row % a.P;
+    for (int64_t q = 0; q < a.Q; ++q) {
+      const T* g = gy + (row * a.Q + q) * C;
+      for_vectors<V::W>(0, C, [&](int64_t c, int64_t len) {
+        st(gb + c, ld<V>(gb + c, len) + ld<V>(g + c, len), len);
+      });
+      for (int64_t r = 0; x != nullptr && r < a.R; ++r) {
+        const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
+        if (h < 0 || h >= a.H) continue;
+        for (int64_t s = 0; s < a.S; ++s) {
+          const int64_t wi = q * a.stride_w - a.pad_w + s * a.dil_w;
+          if (wi < 0 || wi >= a.W) continue;
+          const T* xv = x + ((n * a.H + h) * a.W + wi) * C;
+          T* acc = part + (r * a.S + s) * C;
+          for_vectors<V::W>(0, C, [&](int64_t c, int64_t len) {
+            st(acc + c, fma(ld<V>(g + c, len), ld<V>(xv + c, len), ld<V>(acc + c, len)), len);
+          });
+        }
+      }
+    }
+  }
+}
+
 #include "cpu/conv_winograd.h"
 
 const ConvKernels kConvKernels = {
@@ -452,6 +527,8 @@ const ConvKernels kConvKernels = {
     .epilogue_bwd = {conv_epilogue_bwd<float>, conv_epilogue_bwd<double>},
     .depthwise_fwd = {conv_depthwise_fwd<float>, conv_depthwise_fwd<double>},
     .depthwise_plane_fwd = {conv_depthwise_plane_fwd<float>, conv_depthwise_plane_fwd<double>},
+    .depthwise_bwd_input = {conv_depthwise_bwd_input<float>, conv_depthwise_bwd_input<double>},
+    .depthwise_bwd_params = {conv_depthwise_bwd_params<float>, conv_depthwise_bwd_params<double>},
     .transpose = {conv_transpose<float>, conv_transpose<double>},
     .winograd_weight = {conv_winograd_weight<2, float>, conv_winograd_weight<4, float>},
     .winograd_input = {conv_winograd_input<2, float>, conv_winograd_input<4, float>},

@@ -47,6 +47,10 @@ namespace {
 constexpr const char* kConv = "fastdl.conv2d";
 constexpr const char* kConvT = "fastdl.conv_transpose2d";
 constexpr std::initializer_list<c10::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kBFloat16};
+// Output channels a group below which the implicit GEMM runs transposed (forward_narrow), and
+// the bytes of its im2col of all groups of a block (in L2 / L3 between im2col and the GEMMs).
+constexpr int64_t kNarrowChannels = 16;
+constexpr int64_t kNarrowPanelBytes = int64_t{1} << 20;
 // Bytes of one block's im2col panel: it stays in L2 between im2col, GEMM and epilogue.
 constexpr int64_t kPanelBytes = int64_t{256} << 10;
 // Winograd F(m x m, 3x3) (conv_winograd.cpp) for float32 stride-1 undilated ungrouped 3x3
@@ -214,14 +218,14 @@ bool bf16_products(const Gemm& p, at::ScalarType dtype) {
 }
 
 // The GEMMs of the implicit-GEMM paths for operands of elements E (T, or bfloat16 bits with T
-// float): im2col of a block, the product with a packed weight, and A^T B of two unpacked
+// float): im2col of a block, the product with a packed weight, and the product of two unpacked
 // operands (cpu/gemm.h's signatures).
 template <typename T, typename E>
-void im2col(const Gemm& p, const E* x, int64_t m0, int64_t mb, int64_t g, E* col) {
+void im2col(const Gemm& p, const E* x, int64_t m0, int64_t mb, int64_t g0, int64_t g1, E* col) {
   if constexpr (std::is_same_v<E, uint16_t>)
-    kernels().im2col_bf16(p.a, x, m0, mb, g, col);
+    kernels().im2col_bf16(p.a, x, m0, mb, g0, g1, col);
   else
-    kernels().im2col[dt<T>()](p.a, x, m0, mb, g, col);
+    kernels().im2col[dt<T>()](p.a, x, m0, mb, g0, g1, col);
 }
 
 template <typename T, typename E>
@@ -234,12 +238,12 @@ void packed_gemm(const PackedOf<E>& b, int64_t m, int64_t n, int64_t k, const E*
 }
 
 template <typename T, typename E>
-void gemm_tn(int64_t m, int64_t n, int64_t k, const E* A, int64_t lda, const E* B, int64_t ldb,
-             T beta, T* C, int64_t ldc) {
+void any_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const E* A, int64_t lda,
+              const E* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if constexpr (std::is_same_v<E, uint16_t>)
-    gemm_bf16(true, false, m, n, k, A, lda, B, ldb, beta, C, ldc);
+    gemm_bf16(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
   else
-    gemm<T>(true, false, m, n, k, A, lda, B, ldb, beta, C, ldc);
+    gemm<T>(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
 }
 
 // e as the accumulation type T.
@@ -261,7 +265,7 @@ void forward_rows(const Gemm& p, const E* x, const std::vector<PackedOf<E>>& wp,
   for (int64_t g = 0; g < p.a.groups; ++g) {
     const E* A = x + m0 * p.a.C + g * p.cg;
     if (!p.direct) {
-      im2col<T>(p, x, m0, mb, g, col);
+      im2col<T>(p, x, m0, mb, g, g + 1, col);
       A = col;
     }
     packed_gemm<T, E>(wp[g], mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, T(0), acc, p.kg);
@@ -273,9 +277,43 @@ template void forward_rows<float>(const Gemm&, const float*, const std::vector<P
 
 namespace {
 
+// Groups of few output channels (ResNeXt's 4 a group): as the GEMMs' columns, a group's kg
+// channels would fill a fraction of one vector of the micro-tile, and an im2col per group would
+// read each pixel's cache lines once per group. Here one im2col per block reads them once for
+// all groups, and the transposed products acc^T = wmat_g col_g^T run the block's pixels along the
+// columns; a transpose in cache hands the epilogue its (mb, kg) rows.
+bool narrow_groups(const Gemm& p) {
+  return p.kg < kNarrowChannels && p.M >= kNarrowChannels;
+}
+
+template <typename T, typename E>
+void forward_narrow(const Gemm& p, const E* x, const E* wmat, ConvEpilogue e) {
+  const int64_t G = p.a.groups, j = p.j;
+  const int64_t rows =
+      std::clamp<int64_t>(kNarrowPanelBytes / std::max<int64_t>(1, G * j * sizeof(E)), 16, 1024);
+  at::parallel_for(0, (p.M + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<E> col(p.direct ? 0 : G * rows * j);
+    std::vector<T> acc(rows * p.kg), acc_t(rows * p.kg);
+    ConvEpilogue eb = e;
+    eb.acc = acc.data();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * rows, mb = std::min(rows, p.M - m0);
+      if (!p.direct) im2col<T>(p, x, m0, mb, 0, G, col.data());
+      for (int64_t g = 0; g < G; ++g) {
+        const E* B = p.direct ? x + m0 * p.a.C + g * p.cg : col.data() + g * mb * j;
+        any_gemm<T, E>(false, true, p.kg, mb, j, wmat + g * p.kg * j, j, B, p.direct ? p.a.C : j,
+                       T(0), acc_t.data(), mb);
+        kernels().transpose[dt<T>()](acc_t.data(), mb, acc.data(), p.kg, p.kg, mb);
+        kernels().epilogue[dt<T>()](p.a, eb, m0, mb, g);
+      }
+    }
+  });
+}
+
 // The implicit GEMM forward over all blocks of rows (T, E: as forward_rows).
 template <typename T, typename E = T>
 void forward(const Gemm& p, const E* x, const E* wmat, ConvEpilogue e) {
+  if (narrow_groups(p)) return forward_narrow<T, E>(p, x, wmat, e);
   const std::vector<PackedOf<E>> wp = pack_weight(p, wmat, true);
   at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<E> col(p.direct ? 0 : p.rows * p.j);
@@ -355,11 +393,11 @@ void backward_params(const Gemm& p, const E* x, const E* gpre, T* gw, T* gb) {
         for (int64_t g = 0; gw != nullptr && g < p.a.groups; ++g) {
           const E* A = x + m0 * p.a.C + g * p.cg;
           if (!p.direct) {
-            im2col<T>(p, x, m0, mb, g, col.data());
+            im2col<T>(p, x, m0, mb, g, g + 1, col.data());
             A = col.data();
           }
-          gemm_tn<T, E>(p.kg, p.j, mb, gpre + m0 * K + g * p.kg, K, A, p.direct ? p.a.C : p.j,
-                        T(b == first ? 0 : 1), pw + g * p.kg * p.j, p.j);
+          any_gemm<T, E>(true, false, p.kg, p.j, mb, gpre + m0 * K + g * p.kg, K, A,
+                         p.direct ? p.a.C : p.j, T(b == first ? 0 : 1), pw + g * p.kg * p.j, p.j);
         }
       }
     }

@@ -67,33 +67,42 @@ inline void store(const ConvArgs& a, const ConvEpilogue& e, T v, int64_t k, int6
 // Column j of tap (r, s) and channel c: (r S + s) cg + c, or c R S + r S + s with a.crs (a
 // strided gather then: plain loops, not SIMD work). kCrs makes the channel stride a constant.
 template <typename T, bool kCrs>
-void im2col_impl(const ConvArgs& a, const T* x, int64_t m0, int64_t mb, int64_t g, T* col) {
-  const int64_t cg = a.C / a.groups, pq = a.P * a.Q, RS = a.R * a.S, ld = RS * cg;
+void im2col_impl(const ConvArgs& a, const T* x, int64_t m0, int64_t mb, int64_t g0, int64_t g1,
+                 T* col) {
+  const int64_t cg = a.C / a.groups, pq = a.P * a.Q, RS = a.R * a.S, j = RS * cg;
   const int64_t cs = kCrs ? RS : 1;
   for (int64_t i = 0; i < mb; ++i) {
     const int64_t m = m0 + i, n = m / pq, p = m % pq / a.Q, q = m % a.Q;
-    T* row = col + i * ld;
     for (int64_t r = 0; r < a.R; ++r) {
       const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
       for (int64_t s = 0; s < a.S; ++s) {
         const int64_t w = q * a.stride_w - a.pad_w + s * a.dil_w;
-        T* dst = row + (r * a.S + s) * (kCrs ? 1 : cg);
-        if (h < 0 || h >= a.H || w < 0 || w >= a.W) {
-          for (int64_t c = 0; c < cg; ++c) dst[c * cs] = T(0);
-          continue;
+        const bool inside = h >= 0 && h < a.H && w >= 0 && w < a.W;
+        const T* pixel = x + ((n * a.H + h) * a.W + w) * a.C;
+        for (int64_t g = g0; g < g1; ++g) {
+          T* dst = col + ((g - g0) * mb + i) * j + (r * a.S + s) * (kCrs ? 1 : cg);
+          const T* src = pixel + g * cg;
+          if constexpr (!kCrs && sizeof(T) >= 4) {  // cg channels: whole or masked vectors
+            using V = Vec<T>;
+            for_vectors<V::W>(0, cg, [&](int64_t c, int64_t len) {
+              st(dst + c, inside ? ld<V>(src + c, len) : V::zero(), len);
+            });
+            continue;
+          }
+          for (int64_t c = 0; c < cg; ++c) dst[c * cs] = inside ? src[c] : T(0);
         }
-        const T* src = x + ((n * a.H + h) * a.W + w) * a.C + g * cg;
-        for (int64_t c = 0; c < cg; ++c) dst[c * cs] = src[c];
       }
     }
   }
 }
 
 template <typename T>
-void conv_im2col(const ConvArgs& a, const void* x, int64_t m0, int64_t mb, int64_t g, void* col) {
+void conv_im2col(const ConvArgs& a, const void* x, int64_t m0, int64_t mb, int64_t g0, int64_t g1,
+                 void* col) {
   const T* xt = static_cast<const T*>(x);
   T* ct = static_cast<T*>(col);
-  a.crs ? im2col_impl<T, true>(a, xt, m0, mb, g, ct) : im2col_impl<T, false>(a, xt, m0, mb, g, ct);
+  a.crs ? im2col_impl<T, true>(a, xt, m0, mb, g0, g1, ct)
+        : im2col_impl<T, false>(a, xt, m0, mb, g0, g1, ct);
 }
 
 template <typename T, bool kCrs>

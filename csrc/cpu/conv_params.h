@@ -42,10 +42,11 @@ struct ConvEpilogue {
   bool bf16 = false;
 };
 
-// im2col of rows [m0, m0 + mb), group g, from x (N, H, W, C) into col (mb, R * S * C / groups),
-// columns in the order of ConvArgs::crs.
-using Im2colFn = void (*)(const ConvArgs&, const void* x, int64_t m0, int64_t mb, int64_t g,
-                          void* col);
+// im2col of rows [m0, m0 + mb), groups [g0, g1), from x (N, H, W, C) into col: group g's panel
+// (mb, R * S * C / groups) at col + (g - g0) mb R S C / groups, columns in the order of
+// ConvArgs::crs. Several groups at once read each pixel's channels once.
+using Im2colFn = void (*)(const ConvArgs&, const void* x, int64_t m0, int64_t mb, int64_t g0,
+                          int64_t g1, void* col);
 // col2im: grad_x (N, H, W, C) += the scatter of gcol (mb, R * S * C / groups) of rows
 // [m0, m0 + mb), group g. Rows of different images never touch the same grad_x element.
 using Col2imFn = void (*)(const ConvArgs&, const void* gcol, int64_t m0, int64_t mb, int64_t g,

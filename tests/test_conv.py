@@ -24,6 +24,11 @@ CONV_SHAPES = {
     "depthwise": (2, 19, 6, 7, 19, 3, 3, 1, 1, 1, 19),
     "depthwise_s2_dil": (1, 17, 9, 8, 17, 3, 3, 2, 2, 2, 17),
     "depthwise_mult2": (1, 4, 5, 5, 8, 3, 3, 1, 1, 1, 4),
+    # Groups of 2, 4 or 8 channels in and out (ResNeXt's): the CPU's direct grouped kernels (a
+    # stride-1 input gradient by the adjoint's forward, a strided one on the implicit GEMM).
+    "grouped_kg4": (2, 8, 7, 6, 8, 3, 3, 1, 1, 1, 2),
+    "grouped_kg2_strided": (1, 6, 9, 8, 6, 3, 2, (2, 1), (1, 0), (1, 2), 3),
+    "grouped_kg8_5x5": (1, 16, 6, 7, 16, 5, 5, 1, 2, 1, 2),
     # Depthwise kernels' branches: NCHW planes (stride_w 1) with partial width vectors, NHWC
     # channel vectors with a partial one, pixel tiles with a remainder, an odd tap count.
     "depthwise_wide": (1, 35, 5, 37, 35, 3, 3, (2, 1), (1, 2), (1, 2), 35),
@@ -288,6 +293,23 @@ def test_string_padding_and_unbatched(backend, padding, kernel, dilation):
     expected = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, padding, dilation)
     assert y.shape == expected.shape
     assert_close(y, expected, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("kg", [2, 4, 8])
+def test_grouped_nan_stays_in_its_group(layout, kg):
+    """A NaN or Inf input channel reaches only its own group's outputs: the direct grouped kernel
+    loads each group's channels into its own lanes only (torch: the same)."""
+    x = torch.randn(2, 4 * kg, 6, 5)
+    x[:, 0] = float("nan")
+    x[:, kg] = float("inf")
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    w = torch.randn(4 * kg, kg, 3, 3)
+    y = fastdl.conv2d(x, w, None, 1, 1, 1, 4)
+    assert not torch.isfinite(y[:, : 2 * kg]).any()
+    assert torch.isfinite(y[:, 2 * kg :]).all()
+    expected = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1, 1, 4)
+    torch.testing.assert_close(y[:, 2 * kg :].double(), expected[:, 2 * kg :], rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_rounds_to_nearest(backend):

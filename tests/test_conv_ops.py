@@ -183,24 +183,35 @@ ISAS = ORDER[: ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None e
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_isa(isa):
-    x = torch.randn(2, 9, 7, 6, requires_grad=True).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(9, 1, 3, 3, requires_grad=True)
-    w2 = torch.randn(5, 9, 3, 2, requires_grad=True)
+    """A depthwise, a grouped (3 groups of 4: one partial vector on AVX-512) and a dense conv,
+    every gradient, under each ISA's kernels."""
+    x = torch.randn(2, 12, 7, 6, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(12, 1, 3, 3, requires_grad=True)
+    wg = torch.randn(12, 4, 3, 3, requires_grad=True)
+    w2 = torch.randn(5, 12, 3, 2, requires_grad=True)
+    params = (x, w, wg, w2)
+
+    def net(x, w, wg, w2, conv):
+        y = conv(x, w, None, 1, 1, 1, 12, "gelu")
+        y = conv(y, wg, None, 1, 1, 1, 3, "relu")
+        return conv(y, w2, None, 2, (1, 0), 1, 1, "silu")
+
+    def ours(x, w, b, stride, padding, dilation, groups, act):
+        return fastdl.conv2d(x, w, b, stride, padding, dilation, groups, activation=act)
+
     previous = _ext.cpu_isa()
     _ext.set_cpu_isa(isa)
     try:
         with fastdl.backend(NATIVE_CPU.name):
-            y = fastdl.conv2d(x, w, None, 1, 1, 1, 9, activation="gelu")
-            z = fastdl.conv2d(y, w2, None, 2, (1, 0), activation="silu")
-            gx = torch.autograd.grad(z.sum(), x)[0]
+            z = net(*params, ours)
+            grads = torch.autograd.grad(z.sum(), params)
     finally:
         _ext.set_cpu_isa(previous)
-    xd, wd, w2d = (t.detach().double().requires_grad_() for t in (x, w, w2))
-    zd = ref_conv2d(
-        ref_conv2d(xd, wd, None, 1, 1, 1, 9, "gelu"), w2d, None, 2, (1, 0), 1, 1, "silu"
-    )
+    doubles = [t.detach().double().requires_grad_() for t in params]
+    zd = net(*doubles, ref_conv2d)
     assert_close(z, zd, torch.float32)
-    assert_close(gx, torch.autograd.grad(zd.sum(), xd)[0], torch.float32, scale=4.0)
+    for got, want in zip(grads, torch.autograd.grad(zd.sum(), doubles), strict=True):
+        assert_close(got, want, torch.float32, scale=4.0)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -71,6 +71,15 @@ struct ArrVec {
     for (int i = 0; i < n; ++i) r.v[i] = widen(p[i]);
     return r;
   }
+  // Lane i from p[i] where bit i of `lanes` is set, else zero; the other lanes' memory is not
+  // read.
+  template <typename T>
+  static ArrVec load_lanes(const T* p, uint32_t lanes) {
+    ArrVec r = zero();
+    for (int i = 0; i < N; ++i)
+      if (lanes >> i & 1u) r.v[i] = widen(p[i]);
+    return r;
+  }
   template <typename T>
   void store(T* p) const {
     for (int i = 0; i < N; ++i) narrow(p + i, v[i]);
@@ -177,6 +186,9 @@ struct VecF {
     return {from_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
   static VecF load(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(mask(n), p)}; }
+  static VecF load_lanes(const float* p, uint32_t lanes) {
+    return {_mm512_maskz_loadu_ps(static_cast<__mmask16>(lanes), p)};
+  }
   static VecF load(const bf16* p, int64_t n) {
     return {from_bf16(_mm256_maskz_loadu_epi16(mask(n), p))};
   }
@@ -248,6 +260,11 @@ struct VecF {
     return {from_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
   }
   static VecF load(const float* p, int64_t n) { return {_mm256_maskload_ps(p, mask(n))}; }
+  static VecF load_lanes(const float* p, uint32_t lanes) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i on = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes)), bit);
+    return {_mm256_maskload_ps(p, _mm256_cmpeq_epi32(on, bit))};
+  }
   static VecF load(const bf16* p, int64_t n) {
     bf16 t[W] = {};
     for (int64_t i = 0; i < n; ++i) t[i] = p[i];

@@ -424,6 +424,27 @@ const T* ptr(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.const_data_ptr<T>() : nullptr;
 }
 
+// Whether the grouped conv a runs conv_grouped_fwd (conv_kernels.h): as many output as input
+// channels a group, 2, 4 or 8 of them.
+bool grouped_direct(const ConvArgs& a) {
+  const int64_t kg = a.K / std::max<int64_t>(a.groups, 1);
+  return a.groups > 1 && a.C == a.K && (kg == 2 || kg == 4 || kg == 8);
+}
+
+// w (K, kg, R, S) as conv_grouped_fwd reads it: (R, S, kg, K) with [r][s][t][k] =
+// w[k][(k % kg + t) % kg][r][s], in dtype ct.
+at::Tensor grouped_weight(const at::Tensor& w, at::ScalarType ct) {
+  const int64_t K = w.size(0), kg = w.size(1);
+  const at::Tensor wc = w.to(ct);
+  const at::Tensor k = at::arange(K, w.options().dtype(at::kLong));
+  std::vector<at::Tensor> steps;
+  for (int64_t t = 0; t < kg; ++t) {
+    const at::Tensor ci = (k.remainder(kg) + t).remainder(kg).view({K, 1, 1, 1});
+    steps.push_back(wc.gather(1, ci.expand({K, 1, w.size(2), w.size(3)})).squeeze(1));
+  }
+  return at::stack(steps).permute({2, 3, 0, 1}).contiguous();
+}
+
 // out (and pre, residual: T, or bfloat16 with T float, which the epilogue writes and reads as
 // such) = epilogue(conv(x, weight)); bias in T.
 template <typename T>
@@ -458,6 +479,14 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor w = wc.t().contiguous();
     at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
       kr.depthwise_fwd[dt<T>()](a, xn.const_data_ptr<T>(), w.const_data_ptr<T>(), e, r0, r1);
+    });
+    return;
+  }
+  if (grouped_direct(a)) {
+    const at::Tensor xn = nhwc(x);
+    const at::Tensor wt = grouped_weight(weight, ct);
+    at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
+      kernels().grouped_fwd[dt<T>()](a, xn.const_data_ptr<T>(), wt.const_data_ptr<T>(), e, r0, r1);
     });
     return;
   }
@@ -514,6 +543,65 @@ struct ConvGrads {
   at::Tensor input, weight, bias;
 };
 
+// The input gradient (in `fmt` and `dtype`) of a stride-1 grouped conv g that runs
+// conv_grouped_fwd: the forward of its adjoint (the same groups, each group's weight transposed
+// and flipped, padding dil (R - 1) - pad) by the same kernel; undefined where that does not
+// apply (strided, or padded beyond the kernel's reach).
+at::Tensor grouped_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
+                              const at::Tensor& weight, at::MemoryFormat fmt,
+                              at::ScalarType dtype) {
+  conv::ConvGeom adj = g;
+  std::tie(adj.H, adj.W, adj.P, adj.Q) = std::make_tuple(g.P, g.Q, g.H, g.W);
+  adj.pad_h = g.dil_h * (g.R - 1) - g.pad_h;
+  adj.pad_w = g.dil_w * (g.S - 1) - g.pad_w;
+  if (g.stride_h != 1 || g.stride_w != 1 || adj.pad_h < 0 || adj.pad_w < 0) return {};
+  const int64_t kg = g.K / g.groups;
+  const at::Tensor wa = weight.reshape({g.groups, kg, kg, g.R, g.S})
+                            .transpose(1, 2)
+                            .flip({3, 4})
+                            .reshape({g.C, kg, g.R, g.S});
+  const at::ScalarType ct = compute_type(gpre);
+  at::Tensor gx = new_output({g.N, g.C, g.H, g.W}, gpre.options().dtype(dtype), fmt);
+  if (gx.numel() == 0) return gx;
+  const Gemm p = plan(adj, 0, gx, c10::elementSize(ct), wa);
+  AT_DISPATCH_FLOATING_TYPES(ct, "conv_grouped_dgrad", [&] {
+    const at::Tensor none;
+    at::Tensor no_pre = at::empty({0}, gx.options());
+    conv_fwd_impl<scalar_t>(p, gpre, wa, none, none, gx, no_pre);
+  });
+  return gx;
+}
+
+// The weight and bias gradients by a direct kernel (depthwise, grouped) that adds, over output
+// rows (n, p) in [r0, r1), its `rows` rows of C per-tap products of gy and xn (NHWC; undefined:
+// the bias alone) and gy's sum into a partial: summed over chunks of output rows fixed by the
+// shapes, merged in order (deterministic). Returns (rows, C) and (C) in gy's dtype.
+std::pair<at::Tensor, at::Tensor> direct_params(const ConvArgs& a, const at::Tensor& xn,
+                                                const at::Tensor& gy, int64_t rows,
+                                                const DirectParamsFn* kernel) {
+  const at::ScalarType ct = gy.scalar_type();
+  const int64_t out_rows = a.N * a.P, part = (rows + 1) * a.C;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min({out_rows, kMaxChunks, kPartialBytes / (part * int64_t(c10::elementSize(ct)))}));
+  at::Tensor partial = at::zeros({chunks, part}, gy.options());
+  at::Tensor gw = at::empty({rows, a.C}, gy.options()), gb = at::empty({a.C}, gy.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "conv_direct_wgrad", [&] {
+    scalar_t* pp = partial.data_ptr<scalar_t>();
+    const scalar_t* xp = xn.defined() ? xn.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        kernel[dt<scalar_t>()](a, xp, gy.const_data_ptr<scalar_t>(), pp + c * part,
+                               c * out_rows / chunks, (c + 1) * out_rows / chunks);
+    });
+    scalar_t* w_out = gw.data_ptr<scalar_t>();
+    scalar_t* b_out = gb.data_ptr<scalar_t>();
+    const int64_t wsize = rows * a.C;
+    sum_chunks(pp, chunks, part,
+               [&](int64_t i, scalar_t v) { (i < wsize ? w_out[i] : b_out[i - wsize]) = v; });
+  });
+  return {gw, gb};
+}
+
 // conv_grads of a depthwise conv (groups == C == K > 1) by its direct kernels, on NHWC in the
 // compute dtype: R * S multiply-adds per element, bound by memory like its forward (per-group
 // GEMMs of one channel each ran its backward ~20x slower than torch's). The weight and bias
@@ -538,26 +626,8 @@ ConvGrads depthwise_grads(const Gemm& p, const at::Tensor& x, const at::Tensor& 
     r.input = from_nhwc(gx, fmt, dtype);
   }
   if (!want_weight && !want_bias) return r;
-  const at::Tensor xn = want_weight ? nhwc(x) : at::Tensor();
-  const int64_t rows = a.N * a.P, taps = a.R * a.S, part = (taps + 1) * a.C;
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min({rows, kMaxChunks, kPartialBytes / (part * int64_t(c10::elementSize(ct)))}));
-  at::Tensor partial = at::zeros({chunks, part}, gy.options());
-  at::Tensor gw = at::empty({taps, a.C}, gy.options()), gb = at::empty({a.C}, gy.options());
-  AT_DISPATCH_FLOATING_TYPES(ct, "conv_depthwise_wgrad", [&] {
-    scalar_t* pp = partial.data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        kr.depthwise_bwd_params[dt<scalar_t>()](
-            a, want_weight ? xn.const_data_ptr<scalar_t>() : nullptr, gy.const_data_ptr<scalar_t>(),
-            pp + c * part, c * rows / chunks, (c + 1) * rows / chunks);
-    });
-    scalar_t* w_out = gw.data_ptr<scalar_t>();
-    scalar_t* b_out = gb.data_ptr<scalar_t>();
-    const int64_t wsize = taps * a.C;
-    sum_chunks(pp, chunks, part,
-               [&](int64_t i, scalar_t v) { (i < wsize ? w_out[i] : b_out[i - wsize]) = v; });
-  });
+  const auto [gw, gb] = direct_params(a, want_weight ? nhwc(x) : at::Tensor(), gy, a.R * a.S,
+                                      kr.depthwise_bwd_params);
   if (want_weight) r.weight = gw.t().reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
   if (want_bias) r.bias = gb.to(dtype);
   return r;
@@ -577,7 +647,8 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
       bf16 ? as_output(gpre, at::kBFloat16, at::MemoryFormat::ChannelsLast) : nhwc(gpre);
   ConvGrads r;
   const auto opts = gp.options().dtype(ct);
-  if (want_input && !bf16) r.input = winograd_input_grad(g, gp, weight, fmt);
+  if (want_input && grouped_direct(p.a)) r.input = grouped_input_grad(g, gpre, weight, fmt, dtype);
+  if (want_input && !bf16 && !r.input.defined()) r.input = winograd_input_grad(g, gp, weight, fmt);
   if (r.input.defined()) {
     r.input = as_output(r.input, dtype, fmt);
   } else if (want_input) {
@@ -595,6 +666,23 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
       });
     }
     r.input = from_nhwc(gx, fmt, dtype);
+  }
+  if ((want_weight || want_bias) && grouped_direct(p.a) && p.M > 0) {
+    // conv_grouped_bwd_params' rows are grouped_weight's (r, s, t): scattered back to w's ci.
+    const int64_t kg = g.K / g.groups;
+    const auto [gw, gb] = direct_params(p.a, want_weight ? nhwc(x) : at::Tensor(), nhwc(gpre),
+                                        g.R * g.S * kg, kernels().grouped_bwd_params);
+    if (want_weight) {
+      const at::Tensor k = at::arange(g.K, gw.options().dtype(at::kLong));
+      const at::Tensor t = at::arange(kg, k.options());
+      const at::Tensor ci = (k.remainder(kg).view({g.K, 1}) + t).remainder(kg);
+      r.weight = at::empty({g.K, kg, g.R, g.S}, gw.options())
+                     .scatter_(1, ci.view({g.K, kg, 1, 1}).expand({g.K, kg, g.R, g.S}),
+                               gw.view({g.R, g.S, kg, g.K}).permute({3, 2, 0, 1}))
+                     .to(weight.scalar_type());
+    }
+    if (want_bias) r.bias = gb.to(dtype);
+    return r;
   }
   if (want_weight && !bf16 && p.M > 0 && ct == at::kFloat) {
     // Winograd reads an NCHW float32 x block by block (conv_winograd.cpp).

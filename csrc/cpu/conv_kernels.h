@@ -452,6 +452,87 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   }
 }
 
+// Grouped conv with as many output as input channels a group, kg in {2, 4, 8} (ResNeXt's), on
+// NHWC, output rows (n, p) in [r0, r1): SIMD over the output channels, a vector covering whole
+// groups, kTile pixels at a time. At the t-th of kg steps, output channel k reads its group's
+// channel t further on, wrapping: x[k + t] in the lanes where k % kg + t < kg, x[k + t - kg] in
+// the others, two loads of disjoint lanes (the memory of the other lanes is not read, so no
+// channel of another group, Inf or NaN, enters a sum), against wt (R, S, kg, C) with
+// wt[r][s][t][k] = w[k][(k % kg + t) % kg][r][s]. An im2col per group moved 9 copies of every
+// input for 36 multiply-adds an output.
+template <typename T>
+void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
+                      int64_t r0, int64_t r1) {
+  using V = Vec<T>;
+  constexpr int64_t kTile = 4;
+  const T* x = static_cast<const T*>(x_);
+  const T* wt = static_cast<const T*>(w_);
+  const T* bias = static_cast<const T*>(e.bias);
+  const int64_t C = a.C, kg = C / a.groups;
+  uint32_t near[8], far[8];
+  for (int64_t t = 0; t < kg; ++t) {
+    near[t] = far[t] = 0;
+    for (int i = 0; i < V::W; ++i) (i % kg + t < kg ? near[t] : far[t]) |= 1u << i;
+  }
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t n = row / a.P, p = row % a.P;
+    for (int64_t q0 = 0; q0 < a.Q; q0 += kTile) {
+      const int64_t nq = imin(kTile, a.Q - q0);
+      for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
+        const uint32_t live = static_cast<uint32_t>((uint64_t{1} << len) - 1u);
+        V acc[kTile];
+        for (int64_t j = 0; j < kTile; ++j) acc[j] = V::zero();
+        for (int64_t r = 0; r < a.R; ++r) {
+          const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
+          if (h < 0 || h >= a.H) continue;
+          const T* xrow = x + (n * a.H + h) * a.W * C + c0;
+          for (int64_t s = 0; s < a.S; ++s) {
+            const T* wp = wt + (r * a.S + s) * kg * C + c0;
+            // The tile's pixels that read inside the row (the others' lanes all off).
+            const T* xp[kTile];
+            uint32_t on[kTile];
+#pragma GCC unroll 4
+            for (int64_t j = 0; j < kTile; ++j) {
+              const int64_t wi = (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w;
+              const bool in = j < nq && wi >= 0 && wi < a.W;
+              xp[j] = xrow + (in ? wi : 0) * C;
+              on[j] = in ? live : 0u;
+            }
+            V a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+            for (int64_t t = 0; t < kg; ++t) {
+              const V wv = ld<V>(wp + t * C, len);
+              const uint32_t nt = near[t], ft = t > 0 ? far[t] : 0u;
+              const auto step = [&](V& sum, const T* px, uint32_t lanes) {
+                const V xv =
+                    V::load_lanes(px + t, nt & lanes) + V::load_lanes(px + t - kg, ft & lanes);
+                sum = fma(xv, wv, sum);
+              };
+              step(a0, xp[0], on[0]);
+              step(a1, xp[1], on[1]);
+              step(a2, xp[2], on[2]);
+              step(a3, xp[3], on[3]);
+            }
+            acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+          }
+        }
+        const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();
+        for (int64_t j = 0; j < nq; ++j) {
+          const int64_t base = n * a.out_sn + (p * a.Q + q0 + j) * a.out_spq;
+          if (a.out_sk == 1) {
+            conv_detail::store_vec<T>(a, e, acc[j], vb, base + c0, len);
+            continue;
+          }
+          T lanes[V::W];
+          acc[j].store(lanes);
+          for (int64_t c = 0; c < len; ++c)
+            conv_detail::store<T>(a, e, lanes[c], c0 + c, base + (c0 + c) * a.out_sk);
+        }
+      });
+    }
+  }
+  if (e.stream) V::fence();
+}
+
 // Input gradient of a depthwise conv on NHWC, input rows (n, h) in [r0, r1): gx[n, h, w] = the
 // sum over the taps (r, s) that read (h, w), in tap order, of gy[n, p, q] * w[r, s] (p = (h +
 // pad_h - r dil_h) / stride_h where that divides exactly, q alike). A gather, so rows are
@@ -527,6 +608,52 @@ void conv_depthwise_bwd_params(const ConvArgs& a, const void* x_, const void* gy
   }
 }
 
+// Weight and bias gradients of conv_grouped_fwd's convs, output rows (n, p) in [r0, r1): part
+// (R * S * kg + 1, C), row (r * S + s) * kg + t, lane k += gy[k] * (input channel t further on in
+// k's group, wrapping: the forward's two loads of disjoint lanes) at the pixel tap (r, s) reads;
+// the last row += gy.
+template <typename T>
+void conv_grouped_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
+                             int64_t r0, int64_t r1) {
+  using V = Vec<T>;
+  const T* x = static_cast<const T*>(x_);
+  const T* gy = static_cast<const T*>(gy_);
+  T* part = static_cast<T*>(part_);
+  const int64_t C = a.C, kg = C / a.groups;
+  T* gb = part + a.R * a.S * kg * C;
+  uint32_t near[8], far[8];
+  for (int64_t t = 0; t < kg; ++t) {
+    near[t] = far[t] = 0;
+    for (int i = 0; i < V::W; ++i) (i % kg + t < kg ? near[t] : far[t]) |= 1u << i;
+  }
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t n = row / a.P, p = row % a.P;
+    for (int64_t q = 0; q < a.Q; ++q) {
+      const T* g = gy + (row * a.Q + q) * C;
+      for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
+        const uint32_t live = static_cast<uint32_t>((uint64_t{1} << len) - 1u);
+        const V gv = ld<V>(g + c0, len);
+        st(gb + c0, ld<V>(gb + c0, len) + gv, len);
+        for (int64_t r = 0; x != nullptr && r < a.R; ++r) {
+          const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
+          if (h < 0 || h >= a.H) continue;
+          for (int64_t s = 0; s < a.S; ++s) {
+            const int64_t wi = q * a.stride_w - a.pad_w + s * a.dil_w;
+            if (wi < 0 || wi >= a.W) continue;
+            const T* xp = x + ((n * a.H + h) * a.W + wi) * C + c0;
+            T* acc = part + (r * a.S + s) * kg * C + c0;
+            for (int64_t t = 0; t < kg; ++t) {
+              const V xv = V::load_lanes(xp + t, near[t] & live) +
+                           V::load_lanes(xp + t - kg, (t > 0 ? far[t] : 0u) & live);
+              st(acc + t * C, fma(gv, xv, ld<V>(acc + t * C, len)), len);
+            }
+          }
+        }
+      });
+    }
+  }
+}
+
 #include "cpu/conv_winograd.h"
 
 const ConvKernels kConvKernels = {
@@ -536,8 +663,10 @@ const ConvKernels kConvKernels = {
     .epilogue_bwd = {conv_epilogue_bwd<float>, conv_epilogue_bwd<double>},
     .depthwise_fwd = {conv_depthwise_fwd<float>, conv_depthwise_fwd<double>},
     .depthwise_plane_fwd = {conv_depthwise_plane_fwd<float>, conv_depthwise_plane_fwd<double>},
+    .grouped_fwd = {conv_grouped_fwd<float>, conv_grouped_fwd<double>},
     .depthwise_bwd_input = {conv_depthwise_bwd_input<float>, conv_depthwise_bwd_input<double>},
     .depthwise_bwd_params = {conv_depthwise_bwd_params<float>, conv_depthwise_bwd_params<double>},
+    .grouped_bwd_params = {conv_grouped_bwd_params<float>, conv_grouped_bwd_params<double>},
     .transpose = {conv_transpose<float>, conv_transpose<double>},
     .winograd_weight = {conv_winograd_weight<2, float>, conv_winograd_weight<4, float>},
     .winograd_input = {conv_winograd_input<2, float>, conv_winograd_input<4, float>},

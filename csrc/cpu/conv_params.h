@@ -68,14 +68,20 @@ using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void*
                                      const ConvEpilogue&, int64_t plane0, int64_t plane1,
                                      void* scratch);
 
+// Grouped conv with C == K and kg = C / groups in {2, 4, 8}, on NHWC x, for output rows (n, p)
+// in [r0, r1), the weight as wt (R, S, kg, C) (conv_kernels.h), out/pre via the epilogue.
+using GroupedFwdFn = void (*)(const ConvArgs&, const void* x, const void* wt, const ConvEpilogue&,
+                              int64_t r0, int64_t r1);
 // Gradients of a depthwise conv (groups == C == K) on NHWC gy (N, P, Q, C): the input gradient
-// of input rows (n, h) in [r0, r1) written into gx (N, H, W, C), weight w_rsc (R, S, C); and,
-// over output rows (n, p) in [r0, r1), part (R * S + 1, C) += each tap's gy * x products (rows
-// (r, s); none when x is null) and gy's sum (the last row).
+// of input rows (n, h) in [r0, r1) written into gx (N, H, W, C), weight w_rsc (R, S, C). And the
+// weight and bias gradients of the direct kernels (depthwise; grouped as GroupedFwdFn), over
+// output rows (n, p) in [r0, r1): part (rows + 1, C) += the gy * x products of each of its rows
+// (depthwise: tap (r, s); grouped: (r, s, t) as its weight; none when x is null) and gy's sum
+// (the last row).
 using DepthwiseBwdInputFn = void (*)(const ConvArgs&, const void* gy, const void* w_rsc, void* gx,
                                      int64_t r0, int64_t r1);
-using DepthwiseBwdParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, void* part,
-                                      int64_t r0, int64_t r1);
+using DirectParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, void* part,
+                                int64_t r0, int64_t r1);
 
 // dst[c ldd + r] = src[r lds + c] for r < rows, c < cols (NCHW <-> NHWC).
 using TransposeFn = void (*)(const void* src, int64_t lds, void* dst, int64_t ldd, int64_t rows,
@@ -111,8 +117,10 @@ struct ConvKernels {
   EpilogueBwdFn epilogue_bwd[kNumConvDtypes];
   DepthwiseFwdFn depthwise_fwd[kNumConvDtypes];
   DepthwisePlaneFwdFn depthwise_plane_fwd[kNumConvDtypes];
+  GroupedFwdFn grouped_fwd[kNumConvDtypes];
   DepthwiseBwdInputFn depthwise_bwd_input[kNumConvDtypes];
-  DepthwiseBwdParamsFn depthwise_bwd_params[kNumConvDtypes];
+  DirectParamsFn depthwise_bwd_params[kNumConvDtypes];
+  DirectParamsFn grouped_bwd_params[kNumConvDtypes];
   TransposeFn transpose[kNumConvDtypes];
   WinogradWeightFn winograd_weight[kNumWinogradTiles];
   WinogradInputFn winograd_input[kNumWinogradTiles];

@@ -329,23 +329,49 @@ const uint16_t* bits(const at::Tensor& t) {
   return static_cast<const uint16_t*>(t.const_data_ptr());
 }
 
-// grad_x (N, H, W, C) = the input gradient of gpre (M, K): written by the GEMMs when p.direct,
-// else added by col2im into a zero-filled grad_x (T, E: as forward_rows).
+// The input gradient of a direct (1x1, stride 1, unpadded) conv, gpre (M, K), into gx ((N, C, H,
+// W) in any layout, dtype T or, T float, bfloat16): rows map one to one onto input pixels, so
+// each block's GEMM result goes from cache through the epilogue (no bias, no activation) into gx
+// in its own layout and dtype, with no NHWC float32 copy to convert afterwards.
+template <typename T, typename E>
+void direct_input_grad(const Gemm& p, const E* gpre, const E* wmat, at::Tensor& gx) {
+  ConvArgs a = p.a;  // the epilogue's view: C channels out on the H x W input pixels
+  a.K = p.a.C;
+  a.P = p.a.H;
+  a.Q = p.a.W;
+  a.activation = 0;
+  a.out_sn = gx.stride(0);
+  a.out_sk = gx.stride(1);
+  a.out_spq = gx.stride(3);
+  const ConvEpilogue e{nullptr,
+                       nullptr,
+                       nullptr,
+                       gx.data_ptr(),
+                       nullptr,
+                       gx.nbytes() >= kStreamBytes,
+                       gx.scalar_type() == at::kBFloat16};
+  const std::vector<PackedOf<E>> wp = pack_weight(p, wmat, false);
+  at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> acc(p.rows * p.cg);
+    ConvEpilogue eb = e;
+    eb.acc = acc.data();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
+      for (int64_t g = 0; g < p.a.groups; ++g) {
+        packed_gemm<T, E>(wp[g], mb, p.cg, p.kg, gpre + m0 * p.a.K + g * p.kg, p.a.K, T(0),
+                          acc.data(), p.cg);
+        kernels().epilogue[dt<T>()](a, eb, m0, mb, g);
+      }
+    }
+  });
+}
+
+// grad_x (N, H, W, C), zero-filled, += the col2im scatter of the input gradient of gpre (M, K)
+// (T, E: as forward_rows; not p.direct: direct_input_grad).
 template <typename T, typename E = T>
 void backward_input(const Gemm& p, const E* gpre, const E* wmat, T* gx) {
-  const int64_t K = p.a.K, C = p.a.C;
+  const int64_t K = p.a.K;
   const std::vector<PackedOf<E>> wp = pack_weight(p, wmat, false);
-  if (p.direct) {  // rows map one to one onto input pixels (j = cg): no scatter, any block split
-    at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
-        for (int64_t g = 0; g < p.a.groups; ++g)
-          packed_gemm<T, E>(wp[g], mb, p.cg, p.kg, gpre + m0 * K + g * p.kg, K, T(0),
-                            gx + m0 * C + g * p.cg, C);
-      }
-    });
-    return;
-  }
   // col2im scatters into overlapping windows of one image: a task owns whole images (several
   // per block when an image has fewer than p.rows pixels, so that the GEMM keeps p.rows rows),
   // its blocks in order. The blocks are fixed by the shapes alone.
@@ -651,9 +677,20 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
   if (want_input && !bf16 && !r.input.defined()) r.input = winograd_input_grad(g, gp, weight, fmt);
   if (r.input.defined()) {
     r.input = as_output(r.input, dtype, fmt);
+  } else if (want_input && p.direct) {
+    r.input = new_output({g.N, g.C, g.H, g.W}, gp.options().dtype(dtype), fmt);
+    if (p.M > 0 && bf16) {
+      const at::Tensor wm = weight_matrix(weight, p, at::kBFloat16);
+      direct_input_grad<float, uint16_t>(p, bits(gp), bits(wm), r.input);
+    } else if (p.M > 0) {
+      const at::Tensor wm = weight_matrix(weight, p, ct);
+      AT_DISPATCH_FLOATING_TYPES(ct, "conv_dgrad", [&] {
+        direct_input_grad<scalar_t, scalar_t>(p, gp.const_data_ptr<scalar_t>(),
+                                              wm.const_data_ptr<scalar_t>(), r.input);
+      });
+    }
   } else if (want_input) {
-    at::Tensor gx = new_output({g.N, g.H, g.W, g.C}, opts);
-    if (!p.direct) gx.zero_();
+    at::Tensor gx = new_output({g.N, g.H, g.W, g.C}, opts).zero_();
     if (p.M > 0 && bf16) {
       const at::Tensor wm = weight_matrix(weight, p, at::kBFloat16);
       backward_input<float, uint16_t>(p, bits(gp), bits(wm), gx.data_ptr<float>());

@@ -144,24 +144,11 @@ CASES = [
         _conv(1, 1, 256),
         groups=256,
     ),
-    _case(
-        "depthwise 3x3",
-        "fwd",
-        (32, 256, 28, 28),
-        F32,
-        CL,
-        None,
-        256,
-        3,
-        1,
-        1,
-        _conv(1, 1, 256),
-        groups=256,
-    ),
+    # Also reported: depthwise channels_last and both layouts' training step.
     *(
         _case(
             "depthwise 3x3",
-            "fwd+bwd",
+            mode,
             (32, 256, 28, 28),
             F32,
             fmt,
@@ -173,9 +160,9 @@ CASES = [
             _conv(1, 1, 256),
             groups=256,
         )
-        for fmt in ("", CL)
+        for mode, fmt in (("fwd", CL), ("fwd+bwd", ""), ("fwd+bwd", CL))
     ),
-    # Also reported.
+    # Also reported: other shapes and bfloat16.
     _case("conv2d 1x1", "fwd", (32, 256, 56, 56), F32, "", None, 64, 1, 1, 0, _conv(1, 0)),
     _case("conv2d 1x1", "fwd", (32, 256, 56, 56), BF16, "", None, 64, 1, 1, 0, _conv(1, 0)),
     _case("conv2d 3x3 s2", "fwd", (32, 128, 56, 56), F32, "", None, 128, 3, 2, 1, _conv(2, 1)),

@@ -11,14 +11,15 @@
 // NHWC input already is the GEMM operand). The backward reuses the same blocks: grad_weight =
 // col^T * grad_pre, grad_input = col2im(grad_pre * wmat^T). Small images, where over a quarter of
 // the (pixel, tap) pairs read padding, run one GEMM per tap on the pixels that read the image
-// instead (conv_taps.cpp), and stride-1 3x3 convs with enough pixels Winograd
-// (conv_winograd.cpp). conv_transpose2d is the adjoint conv2d (common/conv.h), so its forward is
-// the conv2d input gradient.
+// instead (conv_taps.cpp), stride-1 3x3 convs with enough pixels Winograd (conv_winograd.cpp),
+// and depthwise convs and groups of 2, 4 or 8 channels direct kernels (conv_direct.cpp).
+// conv_transpose2d is the adjoint conv2d (common/conv.h), so its forward is the conv2d input
+// gradient.
 //
 // bfloat16 is multiplied as it is on the implicit GEMM where the CPU has AVX512-BF16 (forward,
 // input and weight gradients: gemm_bf16, exact products summed in float32), else widened to
-// float32 (Winograd, the per-tap GEMMs, the depthwise conv); sums and outputs are float32 until
-// the final rounding. Determinism: the weight/bias
+// float32 (Winograd, the per-tap GEMMs, the direct kernels); sums are float32, and outputs are
+// rounded once, as the epilogue stores them. Determinism: the weight/bias
 // gradient sums run over chunks of blocks fixed by the shapes alone, merged in a fixed order, so
 // results are bit-identical from run to run and for any number of threads.
 #include <algorithm>
@@ -67,10 +68,6 @@ constexpr int64_t kWinogradMinCK = 16 * 16;
 // ran forward in 10 ms against 14, forward + backward in 36-39 against 48. At 84% (3x3 stride 2
 // from 8x8 to 4x4) it measured no faster.
 constexpr double kTapsMaxValid = 0.75;
-
-at::ScalarType compute_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // dst = src transposed image by image: N images of rows x cols into cols x rows, all in parallel
 // (NCHW <-> NHWC through the conv kernels' transpose, ~2x torch's permute copy here).
@@ -134,6 +131,10 @@ int64_t winograd_tile(const conv::ConvGeom& g, int64_t elem, bool inference) {
 
 }  // namespace
 
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 const ConvKernels& kernels() {
   switch (cpu_isa()) {
 #if defined(__x86_64__)
@@ -160,6 +161,20 @@ at::Tensor nhwc(const at::Tensor& x) {
     return y;
   }
   return as_output(x, compute_type(x), at::MemoryFormat::ChannelsLast);
+}
+
+ConvEpilogue plain_epilogue(at::Tensor& out) {
+  return {nullptr,
+          nullptr,
+          nullptr,
+          out.data_ptr(),
+          nullptr,
+          out.nbytes() >= kStreamBytes,
+          out.scalar_type() == at::kBFloat16};
+}
+
+at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype) {
+  return from_channels_last(t.permute({0, 3, 1, 2}), fmt, dtype);
 }
 
 Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem,
@@ -343,13 +358,7 @@ void direct_input_grad(const Gemm& p, const E* gpre, const E* wmat, at::Tensor& 
   a.out_sn = gx.stride(0);
   a.out_sk = gx.stride(1);
   a.out_spq = gx.stride(3);
-  const ConvEpilogue e{nullptr,
-                       nullptr,
-                       nullptr,
-                       gx.data_ptr(),
-                       nullptr,
-                       gx.nbytes() >= kStreamBytes,
-                       gx.scalar_type() == at::kBFloat16};
+  const ConvEpilogue e = plain_epilogue(gx);
   const std::vector<PackedOf<E>> wp = pack_weight(p, wmat, false);
   at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> acc(p.rows * p.cg);
@@ -434,11 +443,6 @@ void backward_params(const Gemm& p, const E* x, const E* gpre, T* gw, T* gb) {
   });
 }
 
-// (N, H, W, C) NHWC buffer -> (N, C, H, W) in `fmt` and `dtype`.
-at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype) {
-  return from_channels_last(t.permute({0, 3, 1, 2}), fmt, dtype);
-}
-
 // The weight gradient in weight_matrix's layout -> torch's contiguous (K, C/G, R, S).
 at::Tensor weight_from_matrix(const at::Tensor& m, const Gemm& p, const at::Tensor& w) {
   return as_output(p.a.crs ? m : m.permute({0, 3, 1, 2}), w.scalar_type(),
@@ -448,27 +452,6 @@ at::Tensor weight_from_matrix(const at::Tensor& m, const Gemm& p, const at::Tens
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.const_data_ptr<T>() : nullptr;
-}
-
-// Whether the grouped conv a runs conv_grouped_fwd (conv_kernels.h): as many output as input
-// channels a group, 2, 4 or 8 of them.
-bool grouped_direct(const ConvArgs& a) {
-  const int64_t kg = a.K / std::max<int64_t>(a.groups, 1);
-  return a.groups > 1 && a.C == a.K && (kg == 2 || kg == 4 || kg == 8);
-}
-
-// w (K, kg, R, S) as conv_grouped_fwd reads it: (R, S, kg, K) with [r][s][t][k] =
-// w[k][(k % kg + t) % kg][r][s], in dtype ct.
-at::Tensor grouped_weight(const at::Tensor& w, at::ScalarType ct) {
-  const int64_t K = w.size(0), kg = w.size(1);
-  const at::Tensor wc = w.to(ct);
-  const at::Tensor k = at::arange(K, w.options().dtype(at::kLong));
-  std::vector<at::Tensor> steps;
-  for (int64_t t = 0; t < kg; ++t) {
-    const at::Tensor ci = (k.remainder(kg) + t).remainder(kg).view({K, 1, 1, 1});
-    steps.push_back(wc.gather(1, ci.expand({K, 1, w.size(2), w.size(3)})).squeeze(1));
-  }
-  return at::stack(steps).permute({2, 3, 0, 1}).contiguous();
 }
 
 // out (and pre, residual: T, or bfloat16 with T float, which the epilogue writes and reads as
@@ -486,36 +469,7 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                  out.nbytes() >= kStreamBytes,
                  out.scalar_type() == at::kBFloat16};
   const ConvArgs& a = p.a;
-  if (a.groups == a.C && a.K == a.C && a.C > 1) {
-    const ConvKernels& kr = kernels();
-    const at::Tensor wc = weight.to(ct).reshape({a.C, a.R * a.S});
-    // NCHW output and unit width stride: SIMD over the width of each plane, no transposes.
-    if (a.stride_w == 1 && a.out_spq == 1 && a.out_sk == a.P * a.Q && a.out_sn == a.C * a.P * a.Q) {
-      const at::Tensor xc = x.to(ct).contiguous();
-      const at::Tensor w = wc.contiguous();
-      const int64_t scratch = (a.H + 2 * a.pad_h) * (a.W + 2 * a.pad_w);
-      at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<T> pad(scratch);
-        kr.depthwise_plane_fwd[dt<T>()](a, xc.const_data_ptr<T>(), w.const_data_ptr<T>(), e, c0, c1,
-                                        pad.data());
-      });
-      return;
-    }
-    const at::Tensor xn = nhwc(x);
-    const at::Tensor w = wc.t().contiguous();
-    at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
-      kr.depthwise_fwd[dt<T>()](a, xn.const_data_ptr<T>(), w.const_data_ptr<T>(), e, r0, r1);
-    });
-    return;
-  }
-  if (grouped_direct(a)) {
-    const at::Tensor xn = nhwc(x);
-    const at::Tensor wt = grouped_weight(weight, ct);
-    at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
-      kernels().grouped_fwd[dt<T>()](a, xn.const_data_ptr<T>(), wt.const_data_ptr<T>(), e, r0, r1);
-    });
-    return;
-  }
+  if (direct_conv(a)) return direct_forward<T>(p, x, weight, e);
   if constexpr (std::is_same_v<T, float>) {
     if (bf16_products(p, x.scalar_type())) {
       const at::Tensor xb = as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast);
@@ -565,116 +519,23 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
 // both in any layout; the input gradient in `fmt` and `dtype`. Where bf16_products, the GEMMs
 // multiply gpre and x in bfloat16 (gpre rounded to it if it came in float32, as torch's
 // bfloat16 autograd rounds every gradient). Masked-off results stay undefined.
-struct ConvGrads {
-  at::Tensor input, weight, bias;
-};
-
-// The input gradient (in `fmt` and `dtype`) of a stride-1 grouped conv g that runs
-// conv_grouped_fwd: the forward of its adjoint (the same groups, each group's weight transposed
-// and flipped, padding dil (R - 1) - pad) by the same kernel; undefined where that does not
-// apply (strided, or padded beyond the kernel's reach).
-at::Tensor grouped_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
-                              const at::Tensor& weight, at::MemoryFormat fmt,
-                              at::ScalarType dtype) {
-  conv::ConvGeom adj = g;
-  std::tie(adj.H, adj.W, adj.P, adj.Q) = std::make_tuple(g.P, g.Q, g.H, g.W);
-  adj.pad_h = g.dil_h * (g.R - 1) - g.pad_h;
-  adj.pad_w = g.dil_w * (g.S - 1) - g.pad_w;
-  if (g.stride_h != 1 || g.stride_w != 1 || adj.pad_h < 0 || adj.pad_w < 0) return {};
-  const int64_t kg = g.K / g.groups;
-  const at::Tensor wa = weight.reshape({g.groups, kg, kg, g.R, g.S})
-                            .transpose(1, 2)
-                            .flip({3, 4})
-                            .reshape({g.C, kg, g.R, g.S});
-  const at::ScalarType ct = compute_type(gpre);
-  at::Tensor gx = new_output({g.N, g.C, g.H, g.W}, gpre.options().dtype(dtype), fmt);
-  if (gx.numel() == 0) return gx;
-  const Gemm p = plan(adj, 0, gx, c10::elementSize(ct), wa);
-  AT_DISPATCH_FLOATING_TYPES(ct, "conv_grouped_dgrad", [&] {
-    const at::Tensor none;
-    at::Tensor no_pre = at::empty({0}, gx.options());
-    conv_fwd_impl<scalar_t>(p, gpre, wa, none, none, gx, no_pre);
-  });
-  return gx;
-}
-
-// The weight and bias gradients by a direct kernel (depthwise, grouped) that adds, over output
-// rows (n, p) in [r0, r1), its `rows` rows of C per-tap products of gy and xn (NHWC; undefined:
-// the bias alone) and gy's sum into a partial: summed over chunks of output rows fixed by the
-// shapes, merged in order (deterministic). Returns (rows, C) and (C) in gy's dtype.
-std::pair<at::Tensor, at::Tensor> direct_params(const ConvArgs& a, const at::Tensor& xn,
-                                                const at::Tensor& gy, int64_t rows,
-                                                const DirectParamsFn* kernel) {
-  const at::ScalarType ct = gy.scalar_type();
-  const int64_t out_rows = a.N * a.P, part = (rows + 1) * a.C;
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min({out_rows, kMaxChunks, kPartialBytes / (part * int64_t(c10::elementSize(ct)))}));
-  at::Tensor partial = at::zeros({chunks, part}, gy.options());
-  at::Tensor gw = at::empty({rows, a.C}, gy.options()), gb = at::empty({a.C}, gy.options());
-  AT_DISPATCH_FLOATING_TYPES(ct, "conv_direct_wgrad", [&] {
-    scalar_t* pp = partial.data_ptr<scalar_t>();
-    const scalar_t* xp = xn.defined() ? xn.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        kernel[dt<scalar_t>()](a, xp, gy.const_data_ptr<scalar_t>(), pp + c * part,
-                               c * out_rows / chunks, (c + 1) * out_rows / chunks);
-    });
-    scalar_t* w_out = gw.data_ptr<scalar_t>();
-    scalar_t* b_out = gb.data_ptr<scalar_t>();
-    const int64_t wsize = rows * a.C;
-    sum_chunks(pp, chunks, part,
-               [&](int64_t i, scalar_t v) { (i < wsize ? w_out[i] : b_out[i - wsize]) = v; });
-  });
-  return {gw, gb};
-}
-
-// conv_grads of a depthwise conv (groups == C == K > 1) by its direct kernels, on NHWC in the
-// compute dtype: R * S multiply-adds per element, bound by memory like its forward (per-group
-// GEMMs of one channel each ran its backward ~20x slower than torch's). The weight and bias
-// gradients sum over chunks of output rows fixed by the shapes, merged in order: deterministic.
-ConvGrads depthwise_grads(const Gemm& p, const at::Tensor& x, const at::Tensor& gy,
-                          const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype,
-                          bool want_input, bool want_weight, bool want_bias) {
-  const ConvArgs& a = p.a;
-  const at::ScalarType ct = gy.scalar_type();
-  const ConvKernels& kr = kernels();
-  ConvGrads r;
-  if (want_input) {
-    at::Tensor gx = new_output({a.N, a.H, a.W, a.C}, gy.options());
-    const at::Tensor w = weight.to(ct).reshape({a.C, a.R * a.S}).t().contiguous();
-    AT_DISPATCH_FLOATING_TYPES(ct, "conv_depthwise_dgrad", [&] {
-      at::parallel_for(0, a.N * a.H, 1, [&](int64_t r0, int64_t r1) {
-        kr.depthwise_bwd_input[dt<scalar_t>()](a, gy.const_data_ptr<scalar_t>(),
-                                               w.const_data_ptr<scalar_t>(),
-                                               gx.data_ptr<scalar_t>(), r0, r1);
-      });
-    });
-    r.input = from_nhwc(gx, fmt, dtype);
-  }
-  if (!want_weight && !want_bias) return r;
-  const auto [gw, gb] = direct_params(a, want_weight ? nhwc(x) : at::Tensor(), gy, a.R * a.S,
-                                      kr.depthwise_bwd_params);
-  if (want_weight) r.weight = gw.t().reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
-  if (want_bias) r.bias = gb.to(dtype);
-  return r;
-}
-
 ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Tensor& gpre,
                      const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype,
                      bool want_input, bool want_weight, bool want_bias) {
   const at::ScalarType ct = compute_type(gpre);
   const Gemm p = plan(g, 0, at::Tensor(), c10::elementSize(ct), weight);
-  if (g.groups == g.C && g.K == g.C && g.C > 1)
-    return depthwise_grads(p, x, nhwc(gpre), weight, fmt, dtype, want_input, want_weight,
-                           want_bias);
+  ConvGrads r;
+  if (direct_conv(p.a)) {  // all but a strided grouped conv's input gradient (below)
+    r = direct_grads(g, p, x, gpre, weight, fmt, dtype, want_input, want_weight, want_bias);
+    if (!want_input || r.input.defined()) return r;
+    want_weight = want_bias = false;
+  }
   const bool bf16 = bf16_products(p, gpre.scalar_type() == at::kBFloat16 ? at::kBFloat16 : dtype);
   // (M, K) rows: NHWC memory, in the dtype the GEMMs read.
   const at::Tensor gp =
       bf16 ? as_output(gpre, at::kBFloat16, at::MemoryFormat::ChannelsLast) : nhwc(gpre);
-  ConvGrads r;
   const auto opts = gp.options().dtype(ct);
-  if (want_input && grouped_direct(p.a)) r.input = grouped_input_grad(g, gpre, weight, fmt, dtype);
-  if (want_input && !bf16 && !r.input.defined()) r.input = winograd_input_grad(g, gp, weight, fmt);
+  if (want_input && !bf16) r.input = winograd_input_grad(g, gp, weight, fmt);
   if (r.input.defined()) {
     r.input = as_output(r.input, dtype, fmt);
   } else if (want_input && p.direct) {
@@ -703,23 +564,6 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
       });
     }
     r.input = from_nhwc(gx, fmt, dtype);
-  }
-  if ((want_weight || want_bias) && grouped_direct(p.a) && p.M > 0) {
-    // conv_grouped_bwd_params' rows are grouped_weight's (r, s, t): scattered back to w's ci.
-    const int64_t kg = g.K / g.groups;
-    const auto [gw, gb] = direct_params(p.a, want_weight ? nhwc(x) : at::Tensor(), nhwc(gpre),
-                                        g.R * g.S * kg, kernels().grouped_bwd_params);
-    if (want_weight) {
-      const at::Tensor k = at::arange(g.K, gw.options().dtype(at::kLong));
-      const at::Tensor t = at::arange(kg, k.options());
-      const at::Tensor ci = (k.remainder(kg).view({g.K, 1}) + t).remainder(kg);
-      r.weight = at::empty({g.K, kg, g.R, g.S}, gw.options())
-                     .scatter_(1, ci.view({g.K, kg, 1, 1}).expand({g.K, kg, g.R, g.S}),
-                               gw.view({g.R, g.S, kg, g.K}).permute({3, 2, 0, 1}))
-                     .to(weight.scalar_type());
-    }
-    if (want_bias) r.bias = gb.to(dtype);
-    return r;
   }
   if (want_weight && !bf16 && p.M > 0 && ct == at::kFloat) {
     // Winograd reads an NCHW float32 x block by block (conv_winograd.cpp).

@@ -1,7 +1,8 @@
 // What the CPU files of the conv family share (as csrc/cuda/conv.cuh for the CUDA ones): the plan
 // of a conv's GEMMs, the layout helpers and the entry points of each path. conv.cpp holds the ops,
 // the plan and the implicit GEMM; conv_winograd.cpp the Winograd drivers (their transforms are
-// kernels: conv_winograd.h, compiled per ISA); conv_taps.cpp the GEMMs per tap for small images.
+// kernels: conv_winograd.h, compiled per ISA); conv_taps.cpp the GEMMs per tap for small images;
+// conv_direct.cpp the drivers of the depthwise and grouped direct kernels (conv_kernels.h).
 #pragma once
 
 #include <cstdint>
@@ -47,8 +48,18 @@ constexpr int dt() {
 // transposes take, whole (nhwc) or a block of image rows at a time (conv_winograd.cpp).
 bool nchw_float(const at::Tensor& x);
 
+// float64 for float64 x, else float32 (bfloat16 is computed in float32).
+at::ScalarType compute_type(const at::Tensor& x);
+
 // x in compute dtype, NHWC memory ((N, C, H, W) channels_last view).
 at::Tensor nhwc(const at::Tensor& x);
+
+// The epilogue that writes out alone (no bias, residual, pre-activation; ConvArgs without an
+// activation), in out's dtype, streamed when out is large.
+ConvEpilogue plain_epilogue(at::Tensor& out);
+
+// An (N, H, W, C) NHWC buffer as (N, C, H, W) in `fmt` and `dtype`.
+at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype);
 
 // The GEMMs of the conv g with activation `act`, writing through out_like's strides (when
 // defined), elements of `elem` bytes; the weight (when defined) picks its matrix layout. An
@@ -97,6 +108,24 @@ bool winograd_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weig
 at::Tensor winograd_weight_grad(const Gemm& p, const at::Tensor& x, const float* gpre);
 at::Tensor winograd_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
                                const at::Tensor& weight, at::MemoryFormat fmt);
+
+// A conv's gradients; the ones not asked for stay undefined.
+struct ConvGrads {
+  at::Tensor input, weight, bias;
+};
+
+// conv_direct.cpp: depthwise convs (groups == C == K > 1) and grouped ones with 2, 4 or 8
+// channels a group in and out, on direct kernels instead of GEMMs (direct_conv). The forward
+// through e (x in any layout; T: the compute dtype), and the gradients of the conv g with
+// pre-activation gradient gpre ((N, K, P, Q), any layout), the input gradient in `fmt` and
+// `dtype`; a strided grouped conv's input gradient stays undefined (the caller's GEMMs).
+bool direct_conv(const ConvArgs& a);
+template <typename T>
+void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
+                    const ConvEpilogue& e);
+ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor& x,
+                       const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,
+                       at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias);
 
 // conv_taps.cpp: the fraction of g's (output pixel, tap) pairs whose tap reads inside the input
 // (plan runs the GEMMs per tap at or below kTapsMaxValid), and the three products per tap.

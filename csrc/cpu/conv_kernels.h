@@ -238,6 +238,24 @@ inline void store_vec(const ConvArgs& a, const ConvEpilogue& e, V v, V bias, int
   store_vec_as<T, T>(a, e, v, o, len);
 }
 
+// The epilogue of nq consecutive output pixels (the first at element offset base), channels
+// [c0, c0 + len) of each in acc[j]: vectors where the channels are contiguous in out
+// (channels_last), else lane by lane.
+template <typename T, typename V>
+inline void store_pixels(const ConvArgs& a, const ConvEpilogue& e, const V* acc, int64_t nq,
+                         int64_t base, int64_t c0, int64_t len, V vb) {
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t o = base + j * a.out_spq;
+    if (a.out_sk == 1) {
+      store_vec<T>(a, e, acc[j], vb, o + c0, len);
+      continue;
+    }
+    T lanes[V::W];
+    acc[j].store(lanes);
+    for (int64_t c = 0; c < len; ++c) store<T>(a, e, lanes[c], c0 + c, o + (c0 + c) * a.out_sk);
+  }
+}
+
 }  // namespace conv_detail
 
 // The block's GEMM result acc (mb rows x the group's kg channels) through the epilogue into out,
@@ -367,17 +385,8 @@ void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const
             }
           }
         }
-        for (int64_t j = 0; j < nq; ++j) {
-          const int64_t base = n * a.out_sn + (p * a.Q + q0 + j) * a.out_spq;
-          if (a.out_sk == 1) {
-            conv_detail::store_vec<T>(a, e, acc[j], vb, base + c0, len);
-            continue;
-          }
-          T lanes[V::W];
-          acc[j].store(lanes);
-          for (int64_t c = 0; c < len; ++c)
-            conv_detail::store<T>(a, e, lanes[c], c0 + c, base + (c0 + c) * a.out_sk);
-        }
+        conv_detail::store_pixels<T>(a, e, acc, nq, n * a.out_sn + (p * a.Q + q0) * a.out_spq, c0,
+                                     len, vb);
       }
     });
   }
@@ -452,13 +461,34 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   }
 }
 
+// The loads of the grouped kernels (kg channels a group, a vector spanning whole groups): at
+// step t each lane k reads its group's channel t further on, wrapping, that is x[k + t] in the
+// lanes where k % kg + t < kg and x[k + t - kg] in the others: two loads of disjoint lanes,
+// `in` (a mask of lanes) limiting both. The other lanes' memory is not read, so no channel of
+// another group, Inf or NaN, enters a sum.
+template <typename V>
+struct GroupLanes {
+  uint32_t near[8], far[8];
+  int64_t kg;
+
+  explicit GroupLanes(int64_t kg_) : kg(kg_) {
+    for (int64_t t = 0; t < kg; ++t) {
+      near[t] = far[t] = 0;
+      for (int i = 0; i < V::W; ++i) (i % kg + t < kg ? near[t] : far[t]) |= 1u << i;
+    }
+  }
+  template <typename T>
+  V load(const T* x, int64_t t, uint32_t in) const {
+    return V::load_lanes(x + t, near[t] & in) +
+           V::load_lanes(x + t - kg, (t > 0 ? far[t] : 0u) & in);
+  }
+};
+
 // Grouped conv with as many output as input channels a group, kg in {2, 4, 8} (ResNeXt's), on
 // NHWC, output rows (n, p) in [r0, r1): SIMD over the output channels, a vector covering whole
-// groups, kTile pixels at a time. At the t-th of kg steps, output channel k reads its group's
-// channel t further on, wrapping: x[k + t] in the lanes where k % kg + t < kg, x[k + t - kg] in
-// the others, two loads of disjoint lanes (the memory of the other lanes is not read, so no
-// channel of another group, Inf or NaN, enters a sum), against wt (R, S, kg, C) with
-// wt[r][s][t][k] = w[k][(k % kg + t) % kg][r][s]. An im2col per group moved 9 copies of every
+// groups, kTile pixels at a time; at the t-th of kg steps the lanes read GroupLanes' channels,
+// against wt (R, S, kg, C) with wt[r][s][t][k] = w[k][(k % kg + t) % kg][r][s]. An im2col per
+// group moved 9 copies of every
 // input for 36 multiply-adds an output.
 template <typename T>
 void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
@@ -469,11 +499,7 @@ void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const C
   const T* wt = static_cast<const T*>(w_);
   const T* bias = static_cast<const T*>(e.bias);
   const int64_t C = a.C, kg = C / a.groups;
-  uint32_t near[8], far[8];
-  for (int64_t t = 0; t < kg; ++t) {
-    near[t] = far[t] = 0;
-    for (int i = 0; i < V::W; ++i) (i % kg + t < kg ? near[t] : far[t]) |= 1u << i;
-  }
+  const GroupLanes<V> lanes(kg);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t n = row / a.P, p = row % a.P;
     for (int64_t q0 = 0; q0 < a.Q; q0 += kTile) {
@@ -501,11 +527,8 @@ void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const C
             V a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
             for (int64_t t = 0; t < kg; ++t) {
               const V wv = ld<V>(wp + t * C, len);
-              const uint32_t nt = near[t], ft = t > 0 ? far[t] : 0u;
-              const auto step = [&](V& sum, const T* px, uint32_t lanes) {
-                const V xv =
-                    V::load_lanes(px + t, nt & lanes) + V::load_lanes(px + t - kg, ft & lanes);
-                sum = fma(xv, wv, sum);
+              const auto step = [&](V& sum, const T* px, uint32_t in) {
+                sum = fma(lanes.load(px, t, in), wv, sum);
               };
               step(a0, xp[0], on[0]);
               step(a1, xp[1], on[1]);
@@ -516,17 +539,8 @@ void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const C
           }
         }
         const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();
-        for (int64_t j = 0; j < nq; ++j) {
-          const int64_t base = n * a.out_sn + (p * a.Q + q0 + j) * a.out_spq;
-          if (a.out_sk == 1) {
-            conv_detail::store_vec<T>(a, e, acc[j], vb, base + c0, len);
-            continue;
-          }
-          T lanes[V::W];
-          acc[j].store(lanes);
-          for (int64_t c = 0; c < len; ++c)
-            conv_detail::store<T>(a, e, lanes[c], c0 + c, base + (c0 + c) * a.out_sk);
-        }
+        conv_detail::store_pixels<T>(a, e, acc, nq, n * a.out_sn + (p * a.Q + q0) * a.out_spq, c0,
+                                     len, vb);
       });
     }
   }
@@ -609,9 +623,8 @@ void conv_depthwise_bwd_params(const ConvArgs& a, const void* x_, const void* gy
 }
 
 // Weight and bias gradients of conv_grouped_fwd's convs, output rows (n, p) in [r0, r1): part
-// (R * S * kg + 1, C), row (r * S + s) * kg + t, lane k += gy[k] * (input channel t further on in
-// k's group, wrapping: the forward's two loads of disjoint lanes) at the pixel tap (r, s) reads;
-// the last row += gy.
+// (R * S * kg + 1, C), row (r * S + s) * kg + t, lane k += gy[k] * (GroupLanes' step t) at the
+// pixel tap (r, s) reads; the last row += gy.
 template <typename T>
 void conv_grouped_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
                              int64_t r0, int64_t r1) {
@@ -621,11 +634,7 @@ void conv_grouped_bwd_params(const ConvArgs& a, const void* x_, const void* gy_,
   T* part = static_cast<T*>(part_);
   const int64_t C = a.C, kg = C / a.groups;
   T* gb = part + a.R * a.S * kg * C;
-  uint32_t near[8], far[8];
-  for (int64_t t = 0; t < kg; ++t) {
-    near[t] = far[t] = 0;
-    for (int i = 0; i < V::W; ++i) (i % kg + t < kg ? near[t] : far[t]) |= 1u << i;
-  }
+  const GroupLanes<V> lanes(kg);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t n = row / a.P, p = row % a.P;
     for (int64_t q = 0; q < a.Q; ++q) {
@@ -643,8 +652,7 @@ void conv_grouped_bwd_params(const ConvArgs& a, const void* x_, const void* gy_,
             const T* xp = x + ((n * a.H + h) * a.W + wi) * C + c0;
             T* acc = part + (r * a.S + s) * kg * C + c0;
             for (int64_t t = 0; t < kg; ++t) {
-              const V xv = V::load_lanes(xp + t, near[t] & live) +
-                           V::load_lanes(xp + t - kg, (t > 0 ? far[t] : 0u) & live);
+              const V xv = lanes.load(xp, t, live);
               st(acc + t * C, fma(gv, xv, ld<V>(acc + t * C, len)), len);
             }
           }

@@ -253,8 +253,6 @@ at::Tensor winograd_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
   const Gemm p = plan(adj, 0, gx, sizeof(float), at::Tensor());  // the weight only sets crs
   if (p.wino == 0) return {};  // before flipping the weight (a pass over it)
   const at::Tensor w = weight.flip({2, 3}).transpose(0, 1);
-  const ConvEpilogue e{
-      nullptr, nullptr, nullptr, gx.data_ptr<float>(), nullptr, gx.nbytes() >= kStreamBytes};
-  return winograd_forward(p, gpre, w, e) ? gx : at::Tensor();
+  return winograd_forward(p, gpre, w, plain_epilogue(gx)) ? gx : at::Tensor();
 }
 }  // namespace fastdl::cpu::conv_impl

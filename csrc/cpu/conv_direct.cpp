@@ -1,0 +1,210 @@
+// The convs that run direct kernels (conv_kernels.h) instead of GEMMs: depthwise (groups == C
+// == K > 1: R * S multiply-adds an output, bound by memory) and grouped ones with 2, 4 or 8
+// channels a group in and out (ResNeXt's first stages: a GEMM per group would have a fraction
+// of one vector of columns, and an im2col per group read every pixel once per group). Forward,
+// input gradient (depthwise: gathered per input pixel; grouped, stride 1: the adjoint's forward)
+// and the weight and bias gradients, summed over chunks of output rows fixed by the shapes and
+// merged in order (deterministic). All on NHWC in the compute dtype (bfloat16 widened); the
+// forward's epilogue writes any layout and dtype.
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "cpu/conv.h"
+#include "cpu/output.h"
+
+namespace fastdl::cpu::conv_impl {
+namespace {
+
+bool depthwise(const ConvArgs& a) {
+  return a.groups == a.C && a.K == a.C && a.C > 1;
+}
+
+// The grouped convs of conv_grouped_fwd: as many output as input channels a group, 2, 4 or 8.
+bool grouped(const ConvArgs& a) {
+  const int64_t kg = a.K / std::max<int64_t>(a.groups, 1);
+  return a.groups > 1 && a.C == a.K && (kg == 2 || kg == 4 || kg == 8);
+}
+
+// w (K, kg, R, S) as conv_grouped_fwd reads it: (R, S, kg, K) with [r][s][t][k] =
+// w[k][(k % kg + t) % kg][r][s], in dtype ct.
+at::Tensor grouped_weight(const at::Tensor& w, at::ScalarType ct) {
+  const int64_t K = w.size(0), kg = w.size(1);
+  const at::Tensor wc = w.to(ct);
+  const at::Tensor k = at::arange(K, w.options().dtype(at::kLong));
+  std::vector<at::Tensor> steps;
+  for (int64_t t = 0; t < kg; ++t) {
+    const at::Tensor ci = (k.remainder(kg) + t).remainder(kg).view({K, 1, 1, 1});
+    steps.push_back(wc.gather(1, ci.expand({K, 1, w.size(2), w.size(3)})).squeeze(1));
+  }
+  return at::stack(steps).permute({2, 3, 0, 1}).contiguous();
+}
+
+// The weight and bias gradients by a direct kernel that adds, over output rows (n, p) in
+// [r0, r1), its `rows` rows of C products of gy and xn (NHWC; undefined: the bias alone) and gy's
+// sum into a partial: summed over chunks of output rows fixed by the shapes, merged in order.
+// Returns (rows, C) and (C) in gy's dtype.
+std::pair<at::Tensor, at::Tensor> direct_params(const ConvArgs& a, const at::Tensor& xn,
+                                                const at::Tensor& gy, int64_t rows,
+                                                const DirectParamsFn* kernel) {
+  const at::ScalarType ct = gy.scalar_type();
+  const int64_t out_rows = a.N * a.P, part = (rows + 1) * a.C;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min({out_rows, kMaxChunks, kPartialBytes / (part * int64_t(c10::elementSize(ct)))}));
+  at::Tensor partial = at::zeros({chunks, part}, gy.options());
+  at::Tensor gw = at::empty({rows, a.C}, gy.options()), gb = at::empty({a.C}, gy.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "conv_direct_wgrad", [&] {
+    scalar_t* pp = partial.data_ptr<scalar_t>();
+    const scalar_t* xp = xn.defined() ? xn.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        kernel[dt<scalar_t>()](a, xp, gy.const_data_ptr<scalar_t>(), pp + c * part,
+                               c * out_rows / chunks, (c + 1) * out_rows / chunks);
+    });
+    scalar_t* w_out = gw.data_ptr<scalar_t>();
+    scalar_t* b_out = gb.data_ptr<scalar_t>();
+    const int64_t wsize = rows * a.C;
+    sum_chunks(pp, chunks, part,
+               [&](int64_t i, scalar_t v) { (i < wsize ? w_out[i] : b_out[i - wsize]) = v; });
+  });
+  return {gw, gb};
+}
+
+// The input gradient (in `fmt` and `dtype`) of a stride-1 grouped conv g: the forward of its
+// adjoint (the same groups, each group's weight transposed and flipped, padding dil (R - 1) -
+// pad) by the same kernel; undefined where that does not apply (strided, or padded beyond the
+// kernel's reach).
+at::Tensor grouped_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
+                              const at::Tensor& weight, at::MemoryFormat fmt,
+                              at::ScalarType dtype) {
+  conv::ConvGeom adj = g;
+  std::tie(adj.H, adj.W, adj.P, adj.Q) = std::make_tuple(g.P, g.Q, g.H, g.W);
+  adj.pad_h = g.dil_h * (g.R - 1) - g.pad_h;
+  adj.pad_w = g.dil_w * (g.S - 1) - g.pad_w;
+  if (g.stride_h != 1 || g.stride_w != 1 || adj.pad_h < 0 || adj.pad_w < 0) return {};
+  const int64_t kg = g.K / g.groups;
+  const at::Tensor wa = weight.reshape({g.groups, kg, kg, g.R, g.S})
+                            .transpose(1, 2)
+                            .flip({3, 4})
+                            .reshape({g.C, kg, g.R, g.S});
+  const at::ScalarType ct = compute_type(gpre);
+  at::Tensor gx = new_output({g.N, g.C, g.H, g.W}, gpre.options().dtype(dtype), fmt);
+  if (gx.numel() == 0) return gx;
+  const Gemm p = plan(adj, 0, gx, c10::elementSize(ct), wa);
+  AT_DISPATCH_FLOATING_TYPES(ct, "conv_grouped_dgrad",
+                             [&] { direct_forward<scalar_t>(p, gpre, wa, plain_epilogue(gx)); });
+  return gx;
+}
+
+ConvGrads depthwise_grads(const ConvArgs& a, const at::Tensor& x, const at::Tensor& gy,
+                          const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype,
+                          bool want_input, bool want_weight, bool want_bias) {
+  const at::ScalarType ct = gy.scalar_type();
+  const ConvKernels& kr = kernels();
+  ConvGrads r;
+  if (want_input) {
+    at::Tensor gx = new_output({a.N, a.H, a.W, a.C}, gy.options());
+    const at::Tensor w = weight.to(ct).reshape({a.C, a.R * a.S}).t().contiguous();
+    AT_DISPATCH_FLOATING_TYPES(ct, "conv_depthwise_dgrad", [&] {
+      at::parallel_for(0, a.N * a.H, 1, [&](int64_t r0, int64_t r1) {
+        kr.depthwise_bwd_input[dt<scalar_t>()](a, gy.const_data_ptr<scalar_t>(),
+                                               w.const_data_ptr<scalar_t>(),
+                                               gx.data_ptr<scalar_t>(), r0, r1);
+      });
+    });
+    r.input = from_nhwc(gx, fmt, dtype);
+  }
+  if (!want_weight && !want_bias) return r;
+  const auto [gw, gb] = direct_params(a, want_weight ? nhwc(x) : at::Tensor(), gy, a.R * a.S,
+                                      kr.depthwise_bwd_params);
+  if (want_weight) r.weight = gw.t().reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
+  if (want_bias) r.bias = gb.to(dtype);
+  return r;
+}
+
+ConvGrads grouped_grads(const conv::ConvGeom& g, const ConvArgs& a, const at::Tensor& x,
+                        const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,
+                        at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias) {
+  ConvGrads r;
+  if (want_input) r.input = grouped_input_grad(g, gpre, weight, fmt, dtype);
+  if ((!want_weight && !want_bias) || a.N * a.P * a.Q == 0) {
+    if (want_weight) r.weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+    if (want_bias) r.bias = at::zeros({a.K}, gpre.options().dtype(dtype));
+    return r;
+  }
+  // conv_grouped_bwd_params' rows are grouped_weight's (r, s, t): scattered back to w's ci.
+  const int64_t kg = a.K / a.groups;
+  const auto [gw, gb] = direct_params(a, want_weight ? nhwc(x) : at::Tensor(), nhwc(gpre),
+                                      a.R * a.S * kg, kernels().grouped_bwd_params);
+  if (want_weight) {
+    const at::Tensor k = at::arange(a.K, gw.options().dtype(at::kLong));
+    const at::Tensor t = at::arange(kg, k.options());
+    const at::Tensor ci = (k.remainder(kg).view({a.K, 1}) + t).remainder(kg);
+    r.weight = at::empty({a.K, kg, a.R, a.S}, gw.options())
+                   .scatter_(1, ci.view({a.K, kg, 1, 1}).expand({a.K, kg, a.R, a.S}),
+                             gw.view({a.R, a.S, kg, a.K}).permute({3, 2, 0, 1}))
+                   .to(weight.scalar_type());
+  }
+  if (want_bias) r.bias = gb.to(dtype);
+  return r;
+}
+
+}  // namespace
+
+bool direct_conv(const ConvArgs& a) {
+  return depthwise(a) || grouped(a);
+}
+
+template <typename T>
+void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
+                    const ConvEpilogue& e) {
+  const ConvArgs& a = p.a;
+  const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+  const ConvKernels& kr = kernels();
+  if (grouped(a)) {
+    const at::Tensor xn = nhwc(x);
+    const at::Tensor wt = grouped_weight(weight, ct);
+    at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
+      kr.grouped_fwd[dt<T>()](a, xn.const_data_ptr<T>(), wt.const_data_ptr<T>(), e, r0, r1);
+    });
+    return;
+  }
+  const at::Tensor wc = weight.to(ct).reshape({a.C, a.R * a.S});
+  // NCHW output and unit width stride: SIMD over the width of each plane, no transposes.
+  if (a.stride_w == 1 && a.out_spq == 1 && a.out_sk == a.P * a.Q && a.out_sn == a.C * a.P * a.Q) {
+    const at::Tensor xc = x.to(ct).contiguous();
+    const at::Tensor w = wc.contiguous();
+    const int64_t scratch = (a.H + 2 * a.pad_h) * (a.W + 2 * a.pad_w);
+    at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<T> pad(scratch);
+      kr.depthwise_plane_fwd[dt<T>()](a, xc.const_data_ptr<T>(), w.const_data_ptr<T>(), e, c0, c1,
+                                      pad.data());
+    });
+    return;
+  }
+  const at::Tensor xn = nhwc(x);
+  const at::Tensor w = wc.t().contiguous();
+  at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
+    kr.depthwise_fwd[dt<T>()](a, xn.const_data_ptr<T>(), w.const_data_ptr<T>(), e, r0, r1);
+  });
+}
+template void direct_forward<float>(const Gemm&, const at::Tensor&, const at::Tensor&,
+                                    const ConvEpilogue&);
+template void direct_forward<double>(const Gemm&, const at::Tensor&, const at::Tensor&,
+                                     const ConvEpilogue&);
+
+ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor& x,
+                       const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,
+                       at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias) {
+  if (depthwise(p.a))
+    return depthwise_grads(p.a, x, nhwc(gpre), weight, fmt, dtype, want_input, want_weight,
+                           want_bias);
+  return grouped_grads(g, p.a, x, gpre, weight, fmt, dtype, want_input, want_weight, want_bias);
+}
+
+}  // namespace fastdl::cpu::conv_impl

@@ -292,7 +292,8 @@ template void forward_rows<float>(const Gemm&, const float*, const std::vector<P
 
 namespace {
 
-// Groups of few output channels (ResNeXt's 4 a group): as the GEMMs' columns, a group's kg
+// Groups of few output channels (< kNarrowChannels; as many input channels, 2, 4 or 8, run
+// conv_direct.cpp's kernels instead), and convs with few: as the GEMMs' columns, a group's kg
 // channels would fill a fraction of one vector of the micro-tile, and an im2col per group would
 // read each pixel's cache lines once per group. Here one im2col per block reads them once for
 // all groups, and the transposed products acc^T = wmat_g col_g^T run the block's pixels along the

@@ -128,19 +128,19 @@ ConvGrads depthwise_grads(const ConvArgs& a, const at::Tensor& x, const at::Tens
 }
 
 ConvGrads grouped_grads(const conv::ConvGeom& g, const ConvArgs& a, const at::Tensor& x,
-                        const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,
+                        const at::Tensor& gy, const at::Tensor& weight, at::MemoryFormat fmt,
                         at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias) {
   ConvGrads r;
-  if (want_input) r.input = grouped_input_grad(g, gpre, weight, fmt, dtype);
+  if (want_input) r.input = grouped_input_grad(g, gy, weight, fmt, dtype);
   if ((!want_weight && !want_bias) || a.N * a.P * a.Q == 0) {
     if (want_weight) r.weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
-    if (want_bias) r.bias = at::zeros({a.K}, gpre.options().dtype(dtype));
+    if (want_bias) r.bias = at::zeros({a.K}, gy.options().dtype(dtype));
     return r;
   }
   // conv_grouped_bwd_params' rows are grouped_weight's (r, s, t): scattered back to w's ci.
   const int64_t kg = a.K / a.groups;
-  const auto [gw, gb] = direct_params(a, want_weight ? nhwc(x) : at::Tensor(), nhwc(gpre),
-                                      a.R * a.S * kg, kernels().grouped_bwd_params);
+  const auto [gw, gb] = direct_params(a, want_weight ? nhwc(x) : at::Tensor(), gy, a.R * a.S * kg,
+                                      kernels().grouped_bwd_params);
   if (want_weight) {
     const at::Tensor k = at::arange(a.K, gw.options().dtype(at::kLong));
     const at::Tensor t = at::arange(kg, k.options());
@@ -201,10 +201,11 @@ template void direct_forward<double>(const Gemm&, const at::Tensor&, const at::T
 ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor& x,
                        const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,
                        at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias) {
+  // The output gradient in NHWC once, for every kernel (the adjoint's forward reads it as is).
+  const at::Tensor gy = nhwc(gpre);
   if (depthwise(p.a))
-    return depthwise_grads(p.a, x, nhwc(gpre), weight, fmt, dtype, want_input, want_weight,
-                           want_bias);
-  return grouped_grads(g, p.a, x, gpre, weight, fmt, dtype, want_input, want_weight, want_bias);
+    return depthwise_grads(p.a, x, gy, weight, fmt, dtype, want_input, want_weight, want_bias);
+  return grouped_grads(g, p.a, x, gy, weight, fmt, dtype, want_input, want_weight, want_bias);
 }
 
 }  // namespace fastdl::cpu::conv_impl

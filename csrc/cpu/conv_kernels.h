@@ -345,10 +345,31 @@ void depthwise3x3_row(const ConvArgs& a, const T* x, const T* w, const ConvEpilo
   }
 }
 
+// kTile output pixels of a direct conv from (n, p, q0), nq of them real, channels [c0, c0 + len):
+// tap(acc, xrow, r, s) adds tap (r, s)'s products into acc[kTile] from the input row xrow (at
+// channel c0 of its first pixel), for the taps whose row lies inside x; then the epilogue, with
+// the bias. kTile independent accumulators hide the FMA latency and reuse each weight load.
+template <typename T, int64_t kTile, typename Tap>
+inline void direct_tile(const ConvArgs& a, const T* x, const ConvEpilogue& e, int64_t n, int64_t p,
+                        int64_t q0, int64_t nq, int64_t c0, int64_t len, Tap&& tap) {
+  using V = Vec<T>;
+  V acc[kTile];
+  for (int64_t j = 0; j < kTile; ++j) acc[j] = V::zero();
+  for (int64_t r = 0; r < a.R; ++r) {
+    const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
+    if (h < 0 || h >= a.H) continue;
+    const T* xrow = x + (n * a.H + h) * a.W * a.C + c0;
+    for (int64_t s = 0; s < a.S; ++s) tap(acc, xrow, r, s);
+  }
+  const T* bias = static_cast<const T*>(e.bias);
+  const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();
+  conv_detail::store_pixels<T>(a, e, acc, nq, n * a.out_sn + (p * a.Q + q0) * a.out_spq, c0, len,
+                               vb);
+}
+
 // Direct depthwise conv on NHWC: each output pixel is R * S multiply-adds per channel, far too
 // little work per byte for a GEMM, so it is bound by memory. Channels are contiguous in NHWC:
-// one SIMD vector covers W channels, a tile of kTile output pixels keeps kTile independent
-// accumulators (FMA latency hidden) and reuses each tap's weight vector kTile times.
+// one SIMD vector covers W channels, tiles of kTile output pixels (direct_tile).
 template <typename T>
 void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
                         int64_t r0, int64_t r1) {
@@ -366,27 +387,21 @@ void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t n = row / a.P, p = row % a.P;
     for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
-      const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();
-      if (unrolled) return depthwise3x3_row<T>(a, x, w, e, n, p, c0, len, vb, q_lo, q_hi);
+      if (unrolled) {
+        const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();
+        return depthwise3x3_row<T>(a, x, w, e, n, p, c0, len, vb, q_lo, q_hi);
+      }
       for (int64_t q0 = 0; q0 < a.Q; q0 += kTile) {
         const int64_t nq = imin(kTile, a.Q - q0);
-        V acc[kTile];
-        for (int64_t j = 0; j < kTile; ++j) acc[j] = V::zero();
-        for (int64_t r = 0; r < a.R; ++r) {
-          const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
-          if (h < 0 || h >= a.H) continue;
-          const T* xrow = x + (n * a.H + h) * a.W * C + c0;
-          for (int64_t s = 0; s < a.S; ++s) {
-            const V wv = ld<V>(w + (r * a.S + s) * C + c0, len);
-            for (int64_t j = 0; j < kTile; ++j) {
-              const int64_t wi = (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w;
-              if (j < nq && wi >= 0 && wi < a.W)
-                acc[j] = fma(ld<V>(xrow + wi * C, len), wv, acc[j]);
-            }
-          }
-        }
-        conv_detail::store_pixels<T>(a, e, acc, nq, n * a.out_sn + (p * a.Q + q0) * a.out_spq, c0,
-                                     len, vb);
+        direct_tile<T, kTile>(a, x, e, n, p, q0, nq, c0, len,
+                              [&](V* acc, const T* xrow, int64_t r, int64_t s) {
+                                const V wv = ld<V>(w + (r * a.S + s) * C + c0, len);
+                                for (int64_t j = 0; j < kTile; ++j) {
+                                  const int64_t wi = (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w;
+                                  if (j < nq && wi >= 0 && wi < a.W)
+                                    acc[j] = fma(ld<V>(xrow + wi * C, len), wv, acc[j]);
+                                }
+                              });
       }
     });
   }
@@ -486,10 +501,9 @@ struct GroupLanes {
 
 // Grouped conv with as many output as input channels a group, kg in {2, 4, 8} (ResNeXt's), on
 // NHWC, output rows (n, p) in [r0, r1): SIMD over the output channels, a vector covering whole
-// groups, kTile pixels at a time; at the t-th of kg steps the lanes read GroupLanes' channels,
-// against wt (R, S, kg, C) with wt[r][s][t][k] = w[k][(k % kg + t) % kg][r][s]. An im2col per
-// group moved 9 copies of every
-// input for 36 multiply-adds an output.
+// groups, tiles of kTile pixels (direct_tile); at the t-th of kg steps the lanes read GroupLanes'
+// channels, against wt (R, S, kg, C) with wt[r][s][t][k] = w[k][(k % kg + t) % kg][r][s]. An
+// im2col per group moved 9 copies of every input for 36 multiply-adds an output.
 template <typename T>
 void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
                       int64_t r0, int64_t r1) {
@@ -497,7 +511,6 @@ void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const C
   constexpr int64_t kTile = 4;
   const T* x = static_cast<const T*>(x_);
   const T* wt = static_cast<const T*>(w_);
-  const T* bias = static_cast<const T*>(e.bias);
   const int64_t C = a.C, kg = C / a.groups;
   const GroupLanes<V> lanes(kg);
   for (int64_t row = r0; row < r1; ++row) {
@@ -506,41 +519,33 @@ void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const C
       const int64_t nq = imin(kTile, a.Q - q0);
       for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
         const uint32_t live = static_cast<uint32_t>((uint64_t{1} << len) - 1u);
-        V acc[kTile];
-        for (int64_t j = 0; j < kTile; ++j) acc[j] = V::zero();
-        for (int64_t r = 0; r < a.R; ++r) {
-          const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
-          if (h < 0 || h >= a.H) continue;
-          const T* xrow = x + (n * a.H + h) * a.W * C + c0;
-          for (int64_t s = 0; s < a.S; ++s) {
-            const T* wp = wt + (r * a.S + s) * kg * C + c0;
-            // The tile's pixels that read inside the row (the others' lanes all off).
-            const T* xp[kTile];
-            uint32_t on[kTile];
+        direct_tile<T, kTile>(a, x, e, n, p, q0, nq, c0, len,
+                              [&](V* acc, const T* xrow, int64_t r, int64_t s) {
+                                const T* wp = wt + (r * a.S + s) * kg * C + c0;
+                                // The tile's pixels that read inside the row (the others' lanes all
+                                // off).
+                                const T* xp[kTile];
+                                uint32_t on[kTile];
 #pragma GCC unroll 4
-            for (int64_t j = 0; j < kTile; ++j) {
-              const int64_t wi = (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w;
-              const bool in = j < nq && wi >= 0 && wi < a.W;
-              xp[j] = xrow + (in ? wi : 0) * C;
-              on[j] = in ? live : 0u;
-            }
-            V a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-            for (int64_t t = 0; t < kg; ++t) {
-              const V wv = ld<V>(wp + t * C, len);
-              const auto step = [&](V& sum, const T* px, uint32_t in) {
-                sum = fma(lanes.load(px, t, in), wv, sum);
-              };
-              step(a0, xp[0], on[0]);
-              step(a1, xp[1], on[1]);
-              step(a2, xp[2], on[2]);
-              step(a3, xp[3], on[3]);
-            }
-            acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
-          }
-        }
-        const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();
-        conv_detail::store_pixels<T>(a, e, acc, nq, n * a.out_sn + (p * a.Q + q0) * a.out_spq, c0,
-                                     len, vb);
+                                for (int64_t j = 0; j < kTile; ++j) {
+                                  const int64_t wi = (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w;
+                                  const bool in = j < nq && wi >= 0 && wi < a.W;
+                                  xp[j] = xrow + (in ? wi : 0) * C;
+                                  on[j] = in ? live : 0u;
+                                }
+                                V a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+                                for (int64_t t = 0; t < kg; ++t) {
+                                  const V wv = ld<V>(wp + t * C, len);
+                                  const auto step = [&](V& sum, const T* px, uint32_t in) {
+                                    sum = fma(lanes.load(px, t, in), wv, sum);
+                                  };
+                                  step(a0, xp[0], on[0]);
+                                  step(a1, xp[1], on[1]);
+                                  step(a2, xp[2], on[2]);
+                                  step(a3, xp[3], on[3]);
+                                }
+                                acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+                              });
       });
     }
   }

@@ -29,6 +29,13 @@ CONV_SHAPES = {
     "grouped_kg4": (2, 8, 7, 6, 8, 3, 3, 1, 1, 1, 2),
     "grouped_kg2_strided": (1, 6, 9, 8, 6, 3, 2, (2, 1), (1, 0), (1, 2), 3),
     "grouped_kg8_5x5": (1, 16, 6, 7, 16, 5, 5, 1, 2, 1, 2),
+    # Groups of 8 to 32 output channels, any input width: the CPU's broadcast kernels (pixel
+    # tiles with a remainder, odd input widths, a channel multiplier of 8, a strided and
+    # dilated one whose input gradient stays on the implicit GEMM).
+    "grouped_kg16_tail": (2, 32, 5, 17, 32, 3, 3, 1, 1, 1, 2),
+    "grouped_kg24_cg3_strided": (1, 6, 9, 11, 48, 3, 2, (2, 1), (1, 0), (1, 2), 2),
+    "grouped_kg32_7x7": (1, 64, 7, 7, 64, 3, 3, 1, 1, 1, 2),
+    "depthwise_mult8": (1, 3, 6, 5, 24, 3, 3, 1, 1, 1, 3),
     # Depthwise kernels' branches: NCHW planes (stride_w 1) with partial width vectors, NHWC
     # channel vectors with a partial one, pixel tiles with a remainder, an odd tap count.
     "depthwise_wide": (1, 35, 5, 37, 35, 3, 3, (2, 1), (1, 2), (1, 2), 35),
@@ -186,6 +193,28 @@ def test_frozen_weight(backend, shape, wants):
         assert_close(x.grad, xd.grad, torch.float32, scale=4.0)
 
 
+def test_output_follows_a_channels_last_weight(backend):
+    """As torch: an NCHW x with a channels_last weight gives a channels_last output (conv2d and
+    conv_transpose2d), with the same values and gradients; an unbatched x stays as it is."""
+    dev, cl = backend.device, torch.channels_last
+    x = torch.randn(2, 6, 7, 5, device=dev, requires_grad=True)
+    w = torch.randn(8, 3, 3, 3, device=dev).contiguous(memory_format=cl).requires_grad_()
+    wt = torch.randn(6, 4, 4, 4, device=dev).contiguous(memory_format=cl).requires_grad_()
+    y = fastdl.conv2d(x, w, None, 1, 1, 1, 2)
+    yt = fastdl.conv_transpose2d(x, wt, None, 2, 1)
+    assert y.is_contiguous(memory_format=cl) and yt.is_contiguous(memory_format=cl)
+    assert F.conv2d(x, w, None, 1, 1, 1, 2).is_contiguous(memory_format=cl)
+    grads = torch.autograd.grad((y.sum(), yt.sum()), (x, w, wt))
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, wt)]
+    ref = ref_conv2d(leaves[0], leaves[1], None, 1, 1, 1, 2)
+    ref_t = ref_conv_transpose2d(leaves[0], leaves[2], None, 2, 1, 0, 1, 1)
+    assert_close(y, ref, torch.float32)
+    assert_close(yt, ref_t, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad((ref.sum(), ref_t.sum()), leaves), strict=True):
+        assert_close(got, want, torch.float32, scale=4.0)
+    assert fastdl.conv2d(x[0], w, None, 1, 1, 1, 2).is_contiguous()
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_empty_batch(backend, fmt):
     x = torch.randn(0, 4, 6, 6).contiguous(memory_format=fmt).requires_grad_()
@@ -296,7 +325,7 @@ def test_string_padding_and_unbatched(backend, padding, kernel, dilation):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("kg", [2, 4, 8])
+@pytest.mark.parametrize("kg", [2, 4, 8, 16, 32])
 def test_grouped_nan_stays_in_its_group(layout, kg):
     """A NaN or Inf input channel reaches only its own group's outputs: the direct grouped kernel
     loads each group's channels into its own lanes only (torch: the same)."""

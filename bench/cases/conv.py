@@ -1,6 +1,7 @@
 """Convolution cases: the ResNet layer of issue 4 in both memory formats, forward and
 forward+backward, the fused conv + bias + residual + ReLU, depthwise 3x3, and the rows the issue
-also reports (1x1, stride-2 3x3, the 7x7 stem, a DCGAN conv_transpose2d layer, bfloat16).
+also reports (1x1, stride-2 3x3, the 7x7 stem, a DCGAN conv_transpose2d layer, bfloat16), plus
+ResNet-18's deep layers and ResNeXt-50's grouped convs.
 
 Baselines: torch.nn.functional.conv2d / conv_transpose2d (for the fused case, conv then add
 then relu). FLOPs: 2 per multiply-add of the forward; forward+backward is 3x the forward
@@ -189,6 +190,26 @@ CASES = [
     _case("conv2d 1x1", "fwd+bwd", (32, 256, 56, 56), BF16, CL, None, 64, 1, 1, 0, _conv(1, 0)),
     _case("conv2d 3x3 s2", "fwd+bwd", (32, 128, 56, 56), BF16, "", None, 128, 3, 2, 1, _conv(2, 1)),
     _case("conv2d 3x3", "fwd+bwd", RESNET, BF16, CL, None, 64, 3, 1, 1, _3x3),
+    # ResNeXt-50 (32x4d)'s grouped 3x3 convs, 32 groups, one per stage (4, 8, 16 and 32 channels
+    # a group; no target of the issue): the direct grouped kernels.
+    *(
+        _case(
+            f"resnext 3x3 g32 {c}ch {h}x{h}",
+            mode,
+            (32, c, h, h),
+            F32,
+            CL,
+            None,
+            c,
+            3,
+            1,
+            1,
+            _conv(1, 1, 32),
+            groups=32,
+        )
+        for c, h in ((128, 56), (256, 28), (512, 14), (1024, 7))
+        for mode in ("fwd", "fwd+bwd")
+    ),
     # ResNet-18 on 32x32 images: the deep layers (many channels, few pixels; reported beside
     # torch, no target of the issue) and a stride-2 downsampling conv and its 1x1 shortcut.
     *(

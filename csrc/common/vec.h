@@ -228,6 +228,23 @@ inline VecF where_pos(VecF y, VecF a, VecF b) {
   return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_GT_OQ), b.v, a.v)};
 }
 
+// Eight float lanes (ymm) beside VecF's sixteen, for kernels whose natural vector is 8 wide
+// (the grouped convs' groups of 8 or 24 channels): Zen 4 runs two ymm FMAs a cycle against one
+// zmm, the same flops. Only what those kernels use.
+struct VecF8 {
+  static constexpr int W = 8;
+  __m256 v;
+
+  static VecF8 set1(float a) { return {_mm256_set1_ps(a)}; }
+  static VecF8 zero() { return {_mm256_setzero_ps()}; }
+  static VecF8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+};
+
+inline VecF8 fma(VecF8 a, VecF8 b, VecF8 c) {
+  return {_mm256_fmadd_ps(a.v, b.v, c.v)};
+}
+
 #elif FASTDL_VEC == 256
 
 struct VecF {
@@ -317,6 +334,10 @@ inline VecF where_pos(VecF y, VecF a, VecF b) {
 
 using VecF = ArrVec<float, 8>;
 
+#endif
+
+#if FASTDL_VEC != 512
+using VecF8 = VecF;
 #endif
 
 template <typename A>

@@ -12,7 +12,8 @@
 // col^T * grad_pre, grad_input = col2im(grad_pre * wmat^T). Small images, where over a quarter of
 // the (pixel, tap) pairs read padding, run one GEMM per tap on the pixels that read the image
 // instead (conv_taps.cpp), stride-1 3x3 convs with enough pixels Winograd (conv_winograd.cpp),
-// and depthwise convs and groups of 2, 4 or 8 channels direct kernels (conv_direct.cpp).
+// and depthwise convs and groups of 2 or 4 channels, or of 8 to 32 output channels, direct
+// kernels (conv_direct.cpp).
 // conv_transpose2d is the adjoint conv2d (common/conv.h), so its forward is the conv2d input
 // gradient.
 //
@@ -292,12 +293,12 @@ template void forward_rows<float>(const Gemm&, const float*, const std::vector<P
 
 namespace {
 
-// Groups of few output channels (< kNarrowChannels; as many input channels, 2, 4 or 8, run
-// conv_direct.cpp's kernels instead), and convs with few: as the GEMMs' columns, a group's kg
-// channels would fill a fraction of one vector of the micro-tile, and an im2col per group would
-// read each pixel's cache lines once per group. Here one im2col per block reads them once for
-// all groups, and the transposed products acc^T = wmat_g col_g^T run the block's pixels along the
-// columns; a transpose in cache hands the epilogue its (mb, kg) rows.
+// Groups of few output channels (< kNarrowChannels; 2 or 4 with as many input channels, or a
+// multiple of 8, run conv_direct.cpp's kernels instead), and convs with few: as the GEMMs' columns,
+// a group's kg channels would fill a fraction of one vector of the micro-tile, and an im2col per
+// group would read each pixel's cache lines once per group. Here one im2col per block reads them
+// once for all groups, and the transposed products acc^T = wmat_g col_g^T run the block's pixels
+// along the columns; a transpose in cache hands the epilogue its (mb, kg) rows.
 bool narrow_groups(const Gemm& p) {
   return p.kg < kNarrowChannels && p.M >= kNarrowChannels;
 }
@@ -526,7 +527,7 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
   const at::ScalarType ct = compute_type(gpre);
   const Gemm p = plan(g, 0, at::Tensor(), c10::elementSize(ct), weight);
   ConvGrads r;
-  if (direct_conv(p.a)) {  // all but a strided grouped conv's input gradient (below)
+  if (direct_conv(p.a)) {  // a grouped conv may leave the input gradient to the GEMMs below
     r = direct_grads(g, p, x, gpre, weight, fmt, dtype, want_input, want_weight, want_bias);
     if (!want_input || r.input.defined()) return r;
     want_weight = want_bias = false;

@@ -114,8 +114,9 @@ struct ConvGrads {
   at::Tensor input, weight, bias;
 };
 
-// conv_direct.cpp: depthwise convs (groups == C == K > 1) and grouped ones with 2, 4 or 8
-// channels a group in and out, on direct kernels instead of GEMMs (direct_conv). The forward
+// conv_direct.cpp: depthwise convs (groups == C == K > 1) and grouped ones with 2 or 4
+// channels a group in and out or 8 to 32 out (a multiple of 8), on direct kernels instead of
+// GEMMs (direct_conv). The forward
 // through e (x in any layout; T: the compute dtype), and the gradients of the conv g with
 // pre-activation gradient gpre ((N, K, P, Q), any layout), the input gradient in `fmt` and
 // `dtype`; a strided grouped conv's input gradient stays undefined (the caller's GEMMs).

@@ -1,11 +1,12 @@
-// The convs that run direct kernels (conv_kernels.h) instead of GEMMs: depthwise (groups == C
-// == K > 1: R * S multiply-adds an output, bound by memory) and grouped ones with 2, 4 or 8
-// channels a group in and out (ResNeXt's first stages: a GEMM per group would have a fraction
-// of one vector of columns, and an im2col per group read every pixel once per group). Forward,
-// input gradient (depthwise: gathered per input pixel; grouped, stride 1: the adjoint's forward)
-// and the weight and bias gradients, summed over chunks of output rows fixed by the shapes and
-// merged in order (deterministic). All on NHWC in the compute dtype (bfloat16 widened); the
-// forward's epilogue writes any layout and dtype.
+// The convs that run direct kernels (conv_kernels.h, conv_grouped.h) instead of GEMMs:
+// depthwise (groups == C == K > 1: R * S multiply-adds an output, bound by memory), grouped ones
+// with 2 or 4 channels a group in and out (ResNeXt's first stage) and grouped ones with 8 to 32
+// output channels a group (its later stages; channel multipliers of 8 to 32): a GEMM per
+// group would have a fraction of one vector or one micro-tile of columns, and an im2col per
+// group read every pixel once per group. Forward, input gradient (depthwise: gathered per input
+// pixel; grouped, stride 1: the adjoint's forward) and the weight and bias gradients, summed over
+// chunks of output rows fixed by the shapes and merged in order (deterministic). All on NHWC in
+// the compute dtype (bfloat16 widened); the forward's epilogue writes any layout and dtype.
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -25,10 +26,17 @@ bool depthwise(const ConvArgs& a) {
   return a.groups == a.C && a.K == a.C && a.C > 1;
 }
 
-// The grouped convs of conv_grouped_fwd: as many output as input channels a group, 2, 4 or 8.
+// The grouped convs of conv_grouped_fwd: as many output as input channels a group, 2 or 4.
 bool grouped(const ConvArgs& a) {
   const int64_t kg = a.K / std::max<int64_t>(a.groups, 1);
-  return a.groups > 1 && a.C == a.K && (kg == 2 || kg == 4 || kg == 8);
+  return a.groups > 1 && a.C == a.K && (kg == 2 || kg == 4);
+}
+
+// The grouped convs of conv_grouped_bcast_fwd: 8 to 32 output channels a group (a multiple of 8),
+// any number of input channels.
+bool grouped_bcast(const ConvArgs& a) {
+  const int64_t kg = a.K / std::max<int64_t>(a.groups, 1);
+  return a.groups > 1 && kg > 0 && kg % 8 == 0 && kg <= 32 && !grouped(a) && !depthwise(a);
 }
 
 // w (K, kg, R, S) as conv_grouped_fwd reads it: (R, S, kg, K) with [r][s][t][k] =
@@ -46,29 +54,31 @@ at::Tensor grouped_weight(const at::Tensor& w, at::ScalarType ct) {
 }
 
 // The weight and bias gradients by a direct kernel that adds, over output rows (n, p) in
-// [r0, r1), its `rows` rows of C products of gy and xn (NHWC; undefined: the bias alone) and gy's
-// sum into a partial: summed over chunks of output rows fixed by the shapes, merged in order.
-// Returns (rows, C) and (C) in gy's dtype.
+// [r0, r1), its `rows` rows of K products of gy and xn (NHWC; undefined: the bias alone) and gy's
+// sum into a partial (with `scratch` elements of scratch): summed over chunks of output rows
+// fixed by the shapes, merged in order. Returns (rows, K) and (K) in gy's dtype.
 std::pair<at::Tensor, at::Tensor> direct_params(const ConvArgs& a, const at::Tensor& xn,
                                                 const at::Tensor& gy, int64_t rows,
-                                                const DirectParamsFn* kernel) {
+                                                const DirectParamsFn* kernel, int64_t scratch = 0) {
   const at::ScalarType ct = gy.scalar_type();
-  const int64_t out_rows = a.N * a.P, part = (rows + 1) * a.C;
+  const int64_t out_rows = a.N * a.P, part = (rows + 1) * a.K;
   const int64_t chunks = std::max<int64_t>(
       1, std::min({out_rows, kMaxChunks, kPartialBytes / (part * int64_t(c10::elementSize(ct)))}));
   at::Tensor partial = at::zeros({chunks, part}, gy.options());
-  at::Tensor gw = at::empty({rows, a.C}, gy.options()), gb = at::empty({a.C}, gy.options());
+  at::Tensor gw = at::empty({rows, a.K}, gy.options()), gb = at::empty({a.K}, gy.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "conv_direct_wgrad", [&] {
     scalar_t* pp = partial.data_ptr<scalar_t>();
     const scalar_t* xp = xn.defined() ? xn.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<scalar_t> rows_scratch(scratch);
       for (int64_t c = c0; c < c1; ++c)
         kernel[dt<scalar_t>()](a, xp, gy.const_data_ptr<scalar_t>(), pp + c * part,
-                               c * out_rows / chunks, (c + 1) * out_rows / chunks);
+                               c * out_rows / chunks, (c + 1) * out_rows / chunks,
+                               rows_scratch.data());
     });
     scalar_t* w_out = gw.data_ptr<scalar_t>();
     scalar_t* b_out = gb.data_ptr<scalar_t>();
-    const int64_t wsize = rows * a.C;
+    const int64_t wsize = rows * a.K;
     sum_chunks(pp, chunks, part,
                [&](int64_t i, scalar_t v) { (i < wsize ? w_out[i] : b_out[i - wsize]) = v; });
   });
@@ -76,19 +86,20 @@ std::pair<at::Tensor, at::Tensor> direct_params(const ConvArgs& a, const at::Ten
 }
 
 // The input gradient (in `fmt` and `dtype`) of a stride-1 grouped conv g: the forward of its
-// adjoint (the same groups, each group's weight transposed and flipped, padding dil (R - 1) -
-// pad) by the same kernel; undefined where that does not apply (strided, or padded beyond the
-// kernel's reach).
+// adjoint (the same groups, in and out channels swapped, each group's weight transposed and
+// flipped, padding dil (R - 1) - pad) by a direct kernel; undefined where that does not apply
+// (strided, padded beyond the kernel's reach, or an adjoint no direct kernel takes).
 at::Tensor grouped_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
                               const at::Tensor& weight, at::MemoryFormat fmt,
                               at::ScalarType dtype) {
   conv::ConvGeom adj = g;
   std::tie(adj.H, adj.W, adj.P, adj.Q) = std::make_tuple(g.P, g.Q, g.H, g.W);
+  std::tie(adj.C, adj.K) = std::make_pair(g.K, g.C);
   adj.pad_h = g.dil_h * (g.R - 1) - g.pad_h;
   adj.pad_w = g.dil_w * (g.S - 1) - g.pad_w;
   if (g.stride_h != 1 || g.stride_w != 1 || adj.pad_h < 0 || adj.pad_w < 0) return {};
-  const int64_t kg = g.K / g.groups;
-  const at::Tensor wa = weight.reshape({g.groups, kg, kg, g.R, g.S})
+  const int64_t kg = g.K / g.groups, cg = g.C / g.groups;
+  const at::Tensor wa = weight.reshape({g.groups, kg, cg, g.R, g.S})
                             .transpose(1, 2)
                             .flip({3, 4})
                             .reshape({g.C, kg, g.R, g.S});
@@ -96,6 +107,7 @@ at::Tensor grouped_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
   at::Tensor gx = new_output({g.N, g.C, g.H, g.W}, gpre.options().dtype(dtype), fmt);
   if (gx.numel() == 0) return gx;
   const Gemm p = plan(adj, 0, gx, c10::elementSize(ct), wa);
+  if (!direct_conv(p.a)) return {};
   AT_DISPATCH_FLOATING_TYPES(ct, "conv_grouped_dgrad",
                              [&] { direct_forward<scalar_t>(p, gpre, wa, plain_epilogue(gx)); });
   return gx;
@@ -137,6 +149,21 @@ ConvGrads grouped_grads(const conv::ConvGeom& g, const ConvArgs& a, const at::Te
     if (want_bias) r.bias = at::zeros({a.K}, gy.options().dtype(dtype));
     return r;
   }
+  if (grouped_bcast(a)) {
+    // conv_grouped_bcast_bwd_params' part is the forward's weight layout (g, r, s, c, k).
+    const int64_t cg = a.C / a.groups, kg = a.K / a.groups;
+    const auto [gw, gb] =
+        direct_params(a, want_weight ? nhwc(x) : at::Tensor(), gy, a.R * a.S * cg,
+                      kernels().grouped_bcast_bwd_params, group_scratch(a, gy.element_size()));
+    if (want_weight)
+      r.weight = gw.view({a.groups, a.R, a.S, cg, kg})
+                     .permute({0, 4, 3, 1, 2})
+                     .reshape(weight.sizes())
+                     .to(weight.scalar_type())
+                     .contiguous();
+    if (want_bias) r.bias = gb.to(dtype);
+    return r;
+  }
   // conv_grouped_bwd_params' rows are grouped_weight's (r, s, t): scattered back to w's ci.
   const int64_t kg = a.K / a.groups;
   const auto [gw, gb] = direct_params(a, want_weight ? nhwc(x) : at::Tensor(), gy, a.R * a.S * kg,
@@ -157,7 +184,7 @@ ConvGrads grouped_grads(const conv::ConvGeom& g, const ConvArgs& a, const at::Te
 }  // namespace
 
 bool direct_conv(const ConvArgs& a) {
-  return depthwise(a) || grouped(a);
+  return depthwise(a) || grouped(a) || grouped_bcast(a);
 }
 
 template <typename T>
@@ -166,11 +193,18 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
   const ConvArgs& a = p.a;
   const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
   const ConvKernels& kr = kernels();
-  if (grouped(a)) {
+  if (grouped(a) || grouped_bcast(a)) {
     const at::Tensor xn = nhwc(x);
-    const at::Tensor wt = grouped_weight(weight, ct);
+    const bool bcast = grouped_bcast(a);
+    const at::Tensor wt = bcast ? weight.to(ct)
+                                      .view({a.groups, a.K / a.groups, a.C / a.groups, a.R, a.S})
+                                      .permute({0, 3, 4, 2, 1})
+                                      .contiguous()
+                                : grouped_weight(weight, ct);
+    const GroupedFwdFn fn = (bcast ? kr.grouped_bcast_fwd : kr.grouped_fwd)[dt<T>()];
     at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
-      kr.grouped_fwd[dt<T>()](a, xn.const_data_ptr<T>(), wt.const_data_ptr<T>(), e, r0, r1);
+      std::vector<T> rows(bcast ? group_scratch(a, sizeof(T)) : 0);
+      fn(a, xn.const_data_ptr<T>(), wt.const_data_ptr<T>(), e, r0, r1, rows.data());
     });
     return;
   }

@@ -1,6 +1,7 @@
 // The conv kernels around the GEMMs (csrc/cpu/conv_params.h): im2col, col2im, the fused
 // epilogue (bias + residual + activation) and its backward, the direct depthwise conv and its
-// gradients, and the Winograd transforms (cpu/conv_winograd.h).
+// gradients, the grouped convs (cpu/conv_grouped.h) and the Winograd transforms
+// (cpu/conv_winograd.h).
 // Included inside an ISA namespace by csrc/cpu/isa/*.cpp; plain loops the compiler vectorizes
 // for that ISA (the innermost loops run over contiguous NHWC channels). No torch, no std
 // templates (see vec.h).
@@ -256,14 +257,13 @@ inline void store_pixels(const ConvArgs& a, const ConvEpilogue& e, const V* acc,
   }
 }
 
-}  // namespace conv_detail
-
 // The block's GEMM result acc (mb rows x the group's kg channels) through the epilogue into out,
 // one SIMD vector at a time: along the channels where they are contiguous in out (channels_last),
 // else along the pixels of each channel plane (NCHW), a vector of pixels of one image transposed
-// through a small tile in L1 (per-element strided stores had cost ~0.8x the GEMM's time).
+// through a small tile in L1 (per-element strided stores had cost ~0.8x the GEMM's time). The
+// caller fences streamed stores.
 template <typename T>
-void conv_epilogue(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t mb, int64_t g) {
+void epilogue_rows(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t mb, int64_t g) {
   using V = Vec<T>;
   const T* acc = static_cast<const T*>(e.acc);
   const T* bias = static_cast<const T*>(e.bias);
@@ -273,15 +273,14 @@ void conv_epilogue(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t
       const int64_t m = m0 + i, base = m / pq * a.out_sn + m % pq * a.out_spq;
       if (a.out_sk != 1) {
         for (int64_t k = k0; k < k0 + kg; ++k)
-          conv_detail::store<T>(a, e, acc[i * kg + k - k0], k, base + k * a.out_sk);
+          store<T>(a, e, acc[i * kg + k - k0], k, base + k * a.out_sk);
         continue;
       }
       for_vectors<V::W>(0, kg, [&](int64_t c, int64_t len) {
         const V vb = bias != nullptr ? ld<V>(bias + k0 + c, len) : V::zero();
-        conv_detail::store_vec<T>(a, e, ld<V>(acc + i * kg + c, len), vb, base + k0 + c, len);
+        store_vec<T>(a, e, ld<V>(acc + i * kg + c, len), vb, base + k0 + c, len);
       });
     }
-    if (e.stream) V::fence();
     return;
   }
   T tile[V::W * V::W];
@@ -296,14 +295,21 @@ void conv_epilogue(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t
         conv_transpose<T>(acc + (i0 + j) * kg + kc, kg, tile, V::W, len, nk);
         for (int64_t k = kc; k < kc + nk; ++k) {
           const V vb = V::set1(bias != nullptr ? bias[k0 + k] : T(0));
-          conv_detail::store_vec<T>(a, e, ld<V>(tile + (k - kc) * V::W, len), vb,
-                                    base + (k0 + k) * a.out_sk + j, len);
+          store_vec<T>(a, e, ld<V>(tile + (k - kc) * V::W, len), vb, base + (k0 + k) * a.out_sk + j,
+                       len);
         }
       }
     });
     i0 += run;
   }
-  if (e.stream) V::fence();
+}
+
+}  // namespace conv_detail
+
+template <typename T>
+void conv_epilogue(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t mb, int64_t g) {
+  conv_detail::epilogue_rows<T>(a, e, m0, mb, g);
+  if (e.stream) Vec<T>::fence();
 }
 
 // One output row (n, p) of a 3x3 depthwise conv, channels [c0, c0 + len), output channels_last:
@@ -476,82 +482,6 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   }
 }
 
-// The loads of the grouped kernels (kg channels a group, a vector spanning whole groups): at
-// step t each lane k reads its group's channel t further on, wrapping, that is x[k + t] in the
-// lanes where k % kg + t < kg and x[k + t - kg] in the others: two loads of disjoint lanes,
-// `in` (a mask of lanes) limiting both. The other lanes' memory is not read, so no channel of
-// another group, Inf or NaN, enters a sum.
-template <typename V>
-struct GroupLanes {
-  uint32_t near[8], far[8];
-  int64_t kg;
-
-  explicit GroupLanes(int64_t kg_) : kg(kg_) {
-    for (int64_t t = 0; t < kg; ++t) {
-      near[t] = far[t] = 0;
-      for (int i = 0; i < V::W; ++i) (i % kg + t < kg ? near[t] : far[t]) |= 1u << i;
-    }
-  }
-  template <typename T>
-  V load(const T* x, int64_t t, uint32_t in) const {
-    return V::load_lanes(x + t, near[t] & in) +
-           V::load_lanes(x + t - kg, (t > 0 ? far[t] : 0u) & in);
-  }
-};
-
-// Grouped conv with as many output as input channels a group, kg in {2, 4, 8} (ResNeXt's), on
-// NHWC, output rows (n, p) in [r0, r1): SIMD over the output channels, a vector covering whole
-// groups, tiles of kTile pixels (direct_tile); at the t-th of kg steps the lanes read GroupLanes'
-// channels, against wt (R, S, kg, C) with wt[r][s][t][k] = w[k][(k % kg + t) % kg][r][s]. An
-// im2col per group moved 9 copies of every input for 36 multiply-adds an output.
-template <typename T>
-void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
-                      int64_t r0, int64_t r1) {
-  using V = Vec<T>;
-  constexpr int64_t kTile = 4;
-  const T* x = static_cast<const T*>(x_);
-  const T* wt = static_cast<const T*>(w_);
-  const int64_t C = a.C, kg = C / a.groups;
-  const GroupLanes<V> lanes(kg);
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t n = row / a.P, p = row % a.P;
-    for (int64_t q0 = 0; q0 < a.Q; q0 += kTile) {
-      const int64_t nq = imin(kTile, a.Q - q0);
-      for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
-        const uint32_t live = static_cast<uint32_t>((uint64_t{1} << len) - 1u);
-        direct_tile<T, kTile>(a, x, e, n, p, q0, nq, c0, len,
-                              [&](V* acc, const T* xrow, int64_t r, int64_t s) {
-                                const T* wp = wt + (r * a.S + s) * kg * C + c0;
-                                // The tile's pixels that read inside the row (the others' lanes all
-                                // off).
-                                const T* xp[kTile];
-                                uint32_t on[kTile];
-#pragma GCC unroll 4
-                                for (int64_t j = 0; j < kTile; ++j) {
-                                  const int64_t wi = (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w;
-                                  const bool in = j < nq && wi >= 0 && wi < a.W;
-                                  xp[j] = xrow + (in ? wi : 0) * C;
-                                  on[j] = in ? live : 0u;
-                                }
-                                V a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-                                for (int64_t t = 0; t < kg; ++t) {
-                                  const V wv = ld<V>(wp + t * C, len);
-                                  const auto step = [&](V& sum, const T* px, uint32_t in) {
-                                    sum = fma(lanes.load(px, t, in), wv, sum);
-                                  };
-                                  step(a0, xp[0], on[0]);
-                                  step(a1, xp[1], on[1]);
-                                  step(a2, xp[2], on[2]);
-                                  step(a3, xp[3], on[3]);
-                                }
-                                acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
-                              });
-      });
-    }
-  }
-  if (e.stream) V::fence();
-}
-
 // Input gradient of a depthwise conv on NHWC, input rows (n, h) in [r0, r1): gx[n, h, w] = the
 // sum over the taps (r, s) that read (h, w), in tap order, of gy[n, p, q] * w[r, s] (p = (h +
 // pad_h - r dil_h) / stride_h where that divides exactly, q alike). A gather, so rows are
@@ -596,7 +526,7 @@ void conv_depthwise_bwd_input(const ConvArgs& a, const void* gy_, const void* w_
 // r * S + s; none when x is null) and gy itself (the last row: the bias gradient).
 template <typename T>
 void conv_depthwise_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
-                               int64_t r0, int64_t r1) {
+                               int64_t r0, int64_t r1, void*) {
   using V = Vec<T>;
   const T* x = static_cast<const T*>(x_);
   const T* gy = static_cast<const T*>(gy_);
@@ -627,46 +557,7 @@ void conv_depthwise_bwd_params(const ConvArgs& a, const void* x_, const void* gy
   }
 }
 
-// Weight and bias gradients of conv_grouped_fwd's convs, output rows (n, p) in [r0, r1): part
-// (R * S * kg + 1, C), row (r * S + s) * kg + t, lane k += gy[k] * (GroupLanes' step t) at the
-// pixel tap (r, s) reads; the last row += gy.
-template <typename T>
-void conv_grouped_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
-                             int64_t r0, int64_t r1) {
-  using V = Vec<T>;
-  const T* x = static_cast<const T*>(x_);
-  const T* gy = static_cast<const T*>(gy_);
-  T* part = static_cast<T*>(part_);
-  const int64_t C = a.C, kg = C / a.groups;
-  T* gb = part + a.R * a.S * kg * C;
-  const GroupLanes<V> lanes(kg);
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t n = row / a.P, p = row % a.P;
-    for (int64_t q = 0; q < a.Q; ++q) {
-      const T* g = gy + (row * a.Q + q) * C;
-      for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
-        const uint32_t live = static_cast<uint32_t>((uint64_t{1} << len) - 1u);
-        const V gv = ld<V>(g + c0, len);
-        st(gb + c0, ld<V>(gb + c0, len) + gv, len);
-        for (int64_t r = 0; x != nullptr && r < a.R; ++r) {
-          const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
-          if (h < 0 || h >= a.H) continue;
-          for (int64_t s = 0; s < a.S; ++s) {
-            const int64_t wi = q * a.stride_w - a.pad_w + s * a.dil_w;
-            if (wi < 0 || wi >= a.W) continue;
-            const T* xp = x + ((n * a.H + h) * a.W + wi) * C + c0;
-            T* acc = part + (r * a.S + s) * kg * C + c0;
-            for (int64_t t = 0; t < kg; ++t) {
-              const V xv = lanes.load(xp, t, live);
-              st(acc + t * C, fma(gv, xv, ld<V>(acc + t * C, len)), len);
-            }
-          }
-        }
-      });
-    }
-  }
-}
-
+#include "cpu/conv_grouped.h"
 #include "cpu/conv_winograd.h"
 
 const ConvKernels kConvKernels = {
@@ -680,6 +571,9 @@ const ConvKernels kConvKernels = {
     .depthwise_bwd_input = {conv_depthwise_bwd_input<float>, conv_depthwise_bwd_input<double>},
     .depthwise_bwd_params = {conv_depthwise_bwd_params<float>, conv_depthwise_bwd_params<double>},
     .grouped_bwd_params = {conv_grouped_bwd_params<float>, conv_grouped_bwd_params<double>},
+    .grouped_bcast_fwd = {conv_grouped_bcast_fwd<float>, conv_grouped_bcast_fwd<double>},
+    .grouped_bcast_bwd_params = {conv_grouped_bcast_bwd_params<float>,
+                                 conv_grouped_bcast_bwd_params<double>},
     .transpose = {conv_transpose<float>, conv_transpose<double>},
     .winograd_weight = {conv_winograd_weight<2, float>, conv_winograd_weight<4, float>},
     .winograd_input = {conv_winograd_input<2, float>, conv_winograd_input<4, float>},

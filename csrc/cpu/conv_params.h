@@ -68,20 +68,44 @@ using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void*
                                      const ConvEpilogue&, int64_t plane0, int64_t plane1,
                                      void* scratch);
 
-// Grouped conv with C == K and kg = C / groups in {2, 4, 8}, on NHWC x, for output rows (n, p)
-// in [r0, r1), the weight as wt (R, S, kg, C) (conv_kernels.h), out/pre via the epilogue.
+// Grouped convs on NHWC x, for output rows (n, p) in [r0, r1), out/pre via the epilogue
+// (csrc/cpu/conv_grouped.h). grouped_fwd: C == K and kg = C / groups in {2, 4}, the weight as
+// wt (R, S, kg, C). grouped_bcast_fwd: kg = K / groups a multiple of 8 up to 32, any C / groups,
+// the weight as (R, S, C / groups, K); scratch of group_scratch(a) elements (the other ignores
+// it).
 using GroupedFwdFn = void (*)(const ConvArgs&, const void* x, const void* wt, const ConvEpilogue&,
-                              int64_t r0, int64_t r1);
+                              int64_t r0, int64_t r1, void* scratch);
 // Gradients of a depthwise conv (groups == C == K) on NHWC gy (N, P, Q, C): the input gradient
 // of input rows (n, h) in [r0, r1) written into gx (N, H, W, C), weight w_rsc (R, S, C). And the
-// weight and bias gradients of the direct kernels (depthwise; grouped as GroupedFwdFn), over
-// output rows (n, p) in [r0, r1): part (rows + 1, C) += the gy * x products of each of its rows
-// (depthwise: tap (r, s); grouped: (r, s, t) as its weight; none when x is null) and gy's sum
-// (the last row).
+// weight and bias gradients of the direct kernels, over output rows (n, p) in [r0, r1): part
+// (rows + 1, K) += the gy * x products of each of its rows (rows as the forward's weight:
+// depthwise (r, s), grouped (r, s, t), grouped_bcast (g, r, s, c) with K / groups columns; none
+// when x is null) and gy's sum (the last row); scratch as GroupedFwdFn's.
 using DepthwiseBwdInputFn = void (*)(const ConvArgs&, const void* gy, const void* w_rsc, void* gx,
                                      int64_t r0, int64_t r1);
 using DirectParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, void* part,
-                                int64_t r0, int64_t r1);
+                                int64_t r0, int64_t r1, void* scratch);
+
+// The grouped broadcast kernels read x through zero-padded copies of one group's input rows:
+// for each of up to group_block_rows output rows and each tap row r, group_row_width(a) pixels
+// of C / groups channels from column -pad_w on. A forward tile has at most kGroupTile pixels,
+// and may read past the last output pixel up to the end of its tile. They take blocks of output
+// rows group by group: ~256 KiB of input rows (in L2 for every group), at least 64 output pixels
+// (for which each group's weights are read once), at most 64 rows.
+constexpr int64_t kGroupTile = 14;
+inline int64_t group_block_rows(const ConvArgs& a, int64_t elem) {
+  const int64_t row_bytes = a.stride_h * a.W * a.C * elem;
+  int64_t rows = (int64_t{256} << 10) / (row_bytes > 0 ? row_bytes : 1);
+  const int64_t pixels = (64 + a.Q - 1) / (a.Q > 0 ? a.Q : 1);
+  rows = rows > pixels ? rows : pixels;
+  return rows < 1 ? 1 : (rows > 64 ? 64 : rows);
+}
+inline int64_t group_row_width(const ConvArgs& a) {
+  return (a.Q + kGroupTile - 2) * a.stride_w + (a.S - 1) * a.dil_w + 1;
+}
+inline int64_t group_scratch(const ConvArgs& a, int64_t elem) {
+  return group_block_rows(a, elem) * a.R * group_row_width(a) * (a.C / a.groups);
+}
 
 // dst[c ldd + r] = src[r lds + c] for r < rows, c < cols (NCHW <-> NHWC).
 using TransposeFn = void (*)(const void* src, int64_t lds, void* dst, int64_t ldd, int64_t rows,
@@ -121,6 +145,8 @@ struct ConvKernels {
   DepthwiseBwdInputFn depthwise_bwd_input[kNumConvDtypes];
   DirectParamsFn depthwise_bwd_params[kNumConvDtypes];
   DirectParamsFn grouped_bwd_params[kNumConvDtypes];
+  GroupedFwdFn grouped_bcast_fwd[kNumConvDtypes];
+  DirectParamsFn grouped_bcast_bwd_params[kNumConvDtypes];
   TransposeFn transpose[kNumConvDtypes];
   WinogradWeightFn winograd_weight[kNumWinogradTiles];
   WinogradInputFn winograd_input[kNumWinogradTiles];

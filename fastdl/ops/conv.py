@@ -46,6 +46,14 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last(x) else torch.contiguous_format
 
 
+def _as_weight_format(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x in channels_last when the weight alone is (torch's convs then compute and return
+    channels_last too); as it is otherwise, and when empty (torch keeps NCHW strides there)."""
+    if x.numel() > 0 and channels_last(weight) and not channels_last(x):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def saves_pre(activation: str) -> bool:
     return activation in ("silu", "gelu")
 
@@ -382,7 +390,8 @@ def conv2d(
 
     Shapes: x (N, C, H, W) or unbatched (C, H, W); weight (K, C / groups, R, S); bias (K,);
     residual the output's shape. padding: int(s), "same" or "valid". Output: (N, K, P, Q) in
-    x's memory format (channels_last stays channels_last). Dtypes: CPU float32, float64,
+    x's memory format (channels_last stays channels_last), or as torch channels_last when the
+    weight alone is. Dtypes: CPU float32, float64,
     bfloat16 (computed in float32); CUDA/Triton float32, float16, bfloat16. Depthwise
     (groups == C == K) has a direct kernel of its own. Backends: C++ (CPU), CUDA, Triton.
     Deterministic: yes on CPU (weight/bias gradients summed in a fixed order).
@@ -403,6 +412,7 @@ def conv2d(
     activation = "none" if activation is None else activation
     _check_activation(activation)
     x, padding = _same_padding(x, weight, padding, stride, dilation)
+    x = x if unbatched else _as_weight_format(x, weight)
     shape = conv2d_out_shape(x, weight, stride, padding, dilation, groups)
     _check_bias(CONV, bias, x, weight.shape[0])
     _check_residual(residual, x, shape)
@@ -436,13 +446,15 @@ def conv_transpose2d(
 
     Shapes: x (N, C_in, H, W) or unbatched; weight (C_in, C_out / groups, kH, kW); bias (C_out,).
     Output size per dim ``(in - 1) * stride - 2 * padding + dilation * (k - 1) +
-    output_padding + 1``, in x's memory format. Dtypes and backends as :func:`conv2d`.
+    output_padding + 1``, in x's memory format (or the weight's, as :func:`conv2d`). Dtypes and
+    backends as :func:`conv2d`.
     Deterministic: yes on CPU.
     """
     x, weight, bias = _autocast.lower(x, weight, bias)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
+    x = x if unbatched else _as_weight_format(x, weight)
     args = (
         _pair(CONV_T, "stride", stride, 1),
         _pair(CONV_T, "padding", padding, 0),

@@ -1,0 +1,378 @@
+// The grouped conv kernels (csrc/cpu/conv_params.h, GroupedFwdFn and DirectParamsFn), included
+// by conv_kernels.h inside an ISA namespace. Two families: groups of 2 or 4 channels in and out
+// (ResNeXt's first stage), a vector spanning whole groups (GroupLanes); and groups of 8 to 32
+// output channels (any input width), where a group's output channels are one to four vectors
+// and each input channel a broadcast, as a GEMM micro-kernel whose rows are output pixels read
+// from zero-padded copies of the group's input rows (no im2col: that moved R S copies of every
+// input per group).
+
+// The loads of the grouped kernels (kg channels a group, a vector spanning whole groups): at
+// step t each lane k reads its group's channel t further on, wrapping, that is x[k + t] in the
+// lanes where k % kg + t < kg and x[k + t - kg] in the others: two loads of disjoint lanes,
+// `in` (a mask of lanes) limiting both. The other lanes' memory is not read, so no channel of
+// another group, Inf or NaN, enters a sum.
+template <typename V>
+struct GroupLanes {
+  uint32_t near[4], far[4];
+  int64_t kg;
+
+  explicit GroupLanes(int64_t kg_) : kg(kg_) {
+    for (int64_t t = 0; t < kg; ++t) {
+      near[t] = far[t] = 0;
+      for (int i = 0; i < V::W; ++i) (i % kg + t < kg ? near[t] : far[t]) |= 1u << i;
+    }
+  }
+  template <typename T>
+  V load(const T* x, int64_t t, uint32_t in) const {
+    return V::load_lanes(x + t, near[t] & in) +
+           V::load_lanes(x + t - kg, (t > 0 ? far[t] : 0u) & in);
+  }
+};
+
+// Grouped conv with as many output as input channels a group, kg in {2, 4} (ResNeXt's), on
+// NHWC, output rows (n, p) in [r0, r1): SIMD over the output channels, a vector covering whole
+// groups, tiles of kTile pixels (direct_tile); at the t-th of kg steps the lanes read GroupLanes'
+// channels, against wt (R, S, kg, C) with wt[r][s][t][k] = w[k][(k % kg + t) % kg][r][s]. An
+// im2col per group moved 9 copies of every input for 36 multiply-adds an output.
+template <typename T>
+void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
+                      int64_t r0, int64_t r1, void*) {
+  using V = Vec<T>;
+  constexpr int64_t kTile = 4;
+  const T* x = static_cast<const T*>(x_);
+  const T* wt = static_cast<const T*>(w_);
+  const int64_t C = a.C, kg = C / a.groups;
+  const GroupLanes<V> lanes(kg);
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t n = row / a.P, p = row % a.P;
+    for (int64_t q0 = 0; q0 < a.Q; q0 += kTile) {
+      const int64_t nq = imin(kTile, a.Q - q0);
+      for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
+        const uint32_t live = static_cast<uint32_t>((uint64_t{1} << len) - 1u);
+        direct_tile<T, kTile>(a, x, e, n, p, q0, nq, c0, len,
+                              [&](V* acc, const T* xrow, int64_t r, int64_t s) {
+                                const T* wp = wt + (r * a.S + s) * kg * C + c0;
+                                // The tile's pixels that read inside the row (the others' lanes all
+                                // off).
+                                const T* xp[kTile];
+                                uint32_t on[kTile];
+#pragma GCC unroll 4
+                                for (int64_t j = 0; j < kTile; ++j) {
+                                  const int64_t wi = (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w;
+                                  const bool in = j < nq && wi >= 0 && wi < a.W;
+                                  xp[j] = xrow + (in ? wi : 0) * C;
+                                  on[j] = in ? live : 0u;
+                                }
+                                V a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+                                for (int64_t t = 0; t < kg; ++t) {
+                                  const V wv = ld<V>(wp + t * C, len);
+                                  const auto step = [&](V& sum, const T* px, uint32_t in) {
+                                    sum = fma(lanes.load(px, t, in), wv, sum);
+                                  };
+                                  step(a0, xp[0], on[0]);
+                                  step(a1, xp[1], on[1]);
+                                  step(a2, xp[2], on[2]);
+                                  step(a3, xp[3], on[3]);
+                                }
+                                acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+                              });
+      });
+    }
+  }
+  if (e.stream) V::fence();
+}
+
+// Weight and bias gradients of conv_grouped_fwd's convs, output rows (n, p) in [r0, r1): part
+// (R * S * kg + 1, C), row (r * S + s) * kg + t, lane k += gy[k] * (GroupLanes' step t) at the
+// pixel tap (r, s) reads; the last row += gy.
+template <typename T>
+void conv_grouped_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
+                             int64_t r0, int64_t r1, void*) {
+  using V = Vec<T>;
+  const T* x = static_cast<const T*>(x_);
+  const T* gy = static_cast<const T*>(gy_);
+  T* part = static_cast<T*>(part_);
+  const int64_t C = a.C, kg = C / a.groups;
+  T* gb = part + a.R * a.S * kg * C;
+  const GroupLanes<V> lanes(kg);
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t n = row / a.P, p = row % a.P;
+    for (int64_t q = 0; q < a.Q; ++q) {
+      const T* g = gy + (row * a.Q + q) * C;
+      for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
+        const uint32_t live = static_cast<uint32_t>((uint64_t{1} << len) - 1u);
+        const V gv = ld<V>(g + c0, len);
+        st(gb + c0, ld<V>(gb + c0, len) + gv, len);
+        for (int64_t r = 0; x != nullptr && r < a.R; ++r) {
+          const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
+          if (h < 0 || h >= a.H) continue;
+          for (int64_t s = 0; s < a.S; ++s) {
+            const int64_t wi = q * a.stride_w - a.pad_w + s * a.dil_w;
+            if (wi < 0 || wi >= a.W) continue;
+            const T* xp = x + ((n * a.H + h) * a.W + wi) * C + c0;
+            T* acc = part + (r * a.S + s) * kg * C + c0;
+            for (int64_t t = 0; t < kg; ++t) {
+              const V xv = lanes.load(xp, t, live);
+              st(acc + t * C, fma(gv, xv, ld<V>(acc + t * C, len)), len);
+            }
+          }
+        }
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------- by broadcasts
+
+#if FASTDL_VEC == 512
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
+
+namespace conv_detail {
+
+// A group's output channels as kNV vectors of V.
+template <typename V_, int kNV_>
+struct GroupShape {
+  using V = V_;
+  static constexpr int kNV = kNV_;
+  // Output pixels of a forward tile (kPixels x kNV accumulators, kNV weights and a broadcast in
+  // registers) and input channels of a weight-gradient tile (a power of 2: it divides the usual
+  // group widths; kChannels x kNV accumulators, kNV output-gradient vectors and a broadcast).
+  static constexpr int kFit = (kVecRegs - kNV - 2) / kNV;
+  static constexpr int kPixels = kFit < kGroupTile ? kFit : int{kGroupTile};
+  static constexpr int kHalf = (kPixels + 1) / 2;
+  static constexpr int kChannels = kNV == 1   ? (kVecRegs == 32 ? 16 : 8)
+                                   : kNV <= 3 ? (kVecRegs == 32 ? 8 : 4)
+                                              : (kVecRegs == 32 ? 4 : 2);
+};
+
+// Calls f(GroupShape) for a group of kg output channels (a multiple of 8 up to 32): whole
+// vectors of Vec<T>, or on AVX-512 for 8 and 24 channels, eight-lane ones.
+template <typename T, typename F>
+inline void group_dispatch(int64_t kg, F&& f) {
+  using V = Vec<T>;
+  if constexpr (sizeof(T) == 4 && VecF8::W != V::W) {
+    if (kg % V::W != 0 || kg == 16) {
+      if (kg == 16) f(GroupShape<VecF8, 2>{});
+      if (kg == 8) f(GroupShape<VecF8, 1>{});
+      if (kg == 24) f(GroupShape<VecF8, 3>{});
+      return;
+    }
+  }
+  switch (kg / V::W) {
+    case 1:
+      return f(GroupShape<V, 1>{});
+    case 2:
+      return f(GroupShape<V, 2>{});
+    case 3:
+      return f(GroupShape<V, 3>{});
+    case 4:
+      return f(GroupShape<V, 4>{});
+    default:
+      return;
+  }
+}
+
+// Whether tap row r of output row `row` reads inside x.
+inline bool tap_row_inside(const ConvArgs& a, int64_t row, int64_t r) {
+  const int64_t h = row % a.P * a.stride_h - a.pad_h + r * a.dil_h;
+  return h >= 0 && h < a.H;
+}
+
+// The tap rows of output rows [row0, row0 + nb) for group g into rows (conv_params.h): row
+// b R + r holds input row p stride_h - pad_h + r dil_h of image n ((n, p) = row0 + b), the
+// group's channels of group_row_width(a) pixels from column -pad_w on, zero outside x; rows
+// outside x are not written (tap_row_inside skips them).
+template <typename T>
+void group_tap_rows(const ConvArgs& a, const T* x, int64_t row0, int64_t nb, int64_t g, T* rows) {
+  using V = Vec<T>;
+  const int64_t cg = a.C / a.groups, width = group_row_width(a);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t n = (row0 + b) / a.P, p = (row0 + b) % a.P;
+    for (int64_t r = 0; r < a.R; ++r) {
+      if (!tap_row_inside(a, row0 + b, r)) continue;
+      const T* src = x + (n * a.H + p * a.stride_h - a.pad_h + r * a.dil_h) * a.W * a.C + g * cg;
+      T* dst = rows + (b * a.R + r) * width * cg;
+      for (int64_t w = 0; w < width; ++w) {
+        const int64_t wi = w - a.pad_w;
+        const bool in = wi >= 0 && wi < a.W;
+        for_vectors<V::W>(0, cg, [&](int64_t c, int64_t len) {
+          st(dst + w * cg + c, in ? ld<V>(src + wi * a.C + c, len) : V::zero(), len);
+        });
+      }
+    }
+  }
+}
+
+// Prefetches every line of the input rows that output rows [row0, row1) read (all channels; none
+// past the last row): a block's rows while the one before computes. The kernels read x a group
+// at a time, lines a pixel apart, which the hardware prefetchers do not follow across pages: the
+// copies had waited on memory for a quarter of the time. gy (may be null): its rows too.
+template <typename T>
+inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t row0, int64_t row1) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  row1 = imin(row1, a.N * a.P);
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t n = row / a.P, p = row % a.P;
+    for (int64_t r = 0; r < a.R; ++r) {
+      if (!tap_row_inside(a, row, r)) continue;
+      const T* src = x + (n * a.H + p * a.stride_h - a.pad_h + r * a.dil_h) * a.W * a.C;
+      for (int64_t i = 0; i < a.W * a.C; i += kLine) __builtin_prefetch(src + i, 0, 2);
+    }
+    if (gy != nullptr)
+      for (int64_t i = 0; i < a.Q * a.K; i += kLine)
+        __builtin_prefetch(gy + row * a.Q * a.K + i, 0, 2);
+  }
+}
+
+// kP output pixels of output row `row` from column q0, group g: the sums over the taps and the
+// group's input channels of the broadcast input times the weight vectors (w (groups, R, S, cg,
+// kg)), from the row's tap rows (group_tap_rows), into tile (kP, kg).
+template <typename T, typename G, int kP>
+inline void group_fwd_tile(const ConvArgs& a, const T* rows, const T* w, int64_t row, int64_t q0,
+                           int64_t g, T* tile) {
+  using V = typename G::V;
+  constexpr int kNV = G::kNV, kW = V::W;
+  const int64_t cg = a.C / a.groups, kg = kNV * kW, width = group_row_width(a);
+  const int64_t xs = a.stride_w * cg;
+  V acc[kP][kNV];
+  for (int i = 0; i < kP; ++i)
+    for (int v = 0; v < kNV; ++v) acc[i][v] = V::zero();
+  for (int64_t r = 0; r < a.R; ++r) {
+    if (!tap_row_inside(a, row, r)) continue;
+    for (int64_t s = 0; s < a.S; ++s) {
+      const T* xb = rows + (r * width + q0 * a.stride_w + s * a.dil_w) * cg;
+      const T* wb = w + ((g * a.R + r) * a.S + s) * cg * kg;
+      for (int64_t c = 0; c < cg; ++c) {
+        V wv[kNV];
+        for (int v = 0; v < kNV; ++v) wv[v] = V::load(wb + c * kg + v * kW);
+        for (int i = 0; i < kP; ++i) {
+          const V xv = V::set1(xb[i * xs + c]);
+          for (int v = 0; v < kNV; ++v) acc[i][v] = fma(xv, wv[v], acc[i][v]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < kP; ++i)
+    for (int v = 0; v < kNV; ++v) acc[i][v].store(tile + i * kg + v * kW);
+}
+
+// Rows [c0, c0 + kC) of the weight gradient of group g at tap (r, s), part (groups, R, S, cg,
+// kg) (DirectParamsFn): += x (broadcast, from the tap rows of output rows [row0, row0 + nb))
+// times gy (N P Q, K).
+template <typename T, typename G, int kC>
+inline void group_params_tile(const ConvArgs& a, const T* rows, const T* gy, int64_t row0,
+                              int64_t nb, int64_t g, int64_t r, int64_t s, int64_t c0, T* part) {
+  using V = typename G::V;
+  constexpr int kNV = G::kNV, kW = V::W;
+  const int64_t cg = a.C / a.groups, kg = kNV * kW, width = group_row_width(a);
+  const int64_t xs = a.stride_w * cg;
+  T* pp = part + (((g * a.R + r) * a.S + s) * cg + c0) * kg;
+  V acc[kC][kNV];
+  for (int i = 0; i < kC; ++i)
+    for (int v = 0; v < kNV; ++v) acc[i][v] = V::load(pp + i * kg + v * kW);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (!tap_row_inside(a, row0 + b, r)) continue;
+    const T* xb = rows + ((b * a.R + r) * width + s * a.dil_w) * cg + c0;
+    const T* gb = gy + (row0 + b) * a.Q * a.K + g * kg;
+    for (int64_t q = 0; q < a.Q; ++q) {
+      V gv[kNV];
+      for (int v = 0; v < kNV; ++v) gv[v] = V::load(gb + q * a.K + v * kW);
+      for (int i = 0; i < kC; ++i) {
+        const V xv = V::set1(xb[q * xs + i]);
+        for (int v = 0; v < kNV; ++v) acc[i][v] = fma(xv, gv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < kC; ++i)
+    for (int v = 0; v < kNV; ++v) acc[i][v].store(pp + i * kg + v * kW);
+}
+
+}  // namespace conv_detail
+
+// Grouped conv whose groups have kg = K / groups output channels, a multiple of 8 up to 32 (any
+// input width cg), on NHWC x, output rows (n, p) in [r0, r1): blocks of group_block_rows rows
+// (their input in L2 for every group, the next block's prefetched), per group and row the
+// group's tap rows copied zero-padded (group_tap_rows), then tiles of kPixels pixels (or half
+// that, where it wastes fewer: 7 x 7 images) by group_fwd_tile, through the epilogue. Each
+// weight load serves a tile's pixels, each broadcast one to four vectors of output channels.
+template <typename T>
+void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
+                            const ConvEpilogue& e_, int64_t r0, int64_t r1, void* scratch) {
+  const T* x = static_cast<const T*>(x_);
+  const T* w = static_cast<const T*>(w_);
+  T* rows = static_cast<T*>(scratch);
+  const int64_t kg = a.K / a.groups, block = group_block_rows(a, sizeof(T));
+  // Streamed only where a group's outputs fill whole lines of channels_last (the other writes
+  // of a line come groups later).
+  ConvEpilogue e = e_;
+  e.stream = e.stream && a.out_sk == 1 && kg * (e.bf16 ? 2 : int64_t(sizeof(T))) % 64 == 0;
+  conv_detail::group_dispatch<T>(kg, [&](auto shape) {
+    using G = decltype(shape);
+    T tile[G::kPixels * G::kNV * G::V::W];
+    ConvEpilogue et = e;
+    et.acc = tile;
+    const auto waste = [&](int64_t n) { return (a.Q + n - 1) / n * n - a.Q; };
+    const bool half = waste(G::kHalf) < waste(G::kPixels);
+    const int64_t np = half ? G::kHalf : G::kPixels;
+    for (int64_t row0 = r0; row0 < r1; row0 += block) {
+      const int64_t row1 = imin(row0 + block, r1);
+      conv_detail::prefetch_block<T>(a, x, nullptr, row1, imin(row1 + block, r1));
+      for (int64_t g = 0; g < a.groups; ++g)
+        for (int64_t row = row0; row < row1; ++row) {
+          conv_detail::group_tap_rows<T>(a, x, row, 1, g, rows);
+          for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
+            if (half)
+              conv_detail::group_fwd_tile<T, G, G::kHalf>(a, rows, w, row, q0, g, tile);
+            else
+              conv_detail::group_fwd_tile<T, G, G::kPixels>(a, rows, w, row, q0, g, tile);
+            conv_detail::epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
+          }
+        }
+    }
+  });
+  if (e.stream) Vec<T>::fence();
+}
+
+// Weight and bias gradients of conv_grouped_bcast_fwd's convs, output rows (n, p) in [r0, r1):
+// part (groups, R, S, cg, kg) and the bias row (K) as DirectParamsFn; blocks of
+// group_block_rows rows (the next one's x and gy prefetched), per group the block's tap rows,
+// per tap a tile of kChannels input channels (then one at a time for the rest) summed over the
+// block's pixels.
+template <typename T>
+void conv_grouped_bcast_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
+                                   int64_t r0, int64_t r1, void* scratch) {
+  using V = Vec<T>;
+  const T* x = static_cast<const T*>(x_);
+  const T* gy = static_cast<const T*>(gy_);
+  T* part = static_cast<T*>(part_);
+  T* rows = static_cast<T*>(scratch);
+  const int64_t cg = a.C / a.groups, kg = a.K / a.groups, block = group_block_rows(a, sizeof(T));
+  T* gb = part + a.R * a.S * cg * a.K;
+  for (int64_t m = r0 * a.Q; m < r1 * a.Q; ++m)
+    for_vectors<V::W>(0, a.K, [&](int64_t k, int64_t len) {
+      st(gb + k, ld<V>(gb + k, len) + ld<V>(gy + m * a.K + k, len), len);
+    });
+  if (x == nullptr) return;
+  conv_detail::group_dispatch<T>(kg, [&](auto shape) {
+    using G = decltype(shape);
+    for (int64_t row0 = r0; row0 < r1; row0 += block) {
+      const int64_t nb = imin(block, r1 - row0);
+      conv_detail::prefetch_block<T>(a, x, gy, row0 + nb, imin(row0 + nb + block, r1));
+      for (int64_t g = 0; g < a.groups; ++g) {
+        conv_detail::group_tap_rows<T>(a, x, row0, nb, g, rows);
+        for (int64_t r = 0; r < a.R; ++r)
+          for (int64_t s = 0; s < a.S; ++s) {
+            int64_t c = 0;
+            for (; c + G::kChannels <= cg; c += G::kChannels)
+              conv_detail::group_params_tile<T, G, G::kChannels>(a, rows, gy, row0, nb, g, r, s, c,
+                                                                 part);
+            for (; c < cg; ++c)
+              conv_detail::group_params_tile<T, G, 1>(a, rows, gy, row0, nb, g, r, s, c, part);
+          }
+      }
+    }
+  });
+}

@@ -203,6 +203,12 @@ struct VecF {
   VecF first(int64_t n) const { return {_mm512_maskz_mov_ps(mask(n), v)}; }
   VecF round_bf16() const { return {from_bf16(to_bf16())}; }
   float sum() const { return _mm512_reduce_add_ps(v); }
+  // Lane c in lanes 0-7 and lane 8 + c in lanes 8-15 (c < 8): two groups' channel c, each to
+  // its own group's lanes.
+  VecF spread_halves(int c) const {
+    const __m512i half = _mm512_set_epi32(8, 8, 8, 8, 8, 8, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0);
+    return {_mm512_permutexvar_ps(_mm512_add_epi32(half, _mm512_set1_epi32(c)), v)};
+  }
 };
 
 inline VecF operator+(VecF a, VecF b) {

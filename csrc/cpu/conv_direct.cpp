@@ -39,6 +39,39 @@ bool grouped_bcast(const ConvArgs& a) {
   return a.groups > 1 && kg > 0 && kg % 8 == 0 && kg <= 32 && !grouped(a) && !depthwise(a);
 }
 
+// Whether the grouped_bcast conv a, computed in ct, runs in pairs of groups (8 channels a group in
+// and out, an even number of groups, float32 on an ISA with conv_grouped_pairs_fwd).
+bool grouped_pairs(const ConvArgs& a, at::ScalarType ct) {
+  return kernels().grouped_pairs_fwd != nullptr && ct == at::kFloat && a.groups % 2 == 0 &&
+         a.C / a.groups == 8 && a.K / a.groups == 8;
+}
+
+// w (K, cg, R, S) as the broadcast kernels read it, (groups, R, S, cg, kg), or in pairs
+// (groups / 2, R, S, 8, 16) with [h][r][s][c][8 j + k] = w[(2 h + j) 8 + k][c][r][s], in dtype
+// ct; bcast_weight_grad takes a gradient in that layout back to w's.
+at::Tensor bcast_weight(const at::Tensor& w, const ConvArgs& a, at::ScalarType ct, bool pairs) {
+  const at::Tensor wc = w.to(ct);
+  if (pairs)
+    return wc.view({a.groups / 2, 2, 8, 8, a.R, a.S}).permute({0, 4, 5, 3, 1, 2}).contiguous();
+  return wc.view({a.groups, a.K / a.groups, a.C / a.groups, a.R, a.S})
+      .permute({0, 3, 4, 2, 1})
+      .contiguous();
+}
+at::Tensor bcast_weight_grad(const at::Tensor& gw, const ConvArgs& a, bool pairs) {
+  const int64_t cg = a.C / a.groups;
+  const at::Tensor g =
+      pairs ? gw.view({a.groups / 2, a.R, a.S, 8, 2, 8}).permute({0, 4, 5, 3, 1, 2})
+            : gw.view({a.groups, a.R, a.S, cg, a.K / a.groups}).permute({0, 4, 3, 1, 2});
+  return g.reshape({a.K, cg, a.R, a.S});
+}
+
+// The scratch of a broadcast kernel, in elements (a pair's tap rows hold both groups' channels).
+int64_t bcast_scratch(const ConvArgs& a, int64_t elem, bool pairs) {
+  ConvArgs a2 = a;
+  if (pairs) a2.groups /= 2;
+  return group_scratch(a2, elem);
+}
+
 // w (K, kg, R, S) as conv_grouped_fwd reads it: (R, S, kg, K) with [r][s][t][k] =
 // w[k][(k % kg + t) % kg][r][s], in dtype ct.
 at::Tensor grouped_weight(const at::Tensor& w, at::ScalarType ct) {
@@ -150,17 +183,15 @@ ConvGrads grouped_grads(const conv::ConvGeom& g, const ConvArgs& a, const at::Te
     return r;
   }
   if (grouped_bcast(a)) {
-    // conv_grouped_bcast_bwd_params' part is the forward's weight layout (g, r, s, c, k).
-    const int64_t cg = a.C / a.groups, kg = a.K / a.groups;
-    const auto [gw, gb] =
-        direct_params(a, want_weight ? nhwc(x) : at::Tensor(), gy, a.R * a.S * cg,
-                      kernels().grouped_bcast_bwd_params, group_scratch(a, gy.element_size()));
+    // The broadcast kernels' part is their forward's weight layout (bcast_weight).
+    const ConvKernels& kr = kernels();
+    const bool pairs = grouped_pairs(a, gy.scalar_type());
+    const DirectParamsFn paired[kNumConvDtypes] = {kr.grouped_pairs_bwd_params, nullptr};
+    const auto [gw, gb] = direct_params(
+        a, want_weight ? nhwc(x) : at::Tensor(), gy, a.R * a.S * (a.C / a.groups),
+        pairs ? paired : kr.grouped_bcast_bwd_params, bcast_scratch(a, gy.element_size(), pairs));
     if (want_weight)
-      r.weight = gw.view({a.groups, a.R, a.S, cg, kg})
-                     .permute({0, 4, 3, 1, 2})
-                     .reshape(weight.sizes())
-                     .to(weight.scalar_type())
-                     .contiguous();
+      r.weight = bcast_weight_grad(gw, a, pairs).to(weight.scalar_type()).contiguous();
     if (want_bias) r.bias = gb.to(dtype);
     return r;
   }
@@ -195,15 +226,12 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
   const ConvKernels& kr = kernels();
   if (grouped(a) || grouped_bcast(a)) {
     const at::Tensor xn = nhwc(x);
-    const bool bcast = grouped_bcast(a);
-    const at::Tensor wt = bcast ? weight.to(ct)
-                                      .view({a.groups, a.K / a.groups, a.C / a.groups, a.R, a.S})
-                                      .permute({0, 3, 4, 2, 1})
-                                      .contiguous()
-                                : grouped_weight(weight, ct);
-    const GroupedFwdFn fn = (bcast ? kr.grouped_bcast_fwd : kr.grouped_fwd)[dt<T>()];
+    const bool bcast = grouped_bcast(a), pairs = bcast && grouped_pairs(a, ct);
+    const at::Tensor wt = bcast ? bcast_weight(weight, a, ct, pairs) : grouped_weight(weight, ct);
+    const GroupedFwdFn fn =
+        pairs ? kr.grouped_pairs_fwd : (bcast ? kr.grouped_bcast_fwd : kr.grouped_fwd)[dt<T>()];
     at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<T> rows(bcast ? group_scratch(a, sizeof(T)) : 0);
+      std::vector<T> rows(bcast ? bcast_scratch(a, sizeof(T), pairs) : 0);
       fn(a, xn.const_data_ptr<T>(), wt.const_data_ptr<T>(), e, r0, r1, rows.data());
     });
     return;

@@ -240,16 +240,19 @@ inline void group_fwd_tile(const ConvArgs& a, const T* rows, const T* w, int64_t
   V acc[kP][kNV];
   for (int i = 0; i < kP; ++i)
     for (int v = 0; v < kNV; ++v) acc[i][v] = V::zero();
+  // Undilated, a tap row's S taps read S cg consecutive elements from each pixel's first: one
+  // run of (s, c) (longer inner loops, the same pointers).
+  const int64_t runs = a.dil_w == 1 ? 1 : a.S, len = a.dil_w == 1 ? a.S * cg : cg;
   for (int64_t r = 0; r < a.R; ++r) {
     if (!tap_row_inside(a, row, r)) continue;
-    for (int64_t s = 0; s < a.S; ++s) {
+    for (int64_t s = 0; s < runs; ++s) {
       const T* xb = rows + (r * width + q0 * a.stride_w + s * a.dil_w) * cg;
       const T* wb = w + ((g * a.R + r) * a.S + s) * cg * kg;
-      for (int64_t c = 0; c < cg; ++c) {
+      for (int64_t j = 0; j < len; ++j) {
         V wv[kNV];
-        for (int v = 0; v < kNV; ++v) wv[v] = V::load(wb + c * kg + v * kW);
+        for (int v = 0; v < kNV; ++v) wv[v] = V::load(wb + j * kg + v * kW);
         for (int i = 0; i < kP; ++i) {
-          const V xv = V::set1(xb[i * xs + c]);
+          const V xv = V::set1(xb[i * xs + j]);
           for (int v = 0; v < kNV; ++v) acc[i][v] = fma(xv, wv[v], acc[i][v]);
         }
       }
@@ -290,7 +293,129 @@ inline void group_params_tile(const ConvArgs& a, const T* rows, const T* gy, int
     for (int v = 0; v < kNV; ++v) acc[i][v].store(pp + i * kg + v * kW);
 }
 
+#if FASTDL_VEC == 512
+// Pairs of groups of 8 channels in and out (AVX-512, float32): a vector spans groups 2h and
+// 2h + 1 (lanes 0-7 the first's output channels, 8-15 the second's), and input channel c
+// reaches its lanes by a permute of the pixel's 16 input channels (VecF::spread_halves: lanes
+// 0-7 take channel c, 8-15 channel 8 + c), so no channel of the other group enters a sum. The
+// plain kernel spent a broadcast load on every 8-lane FMA, at ~a quarter of the FMA peak. a2:
+// the conv with groups / 2 (pairs) groups; w (pairs, R, S, 8, 16), tile (kP, 16).
+template <int kP>
+inline void pair_fwd_tile(const ConvArgs& a2, const float* rows, const float* w, int64_t row,
+                          int64_t q0, int64_t h, float* tile) {
+  const int64_t width = group_row_width(a2), xs = a2.stride_w * 16;
+  VecF acc[kP];
+  for (int i = 0; i < kP; ++i) acc[i] = VecF::zero();
+  for (int64_t r = 0; r < a2.R; ++r) {
+    if (!tap_row_inside(a2, row, r)) continue;
+    for (int64_t s = 0; s < a2.S; ++s) {
+      const float* xb = rows + (r * width + q0 * a2.stride_w + s * a2.dil_w) * 16;
+      const float* wb = w + ((h * a2.R + r) * a2.S + s) * 8 * 16;
+      VecF xv[kP];
+      for (int i = 0; i < kP; ++i) xv[i] = VecF::load(xb + i * xs);
+      for (int c = 0; c < 8; ++c) {
+        const VecF wv = VecF::load(wb + c * 16);
+        for (int i = 0; i < kP; ++i) acc[i] = fma(xv[i].spread_halves(c), wv, acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < kP; ++i) acc[i].store(tile + i * 16);
+}
+
+// The pairs' weight gradient at tap (r, s): part (pairs, R, S, 8, 16) += the spread inputs
+// times gy over the tap rows of output rows [row0, row0 + nb).
+inline void pair_params_tap(const ConvArgs& a2, const float* rows, const float* gy, int64_t row0,
+                            int64_t nb, int64_t h, int64_t r, int64_t s, float* part) {
+  const int64_t width = group_row_width(a2), xs = a2.stride_w * 16;
+  float* pp = part + ((h * a2.R + r) * a2.S + s) * 8 * 16;
+  VecF acc[8];
+  for (int c = 0; c < 8; ++c) acc[c] = VecF::load(pp + c * 16);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (!tap_row_inside(a2, row0 + b, r)) continue;
+    const float* xb = rows + ((b * a2.R + r) * width + s * a2.dil_w) * 16;
+    const float* gb = gy + (row0 + b) * a2.Q * a2.K + h * 16;
+    for (int64_t q = 0; q < a2.Q; ++q) {
+      const VecF gv = VecF::load(gb + q * a2.K), xv = VecF::load(xb + q * xs);
+      for (int c = 0; c < 8; ++c) acc[c] = fma(xv.spread_halves(c), gv, acc[c]);
+    }
+  }
+  for (int c = 0; c < 8; ++c) acc[c].store(pp + c * 16);
+}
+#endif
+
 }  // namespace conv_detail
+
+#if FASTDL_VEC == 512
+// conv_grouped_bcast_fwd's convs with groups of 8 in and 8 out, an even number of them, in pairs
+// (pair_fwd_tile); float32, AVX-512 only (elsewhere the table holds null). The weight as
+// (groups / 2, R, S, 8, 16): [h][r][s][c][8 j + k] = w[(2 h + j) 8 + k][c][r][s].
+void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
+                            const ConvEpilogue& e_, int64_t r0, int64_t r1, void* scratch) {
+  constexpr int kP = 14;
+  const float* x = static_cast<const float*>(x_);
+  const float* w = static_cast<const float*>(w_);
+  float* rows = static_cast<float*>(scratch);
+  ConvArgs a2 = a;
+  a2.groups = a.groups / 2;
+  const int64_t block = group_block_rows(a2, sizeof(float));
+  ConvEpilogue e = e_;
+  e.stream = e.stream && a.out_sk == 1;
+  float tile[kP * 16];
+  ConvEpilogue et = e;
+  et.acc = tile;
+  const int64_t np = a.Q <= kP / 2 ? kP / 2 : kP;
+  for (int64_t row0 = r0; row0 < r1; row0 += block) {
+    const int64_t row1 = imin(row0 + block, r1);
+    conv_detail::prefetch_block<float>(a2, x, nullptr, row1, imin(row1 + block, r1));
+    for (int64_t h = 0; h < a2.groups; ++h)
+      for (int64_t row = row0; row < row1; ++row) {
+        conv_detail::group_tap_rows<float>(a2, x, row, 1, h, rows);
+        for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
+          if (np == kP)
+            conv_detail::pair_fwd_tile<kP>(a2, rows, w, row, q0, h, tile);
+          else
+            conv_detail::pair_fwd_tile<kP / 2>(a2, rows, w, row, q0, h, tile);
+          conv_detail::epilogue_rows<float>(a2, et, row * a.Q + q0, imin(np, a.Q - q0), h);
+        }
+      }
+  }
+  if (e.stream) VecF::fence();
+}
+
+// Weight and bias gradients of conv_grouped_pairs_fwd's convs: part (groups / 2, R, S, 8, 16)
+// as its weight, and the bias row (K), as DirectParamsFn.
+void conv_grouped_pairs_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
+                                   int64_t r0, int64_t r1, void* scratch) {
+  const float* x = static_cast<const float*>(x_);
+  const float* gy = static_cast<const float*>(gy_);
+  float* part = static_cast<float*>(part_);
+  float* rows = static_cast<float*>(scratch);
+  ConvArgs a2 = a;
+  a2.groups = a.groups / 2;
+  const int64_t block = group_block_rows(a2, sizeof(float));
+  float* gb = part + a.R * a.S * 8 * a.K;
+  for (int64_t m = r0 * a.Q; m < r1 * a.Q; ++m)
+    for_vectors<VecF::W>(0, a.K, [&](int64_t k, int64_t len) {
+      st(gb + k, ld<VecF>(gb + k, len) + ld<VecF>(gy + m * a.K + k, len), len);
+    });
+  if (x == nullptr) return;
+  for (int64_t row0 = r0; row0 < r1; row0 += block) {
+    const int64_t nb = imin(block, r1 - row0);
+    conv_detail::prefetch_block<float>(a2, x, gy, row0 + nb, imin(row0 + nb + block, r1));
+    for (int64_t h = 0; h < a2.groups; ++h) {
+      conv_detail::group_tap_rows<float>(a2, x, row0, nb, h, rows);
+      for (int64_t r = 0; r < a.R; ++r)
+        for (int64_t s = 0; s < a.S; ++s)
+          conv_detail::pair_params_tap(a2, rows, gy, row0, nb, h, r, s, part);
+    }
+  }
+}
+constexpr GroupedFwdFn kGroupedPairsFwd = conv_grouped_pairs_fwd;
+constexpr DirectParamsFn kGroupedPairsBwdParams = conv_grouped_pairs_bwd_params;
+#else
+constexpr GroupedFwdFn kGroupedPairsFwd = nullptr;
+constexpr DirectParamsFn kGroupedPairsBwdParams = nullptr;
+#endif
 
 // Grouped conv whose groups have kg = K / groups output channels, a multiple of 8 up to 32 (any
 // input width cg), on NHWC x, output rows (n, p) in [r0, r1): blocks of group_block_rows rows

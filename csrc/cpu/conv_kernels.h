@@ -574,6 +574,8 @@ const ConvKernels kConvKernels = {
     .grouped_bcast_fwd = {conv_grouped_bcast_fwd<float>, conv_grouped_bcast_fwd<double>},
     .grouped_bcast_bwd_params = {conv_grouped_bcast_bwd_params<float>,
                                  conv_grouped_bcast_bwd_params<double>},
+    .grouped_pairs_fwd = kGroupedPairsFwd,
+    .grouped_pairs_bwd_params = kGroupedPairsBwdParams,
     .transpose = {conv_transpose<float>, conv_transpose<double>},
     .winograd_weight = {conv_winograd_weight<2, float>, conv_winograd_weight<4, float>},
     .winograd_input = {conv_winograd_input<2, float>, conv_winograd_input<4, float>},

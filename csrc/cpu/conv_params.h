@@ -147,6 +147,10 @@ struct ConvKernels {
   DirectParamsFn grouped_bwd_params[kNumConvDtypes];
   GroupedFwdFn grouped_bcast_fwd[kNumConvDtypes];
   DirectParamsFn grouped_bcast_bwd_params[kNumConvDtypes];
+  // float32, 8 channels a group in and out, an even number of groups, in pairs of groups: the
+  // weight (groups / 2, R, S, 8, 16), part likewise; null where the ISA has none (conv_grouped.h).
+  GroupedFwdFn grouped_pairs_fwd;
+  DirectParamsFn grouped_pairs_bwd_params;
   TransposeFn transpose[kNumConvDtypes];
   WinogradWeightFn winograd_weight[kNumWinogradTiles];
   WinogradInputFn winograd_input[kNumWinogradTiles];

@@ -227,6 +227,40 @@ def test_every_isa(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kg", [8, 32])
+def test_grouped_weight_grad_in_group_slices(isa, kg):
+    """Grouped convs whose weight-gradient partial sums are large (~0.3 MiB) split them by slices
+    of groups as well as by rows, each slice summing its own groups and bias channels; equal to
+    float64 with 1 and 2 threads (the chunks do not depend on the thread count)."""
+    groups = 256 // kg
+    x = torch.randn(2, 256 if kg == 8 else 8 * 32, 5, 6).contiguous(
+        memory_format=torch.channels_last
+    )
+    w = torch.randn(256, x.shape[1] // groups, 3, 3, requires_grad=True)
+    b = torch.randn(256, requires_grad=True)
+    g = torch.randn(2, 256, 5, 6)
+    previous, threads = _ext.cpu_isa(), torch.get_num_threads()
+    _ext.set_cpu_isa(isa)
+    try:
+        with fastdl.backend(NATIVE_CPU.name):
+            runs = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                y = fastdl.conv2d(x, w, b, 1, 1, 1, groups)
+                runs.append(torch.autograd.grad(y, (w, b), g))
+    finally:
+        _ext.set_cpu_isa(previous)
+        torch.set_num_threads(threads)
+    wd, bd = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    yd = ref_conv2d(x.double(), wd, bd, 1, 1, 1, groups)
+    want = torch.autograd.grad(yd, (wd, bd), g.double())
+    for got in runs:
+        assert_close(got[0], want[0], torch.float32, scale=4.0)
+        assert_close(got[1], want[1], torch.float32, scale=4.0)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_isa_nchw_winograd(isa):
     """Per ISA: NCHW input through the layout transposes, Winograd (forward and both gradients,
     16-row transpose blocks plus remainders), the NCHW epilogue with bias + residual + ReLU, and

@@ -26,6 +26,8 @@ constexpr int64_t kDeepRows = 64, kMinRows = 256;
 // Most partial sums of the weight gradient (chunks of blocks), and their total memory.
 constexpr int64_t kMaxChunks = 16;
 constexpr int64_t kPartialBytes = int64_t{64} << 20;
+// Their memory where slices of the groups can share a chunk instead (direct_params).
+constexpr int64_t kSplitPartialBytes = int64_t{4} << 20;
 
 struct Gemm {
   ConvArgs a;

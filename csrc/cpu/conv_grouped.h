@@ -87,7 +87,7 @@ void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const C
 // pixel tap (r, s) reads; the last row += gy.
 template <typename T>
 void conv_grouped_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
-                             int64_t r0, int64_t r1, void*) {
+                             int64_t r0, int64_t r1, int64_t, int64_t, void*) {
   using V = Vec<T>;
   const T* x = static_cast<const T*>(x_);
   const T* gy = static_cast<const T*>(gy_);
@@ -206,24 +206,42 @@ void group_tap_rows(const ConvArgs& a, const T* x, int64_t row0, int64_t nb, int
   }
 }
 
-// Prefetches every line of the input rows that output rows [row0, row1) read (all channels; none
-// past the last row): a block's rows while the one before computes. The kernels read x a group
-// at a time, lines a pixel apart, which the hardware prefetchers do not follow across pages: the
-// copies had waited on memory for a quarter of the time. gy (may be null): its rows too.
+// gb[k] += gy[m][k] for the output pixels m of rows [r0, r1), channels [k0, k1): the bias
+// gradient of the groups a weight-gradient call takes.
 template <typename T>
-inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t row0, int64_t row1) {
+inline void group_bias_grad(const ConvArgs& a, const T* gy, int64_t r0, int64_t r1, int64_t k0,
+                            int64_t k1, T* gb) {
+  using V = Vec<T>;
+  for (int64_t m = r0 * a.Q; m < r1 * a.Q; ++m)
+    for_vectors<V::W>(k0, k1, [&](int64_t k, int64_t len) {
+      st(gb + k, ld<V>(gb + k, len) + ld<V>(gy + m * a.K + k, len), len);
+    });
+}
+
+// Prefetches (into L2) the lines of groups [g0, g1) in the input rows that output rows
+// [row0, row1) read (none past the last row), and with gy (else null) their output gradient: a
+// block's rows while the one before computes. The kernels read x a group at a time, lines a pixel
+// apart, which the hardware prefetchers do not follow across pages: the copies had waited on
+// memory for a quarter of the time.
+template <typename T>
+inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t row0, int64_t row1,
+                           int64_t g0, int64_t g1) {
   constexpr int64_t kLine = 64 / sizeof(T);
+  const int64_t cg = a.C / a.groups, kg = a.K / a.groups;
+  const auto lines = [&](const T* p, int64_t pixels, int64_t stride, int64_t c0, int64_t c1) {
+    for (int64_t i = 0; i < pixels; ++i) {
+      for (int64_t c = c0; c < c1; c += kLine) __builtin_prefetch(p + i * stride + c, 0, 2);
+      __builtin_prefetch(p + i * stride + c1 - 1, 0, 2);
+    }
+  };
   row1 = imin(row1, a.N * a.P);
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t n = row / a.P, p = row % a.P;
-    for (int64_t r = 0; r < a.R; ++r) {
-      if (!tap_row_inside(a, row, r)) continue;
-      const T* src = x + (n * a.H + p * a.stride_h - a.pad_h + r * a.dil_h) * a.W * a.C;
-      for (int64_t i = 0; i < a.W * a.C; i += kLine) __builtin_prefetch(src + i, 0, 2);
-    }
-    if (gy != nullptr)
-      for (int64_t i = 0; i < a.Q * a.K; i += kLine)
-        __builtin_prefetch(gy + row * a.Q * a.K + i, 0, 2);
+    for (int64_t r = 0; r < a.R; ++r)
+      if (tap_row_inside(a, row, r))
+        lines(x + (n * a.H + p * a.stride_h - a.pad_h + r * a.dil_h) * a.W * a.C, a.W, a.C, g0 * cg,
+              g1 * cg);
+    if (gy != nullptr) lines(gy + row * a.Q * a.K, a.Q, a.K, g0 * kg, g1 * kg);
   }
 }
 
@@ -366,7 +384,7 @@ void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
   const int64_t np = a.Q <= kP / 2 ? kP / 2 : kP;
   for (int64_t row0 = r0; row0 < r1; row0 += block) {
     const int64_t row1 = imin(row0 + block, r1);
-    conv_detail::prefetch_block<float>(a2, x, nullptr, row1, imin(row1 + block, r1));
+    conv_detail::prefetch_block<float>(a2, x, nullptr, row1, imin(row1 + block, r1), 0, a2.groups);
     for (int64_t h = 0; h < a2.groups; ++h)
       for (int64_t row = row0; row < row1; ++row) {
         conv_detail::group_tap_rows<float>(a2, x, row, 1, h, rows);
@@ -385,7 +403,7 @@ void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
 // Weight and bias gradients of conv_grouped_pairs_fwd's convs: part (groups / 2, R, S, 8, 16)
 // as its weight, and the bias row (K), as DirectParamsFn.
 void conv_grouped_pairs_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
-                                   int64_t r0, int64_t r1, void* scratch) {
+                                   int64_t r0, int64_t r1, int64_t h0, int64_t h1, void* scratch) {
   const float* x = static_cast<const float*>(x_);
   const float* gy = static_cast<const float*>(gy_);
   float* part = static_cast<float*>(part_);
@@ -393,16 +411,12 @@ void conv_grouped_pairs_bwd_params(const ConvArgs& a, const void* x_, const void
   ConvArgs a2 = a;
   a2.groups = a.groups / 2;
   const int64_t block = group_block_rows(a2, sizeof(float));
-  float* gb = part + a.R * a.S * 8 * a.K;
-  for (int64_t m = r0 * a.Q; m < r1 * a.Q; ++m)
-    for_vectors<VecF::W>(0, a.K, [&](int64_t k, int64_t len) {
-      st(gb + k, ld<VecF>(gb + k, len) + ld<VecF>(gy + m * a.K + k, len), len);
-    });
+  conv_detail::group_bias_grad<float>(a, gy, r0, r1, h0 * 16, h1 * 16, part + a.R * a.S * 8 * a.K);
   if (x == nullptr) return;
   for (int64_t row0 = r0; row0 < r1; row0 += block) {
     const int64_t nb = imin(block, r1 - row0);
-    conv_detail::prefetch_block<float>(a2, x, gy, row0 + nb, imin(row0 + nb + block, r1));
-    for (int64_t h = 0; h < a2.groups; ++h) {
+    conv_detail::prefetch_block<float>(a2, x, gy, row0 + nb, imin(row0 + nb + block, r1), h0, h1);
+    for (int64_t h = h0; h < h1; ++h) {
       conv_detail::group_tap_rows<float>(a2, x, row0, nb, h, rows);
       for (int64_t r = 0; r < a.R; ++r)
         for (int64_t s = 0; s < a.S; ++s)
@@ -444,7 +458,7 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
     const int64_t np = half ? G::kHalf : G::kPixels;
     for (int64_t row0 = r0; row0 < r1; row0 += block) {
       const int64_t row1 = imin(row0 + block, r1);
-      conv_detail::prefetch_block<T>(a, x, nullptr, row1, imin(row1 + block, r1));
+      conv_detail::prefetch_block<T>(a, x, nullptr, row1, imin(row1 + block, r1), 0, a.groups);
       for (int64_t g = 0; g < a.groups; ++g)
         for (int64_t row = row0; row < row1; ++row) {
           conv_detail::group_tap_rows<T>(a, x, row, 1, g, rows);
@@ -468,25 +482,20 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
 // block's pixels.
 template <typename T>
 void conv_grouped_bcast_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
-                                   int64_t r0, int64_t r1, void* scratch) {
-  using V = Vec<T>;
+                                   int64_t r0, int64_t r1, int64_t g0, int64_t g1, void* scratch) {
   const T* x = static_cast<const T*>(x_);
   const T* gy = static_cast<const T*>(gy_);
   T* part = static_cast<T*>(part_);
   T* rows = static_cast<T*>(scratch);
   const int64_t cg = a.C / a.groups, kg = a.K / a.groups, block = group_block_rows(a, sizeof(T));
-  T* gb = part + a.R * a.S * cg * a.K;
-  for (int64_t m = r0 * a.Q; m < r1 * a.Q; ++m)
-    for_vectors<V::W>(0, a.K, [&](int64_t k, int64_t len) {
-      st(gb + k, ld<V>(gb + k, len) + ld<V>(gy + m * a.K + k, len), len);
-    });
+  conv_detail::group_bias_grad<T>(a, gy, r0, r1, g0 * kg, g1 * kg, part + a.R * a.S * cg * a.K);
   if (x == nullptr) return;
   conv_detail::group_dispatch<T>(kg, [&](auto shape) {
     using G = decltype(shape);
     for (int64_t row0 = r0; row0 < r1; row0 += block) {
       const int64_t nb = imin(block, r1 - row0);
-      conv_detail::prefetch_block<T>(a, x, gy, row0 + nb, imin(row0 + nb + block, r1));
-      for (int64_t g = 0; g < a.groups; ++g) {
+      conv_detail::prefetch_block<T>(a, x, gy, row0 + nb, imin(row0 + nb + block, r1), g0, g1);
+      for (int64_t g = g0; g < g1; ++g) {
         conv_detail::group_tap_rows<T>(a, x, row0, nb, g, rows);
         for (int64_t r = 0; r < a.R; ++r)
           for (int64_t s = 0; s < a.S; ++s) {

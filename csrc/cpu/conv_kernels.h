@@ -526,7 +526,7 @@ void conv_depthwise_bwd_input(const ConvArgs& a, const void* gy_, const void* w_
 // r * S + s; none when x is null) and gy itself (the last row: the bias gradient).
 template <typename T>
 void conv_depthwise_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
-                               int64_t r0, int64_t r1, void*) {
+                               int64_t r0, int64_t r1, int64_t, int64_t, void*) {
   using V = Vec<T>;
   const T* x = static_cast<const T*>(x_);
   const T* gy = static_cast<const T*>(gy_);

@@ -80,11 +80,13 @@ using GroupedFwdFn = void (*)(const ConvArgs&, const void* x, const void* wt, co
 // weight and bias gradients of the direct kernels, over output rows (n, p) in [r0, r1): part
 // (rows + 1, K) += the gy * x products of each of its rows (rows as the forward's weight:
 // depthwise (r, s), grouped (r, s, t), grouped_bcast (g, r, s, c) with K / groups columns; none
-// when x is null) and gy's sum (the last row); scratch as GroupedFwdFn's.
+// when x is null) and gy's sum (the last row); scratch as GroupedFwdFn's. The broadcast kernels
+// add only their groups [g0, g1) (pairs of groups for the pairs kernel) and those groups' bias
+// channels; the others take g0 = 0, g1 = 1 for all of them.
 using DepthwiseBwdInputFn = void (*)(const ConvArgs&, const void* gy, const void* w_rsc, void* gx,
                                      int64_t r0, int64_t r1);
 using DirectParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, void* part,
-                                int64_t r0, int64_t r1, void* scratch);
+                                int64_t r0, int64_t r1, int64_t g0, int64_t g1, void* scratch);
 
 // The grouped broadcast kernels read x through zero-padded copies of one group's input rows:
 // for each of up to group_block_rows output rows and each tap row r, group_row_width(a) pixels
@@ -95,8 +97,8 @@ using DirectParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, 
 constexpr int64_t kGroupTile = 14;
 inline int64_t group_block_rows(const ConvArgs& a, int64_t elem) {
   const int64_t row_bytes = a.stride_h * a.W * a.C * elem;
-  int64_t rows = (int64_t{256} << 10) / (row_bytes > 0 ? row_bytes : 1);
-  const int64_t pixels = (64 + a.Q - 1) / (a.Q > 0 ? a.Q : 1);
+  int64_t rows = (int64_t{128} << 10) / (row_bytes > 0 ? row_bytes : 1);
+  const int64_t pixels = (32 + a.Q - 1) / (a.Q > 0 ? a.Q : 1);
   rows = rows > pixels ? rows : pixels;
   return rows < 1 ? 1 : (rows > 64 ? 64 : rows);
 }

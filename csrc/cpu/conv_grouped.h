@@ -311,6 +311,46 @@ inline void group_params_tile(const ConvArgs& a, const T* rows, const T* gy, int
     for (int v = 0; v < kNV; ++v) acc[i][v].store(pp + i * kg + v * kW);
 }
 
+// The forward walk of the broadcast kernels over output rows [r0, r1): blocks of
+// group_block_rows rows (their input in L2 for every group, the next block's prefetched), per
+// group and row the group's tap rows copied zero-padded (group_tap_rows), then tiles of np
+// pixels, tile(row, q0, g) writing et.acc, through the epilogue.
+template <typename T, typename Tile>
+inline void group_forward_walk(const ConvArgs& a, const T* x, const ConvEpilogue& et, int64_t r0,
+                               int64_t r1, int64_t np, T* rows, Tile&& tile) {
+  const int64_t block = group_block_rows(a, sizeof(T));
+  for (int64_t row0 = r0; row0 < r1; row0 += block) {
+    const int64_t row1 = imin(row0 + block, r1);
+    prefetch_block<T>(a, x, nullptr, row1, imin(row1 + block, r1), 0, a.groups);
+    for (int64_t g = 0; g < a.groups; ++g)
+      for (int64_t row = row0; row < row1; ++row) {
+        group_tap_rows<T>(a, x, row, 1, g, rows);
+        for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
+          tile(row, q0, g);
+          epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
+        }
+      }
+  }
+}
+
+// The weight-gradient walk over output rows [r0, r1) and groups [g0, g1): blocks of
+// group_block_rows rows (the next one's x and gy prefetched), per group the block's tap rows,
+// then tap(row0, nb, g, r, s) for every tap.
+template <typename T, typename Tap>
+inline void group_params_walk(const ConvArgs& a, const T* x, const T* gy, int64_t r0, int64_t r1,
+                              int64_t g0, int64_t g1, T* rows, Tap&& tap) {
+  const int64_t block = group_block_rows(a, sizeof(T));
+  for (int64_t row0 = r0; row0 < r1; row0 += block) {
+    const int64_t nb = imin(block, r1 - row0);
+    prefetch_block<T>(a, x, gy, row0 + nb, imin(row0 + nb + block, r1), g0, g1);
+    for (int64_t g = g0; g < g1; ++g) {
+      group_tap_rows<T>(a, x, row0, nb, g, rows);
+      for (int64_t r = 0; r < a.R; ++r)
+        for (int64_t s = 0; s < a.S; ++s) tap(row0, nb, g, r, s);
+    }
+  }
+}
+
 #if FASTDL_VEC == 512
 // Pairs of groups of 8 channels in and out (AVX-512, float32): a vector spans groups 2h and
 // 2h + 1 (lanes 0-7 the first's output channels, 8-15 the second's), and input channel c
@@ -370,59 +410,42 @@ inline void pair_params_tap(const ConvArgs& a2, const float* rows, const float* 
 void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
                             const ConvEpilogue& e_, int64_t r0, int64_t r1, void* scratch) {
   constexpr int kP = 14;
-  const float* x = static_cast<const float*>(x_);
   const float* w = static_cast<const float*>(w_);
-  float* rows = static_cast<float*>(scratch);
   ConvArgs a2 = a;
   a2.groups = a.groups / 2;
-  const int64_t block = group_block_rows(a2, sizeof(float));
-  ConvEpilogue e = e_;
-  e.stream = e.stream && a.out_sk == 1;
   float tile[kP * 16];
-  ConvEpilogue et = e;
+  ConvEpilogue et = e_;
+  et.stream = e_.stream && a.out_sk == 1;
   et.acc = tile;
   const int64_t np = a.Q <= kP / 2 ? kP / 2 : kP;
-  for (int64_t row0 = r0; row0 < r1; row0 += block) {
-    const int64_t row1 = imin(row0 + block, r1);
-    conv_detail::prefetch_block<float>(a2, x, nullptr, row1, imin(row1 + block, r1), 0, a2.groups);
-    for (int64_t h = 0; h < a2.groups; ++h)
-      for (int64_t row = row0; row < row1; ++row) {
-        conv_detail::group_tap_rows<float>(a2, x, row, 1, h, rows);
-        for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
-          if (np == kP)
-            conv_detail::pair_fwd_tile<kP>(a2, rows, w, row, q0, h, tile);
-          else
-            conv_detail::pair_fwd_tile<kP / 2>(a2, rows, w, row, q0, h, tile);
-          conv_detail::epilogue_rows<float>(a2, et, row * a.Q + q0, imin(np, a.Q - q0), h);
-        }
-      }
-  }
-  if (e.stream) VecF::fence();
+  float* rows = static_cast<float*>(scratch);
+  conv_detail::group_forward_walk<float>(
+      a2, static_cast<const float*>(x_), et, r0, r1, np, rows,
+      [&](int64_t row, int64_t q0, int64_t h) {
+        if (np == kP)
+          conv_detail::pair_fwd_tile<kP>(a2, rows, w, row, q0, h, tile);
+        else
+          conv_detail::pair_fwd_tile<kP / 2>(a2, rows, w, row, q0, h, tile);
+      });
+  if (et.stream) VecF::fence();
 }
 
 // Weight and bias gradients of conv_grouped_pairs_fwd's convs: part (groups / 2, R, S, 8, 16)
 // as its weight, and the bias row (K), as DirectParamsFn.
 void conv_grouped_pairs_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
                                    int64_t r0, int64_t r1, int64_t h0, int64_t h1, void* scratch) {
-  const float* x = static_cast<const float*>(x_);
   const float* gy = static_cast<const float*>(gy_);
   float* part = static_cast<float*>(part_);
   float* rows = static_cast<float*>(scratch);
   ConvArgs a2 = a;
   a2.groups = a.groups / 2;
-  const int64_t block = group_block_rows(a2, sizeof(float));
   conv_detail::group_bias_grad<float>(a, gy, r0, r1, h0 * 16, h1 * 16, part + a.R * a.S * 8 * a.K);
-  if (x == nullptr) return;
-  for (int64_t row0 = r0; row0 < r1; row0 += block) {
-    const int64_t nb = imin(block, r1 - row0);
-    conv_detail::prefetch_block<float>(a2, x, gy, row0 + nb, imin(row0 + nb + block, r1), h0, h1);
-    for (int64_t h = h0; h < h1; ++h) {
-      conv_detail::group_tap_rows<float>(a2, x, row0, nb, h, rows);
-      for (int64_t r = 0; r < a.R; ++r)
-        for (int64_t s = 0; s < a.S; ++s)
-          conv_detail::pair_params_tap(a2, rows, gy, row0, nb, h, r, s, part);
-    }
-  }
+  if (x_ == nullptr) return;
+  conv_detail::group_params_walk<float>(
+      a2, static_cast<const float*>(x_), gy, r0, r1, h0, h1, rows,
+      [&](int64_t row0, int64_t nb, int64_t h, int64_t r, int64_t s) {
+        conv_detail::pair_params_tap(a2, rows, gy, row0, nb, h, r, s, part);
+      });
 }
 constexpr GroupedFwdFn kGroupedPairsFwd = conv_grouped_pairs_fwd;
 constexpr DirectParamsFn kGroupedPairsBwdParams = conv_grouped_pairs_bwd_params;
@@ -440,39 +463,29 @@ constexpr DirectParamsFn kGroupedPairsBwdParams = nullptr;
 template <typename T>
 void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
                             const ConvEpilogue& e_, int64_t r0, int64_t r1, void* scratch) {
-  const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
   T* rows = static_cast<T*>(scratch);
-  const int64_t kg = a.K / a.groups, block = group_block_rows(a, sizeof(T));
+  const int64_t kg = a.K / a.groups;
   // Streamed only where a group's outputs fill whole lines of channels_last (the other writes
   // of a line come groups later).
-  ConvEpilogue e = e_;
-  e.stream = e.stream && a.out_sk == 1 && kg * (e.bf16 ? 2 : int64_t(sizeof(T))) % 64 == 0;
+  ConvEpilogue et = e_;
+  et.stream = e_.stream && a.out_sk == 1 && kg * (e_.bf16 ? 2 : int64_t(sizeof(T))) % 64 == 0;
   conv_detail::group_dispatch<T>(kg, [&](auto shape) {
     using G = decltype(shape);
     T tile[G::kPixels * G::kNV * G::V::W];
-    ConvEpilogue et = e;
     et.acc = tile;
     const auto waste = [&](int64_t n) { return (a.Q + n - 1) / n * n - a.Q; };
     const bool half = waste(G::kHalf) < waste(G::kPixels);
-    const int64_t np = half ? G::kHalf : G::kPixels;
-    for (int64_t row0 = r0; row0 < r1; row0 += block) {
-      const int64_t row1 = imin(row0 + block, r1);
-      conv_detail::prefetch_block<T>(a, x, nullptr, row1, imin(row1 + block, r1), 0, a.groups);
-      for (int64_t g = 0; g < a.groups; ++g)
-        for (int64_t row = row0; row < row1; ++row) {
-          conv_detail::group_tap_rows<T>(a, x, row, 1, g, rows);
-          for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
-            if (half)
-              conv_detail::group_fwd_tile<T, G, G::kHalf>(a, rows, w, row, q0, g, tile);
-            else
-              conv_detail::group_fwd_tile<T, G, G::kPixels>(a, rows, w, row, q0, g, tile);
-            conv_detail::epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
-          }
-        }
-    }
+    conv_detail::group_forward_walk<T>(
+        a, static_cast<const T*>(x_), et, r0, r1, half ? G::kHalf : G::kPixels, rows,
+        [&](int64_t row, int64_t q0, int64_t g) {
+          if (half)
+            conv_detail::group_fwd_tile<T, G, G::kHalf>(a, rows, w, row, q0, g, tile);
+          else
+            conv_detail::group_fwd_tile<T, G, G::kPixels>(a, rows, w, row, q0, g, tile);
+        });
   });
-  if (e.stream) Vec<T>::fence();
+  if (et.stream) Vec<T>::fence();
 }
 
 // Weight and bias gradients of conv_grouped_bcast_fwd's convs, output rows (n, p) in [r0, r1):
@@ -483,30 +496,23 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
 template <typename T>
 void conv_grouped_bcast_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
                                    int64_t r0, int64_t r1, int64_t g0, int64_t g1, void* scratch) {
-  const T* x = static_cast<const T*>(x_);
   const T* gy = static_cast<const T*>(gy_);
   T* part = static_cast<T*>(part_);
   T* rows = static_cast<T*>(scratch);
-  const int64_t cg = a.C / a.groups, kg = a.K / a.groups, block = group_block_rows(a, sizeof(T));
+  const int64_t cg = a.C / a.groups, kg = a.K / a.groups;
   conv_detail::group_bias_grad<T>(a, gy, r0, r1, g0 * kg, g1 * kg, part + a.R * a.S * cg * a.K);
-  if (x == nullptr) return;
+  if (x_ == nullptr) return;
   conv_detail::group_dispatch<T>(kg, [&](auto shape) {
     using G = decltype(shape);
-    for (int64_t row0 = r0; row0 < r1; row0 += block) {
-      const int64_t nb = imin(block, r1 - row0);
-      conv_detail::prefetch_block<T>(a, x, gy, row0 + nb, imin(row0 + nb + block, r1), g0, g1);
-      for (int64_t g = g0; g < g1; ++g) {
-        conv_detail::group_tap_rows<T>(a, x, row0, nb, g, rows);
-        for (int64_t r = 0; r < a.R; ++r)
-          for (int64_t s = 0; s < a.S; ++s) {
-            int64_t c = 0;
-            for (; c + G::kChannels <= cg; c += G::kChannels)
-              conv_detail::group_params_tile<T, G, G::kChannels>(a, rows, gy, row0, nb, g, r, s, c,
-                                                                 part);
-            for (; c < cg; ++c)
-              conv_detail::group_params_tile<T, G, 1>(a, rows, gy, row0, nb, g, r, s, c, part);
-          }
-      }
-    }
+    conv_detail::group_params_walk<T>(
+        a, static_cast<const T*>(x_), gy, r0, r1, g0, g1, rows,
+        [&](int64_t row0, int64_t nb, int64_t g, int64_t r, int64_t s) {
+          int64_t c = 0;
+          for (; c + G::kChannels <= cg; c += G::kChannels)
+            conv_detail::group_params_tile<T, G, G::kChannels>(a, rows, gy, row0, nb, g, r, s, c,
+                                                               part);
+          for (; c < cg; ++c)
+            conv_detail::group_params_tile<T, G, 1>(a, rows, gy, row0, nb, g, r, s, c, part);
+        });
   });
 }

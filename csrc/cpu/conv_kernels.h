@@ -154,8 +154,9 @@ void conv_epilogue_bwd(const ConvArgs& a, const void* grad_out_, const void* out
 
 // dst[c ldd + r] = src[r lds + c] for r < rows, c < cols: a transposed copy, NCHW <-> NHWC of an
 // image for conv.cpp (torch's permute copy moved ~15 GB/s here) and the NCHW epilogue's blocks.
-// AVX-512 transposes 16 x 16 blocks in registers (four rounds of shuffles); the rest, and the other
-// ISAs, run plain loops.
+// AVX-512 transposes 16 x 16 blocks in registers (four rounds of shuffles), a last block of
+// fewer rows through masked loads and stores (the epilogue's tiles of 14 pixels had run the plain
+// loop); the remaining columns, and the other ISAs, run plain loops.
 template <typename T>
 void conv_transpose(const void* src_, int64_t lds, void* dst_, int64_t ldd, int64_t rows,
                     int64_t cols) {
@@ -164,11 +165,14 @@ void conv_transpose(const void* src_, int64_t lds, void* dst_, int64_t ldd, int6
   int64_t r = 0;
 #if FASTDL_VEC == 512
   if constexpr (sizeof(T) == 4) {
-    for (; r + 16 <= rows; r += 16) {
+    for (; r < rows; r += 16) {
+      const int64_t nr = imin(16, rows - r);
+      const __mmask16 live = static_cast<__mmask16>((1u << nr) - 1u);
       int64_t c = 0;
       for (; c + 16 <= cols; c += 16) {
         __m512 a[16], b[16];
-        for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + (r + i) * lds + c);
+        for (int i = 0; i < 16; ++i)
+          a[i] = i < nr ? _mm512_loadu_ps(src + (r + i) * lds + c) : _mm512_setzero_ps();
         for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved
           b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
           b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
@@ -187,17 +191,21 @@ void conv_transpose(const void* src_, int64_t lds, void* dst_, int64_t ldd, int6
           b[8 + j] = _mm512_shuffle_f32x4(a[8 + j], a[12 + j], 0x88);
           b[12 + j] = _mm512_shuffle_f32x4(a[8 + j], a[12 + j], 0xdd);
         }
+        const auto put = [&](int64_t col, __m512 v) {
+          if (nr == 16)
+            _mm512_storeu_ps(dst + (c + col) * ldd + r, v);
+          else
+            _mm512_mask_storeu_ps(dst + (c + col) * ldd + r, live, v);
+        };
         for (int j = 0; j < 4; ++j) {  // column 4 L + j of the block: lane L of each group
-          _mm512_storeu_ps(dst + (c + j) * ldd + r, _mm512_shuffle_f32x4(b[j], b[8 + j], 0x88));
-          _mm512_storeu_ps(dst + (c + 8 + j) * ldd + r, _mm512_shuffle_f32x4(b[j], b[8 + j], 0xdd));
-          _mm512_storeu_ps(dst + (c + 4 + j) * ldd + r,
-                           _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0x88));
-          _mm512_storeu_ps(dst + (c + 12 + j) * ldd + r,
-                           _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0xdd));
+          put(j, _mm512_shuffle_f32x4(b[j], b[8 + j], 0x88));
+          put(8 + j, _mm512_shuffle_f32x4(b[j], b[8 + j], 0xdd));
+          put(4 + j, _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0x88));
+          put(12 + j, _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0xdd));
         }
       }
       for (; c < cols; ++c)
-        for (int64_t i = r; i < r + 16; ++i) dst[c * ldd + i] = src[i * lds + c];
+        for (int64_t i = r; i < r + nr; ++i) dst[c * ldd + i] = src[i * lds + c];
     }
   }
 #endif

@@ -65,7 +65,8 @@ at::Tensor bcast_weight_grad(const at::Tensor& gw, const ConvArgs& a, bool pairs
   return g.reshape({a.K, cg, a.R, a.S});
 }
 
-// The scratch of a broadcast kernel, in elements (a pair's tap rows hold both groups' channels).
+// The scratch of a broadcast kernel, in elements (a pair's input rows hold both groups'
+// channels).
 int64_t bcast_scratch(const ConvArgs& a, int64_t elem, bool pairs) {
   ConvArgs a2 = a;
   if (pairs) a2.groups /= 2;

@@ -182,29 +182,35 @@ inline bool tap_row_inside(const ConvArgs& a, int64_t row, int64_t r) {
   return h >= 0 && h < a.H;
 }
 
-// The tap rows of output rows [row0, row0 + nb) for group g into rows (conv_params.h): row
-// b R + r holds input row p stride_h - pad_h + r dil_h of image n ((n, p) = row0 + b), the
+// The input rows that output rows [row0, row0 + nb) of one image read, for group g, into rows
+// (conv_params.h): row i holds input row h0 + i (h0 = p0 stride_h - pad_h, (n, p0) = row0), the
 // group's channels of group_row_width(a) pixels from column -pad_w on, zero outside x; rows
-// outside x are not written (tap_row_inside skips them).
+// outside x are not written (tap_row_inside skips them). Tap row r of output row row0 + b is
+// row b stride_h + r dil_h: each input row is copied once per block, not once per tap row.
 template <typename T>
-void group_tap_rows(const ConvArgs& a, const T* x, int64_t row0, int64_t nb, int64_t g, T* rows) {
+void group_input_rows(const ConvArgs& a, const T* x, int64_t row0, int64_t nb, int64_t g, T* rows) {
   using V = Vec<T>;
   const int64_t cg = a.C / a.groups, width = group_row_width(a);
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t n = (row0 + b) / a.P, p = (row0 + b) % a.P;
-    for (int64_t r = 0; r < a.R; ++r) {
-      if (!tap_row_inside(a, row0 + b, r)) continue;
-      const T* src = x + (n * a.H + p * a.stride_h - a.pad_h + r * a.dil_h) * a.W * a.C + g * cg;
-      T* dst = rows + (b * a.R + r) * width * cg;
-      for (int64_t w = 0; w < width; ++w) {
-        const int64_t wi = w - a.pad_w;
-        const bool in = wi >= 0 && wi < a.W;
-        for_vectors<V::W>(0, cg, [&](int64_t c, int64_t len) {
-          st(dst + w * cg + c, in ? ld<V>(src + wi * a.C + c, len) : V::zero(), len);
-        });
-      }
+  const int64_t n = row0 / a.P, h0 = row0 % a.P * a.stride_h - a.pad_h;
+  for (int64_t i = 0; i < group_input_row_count(a, nb); ++i) {
+    const int64_t h = h0 + i;
+    if (h < 0 || h >= a.H) continue;
+    const T* src = x + (n * a.H + h) * a.W * a.C + g * cg;
+    T* dst = rows + i * width * cg;
+    for (int64_t w = 0; w < width; ++w) {
+      const int64_t wi = w - a.pad_w;
+      const bool in = wi >= 0 && wi < a.W;
+      for_vectors<V::W>(0, cg, [&](int64_t c, int64_t len) {
+        st(dst + w * cg + c, in ? ld<V>(src + wi * a.C + c, len) : V::zero(), len);
+      });
     }
   }
+}
+
+// Blocks of up to `block` output rows in [r0, r1) that stay within one image, from row0 on: the
+// end of the one at row0.
+inline int64_t group_block_end(const ConvArgs& a, int64_t row0, int64_t r1, int64_t block) {
+  return imin(imin(row0 + block, r1), (row0 / a.P + 1) * a.P);
 }
 
 // gb[k] += gy[m][k] for the output pixels m of rows [r0, r1), channels [k0, k1): the bias
@@ -248,7 +254,7 @@ inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t r
 
 // kP output pixels of output row `row` from column q0, group g: the sums over the taps and the
 // group's input channels of the broadcast input times the weight vectors (w (groups, R, S, cg,
-// kg)), from the row's tap rows (group_tap_rows), into tile (kP, kg).
+// kg)), from the row's input rows (group_input_rows; rows: its tap row 0), into tile (kP, kg).
 template <typename T, typename G, int kP>
 inline void group_fwd_tile(const ConvArgs& a, const T* rows, const T* w, int64_t row, int64_t q0,
                            int64_t g, T* tile) {
@@ -265,7 +271,7 @@ inline void group_fwd_tile(const ConvArgs& a, const T* rows, const T* w, int64_t
   for (int64_t r = 0; r < a.R; ++r) {
     if (!tap_row_inside(a, row, r)) continue;
     for (int64_t s = 0; s < runs; ++s) {
-      const T* xb = rows + (r * width + q0 * a.stride_w + s * a.dil_w) * cg;
+      const T* xb = rows + (r * a.dil_h * width + q0 * a.stride_w + s * a.dil_w) * cg;
       const T* wb = w + ((g * a.R + r) * a.S + s) * cg * kg;
       for (int64_t j = 0; j < len; ++j) {
         V wv[kNV];
@@ -282,8 +288,8 @@ inline void group_fwd_tile(const ConvArgs& a, const T* rows, const T* w, int64_t
 }
 
 // Rows [c0, c0 + kC) of the weight gradient of group g at tap (r, s), part (groups, R, S, cg,
-// kg) (DirectParamsFn): += x (broadcast, from the tap rows of output rows [row0, row0 + nb))
-// times gy (N P Q, K).
+// kg) (DirectParamsFn): += x (broadcast, from the input rows of output rows [row0, row0 + nb),
+// group_input_rows) times gy (N P Q, K).
 template <typename T, typename G, int kC>
 inline void group_params_tile(const ConvArgs& a, const T* rows, const T* gy, int64_t row0,
                               int64_t nb, int64_t g, int64_t r, int64_t s, int64_t c0, T* part) {
@@ -297,7 +303,7 @@ inline void group_params_tile(const ConvArgs& a, const T* rows, const T* gy, int
     for (int v = 0; v < kNV; ++v) acc[i][v] = V::load(pp + i * kg + v * kW);
   for (int64_t b = 0; b < nb; ++b) {
     if (!tap_row_inside(a, row0 + b, r)) continue;
-    const T* xb = rows + ((b * a.R + r) * width + s * a.dil_w) * cg + c0;
+    const T* xb = rows + ((b * a.stride_h + r * a.dil_h) * width + s * a.dil_w) * cg + c0;
     const T* gb = gy + (row0 + b) * a.Q * a.K + g * kg;
     for (int64_t q = 0; q < a.Q; ++q) {
       V gv[kNV];
@@ -313,39 +319,42 @@ inline void group_params_tile(const ConvArgs& a, const T* rows, const T* gy, int
 }
 
 // The forward walk of the broadcast kernels over output rows [r0, r1): blocks of
-// group_block_rows rows (their input in L2 for every group, the next block's prefetched), per
-// group and row the group's tap rows copied zero-padded (group_tap_rows), then tiles of np
-// pixels, tile(row, q0, g) writing et.acc, through the epilogue.
+// group_block_rows rows of one image (their input in L2 for every group, the next block's
+// prefetched), per group the block's input rows copied zero-padded (group_input_rows), then per
+// row tiles of np pixels, tile(row, q0, g, row's tap row 0) writing et.acc, through the
+// epilogue.
 template <typename T, typename Tile>
 inline void group_forward_walk(const ConvArgs& a, const T* x, const ConvEpilogue& et, int64_t r0,
                                int64_t r1, int64_t np, T* rows, Tile&& tile) {
   const int64_t block = group_block_rows(a, sizeof(T));
-  for (int64_t row0 = r0; row0 < r1; row0 += block) {
-    const int64_t row1 = imin(row0 + block, r1);
-    prefetch_block<T>(a, x, nullptr, row1, imin(row1 + block, r1), 0, a.groups);
-    for (int64_t g = 0; g < a.groups; ++g)
-      for (int64_t row = row0; row < row1; ++row) {
-        group_tap_rows<T>(a, x, row, 1, g, rows);
+  const int64_t row_elems = group_row_width(a) * (a.C / a.groups);
+  for (int64_t row0 = r0, row1; row0 < r1; row0 = row1) {
+    row1 = group_block_end(a, row0, r1, block);
+    prefetch_block<T>(a, x, nullptr, row1, group_block_end(a, row1, r1, block), 0, a.groups);
+    for (int64_t g = 0; g < a.groups; ++g) {
+      group_input_rows<T>(a, x, row0, row1 - row0, g, rows);
+      for (int64_t row = row0; row < row1; ++row)
         for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
-          tile(row, q0, g);
+          tile(row, q0, g, rows + (row - row0) * a.stride_h * row_elems);
           epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
         }
-      }
+    }
   }
 }
 
 // The weight-gradient walk over output rows [r0, r1) and groups [g0, g1): blocks of
-// group_block_rows rows (the next one's x and gy prefetched), per group the block's tap rows,
-// then tap(row0, nb, g, r, s) for every tap.
+// group_block_rows rows of one image (the next one's x and gy prefetched), per group the block's
+// input rows (group_input_rows), then tap(row0, nb, g, r, s) for every tap.
 template <typename T, typename Tap>
 inline void group_params_walk(const ConvArgs& a, const T* x, const T* gy, int64_t r0, int64_t r1,
                               int64_t g0, int64_t g1, T* rows, Tap&& tap) {
   const int64_t block = group_block_rows(a, sizeof(T));
-  for (int64_t row0 = r0; row0 < r1; row0 += block) {
-    const int64_t nb = imin(block, r1 - row0);
-    prefetch_block<T>(a, x, gy, row0 + nb, imin(row0 + nb + block, r1), g0, g1);
+  for (int64_t row0 = r0, row1; row0 < r1; row0 = row1) {
+    row1 = group_block_end(a, row0, r1, block);
+    const int64_t nb = row1 - row0;
+    prefetch_block<T>(a, x, gy, row1, group_block_end(a, row1, r1, block), g0, g1);
     for (int64_t g = g0; g < g1; ++g) {
-      group_tap_rows<T>(a, x, row0, nb, g, rows);
+      group_input_rows<T>(a, x, row0, nb, g, rows);
       for (int64_t r = 0; r < a.R; ++r)
         for (int64_t s = 0; s < a.S; ++s) tap(row0, nb, g, r, s);
     }
@@ -368,7 +377,7 @@ inline void pair_fwd_tile(const ConvArgs& a2, const float* rows, const float* w,
   for (int64_t r = 0; r < a2.R; ++r) {
     if (!tap_row_inside(a2, row, r)) continue;
     for (int64_t s = 0; s < a2.S; ++s) {
-      const float* xb = rows + (r * width + q0 * a2.stride_w + s * a2.dil_w) * 16;
+      const float* xb = rows + (r * a2.dil_h * width + q0 * a2.stride_w + s * a2.dil_w) * 16;
       const float* wb = w + ((h * a2.R + r) * a2.S + s) * 8 * 16;
       VecF xv[kP];
       for (int i = 0; i < kP; ++i) xv[i] = VecF::load(xb + i * xs);
@@ -382,7 +391,7 @@ inline void pair_fwd_tile(const ConvArgs& a2, const float* rows, const float* w,
 }
 
 // The pairs' weight gradient at tap (r, s): part (pairs, R, S, 8, 16) += the spread inputs
-// times gy over the tap rows of output rows [row0, row0 + nb).
+// times gy over the input rows of output rows [row0, row0 + nb) (group_input_rows).
 inline void pair_params_tap(const ConvArgs& a2, const float* rows, const float* gy, int64_t row0,
                             int64_t nb, int64_t h, int64_t r, int64_t s, float* part) {
   const int64_t width = group_row_width(a2), xs = a2.stride_w * 16;
@@ -391,7 +400,7 @@ inline void pair_params_tap(const ConvArgs& a2, const float* rows, const float* 
   for (int c = 0; c < 8; ++c) acc[c] = VecF::load(pp + c * 16);
   for (int64_t b = 0; b < nb; ++b) {
     if (!tap_row_inside(a2, row0 + b, r)) continue;
-    const float* xb = rows + ((b * a2.R + r) * width + s * a2.dil_w) * 16;
+    const float* xb = rows + ((b * a2.stride_h + r * a2.dil_h) * width + s * a2.dil_w) * 16;
     const float* gb = gy + (row0 + b) * a2.Q * a2.K + h * 16;
     for (int64_t q = 0; q < a2.Q; ++q) {
       const VecF gv = VecF::load(gb + q * a2.K), xv = VecF::load(xb + q * xs);
@@ -422,11 +431,11 @@ void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
   float* rows = static_cast<float*>(scratch);
   conv_detail::group_forward_walk<float>(
       a2, static_cast<const float*>(x_), et, r0, r1, np, rows,
-      [&](int64_t row, int64_t q0, int64_t h) {
+      [&](int64_t row, int64_t q0, int64_t h, const float* taps) {
         if (np == kP)
-          conv_detail::pair_fwd_tile<kP>(a2, rows, w, row, q0, h, tile);
+          conv_detail::pair_fwd_tile<kP>(a2, taps, w, row, q0, h, tile);
         else
-          conv_detail::pair_fwd_tile<kP / 2>(a2, rows, w, row, q0, h, tile);
+          conv_detail::pair_fwd_tile<kP / 2>(a2, taps, w, row, q0, h, tile);
       });
   if (et.stream) VecF::fence();
 }
@@ -456,11 +465,10 @@ constexpr DirectParamsFn kGroupedPairsBwdParams = nullptr;
 #endif
 
 // Grouped conv whose groups have kg = K / groups output channels, a multiple of 8 up to 32 (any
-// input width cg), on NHWC x, output rows (n, p) in [r0, r1): blocks of group_block_rows rows
-// (their input in L2 for every group, the next block's prefetched), per group and row the
-// group's tap rows copied zero-padded (group_tap_rows), then tiles of kPixels pixels (or half
-// that, where it wastes fewer: 7 x 7 images) by group_fwd_tile, through the epilogue. Each
-// weight load serves a tile's pixels, each broadcast one to four vectors of output channels.
+// input width cg), on NHWC x, output rows (n, p) in [r0, r1) by group_forward_walk: tiles of
+// kPixels pixels (or half that, where it wastes fewer: 7 x 7 images) by group_fwd_tile, through
+// the epilogue. Each weight load serves a tile's pixels, each broadcast one to four vectors of
+// output channels.
 template <typename T>
 void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
                             const ConvEpilogue& e_, int64_t r0, int64_t r1, void* scratch) {
@@ -479,11 +487,11 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
     const bool half = waste(G::kHalf) < waste(G::kPixels);
     conv_detail::group_forward_walk<T>(
         a, static_cast<const T*>(x_), et, r0, r1, half ? G::kHalf : G::kPixels, rows,
-        [&](int64_t row, int64_t q0, int64_t g) {
+        [&](int64_t row, int64_t q0, int64_t g, const T* taps) {
           if (half)
-            conv_detail::group_fwd_tile<T, G, G::kHalf>(a, rows, w, row, q0, g, tile);
+            conv_detail::group_fwd_tile<T, G, G::kHalf>(a, taps, w, row, q0, g, tile);
           else
-            conv_detail::group_fwd_tile<T, G, G::kPixels>(a, rows, w, row, q0, g, tile);
+            conv_detail::group_fwd_tile<T, G, G::kPixels>(a, taps, w, row, q0, g, tile);
         });
   });
   if (et.stream) Vec<T>::fence();
@@ -491,9 +499,8 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
 
 // Weight and bias gradients of conv_grouped_bcast_fwd's convs, output rows (n, p) in [r0, r1):
 // part (groups, R, S, cg, kg) and the bias row (K) as DirectParamsFn; blocks of
-// group_block_rows rows (the next one's x and gy prefetched), per group the block's tap rows,
-// per tap a tile of kChannels input channels (then one at a time for the rest) summed over the
-// block's pixels.
+// group_block_rows rows by group_params_walk, per tap a tile of kChannels input channels (then
+// one at a time for the rest) summed over the block's pixels.
 template <typename T>
 void conv_grouped_bcast_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
                                    int64_t r0, int64_t r1, int64_t g0, int64_t g1, void* scratch) {

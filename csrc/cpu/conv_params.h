@@ -89,24 +89,30 @@ using DirectParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, 
                                 int64_t r0, int64_t r1, int64_t g0, int64_t g1, void* scratch);
 
 // The grouped broadcast kernels read x through zero-padded copies of one group's input rows:
-// for each of up to group_block_rows output rows and each tap row r, group_row_width(a) pixels
-// of C / groups channels from column -pad_w on. A forward tile has at most kGroupTile pixels,
-// and may read past the last output pixel up to the end of its tile. They take blocks of output
-// rows group by group: ~256 KiB of input rows (in L2 for every group), at least 64 output pixels
-// (for which each group's weights are read once), at most 64 rows.
+// for a block of up to group_block_rows output rows of one image, the group_input_row_count
+// input rows they read, each group_row_width(a) pixels of C / groups channels from column -pad_w
+// on. A forward tile has at most kGroupTile pixels, and may read past the last output pixel up
+// to the end of its tile. Blocks aim at ~128 KiB of input rows (in L2 for every group, with the
+// next block's and the output gradient's), at least 32 output pixels (for which each group's
+// weights are read once; a whole image where that is over half of it), at most 64 rows.
 constexpr int64_t kGroupTile = 14;
 inline int64_t group_block_rows(const ConvArgs& a, int64_t elem) {
   const int64_t row_bytes = a.stride_h * a.W * a.C * elem;
   int64_t rows = (int64_t{128} << 10) / (row_bytes > 0 ? row_bytes : 1);
   const int64_t pixels = (32 + a.Q - 1) / (a.Q > 0 ? a.Q : 1);
   rows = rows > pixels ? rows : pixels;
+  rows = rows * 2 > a.P ? a.P : rows;  // blocks stay within an image: the whole one
   return rows < 1 ? 1 : (rows > 64 ? 64 : rows);
+}
+inline int64_t group_input_row_count(const ConvArgs& a, int64_t block_rows) {
+  return (block_rows - 1) * a.stride_h + (a.R - 1) * a.dil_h + 1;
 }
 inline int64_t group_row_width(const ConvArgs& a) {
   return (a.Q + kGroupTile - 2) * a.stride_w + (a.S - 1) * a.dil_w + 1;
 }
 inline int64_t group_scratch(const ConvArgs& a, int64_t elem) {
-  return group_block_rows(a, elem) * a.R * group_row_width(a) * (a.C / a.groups);
+  return group_input_row_count(a, group_block_rows(a, elem)) * group_row_width(a) *
+         (a.C / a.groups);
 }
 
 // dst[c ldd + r] = src[r lds + c] for r < rows, c < cols (NCHW <-> NHWC).

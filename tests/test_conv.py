@@ -36,6 +36,8 @@ CONV_SHAPES = {
     "grouped_kg24_cg3_strided": (1, 6, 9, 11, 48, 3, 2, (2, 1), (1, 0), (1, 2), 2),
     "grouped_kg32_7x7": (1, 64, 7, 7, 64, 3, 3, 1, 1, 1, 2),
     "depthwise_mult8": (1, 3, 6, 5, 24, 3, 3, 1, 1, 1, 3),
+    # Channel multipliers of 2 to 7: the depthwise kernels on each channel repeated m times.
+    "depthwise_mult3_strided": (2, 5, 7, 9, 15, 3, 2, (2, 1), (1, 0), (1, 2), 5),
     # Depthwise kernels' branches: NCHW planes (stride_w 1) with partial width vectors, NHWC
     # channel vectors with a partial one, pixel tiles with a remainder, an odd tap count.
     "depthwise_wide": (1, 35, 5, 37, 35, 3, 3, (2, 1), (1, 2), (1, 2), 35),

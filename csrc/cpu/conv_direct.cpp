@@ -39,6 +39,33 @@ bool grouped_bcast(const ConvArgs& a) {
   return a.groups > 1 && kg > 0 && kg % 8 == 0 && kg <= 32 && !grouped(a) && !depthwise(a);
 }
 
+// Depthwise convs with a channel multiplier m = K / C of 2 to 7 or over 32 (multiples of 8 up to
+// 32 run grouped_bcast): run as the depthwise conv of x with each channel repeated m times
+// (expand_channels; the input gradient sums the m copies' gradients), one-channel GEMMs per
+// group had taken 5-7x torch's time.
+bool multiplier(const ConvArgs& a) {
+  return a.groups > 1 && a.groups == a.C && a.K % a.C == 0 && a.K > a.C && !grouped_bcast(a);
+}
+
+// a as the depthwise conv of its expanded input (C = groups = K).
+ConvArgs expanded(const ConvArgs& a) {
+  ConvArgs e = a;
+  e.C = e.groups = a.K;
+  return e;
+}
+
+// x (N, C, H, W) with channel c repeated m times ((N, C m, H, W), channel k = x's k / m), NHWC
+// memory in compute dtype.
+at::Tensor expand_channels(const at::Tensor& x, int64_t m) {
+  const at::Tensor xn = nhwc(x).permute({0, 2, 3, 1});  // (N, H, W, C)
+  std::vector<int64_t> sizes(xn.sizes().begin(), xn.sizes().end());
+  sizes.push_back(m);
+  return xn.unsqueeze(4)
+      .expand(sizes)
+      .reshape({xn.size(0), xn.size(1), xn.size(2), xn.size(3) * m})
+      .permute({0, 3, 1, 2});
+}
+
 // Whether the grouped_bcast conv a, computed in ct, runs in pairs of groups (8 channels a group in
 // and out, an even number of groups, float32 on an ISA with conv_grouped_pairs_fwd).
 bool grouped_pairs(const ConvArgs& a, at::ScalarType ct) {
@@ -225,7 +252,7 @@ ConvGrads grouped_grads(const conv::ConvGeom& g, const ConvArgs& a, const at::Te
 }  // namespace
 
 bool direct_conv(const ConvArgs& a) {
-  return depthwise(a) || grouped(a) || grouped_bcast(a);
+  return depthwise(a) || grouped(a) || grouped_bcast(a) || multiplier(a);
 }
 
 template <typename T>
@@ -234,6 +261,11 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
   const ConvArgs& a = p.a;
   const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
   const ConvKernels& kr = kernels();
+  if (multiplier(a)) {
+    Gemm pe = p;
+    pe.a = expanded(a);
+    return direct_forward<T>(pe, expand_channels(x, a.K / a.C), weight, e);
+  }
   if (grouped(a) || grouped_bcast(a)) {
     const at::Tensor xn = nhwc(x);
     const bool bcast = grouped_bcast(a), pairs = bcast && grouped_pairs(a, ct);
@@ -275,6 +307,16 @@ ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor&
                        at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias) {
   // The output gradient in NHWC once, for every kernel (the adjoint's forward reads it as is).
   const at::Tensor gy = nhwc(gpre);
+  if (multiplier(p.a)) {
+    const ConvArgs& a = p.a;
+    const at::Tensor xe = want_weight ? expand_channels(x, a.K / a.C) : at::Tensor();
+    ConvGrads r = depthwise_grads(expanded(a), xe, gy, weight, fmt, gy.scalar_type(), want_input,
+                                  want_weight, want_bias);
+    if (want_bias) r.bias = r.bias.to(dtype);
+    if (want_input)  // the m copies' gradients summed in the compute dtype
+      r.input = r.input.unflatten(1, {a.C, a.K / a.C}).sum(2).to(dtype).contiguous(fmt);
+    return r;
+  }
   if (depthwise(p.a))
     return depthwise_grads(p.a, x, gy, weight, fmt, dtype, want_input, want_weight, want_bias);
   return grouped_grads(g, p.a, x, gy, weight, fmt, dtype, want_input, want_weight, want_bias);

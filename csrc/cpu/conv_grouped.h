@@ -225,15 +225,16 @@ inline void group_bias_grad(const ConvArgs& a, const T* gy, int64_t r0, int64_t 
     });
 }
 
-// Prefetches (into L2) the lines of groups [g0, g1) in the input rows that output rows
-// [row0, row1) read (none past the last row), and with gy (else null) their output gradient: a
-// block's rows while the one before computes. The kernels read x a group at a time, lines a pixel
-// apart, which the hardware prefetchers do not follow across pages: the copies had waited on
-// memory for a quarter of the time.
+// Prefetches (into L2) the lines of groups [g0, g1) in the input rows of the block of output
+// rows [row0, row1) (group_input_rows' rows), and with gy (else null) the block's output
+// gradient: the next block while this one computes. The kernels read x a group at a time, lines
+// a pixel apart, which the hardware prefetchers do not follow across pages: the copies had waited
+// on memory for a quarter of the time.
 template <typename T>
 inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t row0, int64_t row1,
                            int64_t g0, int64_t g1) {
   constexpr int64_t kLine = 64 / sizeof(T);
+  if (row0 >= row1) return;
   const int64_t cg = a.C / a.groups, kg = a.K / a.groups;
   const auto lines = [&](const T* p, int64_t pixels, int64_t stride, int64_t c0, int64_t c1) {
     for (int64_t i = 0; i < pixels; ++i) {
@@ -241,15 +242,17 @@ inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t r
       __builtin_prefetch(p + i * stride + c1 - 1, 0, 2);
     }
   };
-  row1 = imin(row1, a.N * a.P);
-  for (int64_t row = row0; row < row1; ++row) {
-    const int64_t n = row / a.P, p = row % a.P;
-    for (int64_t r = 0; r < a.R; ++r)
-      if (tap_row_inside(a, row, r))
-        lines(x + (n * a.H + p * a.stride_h - a.pad_h + r * a.dil_h) * a.W * a.C, a.W, a.C, g0 * cg,
-              g1 * cg);
-    if (gy != nullptr) lines(gy + row * a.Q * a.K, a.Q, a.K, g0 * kg, g1 * kg);
-  }
+  const int64_t n = row0 / a.P, h0 = row0 % a.P * a.stride_h - a.pad_h;
+  for (int64_t i = 0; i < group_input_row_count(a, row1 - row0); ++i)
+    if (h0 + i >= 0 && h0 + i < a.H)
+      lines(x + (n * a.H + h0 + i) * a.W * a.C, a.W, a.C, g0 * cg, g1 * cg);
+  if (gy != nullptr) lines(gy + row0 * a.Q * a.K, (row1 - row0) * a.Q, a.K, g0 * kg, g1 * kg);
+}
+
+// The pixels of a forward tile: kPixels, or half that where it wastes fewer (7 x 7 images).
+inline int64_t group_tile_pixels(const ConvArgs& a, int64_t pixels) {
+  const auto waste = [&](int64_t n) { return (a.Q + n - 1) / n * n - a.Q; };
+  return waste((pixels + 1) / 2) < waste(pixels) ? (pixels + 1) / 2 : pixels;
 }
 
 // kP output pixels of output row `row` from column q0, group g: the sums over the taps and the
@@ -427,7 +430,7 @@ void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
   ConvEpilogue et = e_;
   et.stream = e_.stream && a.out_sk == 1 && !e_.bf16;  // whole lines of 16 floats
   et.acc = tile;
-  const int64_t np = a.Q <= kP / 2 ? kP / 2 : kP;
+  const int64_t np = conv_detail::group_tile_pixels(a, kP);
   float* rows = static_cast<float*>(scratch);
   conv_detail::group_forward_walk<float>(
       a2, static_cast<const float*>(x_), et, r0, r1, np, rows,
@@ -435,7 +438,7 @@ void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
         if (np == kP)
           conv_detail::pair_fwd_tile<kP>(a2, taps, w, row, q0, h, tile);
         else
-          conv_detail::pair_fwd_tile<kP / 2>(a2, taps, w, row, q0, h, tile);
+          conv_detail::pair_fwd_tile<(kP + 1) / 2>(a2, taps, w, row, q0, h, tile);
       });
   if (et.stream) VecF::fence();
 }
@@ -466,9 +469,8 @@ constexpr DirectParamsFn kGroupedPairsBwdParams = nullptr;
 
 // Grouped conv whose groups have kg = K / groups output channels, a multiple of 8 up to 32 (any
 // input width cg), on NHWC x, output rows (n, p) in [r0, r1) by group_forward_walk: tiles of
-// kPixels pixels (or half that, where it wastes fewer: 7 x 7 images) by group_fwd_tile, through
-// the epilogue. Each weight load serves a tile's pixels, each broadcast one to four vectors of
-// output channels.
+// group_tile_pixels pixels by group_fwd_tile, through the epilogue. Each weight load serves a
+// tile's pixels, each broadcast one to four vectors of output channels.
 template <typename T>
 void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
                             const ConvEpilogue& e_, int64_t r0, int64_t r1, void* scratch) {
@@ -483,12 +485,11 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
     using G = decltype(shape);
     T tile[G::kPixels * G::kNV * G::V::W];
     et.acc = tile;
-    const auto waste = [&](int64_t n) { return (a.Q + n - 1) / n * n - a.Q; };
-    const bool half = waste(G::kHalf) < waste(G::kPixels);
+    const int64_t np = conv_detail::group_tile_pixels(a, G::kPixels);
     conv_detail::group_forward_walk<T>(
-        a, static_cast<const T*>(x_), et, r0, r1, half ? G::kHalf : G::kPixels, rows,
+        a, static_cast<const T*>(x_), et, r0, r1, np, rows,
         [&](int64_t row, int64_t q0, int64_t g, const T* taps) {
-          if (half)
+          if (np != G::kPixels)
             conv_detail::group_fwd_tile<T, G, G::kHalf>(a, taps, w, row, q0, g, tile);
           else
             conv_detail::group_fwd_tile<T, G, G::kPixels>(a, taps, w, row, q0, g, tile);

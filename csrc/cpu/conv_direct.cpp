@@ -292,9 +292,16 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
     return;
   }
   const at::Tensor xn = nhwc(x);
-  const at::Tensor w = wc.t().contiguous();
+  // The weight blocked (depthwise_ring): (C / L, R S, L), L channels a cache line, zero past C.
+  const int64_t line = 64 / int64_t{sizeof(T)}, cp = (a.C + line - 1) / line * line;
+  const at::Tensor w = at::constant_pad_nd(wc, {0, 0, 0, cp - a.C})
+                           .reshape({cp / line, line, a.R * a.S})
+                           .transpose(1, 2)
+                           .contiguous();
   at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
-    kr.depthwise_fwd[dt<T>()](a, xn.const_data_ptr<T>(), w.const_data_ptr<T>(), e, r0, r1);
+    std::vector<T> ring(depthwise_scratch(a, sizeof(T)));
+    kr.depthwise_fwd[dt<T>()](a, xn.const_data_ptr<T>(), w.const_data_ptr<T>(), e, r0, r1,
+                              ring.data());
   });
 }
 template void direct_forward<float>(const Gemm&, const at::Tensor&, const at::Tensor&,

@@ -124,12 +124,6 @@ void conv_grouped_bwd_params(const ConvArgs& a, const void* x_, const void* gy_,
 
 // ---------------------------------------------------------------- by broadcasts
 
-#if FASTDL_VEC == 512
-constexpr int kVecRegs = 32;
-#else
-constexpr int kVecRegs = 16;
-#endif
-
 namespace conv_detail {
 
 // A group's output channels as kNV vectors of V.

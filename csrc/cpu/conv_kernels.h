@@ -320,45 +320,6 @@ void conv_epilogue(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t
   if (e.stream) Vec<T>::fence();
 }
 
-// One output row (n, p) of a 3x3 depthwise conv, channels [c0, c0 + len), output channels_last:
-// the nine tap weights stay in registers for the whole row, each pixel's three input rows are
-// three independent chains (summed at the end), and the pixels whose taps all read inside the
-// row skip the checks.
-template <typename T, typename V>
-void depthwise3x3_row(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e, int64_t n,
-                      int64_t p, int64_t c0, int64_t len, V vb, int64_t q_lo, int64_t q_hi) {
-  const int64_t C = a.C, dc = a.dil_w * C;
-  V wv[9];
-  for (int t = 0; t < 9; ++t) wv[t] = ld<V>(w + t * C + c0, len);
-  const T* row[3];
-  bool in[3];
-  for (int r = 0; r < 3; ++r) {
-    const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
-    in[r] = h >= 0 && h < a.H;
-    row[r] = x + (n * a.H + (in[r] ? h : 0)) * a.W * C + c0;
-  }
-  for (int64_t q = 0; q < a.Q; ++q) {
-    const int64_t w0 = q * a.stride_w - a.pad_w;
-    V acc[3] = {V::zero(), V::zero(), V::zero()};
-    for (int r = 0; r < 3; ++r) {
-      if (!in[r]) continue;
-      const T* xp = row[r] + w0 * C;
-      if (q >= q_lo && q < q_hi) {
-        acc[r] = fma(ld<V>(xp, len), wv[3 * r], acc[r]);
-        acc[r] = fma(ld<V>(xp + dc, len), wv[3 * r + 1], acc[r]);
-        acc[r] = fma(ld<V>(xp + 2 * dc, len), wv[3 * r + 2], acc[r]);
-        continue;
-      }
-      for (int s = 0; s < 3; ++s) {
-        const int64_t wi = w0 + s * a.dil_w;
-        if (wi >= 0 && wi < a.W) acc[r] = fma(ld<V>(xp + s * dc, len), wv[3 * r + s], acc[r]);
-      }
-    }
-    conv_detail::store_vec<T>(a, e, acc[0] + acc[1] + acc[2], vb,
-                              n * a.out_sn + (p * a.Q + q) * a.out_spq + c0, len);
-  }
-}
-
 // kTile output pixels of a direct conv from (n, p, q0), nq of them real, channels [c0, c0 + len):
 // tap(acc, xrow, r, s) adds tap (r, s)'s products into acc[kTile] from the input row xrow (at
 // channel c0 of its first pixel), for the taps whose row lies inside x; then the epilogue, with
@@ -381,45 +342,134 @@ inline void direct_tile(const ConvArgs& a, const T* x, const ConvEpilogue& e, in
                                vb);
 }
 
-// Direct depthwise conv on NHWC: each output pixel is R * S multiply-adds per channel, far too
-// little work per byte for a GEMM, so it is bound by memory. Channels are contiguous in NHWC:
-// one SIMD vector covers W channels, tiles of kTile output pixels (direct_tile).
+#if FASTDL_VEC == 512
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
+
+namespace conv_detail {
+
+// Input row (n, h) of x (NHWC) into dst, laid out as a DepthwiseRing row.
 template <typename T>
-void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
-                        int64_t r0, int64_t r1) {
+void depthwise_row_copy(const ConvArgs& a, const DepthwiseRing& g, const T* x, int64_t n, int64_t h,
+                        T* dst) {
   using V = Vec<T>;
-  constexpr int64_t kTile = 4;
-  const T* x = static_cast<const T*>(x_);
-  const T* w = static_cast<const T*>(w_);
-  const T* bias = static_cast<const T*>(e.bias);
-  const int64_t C = a.C;
-  // Output columns [q_lo, q_hi) read inside the input row at every tap.
-  const int64_t q_lo = imin(a.Q, (a.pad_w + a.stride_w - 1) / a.stride_w);
-  const int64_t last = a.W - 1 + a.pad_w - (a.S - 1) * a.dil_w;
-  const int64_t q_hi = last < 0 ? 0 : imin(a.Q, last / a.stride_w + 1);
-  const bool unrolled = a.R == 3 && a.S == 3 && a.out_sk == 1;
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t n = row / a.P, p = row % a.P;
-    for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
-      if (unrolled) {
-        const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();
-        return depthwise3x3_row<T>(a, x, w, e, n, p, c0, len, vb, q_lo, q_hi);
-      }
-      for (int64_t q0 = 0; q0 < a.Q; q0 += kTile) {
-        const int64_t nq = imin(kTile, a.Q - q0);
-        direct_tile<T, kTile>(a, x, e, n, p, q0, nq, c0, len,
-                              [&](V* acc, const T* xrow, int64_t r, int64_t s) {
-                                const V wv = ld<V>(w + (r * a.S + s) * C + c0, len);
-                                for (int64_t j = 0; j < kTile; ++j) {
-                                  const int64_t wi = (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w;
-                                  if (j < nq && wi >= 0 && wi < a.W)
-                                    acc[j] = fma(ld<V>(xrow + wi * C, len), wv, acc[j]);
-                                }
-                              });
-      }
+  const T* src = x + (n * a.H + h) * a.W * a.C;
+  for (int64_t w = 0; w < g.width; ++w) {
+    const int64_t wi = w - a.pad_w;
+    const bool in = wi >= 0 && wi < a.W;
+    for_vectors<V::W>(0, a.C, [&](int64_t c, int64_t len) {
+      (in ? ld<V>(src + wi * a.C + c, len) : V::zero()).store(dst + w * g.pixel + c);
     });
   }
-  if (e.stream) V::fence();
+}
+
+// acc[i] = output pixel q0 + i of an output row, channels [c0, c0 + W): the sum over its taps
+// of the ring rows (rows[r]: tap row r's, null outside x) times the blocked weight (wb: channel
+// c0's tap 0). With kS > 0 the taps are kS wide, stride kSW, undilated, and each input column
+// loaded serves every pixel of the tile that reads it (3x3, stride 1, 8 pixels: 13 loads for 24
+// multiply-adds a tap row, not 27); kS = 0 takes S, stride and dilation at run time.
+template <typename T, int kT, int kS, int kSW, typename V>
+inline void depthwise_tile(const ConvArgs& a, const DepthwiseRing& g, const T* const* rows,
+                           const T* wb, int64_t q0, int64_t c0, V* out) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  V acc[kT];  // only constant indices: in registers (out, indexed at run time, is not)
+  for (int i = 0; i < kT; ++i) acc[i] = V::zero();
+  const int64_t px = g.pixel;
+  for (int64_t r = 0; r < a.R; ++r) {
+    if (rows[r] == nullptr) continue;
+    const T* wr = wb + r * a.S * kLine;
+    if constexpr (kS > 0) {
+      const T* xr = rows[r] + q0 * kSW * px + c0;
+      V wv[kS];
+      for (int s = 0; s < kS; ++s) wv[s] = V::load(wr + s * kLine);
+#pragma GCC unroll 32
+      for (int j = 0; j < (kT - 1) * kSW + kS; ++j) {
+        const V xv = V::load(xr + j * px);
+#pragma GCC unroll 8
+        for (int s = 0; s < kS; ++s) {
+          const int d = j - s;
+          if (d >= 0 && d % kSW == 0 && d / kSW < kT) acc[d / kSW] = fma(xv, wv[s], acc[d / kSW]);
+        }
+      }
+    } else {
+      const T* xr = rows[r] + q0 * a.stride_w * px + c0;
+      for (int64_t s = 0; s < a.S; ++s) {
+        const V wv = V::load(wr + s * kLine);
+        const T* xs = xr + s * a.dil_w * px;
+        for (int i = 0; i < kT; ++i) acc[i] = fma(V::load(xs + i * a.stride_w * px), wv, acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < kT; ++i) out[i] = acc[i];
+}
+
+// conv_depthwise_fwd's walk over output rows [r0, r1), depthwise_tile<kS, kSW> its tiles.
+template <typename T, int kS, int kSW>
+void depthwise_fwd_rows(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e,
+                        int64_t r0, int64_t r1, T* ring) {
+  using V = Vec<T>;
+  constexpr int kT = kVecRegs == 32 ? int{kDepthwiseTile} : int{kDepthwiseTile} / 2;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  const T* bias = static_cast<const T*>(e.bias);
+  const DepthwiseRing g = depthwise_ring(a, sizeof(T));
+  std::vector<int64_t> held(g.slots, -1);  // the input row (n H + h) each slot holds
+  std::vector<const T*> rows(a.R);
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t n = row / a.P, p = row % a.P;
+    for (int64_t r = 0; r < a.R; ++r) {
+      const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
+      rows[r] = nullptr;
+      if (h < 0 || h >= a.H) continue;
+      T* slot = ring + h % g.slots * g.row;
+      if (held[h % g.slots] != n * a.H + h) {
+        depthwise_row_copy<T>(a, g, x, n, h, slot);
+        held[h % g.slots] = n * a.H + h;
+      }
+      rows[r] = slot;
+    }
+    for (int64_t q0 = 0; q0 < a.Q; q0 += kT)
+      for_vectors<V::W>(0, a.C, [&](int64_t c0, int64_t len) {
+        const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();
+        V acc[kT];
+        depthwise_tile<T, kT, kS, kSW>(
+            a, g, rows.data(), w + c0 / kLine * a.R * a.S * kLine + c0 % kLine, q0, c0, acc);
+        store_pixels<T>(a, e, acc, imin(kT, a.Q - q0), n * a.out_sn + (p * a.Q + q0) * a.out_spq,
+                        c0, len, vb);
+      });
+  }
+}
+
+}  // namespace conv_detail
+
+// Direct depthwise conv on NHWC: each output pixel is R * S multiply-adds per channel, far too
+// little work per byte for a GEMM. Channels are contiguous in NHWC: one SIMD vector covers W
+// channels. x is read through a ring of zero-padded row copies (DepthwiseRing: every input row
+// copied once, the taps without bounds checks), an output row a vector of channels at a time,
+// tiles of pixels in registers (depthwise_tile; compile-time widths and strides for the usual
+// 3x3, 5x5 and 7x7) through the epilogue.
+template <typename T>
+void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
+                        int64_t r0, int64_t r1, void* scratch) {
+  using namespace conv_detail;
+  const T* x = static_cast<const T*>(x_);
+  const T* w = static_cast<const T*>(w_);
+  T* ring = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(scratch) + 63) / 64 * 64);
+  const int64_t shape = a.dil_w == 1 ? a.S * 10 + a.stride_w : 0;
+  if (shape == 31)
+    depthwise_fwd_rows<T, 3, 1>(a, x, w, e, r0, r1, ring);
+  else if (shape == 32)
+    depthwise_fwd_rows<T, 3, 2>(a, x, w, e, r0, r1, ring);
+  else if (shape == 51)
+    depthwise_fwd_rows<T, 5, 1>(a, x, w, e, r0, r1, ring);
+  else if (shape == 52)
+    depthwise_fwd_rows<T, 5, 2>(a, x, w, e, r0, r1, ring);
+  else if (shape == 71)
+    depthwise_fwd_rows<T, 7, 1>(a, x, w, e, r0, r1, ring);
+  else
+    depthwise_fwd_rows<T, 0, 0>(a, x, w, e, r0, r1, ring);
+  if (e.stream) Vec<T>::fence();
 }
 
 // Direct depthwise conv on NCHW with stride_w == 1, planes (n, c) in [plane0, plane1): each

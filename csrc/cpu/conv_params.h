@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace fastdl::cpu {
 
@@ -58,9 +59,10 @@ using EpilogueFn = void (*)(const ConvArgs&, const ConvEpilogue&, int64_t m0, in
 using EpilogueBwdFn = void (*)(const ConvArgs&, const void* grad_out, const void* out,
                                const void* pre, void* gpre, int64_t m0, int64_t m1);
 // Depthwise (groups == C == K) direct conv on NHWC, vectorized over channels, for output rows
-// (n, p) in [r0, r1): out/pre via the epilogue of ConvEpilogue (acc unused).
-using DepthwiseFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_rsc,
-                                const ConvEpilogue&, int64_t r0, int64_t r1);
+// (n, p) in [r0, r1): out/pre via the epilogue of ConvEpilogue (acc unused); the weight blocked
+// (depthwise_ring), scratch of depthwise_scratch(a) elements.
+using DepthwiseFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_blocked,
+                                const ConvEpilogue&, int64_t r0, int64_t r1, void* scratch);
 // Depthwise conv with stride_w == 1 on NCHW x and out/pre/residual (out_spq == 1), weight
 // (C, R, S), for planes (n, c) in [plane0, plane1); scratch holds (H + 2 pad_h) * (W + 2 pad_w)
 // elements.
@@ -113,6 +115,36 @@ inline int64_t group_row_width(const ConvArgs& a) {
 inline int64_t group_scratch(const ConvArgs& a, int64_t elem) {
   return group_input_row_count(a, group_block_rows(a, elem)) * group_row_width(a) *
          (a.C / a.groups);
+}
+
+// The NHWC depthwise forward reads x through a ring of `slots` zero-padded copies of input rows
+// (the (R - 1) dil_h + 1 that one output row spans; input row h in slot h % slots), `row`
+// elements apart: `width` pixels from column -pad_w on (whole tiles of up to kDepthwiseTile
+// output pixels, past Q), `pixel` elements apart: the channels rounded up to whole cache lines
+// (lanes past C zero), one more line where that makes an even number: pixels a power-of-2 lines
+// apart (C = 256 floats: 1 KiB) fall in few of L1's sets, and a run of pixels' taps missed L1
+// (a standalone 3x3 loop: 22.6 cycles a vector at C = 256, 14.6 at C = 240). The weight is
+// blocked, (C / L, R S, L) with L channels a cache line (zero past C): a vector's taps in
+// consecutive lines.
+constexpr int64_t kDepthwiseTile = 8;
+struct DepthwiseRing {
+  int64_t width, pixel, row, slots;
+};
+inline DepthwiseRing depthwise_ring(const ConvArgs& a, int64_t elem) {
+  const int64_t line = 64 / elem;
+  const int64_t span = (a.Q + kDepthwiseTile - 1) / kDepthwiseTile * kDepthwiseTile;
+  DepthwiseRing g{};
+  g.width = (span - 1) * a.stride_w + (a.S - 1) * a.dil_w + 1;
+  g.pixel = (a.C + line - 1) / line * line;
+  if (g.pixel / line % 2 == 0) g.pixel += line;
+  g.row = g.width * g.pixel;
+  if (g.row * elem % 4096 == 0) g.row += line;  // slots apart by a multiple of 4 KiB alias too
+  g.slots = (a.R - 1) * a.dil_h + 1;
+  return g;
+}
+inline int64_t depthwise_scratch(const ConvArgs& a, int64_t elem) {
+  const DepthwiseRing g = depthwise_ring(a, elem);
+  return g.slots * g.row + 64 / elem;  // and a cache line's room to align it
 }
 
 // dst[c ldd + r] = src[r lds + c] for r < rows, c < cols (NCHW <-> NHWC).

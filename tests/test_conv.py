@@ -44,6 +44,10 @@ CONV_SHAPES = {
     "depthwise_5x5_nopad": (2, 16, 9, 18, 16, 5, 5, 1, 0, 1, 16),
     # The unrolled 3x3 of NCHW planes, with a row stride and a partial width vector.
     "depthwise_3x3_s2h": (2, 20, 9, 18, 20, 3, 3, (2, 1), 1, 1, 20),
+    # The NHWC ring's compile-time tiles (3x3 stride 2, 5x5 stride 2, 7x7) with a partial tile.
+    "depthwise_3x3_s2": (1, 18, 9, 21, 18, 3, 3, 2, 1, 1, 18),
+    "depthwise_5x5_s2": (1, 33, 11, 12, 33, 5, 5, 2, 2, 1, 33),
+    "depthwise_7x7": (2, 24, 10, 13, 24, 7, 7, 1, 3, 1, 24),
     "5x5_s3": (3, 5, 11, 10, 7, 5, 5, 3, 2, 1, 1),
     "stem_7x7": (1, 3, 15, 13, 9, 7, 7, 2, 3, 1, 1),
     "one_channel": (1, 1, 4, 5, 1, 2, 2, 1, 0, 1, 1),

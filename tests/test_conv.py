@@ -88,6 +88,7 @@ INTERPRETED = [
 VARIANTS = {
     "nchw": ("nchw", "none", True, None),
     "cl_relu_res": ("channels_last", "relu", True, "same"),
+    "cl_relu": ("channels_last", "relu", True, None),
     "strided_silu": ("noncontig", "silu", False, None),
     "nchw_gelu_res": ("nchw", "gelu", True, "same"),
     "cl_nchw_res": ("channels_last", "none", False, "other"),

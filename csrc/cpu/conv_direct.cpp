@@ -324,8 +324,15 @@ ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor&
       r.input = r.input.unflatten(1, {a.C, a.K / a.C}).sum(2).to(dtype).contiguous(fmt);
     return r;
   }
-  if (depthwise(p.a))
-    return depthwise_grads(p.a, x, gy, weight, fmt, dtype, want_input, want_weight, want_bias);
+  if (depthwise(p.a)) {
+    // Stride 1: the input gradient is the adjoint's forward (the depthwise forward on gy), in
+    // fmt and dtype directly; else gathered per input pixel.
+    const at::Tensor gx = want_input ? grouped_input_grad(g, gy, weight, fmt, dtype) : at::Tensor();
+    ConvGrads r = depthwise_grads(p.a, x, gy, weight, fmt, dtype, want_input && !gx.defined(),
+                                  want_weight, want_bias);
+    if (gx.defined()) r.input = gx;
+    return r;
+  }
   return grouped_grads(g, p.a, x, gy, weight, fmt, dtype, want_input, want_weight, want_bias);
 }
 

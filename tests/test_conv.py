@@ -147,6 +147,10 @@ CONVT_SHAPES = {
     "outpad_2": (1, 4, 3, 3, 4, 3, 3, 1, 2, 4, 1),
     # 1x1, stride 1, unpadded, yet the output is larger than the input (output_padding 1).
     "1x1_outpad_dilated": (2, 3, 2, 3, 4, 1, 1, 0, 1, 1, 2),
+    # Depthwise, stride 1, dilated, output_padding: the adjoint's depthwise forward writes more
+    # rows and columns than its padded input gives (the NCHW plane kernel's scratch had been
+    # read past its end).
+    "depthwise_outpad_dilated": (3, 5, 3, 14, 5, 3, 1, 2, 1, 5, 2),
 }
 
 

@@ -64,8 +64,18 @@ using EpilogueBwdFn = void (*)(const ConvArgs&, const void* grad_out, const void
 using DepthwiseFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_blocked,
                                 const ConvEpilogue&, int64_t r0, int64_t r1, void* scratch);
 // Depthwise conv with stride_w == 1 on NCHW x and out/pre/residual (out_spq == 1), weight
-// (C, R, S), for planes (n, c) in [plane0, plane1); scratch holds (H + 2 pad_h) * (W + 2 pad_w)
-// elements.
+// (C, R, S), for planes (n, c) in [plane0, plane1); scratch holds depthwise_plane_rows(a) *
+// depthwise_plane_cols(a) elements: a plane zero-padded, rows and columns from -pad on, as many as
+// the taps reach (more than the padding gives for a conv_transpose2d's adjoint with
+// output_padding, whose output is larger than its padded input's natural one).
+inline int64_t depthwise_plane_rows(const ConvArgs& a) {
+  const int64_t reach = (a.P - 1) * a.stride_h + (a.R - 1) * a.dil_h + 1;
+  return a.H + 2 * a.pad_h > reach ? a.H + 2 * a.pad_h : reach;
+}
+inline int64_t depthwise_plane_cols(const ConvArgs& a) {
+  const int64_t reach = (a.Q - 1) * a.stride_w + (a.S - 1) * a.dil_w + 1;
+  return a.W + 2 * a.pad_w > reach ? a.W + 2 * a.pad_w : reach;
+}
 using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_crs,
                                      const ConvEpilogue&, int64_t plane0, int64_t plane1,
                                      void* scratch);

@@ -474,16 +474,18 @@ void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const
   const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
   T* ring = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(scratch) + 63) / 64 * 64);
-  const int64_t shape = a.dil_w == 1 ? a.S * 10 + a.stride_w : 0;
-  if (shape == 31)
+  const auto is = [&](int64_t S, int64_t stride) {
+    return a.dil_w == 1 && a.S == S && a.stride_w == stride;
+  };
+  if (is(3, 1))
     depthwise_fwd_rows<T, 3, 1>(a, x, w, e, r0, r1, ring);
-  else if (shape == 32)
+  else if (is(3, 2))
     depthwise_fwd_rows<T, 3, 2>(a, x, w, e, r0, r1, ring);
-  else if (shape == 51)
+  else if (is(5, 1))
     depthwise_fwd_rows<T, 5, 1>(a, x, w, e, r0, r1, ring);
-  else if (shape == 52)
+  else if (is(5, 2))
     depthwise_fwd_rows<T, 5, 2>(a, x, w, e, r0, r1, ring);
-  else if (shape == 71)
+  else if (is(7, 1))
     depthwise_fwd_rows<T, 7, 1>(a, x, w, e, r0, r1, ring);
   else
     depthwise_fwd_rows<T, 0, 0>(a, x, w, e, r0, r1, ring);
@@ -491,7 +493,7 @@ void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const
 }
 
 // Direct depthwise conv on NCHW with stride_w == 1, planes (n, c) in [plane0, plane1): each
-// plane is copied into the zero-padded scratch (H + 2 pad_h, W + 2 pad_w), after which every
+// plane is copied into the zero-padded scratch (depthwise_plane_rows/cols), after which every
 // tap of a row of outputs is one unaligned SIMD load of the padded row times the broadcast tap
 // weight (SIMD over the output width; no layout transpose of the input or the output).
 template <typename T>

@@ -3,10 +3,10 @@
 // with 2 or 4 channels a group in and out (ResNeXt's first stage) and grouped ones with 8 to 32
 // output channels a group (its later stages; channel multipliers of 8 to 32): a GEMM per
 // group would have a fraction of one vector or one micro-tile of columns, and an im2col per
-// group read every pixel once per group. Forward, input gradient (depthwise: gathered per input
-// pixel; grouped, stride 1: the adjoint's forward) and the weight and bias gradients, summed over
-// chunks of output rows fixed by the shapes and merged in order (deterministic). All on NHWC in
-// the compute dtype (bfloat16 widened); the forward's epilogue writes any layout and dtype.
+// group read every pixel once per group. Forward, input gradient (stride 1: the adjoint's
+// forward; a strided depthwise conv's gathered per input pixel) and the weight and bias gradients,
+// summed over chunks of output rows fixed by the shapes and merged in order (deterministic). All on
+// NHWC in the compute dtype (bfloat16 widened); the forward's epilogue writes any layout and dtype.
 #include <algorithm>
 #include <cstdint>
 #include <tuple>

@@ -264,7 +264,7 @@ def test_grouped_weight_grad_in_group_slices(isa, kg):
 def test_every_isa_nchw_winograd(isa):
     """Per ISA: NCHW input through the layout transposes, Winograd (forward and both gradients,
     16-row transpose blocks plus remainders), the NCHW epilogue with bias + residual + ReLU, and
-    the unrolled 3x3 depthwise on NCHW planes."""
+    the 3x3 depthwise on flat NCHW planes."""
     x = torch.randn(2, 20, 9, 11, requires_grad=True)
     w = torch.randn(24, 20, 3, 3, requires_grad=True)
     b = torch.randn(24, requires_grad=True)

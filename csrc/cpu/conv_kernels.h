@@ -250,13 +250,17 @@ inline void store_vec(const ConvArgs& a, const ConvEpilogue& e, V v, V bias, int
 // The epilogue of nq consecutive output pixels (the first at element offset base), channels
 // [c0, c0 + len) of each in acc[j]: vectors where the channels are contiguous in out
 // (channels_last), else lane by lane. Channels_last with at most a ReLU (no residual, pre or
-// bf16) takes a loop of its own with the settings read once: per vector, store_vec's checks
-// had doubled the time of a 3x3 depthwise conv (whose stores re-read them, as out may alias).
+// bf16: lean_epilogue) takes a loop of its own with the settings read once: per vector,
+// store_vec's checks had doubled the time of a 3x3 depthwise conv (whose stores re-read them, as
+// out may alias).
+inline bool lean_epilogue(const ConvArgs& a, const ConvEpilogue& e) {
+  return e.residual == nullptr && e.pre == nullptr && !e.bf16 &&
+         (a.activation == 0 || a.activation == kRelu);
+}
 template <typename T, typename V>
 inline void store_pixels(const ConvArgs& a, const ConvEpilogue& e, const V* acc, int64_t nq,
                          int64_t base, int64_t c0, int64_t len, V vb) {
-  if (a.out_sk == 1 && e.residual == nullptr && e.pre == nullptr && !e.bf16 &&
-      (a.activation == 0 || a.activation == kRelu)) {
+  if (a.out_sk == 1 && lean_epilogue(a, e)) {
     T* out = static_cast<T*>(e.out) + base + c0;
     const int64_t step = a.out_spq;
     const bool relu_ = a.activation == kRelu;
@@ -492,23 +496,81 @@ void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const
   if (e.stream) Vec<T>::fence();
 }
 
-// Direct depthwise conv on NCHW with stride_w == 1, planes (n, c) in [plane0, plane1): each
-// plane is copied into the zero-padded scratch (depthwise_plane_rows/cols), after which every
-// tap of a row of outputs is one unaligned SIMD load of the padded row times the broadcast tap
-// weight (SIMD over the output width; no layout transpose of the input or the output).
-template <typename T>
-void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
-                              const ConvEpilogue& e_, int64_t plane0, int64_t plane1,
-                              void* scratch) {
+namespace conv_detail {
+
+// The lane masks of the flat planes (depthwise_flat): bit j of masks[v R S + r S + s] is set
+// where pixel v W + j of an output plane exists and its tap (r, s) lies inside the input plane.
+template <int W>
+void depthwise_flat_masks(const ConvArgs& a, uint32_t* masks) {
+  const int64_t pq = a.P * a.Q, rs = a.R * a.S;
+  for (int64_t i = 0; i < (pq + W - 1) / W * rs; ++i) masks[i] = 0;
+  for (int64_t o = 0; o < pq; ++o) {
+    const int64_t p = o / a.Q, q = o % a.Q;
+    for (int64_t r = 0; r < a.R; ++r) {
+      const int64_t h = p + r * a.dil_h - a.pad_h;
+      for (int64_t s = 0; s < a.S && h >= 0 && h < a.H; ++s) {
+        const int64_t w = q + s * a.dil_w - a.pad_w;
+        if (w >= 0 && w < a.W) masks[o / W * rs + r * a.S + s] |= 1u << (o % W);
+      }
+    }
+  }
+}
+
+// Planes [plane0, plane1) taken flat: output rows as wide as the input's and stride 1, so a
+// vector of W consecutive outputs of a plane (across its rows) reads tap (r, s) from one shift of
+// the flat input plane, (r dil_h - pad_h) W + s dil_w - pad_w, with the lanes whose tap falls
+// outside the plane masked off (not read). No copy, no partial vectors but the plane's last. The
+// kR x kS kernel at compile time, or (0, 0) for any at run time.
+template <typename T, int kR, int kS>
+void depthwise_flat_planes(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e,
+                           int64_t plane0, int64_t plane1, const uint32_t* masks) {
   using V = Vec<T>;
-  // Ordinary stores even for a large output: plane rows end mid-vector, and streaming would
-  // leave part lines (2.8 ms against 3.6 for 32 x 256 x 28 x 28).
-  ConvEpilogue e = e_;
-  e.stream = false;
-  const T* x = static_cast<const T*>(x_);
-  const T* w = static_cast<const T*>(w_);
+  const int64_t R = kR > 0 ? kR : a.R, S = kS > 0 ? kS : a.S, RS = R * S;
+  const int64_t pq = a.P * a.Q, hw = a.H * a.W;
   const T* bias = static_cast<const T*>(e.bias);
-  T* pad = static_cast<T*>(scratch);
+  T* out = static_cast<T*>(e.out);
+  const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
+  for (int64_t plane = plane0; plane < plane1; ++plane) {
+    const int64_t n = plane / a.C, c = plane % a.C;
+    const T* wc = w + c * RS;
+    // The taps broadcast once per plane when their number is known.
+    V wb[kR * kS > 0 ? kR * kS : 1];
+    if constexpr (kR * kS > 0)
+      for (int64_t t = 0; t < RS; ++t) wb[t] = V::set1(wc[t]);
+    const V vb = bias != nullptr ? V::set1(bias[c]) : V::zero();
+    const int64_t base = n * a.out_sn + c * a.out_sk;
+    const T* xp = x + plane * hw - a.pad_h * a.W - a.pad_w;
+    for_vectors<V::W>(0, pq, [&](int64_t o, int64_t len) {
+      const uint32_t* m = masks + o / V::W * RS;
+      const auto tap = [&](const T* row, int64_t t, int64_t s, V acc) {
+        const V wt = kR * kS > 0 ? wb[kR * kS > 0 ? t : 0] : V::set1(wc[t]);
+        return fma(V::load_lanes(row + s * a.dil_w, m[t]), wt, acc);
+      };
+      V acc0 = V::zero(), acc1 = V::zero();  // two chains halve the FMA latency chain
+      for (int64_t r = 0; r < R; ++r) {
+        const T* row = xp + o + r * a.dil_h * a.W;
+        int64_t s = 0;
+        for (; s + 1 < S; s += 2) {
+          acc0 = tap(row, r * S + s, s, acc0);
+          acc1 = tap(row, r * S + s + 1, s + 1, acc1);
+        }
+        if (s < S) acc0 = tap(row, r * S + s, s, acc0);
+      }
+      if (!lean) return store_vec<T>(a, e, acc0 + acc1, vb, base + o, len);
+      const V y = acc0 + acc1 + vb;
+      st(out + base + o, relu_ ? relu(y) : y, len);
+    });
+  }
+}
+
+// Planes [plane0, plane1) through a zero-padded copy (depthwise_plane_rows/cols) in pad, for
+// row strides or output widths the flat planes do not take: every tap of a row of outputs is one
+// unaligned SIMD load of the padded row times the broadcast tap weight.
+template <typename T>
+void depthwise_padded_planes(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e,
+                             int64_t plane0, int64_t plane1, T* pad) {
+  using V = Vec<T>;
+  const T* bias = static_cast<const T*>(e.bias);
   const int64_t Wp = depthwise_plane_cols(a), Hp = depthwise_plane_rows(a), RS = a.R * a.S;
   for (int64_t i = 0; i < Hp * Wp; ++i) pad[i] = T(0);  // the borders stay zero
   for (int64_t plane = plane0; plane < plane1; ++plane) {
@@ -523,8 +585,8 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
     const V vb = bias != nullptr ? V::set1(bias[c]) : V::zero();
     const int64_t base = n * a.out_sn + c * a.out_sk;
     if (a.R == 3 && a.S == 3 && a.dil_h == 1 && a.dil_w == 1) {
-      // The common 3x3: taps broadcast once per plane, the 9 FMAs unrolled (the generic loop's
-      // bookkeeping took more time than its FMAs on 28x28 planes).
+      // 3x3: taps broadcast once per plane, the 9 FMAs unrolled (the generic loop's bookkeeping
+      // took more time than its FMAs on 28x28 planes).
       V wb[9];
       for (int64_t i = 0; i < 9; ++i) wb[i] = V::set1(wc[i]);
       for (int64_t p = 0; p < a.P; ++p)
@@ -539,7 +601,7 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
           acc0 = fma(ld<V>(r2, len), wb[6], acc0);
           acc1 = fma(ld<V>(r2 + 1, len), wb[7], acc1);
           acc0 = fma(ld<V>(r2 + 2, len), wb[8], acc0);
-          conv_detail::store_vec<T>(a, e, acc0 + acc1, vb, base + p * a.Q + q0, len);
+          store_vec<T>(a, e, acc0 + acc1, vb, base + p * a.Q + q0, len);
         });
       continue;
     }
@@ -555,9 +617,38 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
           }
           if (s < a.S) acc0 = fma(ld<V>(prow + s * a.dil_w, len), V::set1(wc[r * a.S + s]), acc0);
         }
-        conv_detail::store_vec<T>(a, e, acc0 + acc1, vb, base + p * a.Q + q0, len);
+        store_vec<T>(a, e, acc0 + acc1, vb, base + p * a.Q + q0, len);
       });
   }
+}
+
+}  // namespace conv_detail
+
+// Direct depthwise conv on NCHW with stride_w == 1, planes (n, c) in [plane0, plane1), SIMD over
+// the pixels of each plane (no layout transpose of the input or the output): flat where
+// depthwise_flat (the lane masks in scratch), else through a padded copy of each plane.
+template <typename T>
+void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
+                              const ConvEpilogue& e_, int64_t plane0, int64_t plane1,
+                              void* scratch) {
+  // Ordinary stores even for a large output: streaming was slower, flat (1.9 ms against 1.65
+  // for 32 x 256 x 28 x 28, whose planes are whole cache lines) and padded (whose rows end
+  // mid-vector: 3.6 against 2.8).
+  ConvEpilogue e = e_;
+  e.stream = false;
+  const T* x = static_cast<const T*>(x_);
+  const T* w = static_cast<const T*>(w_);
+  if (!depthwise_flat(a))
+    return conv_detail::depthwise_padded_planes<T>(a, x, w, e, plane0, plane1,
+                                                   static_cast<T*>(scratch));
+  uint32_t* masks = static_cast<uint32_t*>(scratch);
+  conv_detail::depthwise_flat_masks<Vec<T>::W>(a, masks);
+  if (a.R == 3 && a.S == 3)
+    conv_detail::depthwise_flat_planes<T, 3, 3>(a, x, w, e, plane0, plane1, masks);
+  else if (a.R == 5 && a.S == 5)
+    conv_detail::depthwise_flat_planes<T, 5, 5>(a, x, w, e, plane0, plane1, masks);
+  else
+    conv_detail::depthwise_flat_planes<T, 0, 0>(a, x, w, e, plane0, plane1, masks);
 }
 
 // Input gradient of a depthwise conv on NHWC, input rows (n, h) in [r0, r1): gx[n, h, w] = the

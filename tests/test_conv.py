@@ -48,9 +48,12 @@ CONV_SHAPES = {
     "depthwise_3x3_s2": (1, 18, 9, 21, 18, 3, 3, 2, 1, 1, 18),
     "depthwise_5x5_s2": (1, 33, 11, 12, 33, 5, 5, 2, 2, 1, 33),
     "depthwise_7x7": (2, 24, 10, 13, 24, 7, 7, 1, 3, 1, 24),
-    # NCHW planes taken flat (stride 1, output rows as wide as the input's): the compile-time
-    # 5x5 with a column dilation and fewer output rows than input rows (P != H).
-    "depthwise_5x5_flat": (2, 12, 7, 9, 12, 5, 5, 1, (1, 4), (1, 2), 12),
+    # NCHW planes at stride 1: flat (output rows as wide as the input's, at most 9 taps) with a
+    # run-time kernel and dilation; row tiles of 8 (3x3 with output rows narrower than the
+    # input's, a partial tile and vector; 5x5 with a column dilation and P != H).
+    "depthwise_3x2_flat_dil": (1, 9, 6, 11, 9, 3, 2, 1, (2, 1), (2, 2), 9),
+    "depthwise_3x3_tiles": (2, 10, 19, 21, 10, 3, 3, 1, (1, 0), 1, 10),
+    "depthwise_5x5_tiles": (2, 12, 7, 9, 12, 5, 5, 1, (1, 4), (1, 2), 12),
     # Column strides of 11 and 21 with 2- and 1-wide kernels: the generic tile, not 3x3's.
     "depthwise_3x2_s11": (1, 16, 6, 40, 16, 3, 2, (1, 11), 0, 1, 16),
     "depthwise_3x1_s21": (1, 16, 5, 64, 16, 3, 1, (2, 21), 0, 1, 16),

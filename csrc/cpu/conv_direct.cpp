@@ -283,7 +283,7 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
   if (a.stride_w == 1 && a.out_spq == 1 && a.out_sk == a.P * a.Q && a.out_sn == a.C * a.P * a.Q) {
     const at::Tensor xc = x.to(ct).contiguous();
     const at::Tensor w = wc.contiguous();
-    const int64_t scratch = depthwise_plane_scratch(a, sizeof(T)) / int64_t{sizeof(T)} + 1;
+    const int64_t scratch = depthwise_plane_scratch(a) / int64_t{sizeof(T)} + 1;
     at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
       std::vector<T> pad(scratch);
       kr.depthwise_plane_fwd[dt<T>()](a, xc.const_data_ptr<T>(), w.const_data_ptr<T>(), e, c0, c1,

@@ -563,61 +563,85 @@ void depthwise_flat_planes(const ConvArgs& a, const T* x, const T* w, const Conv
   }
 }
 
-// Planes [plane0, plane1) through a zero-padded copy (depthwise_plane_rows/cols) in pad, for
-// row strides or output widths the flat planes do not take: every tap of a row of outputs is one
-// unaligned SIMD load of the padded row times the broadcast tap weight.
-template <typename T>
-void depthwise_padded_planes(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e,
-                             int64_t plane0, int64_t plane1, T* pad) {
+// The lanes [0, len) of a vector of output columns from q0 whose tap column s lies inside x.
+inline uint32_t depthwise_col_lanes(const ConvArgs& a, int64_t q0, int64_t len, int64_t s) {
+  const int64_t w0 = q0 + s * a.dil_w - a.pad_w;
+  const int64_t lo = w0 < 0 ? imin(-w0, len) : 0, hi = imin(len, a.W - w0);
+  return hi > lo ? ((1u << hi) - 1u) & ~((1u << lo) - 1u) : 0u;  // len <= 16
+}
+
+// Planes [plane0, plane1) row by row (any row stride, dilation and output width): a vector of
+// output columns of kT output rows at a time, kR x kS at compile time with kT rows sharing each
+// input row vector they read (stride_h == dil_h == 1: output row p0 + j reads input row
+// p0 + j + r - pad_h, so a tile loads kT + kR - 1 rows for kT kR rows' taps), or (kT, kR, kS) =
+// (1, 0, 0) for any at run time. Input rows outside x are skipped, columns outside it masked off
+// (not read): no padded copy.
+template <typename T, int kT, int kR, int kS>
+void depthwise_row_tiles(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e,
+                         int64_t plane0, int64_t plane1) {
   using V = Vec<T>;
+  constexpr bool kFixed = kR > 0;
+  static_assert(kFixed || kT == 1);
+  const int64_t R = kFixed ? kR : a.R, S = kFixed ? kS : a.S;
   const T* bias = static_cast<const T*>(e.bias);
-  const int64_t Wp = depthwise_plane_cols(a), Hp = depthwise_plane_rows(a), RS = a.R * a.S;
-  for (int64_t i = 0; i < Hp * Wp; ++i) pad[i] = T(0);  // the borders stay zero
+  T* out = static_cast<T*>(e.out);
+  const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
     const int64_t n = plane / a.C, c = plane % a.C;
     const T* xp = x + plane * a.H * a.W;
-    for (int64_t h = 0; h < a.H; ++h) {
-      T* dst = pad + (h + a.pad_h) * Wp + a.pad_w;
-      for_vectors<V::W>(
-          0, a.W, [&](int64_t i, int64_t len) { st(dst + i, ld<V>(xp + h * a.W + i, len), len); });
-    }
-    const T* wc = w + c * RS;
+    const T* wc = w + c * R * S;
     const V vb = bias != nullptr ? V::set1(bias[c]) : V::zero();
     const int64_t base = n * a.out_sn + c * a.out_sk;
-    if (a.R == 3 && a.S == 3 && a.dil_h == 1 && a.dil_w == 1) {
-      // 3x3: taps broadcast once per plane, the 9 FMAs unrolled (the generic loop's bookkeeping
-      // took more time than its FMAs on 28x28 planes).
-      V wb[9];
-      for (int64_t i = 0; i < 9; ++i) wb[i] = V::set1(wc[i]);
-      for (int64_t p = 0; p < a.P; ++p)
-        for_vectors<V::W>(0, a.Q, [&](int64_t q0, int64_t len) {
-          const T* r0 = pad + p * a.stride_h * Wp + q0;
-          const T *r1 = r0 + Wp, *r2 = r1 + Wp;
-          V acc0 = ld<V>(r0, len) * wb[0], acc1 = ld<V>(r0 + 1, len) * wb[1];
-          acc0 = fma(ld<V>(r0 + 2, len), wb[2], acc0);
-          acc1 = fma(ld<V>(r1, len), wb[3], acc1);
-          acc0 = fma(ld<V>(r1 + 1, len), wb[4], acc0);
-          acc1 = fma(ld<V>(r1 + 2, len), wb[5], acc1);
-          acc0 = fma(ld<V>(r2, len), wb[6], acc0);
-          acc1 = fma(ld<V>(r2 + 1, len), wb[7], acc1);
-          acc0 = fma(ld<V>(r2 + 2, len), wb[8], acc0);
-          store_vec<T>(a, e, acc0 + acc1, vb, base + p * a.Q + q0, len);
-        });
-      continue;
-    }
-    for (int64_t p = 0; p < a.P; ++p)
+    for (int64_t p0 = 0; p0 < a.P; p0 += kT)
       for_vectors<V::W>(0, a.Q, [&](int64_t q0, int64_t len) {
-        V acc0 = V::zero(), acc1 = V::zero();  // two chains halve the FMA latency chain
-        for (int64_t r = 0; r < a.R; ++r) {
-          const T* prow = pad + (p * a.stride_h + r * a.dil_h) * Wp + q0;
-          int64_t s = 0;
-          for (; s + 1 < a.S; s += 2) {
-            acc0 = fma(ld<V>(prow + s * a.dil_w, len), V::set1(wc[r * a.S + s]), acc0);
-            acc1 = fma(ld<V>(prow + (s + 1) * a.dil_w, len), V::set1(wc[r * a.S + s + 1]), acc1);
+        V acc[kT];
+        for (int j = 0; j < kT; ++j) acc[j] = V::zero();
+        if constexpr (kFixed) {
+          uint32_t lanes[kS];
+          for (int s = 0; s < kS; ++s) lanes[s] = depthwise_col_lanes(a, q0, len, s);
+#pragma GCC unroll 16
+          for (int i = 0; i < kT + kR - 1; ++i) {
+            const int64_t h = p0 + i - a.pad_h;
+            if (h < 0 || h >= a.H) continue;
+            const T* row = xp + h * a.W + q0 - a.pad_w;
+            V in[kS];
+#pragma GCC unroll 8
+            for (int s = 0; s < kS; ++s) in[s] = V::load_lanes(row + s * a.dil_w, lanes[s]);
+#pragma GCC unroll 8
+            for (int j = 0; j < kT; ++j)
+              if (i - j >= 0 && i - j < kR)
+#pragma GCC unroll 8
+                for (int s = 0; s < kS; ++s)
+                  acc[j] = fma(in[s], V::set1(wc[(i - j) * kS + s]), acc[j]);
           }
-          if (s < a.S) acc0 = fma(ld<V>(prow + s * a.dil_w, len), V::set1(wc[r * a.S + s]), acc0);
+        } else {  // output row p0 alone
+          const auto tap = [&](const T* row, int64_t r, int64_t s, V acc) {
+            return fma(V::load_lanes(row + s * a.dil_w, depthwise_col_lanes(a, q0, len, s)),
+                       V::set1(wc[r * S + s]), acc);
+          };
+          V odd = V::zero();  // a second chain halves the FMA latency chain
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t h = p0 * a.stride_h + r * a.dil_h - a.pad_h;
+            if (h < 0 || h >= a.H) continue;
+            const T* row = xp + h * a.W + q0 - a.pad_w;
+            int64_t s = 0;
+            for (; s + 1 < S; s += 2) {
+              acc[0] = tap(row, r, s, acc[0]);
+              odd = tap(row, r, s + 1, odd);
+            }
+            if (s < S) acc[0] = tap(row, r, s, acc[0]);
+          }
+          acc[0] = acc[0] + odd;
         }
-        store_vec<T>(a, e, acc0 + acc1, vb, base + p * a.Q + q0, len);
+        for (int64_t j = 0; j < imin(kT, a.P - p0); ++j) {
+          const int64_t o = base + (p0 + j) * a.Q + q0;
+          if (!lean) {
+            store_vec<T>(a, e, acc[j], vb, o, len);
+            continue;
+          }
+          const V y = acc[j] + vb;
+          st(out + o, relu_ ? relu(y) : y, len);
+        }
       });
   }
 }
@@ -626,29 +650,35 @@ void depthwise_padded_planes(const ConvArgs& a, const T* x, const T* w, const Co
 
 // Direct depthwise conv on NCHW with stride_w == 1, planes (n, c) in [plane0, plane1), SIMD over
 // the pixels of each plane (no layout transpose of the input or the output): flat where
-// depthwise_flat (the lane masks in scratch), else through a padded copy of each plane.
+// depthwise_flat (the lane masks in scratch), else row by row, in tiles of 8 output rows for the
+// usual square kernels at unit row stride and dilation.
 template <typename T>
 void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
                               const ConvEpilogue& e_, int64_t plane0, int64_t plane1,
                               void* scratch) {
   // Ordinary stores even for a large output: streaming was slower, flat (1.9 ms against 1.65
-  // for 32 x 256 x 28 x 28, whose planes are whole cache lines) and padded (whose rows end
-  // mid-vector: 3.6 against 2.8).
+  // for 32 x 256 x 28 x 28, whose planes are whole cache lines) and row by row (whose rows end
+  // mid-vector: 3.6 against 2.8 in an earlier kernel).
   ConvEpilogue e = e_;
   e.stream = false;
   const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
-  if (!depthwise_flat(a))
-    return conv_detail::depthwise_padded_planes<T>(a, x, w, e, plane0, plane1,
-                                                   static_cast<T*>(scratch));
-  uint32_t* masks = static_cast<uint32_t*>(scratch);
-  conv_detail::depthwise_flat_masks<Vec<T>::W>(a, masks);
-  if (a.R == 3 && a.S == 3)
-    conv_detail::depthwise_flat_planes<T, 3, 3>(a, x, w, e, plane0, plane1, masks);
-  else if (a.R == 5 && a.S == 5)
-    conv_detail::depthwise_flat_planes<T, 5, 5>(a, x, w, e, plane0, plane1, masks);
-  else
-    conv_detail::depthwise_flat_planes<T, 0, 0>(a, x, w, e, plane0, plane1, masks);
+  using namespace conv_detail;
+  if (depthwise_flat(a)) {
+    uint32_t* masks = static_cast<uint32_t*>(scratch);
+    depthwise_flat_masks<Vec<T>::W>(a, masks);
+    if (a.R == 3 && a.S == 3)
+      return depthwise_flat_planes<T, 3, 3>(a, x, w, e, plane0, plane1, masks);
+    return depthwise_flat_planes<T, 0, 0>(a, x, w, e, plane0, plane1, masks);
+  }
+  const bool unit = a.stride_h == 1 && a.dil_h == 1;
+  if (unit && a.R == 3 && a.S == 3)
+    return depthwise_row_tiles<T, 8, 3, 3>(a, x, w, e, plane0, plane1);
+  if (unit && a.R == 5 && a.S == 5)
+    return depthwise_row_tiles<T, 8, 5, 5>(a, x, w, e, plane0, plane1);
+  if (unit && a.R == 7 && a.S == 7)
+    return depthwise_row_tiles<T, 8, 7, 7>(a, x, w, e, plane0, plane1);
+  depthwise_row_tiles<T, 1, 0, 0>(a, x, w, e, plane0, plane1);
 }
 
 // Input gradient of a depthwise conv on NHWC, input rows (n, h) in [r0, r1): gx[n, h, w] = the

@@ -65,28 +65,17 @@ using DepthwiseFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_bl
                                 const ConvEpilogue&, int64_t r0, int64_t r1, void* scratch);
 // Depthwise conv with stride_w == 1 on NCHW x and out/pre/residual (out_spq == 1), weight
 // (C, R, S), for planes (n, c) in [plane0, plane1); scratch of depthwise_plane_scratch bytes.
-// Unless flat, a plane zero-padded: depthwise_plane_rows(a) x depthwise_plane_cols(a), rows and
-// columns from -pad on, as many as the taps reach (more than the padding gives for a
-// conv_transpose2d's adjoint with output_padding, whose output is larger than its padded input's
-// natural one).
-inline int64_t depthwise_plane_rows(const ConvArgs& a) {
-  const int64_t reach = (a.P - 1) * a.stride_h + (a.R - 1) * a.dil_h + 1;
-  return a.H + 2 * a.pad_h > reach ? a.H + 2 * a.pad_h : reach;
-}
-inline int64_t depthwise_plane_cols(const ConvArgs& a) {
-  const int64_t reach = (a.Q - 1) * a.stride_w + (a.S - 1) * a.dil_w + 1;
-  return a.W + 2 * a.pad_w > reach ? a.W + 2 * a.pad_w : reach;
-}
-// Whether conv_depthwise_plane_fwd takes the planes flat (conv_kernels.h): stride 1 and output
-// rows as wide as the input's.
+// Whether it takes the planes flat (conv_kernels.h): stride 1 and output rows as wide as the
+// input's, and at most 9 taps: few enough that reloading each for every output vector costs less
+// than the partial vectors of row tiles (a 7x7 kernel took 2.3 ms flat against 1.0 in row tiles
+// for 8 x 192 x 28 x 28, a 3x3 2.5 against 3.2 for 32 x 96 x 56 x 56).
 inline bool depthwise_flat(const ConvArgs& a) {
-  return a.stride_h == 1 && a.stride_w == 1 && a.Q == a.W;
+  return a.stride_h == 1 && a.stride_w == 1 && a.Q == a.W && a.R * a.S <= 9;
 }
 // Bytes of conv_depthwise_plane_fwd's scratch: flat, the lane masks (a uint32 by tap for every
-// vector of an output plane; vectors of 8 lanes or more), else the padded plane.
-inline int64_t depthwise_plane_scratch(const ConvArgs& a, int64_t elem) {
-  if (depthwise_flat(a)) return (a.P * a.Q + 7) / 8 * a.R * a.S * 4;
-  return depthwise_plane_rows(a) * depthwise_plane_cols(a) * elem;
+// vector of an output plane; vectors of 8 lanes or more), else none.
+inline int64_t depthwise_plane_scratch(const ConvArgs& a) {
+  return depthwise_flat(a) ? (a.P * a.Q + 7) / 8 * a.R * a.S * 4 : 0;
 }
 using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_crs,
                                      const ConvEpilogue&, int64_t plane0, int64_t plane1,

@@ -6,7 +6,9 @@
 // group read every pixel once per group. Forward, input gradient (stride 1: the adjoint's
 // forward; a strided depthwise conv's gathered per input pixel) and the weight and bias gradients,
 // summed over chunks of output rows fixed by the shapes and merged in order (deterministic). All on
-// NHWC in the compute dtype (bfloat16 widened); the forward's epilogue writes any layout and dtype.
+// NHWC in the compute dtype (bfloat16 widened), but for depthwise convs with unit column stride on
+// NCHW planes (and both gradients of flat ones, depthwise_plane_grads); the forward's epilogue
+// writes any layout and dtype.
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -208,6 +210,37 @@ ConvGrads depthwise_grads(const ConvArgs& a, const at::Tensor& x, const at::Tens
   return r;
 }
 
+// Gradients of a depthwise conv on flat NCHW planes (depthwise_flat, NCHW fmt): the input's by the
+// adjoint's forward on gpre's planes, the weight's and bias's as sums over each plane
+// (conv_depthwise_plane_bwd_params) added over the images; no layout transposes.
+ConvGrads depthwise_plane_grads(const conv::ConvGeom& g, const ConvArgs& a, const at::Tensor& x,
+                                const at::Tensor& gpre, const at::Tensor& weight,
+                                at::ScalarType dtype, bool want_input, bool want_weight,
+                                bool want_bias) {
+  ConvGrads r;
+  if (want_input)
+    r.input = grouped_input_grad(g, gpre, weight, at::MemoryFormat::Contiguous, dtype);
+  if (!want_weight && !want_bias) return r;
+  const at::ScalarType ct = compute_type(gpre);
+  const at::Tensor xc = want_weight ? as_output(x, ct, at::MemoryFormat::Contiguous) : at::Tensor();
+  const at::Tensor gc = as_output(gpre, ct, at::MemoryFormat::Contiguous);
+  const int64_t rs = a.R * a.S;
+  at::Tensor sums = at::empty({a.N, a.C, rs + 1}, gc.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "conv_depthwise_plane_wgrad", [&] {
+    at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<scalar_t> masks(depthwise_plane_scratch(a) / int64_t{sizeof(scalar_t)} + 1);
+      kernels().depthwise_plane_bwd_params[dt<scalar_t>()](
+          a, want_weight ? xc.const_data_ptr<scalar_t>() : nullptr, gc.const_data_ptr<scalar_t>(),
+          sums.data_ptr<scalar_t>(), c0, c1, masks.data());
+    });
+  });
+  const at::Tensor total = sums.sum(0);
+  if (want_weight)
+    r.weight = total.narrow(1, 0, rs).reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
+  if (want_bias) r.bias = total.select(1, rs).to(dtype);
+  return r;
+}
+
 ConvGrads grouped_grads(const conv::ConvGeom& g, const ConvArgs& a, const at::Tensor& x,
                         const at::Tensor& gy, const at::Tensor& weight, at::MemoryFormat fmt,
                         at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias) {
@@ -312,7 +345,11 @@ template void direct_forward<double>(const Gemm&, const at::Tensor&, const at::T
 ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor& x,
                        const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,
                        at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias) {
-  // The output gradient in NHWC once, for every kernel (the adjoint's forward reads it as is).
+  if (depthwise(p.a) && depthwise_flat(p.a) && fmt == at::MemoryFormat::Contiguous)
+    return depthwise_plane_grads(g, p.a, x, gpre, weight, dtype, want_input, want_weight,
+                                 want_bias);
+  // The output gradient in NHWC once, for every other kernel (the adjoint's forward reads it as
+  // is).
   const at::Tensor gy = nhwc(gpre);
   if (multiplier(p.a)) {
     const ConvArgs& a = p.a;

@@ -664,7 +664,7 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
   using namespace conv_detail;
-  if (depthwise_flat(a)) {
+  if (depthwise_flat(a) && a.R * a.S <= 9) {
     uint32_t* masks = static_cast<uint32_t*>(scratch);
     depthwise_flat_masks<Vec<T>::W>(a, masks);
     if (a.R == 3 && a.S == 3)
@@ -679,6 +679,45 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   if (unit && a.R == 7 && a.S == 7)
     return depthwise_row_tiles<T, 8, 7, 7>(a, x, w, e, plane0, plane1);
   depthwise_row_tiles<T, 1, 0, 0>(a, x, w, e, plane0, plane1);
+}
+
+// Weight and bias gradients of a depthwise conv on flat NCHW planes (depthwise_flat), planes
+// (n, c) in [plane0, plane1): sums[plane (R S + 1) + t] = the sum over the plane's outputs of gy
+// times what tap t = r S + s reads of x (the forward's lane masks, in scratch), and
+// sums[plane (R S + 1) + R S] = the sum of gy (alone when x is null). Up to 9 taps a pass over
+// the plane (in L1), gy loaded once for them.
+template <typename T>
+void conv_depthwise_plane_bwd_params(const ConvArgs& a, const void* x_, const void* gy_,
+                                     void* sums_, int64_t plane0, int64_t plane1, void* scratch) {
+  using V = Vec<T>;
+  constexpr int kTaps = 9;
+  const T* x = static_cast<const T*>(x_);
+  const T* gy = static_cast<const T*>(gy_);
+  T* sums = static_cast<T*>(sums_);
+  uint32_t* masks = static_cast<uint32_t*>(scratch);
+  conv_detail::depthwise_flat_masks<V::W>(a, masks);
+  const int64_t rs = a.R * a.S, pq = a.P * a.Q;
+  for (int64_t plane = plane0; plane < plane1; ++plane) {
+    const T* xp = x + plane * a.H * a.W - a.pad_h * a.W - a.pad_w;
+    const T* gp = gy + plane * pq;
+    T* out = sums + plane * (rs + 1);
+    out[rs] = reduce<V>(pq, [&](int64_t o, int64_t len) { return ld<V>(gp + o, len); }).sum();
+    for (int64_t t0 = 0; t0 < rs && x != nullptr; t0 += kTaps) {
+      const int64_t nt = imin(kTaps, rs - t0);
+      int64_t off[kTaps];
+      for (int64_t j = 0; j < nt; ++j)
+        off[j] = (t0 + j) / a.S * a.dil_h * a.W + (t0 + j) % a.S * a.dil_w;
+      V acc[kTaps];
+      for (int j = 0; j < kTaps; ++j) acc[j] = V::zero();
+      for_vectors<V::W>(0, pq, [&](int64_t o, int64_t len) {
+        const V g = ld<V>(gp + o, len);
+        const uint32_t* m = masks + o / V::W * rs + t0;
+        for (int j = 0; j < kTaps; ++j)
+          if (j < nt) acc[j] = fma(V::load_lanes(xp + o + off[j], m[j]), g, acc[j]);
+      });
+      for (int64_t j = 0; j < nt; ++j) out[t0 + j] = acc[j].sum();
+    }
+  }
 }
 
 // Input gradient of a depthwise conv on NHWC, input rows (n, h) in [r0, r1): gx[n, h, w] = the
@@ -784,6 +823,8 @@ const ConvKernels kConvKernels = {
     .grouped_fwd = {conv_grouped_fwd<float>, conv_grouped_fwd<double>},
     .depthwise_bwd_input = {conv_depthwise_bwd_input<float>, conv_depthwise_bwd_input<double>},
     .depthwise_bwd_params = {conv_depthwise_bwd_params<float>, conv_depthwise_bwd_params<double>},
+    .depthwise_plane_bwd_params = {conv_depthwise_plane_bwd_params<float>,
+                                   conv_depthwise_plane_bwd_params<double>},
     .grouped_bwd_params = {conv_grouped_bwd_params<float>, conv_grouped_bwd_params<double>},
     .grouped_bcast_fwd = {conv_grouped_bcast_fwd<float>, conv_grouped_bcast_fwd<double>},
     .grouped_bcast_bwd_params = {conv_grouped_bcast_bwd_params<float>,

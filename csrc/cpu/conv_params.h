@@ -65,15 +65,15 @@ using DepthwiseFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_bl
                                 const ConvEpilogue&, int64_t r0, int64_t r1, void* scratch);
 // Depthwise conv with stride_w == 1 on NCHW x and out/pre/residual (out_spq == 1), weight
 // (C, R, S), for planes (n, c) in [plane0, plane1); scratch of depthwise_plane_scratch bytes.
-// Whether it takes the planes flat (conv_kernels.h): stride 1 and output rows as wide as the
-// input's, and at most 9 taps: few enough that reloading each for every output vector costs less
-// than the partial vectors of row tiles (a 7x7 kernel took 2.3 ms flat against 1.0 in row tiles
-// for 8 x 192 x 28 x 28, a 3x3 2.5 against 3.2 for 32 x 96 x 56 x 56).
+// NCHW planes are taken flat (conv_kernels.h) at stride 1 with output rows as wide as the
+// input's; the forward only with at most 9 taps: few enough that reloading each for every output
+// vector costs less than the partial vectors of row tiles (a 7x7 kernel took 2.3 ms flat against
+// 1.0 in row tiles for 8 x 192 x 28 x 28, a 3x3 2.5 against 3.2 for 32 x 96 x 56 x 56).
 inline bool depthwise_flat(const ConvArgs& a) {
-  return a.stride_h == 1 && a.stride_w == 1 && a.Q == a.W && a.R * a.S <= 9;
+  return a.stride_h == 1 && a.stride_w == 1 && a.Q == a.W;
 }
-// Bytes of conv_depthwise_plane_fwd's scratch: flat, the lane masks (a uint32 by tap for every
-// vector of an output plane; vectors of 8 lanes or more), else none.
+// Bytes of the plane kernels' scratch: flat, the lane masks (a uint32 by tap for every vector of
+// an output plane; vectors of 8 lanes or more), else none.
 inline int64_t depthwise_plane_scratch(const ConvArgs& a) {
   return depthwise_flat(a) ? (a.P * a.Q + 7) / 8 * a.R * a.S * 4 : 0;
 }
@@ -100,6 +100,12 @@ using DepthwiseBwdInputFn = void (*)(const ConvArgs&, const void* gy, const void
                                      int64_t r0, int64_t r1);
 using DirectParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, void* part,
                                 int64_t r0, int64_t r1, int64_t g0, int64_t g1, void* scratch);
+// Weight and bias gradients of a depthwise conv on flat NCHW planes (depthwise_flat): each plane
+// (n, c) in [plane0, plane1)'s R S + 1 sums (its taps' weight gradients, then its bias gradient;
+// the latter alone when x is null) into sums (N C, R S + 1); scratch of depthwise_plane_scratch
+// bytes.
+using DepthwisePlaneParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, void* sums,
+                                        int64_t plane0, int64_t plane1, void* scratch);
 
 // The grouped broadcast kernels read x through zero-padded copies of one group's input rows:
 // for a block of up to group_block_rows output rows of one image, the group_input_row_count
@@ -195,6 +201,7 @@ struct ConvKernels {
   GroupedFwdFn grouped_fwd[kNumConvDtypes];
   DepthwiseBwdInputFn depthwise_bwd_input[kNumConvDtypes];
   DirectParamsFn depthwise_bwd_params[kNumConvDtypes];
+  DepthwisePlaneParamsFn depthwise_plane_bwd_params[kNumConvDtypes];
   DirectParamsFn grouped_bwd_params[kNumConvDtypes];
   GroupedFwdFn grouped_bcast_fwd[kNumConvDtypes];
   DirectParamsFn grouped_bcast_bwd_params[kNumConvDtypes];

@@ -42,7 +42,7 @@ CONV_SHAPES = {
     # channel vectors with a partial one, pixel tiles with a remainder, an odd tap count.
     "depthwise_wide": (1, 35, 5, 37, 35, 3, 3, (2, 1), (1, 2), (1, 2), 35),
     "depthwise_5x5_nopad": (2, 16, 9, 18, 16, 5, 5, 1, 0, 1, 16),
-    # The unrolled 3x3 of NCHW planes, with a row stride and a partial width vector.
+    # NCHW planes' run-time row kernel: a row stride, a partial width vector.
     "depthwise_3x3_s2h": (2, 20, 9, 18, 20, 3, 3, (2, 1), 1, 1, 20),
     # The NHWC ring's compile-time tiles (3x3 stride 2, 5x5 stride 2, 7x7) with a partial tile.
     "depthwise_3x3_s2": (1, 18, 9, 21, 18, 3, 3, 2, 1, 1, 18),
@@ -54,6 +54,8 @@ CONV_SHAPES = {
     "depthwise_3x2_flat_dil": (1, 9, 6, 11, 9, 3, 2, 1, (2, 1), (2, 2), 9),
     "depthwise_3x3_tiles": (2, 10, 19, 21, 10, 3, 3, 1, (1, 0), 1, 10),
     "depthwise_5x5_tiles": (2, 12, 7, 9, 12, 5, 5, 1, (1, 4), (1, 2), 12),
+    # Flat, padded beyond the taps' reach (no adjoint forward): the input gradient gathered.
+    "depthwise_flat_overpad": (1, 8, 6, 9, 8, 3, 3, 1, (3, 1), 1, 8),
     # Column strides of 11 and 21 with 2- and 1-wide kernels: the generic tile, not 3x3's.
     "depthwise_3x2_s11": (1, 16, 6, 40, 16, 3, 2, (1, 11), 0, 1, 16),
     "depthwise_3x1_s21": (1, 16, 5, 64, 16, 3, 1, (2, 21), 0, 1, 16),

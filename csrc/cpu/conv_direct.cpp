@@ -4,7 +4,8 @@
 // output channels a group (its later stages; channel multipliers of 8 to 32): a GEMM per
 // group would have a fraction of one vector or one micro-tile of columns, and an im2col per
 // group read every pixel once per group. Forward, input gradient (stride 1: the adjoint's
-// forward; a strided depthwise conv's gathered per input pixel) and the weight and bias gradients,
+// forward, unless padded beyond the taps' reach; else a depthwise conv's gathered per input pixel)
+// and the weight and bias gradients,
 // summed over chunks of output rows fixed by the shapes and merged in order (deterministic). All on
 // NHWC in the compute dtype (bfloat16 widened), but for depthwise convs with unit column stride on
 // NCHW planes (and both gradients of flat ones, depthwise_plane_grads); the forward's epilogue
@@ -218,8 +219,13 @@ ConvGrads depthwise_plane_grads(const conv::ConvGeom& g, const ConvArgs& a, cons
                                 at::ScalarType dtype, bool want_input, bool want_weight,
                                 bool want_bias) {
   ConvGrads r;
-  if (want_input)
+  if (want_input) {
     r.input = grouped_input_grad(g, gpre, weight, at::MemoryFormat::Contiguous, dtype);
+    if (!r.input.defined())  // padded beyond the taps' reach: gathered per input pixel
+      r.input = depthwise_grads(a, x, nhwc(gpre), weight, at::MemoryFormat::Contiguous, dtype, true,
+                                false, false)
+                    .input;
+  }
   if (!want_weight && !want_bias) return r;
   const at::ScalarType ct = compute_type(gpre);
   const at::Tensor xc = want_weight ? as_output(x, ct, at::MemoryFormat::Contiguous) : at::Tensor();
@@ -228,16 +234,16 @@ ConvGrads depthwise_plane_grads(const conv::ConvGeom& g, const ConvArgs& a, cons
   at::Tensor sums = at::empty({a.N, a.C, rs + 1}, gc.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "conv_depthwise_plane_wgrad", [&] {
     at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<scalar_t> masks(depthwise_plane_scratch(a) / int64_t{sizeof(scalar_t)} + 1);
+      std::vector<scalar_t> masks(depthwise_mask_bytes(a) / int64_t{sizeof(scalar_t)} + 1);
       kernels().depthwise_plane_bwd_params[dt<scalar_t>()](
           a, want_weight ? xc.const_data_ptr<scalar_t>() : nullptr, gc.const_data_ptr<scalar_t>(),
           sums.data_ptr<scalar_t>(), c0, c1, masks.data());
     });
   });
-  const at::Tensor total = sums.sum(0);
   if (want_weight)
-    r.weight = total.narrow(1, 0, rs).reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
-  if (want_bias) r.bias = total.select(1, rs).to(dtype);
+    r.weight =
+        sums.narrow(2, 0, rs).sum(0).reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
+  if (want_bias) r.bias = sums.select(2, rs).sum(0).to(dtype);
   return r;
 }
 
@@ -316,7 +322,8 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
   if (a.stride_w == 1 && a.out_spq == 1 && a.out_sk == a.P * a.Q && a.out_sn == a.C * a.P * a.Q) {
     const at::Tensor xc = x.to(ct).contiguous();
     const at::Tensor w = wc.contiguous();
-    const int64_t scratch = depthwise_plane_scratch(a) / int64_t{sizeof(T)} + 1;
+    const int64_t scratch =
+        depthwise_flat_fwd(a) ? depthwise_mask_bytes(a) / int64_t{sizeof(T)} + 1 : 0;
     at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
       std::vector<T> pad(scratch);
       kr.depthwise_plane_fwd[dt<T>()](a, xc.const_data_ptr<T>(), w.const_data_ptr<T>(), e, c0, c1,

@@ -499,21 +499,24 @@ void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const
 namespace conv_detail {
 
 // The lane masks of the flat planes (depthwise_flat): bit j of masks[v R S + r S + s] is set
-// where pixel v W + j of an output plane exists and its tap (r, s) lies inside the input plane.
-template <int W>
+// where pixel v kW + j of an output plane exists and its tap (r, s) lies inside the input plane;
+// for each tap, ranges of bits: the output rows and columns whose tap row and column are inside.
+template <int kW>
 void depthwise_flat_masks(const ConvArgs& a, uint32_t* masks) {
   const int64_t pq = a.P * a.Q, rs = a.R * a.S;
-  for (int64_t i = 0; i < (pq + W - 1) / W * rs; ++i) masks[i] = 0;
-  for (int64_t o = 0; o < pq; ++o) {
-    const int64_t p = o / a.Q, q = o % a.Q;
-    for (int64_t r = 0; r < a.R; ++r) {
-      const int64_t h = p + r * a.dil_h - a.pad_h;
-      for (int64_t s = 0; s < a.S && h >= 0 && h < a.H; ++s) {
-        const int64_t w = q + s * a.dil_w - a.pad_w;
-        if (w >= 0 && w < a.W) masks[o / W * rs + r * a.S + s] |= 1u << (o % W);
-      }
+  for (int64_t i = 0; i < (pq + kW - 1) / kW * rs; ++i) masks[i] = 0;
+  const auto clamp = [](int64_t v, int64_t hi) { return v < 0 ? int64_t{0} : imin(v, hi); };
+  for (int64_t r = 0; r < a.R; ++r)
+    for (int64_t s = 0; s < a.S; ++s) {
+      const int64_t dh = r * a.dil_h - a.pad_h, dw = s * a.dil_w - a.pad_w;
+      const int64_t p1 = clamp(a.H - dh, a.P), q0 = clamp(-dw, a.Q), q1 = clamp(a.W - dw, a.Q);
+      for (int64_t p = clamp(-dh, a.P); p < p1; ++p)
+        for (int64_t o = p * a.Q + q0, end = p * a.Q + q1; o < end;) {
+          const int64_t j = o % kW, n = imin(end - o, kW - j);
+          masks[o / kW * rs + r * a.S + s] |= ((1u << n) - 1u) << j;  // n <= kW <= 16
+          o += n;
+        }
     }
-  }
 }
 
 // Planes [plane0, plane1) taken flat: output rows as wide as the input's and stride 1, so a
@@ -650,8 +653,8 @@ void depthwise_row_tiles(const ConvArgs& a, const T* x, const T* w, const ConvEp
 
 // Direct depthwise conv on NCHW with stride_w == 1, planes (n, c) in [plane0, plane1), SIMD over
 // the pixels of each plane (no layout transpose of the input or the output): flat where
-// depthwise_flat (the lane masks in scratch), else row by row, in tiles of 8 output rows for the
-// usual square kernels at unit row stride and dilation.
+// depthwise_flat_fwd (the lane masks in scratch), else row by row, in tiles of 8 output rows for
+// the usual square kernels at unit row stride and dilation.
 template <typename T>
 void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
                               const ConvEpilogue& e_, int64_t plane0, int64_t plane1,
@@ -664,7 +667,7 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
   using namespace conv_detail;
-  if (depthwise_flat(a) && a.R * a.S <= 9) {
+  if (depthwise_flat_fwd(a)) {
     uint32_t* masks = static_cast<uint32_t*>(scratch);
     depthwise_flat_masks<Vec<T>::W>(a, masks);
     if (a.R == 3 && a.S == 3)
@@ -685,7 +688,7 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
 // (n, c) in [plane0, plane1): sums[plane (R S + 1) + t] = the sum over the plane's outputs of gy
 // times what tap t = r S + s reads of x (the forward's lane masks, in scratch), and
 // sums[plane (R S + 1) + R S] = the sum of gy (alone when x is null). Up to 9 taps a pass over
-// the plane (in L1), gy loaded once for them.
+// the plane (in L1 for planes up to ~64x64, L2 beyond), gy loaded once for them.
 template <typename T>
 void conv_depthwise_plane_bwd_params(const ConvArgs& a, const void* x_, const void* gy_,
                                      void* sums_, int64_t plane0, int64_t plane1, void* scratch) {
@@ -698,11 +701,12 @@ void conv_depthwise_plane_bwd_params(const ConvArgs& a, const void* x_, const vo
   conv_detail::depthwise_flat_masks<V::W>(a, masks);
   const int64_t rs = a.R * a.S, pq = a.P * a.Q;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
-    const T* xp = x + plane * a.H * a.W - a.pad_h * a.W - a.pad_w;
     const T* gp = gy + plane * pq;
     T* out = sums + plane * (rs + 1);
     out[rs] = reduce<V>(pq, [&](int64_t o, int64_t len) { return ld<V>(gp + o, len); }).sum();
-    for (int64_t t0 = 0; t0 < rs && x != nullptr; t0 += kTaps) {
+    if (x == nullptr) continue;
+    const T* xp = x + plane * a.H * a.W - a.pad_h * a.W - a.pad_w;
+    for (int64_t t0 = 0; t0 < rs; t0 += kTaps) {
       const int64_t nt = imin(kTaps, rs - t0);
       int64_t off[kTaps];
       for (int64_t j = 0; j < nt; ++j)

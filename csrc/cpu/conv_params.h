@@ -63,20 +63,26 @@ using EpilogueBwdFn = void (*)(const ConvArgs&, const void* grad_out, const void
 // (depthwise_ring), scratch of depthwise_scratch(a) elements.
 using DepthwiseFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_blocked,
                                 const ConvEpilogue&, int64_t r0, int64_t r1, void* scratch);
-// Depthwise conv with stride_w == 1 on NCHW x and out/pre/residual (out_spq == 1), weight
-// (C, R, S), for planes (n, c) in [plane0, plane1); scratch of depthwise_plane_scratch bytes.
-// NCHW planes are taken flat (conv_kernels.h) at stride 1 with output rows as wide as the
-// input's; the forward only with at most 9 taps: few enough that reloading each for every output
-// vector costs less than the partial vectors of row tiles (a 7x7 kernel took 2.3 ms flat against
-// 1.0 in row tiles for 8 x 192 x 28 x 28, a 3x3 2.5 against 3.2 for 32 x 96 x 56 x 56).
+// Bytes of the lane masks of flat NCHW planes (conv_kernels.h): a uint32 by tap for every vector
+// of an output plane (vectors of 8 lanes or more).
+inline int64_t depthwise_mask_bytes(const ConvArgs& a) {
+  return (a.P * a.Q + 7) / 8 * a.R * a.S * 4;
+}
+// Whether a depthwise conv's NCHW planes are taken flat: stride 1, output rows as wide as the
+// input's, and a mask table of at most 1 MiB (a 3x3 on planes up to ~480x480; larger ones run
+// row tiles).
 inline bool depthwise_flat(const ConvArgs& a) {
-  return a.stride_h == 1 && a.stride_w == 1 && a.Q == a.W;
+  return a.stride_h == 1 && a.stride_w == 1 && a.Q == a.W && depthwise_mask_bytes(a) <= (1 << 20);
 }
-// Bytes of the plane kernels' scratch: flat, the lane masks (a uint32 by tap for every vector of
-// an output plane; vectors of 8 lanes or more), else none.
-inline int64_t depthwise_plane_scratch(const ConvArgs& a) {
-  return depthwise_flat(a) ? (a.P * a.Q + 7) / 8 * a.R * a.S * 4 : 0;
+// The forward takes them flat only with at most 9 taps: few enough that reloading each for every
+// output vector costs less than the partial vectors of row tiles (a 7x7 kernel took 2.3 ms flat
+// against 1.0 in row tiles for 8 x 192 x 28 x 28, a 3x3 2.5 against 3.2 for 32 x 96 x 56 x 56).
+inline bool depthwise_flat_fwd(const ConvArgs& a) {
+  return depthwise_flat(a) && a.R * a.S <= 9;
 }
+// Depthwise conv with stride_w == 1 on NCHW x and out/pre/residual (out_spq == 1), weight
+// (C, R, S), for planes (n, c) in [plane0, plane1); scratch of depthwise_mask_bytes where
+// depthwise_flat_fwd, else none.
 using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_crs,
                                      const ConvEpilogue&, int64_t plane0, int64_t plane1,
                                      void* scratch);
@@ -102,8 +108,7 @@ using DirectParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, 
                                 int64_t r0, int64_t r1, int64_t g0, int64_t g1, void* scratch);
 // Weight and bias gradients of a depthwise conv on flat NCHW planes (depthwise_flat): each plane
 // (n, c) in [plane0, plane1)'s R S + 1 sums (its taps' weight gradients, then its bias gradient;
-// the latter alone when x is null) into sums (N C, R S + 1); scratch of depthwise_plane_scratch
-// bytes.
+// the latter alone when x is null) into sums (N C, R S + 1); scratch of depthwise_mask_bytes.
 using DepthwisePlaneParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, void* sums,
                                         int64_t plane0, int64_t plane1, void* scratch);
 

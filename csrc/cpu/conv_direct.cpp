@@ -219,17 +219,17 @@ ConvGrads depthwise_plane_grads(const conv::ConvGeom& g, const ConvArgs& a, cons
                                 at::ScalarType dtype, bool want_input, bool want_weight,
                                 bool want_bias) {
   ConvGrads r;
+  const at::ScalarType ct = compute_type(gpre);
+  const at::Tensor gc = as_output(gpre, ct, at::MemoryFormat::Contiguous);  // once, for both
   if (want_input) {
-    r.input = grouped_input_grad(g, gpre, weight, at::MemoryFormat::Contiguous, dtype);
+    r.input = grouped_input_grad(g, gc, weight, at::MemoryFormat::Contiguous, dtype);
     if (!r.input.defined())  // padded beyond the taps' reach: gathered per input pixel
       r.input = depthwise_grads(a, x, nhwc(gpre), weight, at::MemoryFormat::Contiguous, dtype, true,
                                 false, false)
                     .input;
   }
   if (!want_weight && !want_bias) return r;
-  const at::ScalarType ct = compute_type(gpre);
   const at::Tensor xc = want_weight ? as_output(x, ct, at::MemoryFormat::Contiguous) : at::Tensor();
-  const at::Tensor gc = as_output(gpre, ct, at::MemoryFormat::Contiguous);
   const int64_t rs = a.R * a.S;
   at::Tensor sums = at::empty({a.N, a.C, rs + 1}, gc.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "conv_depthwise_plane_wgrad", [&] {

@@ -498,6 +498,28 @@ void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const
 
 namespace conv_detail {
 
+// tap(s, acc) for s in [0, S), even s into even and odd into odd: two FMA chains, half the
+// latency chain of one.
+template <typename V, typename Tap>
+inline void two_chains(int64_t S, V& even, V& odd, Tap&& tap) {
+  int64_t s = 0;
+  for (; s + 1 < S; s += 2) {
+    even = tap(s, even);
+    odd = tap(s + 1, odd);
+  }
+  if (s < S) even = tap(s, even);
+}
+
+// acc + vb into out (e.out) at element o: directly where lean (lean_epilogue, ReLU where relu_;
+// all three read once by the caller, as stores through out may alias e), else by store_vec.
+template <typename T, typename V>
+inline void store_plane_vec(const ConvArgs& a, const ConvEpilogue& e, T* out, bool lean, bool relu_,
+                            V acc, V vb, int64_t o, int64_t len) {
+  if (!lean) return store_vec<T>(a, e, acc, vb, o, len);
+  const V y = acc + vb;
+  st(out + o, relu_ ? relu(y) : y, len);
+}
+
 // The lane masks of the flat planes (depthwise_flat): bit j of masks[v R S + r S + s] is set
 // where pixel v kW + j of an output plane exists and its tap (r, s) lies inside the input plane;
 // for each tap, ranges of bits: the output rows and columns whose tap row and column are inside.
@@ -545,23 +567,16 @@ void depthwise_flat_planes(const ConvArgs& a, const T* x, const T* w, const Conv
     const T* xp = x + plane * hw - a.pad_h * a.W - a.pad_w;
     for_vectors<V::W>(0, pq, [&](int64_t o, int64_t len) {
       const uint32_t* m = masks + o / V::W * RS;
-      const auto tap = [&](const T* row, int64_t t, int64_t s, V acc) {
-        const V wt = kR * kS > 0 ? wb[kR * kS > 0 ? t : 0] : V::set1(wc[t]);
-        return fma(V::load_lanes(row + s * a.dil_w, m[t]), wt, acc);
-      };
-      V acc0 = V::zero(), acc1 = V::zero();  // two chains halve the FMA latency chain
+      V acc0 = V::zero(), acc1 = V::zero();
       for (int64_t r = 0; r < R; ++r) {
         const T* row = xp + o + r * a.dil_h * a.W;
-        int64_t s = 0;
-        for (; s + 1 < S; s += 2) {
-          acc0 = tap(row, r * S + s, s, acc0);
-          acc1 = tap(row, r * S + s + 1, s + 1, acc1);
-        }
-        if (s < S) acc0 = tap(row, r * S + s, s, acc0);
+        two_chains(S, acc0, acc1, [&](int64_t s, V acc) {
+          const int64_t t = r * S + s;
+          const V wt = kR * kS > 0 ? wb[kR * kS > 0 ? t : 0] : V::set1(wc[t]);
+          return fma(V::load_lanes(row + s * a.dil_w, m[t]), wt, acc);
+        });
       }
-      if (!lean) return store_vec<T>(a, e, acc0 + acc1, vb, base + o, len);
-      const V y = acc0 + acc1 + vb;
-      st(out + base + o, relu_ ? relu(y) : y, len);
+      store_plane_vec<T>(a, e, out, lean, relu_, acc0 + acc1, vb, base + o, len);
     });
   }
 }
@@ -618,33 +633,20 @@ void depthwise_row_tiles(const ConvArgs& a, const T* x, const T* w, const ConvEp
                   acc[j] = fma(in[s], V::set1(wc[(i - j) * kS + s]), acc[j]);
           }
         } else {  // output row p0 alone
-          const auto tap = [&](const T* row, int64_t r, int64_t s, V acc) {
-            return fma(V::load_lanes(row + s * a.dil_w, depthwise_col_lanes(a, q0, len, s)),
-                       V::set1(wc[r * S + s]), acc);
-          };
-          V odd = V::zero();  // a second chain halves the FMA latency chain
+          V odd = V::zero();
           for (int64_t r = 0; r < R; ++r) {
             const int64_t h = p0 * a.stride_h + r * a.dil_h - a.pad_h;
             if (h < 0 || h >= a.H) continue;
             const T* row = xp + h * a.W + q0 - a.pad_w;
-            int64_t s = 0;
-            for (; s + 1 < S; s += 2) {
-              acc[0] = tap(row, r, s, acc[0]);
-              odd = tap(row, r, s + 1, odd);
-            }
-            if (s < S) acc[0] = tap(row, r, s, acc[0]);
+            two_chains(S, acc[0], odd, [&](int64_t s, V sum) {
+              return fma(V::load_lanes(row + s * a.dil_w, depthwise_col_lanes(a, q0, len, s)),
+                         V::set1(wc[r * S + s]), sum);
+            });
           }
           acc[0] = acc[0] + odd;
         }
-        for (int64_t j = 0; j < imin(kT, a.P - p0); ++j) {
-          const int64_t o = base + (p0 + j) * a.Q + q0;
-          if (!lean) {
-            store_vec<T>(a, e, acc[j], vb, o, len);
-            continue;
-          }
-          const V y = acc[j] + vb;
-          st(out + o, relu_ ? relu(y) : y, len);
-        }
+        for (int64_t j = 0; j < imin(kT, a.P - p0); ++j)
+          store_plane_vec<T>(a, e, out, lean, relu_, acc[j], vb, base + (p0 + j) * a.Q + q0, len);
       });
   }
 }

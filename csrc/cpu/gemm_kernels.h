@@ -25,6 +25,25 @@ inline void micro_any(int rows, int nv, Args... args) {
   Kern::template run<MR, NV, kPackedA>(args...);
 }
 
+// Software prefetch of the next row tile's A (MR rows lda apart, past this tile's) while this
+// one runs: a line of one row per k, the rows in turn (an MR-th of a line's k apart, so no line is
+// skipped). Rows of A read in place stream from memory once (a conv's input pixels), and the
+// hardware prefetchers left the broadcasts waiting on them: a bfloat16 1x1 conv's GEMM on 2 Zen 4
+// cores ran at 285 GFLOP/s without, 362 with. The next tile of the last is never read.
+template <int MR, typename E>
+struct NextTile {
+  uintptr_t next;  // an address, not a pointer: past the last tile there is no array
+  int64_t lda;
+  int r = 0;
+
+  NextTile(const E* a, int64_t ld)
+      : next(reinterpret_cast<uintptr_t>(a) + MR * ld * sizeof(E)), lda(ld) {}
+  void fetch(int64_t k) {
+    __builtin_prefetch(reinterpret_cast<const void*>(next + (r * lda + k) * sizeof(E)));
+    r = r + 1 == MR ? 0 : r + 1;
+  }
+};
+
 // C tile (MR rows x the `cols` <= NV * W columns at c, ld ldc) = alpha * acc + beta * C; beta 0
 // does not read C (it may hold NaN).
 template <int MR, int NV>
@@ -65,9 +84,11 @@ inline void micro(const float* a, int64_t lda, const float* bp, int64_t kc, floa
   VecF acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = VecF::zero();
+  NextTile<MR, float> next{a, lda};
   for (int64_t k = 0; k < kc; ++k, bp += kNr) {
     for (int64_t l = 0; l < kNr * 4 / 64; ++l)
       __builtin_prefetch(bp + kPrefetchRows * kNr + l * 16);
+    if (!kPackedA) next.fetch(k);
     VecF b[NV];
     for (int v = 0; v < NV; ++v) b[v] = VecF::load(bp + v * W);
     for (int r = 0; r < MR; ++r) {
@@ -189,9 +210,11 @@ inline void micro(const uint16_t* a, int64_t lda, const uint32_t* bp, int64_t kc
     for (int v = 0; v < NV; ++v) acc[r][v] = VecF::zero();
   const uint32_t* aw = reinterpret_cast<const uint32_t*>(a);
   const int64_t pairs = kPackedA ? (kc + 1) / 2 : kc / 2;
+  NextTile<MR, uint16_t> next{a, lda};
   for (int64_t q = 0; q < pairs; ++q, bp += kNr) {
     for (int64_t l = 0; l < kNr * 4 / 64; ++l)
       __builtin_prefetch(bp + kPrefetchRows * kNr + l * 16);
+    if (!kPackedA) next.fetch(2 * q);
     __m512i b[NV];
     for (int v = 0; v < NV; ++v) b[v] = _mm512_load_si512(bp + v * 16);
     for (int r = 0; r < MR; ++r) {

@@ -44,7 +44,8 @@ CONV_SHAPES = {
     "depthwise_5x5_nopad": (2, 16, 9, 18, 16, 5, 5, 1, 0, 1, 16),
     # NCHW planes' run-time row kernel: a row stride, a partial width vector.
     "depthwise_3x3_s2h": (2, 20, 9, 18, 20, 3, 3, (2, 1), 1, 1, 20),
-    # The NHWC ring's compile-time tiles (3x3 stride 2, 5x5 stride 2, 7x7) with a partial tile.
+    # The NHWC ring's compile-time tiles (3x3 stride 2, 5x5 stride 2, 7x7) with a partial tile
+    # (channels_last; in NCHW the split planes below).
     "depthwise_3x3_s2": (1, 18, 9, 21, 18, 3, 3, 2, 1, 1, 18),
     "depthwise_5x5_s2": (1, 33, 11, 12, 33, 5, 5, 2, 2, 1, 33),
     "depthwise_7x7": (2, 24, 10, 13, 24, 7, 7, 1, 3, 1, 24),
@@ -56,6 +57,10 @@ CONV_SHAPES = {
     "depthwise_5x5_tiles": (2, 12, 7, 9, 12, 5, 5, 1, (1, 4), (1, 2), 12),
     # Flat, padded beyond the taps' reach (no adjoint forward): the input gradient gathered.
     "depthwise_flat_overpad": (1, 8, 6, 9, 8, 3, 3, 1, (3, 1), 1, 8),
+    # NCHW planes at column stride 2 on rows split by parity: the run-time kernel (2x3, a column
+    # dilation of 3 whose taps change parity, three split vectors a row, a partial output vector);
+    # depthwise_3x3_s2, depthwise_5x5_s2 and depthwise_s2_dil take the compile-time ones.
+    "depthwise_2x3_split": (2, 6, 9, 37, 6, 2, 3, (1, 2), (1, 2), (1, 3), 6),
     # Column strides of 11 and 21 with 2- and 1-wide kernels: the generic tile, not 3x3's.
     "depthwise_3x2_s11": (1, 16, 6, 40, 16, 3, 2, (1, 11), 0, 1, 16),
     "depthwise_3x1_s21": (1, 16, 5, 64, 16, 3, 1, (2, 21), 0, 1, 16),

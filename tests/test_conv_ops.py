@@ -264,24 +264,28 @@ def test_grouped_weight_grad_in_group_slices(isa, kg):
 def test_every_isa_nchw_winograd(isa):
     """Per ISA: NCHW input through the layout transposes, Winograd (forward and both gradients,
     16-row transpose blocks plus remainders), the NCHW epilogue with bias + residual + ReLU, and
-    the 3x3 depthwise on flat NCHW planes."""
+    the 3x3 depthwise on flat NCHW planes, a 3x2 one at column stride 2 on rows split by parity
+    (the ISA's deinterleave)."""
     x = torch.randn(2, 20, 9, 11, requires_grad=True)
     w = torch.randn(24, 20, 3, 3, requires_grad=True)
     b = torch.randn(24, requires_grad=True)
     res = torch.randn(2, 24, 9, 11)
     wd3 = torch.randn(24, 1, 3, 3, requires_grad=True)
+    wd32 = torch.randn(24, 1, 3, 2, requires_grad=True)
     previous = _ext.cpu_isa()
     _ext.set_cpu_isa(isa)
     try:
         with fastdl.backend(NATIVE_CPU.name):
             y = fastdl.conv2d(x, w, b, 1, 1, activation="relu", residual=res)
             z = fastdl.conv2d(y, wd3, None, 1, 1, 1, 24)
-            grads = torch.autograd.grad((z * z).sum(), (x, w, b, wd3))
+            z = fastdl.conv2d(z, wd32, None, (1, 2), 1, 1, 24)
+            grads = torch.autograd.grad((z * z).sum(), (x, w, b, wd3, wd32))
     finally:
         _ext.set_cpu_isa(previous)
-    leaves = [t.detach().double().requires_grad_() for t in (x, w, b, wd3)]
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b, wd3, wd32)]
     yd = ref_conv2d(leaves[0], leaves[1], leaves[2], 1, 1, 1, 1, "relu", res.double())
     zd = ref_conv2d(yd, leaves[3], None, 1, 1, 1, 24)
+    zd = ref_conv2d(zd, leaves[4], None, (1, 2), 1, 1, 24)
     assert_close(z, zd, torch.float32)
     for got, want in zip(grads, torch.autograd.grad((zd * zd).sum(), leaves), strict=True):
         assert_close(got, want, torch.float32, scale=4.0)

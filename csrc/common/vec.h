@@ -80,6 +80,14 @@ struct ArrVec {
       if (lanes >> i & 1u) r.v[i] = widen(p[i]);
     return r;
   }
+  // The 2 N elements at p split into the even (2i) and odd (2i + 1) ones, element j read where
+  // bit j of `lanes` is set (else zero; its memory not read).
+  static void deinterleave(const A* p, uint32_t lanes, ArrVec& even, ArrVec& odd) {
+    for (int i = 0; i < N; ++i) {
+      even.v[i] = lanes >> (2 * i) & 1u ? p[2 * i] : A(0);
+      odd.v[i] = lanes >> (2 * i + 1) & 1u ? p[2 * i + 1] : A(0);
+    }
+  }
   template <typename T>
   void store(T* p) const {
     for (int i = 0; i < N; ++i) narrow(p + i, v[i]);
@@ -192,6 +200,13 @@ struct VecF {
   static VecF load(const bf16* p, int64_t n) {
     return {from_bf16(_mm256_maskz_loadu_epi16(mask(n), p))};
   }
+  // As ArrVec::deinterleave: two masked loads, two two-source permutes.
+  static void deinterleave(const float* p, uint32_t lanes, VecF& even, VecF& odd) {
+    const __m512 lo = load_lanes(p, lanes & 0xffffu).v, hi = load_lanes(p + W, lanes >> 16).v;
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    even.v = _mm512_permutex2var_ps(lo, ev, hi);
+    odd.v = _mm512_permutex2var_ps(lo, _mm512_add_epi32(ev, _mm512_set1_epi32(1)), hi);
+  }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(bf16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16()); }
   void store(float* p, int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
@@ -292,6 +307,15 @@ struct VecF {
     bf16 t[W] = {};
     for (int64_t i = 0; i < n; ++i) t[i] = p[i];
     return load(t);
+  }
+  // As ArrVec::deinterleave: per 128-bit half the even (odd) pairs of both, then the 64-bit
+  // quarters in order.
+  static void deinterleave(const float* p, uint32_t lanes, VecF& even, VecF& odd) {
+    const __m256 lo = load_lanes(p, lanes & 0xffu).v, hi = load_lanes(p + W, lanes >> 8).v;
+    const __m256d ev = _mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88));
+    const __m256d od = _mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xDD));
+    even.v = _mm256_castpd_ps(_mm256_permute4x64_pd(ev, 0xD8));
+    odd.v = _mm256_castpd_ps(_mm256_permute4x64_pd(od, 0xD8));
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store(bf16* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16()); }

@@ -318,12 +318,11 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
     return;
   }
   const at::Tensor wc = weight.to(ct).reshape({a.C, a.R * a.S});
-  // NCHW output and unit width stride: SIMD over the width of each plane, no transposes.
-  if (a.stride_w == 1 && a.out_spq == 1 && a.out_sk == a.P * a.Q && a.out_sn == a.C * a.P * a.Q) {
+  // NCHW output and width stride 1 or 2: SIMD over the width of each plane, no transposes.
+  if (a.stride_w <= 2 && a.out_spq == 1 && a.out_sk == a.P * a.Q && a.out_sn == a.C * a.P * a.Q) {
     const at::Tensor xc = x.to(ct).contiguous();
     const at::Tensor w = wc.contiguous();
-    const int64_t scratch =
-        depthwise_flat_fwd(a) ? depthwise_mask_bytes(a) / int64_t{sizeof(T)} + 1 : 0;
+    const int64_t scratch = depthwise_plane_scratch(a, sizeof(T));
     at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
       std::vector<T> pad(scratch);
       kr.depthwise_plane_fwd[dt<T>()](a, xc.const_data_ptr<T>(), w.const_data_ptr<T>(), e, c0, c1,

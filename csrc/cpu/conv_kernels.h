@@ -581,11 +581,17 @@ void depthwise_flat_planes(const ConvArgs& a, const T* x, const T* w, const Conv
   }
 }
 
+// The lanes [0, len) (len <= 32) of a vector whose lane i reads column w0 + i of an input row:
+// those inside it.
+inline uint32_t inside_lanes(const ConvArgs& a, int64_t w0, int64_t len) {
+  const int64_t lo = w0 < 0 ? imin(-w0, len) : 0, hi = imin(len, a.W - w0);
+  const auto below = [](int64_t n) { return (uint64_t{1} << n) - 1u; };
+  return hi > lo ? static_cast<uint32_t>(below(hi) & ~below(lo)) : 0u;
+}
+
 // The lanes [0, len) of a vector of output columns from q0 whose tap column s lies inside x.
 inline uint32_t depthwise_col_lanes(const ConvArgs& a, int64_t q0, int64_t len, int64_t s) {
-  const int64_t w0 = q0 + s * a.dil_w - a.pad_w;
-  const int64_t lo = w0 < 0 ? imin(-w0, len) : 0, hi = imin(len, a.W - w0);
-  return hi > lo ? ((1u << hi) - 1u) & ~((1u << lo) - 1u) : 0u;  // len <= 16
+  return inside_lanes(a, q0 + s * a.dil_w - a.pad_w, len);
 }
 
 // Planes [plane0, plane1) row by row (any row stride, dilation and output width): a vector of
@@ -651,12 +657,87 @@ void depthwise_row_tiles(const ConvArgs& a, const T* x, const T* w, const ConvEp
   }
 }
 
+// Planes [plane0, plane1) at column stride 2 (any row stride, dilations and kernel): each plane's
+// input rows split by parity first (split: 2 depthwise_split_len(a) elements a row, padded
+// column u, x's u - pad_w or zero outside x, at element u / 2 of the even or the odd half; then
+// a zero row), so that output column q's tap s, padded column 2 q + s dil_w, is element q + s
+// dil_w / 2 of the half of parity s dil_w % 2: one unit-stride load per tap and output vector,
+// as at stride 1 (this stride had run on NHWC through transposes of x and out: ~10x the conv's
+// own time). A vector of kRows output rows at a time, each its own FMA chain (small planes have
+// one vector a row; one chain per row left its FMAs waiting on each other), tap rows outside x
+// read from the zero row. The kR x kS kernel at compile time, or (0, 0) for any at run time.
+template <typename T, int kR, int kS>
+void depthwise_split_planes(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e,
+                            int64_t plane0, int64_t plane1, T* split) {
+  using V = Vec<T>;
+  constexpr int kRows = 4;
+  const int64_t R = kR > 0 ? kR : a.R, S = kS > 0 ? kS : a.S, RS = R * S;
+  const int64_t len = depthwise_split_len(a), vecs = len / V::W;
+  // Which of the 2 W columns from 2 j - pad_w each split vector j reads (the same every row).
+  std::vector<uint32_t> lanes(vecs);
+  for (int64_t v = 0; v < vecs; ++v) lanes[v] = inside_lanes(a, 2 * v * V::W - a.pad_w, 2 * V::W);
+  // Tap s's offset in a split row: its half, then its shift.
+  std::vector<int64_t> tap(S);
+  for (int64_t s = 0; s < S; ++s) tap[s] = s * a.dil_w % 2 * len + s * a.dil_w / 2;
+  T* zero = split + 2 * a.H * len;
+  for (int64_t i = 0; i < 2 * len; ++i) zero[i] = T(0);
+  const T* bias = static_cast<const T*>(e.bias);
+  T* out = static_cast<T*>(e.out);
+  const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
+  for (int64_t plane = plane0; plane < plane1; ++plane) {
+    const int64_t n = plane / a.C, c = plane % a.C;
+    const T* xp = x + plane * a.H * a.W - a.pad_w;
+    for (int64_t h = 0; h < a.H; ++h)
+      for (int64_t v = 0; v < vecs; ++v) {
+        V ev, od;
+        V::deinterleave(xp + h * a.W + 2 * v * V::W, lanes[v], ev, od);
+        ev.store(split + 2 * h * len + v * V::W);
+        od.store(split + (2 * h + 1) * len + v * V::W);
+      }
+    const T* wc = w + c * RS;
+    V wb[kR * kS > 0 ? kR * kS : 1];
+    if constexpr (kR * kS > 0)
+      for (int64_t t = 0; t < RS; ++t) wb[t] = V::set1(wc[t]);
+    const V vb = bias != nullptr ? V::set1(bias[c]) : V::zero();
+    const int64_t base = n * a.out_sn + c * a.out_sk;
+    for (int64_t p0 = 0; p0 < a.P; p0 += kRows) {
+      const int64_t rows = imin(kRows, a.P - p0);
+      for_vectors<V::W>(0, a.Q, [&](int64_t q0, int64_t vlen) {
+        V acc[kRows];
+#pragma GCC unroll 4
+        for (int j = 0; j < kRows; ++j) acc[j] = V::zero();
+#pragma GCC unroll 8
+        for (int64_t r = 0; r < R; ++r) {
+          const T* row[kRows];
+#pragma GCC unroll 4
+          for (int j = 0; j < kRows; ++j) {
+            const int64_t h = (p0 + j) * a.stride_h + r * a.dil_h - a.pad_h;
+            row[j] = (j < rows && h >= 0 && h < a.H ? split + 2 * h * len : zero) + q0;
+          }
+#pragma GCC unroll 8
+          for (int64_t s = 0; s < S; ++s) {
+            const V wt = kR * kS > 0 ? wb[kR * kS > 0 ? r * S + s : 0] : V::set1(wc[r * S + s]);
+#pragma GCC unroll 4
+            for (int j = 0; j < kRows; ++j) acc[j] = fma(ld<V>(row[j] + tap[s], vlen), wt, acc[j]);
+          }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < kRows; ++j)
+          if (j < rows)
+            store_plane_vec<T>(a, e, out, lean, relu_, acc[j], vb, base + (p0 + j) * a.Q + q0,
+                               vlen);
+      });
+    }
+  }
+}
+
 }  // namespace conv_detail
 
-// Direct depthwise conv on NCHW with stride_w == 1, planes (n, c) in [plane0, plane1), SIMD over
-// the pixels of each plane (no layout transpose of the input or the output): flat where
-// depthwise_flat_fwd (the lane masks in scratch), else row by row, in tiles of 8 output rows for
-// the usual square kernels at unit row stride and dilation.
+// Direct depthwise conv on NCHW with stride_w 1 or 2, planes (n, c) in [plane0, plane1), SIMD over
+// the pixels of each plane (no layout transpose of the input or the output): at stride_w 2 on
+// rows split by parity (in scratch); flat where depthwise_flat_fwd (the lane masks in scratch),
+// else row by row, in tiles of 8 output rows for the usual square kernels at unit row stride and
+// dilation.
 template <typename T>
 void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
                               const ConvEpilogue& e_, int64_t plane0, int64_t plane1,
@@ -669,6 +750,14 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
   using namespace conv_detail;
+  if (a.stride_w == 2) {
+    T* split = static_cast<T*>(scratch);
+    if (a.R == 3 && a.S == 3)
+      return depthwise_split_planes<T, 3, 3>(a, x, w, e, plane0, plane1, split);
+    if (a.R == 5 && a.S == 5)
+      return depthwise_split_planes<T, 5, 5>(a, x, w, e, plane0, plane1, split);
+    return depthwise_split_planes<T, 0, 0>(a, x, w, e, plane0, plane1, split);
+  }
   if (depthwise_flat_fwd(a)) {
     uint32_t* masks = static_cast<uint32_t*>(scratch);
     depthwise_flat_masks<Vec<T>::W>(a, masks);

@@ -80,9 +80,20 @@ inline bool depthwise_flat(const ConvArgs& a) {
 inline bool depthwise_flat_fwd(const ConvArgs& a) {
   return depthwise_flat(a) && a.R * a.S <= 9;
 }
-// Depthwise conv with stride_w == 1 on NCHW x and out/pre/residual (out_spq == 1), weight
-// (C, R, S), for planes (n, c) in [plane0, plane1); scratch of depthwise_mask_bytes where
-// depthwise_flat_fwd, else none.
+// Elements of each half of a row split by parity for the NCHW depthwise forward at stride_w 2
+// (conv_kernels.h): the output columns plus the farthest tap's shift (S - 1) dil_w / 2, in whole
+// vectors (of 16 lanes or fewer).
+inline int64_t depthwise_split_len(const ConvArgs& a) {
+  return (a.Q + (a.S - 1) * a.dil_w / 2 + 15) / 16 * 16;
+}
+// Scratch of the NCHW depthwise forward (DepthwisePlaneFwdFn) in elements of `elem` bytes: the
+// split rows at stride_w 2 (and a zero one), the lane masks where depthwise_flat_fwd, else none.
+inline int64_t depthwise_plane_scratch(const ConvArgs& a, int64_t elem) {
+  if (a.stride_w == 2) return 2 * (a.H + 1) * depthwise_split_len(a);
+  return depthwise_flat_fwd(a) ? depthwise_mask_bytes(a) / elem + 1 : 0;
+}
+// Depthwise conv with stride_w 1 or 2 on NCHW x and out/pre/residual (out_spq == 1), weight
+// (C, R, S), for planes (n, c) in [plane0, plane1); scratch of depthwise_plane_scratch.
 using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_crs,
                                      const ConvEpilogue&, int64_t plane0, int64_t plane1,
                                      void* scratch);

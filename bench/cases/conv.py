@@ -163,6 +163,21 @@ CASES = [
         )
         for mode, fmt in (("fwd", CL), ("fwd+bwd", ""), ("fwd+bwd", CL))
     ),
+    # MobileNetV2's stride-2 depthwise layer on 56x56 (NCHW planes split by column parity).
+    _case(
+        "depthwise 3x3 s2",
+        "fwd",
+        (32, 144, 56, 56),
+        F32,
+        "",
+        None,
+        144,
+        3,
+        2,
+        1,
+        _conv(2, 1, 144),
+        groups=144,
+    ),
     # Also reported: other shapes and bfloat16.
     _case("conv2d 1x1", "fwd", (32, 256, 56, 56), F32, "", None, 64, 1, 1, 0, _conv(1, 0)),
     _case("conv2d 1x1", "fwd", (32, 256, 56, 56), BF16, "", None, 64, 1, 1, 0, _conv(1, 0)),

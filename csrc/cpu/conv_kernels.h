@@ -520,6 +520,26 @@ inline void store_plane_vec(const ConvArgs& a, const ConvEpilogue& e, T* out, bo
   st(out + o, relu_ ? relu(y) : y, len);
 }
 
+// Plane (n, c)'s weights w + c RS (broadcast once, when their number kRS is known at compile
+// time), its bias vector and its output's first element.
+template <typename T, typename V, int kRS>
+struct PlaneWeights {
+  const T* wc;
+  V wb[kRS > 0 ? kRS : 1];
+  V vb;
+  int64_t base;
+
+  PlaneWeights(const ConvArgs& a, const ConvEpilogue& e, const T* w, int64_t plane, int64_t RS)
+      : wc(w + plane % a.C * RS) {
+    if constexpr (kRS > 0)
+      for (int64_t t = 0; t < kRS; ++t) wb[t] = V::set1(wc[t]);
+    const T* bias = static_cast<const T*>(e.bias);
+    vb = bias != nullptr ? V::set1(bias[plane % a.C]) : V::zero();
+    base = plane / a.C * a.out_sn + plane % a.C * a.out_sk;
+  }
+  V tap(int64_t t) const { return kRS > 0 ? wb[kRS > 0 ? t : 0] : V::set1(wc[t]); }
+};
+
 // The lane masks of the flat planes (depthwise_flat): bit j of masks[v R S + r S + s] is set
 // where pixel v kW + j of an output plane exists and its tap (r, s) lies inside the input plane;
 // for each tap, ranges of bits: the output rows and columns whose tap row and column are inside.
@@ -552,18 +572,10 @@ void depthwise_flat_planes(const ConvArgs& a, const T* x, const T* w, const Conv
   using V = Vec<T>;
   const int64_t R = kR > 0 ? kR : a.R, S = kS > 0 ? kS : a.S, RS = R * S;
   const int64_t pq = a.P * a.Q, hw = a.H * a.W;
-  const T* bias = static_cast<const T*>(e.bias);
   T* out = static_cast<T*>(e.out);
   const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
-    const int64_t n = plane / a.C, c = plane % a.C;
-    const T* wc = w + c * RS;
-    // The taps broadcast once per plane when their number is known.
-    V wb[kR * kS > 0 ? kR * kS : 1];
-    if constexpr (kR * kS > 0)
-      for (int64_t t = 0; t < RS; ++t) wb[t] = V::set1(wc[t]);
-    const V vb = bias != nullptr ? V::set1(bias[c]) : V::zero();
-    const int64_t base = n * a.out_sn + c * a.out_sk;
+    const PlaneWeights<T, V, kR * kS> pw(a, e, w, plane, RS);
     const T* xp = x + plane * hw - a.pad_h * a.W - a.pad_w;
     for_vectors<V::W>(0, pq, [&](int64_t o, int64_t len) {
       const uint32_t* m = masks + o / V::W * RS;
@@ -572,11 +584,10 @@ void depthwise_flat_planes(const ConvArgs& a, const T* x, const T* w, const Conv
         const T* row = xp + o + r * a.dil_h * a.W;
         two_chains(S, acc0, acc1, [&](int64_t s, V acc) {
           const int64_t t = r * S + s;
-          const V wt = kR * kS > 0 ? wb[kR * kS > 0 ? t : 0] : V::set1(wc[t]);
-          return fma(V::load_lanes(row + s * a.dil_w, m[t]), wt, acc);
+          return fma(V::load_lanes(row + s * a.dil_w, m[t]), pw.tap(t), acc);
         });
       }
-      store_plane_vec<T>(a, e, out, lean, relu_, acc0 + acc1, vb, base + o, len);
+      store_plane_vec<T>(a, e, out, lean, relu_, acc0 + acc1, pw.vb, pw.base + o, len);
     });
   }
 }
@@ -681,11 +692,9 @@ void depthwise_split_planes(const ConvArgs& a, const T* x, const T* w, const Con
   for (int64_t s = 0; s < S; ++s) tap[s] = s * a.dil_w % 2 * len + s * a.dil_w / 2;
   T* zero = split + 2 * a.H * len;
   for (int64_t i = 0; i < 2 * len; ++i) zero[i] = T(0);
-  const T* bias = static_cast<const T*>(e.bias);
   T* out = static_cast<T*>(e.out);
   const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
-    const int64_t n = plane / a.C, c = plane % a.C;
     const T* xp = x + plane * a.H * a.W - a.pad_w;
     for (int64_t h = 0; h < a.H; ++h)
       for (int64_t v = 0; v < vecs; ++v) {
@@ -694,12 +703,7 @@ void depthwise_split_planes(const ConvArgs& a, const T* x, const T* w, const Con
         ev.store(split + 2 * h * len + v * V::W);
         od.store(split + (2 * h + 1) * len + v * V::W);
       }
-    const T* wc = w + c * RS;
-    V wb[kR * kS > 0 ? kR * kS : 1];
-    if constexpr (kR * kS > 0)
-      for (int64_t t = 0; t < RS; ++t) wb[t] = V::set1(wc[t]);
-    const V vb = bias != nullptr ? V::set1(bias[c]) : V::zero();
-    const int64_t base = n * a.out_sn + c * a.out_sk;
+    const PlaneWeights<T, V, kR * kS> pw(a, e, w, plane, RS);
     for (int64_t p0 = 0; p0 < a.P; p0 += kRows) {
       const int64_t rows = imin(kRows, a.P - p0);
       for_vectors<V::W>(0, a.Q, [&](int64_t q0, int64_t vlen) {
@@ -716,7 +720,7 @@ void depthwise_split_planes(const ConvArgs& a, const T* x, const T* w, const Con
           }
 #pragma GCC unroll 8
           for (int64_t s = 0; s < S; ++s) {
-            const V wt = kR * kS > 0 ? wb[kR * kS > 0 ? r * S + s : 0] : V::set1(wc[r * S + s]);
+            const V wt = pw.tap(r * S + s);
 #pragma GCC unroll 4
             for (int j = 0; j < kRows; ++j) acc[j] = fma(ld<V>(row[j] + tap[s], vlen), wt, acc[j]);
           }
@@ -724,7 +728,7 @@ void depthwise_split_planes(const ConvArgs& a, const T* x, const T* w, const Con
 #pragma GCC unroll 4
         for (int j = 0; j < kRows; ++j)
           if (j < rows)
-            store_plane_vec<T>(a, e, out, lean, relu_, acc[j], vb, base + (p0 + j) * a.Q + q0,
+            store_plane_vec<T>(a, e, out, lean, relu_, acc[j], pw.vb, pw.base + (p0 + j) * a.Q + q0,
                                vlen);
       });
     }

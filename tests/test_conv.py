@@ -388,6 +388,19 @@ def test_bfloat16_rounds_to_nearest(backend):
         assert (err <= exact.detach().abs() * 2**-8 * 1.01 + 1e-4).all()
 
 
+@pytest.mark.parametrize("stride, kernel", [(1, 3), (1, 5), (2, 3), ((1, 2), 2)])
+def test_bfloat16_depthwise_nchw(stride, kernel):
+    """A bfloat16 NCHW depthwise forward widens x plane by plane inside the plane kernels (flat,
+    row tiles, split by parity): within half an ulp of the exact values, as the other convs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 9, 21).bfloat16()
+    w = torch.randn(5, 1, kernel, kernel).bfloat16()
+    y = fastdl.conv2d(x, w, None, stride, kernel // 2, 1, 5)
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), None, stride, kernel // 2, 1, 5)
+    assert y.dtype == torch.bfloat16 and y.shape == exact.shape
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 * 1.01 + 1e-4).all()
+
+
 def test_triton_backward_under_another_backend():
     """A Triton forward's backward runs the Triton backward op whatever backend is in force by
     then, float16 (a dtype of the Triton kernels only, on CPU) included: its checks took the

@@ -320,13 +320,16 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
   const at::Tensor wc = weight.to(ct).reshape({a.C, a.R * a.S});
   // NCHW output and width stride 1 or 2: SIMD over the width of each plane, no transposes.
   if (a.stride_w <= 2 && a.out_spq == 1 && a.out_sk == a.P * a.Q && a.out_sn == a.C * a.P * a.Q) {
-    const at::Tensor xc = x.to(ct).contiguous();
+    // A bfloat16 x is widened plane by plane in the kernel: a float32 copy of it, fresh memory
+    // every call, had cost more than the conv (page faults and clearing included).
+    const bool x_bf16 = std::is_same_v<T, float> && x.scalar_type() == at::kBFloat16;
+    const at::Tensor xc = x_bf16 ? x.contiguous() : x.to(ct).contiguous();
     const at::Tensor w = wc.contiguous();
-    const int64_t scratch = depthwise_plane_scratch(a, sizeof(T));
+    const int64_t scratch = depthwise_plane_scratch(a, sizeof(T), x_bf16);
     at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
       std::vector<T> pad(scratch);
-      kr.depthwise_plane_fwd[dt<T>()](a, xc.const_data_ptr<T>(), w.const_data_ptr<T>(), e, c0, c1,
-                                      pad.data());
+      kr.depthwise_plane_fwd[dt<T>()](a, xc.const_data_ptr(), x_bf16, w.const_data_ptr<T>(), e, c0,
+                                      c1, pad.data());
     });
     return;
   }

@@ -566,17 +566,17 @@ void depthwise_flat_masks(const ConvArgs& a, uint32_t* masks) {
 // the flat input plane, (r dil_h - pad_h) W + s dil_w - pad_w, with the lanes whose tap falls
 // outside the plane masked off (not read). No copy, no partial vectors but the plane's last. The
 // kR x kS kernel at compile time, or (0, 0) for any at run time.
-template <typename T, int kR, int kS>
-void depthwise_flat_planes(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e,
+template <typename T, int kR, int kS, typename PlaneX>
+void depthwise_flat_planes(const ConvArgs& a, PlaneX&& plane_x, const T* w, const ConvEpilogue& e,
                            int64_t plane0, int64_t plane1, const uint32_t* masks) {
   using V = Vec<T>;
   const int64_t R = kR > 0 ? kR : a.R, S = kS > 0 ? kS : a.S, RS = R * S;
-  const int64_t pq = a.P * a.Q, hw = a.H * a.W;
+  const int64_t pq = a.P * a.Q;
   T* out = static_cast<T*>(e.out);
   const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
     const PlaneWeights<T, V, kR * kS> pw(a, e, w, plane, RS);
-    const T* xp = x + plane * hw - a.pad_h * a.W - a.pad_w;
+    const T* xp = plane_x(plane) - a.pad_h * a.W - a.pad_w;
     for_vectors<V::W>(0, pq, [&](int64_t o, int64_t len) {
       const uint32_t* m = masks + o / V::W * RS;
       V acc0 = V::zero(), acc1 = V::zero();
@@ -611,8 +611,8 @@ inline uint32_t depthwise_col_lanes(const ConvArgs& a, int64_t q0, int64_t len, 
 // p0 + j + r - pad_h, so a tile loads kT + kR - 1 rows for kT kR rows' taps), or (kT, kR, kS) =
 // (1, 0, 0) for any at run time. Input rows outside x are skipped, columns outside it masked off
 // (not read): no padded copy.
-template <typename T, int kT, int kR, int kS>
-void depthwise_row_tiles(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e,
+template <typename T, int kT, int kR, int kS, typename PlaneX>
+void depthwise_row_tiles(const ConvArgs& a, PlaneX&& plane_x, const T* w, const ConvEpilogue& e,
                          int64_t plane0, int64_t plane1) {
   using V = Vec<T>;
   constexpr bool kFixed = kR > 0;
@@ -623,7 +623,7 @@ void depthwise_row_tiles(const ConvArgs& a, const T* x, const T* w, const ConvEp
   const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
     const int64_t n = plane / a.C, c = plane % a.C;
-    const T* xp = x + plane * a.H * a.W;
+    const T* xp = plane_x(plane);
     const T* wc = w + c * R * S;
     const V vb = bias != nullptr ? V::set1(bias[c]) : V::zero();
     const int64_t base = n * a.out_sn + c * a.out_sk;
@@ -677,8 +677,8 @@ void depthwise_row_tiles(const ConvArgs& a, const T* x, const T* w, const ConvEp
 // own time). A vector of kRows output rows at a time, each its own FMA chain (small planes have
 // one vector a row; one chain per row left its FMAs waiting on each other), tap rows outside x
 // read from the zero row. The kR x kS kernel at compile time, or (0, 0) for any at run time.
-template <typename T, int kR, int kS>
-void depthwise_split_planes(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e,
+template <typename T, int kR, int kS, typename PlaneX>
+void depthwise_split_planes(const ConvArgs& a, PlaneX&& plane_x, const T* w, const ConvEpilogue& e,
                             int64_t plane0, int64_t plane1, T* split) {
   using V = Vec<T>;
   constexpr int kRows = 4;
@@ -695,7 +695,7 @@ void depthwise_split_planes(const ConvArgs& a, const T* x, const T* w, const Con
   T* out = static_cast<T*>(e.out);
   const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
-    const T* xp = x + plane * a.H * a.W - a.pad_w;
+    const T* xp = plane_x(plane) - a.pad_w;
     for (int64_t h = 0; h < a.H; ++h)
       for (int64_t v = 0; v < vecs; ++v) {
         V ev, od;
@@ -743,7 +743,7 @@ void depthwise_split_planes(const ConvArgs& a, const T* x, const T* w, const Con
 // else row by row, in tiles of 8 output rows for the usual square kernels at unit row stride and
 // dilation.
 template <typename T>
-void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
+void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, bool x_bf16, const void* w_,
                               const ConvEpilogue& e_, int64_t plane0, int64_t plane1,
                               void* scratch) {
   // Ordinary stores even for a large output: streaming was slower, flat (1.9 ms against 1.65
@@ -751,32 +751,42 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, const void* w_,
   // mid-vector: 3.6 against 2.8 in an earlier kernel).
   ConvEpilogue e = e_;
   e.stream = false;
-  const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
   using namespace conv_detail;
+  using V = Vec<T>;
+  // Plane (n, c) of x: in place, or (bfloat16 bits) widened into the scratch's last H W.
+  T* wide = static_cast<T*>(scratch) + depthwise_plane_scratch(a, sizeof(T), false);
+  const auto plane_x = [&](int64_t plane) -> const T* {
+    const int64_t hw = a.H * a.W;
+    if (!x_bf16) return static_cast<const T*>(x_) + plane * hw;
+    const bf16* src = static_cast<const bf16*>(x_) + plane * hw;
+    for_vectors<V::W>(0, hw,
+                      [&](int64_t i, int64_t len) { st(wide + i, ld<V>(src + i, len), len); });
+    return wide;
+  };
   if (a.stride_w == 2) {
     T* split = static_cast<T*>(scratch);
     if (a.R == 3 && a.S == 3)
-      return depthwise_split_planes<T, 3, 3>(a, x, w, e, plane0, plane1, split);
+      return depthwise_split_planes<T, 3, 3>(a, plane_x, w, e, plane0, plane1, split);
     if (a.R == 5 && a.S == 5)
-      return depthwise_split_planes<T, 5, 5>(a, x, w, e, plane0, plane1, split);
-    return depthwise_split_planes<T, 0, 0>(a, x, w, e, plane0, plane1, split);
+      return depthwise_split_planes<T, 5, 5>(a, plane_x, w, e, plane0, plane1, split);
+    return depthwise_split_planes<T, 0, 0>(a, plane_x, w, e, plane0, plane1, split);
   }
   if (depthwise_flat_fwd(a)) {
     uint32_t* masks = static_cast<uint32_t*>(scratch);
     depthwise_flat_masks<Vec<T>::W>(a, masks);
     if (a.R == 3 && a.S == 3)
-      return depthwise_flat_planes<T, 3, 3>(a, x, w, e, plane0, plane1, masks);
-    return depthwise_flat_planes<T, 0, 0>(a, x, w, e, plane0, plane1, masks);
+      return depthwise_flat_planes<T, 3, 3>(a, plane_x, w, e, plane0, plane1, masks);
+    return depthwise_flat_planes<T, 0, 0>(a, plane_x, w, e, plane0, plane1, masks);
   }
   const bool unit = a.stride_h == 1 && a.dil_h == 1;
   if (unit && a.R == 3 && a.S == 3)
-    return depthwise_row_tiles<T, 8, 3, 3>(a, x, w, e, plane0, plane1);
+    return depthwise_row_tiles<T, 8, 3, 3>(a, plane_x, w, e, plane0, plane1);
   if (unit && a.R == 5 && a.S == 5)
-    return depthwise_row_tiles<T, 8, 5, 5>(a, x, w, e, plane0, plane1);
+    return depthwise_row_tiles<T, 8, 5, 5>(a, plane_x, w, e, plane0, plane1);
   if (unit && a.R == 7 && a.S == 7)
-    return depthwise_row_tiles<T, 8, 7, 7>(a, x, w, e, plane0, plane1);
-  depthwise_row_tiles<T, 1, 0, 0>(a, x, w, e, plane0, plane1);
+    return depthwise_row_tiles<T, 8, 7, 7>(a, plane_x, w, e, plane0, plane1);
+  depthwise_row_tiles<T, 1, 0, 0>(a, plane_x, w, e, plane0, plane1);
 }
 
 // Weight and bias gradients of a depthwise conv on flat NCHW planes (depthwise_flat), planes

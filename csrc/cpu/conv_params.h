@@ -87,14 +87,17 @@ inline int64_t depthwise_split_len(const ConvArgs& a) {
   return (a.Q + (a.S - 1) * a.dil_w / 2 + 15) / 16 * 16;
 }
 // Scratch of the NCHW depthwise forward (DepthwisePlaneFwdFn) in elements of `elem` bytes: the
-// split rows at stride_w 2 (and a zero one), the lane masks where depthwise_flat_fwd, else none.
-inline int64_t depthwise_plane_scratch(const ConvArgs& a, int64_t elem) {
-  if (a.stride_w == 2) return 2 * (a.H + 1) * depthwise_split_len(a);
-  return depthwise_flat_fwd(a) ? depthwise_mask_bytes(a) / elem + 1 : 0;
+// split rows at stride_w 2 (and a zero one), the lane masks where depthwise_flat_fwd; then, for
+// a bfloat16 x, one plane widened.
+inline int64_t depthwise_plane_scratch(const ConvArgs& a, int64_t elem, bool x_bf16) {
+  const int64_t wide = x_bf16 ? a.H * a.W : 0;
+  if (a.stride_w == 2) return 2 * (a.H + 1) * depthwise_split_len(a) + wide;
+  return (depthwise_flat_fwd(a) ? depthwise_mask_bytes(a) / elem + 1 : 0) + wide;
 }
 // Depthwise conv with stride_w 1 or 2 on NCHW x and out/pre/residual (out_spq == 1), weight
-// (C, R, S), for planes (n, c) in [plane0, plane1); scratch of depthwise_plane_scratch.
-using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_crs,
+// (C, R, S), for planes (n, c) in [plane0, plane1); x in the kernel's dtype or, with x_bf16 (a
+// float32 kernel), bfloat16 bits; scratch of depthwise_plane_scratch.
+using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, bool x_bf16, const void* w_crs,
                                      const ConvEpilogue&, int64_t plane0, int64_t plane1,
                                      void* scratch);
 

@@ -618,15 +618,12 @@ void depthwise_row_tiles(const ConvArgs& a, PlaneX&& plane_x, const T* w, const 
   constexpr bool kFixed = kR > 0;
   static_assert(kFixed || kT == 1);
   const int64_t R = kFixed ? kR : a.R, S = kFixed ? kS : a.S;
-  const T* bias = static_cast<const T*>(e.bias);
   T* out = static_cast<T*>(e.out);
   const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
-    const int64_t n = plane / a.C, c = plane % a.C;
     const T* xp = plane_x(plane);
-    const T* wc = w + c * R * S;
-    const V vb = bias != nullptr ? V::set1(bias[c]) : V::zero();
-    const int64_t base = n * a.out_sn + c * a.out_sk;
+    // The taps broadcast where used (kT rows share each).
+    const PlaneWeights<T, V, 0> pw(a, e, w, plane, R * S);
     for (int64_t p0 = 0; p0 < a.P; p0 += kT)
       for_vectors<V::W>(0, a.Q, [&](int64_t q0, int64_t len) {
         V acc[kT];
@@ -646,8 +643,7 @@ void depthwise_row_tiles(const ConvArgs& a, PlaneX&& plane_x, const T* w, const 
             for (int j = 0; j < kT; ++j)
               if (i - j >= 0 && i - j < kR)
 #pragma GCC unroll 8
-                for (int s = 0; s < kS; ++s)
-                  acc[j] = fma(in[s], V::set1(wc[(i - j) * kS + s]), acc[j]);
+                for (int s = 0; s < kS; ++s) acc[j] = fma(in[s], pw.tap((i - j) * kS + s), acc[j]);
           }
         } else {  // output row p0 alone
           V odd = V::zero();
@@ -657,13 +653,14 @@ void depthwise_row_tiles(const ConvArgs& a, PlaneX&& plane_x, const T* w, const 
             const T* row = xp + h * a.W + q0 - a.pad_w;
             two_chains(S, acc[0], odd, [&](int64_t s, V sum) {
               return fma(V::load_lanes(row + s * a.dil_w, depthwise_col_lanes(a, q0, len, s)),
-                         V::set1(wc[r * S + s]), sum);
+                         pw.tap(r * S + s), sum);
             });
           }
           acc[0] = acc[0] + odd;
         }
         for (int64_t j = 0; j < imin(kT, a.P - p0); ++j)
-          store_plane_vec<T>(a, e, out, lean, relu_, acc[j], vb, base + (p0 + j) * a.Q + q0, len);
+          store_plane_vec<T>(a, e, out, lean, relu_, acc[j], pw.vb, pw.base + (p0 + j) * a.Q + q0,
+                             len);
       });
   }
 }

@@ -59,8 +59,7 @@ CONV_SHAPES = {
     "depthwise_flat_overpad": (1, 8, 6, 9, 8, 3, 3, 1, (3, 1), 1, 8),
     # NCHW planes at column stride 2 on rows split by parity: the run-time kernel (2x3, a column
     # dilation of 3 whose taps change parity, split rows of two 16-lane vectors, a partial output
-    # vector);
-    # depthwise_3x3_s2, depthwise_5x5_s2 and depthwise_s2_dil take the compile-time ones.
+    # vector); depthwise_3x3_s2, depthwise_5x5_s2 and depthwise_s2_dil take the compile-time ones.
     "depthwise_2x3_split": (2, 6, 9, 37, 6, 2, 3, (1, 2), (1, 2), (1, 3), 6),
     # Column strides of 11 and 21 with 2- and 1-wide kernels: the generic tile, not 3x3's.
     "depthwise_3x2_s11": (1, 16, 6, 40, 16, 3, 2, (1, 11), 0, 1, 16),

@@ -130,6 +130,13 @@ int64_t winograd_tile(const conv::ConvGeom& g, int64_t elem, bool inference) {
   return winograd_suits(g, elem, 2) ? 2 : 0;
 }
 
+// Rows of a block: `rows` within [16, 1024], but no more than the conv has (rounded up to 16):
+// the per-thread buffers sized by them are allocated and zeroed every call, which for a small
+// conv (1x8x8x8) took longer than the conv itself.
+int64_t block_rows(int64_t rows, int64_t M) {
+  return std::min(std::clamp<int64_t>(rows, 16, 1024), std::max<int64_t>(16, (M + 15) / 16 * 16));
+}
+
 }  // namespace
 
 at::ScalarType compute_type(const at::Tensor& x) {
@@ -201,7 +208,7 @@ Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t 
   p.taps = g.groups == 1 && !p.direct && valid_taps(g) <= kTapsMaxValid;
   // Both 0 for a conv without input and output channels.
   const int64_t panel_rows = kPanelBytes / (elem * std::max({p.j, p.kg, int64_t{1}}));
-  p.rows = std::clamp<int64_t>(panel_rows < kDeepRows ? kMinRows : panel_rows, 16, 1024);
+  p.rows = block_rows(panel_rows < kDeepRows ? kMinRows : panel_rows, p.M);
   p.blocks = (p.M + p.rows - 1) / p.rows;
   // (c, r, s) columns (ConvArgs::crs) when the weight is larger than the im2col of all rows
   // (deep layers: many channels, few pixels) and not channels_last.
@@ -306,8 +313,7 @@ bool narrow_groups(const Gemm& p) {
 template <typename T, typename E>
 void forward_narrow(const Gemm& p, const E* x, const E* wmat, ConvEpilogue e) {
   const int64_t G = p.a.groups, j = p.j;
-  const int64_t rows =
-      std::clamp<int64_t>(kNarrowPanelBytes / std::max<int64_t>(1, G * j * sizeof(E)), 16, 1024);
+  const int64_t rows = block_rows(kNarrowPanelBytes / std::max<int64_t>(1, G * j * sizeof(E)), p.M);
   at::parallel_for(0, (p.M + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
     std::vector<E> col(p.direct ? 0 : G * rows * j);
     std::vector<T> acc(rows * p.kg), acc_t(rows * p.kg);

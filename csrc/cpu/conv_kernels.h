@@ -65,29 +65,88 @@ inline void store(const ConvArgs& a, const ConvEpilogue& e, T v, int64_t k, int6
 
 }  // namespace conv_detail
 
+namespace conv_detail {
+
+// dst[0, n) = src[0, n), or zeros when src is null: whole or masked vectors for float and double.
+template <typename T>
+inline void copy_run(T* dst, const T* src, int64_t n) {
+  if constexpr (sizeof(T) >= 4) {
+    using V = Vec<T>;
+    for_vectors<V::W>(0, n, [&](int64_t c, int64_t len) {
+      st(dst + c, src != nullptr ? ld<V>(src + c, len) : V::zero(), len);
+    });
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c] = src != nullptr ? src[c] : T(0);
+  }
+}
+
+// The taps [s0, s1) of a row of S taps starting at input column w0 that read inside [0, W) with
+// unit dilation.
+inline void inside_taps(int64_t w0, int64_t S, int64_t W, int64_t& s0, int64_t& s1) {
+  s0 = std::min(S, std::max<int64_t>(0, -w0));
+  s1 = std::max(s0, std::min(S, W - w0));
+}
+
+// Output pixel (n, p, q) of GEMM row m = (n P + p) Q + q, stepped a row at a time without the
+// three divisions per row (for a 3-channel 4x4 conv they had cost as much as the row's copy).
+struct OutPixel {
+  int64_t n, p, q;
+  OutPixel(const ConvArgs& a, int64_t m)
+      : n(m / (a.P * a.Q)), p(m % (a.P * a.Q) / a.Q), q(m % a.Q) {}
+  void next(const ConvArgs& a) {
+    if (++q < a.Q) return;
+    q = 0;
+    if (++p < a.P) return;
+    p = 0;
+    ++n;
+  }
+  int64_t out_offset(const ConvArgs& a) const { return n * a.out_sn + (p * a.Q + q) * a.out_spq; }
+};
+
+// A row r of one output pixel's taps when the conv has one group and unit column dilation: the
+// taps inside the image are consecutive pixels, one run of (s1 - s0) C elements of x (a 4x4
+// kernel on 3 channels: 12 elements, one masked vector, where a copy per tap moved 3).
+inline bool tap_rows_run(const ConvArgs& a) {
+  return a.groups == 1 && a.dil_w == 1;
+}
+
+}  // namespace conv_detail
+
 // Column j of tap (r, s) and channel c: (r S + s) cg + c, or c R S + r S + s with a.crs (a
 // strided gather then: plain loops, not SIMD work). kCrs makes the channel stride a constant.
 template <typename T, bool kCrs>
 void im2col_impl(const ConvArgs& a, const T* x, int64_t m0, int64_t mb, int64_t g0, int64_t g1,
                  T* col) {
-  const int64_t cg = a.C / a.groups, pq = a.P * a.Q, RS = a.R * a.S, j = RS * cg;
+  const int64_t cg = a.C / a.groups, RS = a.R * a.S, j = RS * cg;
   const int64_t cs = kCrs ? RS : 1;
-  for (int64_t i = 0; i < mb; ++i) {
-    const int64_t m = m0 + i, n = m / pq, p = m % pq / a.Q, q = m % a.Q;
+  const bool runs = !kCrs && conv_detail::tap_rows_run(a);
+  conv_detail::OutPixel o(a, m0);
+  for (int64_t i = 0; i < mb; ++i, o.next(a)) {
+    const int64_t n = o.n, p = o.p, w0 = o.q * a.stride_w - a.pad_w;
+    int64_t s0 = 0, s1 = 0;
+    if (runs) conv_detail::inside_taps(w0, a.S, a.W, s0, s1);
     for (int64_t r = 0; r < a.R; ++r) {
       const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
+      if (runs) {
+        T* dst = col + i * j + r * a.S * cg;
+        const bool row = h >= 0 && h < a.H && s1 > s0;
+        const int64_t b = row ? s0 : 0, e = row ? s1 : 0;
+        conv_detail::copy_run<T>(dst, nullptr, b * cg);
+        if (row)
+          conv_detail::copy_run(dst + b * cg, x + ((n * a.H + h) * a.W + w0 + b) * a.C,
+                                (e - b) * cg);
+        conv_detail::copy_run<T>(dst + e * cg, nullptr, (a.S - e) * cg);
+        continue;
+      }
       for (int64_t s = 0; s < a.S; ++s) {
-        const int64_t w = q * a.stride_w - a.pad_w + s * a.dil_w;
+        const int64_t w = w0 + s * a.dil_w;
         const bool inside = h >= 0 && h < a.H && w >= 0 && w < a.W;
         const T* pixel = x + ((n * a.H + h) * a.W + w) * a.C;
         for (int64_t g = g0; g < g1; ++g) {
           T* dst = col + ((g - g0) * mb + i) * j + (r * a.S + s) * (kCrs ? 1 : cg);
           const T* src = pixel + g * cg;
-          if constexpr (!kCrs && sizeof(T) >= 4) {  // cg channels: whole or masked vectors
-            using V = Vec<T>;
-            for_vectors<V::W>(0, cg, [&](int64_t c, int64_t len) {
-              st(dst + c, inside ? ld<V>(src + c, len) : V::zero(), len);
-            });
+          if constexpr (!kCrs) {  // cg channels: whole or masked vectors
+            conv_detail::copy_run<T>(dst, inside ? src : nullptr, cg);
             continue;
           }
           for (int64_t c = 0; c < cg; ++c) dst[c * cs] = inside ? src[c] : T(0);
@@ -108,16 +167,29 @@ void conv_im2col(const ConvArgs& a, const void* x, int64_t m0, int64_t mb, int64
 
 template <typename T, bool kCrs>
 void col2im_impl(const ConvArgs& a, const T* gcol, int64_t m0, int64_t mb, int64_t g, T* gx) {
-  const int64_t cg = a.C / a.groups, pq = a.P * a.Q, RS = a.R * a.S, ld = RS * cg;
+  const int64_t cg = a.C / a.groups, RS = a.R * a.S, j = RS * cg;
   const int64_t cs = kCrs ? RS : 1;
-  for (int64_t i = 0; i < mb; ++i) {
-    const int64_t m = m0 + i, n = m / pq, p = m % pq / a.Q, q = m % a.Q;
-    const T* row = gcol + i * ld;
+  const bool runs = !kCrs && conv_detail::tap_rows_run(a);
+  conv_detail::OutPixel o(a, m0);
+  for (int64_t i = 0; i < mb; ++i, o.next(a)) {
+    const int64_t n = o.n, p = o.p, w0 = o.q * a.stride_w - a.pad_w;
+    const T* row = gcol + i * j;
+    int64_t s0 = 0, s1 = a.S;
+    if (runs) conv_detail::inside_taps(w0, a.S, a.W, s0, s1);
     for (int64_t r = 0; r < a.R; ++r) {
       const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
       if (h < 0 || h >= a.H) continue;
+      if (runs) {  // the row's taps inside: one run of (s1 - s0) C elements of gx
+        T* dst = gx + ((n * a.H + h) * a.W + w0 + s0) * a.C;
+        const T* src = row + (r * a.S + s0) * cg;
+        using V = Vec<T>;  // float or double
+        for_vectors<V::W>(0, (s1 - s0) * cg, [&](int64_t c, int64_t len) {
+          st(dst + c, ld<V>(dst + c, len) + ld<V>(src + c, len), len);
+        });
+        continue;
+      }
       for (int64_t s = 0; s < a.S; ++s) {
-        const int64_t w = q * a.stride_w - a.pad_w + s * a.dil_w;
+        const int64_t w = w0 + s * a.dil_w;
         if (w < 0 || w >= a.W) continue;
         const T* src = row + (r * a.S + s) * (kCrs ? 1 : cg);
         T* dst = gx + ((n * a.H + h) * a.W + w) * a.C + g * cg;
@@ -299,8 +371,9 @@ void epilogue_rows(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t
   const T* bias = static_cast<const T*>(e.bias);
   const int64_t kg = a.K / a.groups, k0 = g * kg, pq = a.P * a.Q;
   if (a.out_sk == 1 || a.out_spq != 1) {
-    for (int64_t i = 0; i < mb; ++i) {
-      const int64_t m = m0 + i, base = m / pq * a.out_sn + m % pq * a.out_spq;
+    OutPixel o(a, m0);
+    for (int64_t i = 0; i < mb; ++i, o.next(a)) {
+      const int64_t base = o.out_offset(a);
       if (a.out_sk != 1) {
         for (int64_t k = k0; k < k0 + kg; ++k)
           store<T>(a, e, acc[i * kg + k - k0], k, base + k * a.out_sk);

@@ -71,6 +71,10 @@ def _integer(e):
 
 def _pair(op: str, arg: str, v, minimum: int) -> tuple[int, int]:
     # An int or one or two ints, as torch takes them (one value serves both dims).
+    if type(v) is int and v >= minimum:  # the common cases first: a call costs tens of us
+        return (v, v)
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is type(v[1]) is int and min(v) >= minimum:
+        return v
     try:
         if isinstance(v, (tuple, list, torch.Size)):
             v = tuple(_integer(e) for e in v)
@@ -91,29 +95,28 @@ def _tensors(op, x, weight, groups, c_w, dtypes):
     _checks.dtype(op, "x", x, dtypes or _dtypes(x))
     _checks.same_device(op, "weight", weight, x)
     _checks.same_dtype(op, "weight", weight, x)
-    if x.dim() != 4:
-        raise RuntimeError(f"{op}: x must be 4-D (N, C, H, W), got shape {list(x.shape)}")
-    if weight.dim() != 4 or weight.shape[2] < 1 or weight.shape[3] < 1:
+    xs, ws = x.shape, weight.shape
+    if len(xs) != 4:
+        raise RuntimeError(f"{op}: x must be 4-D (N, C, H, W), got shape {list(xs)}")
+    if len(ws) != 4 or ws[2] < 1 or ws[3] < 1:
         raise RuntimeError(
-            f"{op}: weight must be 4-D with a kernel of at least 1x1, got shape "
-            f"{list(weight.shape)}"
+            f"{op}: weight must be 4-D with a kernel of at least 1x1, got shape {list(ws)}"
         )
     if groups < 1:
         raise RuntimeError(f"{op}: groups must be >= 1, got {groups}")
-    c = x.shape[1]
+    c = xs[1]
     if c % groups:
         raise RuntimeError(f"{op}: input channels {c} are not divisible by groups={groups}")
     # conv2d weight (K, C / groups, R, S); conv_transpose2d weight (C, C_out / groups, R, S).
-    expected = weight.shape[1] * groups if c_w == 1 else weight.shape[0]
+    expected = ws[1] * groups if c_w == 1 else ws[0]
     if expected != c:
         raise RuntimeError(
-            f"{op}: x has {c} channels but weight of shape {list(weight.shape)} with "
+            f"{op}: x has {c} channels but weight of shape {list(ws)} with "
             f"groups={groups} expects {expected}"
         )
-    if c_w == 1 and weight.shape[0] % groups:
+    if c_w == 1 and ws[0] % groups:
         raise RuntimeError(
-            f"{op}: output channels {weight.shape[0]} (weight.size(0)) are not divisible by "
-            f"groups={groups}"
+            f"{op}: output channels {ws[0]} (weight.size(0)) are not divisible by groups={groups}"
         )
 
 
@@ -125,10 +128,11 @@ def conv2d_out_shape(x, weight, stride, padding, dilation, groups, dtypes=None) 
     stride = _pair(CONV, "stride", stride, 1)
     padding = _pair(CONV, "padding", padding, 0)
     dilation = _pair(CONV, "dilation", dilation, 1)
-    out = [x.shape[0], weight.shape[0]]
-    for d in range(2):
-        eff = dilation[d] * (weight.shape[2 + d] - 1) + 1
-        padded = x.shape[2 + d] + 2 * padding[d]
+    xs, ws = x.shape, weight.shape
+    out = [xs[0], ws[0]]
+    for d in (0, 1):
+        eff = dilation[d] * (ws[2 + d] - 1) + 1
+        padded = xs[2 + d] + 2 * padding[d]
         if padded < eff:
             raise RuntimeError(
                 f"{CONV}: kernel size (dilated) {eff} is larger than the padded input {padded}"
@@ -413,17 +417,21 @@ def conv2d(
     _check_activation(activation)
     x, padding = _same_padding(x, weight, padding, stride, dilation)
     x = x if unbatched else _as_weight_format(x, weight)
+    stride = _pair(CONV, "stride", stride, 1)
+    padding = _pair(CONV, "padding", padding, 0)
+    dilation = _pair(CONV, "dilation", dilation, 1)
     shape = conv2d_out_shape(x, weight, stride, padding, dilation, groups)
     _check_bias(CONV, bias, x, weight.shape[0])
     _check_residual(residual, x, shape)
-    out = _ops(CONV, x, groups == 1).conv2d_fwd(
+    out = _library.call(
+        _ops(CONV, x, groups == 1).conv2d_fwd,
         x,
         weight,
         bias,
         residual,
-        _pair(CONV, "stride", stride, 1),
-        _pair(CONV, "padding", padding, 0),
-        _pair(CONV, "dilation", dilation, 1),
+        stride,
+        padding,
+        dilation,
         groups,
         activation,
         not _checks.plans_for_grad(x, weight, bias, residual),
@@ -464,5 +472,5 @@ def conv_transpose2d(
     )
     conv_transpose2d_out_shape(x, weight, *args)
     _check_bias(CONV_T, bias, x, weight.shape[1] * groups)
-    out = _ops(CONV_T, x, dense=False).conv_transpose2d_fwd(x, weight, bias, *args)
+    out = _library.call(_ops(CONV_T, x, dense=False).conv_transpose2d_fwd, x, weight, bias, *args)
     return out.squeeze(0) if unbatched else out

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from fastdl import _backend, _checks, _ext
+from fastdl.ops import _library
 
 OPS = ("int8_quantize", "int8_pack_weight", "int8_matmul", "int8_linear")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -251,11 +252,4 @@ def int8_linear(
         packed = pack_weight(weight)  # not packed yet (or packed while the extension was absent)
     elif packed is None:
         packed = weight.new_empty(0, dtype=torch.uint8)
-    args = (x, weight, packed, weight_scale, bias, outlier_threshold)
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # Inference: no graph to record, so straight to the kernel, past the Python autograd
-        # wrapper torch.library puts around the op, as that wrapper does itself under no_grad
-        # (it costs ~0.1 ms of a 1 ms cold-cache GEMV: a decode step's layer).
-        with torch._C._AutoDispatchBelowAutograd():
-            return ops.int8_linear(*args)
-    return ops.int8_linear(*args)
+    return _library.call(ops.int8_linear, x, weight, packed, weight_scale, bias, outlier_threshold)

@@ -227,6 +227,28 @@ def test_every_isa(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("stride, kernel", [(1, 3), (2, 5), ((1, 2), 2)])
+def test_bfloat16_depthwise_channels_last(isa, stride, kernel):
+    """A bfloat16 channels_last depthwise forward reads x as it is, each input row widened into
+    the kernel's ring of rows (3x3 and 5x5 compiled for their size, any other at run time; 21
+    channels: partial vectors), under each ISA: within half an ulp of the exact values."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 21, 9, 11).bfloat16().contiguous(memory_format=torch.channels_last)
+    w = torch.randn(21, 1, kernel, kernel).bfloat16()
+    previous = _ext.cpu_isa()
+    _ext.set_cpu_isa(isa)
+    try:
+        with fastdl.backend(NATIVE_CPU.name):
+            y = fastdl.conv2d(x, w, None, stride, kernel // 2, 1, 21)
+    finally:
+        _ext.set_cpu_isa(previous)
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), None, stride, kernel // 2, 1, 21)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert y.shape == exact.shape
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 * 1.01 + 1e-4).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kg", [8, 32])
 def test_grouped_weight_grad_in_group_slices(isa, kg):
     """Grouped convs whose weight-gradient partial sums are large (~0.3 MiB) split them by slices

@@ -333,7 +333,11 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
     });
     return;
   }
-  const at::Tensor xn = nhwc(x);
+  // A bfloat16 x is read as it is, each input row widened into the ring (a float32 copy of x
+  // had tripled the memory traffic of this memory-bound conv).
+  const bool x_bf16 = std::is_same_v<T, float> && x.scalar_type() == at::kBFloat16;
+  const at::Tensor xn =
+      x_bf16 ? as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast) : nhwc(x);
   // The weight blocked (depthwise_ring): (C / L, R S, L), L channels a cache line, zero past C.
   const int64_t line = 64 / int64_t{sizeof(T)}, cp = (a.C + line - 1) / line * line;
   const at::Tensor w = at::constant_pad_nd(wc, {0, 0, 0, cp - a.C})
@@ -342,7 +346,7 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
                            .contiguous();
   at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
     std::vector<T> ring(depthwise_scratch(a, sizeof(T)));
-    kr.depthwise_fwd[dt<T>()](a, xn.const_data_ptr<T>(), w.const_data_ptr<T>(), e, r0, r1,
+    kr.depthwise_fwd[dt<T>()](a, xn.const_data_ptr(), x_bf16, w.const_data_ptr<T>(), e, r0, r1,
                               ring.data());
   });
 }

@@ -321,31 +321,44 @@ inline void store_vec(const ConvArgs& a, const ConvEpilogue& e, V v, V bias, int
 
 // The epilogue of nq consecutive output pixels (the first at element offset base), channels
 // [c0, c0 + len) of each in acc[j]: vectors where the channels are contiguous in out
-// (channels_last), else lane by lane. Channels_last with at most a ReLU (no residual, pre or
-// bf16: lean_epilogue) takes a loop of its own with the settings read once: per vector,
-// store_vec's checks had doubled the time of a 3x3 depthwise conv (whose stores re-read them, as
-// out may alias).
+// (channels_last), else lane by lane. Channels_last with at most a ReLU (no residual or pre:
+// lean_store) takes a loop of its own with the settings read once, out stored as S (T, or
+// bfloat16 for a bf16 output): per vector, store_vec's checks had doubled the time of a 3x3
+// depthwise conv (whose stores re-read them, as out may alias), and 3.4x it for bf16.
+inline bool lean_store(const ConvArgs& a, const ConvEpilogue& e) {
+  return e.residual == nullptr && e.pre == nullptr && (a.activation == 0 || a.activation == kRelu);
+}
+// lean_store with out in T itself.
 inline bool lean_epilogue(const ConvArgs& a, const ConvEpilogue& e) {
-  return e.residual == nullptr && e.pre == nullptr && !e.bf16 &&
-         (a.activation == 0 || a.activation == kRelu);
+  return lean_store(a, e) && !e.bf16;
+}
+template <typename S, typename V>
+inline void store_pixels_lean(const ConvArgs& a, const ConvEpilogue& e, const V* acc, int64_t nq,
+                              int64_t base, int64_t c0, int64_t len, V vb) {
+  S* out = static_cast<S*>(e.out) + base + c0;
+  const int64_t step = a.out_spq;
+  const bool relu_ = a.activation == kRelu;
+  // Streamed only by whole cache lines: the next pixel's vector is a row of C elements away, so
+  // a half-line vector (bf16 on AVX-512, float on AVX2) leaves the write-combining buffer half
+  // full (a bf16 3x3 depthwise conv ran at a third of its float32 speed).
+  constexpr bool kLines = V::W * sizeof(S) % 64 == 0;
+  const bool stream = kLines && e.stream && len == V::W && step % V::W == 0 &&
+                      reinterpret_cast<uintptr_t>(out) % (V::W * sizeof(S)) == 0;
+  for (int64_t j = 0; j < nq; ++j) {
+    const V y = relu_ ? relu(acc[j] + vb) : acc[j] + vb;
+    if (stream)
+      y.stream(out + j * step);
+    else
+      st(out + j * step, y, len);
+  }
 }
 template <typename T, typename V>
 inline void store_pixels(const ConvArgs& a, const ConvEpilogue& e, const V* acc, int64_t nq,
                          int64_t base, int64_t c0, int64_t len, V vb) {
-  if (a.out_sk == 1 && lean_epilogue(a, e)) {
-    T* out = static_cast<T*>(e.out) + base + c0;
-    const int64_t step = a.out_spq;
-    const bool relu_ = a.activation == kRelu;
-    const bool stream = e.stream && len == V::W && step % V::W == 0 &&
-                        reinterpret_cast<uintptr_t>(out) % (V::W * sizeof(T)) == 0;
-    for (int64_t j = 0; j < nq; ++j) {
-      const V y = relu_ ? relu(acc[j] + vb) : acc[j] + vb;
-      if (stream)
-        y.stream(out + j * step);
-      else
-        st(out + j * step, y, len);
-    }
-    return;
+  if (a.out_sk == 1 && lean_store(a, e)) {
+    if constexpr (sizeof(T) == 4)
+      if (e.bf16) return store_pixels_lean<bf16>(a, e, acc, nq, base, c0, len, vb);
+    return store_pixels_lean<T>(a, e, acc, nq, base, c0, len, vb);
   }
   for (int64_t j = 0; j < nq; ++j) {
     const int64_t o = base + j * a.out_spq;
@@ -445,17 +458,22 @@ constexpr int kVecRegs = 16;
 
 namespace conv_detail {
 
-// Input row (n, h) of x (NHWC) into dst, laid out as a DepthwiseRing row.
+// Input row (n, h) of x (NHWC, T or, x_bf16, bfloat16 bits widened here) into dst, laid out as a
+// DepthwiseRing row.
 template <typename T>
-void depthwise_row_copy(const ConvArgs& a, const DepthwiseRing& g, const T* x, int64_t n, int64_t h,
-                        T* dst) {
+void depthwise_row_copy(const ConvArgs& a, const DepthwiseRing& g, const void* x, bool x_bf16,
+                        int64_t n, int64_t h, T* dst) {
   using V = Vec<T>;
-  const T* src = x + (n * a.H + h) * a.W * a.C;
+  const int64_t row = (n * a.H + h) * a.W * a.C;
+  const T* src = static_cast<const T*>(x) + row;
+  const bf16* src_bf16 = static_cast<const bf16*>(x) + row;
   for (int64_t w = 0; w < g.width; ++w) {
-    const int64_t wi = w - a.pad_w;
+    const int64_t wi = w - a.pad_w, o = wi * a.C;
     const bool in = wi >= 0 && wi < a.W;
     for_vectors<V::W>(0, a.C, [&](int64_t c, int64_t len) {
-      (in ? ld<V>(src + wi * a.C + c, len) : V::zero()).store(dst + w * g.pixel + c);
+      V v = V::zero();
+      if (in) v = x_bf16 ? ld<V>(src_bf16 + o + c, len) : ld<V>(src + o + c, len);
+      v.store(dst + w * g.pixel + c);
     });
   }
 }
@@ -502,8 +520,8 @@ inline void depthwise_tile(const ConvArgs& a, const DepthwiseRing& g, const T* c
 
 // conv_depthwise_fwd's walk over output rows [r0, r1), depthwise_tile<kS, kSW> its tiles.
 template <typename T, int kS, int kSW>
-void depthwise_fwd_rows(const ConvArgs& a, const T* x, const T* w, const ConvEpilogue& e,
-                        int64_t r0, int64_t r1, T* ring) {
+void depthwise_fwd_rows(const ConvArgs& a, const void* x, bool x_bf16, const T* w,
+                        const ConvEpilogue& e, int64_t r0, int64_t r1, T* ring) {
   using V = Vec<T>;
   constexpr int kT = kVecRegs == 32 ? int{kDepthwiseTile} : int{kDepthwiseTile} / 2;
   constexpr int64_t kLine = 64 / sizeof(T);
@@ -519,7 +537,7 @@ void depthwise_fwd_rows(const ConvArgs& a, const T* x, const T* w, const ConvEpi
       if (h < 0 || h >= a.H) continue;
       T* slot = ring + h % g.slots * g.row;
       if (held[h % g.slots] != n * a.H + h) {
-        depthwise_row_copy<T>(a, g, x, n, h, slot);
+        depthwise_row_copy<T>(a, g, x, x_bf16, n, h, slot);
         held[h % g.slots] = n * a.H + h;
       }
       rows[r] = slot;
@@ -545,27 +563,26 @@ void depthwise_fwd_rows(const ConvArgs& a, const T* x, const T* w, const ConvEpi
 // tiles of pixels in registers (depthwise_tile; compile-time widths and strides for the usual
 // 3x3, 5x5 and 7x7) through the epilogue.
 template <typename T>
-void conv_depthwise_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
-                        int64_t r0, int64_t r1, void* scratch) {
+void conv_depthwise_fwd(const ConvArgs& a, const void* x, bool x_bf16, const void* w_,
+                        const ConvEpilogue& e, int64_t r0, int64_t r1, void* scratch) {
   using namespace conv_detail;
-  const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
   T* ring = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(scratch) + 63) / 64 * 64);
   const auto is = [&](int64_t S, int64_t stride) {
     return a.dil_w == 1 && a.S == S && a.stride_w == stride;
   };
   if (is(3, 1))
-    depthwise_fwd_rows<T, 3, 1>(a, x, w, e, r0, r1, ring);
+    depthwise_fwd_rows<T, 3, 1>(a, x, x_bf16, w, e, r0, r1, ring);
   else if (is(3, 2))
-    depthwise_fwd_rows<T, 3, 2>(a, x, w, e, r0, r1, ring);
+    depthwise_fwd_rows<T, 3, 2>(a, x, x_bf16, w, e, r0, r1, ring);
   else if (is(5, 1))
-    depthwise_fwd_rows<T, 5, 1>(a, x, w, e, r0, r1, ring);
+    depthwise_fwd_rows<T, 5, 1>(a, x, x_bf16, w, e, r0, r1, ring);
   else if (is(5, 2))
-    depthwise_fwd_rows<T, 5, 2>(a, x, w, e, r0, r1, ring);
+    depthwise_fwd_rows<T, 5, 2>(a, x, x_bf16, w, e, r0, r1, ring);
   else if (is(7, 1))
-    depthwise_fwd_rows<T, 7, 1>(a, x, w, e, r0, r1, ring);
+    depthwise_fwd_rows<T, 7, 1>(a, x, x_bf16, w, e, r0, r1, ring);
   else
-    depthwise_fwd_rows<T, 0, 0>(a, x, w, e, r0, r1, ring);
+    depthwise_fwd_rows<T, 0, 0>(a, x, x_bf16, w, e, r0, r1, ring);
   if (e.stream) Vec<T>::fence();
 }
 

@@ -59,9 +59,10 @@ using EpilogueFn = void (*)(const ConvArgs&, const ConvEpilogue&, int64_t m0, in
 using EpilogueBwdFn = void (*)(const ConvArgs&, const void* grad_out, const void* out,
                                const void* pre, void* gpre, int64_t m0, int64_t m1);
 // Depthwise (groups == C == K) direct conv on NHWC, vectorized over channels, for output rows
-// (n, p) in [r0, r1): out/pre via the epilogue of ConvEpilogue (acc unused); the weight blocked
-// (depthwise_ring), scratch of depthwise_scratch(a) elements.
-using DepthwiseFwdFn = void (*)(const ConvArgs&, const void* x, const void* w_blocked,
+// (n, p) in [r0, r1): out/pre via the epilogue of ConvEpilogue (acc unused); x in the compute
+// dtype or (x_bf16, float kernels) bfloat16, the weight blocked (depthwise_ring), scratch of
+// depthwise_scratch(a) elements.
+using DepthwiseFwdFn = void (*)(const ConvArgs&, const void* x, bool x_bf16, const void* w_blocked,
                                 const ConvEpilogue&, int64_t r0, int64_t r1, void* scratch);
 // Bytes of the lane masks of flat NCHW planes (conv_kernels.h): a uint32 by tap for every vector
 // of an output plane (vectors of 8 lanes or more).

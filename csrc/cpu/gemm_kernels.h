@@ -159,13 +159,14 @@ inline void block(const GemmF32& g, const float* bp, int64_t k0, int64_t k1, int
   if (!g.ta) return row_tiles<false>(g, g.a + k0, 0, g.m, bp, kc, kp, n0, n1, beta);
   for (int64_t m0 = 0; m0 < g.m; m0 += kGemmMc) {
     const int64_t m1 = imin(g.m, m0 + kGemmMc);
-    for (int64_t k = 0; k < kc; ++k) {
-      const float* src = g.a + (k0 + k) * g.lda;
-      float* dst = g.apack + k * kMr;
-      for (int64_t m = m0; m < m1; m += kMr, dst += kMr * kc) {
-        const int64_t rows = imin(kMr, m1 - m);
-        st(dst, ld<VecF>(src + m, rows), rows);
-      }
+    // Panel by panel, its kc rows of kMr in turn: the stores run along the panel (k outermost
+    // had scattered them kMr kc floats apart: a 1x1 conv of 256 channels taking its NCHW x as
+    // A^T, 25 -> 21.6 ms), the kMr-element loads of the next panel hit the lines in L1.
+    float* dst = g.apack;
+    for (int64_t m = m0; m < m1; m += kMr) {
+      const int64_t rows = imin(kMr, m1 - m);
+      const float* src = g.a + k0 * g.lda + m;
+      for (int64_t k = 0; k < kc; ++k, dst += kMr) st(dst, ld<VecF>(src + k * g.lda, rows), rows);
     }
     row_tiles<true>(g, g.apack, m0, m1, bp, kc, kp, n0, n1, beta);
   }

@@ -7,8 +7,9 @@
 // Every conv is an implicit GEMM on NHWC activations (conv_params.h): rows m = output pixels,
 // cut into blocks whose im2col panel fits in L2 (at least kMinRows rows for deep layers), each
 // block's GEMM run by cpu/gemm.h (fastdl's own for float32) and its epilogue applied while the
-// block is in cache. NCHW inputs are read once into NHWC; 1x1 stride-1 convs need no im2col (the
-// NHWC input already is the GEMM operand). The backward reuses the same blocks: grad_weight =
+// block is in cache. NCHW inputs are read once into NHWC, but for Winograd (block by block) and
+// float32 1x1 stride-1 convs (in place, per image); 1x1 stride-1 convs need no im2col (the NHWC
+// input already is the GEMM operand). The backward reuses the same blocks: grad_weight =
 // col^T * grad_pre, grad_input = col2im(grad_pre * wmat^T). Small images, where over a quarter of
 // the (pixel, tap) pairs read padding, run one GEMM per tap on the pixels that read the image
 // instead (conv_taps.cpp), stride-1 3x3 convs with enough pixels Winograd (conv_winograd.cpp),
@@ -515,11 +516,12 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
   }
   // Winograd transposes an NCHW float32 x block by block, direct_nchw reads it in place; the
   // other paths read it NHWC.
-  const bool in_place = std::is_same_v<T, float> && (p.wino > 0 || direct_nchw(p, x));
-  at::Tensor xn = in_place && nchw_float(x) ? x : nhwc(x);
+  const bool in_nchw = std::is_same_v<T, float> && direct_nchw(p, x);
+  at::Tensor xn =
+      in_nchw || (std::is_same_v<T, float> && p.wino > 0 && nchw_float(x)) ? x : nhwc(x);
   if constexpr (std::is_same_v<T, float>) {
     if (winograd_forward(p, xn, weight, e)) return;
-    if (direct_nchw(p, x)) {
+    if (in_nchw) {
       const at::Tensor wm = weight_matrix(weight, p, ct);
       return forward_direct_nchw(p, x.const_data_ptr<float>(), wm.const_data_ptr<float>(), e);
     }

@@ -318,11 +318,12 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
     return;
   }
   const at::Tensor wc = weight.to(ct).reshape({a.C, a.R * a.S});
+  // A bfloat16 x is read as it is, widened plane by plane (NCHW planes) or row by row (the NHWC
+  // ring) in the kernels: a float32 copy of it, fresh memory every call, had cost more than the
+  // conv (page faults and clearing included), and tripled the traffic of this memory-bound conv.
+  const bool x_bf16 = std::is_same_v<T, float> && x.scalar_type() == at::kBFloat16;
   // NCHW output and width stride 1 or 2: SIMD over the width of each plane, no transposes.
   if (a.stride_w <= 2 && a.out_spq == 1 && a.out_sk == a.P * a.Q && a.out_sn == a.C * a.P * a.Q) {
-    // A bfloat16 x is widened plane by plane in the kernel: a float32 copy of it, fresh memory
-    // every call, had cost more than the conv (page faults and clearing included).
-    const bool x_bf16 = std::is_same_v<T, float> && x.scalar_type() == at::kBFloat16;
     const at::Tensor xc = x_bf16 ? x.contiguous() : x.to(ct).contiguous();
     const at::Tensor w = wc.contiguous();
     const int64_t scratch = depthwise_plane_scratch(a, sizeof(T), x_bf16);
@@ -333,9 +334,6 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
     });
     return;
   }
-  // A bfloat16 x is read as it is, each input row widened into the ring (a float32 copy of x
-  // had tripled the memory traffic of this memory-bound conv).
-  const bool x_bf16 = std::is_same_v<T, float> && x.scalar_type() == at::kBFloat16;
   const at::Tensor xn =
       x_bf16 ? as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast) : nhwc(x);
   // The weight blocked (depthwise_ring): (C / L, R S, L), L channels a cache line, zero past C.

@@ -145,7 +145,7 @@ void im2col_impl(const ConvArgs& a, const T* x, int64_t m0, int64_t mb, int64_t 
         for (int64_t g = g0; g < g1; ++g) {
           T* dst = col + ((g - g0) * mb + i) * j + (r * a.S + s) * (kCrs ? 1 : cg);
           const T* src = pixel + g * cg;
-          if constexpr (!kCrs) {  // cg channels: whole or masked vectors
+          if constexpr (!kCrs) {  // cg channels (float, double: whole or masked vectors)
             conv_detail::copy_run<T>(dst, inside ? src : nullptr, cg);
             continue;
           }
@@ -180,6 +180,7 @@ void col2im_impl(const ConvArgs& a, const T* gcol, int64_t m0, int64_t mb, int64
       const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
       if (h < 0 || h >= a.H) continue;
       if (runs) {  // the row's taps inside: one run of (s1 - s0) C elements of gx
+        if (s1 == s0) continue;
         T* dst = gx + ((n * a.H + h) * a.W + w0 + s0) * a.C;
         const T* src = row + (r * a.S + s0) * cg;
         using V = Vec<T>;  // float or double
@@ -340,7 +341,9 @@ inline void store_pixels_lean(const ConvArgs& a, const ConvEpilogue& e, const V*
   const bool relu_ = a.activation == kRelu;
   // Streamed only by whole cache lines: the next pixel's vector is a row of C elements away, so
   // a half-line vector (bf16 on AVX-512, float on AVX2) leaves the write-combining buffer half
-  // full (a bf16 3x3 depthwise conv ran at a third of its float32 speed).
+  // full (a bf16 3x3 depthwise conv ran at a third of its float32 speed). store_vec_as, which
+  // serves the other epilogues (mostly vectors along one pixel's channels, that fill the lines
+  // they share), still streams half lines.
   constexpr bool kLines = V::W * sizeof(S) % 64 == 0;
   const bool stream = kLines && e.stream && len == V::W && step % V::W == 0 &&
                       reinterpret_cast<uintptr_t>(out) % (V::W * sizeof(S)) == 0;

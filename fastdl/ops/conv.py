@@ -417,10 +417,10 @@ def conv2d(
     _check_activation(activation)
     x, padding = _same_padding(x, weight, padding, stride, dilation)
     x = x if unbatched else _as_weight_format(x, weight)
-    stride = _pair(CONV, "stride", stride, 1)
+    shape = conv2d_out_shape(x, weight, stride, padding, dilation, groups)
+    stride = _pair(CONV, "stride", stride, 1)  # checked: fast paths from here
     padding = _pair(CONV, "padding", padding, 0)
     dilation = _pair(CONV, "dilation", dilation, 1)
-    shape = conv2d_out_shape(x, weight, stride, padding, dilation, groups)
     _check_bias(CONV, bias, x, weight.shape[0])
     _check_residual(residual, x, shape)
     out = _library.call(

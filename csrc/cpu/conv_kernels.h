@@ -63,10 +63,6 @@ inline void store(const ConvArgs& a, const ConvEpilogue& e, T v, int64_t k, int6
   store_as<T>(a, e, v, o);
 }
 
-}  // namespace conv_detail
-
-namespace conv_detail {
-
 // dst[0, n) = src[0, n), or zeros when src is null: whole or masked vectors for float and double.
 template <typename T>
 inline void copy_run(T* dst, const T* src, int64_t n) {

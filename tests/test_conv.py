@@ -83,6 +83,9 @@ CONV_SHAPES = {
     "taps_dilated": (3, 6, 5, 6, 7, 3, 3, (1, 2), 2, (2, 1), 1),
     "taps_1x1_image": (4, 5, 1, 1, 6, 3, 3, 1, 1, 1, 1),
     "deep_grouped_s2": (5, 21, 7, 8, 201, 3, 3, 2, 1, 1, 3),
+    # An NCHW x that the CPU's implicit GEMM transposes block by block: blocks of ~112 rows that
+    # start and end inside output rows of 20 pixels, one of them across the two images.
+    "nchw_blocks_s2": (2, 64, 21, 40, 24, 3, 3, 2, 1, 1, 1),
     # Winograd on the CPU in float32/bfloat16 (stride 1, >= 256 channel pairs):
     # partial tiles at the bottom and right edges, padding 0, 1 and 2 (whose input gradients are
     # Winograd too), and padding 3 (the input gradient's adjoint padding would be negative: the

@@ -279,17 +279,107 @@ T widened(E e) {
     return e;
 }
 
+namespace {
+
+// The part of a block of GEMM rows that lies in one image, and what its im2col reads: the image
+// rows [h0, h1) it needs, transposed to NHWC at `x` in a slab, which `a` indexes as an image of
+// h1 - h0 rows (padding moved by h0: the rows it reads above h0 are the padding) from its row
+// m0 on.
+struct SlabPart {
+  ConvArgs a;
+  int64_t first, m0, mb;  // GEMM rows [first, first + mb) are the part's rows [m0, m0 + mb)
+  const float* x;
+};
+
+// The parts of GEMM rows [m0, m0 + mb), one per image, and the image rows each reads (x unset).
+std::vector<SlabPart> slab_parts(const Gemm& p, int64_t m0, int64_t mb) {
+  const ConvArgs& a = p.a;
+  const int64_t pq = a.P * a.Q, span = (a.R - 1) * a.dil_h + 1;
+  std::vector<SlabPart> parts;
+  for (int64_t i = m0; i < m0 + mb;) {
+    const int64_t n = i / pq, end = std::min(m0 + mb, (n + 1) * pq);
+    const int64_t p0 = i % pq / a.Q, p1 = (end - 1) % pq / a.Q;
+    const int64_t h0 = std::clamp(p0 * a.stride_h - a.pad_h, int64_t{0}, a.H);
+    const int64_t h1 = std::clamp(p1 * a.stride_h - a.pad_h + span, h0, a.H);
+    SlabPart part{a, i, i - n * pq, end - i, nullptr};
+    part.a.N = 1;
+    part.a.H = h1 - h0;
+    part.a.pad_h = a.pad_h + h0;
+    parts.push_back(part);
+    i = end;
+  }
+  return parts;
+}
+
+// The image rows that GEMM rows [m0, m0 + mb) of NCHW float32 x read, transposed image by image
+// into slab (NHWC rows), and the parts that index them. The implicit GEMM otherwise transposes
+// all of x into an NHWC copy in memory first, which its im2col reads back: a 3x3 stride-2 conv
+// on 32x128x56x56 spent a fifth of its time on those passes, an eighth now.
+std::vector<SlabPart> nchw_slab(const Gemm& p, const float* x, int64_t m0, int64_t mb,
+                                std::vector<float>& slab) {
+  const ConvArgs& a = p.a;
+  std::vector<SlabPart> parts = slab_parts(p, m0, mb);
+  int64_t rows = 0;
+  for (const SlabPart& part : parts) rows += part.a.H;
+  slab.resize(rows * a.W * a.C);
+  float* dst = slab.data();
+  for (SlabPart& part : parts) {
+    const int64_t n = part.first / (a.P * a.Q), h0 = part.a.pad_h - a.pad_h;
+    kernels().transpose[kConvF32](x + (n * a.C * a.H + h0) * a.W, a.H * a.W, dst, a.C, a.C,
+                                  part.a.H * a.W);
+    part.x = dst;
+    dst += part.a.H * a.W * a.C;
+  }
+  return parts;
+}
+
+// Whether the implicit GEMM reads an NCHW float32 x block by block (nchw_slab) rather than an
+// NHWC copy: not p.direct (which reads x's rows as the GEMM's), and when the blocks' slabs hold
+// at most kSlabRowsFactor times x's rows (the rows that blocks share are transposed once per
+// block: all of them for blocks within one output row).
+bool slabs_suit(const Gemm& p, const at::Tensor& x) {
+  constexpr int64_t kSlabRowsFactor = 2;
+  if (p.direct || !nchw_float(x)) return false;
+  int64_t rows = 0;
+  for (int64_t b = 0; b < p.blocks; ++b)
+    for (const SlabPart& part : slab_parts(p, b * p.rows, std::min(p.rows, p.M - b * p.rows)))
+      rows += part.a.H;
+  return rows <= kSlabRowsFactor * p.a.N * p.a.H;
+}
+
+// The im2col of GEMM rows [m0, m0 + mb), group g, into col: from x (NHWC) when there are no
+// slab parts, else from the parts' slab (nchw_slab).
+template <typename T, typename E>
+void block_im2col(const Gemm& p, const E* x, const std::vector<SlabPart>& parts, int64_t m0,
+                  int64_t mb, int64_t g, E* col) {
+  if (parts.empty()) return im2col<T>(p, x, m0, mb, g, g + 1, col);
+  for (const SlabPart& part : parts)
+    kernels().im2col[kConvF32](part.a, part.x, part.m0, part.mb, g, g + 1,
+                               col + (part.first - m0) * p.j);
+}
+
+// nchw_slab's parts for rows [m0, m0 + mb) when `slab` is given (E float32), else none.
+template <typename E>
+std::vector<SlabPart> block_slab(const Gemm& p, const E* x, int64_t m0, int64_t mb,
+                                 std::vector<E>* slab) {
+  if constexpr (std::is_same_v<E, float>)
+    if (slab != nullptr) return nchw_slab(p, x, m0, mb, *slab);
+  return {};
+}
+
+}  // namespace
+
 // Rows [m0, m0 + mb) (mb <= p.rows) of out (in its layout, via p.a.out_*) = epilogue(conv(x,
 // wmat)): im2col into col (unless p.direct), the GEMM into eb.acc, the epilogue.
-
 template <typename T, typename E>
 void forward_rows(const Gemm& p, const E* x, const std::vector<PackedOf<E>>& wp,
-                  const ConvEpilogue& eb, int64_t m0, int64_t mb, E* col) {
+                  const ConvEpilogue& eb, int64_t m0, int64_t mb, E* col, std::vector<E>* slab) {
   T* acc = static_cast<T*>(const_cast<void*>(eb.acc));
+  const std::vector<SlabPart> parts = block_slab(p, x, m0, mb, slab);
   for (int64_t g = 0; g < p.a.groups; ++g) {
     const E* A = x + m0 * p.a.C + g * p.cg;
     if (!p.direct) {
-      im2col<T>(p, x, m0, mb, g, g + 1, col);
+      block_im2col<T>(p, x, parts, m0, mb, g, col);
       A = col;
     }
     packed_gemm<T, E>(wp[g], mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, T(0), acc, p.kg);
@@ -297,7 +387,8 @@ void forward_rows(const Gemm& p, const E* x, const std::vector<PackedOf<E>>& wp,
   }
 }
 template void forward_rows<float>(const Gemm&, const float*, const std::vector<PackedB<float>>&,
-                                  const ConvEpilogue&, int64_t, int64_t, float*);
+                                  const ConvEpilogue&, int64_t, int64_t, float*,
+                                  std::vector<float>*);
 
 namespace {
 
@@ -334,19 +425,27 @@ void forward_narrow(const Gemm& p, const E* x, const E* wmat, ConvEpilogue e) {
   });
 }
 
-// The implicit GEMM forward over all blocks of rows (T, E: as forward_rows).
+// The implicit GEMM forward over all blocks of rows (T, E: as forward_rows; x NHWC, or NCHW
+// float32 memory with x_nchw: see forward_nchw).
 template <typename T, typename E = T>
-void forward(const Gemm& p, const E* x, const E* wmat, ConvEpilogue e) {
+void forward(const Gemm& p, const E* x, const E* wmat, ConvEpilogue e, bool x_nchw = false) {
   if (narrow_groups(p)) return forward_narrow<T, E>(p, x, wmat, e);
   const std::vector<PackedOf<E>> wp = pack_weight(p, wmat, true);
   at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<E> col(p.direct ? 0 : p.rows * p.j);
+    std::vector<E> col(p.direct ? 0 : p.rows * p.j), slab;
     std::vector<T> acc(p.rows * p.kg);
     ConvEpilogue eb = e;
     eb.acc = acc.data();
     for (int64_t b = b0; b < b1; ++b)
-      forward_rows<T, E>(p, x, wp, eb, b * p.rows, std::min(p.rows, p.M - b * p.rows), col.data());
+      forward_rows<T, E>(p, x, wp, eb, b * p.rows, std::min(p.rows, p.M - b * p.rows), col.data(),
+                         x_nchw ? &slab : nullptr);
   });
+}
+
+// Whether forward() reads an NCHW float32 x block by block (slabs_suit): the implicit GEMM with
+// an im2col per group.
+bool forward_nchw(const Gemm& p, const at::Tensor& x) {
+  return !p.taps && !narrow_groups(p) && slabs_suit(p, x);
 }
 
 // A direct (1x1, stride 1, unpadded) conv of NCHW float32 x: per image and block of its pixels
@@ -440,9 +539,10 @@ void backward_input(const Gemm& p, const E* gpre, const E* wmat, T* gx) {
 }
 
 // gw (K, R, S, C/G) = (col^T gpre)^T and gb (K) = column sums of gpre (either may be null; T,
-// E: as forward_rows).
+// E: as forward_rows; x NHWC, or NCHW float32 memory with x_nchw, read block by block as the
+// forward's: slabs_suit).
 template <typename T, typename E = T>
-void backward_params(const Gemm& p, const E* x, const E* gpre, T* gw, T* gb) {
+void backward_params(const Gemm& p, const E* x, const E* gpre, T* gw, T* gb, bool x_nchw = false) {
   const int64_t K = p.a.K, wsize = p.a.groups * p.j * p.kg, part = wsize + K;
   // part is 0 for a conv without output channels (nothing to sum, one chunk).
   const int64_t chunks = std::max<int64_t>(
@@ -452,7 +552,7 @@ void backward_params(const Gemm& p, const E* x, const E* gpre, T* gw, T* gb) {
   // zeroed here (fresh zero-filled pages cost as much as a pass over the gradient).
   const std::unique_ptr<T[]> partial(new T[chunks * part]);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<E> col(p.direct || gw == nullptr ? 0 : p.rows * p.j);
+    std::vector<E> col(p.direct || gw == nullptr ? 0 : p.rows * p.j), slab;
     for (int64_t c = c0; c < c1; ++c) {
       T* pw = partial.get() + c * part;
       T* pb = pw + wsize;
@@ -462,10 +562,12 @@ void backward_params(const Gemm& p, const E* x, const E* gpre, T* gw, T* gb) {
         const int64_t m0 = b * p.rows, mb = std::min(p.rows, p.M - m0);
         for (int64_t m = m0; gb != nullptr && m < m0 + mb; ++m)
           for (int64_t k = 0; k < K; ++k) pb[k] += widened<T>(gpre[m * K + k]);
+        const std::vector<SlabPart> parts =
+            block_slab(p, x, m0, mb, gw != nullptr && x_nchw ? &slab : nullptr);
         for (int64_t g = 0; gw != nullptr && g < p.a.groups; ++g) {
           const E* A = x + m0 * p.a.C + g * p.cg;
           if (!p.direct) {
-            im2col<T>(p, x, m0, mb, g, g + 1, col.data());
+            block_im2col<T>(p, x, parts, m0, mb, g, col.data());
             A = col.data();
           }
           any_gemm<T, E>(true, false, p.kg, p.j, mb, gpre + m0 * K + g * p.kg, K, A,
@@ -514,11 +616,12 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
       return forward<float, uint16_t>(p, bits(xb), bits(wb), e);
     }
   }
-  // Winograd transposes an NCHW float32 x block by block, direct_nchw reads it in place; the
-  // other paths read it NHWC.
+  // Winograd and the implicit GEMM transpose an NCHW float32 x block by block, direct_nchw
+  // reads it in place; the other paths read it NHWC.
   const bool in_nchw = std::is_same_v<T, float> && direct_nchw(p, x);
+  const bool slabs = std::is_same_v<T, float> && forward_nchw(p, x);
   at::Tensor xn =
-      in_nchw || (std::is_same_v<T, float> && p.wino > 0 && nchw_float(x)) ? x : nhwc(x);
+      in_nchw || slabs || (std::is_same_v<T, float> && p.wino > 0 && nchw_float(x)) ? x : nhwc(x);
   if constexpr (std::is_same_v<T, float>) {
     if (winograd_forward(p, xn, weight, e)) return;
     if (in_nchw) {
@@ -526,9 +629,10 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
       return forward_direct_nchw(p, x.const_data_ptr<float>(), wm.const_data_ptr<float>(), e);
     }
   }
-  xn = nhwc(xn);
+  if (!slabs) xn = nhwc(xn);
   const at::Tensor wm = weight_matrix(weight, p, ct);
-  (p.taps ? taps_forward<T> : forward<T>)(p, xn.const_data_ptr<T>(), wm.const_data_ptr<T>(), e);
+  if (p.taps) return taps_forward<T>(p, xn.const_data_ptr<T>(), wm.const_data_ptr<T>(), e);
+  forward<T>(p, xn.const_data_ptr<T>(), wm.const_data_ptr<T>(), e, slabs);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
@@ -633,13 +737,17 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
                                        want_weight ? gw.data_ptr<float>() : nullptr,
                                        want_bias ? gb.data_ptr<float>() : nullptr);
     } else if (p.M > 0) {
+      // backward_params reads an NCHW float32 x block by block where the forward would.
+      const bool slabs = want_weight && ct == at::kFloat && !p.taps && slabs_suit(p, x);
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_wgrad", [&] {
-        const at::Tensor xr = want_weight ? nhwc(x) : at::Tensor();
+        const at::Tensor xr = want_weight ? (slabs ? x : nhwc(x)) : at::Tensor();
         const scalar_t* xp = want_weight ? xr.const_data_ptr<scalar_t>() : nullptr;
-        (p.taps ? taps_params<scalar_t>
-                : backward_params<scalar_t>)(p, xp, gp.const_data_ptr<scalar_t>(),
-                                             want_weight ? gw.data_ptr<scalar_t>() : nullptr,
-                                             want_bias ? gb.data_ptr<scalar_t>() : nullptr);
+        scalar_t* gwp = want_weight ? gw.data_ptr<scalar_t>() : nullptr;
+        scalar_t* gbp = want_bias ? gb.data_ptr<scalar_t>() : nullptr;
+        if (p.taps)
+          taps_params<scalar_t>(p, xp, gp.const_data_ptr<scalar_t>(), gwp, gbp);
+        else
+          backward_params<scalar_t>(p, xp, gp.const_data_ptr<scalar_t>(), gwp, gbp, slabs);
       });
     }
     if (want_weight) r.weight = weight_from_matrix(gw, p, weight);

@@ -84,10 +84,12 @@ std::vector<PackedOf<E>> pack_weight(const Gemm& p, const E* wmat, bool trans);
 
 // Rows [m0, m0 + mb) of out = epilogue(conv(x, wmat)) by the implicit GEMM (conv.cpp); wp is
 // pack_weight(p, wmat, true). T: the compute dtype (eb.acc's); E: x's and wmat's, T or (T float)
-// bfloat16 bits, multiplied on gemm_bf16.
+// bfloat16 bits, multiplied on gemm_bf16. x is NHWC, or with a `slab` NCHW float32 memory: the
+// image rows the block reads are transposed into the slab first (not p.direct).
 template <typename T, typename E = T>
 void forward_rows(const Gemm& p, const E* x, const std::vector<PackedOf<E>>& wp,
-                  const ConvEpilogue& eb, int64_t m0, int64_t mb, E* col);
+                  const ConvEpilogue& eb, int64_t m0, int64_t mb, E* col,
+                  std::vector<E>* slab = nullptr);
 
 // Sums chunks partial sums of part elements each, element by element in chunk order (so the
 // result does not depend on the thread count), and hands sum i to put(i, sum).

@@ -511,10 +511,13 @@ void direct_input_grad(const Gemm& p, const E* gpre, const E* wmat, at::Tensor& 
   });
 }
 
-// grad_x (N, H, W, C), zero-filled, += the col2im scatter of the input gradient of gpre (M, K)
-// (T, E: as forward_rows; not p.direct: direct_input_grad).
+// grad_x (N, H, W, C), zero-filled, = the col2im scatter of the input gradient of gpre (M, K)
+// (T, E: as forward_rows; not p.direct: direct_input_grad). With `nchw`, grad_x is
+// (N, C, H, W), unfilled: each task scatters its images into a zero-filled NHWC scratch and
+// transposes them into grad_x while they are in cache (a zero-filled NHWC grad_x transposed
+// afterwards had cost three passes over memory more).
 template <typename T, typename E = T>
-void backward_input(const Gemm& p, const E* gpre, const E* wmat, T* gx) {
+void backward_input(const Gemm& p, const E* gpre, const E* wmat, T* gx, bool nchw = false) {
   const int64_t K = p.a.K;
   const std::vector<PackedOf<E>> wp = pack_weight(p, wmat, false);
   // col2im scatters into overlapping windows of one image: a task owns whole images (several
@@ -522,18 +525,30 @@ void backward_input(const Gemm& p, const E* gpre, const E* wmat, T* gx) {
   // its blocks in order. The blocks are fixed by the shapes alone.
   const int64_t pq = p.a.P * p.a.Q, per = std::max<int64_t>(1, p.rows / pq);
   const int64_t step = pq <= p.rows ? per * pq : p.rows;
+  const int64_t image = p.a.H * p.a.W * p.a.C;
   at::parallel_for(0, (p.a.N + per - 1) / per, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> gcol(step * p.j);
+    std::vector<T> gcol(step * p.j), local(nchw ? per * image : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t end = std::min(p.a.N, (t + 1) * per) * pq;
-      for (int64_t m0 = t * per * pq; m0 < end; m0 += step) {
+      const int64_t n0 = t * per, n1 = std::min(p.a.N, n0 + per), end = n1 * pq;
+      // The task's images: gx's, or the scratch's from image n0 on.
+      ConvArgs a = p.a;
+      T* dst = gx;
+      if (nchw) {
+        a.N = n1 - n0;
+        dst = local.data();
+        std::fill(local.begin(), local.begin() + a.N * image, T(0));
+      }
+      for (int64_t m0 = n0 * pq; m0 < end; m0 += step) {
         const int64_t mb = std::min(step, end - m0);
         for (int64_t g = 0; g < p.a.groups; ++g) {
           packed_gemm<T, E>(wp[g], mb, p.j, p.kg, gpre + m0 * K + g * p.kg, K, T(0), gcol.data(),
                             p.j);
-          kernels().col2im[dt<T>()](p.a, gcol.data(), m0, mb, g, gx);
+          kernels().col2im[dt<T>()](a, gcol.data(), nchw ? m0 - n0 * pq : m0, mb, g, dst);
         }
       }
+      for (int64_t n = n0; nchw && n < n1; ++n)
+        kernels().transpose[dt<T>()](dst + (n - n0) * image, p.a.C, gx + n * image, p.a.H * p.a.W,
+                                     p.a.H * p.a.W, p.a.C);
     }
   });
 }
@@ -699,6 +714,13 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
                                               wm.const_data_ptr<scalar_t>(), r.input);
       });
     }
+  } else if (want_input && !bf16 && !p.taps && ct == at::kFloat && dtype == at::kFloat &&
+             fmt == at::MemoryFormat::Contiguous && p.M > 0) {
+    // float32 NCHW: backward_input transposes each task's images into gx itself.
+    r.input = new_output({g.N, g.C, g.H, g.W}, opts);
+    const at::Tensor wm = weight_matrix(weight, p, ct);
+    backward_input<float>(p, gp.const_data_ptr<float>(), wm.const_data_ptr<float>(),
+                          r.input.data_ptr<float>(), true);
   } else if (want_input) {
     at::Tensor gx = new_output({g.N, g.H, g.W, g.C}, opts).zero_();
     if (p.M > 0 && bf16) {
@@ -707,9 +729,12 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
     } else if (p.M > 0) {
       const at::Tensor wm = weight_matrix(weight, p, ct);
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_dgrad", [&] {
-        (p.taps ? taps_input_grad<scalar_t>
-                : backward_input<scalar_t>)(p, gp.const_data_ptr<scalar_t>(),
-                                            wm.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
+        const scalar_t* gpp = gp.const_data_ptr<scalar_t>();
+        const scalar_t* wmp = wm.const_data_ptr<scalar_t>();
+        if (p.taps)
+          taps_input_grad<scalar_t>(p, gpp, wmp, gx.data_ptr<scalar_t>());
+        else
+          backward_input<scalar_t>(p, gpp, wmp, gx.data_ptr<scalar_t>());
       });
     }
     r.input = from_nhwc(gx, fmt, dtype);

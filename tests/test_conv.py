@@ -83,9 +83,12 @@ CONV_SHAPES = {
     "taps_dilated": (3, 6, 5, 6, 7, 3, 3, (1, 2), 2, (2, 1), 1),
     "taps_1x1_image": (4, 5, 1, 1, 6, 3, 3, 1, 1, 1, 1),
     "deep_grouped_s2": (5, 21, 7, 8, 201, 3, 3, 2, 1, 1, 3),
-    # An NCHW x that the CPU's implicit GEMM transposes block by block: blocks of ~112 rows that
-    # start and end inside output rows of 20 pixels, one of them across the two images.
+    # An NCHW x that the CPU's implicit GEMM transposes block by block: blocks of 113 rows that
+    # start and end inside output rows of 20 pixels, one of them across the two images; then
+    # row dilation 2 and padding 5, whose first block ends in the second image's first output
+    # row, which reads only padding (no image rows in its part).
     "nchw_blocks_s2": (2, 64, 21, 40, 24, 3, 3, 2, 1, 1, 1),
+    "nchw_blocks_dil_pad": (2, 128, 4, 11, 40, 3, 3, 1, (5, 1), (2, 1), 2),
     # Winograd on the CPU in float32/bfloat16 (stride 1, >= 256 channel pairs):
     # partial tiles at the bottom and right edges, padding 0, 1 and 2 (whose input gradients are
     # Winograd too), and padding 3 (the input gradient's adjoint padding would be negative: the

@@ -7,8 +7,10 @@
 // Every conv is an implicit GEMM on NHWC activations (conv_params.h): rows m = output pixels,
 // cut into blocks whose im2col panel fits in L2 (at least kMinRows rows for deep layers), each
 // block's GEMM run by cpu/gemm.h (fastdl's own for float32) and its epilogue applied while the
-// block is in cache. NCHW inputs are read once into NHWC, but for Winograd (block by block) and
-// float32 1x1 stride-1 convs (in place, per image); 1x1 stride-1 convs need no im2col (the NHWC
+// block is in cache. NCHW float32 inputs are transposed block by block, the image rows a block
+// reads into an NHWC slab in L2 (Winograd, and the implicit GEMM's forward and weight gradient
+// where the slabs stay small: slabs_suit), or read in place by 1x1 stride-1 convs (per image);
+// the other NCHW inputs are read once into NHWC. 1x1 stride-1 convs need no im2col (the NHWC
 // input already is the GEMM operand). The backward reuses the same blocks: grad_weight =
 // col^T * grad_pre, grad_input = col2im(grad_pre * wmat^T). Small images, where over a quarter of
 // the (pixel, tap) pairs read padding, run one GEMM per tap on the pixels that read the image
@@ -291,23 +293,37 @@ struct SlabPart {
   const float* x;
 };
 
+// The image rows [h0, h1) that GEMM rows [i, end) of one image read.
+std::pair<int64_t, int64_t> image_rows(const ConvArgs& a, int64_t i, int64_t end) {
+  const int64_t pq = a.P * a.Q, span = (a.R - 1) * a.dil_h + 1;
+  const int64_t p0 = i % pq / a.Q, p1 = (end - 1) % pq / a.Q;
+  const int64_t h0 = std::clamp(p0 * a.stride_h - a.pad_h, int64_t{0}, a.H);
+  return {h0, std::clamp(p1 * a.stride_h - a.pad_h + span, h0, a.H)};
+}
+
+// Calls f(i, end) for the part of GEMM rows [m0, m0 + mb) in each image.
+template <typename F>
+void for_image_parts(const ConvArgs& a, int64_t m0, int64_t mb, F&& f) {
+  const int64_t pq = a.P * a.Q;
+  for (int64_t i = m0; i < m0 + mb;) {
+    const int64_t end = std::min(m0 + mb, (i / pq + 1) * pq);
+    f(i, end);
+    i = end;
+  }
+}
+
 // The parts of GEMM rows [m0, m0 + mb), one per image, and the image rows each reads (x unset).
 std::vector<SlabPart> slab_parts(const Gemm& p, int64_t m0, int64_t mb) {
   const ConvArgs& a = p.a;
-  const int64_t pq = a.P * a.Q, span = (a.R - 1) * a.dil_h + 1;
   std::vector<SlabPart> parts;
-  for (int64_t i = m0; i < m0 + mb;) {
-    const int64_t n = i / pq, end = std::min(m0 + mb, (n + 1) * pq);
-    const int64_t p0 = i % pq / a.Q, p1 = (end - 1) % pq / a.Q;
-    const int64_t h0 = std::clamp(p0 * a.stride_h - a.pad_h, int64_t{0}, a.H);
-    const int64_t h1 = std::clamp(p1 * a.stride_h - a.pad_h + span, h0, a.H);
-    SlabPart part{a, i, i - n * pq, end - i, nullptr};
+  for_image_parts(a, m0, mb, [&](int64_t i, int64_t end) {
+    const auto [h0, h1] = image_rows(a, i, end);
+    SlabPart part{a, i, i % (a.P * a.Q), end - i, nullptr};
     part.a.N = 1;
     part.a.H = h1 - h0;
     part.a.pad_h = a.pad_h + h0;
     parts.push_back(part);
-    i = end;
-  }
+  });
   return parts;
 }
 
@@ -334,17 +350,25 @@ std::vector<SlabPart> nchw_slab(const Gemm& p, const float* x, int64_t m0, int64
 }
 
 // Whether the implicit GEMM reads an NCHW float32 x block by block (nchw_slab) rather than an
-// NHWC copy: not p.direct (which reads x's rows as the GEMM's), and when the blocks' slabs hold
-// at most kSlabRowsFactor times x's rows (the rows that blocks share are transposed once per
-// block: all of them for blocks within one output row).
+// NHWC copy: not p.direct (which reads x's rows as the GEMM's), when the blocks' slabs hold at
+// most kSlabRowsFactor times x's rows (the rows that blocks share are transposed once per block:
+// all of them for blocks within one output row) and none is over kSlabBytes (a block's rows of
+// a wide, deep layer would not stay in L2).
 bool slabs_suit(const Gemm& p, const at::Tensor& x) {
-  constexpr int64_t kSlabRowsFactor = 2;
+  constexpr int64_t kSlabRowsFactor = 2, kSlabBytes = int64_t{1} << 20;
   if (p.direct || !nchw_float(x)) return false;
-  int64_t rows = 0;
-  for (int64_t b = 0; b < p.blocks; ++b)
-    for (const SlabPart& part : slab_parts(p, b * p.rows, std::min(p.rows, p.M - b * p.rows)))
-      rows += part.a.H;
-  return rows <= kSlabRowsFactor * p.a.N * p.a.H;
+  const ConvArgs& a = p.a;
+  int64_t rows = 0, widest = 0;
+  for (int64_t b = 0; b < p.blocks; ++b) {
+    int64_t block = 0;
+    for_image_parts(a, b * p.rows, std::min(p.rows, p.M - b * p.rows), [&](int64_t i, int64_t e) {
+      const auto [h0, h1] = image_rows(a, i, e);
+      block += h1 - h0;
+    });
+    rows += block;
+    widest = std::max(widest, block);
+  }
+  return rows <= kSlabRowsFactor * a.N * a.H && widest * a.W * a.C * 4 <= kSlabBytes;
 }
 
 // The im2col of GEMM rows [m0, m0 + mb), group g, into col: from x (NHWC) when there are no
@@ -377,11 +401,8 @@ void forward_rows(const Gemm& p, const E* x, const std::vector<PackedOf<E>>& wp,
   T* acc = static_cast<T*>(const_cast<void*>(eb.acc));
   const std::vector<SlabPart> parts = block_slab(p, x, m0, mb, slab);
   for (int64_t g = 0; g < p.a.groups; ++g) {
-    const E* A = x + m0 * p.a.C + g * p.cg;
-    if (!p.direct) {
-      block_im2col<T>(p, x, parts, m0, mb, g, col);
-      A = col;
-    }
+    if (!p.direct) block_im2col<T>(p, x, parts, m0, mb, g, col);
+    const E* A = p.direct ? x + m0 * p.a.C + g * p.cg : col;
     packed_gemm<T, E>(wp[g], mb, p.kg, p.j, A, p.direct ? p.a.C : p.j, T(0), acc, p.kg);
     kernels().epilogue[dt<T>()](p.a, eb, m0, mb, g);
   }
@@ -527,7 +548,9 @@ void backward_input(const Gemm& p, const E* gpre, const E* wmat, T* gx, bool nch
   const int64_t step = pq <= p.rows ? per * pq : p.rows;
   const int64_t image = p.a.H * p.a.W * p.a.C;
   at::parallel_for(0, (p.a.N + per - 1) / per, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> gcol(step * p.j), local(nchw ? per * image : 0);
+    std::vector<T> gcol(step * p.j);
+    // Filled per task below (a vector would zero it once more on construction).
+    const std::unique_ptr<T[]> local(nchw ? new T[std::min(per, p.a.N) * image] : nullptr);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * per, n1 = std::min(p.a.N, n0 + per), end = n1 * pq;
       // The task's images: gx's, or the scratch's from image n0 on.
@@ -535,8 +558,8 @@ void backward_input(const Gemm& p, const E* gpre, const E* wmat, T* gx, bool nch
       T* dst = gx;
       if (nchw) {
         a.N = n1 - n0;
-        dst = local.data();
-        std::fill(local.begin(), local.begin() + a.N * image, T(0));
+        dst = local.get();
+        std::fill(dst, dst + a.N * image, T(0));
       }
       for (int64_t m0 = n0 * pq; m0 < end; m0 += step) {
         const int64_t mb = std::min(step, end - m0);
@@ -580,11 +603,8 @@ void backward_params(const Gemm& p, const E* x, const E* gpre, T* gw, T* gb, boo
         const std::vector<SlabPart> parts =
             block_slab(p, x, m0, mb, gw != nullptr && x_nchw ? &slab : nullptr);
         for (int64_t g = 0; gw != nullptr && g < p.a.groups; ++g) {
-          const E* A = x + m0 * p.a.C + g * p.cg;
-          if (!p.direct) {
-            block_im2col<T>(p, x, parts, m0, mb, g, col.data());
-            A = col.data();
-          }
+          if (!p.direct) block_im2col<T>(p, x, parts, m0, mb, g, col.data());
+          const E* A = p.direct ? x + m0 * p.a.C + g * p.cg : col.data();
           any_gemm<T, E>(true, false, p.kg, p.j, mb, gpre + m0 * K + g * p.kg, K, A,
                          p.direct ? p.a.C : p.j, T(b == first ? 0 : 1), pw + g * p.kg * p.j, p.j);
         }
@@ -631,8 +651,8 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
       return forward<float, uint16_t>(p, bits(xb), bits(wb), e);
     }
   }
-  // Winograd and the implicit GEMM transpose an NCHW float32 x block by block, direct_nchw
-  // reads it in place; the other paths read it NHWC.
+  // Winograd and (forward_nchw) the implicit GEMM transpose an NCHW float32 x block by block,
+  // direct_nchw reads it in place; the other paths read it NHWC.
   const bool in_nchw = std::is_same_v<T, float> && direct_nchw(p, x);
   const bool slabs = std::is_same_v<T, float> && forward_nchw(p, x);
   at::Tensor xn =
@@ -714,15 +734,13 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
                                               wm.const_data_ptr<scalar_t>(), r.input);
       });
     }
-  } else if (want_input && !bf16 && !p.taps && ct == at::kFloat && dtype == at::kFloat &&
-             fmt == at::MemoryFormat::Contiguous && p.M > 0) {
-    // float32 NCHW: backward_input transposes each task's images into gx itself.
-    r.input = new_output({g.N, g.C, g.H, g.W}, opts);
-    const at::Tensor wm = weight_matrix(weight, p, ct);
-    backward_input<float>(p, gp.const_data_ptr<float>(), wm.const_data_ptr<float>(),
-                          r.input.data_ptr<float>(), true);
   } else if (want_input) {
-    at::Tensor gx = new_output({g.N, g.H, g.W, g.C}, opts).zero_();
+    // float32 NCHW on the implicit GEMM: backward_input transposes each task's images into gx
+    // itself (every element written).
+    const bool nchw_gx = !bf16 && !p.taps && p.M > 0 && ct == at::kFloat && dtype == at::kFloat &&
+                         fmt == at::MemoryFormat::Contiguous;
+    at::Tensor gx = nchw_gx ? new_output({g.N, g.C, g.H, g.W}, opts)
+                            : new_output({g.N, g.H, g.W, g.C}, opts).zero_();
     if (p.M > 0 && bf16) {
       const at::Tensor wm = weight_matrix(weight, p, at::kBFloat16);
       backward_input<float, uint16_t>(p, bits(gp), bits(wm), gx.data_ptr<float>());
@@ -734,10 +752,10 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
         if (p.taps)
           taps_input_grad<scalar_t>(p, gpp, wmp, gx.data_ptr<scalar_t>());
         else
-          backward_input<scalar_t>(p, gpp, wmp, gx.data_ptr<scalar_t>());
+          backward_input<scalar_t>(p, gpp, wmp, gx.data_ptr<scalar_t>(), nchw_gx);
       });
     }
-    r.input = from_nhwc(gx, fmt, dtype);
+    r.input = nchw_gx ? gx : from_nhwc(gx, fmt, dtype);
   }
   if (want_weight && !bf16 && p.M > 0 && ct == at::kFloat) {
     // Winograd reads an NCHW float32 x block by block (conv_winograd.cpp).
@@ -762,7 +780,8 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
                                        want_weight ? gw.data_ptr<float>() : nullptr,
                                        want_bias ? gb.data_ptr<float>() : nullptr);
     } else if (p.M > 0) {
-      // backward_params reads an NCHW float32 x block by block where the forward would.
+      // backward_params reads an NCHW float32 x block by block (slabs_suit; also for groups of
+      // few channels, whose forward copies x to NHWC).
       const bool slabs = want_weight && ct == at::kFloat && !p.taps && slabs_suit(p, x);
       AT_DISPATCH_FLOATING_TYPES(ct, "conv_wgrad", [&] {
         const at::Tensor xr = want_weight ? (slabs ? x : nhwc(x)) : at::Tensor();

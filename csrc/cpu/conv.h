@@ -47,7 +47,8 @@ constexpr int dt() {
 }
 
 // Whether x is float32 NCHW memory (not also channels_last): what the conv kernels' own
-// transposes take, whole (nhwc) or a block of image rows at a time (conv_winograd.cpp).
+// transposes take, whole (nhwc) or a block of image rows at a time (conv_winograd.cpp, the
+// implicit GEMM's slabs in conv.cpp).
 bool nchw_float(const at::Tensor& x);
 
 // float64 for float64 x, else float32 (bfloat16 is computed in float32).

@@ -137,12 +137,12 @@ void im2col_impl(const ConvArgs& a, const T* x, int64_t m0, int64_t mb, int64_t 
       for (int64_t s = 0; s < a.S; ++s) {
         const int64_t w = w0 + s * a.dil_w;
         const bool inside = h >= 0 && h < a.H && w >= 0 && w < a.W;
-        const T* pixel = x + ((n * a.H + h) * a.W + w) * a.C;
+        const T* pixel = inside ? x + ((n * a.H + h) * a.W + w) * a.C : nullptr;
         for (int64_t g = g0; g < g1; ++g) {
           T* dst = col + ((g - g0) * mb + i) * j + (r * a.S + s) * (kCrs ? 1 : cg);
-          const T* src = pixel + g * cg;
+          const T* src = inside ? pixel + g * cg : nullptr;
           if constexpr (!kCrs) {  // cg channels (float, double: whole or masked vectors)
-            conv_detail::copy_run<T>(dst, inside ? src : nullptr, cg);
+            conv_detail::copy_run<T>(dst, src, cg);
             continue;
           }
           for (int64_t c = 0; c < cg; ++c) dst[c * cs] = inside ? src[c] : T(0);

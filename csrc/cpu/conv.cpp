@@ -283,13 +283,13 @@ T widened(E e) {
 
 namespace {
 
-// The part of a block of GEMM rows that lies in one image, and what its im2col reads: the image
-// rows [h0, h1) it needs, transposed to NHWC at `x` in a slab, which `a` indexes as an image of
-// h1 - h0 rows (padding moved by h0: the rows it reads above h0 are the padding) from its row
-// m0 on.
+// The part of a block of GEMM rows that lies in one image, GEMM rows [first, first + mb), and
+// what its im2col reads: the image rows [h0, h0 + a.H) it needs, transposed to NHWC at `x` in a
+// slab, which `a` indexes as an image of those rows (padding moved by h0: the rows it reads
+// above h0 are the padding), the part's rows from first % (P Q) on.
 struct SlabPart {
   ConvArgs a;
-  int64_t first, m0, mb;  // GEMM rows [first, first + mb) are the part's rows [m0, m0 + mb)
+  int64_t first, mb, h0;
   const float* x;
 };
 
@@ -318,7 +318,7 @@ std::vector<SlabPart> slab_parts(const Gemm& p, int64_t m0, int64_t mb) {
   std::vector<SlabPart> parts;
   for_image_parts(a, m0, mb, [&](int64_t i, int64_t end) {
     const auto [h0, h1] = image_rows(a, i, end);
-    SlabPart part{a, i, i % (a.P * a.Q), end - i, nullptr};
+    SlabPart part{a, i, end - i, h0, nullptr};
     part.a.N = 1;
     part.a.H = h1 - h0;
     part.a.pad_h = a.pad_h + h0;
@@ -340,8 +340,8 @@ std::vector<SlabPart> nchw_slab(const Gemm& p, const float* x, int64_t m0, int64
   slab.resize(rows * a.W * a.C);
   float* dst = slab.data();
   for (SlabPart& part : parts) {
-    const int64_t n = part.first / (a.P * a.Q), h0 = part.a.pad_h - a.pad_h;
-    kernels().transpose[kConvF32](x + (n * a.C * a.H + h0) * a.W, a.H * a.W, dst, a.C, a.C,
+    const int64_t n = part.first / (a.P * a.Q);
+    kernels().transpose[kConvF32](x + (n * a.C * a.H + part.h0) * a.W, a.H * a.W, dst, a.C, a.C,
                                   part.a.H * a.W);
     part.x = dst;
     dst += part.a.H * a.W * a.C;
@@ -378,7 +378,7 @@ void block_im2col(const Gemm& p, const E* x, const std::vector<SlabPart>& parts,
                   int64_t mb, int64_t g, E* col) {
   if (parts.empty()) return im2col<T>(p, x, m0, mb, g, g + 1, col);
   for (const SlabPart& part : parts)
-    kernels().im2col[kConvF32](part.a, part.x, part.m0, part.mb, g, g + 1,
+    kernels().im2col[kConvF32](part.a, part.x, part.first % (p.a.P * p.a.Q), part.mb, g, g + 1,
                                col + (part.first - m0) * p.j);
 }
 
@@ -654,7 +654,8 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
   // Winograd and (forward_nchw) the implicit GEMM transpose an NCHW float32 x block by block,
   // direct_nchw reads it in place; the other paths read it NHWC.
   const bool in_nchw = std::is_same_v<T, float> && direct_nchw(p, x);
-  const bool slabs = std::is_same_v<T, float> && forward_nchw(p, x);
+  // (Not where Winograd runs: the slabs' plan would be work for nothing on every call.)
+  const bool slabs = std::is_same_v<T, float> && p.wino == 0 && forward_nchw(p, x);
   at::Tensor xn =
       in_nchw || slabs || (std::is_same_v<T, float> && p.wino > 0 && nchw_float(x)) ? x : nhwc(x);
   if constexpr (std::is_same_v<T, float>) {

@@ -231,10 +231,9 @@ TORCH_LIBRARY(fastdl, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cpu_isa", [] { return std::string(fastdl::isa_name(fastdl::cpu_isa())); });
-  m.def("best_cpu_isa", [] { return std::string(fastdl::isa_name(fastdl::detect_cpu_isa())); });
-  m.def("set_cpu_isa",
-        [](const std::string& name) { fastdl::set_cpu_isa(fastdl::parse_isa(name.c_str())); });
+  m.def("cpu_isa", [] { return std::string(fastdl::cpu_isa_level()); });
+  m.def("best_cpu_isa", [] { return std::string(fastdl::best_cpu_isa_level()); });
+  m.def("set_cpu_isa", [](const std::string& name) { fastdl::set_cpu_isa_level(name.c_str()); });
   // Bench hook (bench/machine.py), not an op: the int8 multiply-add peak in GOP/s, 0 if none.
   m.def("_int8_peak_gops", [] { return fastdl::cpu::int8_peak_gops(); });
   // Test hook (tests/test_gemm.py): whether gemm_bf16 runs on AVX512-BF16 under the current ISA.

@@ -33,13 +33,15 @@ def native_cuda() -> bool:
 
 
 def cpu_isa() -> str:
-    """The CPU ISA the C++ kernels use now: 'avx512', 'avx2' or 'scalar'."""
+    """The CPU ISA the C++ kernels use now: 'amx' (AVX-512 kernels, the bfloat16 GEMMs on AMX
+    tiles), 'avx512', 'avx2' or 'scalar'."""
     require_native("fastdl.cpu_isa")
     return _C.cpu_isa()
 
 
 def set_cpu_isa(name: str) -> None:
-    """Lower the CPU ISA the C++ kernels use (e.g. to test the AVX2 path on an AVX-512 CPU)."""
+    """Lower the CPU ISA the C++ kernels use (e.g. 'avx512' keeps the bfloat16 GEMMs off AMX tiles,
+    'avx2' tests the AVX2 path on an AVX-512 CPU), or restore it."""
     require_native("fastdl.set_cpu_isa")
     _C.set_cpu_isa(name)
 

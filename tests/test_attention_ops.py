@@ -7,7 +7,7 @@ import pathlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NATIVE_CPU
+from conftest import BF16_ISAS, ISAS, NATIVE_CPU
 from test_attention import ATT_BACKENDS
 
 import fastdl
@@ -231,12 +231,8 @@ def test_deterministic_any_thread_count():
 
 
 @pytest.mark.skipif(_ext._C is None, reason="needs the built extension")
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_cpu_isas(isa):
-    order = ["scalar", "avx2", "avx512"]
-    best = _ext._C.best_cpu_isa()
-    if order.index(isa) > order.index(best):
-        pytest.skip(f"this CPU supports up to {best}")
     q, k, v = (_t(1, 2, 70, 24, grad=True) for _ in range(3))
     exact = torch.nn.functional.scaled_dot_product_attention(
         *(t.detach().double() for t in (q, k, v)), is_causal=True
@@ -252,11 +248,9 @@ def test_cpu_isas(isa):
     assert torch.isfinite(gq).all()
 
 
-ISA_ORDER = ["scalar", "avx2", "avx512"]
 _CPU_FLAGS = (
     pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
 )
-BF16_ISAS = ISA_ORDER[: ISA_ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else []
 
 
 def _bf16_run(fn, leaves, g, *args, **kw):
@@ -286,7 +280,7 @@ def test_cpu_isas_bfloat16(isa):
         native = _ext._C._gemm_bf16_native()
     finally:
         fastdl.set_cpu_isa(previous)
-    assert native == (isa == "avx512" and "avx512_bf16" in _CPU_FLAGS)
+    assert native == (isa in ("avx512", "amx") and "avx512_bf16" in _CPU_FLAGS)
     for name, kw in cases.items():
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         fastdl.set_cpu_isa(isa)

@@ -4,7 +4,7 @@ against eager, bit-identical repeated backward, and the CPU kernels under every 
 
 import pytest
 import torch
-from conftest import NATIVE_CPU
+from conftest import BF16_ISAS, ISAS, NATIVE_CPU
 from conv_ref import assert_close, ref_conv2d
 
 import fastdl
@@ -175,10 +175,6 @@ def test_deep_layer_backward(weight_cl):
     assert_close(first[0], yd, torch.float32)
     for got, want in zip(first[1:], torch.autograd.grad(yd, (xd, wd, bd), g.double()), strict=True):
         assert_close(got, want, torch.float32, scale=4.0)
-
-
-ORDER = ("scalar", "avx2", "avx512")
-ISAS = ORDER[: ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else ("scalar",)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -426,7 +422,7 @@ def _bf16_conv(x, w, b, res, spec, fn):
     return torch.relu(y + res) if fused else y
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", BF16_ISAS)
 @pytest.mark.parametrize("name", list(BF16_CONVS))
 def test_every_isa_bfloat16(isa, name):
     """bfloat16 convs on the implicit GEMM, forward and every gradient: with AVX512-BF16 they

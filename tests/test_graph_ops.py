@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import ISAS
 from graph_ref import (
     close,
     compare,
@@ -156,14 +157,7 @@ def test_bit_identical_repeats():
         torch.set_num_threads(threads)
 
 
-def _isas():
-    if _ext._C is None:
-        return []
-    order = ["scalar", "avx2", "avx512"]
-    return order[: order.index(_ext._C.best_cpu_isa()) + 1]
-
-
-@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_isa(isa):
     n = 40
     ei = random_graph(n, 300, seed=13)
@@ -193,7 +187,7 @@ def test_every_isa(isa):
         fastdl.set_cpu_isa(best)
 
 
-@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gather_windows(monkeypatch, isa, dtype):
     # The C++ sums in passes over windows of the gathered rows when those exceed a cache budget

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import NATIVE_CPU
+from conftest import ISAS, NATIVE_CPU
 
 import fastdl
 from fastdl import _ext
@@ -196,9 +196,6 @@ def test_int8_matmul_deterministic(backend):
 
 
 # ---------------------------------------------------------------- every CPU ISA
-
-ORDER = ("scalar", "avx2", "avx512")
-ISAS = ORDER[: ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else ("scalar",)
 
 
 @pytest.fixture(params=ISAS)

@@ -5,7 +5,7 @@ repeated backward, and the CPU kernels under every ISA this CPU supports."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NATIVE_CPU, cases, dtype_id
+from conftest import ISA_ORDER, ISAS, NATIVE_CPU, cases, dtype_id
 from norm_ref import KINDS, bn_inputs, check_bn, check_norm, norm_inputs
 
 import fastdl
@@ -274,9 +274,6 @@ def test_repeated_backward_is_bit_identical(backend, case):
 
 # ---------------------------------------------------------------- CPU ISA paths
 
-ORDER = ("scalar", "avx2", "avx512")
-ISAS = ORDER[: ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else ("scalar",)
-
 
 @pytest.fixture(params=ISAS)
 def isa(request, backend):
@@ -320,7 +317,7 @@ def test_set_cpu_isa_rejects(backend):
     with pytest.raises(RuntimeError, match="unknown CPU ISA 'sse9'"):
         fastdl.set_cpu_isa("sse9")
     best = _ext._C.best_cpu_isa()
-    for name in ORDER[ORDER.index(best) + 1 :]:
+    for name in ISA_ORDER[ISA_ORDER.index(best) + 1 :]:
         with pytest.raises(RuntimeError, match=f"does not support {name}"):
             fastdl.set_cpu_isa(name)
-    assert fastdl.cpu_isa() in ORDER
+    assert fastdl.cpu_isa() in ISA_ORDER

@@ -4,11 +4,10 @@ cells, bit-identical repeated backward, and the CPU kernels under every ISA this
 
 import pytest
 import torch
-from conftest import NATIVE_CPU, cases
+from conftest import BF16_ISAS, ISAS, NATIVE_CPU, cases
 from rnn_ref import RnnCase, check_rnn
 
 import fastdl
-from fastdl import _ext
 from fastdl.ops import rnn as rnn_ops
 
 # ---------------------------------------------------------------- opcheck
@@ -299,9 +298,6 @@ def test_repeated_backward_is_bit_identical(backend, kind, lengths):
 
 # ---------------------------------------------------------------- CPU ISA paths
 
-ORDER = ("scalar", "avx2", "avx512")
-ISAS = ORDER[: ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else ("scalar",)
-
 
 @pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
 @pytest.mark.parametrize("isa", ISAS)
@@ -335,7 +331,7 @@ def test_isa_paths(backend, isa, dtype):
 
 
 @pytest.mark.parametrize("backend", [NATIVE_CPU], indirect=True, ids=str)
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", BF16_ISAS)
 def test_isa_paths_bfloat16(backend, isa):
     """bfloat16 layers under every ISA: with AVX512-BF16 their sequence-sized GEMMs (input
     projection, weight and input gradients) multiply bfloat16 operands, the gate gradients rounded

@@ -20,4 +20,20 @@ Isa parse_isa(const char* name);
 bool cpu_has_avx512_vnni();
 bool cpu_has_avx512_bf16();
 
+// AMX-BF16 tiles: the bfloat16 GEMM's block kernel of csrc/cpu/isa/amx.cpp. cpu_has_amx_bf16():
+// the CPU has AMX-TILE and AMX-BF16, the OS enables their state and (Linux) granted it to this
+// process, asked once here. cpu_amx(): whether kernels use them now: the ISA in use is AVX-512
+// (the AMX kernels are its table's twins) and AMX is not turned off (set_cpu_amx, or
+// FASTDL_CPU_ISA set to a level below "amx").
+bool cpu_has_amx_bf16();
+bool cpu_amx();
+// Turn AMX off or back on; on is an error where the CPU lacks it.
+void set_cpu_amx(bool on);
+
+// The levels the Python API names: scalar, avx2, avx512 and amx (AVX-512 with AMX tiles), the one
+// in use, the best this CPU has, and setting one (set_cpu_isa and set_cpu_amx together).
+const char* cpu_isa_level();
+const char* best_cpu_isa_level();
+void set_cpu_isa_level(const char* name);
+
 }  // namespace fastdl

@@ -266,6 +266,36 @@ inline VecF8 fma(VecF8 a, VecF8 b, VecF8 c) {
   return {_mm256_fmadd_ps(a.v, b.v, c.v)};
 }
 
+// The 16 x 16 block a[0..16) transposed in registers (lane j of a[i] to lane i of a[j]) in four
+// rounds of shuffles. Only shuffles: the bits of any 32-bit words pass as floats unchanged.
+inline void transpose16(__m512 (&a)[16]) {
+  __m512 b[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved
+    b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // 4x4 blocks transposed within each 128-bit lane
+    const __m512d lo01 = _mm512_castps_pd(b[g]), hi01 = _mm512_castps_pd(b[g + 1]);
+    const __m512d lo23 = _mm512_castps_pd(b[g + 2]), hi23 = _mm512_castps_pd(b[g + 3]);
+    a[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo01, lo23));
+    a[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo01, lo23));
+    a[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi01, hi23));
+    a[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi01, hi23));
+  }
+  for (int j = 0; j < 4; ++j) {  // lanes gathered across the four row groups
+    b[j] = _mm512_shuffle_f32x4(a[j], a[4 + j], 0x88);
+    b[4 + j] = _mm512_shuffle_f32x4(a[j], a[4 + j], 0xdd);
+    b[8 + j] = _mm512_shuffle_f32x4(a[8 + j], a[12 + j], 0x88);
+    b[12 + j] = _mm512_shuffle_f32x4(a[8 + j], a[12 + j], 0xdd);
+  }
+  for (int j = 0; j < 4; ++j) {  // row 4 L + j of the result: lane L of each group
+    a[j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0x88);
+    a[8 + j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0xdd);
+    a[4 + j] = _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0x88);
+    a[12 + j] = _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0xdd);
+  }
+}
+
 #elif FASTDL_VEC == 256
 
 struct VecF {

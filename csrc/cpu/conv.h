@@ -52,6 +52,7 @@ constexpr int dt() {
 bool nchw_float(const at::Tensor& x);
 
 // float64 for float64 x, else float32 (bfloat16 is computed in float32).
+at::ScalarType compute_type(at::ScalarType dtype);
 at::ScalarType compute_type(const at::Tensor& x);
 
 // x in compute dtype, NHWC memory ((N, C, H, W) channels_last view).
@@ -65,9 +66,10 @@ ConvEpilogue plain_epilogue(at::Tensor& out);
 at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType dtype);
 
 // The GEMMs of the conv g with activation `act`, writing through out_like's strides (when
-// defined), elements of `elem` bytes; the weight (when defined) picks its matrix layout. An
-// inference forward (no gradient will flow through it) may take a coarser Winograd tile.
-Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, int64_t elem,
+// defined), on operands of `dtype` (computed in compute_type's); the weight (when defined) picks
+// its matrix layout. An inference forward (no gradient will flow through it) may take a coarser
+// Winograd tile.
+Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, at::ScalarType dtype,
           const at::Tensor& weight, bool inference = false);
 
 // The GEMM operand wmat^T[k, j] of p in dtype ct (see conv.cpp).

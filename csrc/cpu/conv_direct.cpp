@@ -178,7 +178,7 @@ at::Tensor grouped_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
   const at::ScalarType ct = compute_type(gpre);
   at::Tensor gx = new_output({g.N, g.C, g.H, g.W}, gpre.options().dtype(dtype), fmt);
   if (gx.numel() == 0) return gx;
-  const Gemm p = plan(adj, 0, gx, c10::elementSize(ct), wa);
+  const Gemm p = plan(adj, 0, gx, ct, wa);
   if (!direct_conv(p.a)) return {};
   AT_DISPATCH_FLOATING_TYPES(ct, "conv_grouped_dgrad",
                              [&] { direct_forward<scalar_t>(p, gpre, wa, plain_epilogue(gx)); });

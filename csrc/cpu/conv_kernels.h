@@ -223,7 +223,7 @@ void conv_epilogue_bwd(const ConvArgs& a, const void* grad_out_, const void* out
 
 // dst[c ldd + r] = src[r lds + c] for r < rows, c < cols: a transposed copy, NCHW <-> NHWC of an
 // image for conv.cpp (torch's permute copy moved ~15 GB/s here) and the NCHW epilogue's blocks.
-// AVX-512 transposes 16 x 16 blocks in registers (four rounds of shuffles), a last block of
+// AVX-512 transposes 16 x 16 blocks in registers (transpose16), a last block of
 // fewer rows through masked loads and stores (the epilogue's tiles of 14 pixels had run the plain
 // loop); the remaining columns, and the other ISAs, run plain loops.
 template <typename T>
@@ -239,38 +239,15 @@ void conv_transpose(const void* src_, int64_t lds, void* dst_, int64_t ldd, int6
       const __mmask16 live = static_cast<__mmask16>((1u << nr) - 1u);
       int64_t c = 0;
       for (; c + 16 <= cols; c += 16) {
-        __m512 a[16], b[16];
+        __m512 a[16];
         for (int i = 0; i < 16; ++i)
           a[i] = i < nr ? _mm512_loadu_ps(src + (r + i) * lds + c) : _mm512_setzero_ps();
-        for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved
-          b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
-          b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
-        }
-        for (int g = 0; g < 16; g += 4) {  // 4x4 blocks transposed within each 128-bit lane
-          const __m512d lo01 = _mm512_castps_pd(b[g]), hi01 = _mm512_castps_pd(b[g + 1]);
-          const __m512d lo23 = _mm512_castps_pd(b[g + 2]), hi23 = _mm512_castps_pd(b[g + 3]);
-          a[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo01, lo23));
-          a[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo01, lo23));
-          a[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi01, hi23));
-          a[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi01, hi23));
-        }
-        for (int j = 0; j < 4; ++j) {  // lanes gathered across the four row groups
-          b[j] = _mm512_shuffle_f32x4(a[j], a[4 + j], 0x88);
-          b[4 + j] = _mm512_shuffle_f32x4(a[j], a[4 + j], 0xdd);
-          b[8 + j] = _mm512_shuffle_f32x4(a[8 + j], a[12 + j], 0x88);
-          b[12 + j] = _mm512_shuffle_f32x4(a[8 + j], a[12 + j], 0xdd);
-        }
-        const auto put = [&](int64_t col, __m512 v) {
+        transpose16(a);
+        for (int j = 0; j < 16; ++j) {
           if (nr == 16)
-            _mm512_storeu_ps(dst + (c + col) * ldd + r, v);
+            _mm512_storeu_ps(dst + (c + j) * ldd + r, a[j]);
           else
-            _mm512_mask_storeu_ps(dst + (c + col) * ldd + r, live, v);
-        };
-        for (int j = 0; j < 4; ++j) {  // column 4 L + j of the block: lane L of each group
-          put(j, _mm512_shuffle_f32x4(b[j], b[8 + j], 0x88));
-          put(8 + j, _mm512_shuffle_f32x4(b[j], b[8 + j], 0xdd));
-          put(4 + j, _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0x88));
-          put(12 + j, _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0xdd));
+            _mm512_mask_storeu_ps(dst + (c + j) * ldd + r, live, a[j]);
         }
       }
       for (; c < cols; ++c)

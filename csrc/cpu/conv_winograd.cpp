@@ -250,7 +250,7 @@ at::Tensor winograd_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
   if (gpre.scalar_type() != at::kFloat || adj.pad_h < 0 || adj.pad_w < 0 || g.N * g.H * g.W == 0)
     return {};
   at::Tensor gx = new_output({g.N, g.C, g.H, g.W}, gpre.options(), fmt);
-  const Gemm p = plan(adj, 0, gx, sizeof(float), at::Tensor());  // the weight only sets crs
+  const Gemm p = plan(adj, 0, gx, at::kFloat, at::Tensor());  // the weight only sets crs
   if (p.wino == 0) return {};  // before flipping the weight (a pass over it)
   const at::Tensor w = weight.flip({2, 3}).transpose(0, 1);
   return winograd_forward(p, gpre, w, plain_epilogue(gx)) ? gx : at::Tensor();

@@ -151,11 +151,21 @@ bool gemm_bf16_native() {
   return kernels().block_bf16 != nullptr && cpu_has_avx512_bf16();
 }
 
+namespace {
+// The table of gemm_bf16's native kernels: AVX-512's, with AMX tiles where cpu_amx().
+const GemmKernels& native_bf16_kernels() {
+#if defined(__x86_64__)
+  if (cpu_amx()) return gemm_kernels_amx();
+#endif
+  return kernels();
+}
+}  // namespace
+
 void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* A, int64_t lda,
                const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc, float alpha) {
   if (m == 0 || n == 0) return;
   if (gemm_bf16_native())
-    return bgemm(kernels(), ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, alpha);
+    return bgemm(native_bf16_kernels(), ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, alpha);
   thread_local std::vector<float> a, b;
   const float* fa = widened(a, A, ta ? k : m, ta ? m : k, lda);
   const float* fb = widened(b, B, tb ? n : k, tb ? k : n, ldb);
@@ -204,12 +214,13 @@ void PackedB<T>::gemm(bool ta, int64_t m, int64_t n, int64_t k, const T* A, int6
   }
 }
 
-// PackedBBf16 runs the AVX-512 table whatever the current ISA (set_cpu_isa from another thread
-// may lower it between a caller's gemm_bf16_native() and its packing inside a parallel region).
+// PackedBBf16 runs the AVX-512 table (or its AMX twin, whose panels are the same) whatever the
+// current ISA (set_cpu_isa from another thread may lower it between a caller's
+// gemm_bf16_native() and its packing inside a parallel region).
 const GemmKernels& bf16_kernels() {
   TORCH_CHECK(cpu_has_avx512_bf16(), "fastdl: PackedBBf16 needs AVX512-BF16");
 #if defined(__x86_64__)
-  return gemm_kernels_avx512();
+  return cpu_amx() ? gemm_kernels_amx() : gemm_kernels_avx512();
 #else
   return kernels();  // not reached: no AVX512-BF16 off x86
 #endif

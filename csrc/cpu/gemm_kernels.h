@@ -323,6 +323,178 @@ inline void block(const GemmBf16& g, const uint32_t* bp, int64_t k0, int64_t k1,
 }
 
 }  // namespace gemm_bf16
+
+#if defined(FASTDL_AMX)
+// bfloat16 products on AMX tiles (csrc/cpu/isa/amx.cpp compiles this table for CPUs with
+// AMX-BF16): B's packed panels as gemm_bf16's (a panel's 16 pairs x 16 columns is one B tile,
+// rows kNr words apart), A's rows read in place (16 rows x 32 k a tile; a transposed A packed
+// into rows first). C is cut into 32 x 32 blocks, four 16 x 16 float tiles, each step of 32 k
+// loading two A and two B tiles for four TDPBF16PS (16 x 16 x 32 products each). Rows past the
+// last whole 16 and k past the last whole 32 run gemm_bf16's micro-tiles.
+namespace gemm_amx {
+
+constexpr int64_t kTileRows = 16, kStepK = 32, kNr = gemm_bf16::kNr;
+
+// Tiles 0-3 hold C (rows 16 apart, columns 16 apart), 4-5 A, 6-7 B: 16 rows of 64 bytes each.
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+inline void configure() {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = kTileRows;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// C rows [0, 16 kTr) x columns [0, cols) at c (cols <= 32) = alpha * A B + beta * C over the
+// first kt (a multiple of 32) values of k: a is row 0 of A (lda apart), b the panel's words from
+// this block's first column on. With alpha 1, beta 0 or 1 and whole columns the tiles start from
+// C (or zero) and store into it; otherwise they go through `tmp` (beta 0 reads no C).
+template <int kTr>
+inline void tile_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t kt, float* c,
+                       int64_t ldc, int64_t cols, float alpha, float beta) {
+  const bool direct = alpha == 1.f && (beta == 0.f || beta == 1.f) && cols == 32;
+  const int64_t sc = ldc * 4, sa = lda * 2, sb = kNr * 4;
+  if (direct && beta == 1.f) {
+    _tile_loadd(0, c, sc);
+    _tile_loadd(1, c + 16, sc);
+    if constexpr (kTr == 2) {
+      _tile_loadd(2, c + 16 * ldc, sc);
+      _tile_loadd(3, c + 16 * ldc + 16, sc);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (kTr == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  }
+  for (int64_t k = 0; k < kt; k += kStepK) {
+    const uint32_t* bk = b + k / 2 * kNr;
+    _tile_loadd(4, a + k, sa);
+    _tile_loadd(6, bk, sb);
+    _tile_loadd(7, bk + 16, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kTr == 2) {
+      _tile_loadd(5, a + 16 * lda + k, sa);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  alignas(64) float tmp[2 * kTileRows * 32];
+  float* out = direct ? c : tmp;
+  const int64_t ldo = direct ? ldc : 32;
+  _tile_stored(0, out, ldo * 4);
+  _tile_stored(1, out + 16, ldo * 4);
+  if constexpr (kTr == 2) {
+    _tile_stored(2, out + 16 * ldo, ldo * 4);
+    _tile_stored(3, out + 16 * ldo + 16, ldo * 4);
+  }
+  if (direct) return;
+  const VecF va = VecF::set1(alpha), vb = VecF::set1(beta);
+  for (int64_t r = 0; r < kTr * kTileRows; ++r)
+    for (int64_t v = 0; v * 16 < cols; ++v) {
+      float* p = c + r * ldc + v * 16;
+      const int64_t len = imin(16, cols - v * 16);
+      VecF o = VecF::load(tmp + r * 32 + v * 16) * va;
+      if (beta != 0.f) o = fma(vb, ld<VecF>(p, len), o);
+      st(p, o, len);
+    }
+}
+
+// Rows [m0, m1) of the block's C from A's rows a (row m0 at column k0, lda apart): whole 16s of
+// rows on the tiles for the first kt of the kc values of k, the rest on gemm_bf16's micro-tiles.
+inline void row_tiles(const GemmBf16& g, const uint16_t* a, int64_t lda, int64_t m0, int64_t m1,
+                      const uint32_t* bp, int64_t kc, int64_t kp, int64_t n0, int64_t n1,
+                      float beta) {
+  const int64_t kt = kc / kStepK * kStepK, tiled = m0 + (m1 - m0) / kTileRows * kTileRows;
+  for (int64_t m = m0; m < tiled; m += 2 * kTileRows) {
+    const uint16_t* am = a + (m - m0) * lda;
+    const uint32_t* b = bp;
+    for (int64_t j = n0; j < n1; j += kNr, b += kp * kNr)
+      for (int64_t h = j; h < imin(n1, j + kNr); h += 32) {
+        float* c = g.c + m * g.ldc + h;
+        const int64_t cols = imin(32, n1 - h);
+        if (m + 2 * kTileRows <= tiled)
+          tile_block<2>(am, lda, b + (h - j), kt, c, g.ldc, cols, g.alpha, beta);
+        else
+          tile_block<1>(am, lda, b + (h - j), kt, c, g.ldc, cols, g.alpha, beta);
+      }
+  }
+  GemmBf16 rest = g;
+  rest.lda = lda;
+  if (kt < kc)  // the last k of the tiled rows, added to what the tiles stored
+    gemm_bf16::row_tiles<false>(rest, a + kt, m0, tiled, bp + kt / 2 * kNr, kc - kt, kp, n0, n1,
+                                1.f);
+  if (tiled < m1)
+    gemm_bf16::row_tiles<false>(rest, a + (tiled - m0) * lda, tiled, m1, bp, kc, kp, n0, n1, beta);
+}
+
+// A^T's rows [m0, m1) x k [k0, k0 + kc) (A stored k x m, lda apart) into dst as rows of kc
+// (rounded up to a pair; the odd last k's partner zero), 16 x 16 words at a time: 16 pairs of
+// A's rows merged into words of 16 columns each, then transposed in registers.
+inline void pack_rows(const GemmBf16& g, int64_t k0, int64_t kc, int64_t m0, int64_t m1,
+                      uint16_t* dst, int64_t ldd) {
+  const int64_t kq = (kc + 1) / 2;
+  float* dw = reinterpret_cast<float*>(dst);
+  const int64_t ldw = ldd / 2;
+  for (int64_t m = m0; m < m1; m += 16) {
+    const int64_t rows = imin(16, m1 - m);
+    const __mmask16 mask = VecF::mask(rows);
+    for (int64_t q0 = 0; q0 < kq; q0 += 16) {
+      __m512 w[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t q = q0 + i;
+        __m512i v = _mm512_setzero_si512();
+        if (q < kq) {
+          const uint16_t* s0 = g.a + (k0 + 2 * q) * g.lda + m;
+          v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, s0));
+          if (2 * q + 1 < kc) {
+            const __m256i hi = _mm256_maskz_loadu_epi16(mask, s0 + g.lda);
+            v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+          }
+        }
+        w[i] = _mm512_castsi512_ps(v);
+      }
+      transpose16(w);  // row r: words of A^T's row m + r
+      const __mmask16 qm = VecF::mask(imin(16, kq - q0));
+      for (int64_t r = 0; r < rows; ++r)
+        _mm512_mask_storeu_ps(dw + (m - m0 + r) * ldw + q0, qm, w[r]);
+    }
+  }
+}
+
+inline void block(const GemmBf16& g, const uint32_t* bp, int64_t k0, int64_t k1, int64_t n0,
+                  int64_t n1, float beta, int64_t kp) {
+  const int64_t kc = k1 - k0;
+  if (kc < kStepK || g.m < kTileRows) return gemm_bf16::block(g, bp, k0, k1, n0, n1, beta, kp);
+  configure();
+  if (!g.ta) {
+    row_tiles(g, g.a + k0, g.lda, 0, g.m, bp, kc, kp, n0, n1, beta);
+  } else {
+    // gemm_bf16's workspace for a transposed A (kGemmMc x kGemmKcBf16 / 2 words) holds as many
+    // rows of kGemmKcBf16 bfloat16 values.
+    uint16_t* rows = reinterpret_cast<uint16_t*>(g.apack);
+    const int64_t ld = (kc + 1) / 2 * 2;
+    for (int64_t m0 = 0; m0 < g.m; m0 += kGemmMc) {
+      const int64_t m1 = imin(g.m, m0 + kGemmMc);
+      pack_rows(g, k0, kc, m0, m1, rows, ld);
+      row_tiles(g, rows, ld, m0, m1, bp, kc, kp, n0, n1, beta);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace gemm_amx
+#endif  // FASTDL_AMX
 #pragma GCC pop_options
 #endif
 
@@ -330,7 +502,10 @@ const GemmKernels kGemmKernels = {
     .pack = &gemm_f32::pack,
     .block = &gemm_f32::block,
     .nr = gemm_f32::kNr,
-#if FASTDL_VEC == 512
+#if defined(FASTDL_AMX)
+    .pack_bf16 = &gemm_bf16::pack,
+    .block_bf16 = &gemm_amx::block,
+#elif FASTDL_VEC == 512
     .pack_bf16 = &gemm_bf16::pack,
     .block_bf16 = &gemm_bf16::block,
 #else

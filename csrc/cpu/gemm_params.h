@@ -107,11 +107,13 @@ struct GemmKernels {
   GemmBlockBf16Fn block_bf16;
 };
 
-// One table per ISA, defined in csrc/cpu/isa/{avx512,avx2,scalar}.cpp.
+// One table per ISA, defined in csrc/cpu/isa/{avx512,avx2,scalar}.cpp, and AVX-512's with the
+// bfloat16 block kernel on AMX tiles (csrc/cpu/isa/amx.cpp; only where cpu_amx()).
 const GemmKernels& gemm_kernels_scalar();
 #if defined(__x86_64__)
 const GemmKernels& gemm_kernels_avx2();
 const GemmKernels& gemm_kernels_avx512();
+const GemmKernels& gemm_kernels_amx();
 #endif
 
 }  // namespace fastdl::cpu

@@ -30,8 +30,7 @@ CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # the bfloat16 GEMMs on AMX tiles. ISAS: those this CPU has that pick a kernel table of their
 # own; BF16_ISAS adds "amx" where the CPU has it, for the ops that reach the bfloat16 GEMM.
 ISA_ORDER = ("scalar", "avx2", "avx512", "amx")
-_BEST = ISA_ORDER.index(_ext._C.best_cpu_isa()) if _ext._C is not None else 0
-BF16_ISAS = ISA_ORDER[: _BEST + 1]
+BF16_ISAS = ISA_ORDER[: ISA_ORDER.index(_ext._C.best_cpu_isa()) + 1] if _ext._C is not None else ()
 ISAS = tuple(isa for isa in BF16_ISAS if isa != "amx")
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

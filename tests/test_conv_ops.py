@@ -401,9 +401,10 @@ def test_taps_weight_gradient_in_groups_of_images():
 
 BF16_CONVS = {
     # name: (x shape, weight shape, stride, padding, dilation, groups, channels_last x, fused
-    # bias + residual + ReLU); none on Winograd (stride 1, 3x3) or the per-tap GEMMs (groups 1
-    # with > 25% of the taps on padding)
+    # bias + residual + ReLU); none on the per-tap GEMMs (groups 1 with > 25% of the taps on
+    # padding); the stride-1 3x3 takes Winograd in float32, or bf16 products on AMX tiles
     "1x1 direct": ((2, 24, 6, 7), (40, 24, 1, 1), 1, 0, 1, 1, True, True),
+    "3x3 stride 1": ((2, 20, 13, 12), (24, 20, 3, 3), 1, 1, 1, 1, True, True),
     "3x3 s2 deep (c,r,s) columns": ((2, 70, 16, 16), (160, 70, 3, 3), 2, 1, 1, 1, False, False),
     "7x7 s2 stem": ((2, 3, 31, 29), (16, 3, 7, 7), 2, 3, 1, 1, False, True),
     "grouped dilated": ((2, 12, 11, 9), (18, 4, 3, 3), 1, 2, 2, 3, True, False),

@@ -59,7 +59,7 @@ bool cpu_has_amx_bf16() {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     constexpr unsigned kTileState = 3u << 17;
     constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
-    return (lo & kTileState) == kTileState &&
+    return (lo & kTileState) == kTileState && cpu_has_avx512_bf16() &&
            syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
 #else
     return false;

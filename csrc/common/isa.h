@@ -21,7 +21,8 @@ bool cpu_has_avx512_vnni();
 bool cpu_has_avx512_bf16();
 
 // AMX-BF16 tiles: the bfloat16 GEMM's block kernel of csrc/cpu/isa/amx.cpp. cpu_has_amx_bf16():
-// the CPU has AMX-TILE and AMX-BF16, the OS enables their state and (Linux) granted it to this
+// the CPU has AMX-TILE and AMX-BF16 (and AVX512-BF16, whose kernels take the edges), the OS
+// enables their state and (Linux) granted it to this
 // process, asked once here. cpu_amx(): whether kernels use them now: the ISA in use is AVX-512
 // (the AMX kernels are its table's twins) and AMX is not turned off (set_cpu_amx, or
 // FASTDL_CPU_ISA set to a level below "amx").

@@ -194,11 +194,6 @@ at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat fmt, at::ScalarType d
 
 Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, at::ScalarType dtype,
           const at::Tensor& weight, bool inference) {
-  // bfloat16 operands multiplied on AMX tiles (gemm_bf16): im2col panels of bfloat16 in blocks
-  // of whole 32-row tile blocks, and no Winograd (float32 only, which the tiles outrun: 32 images
-  // of 64 channels on 56x56, forward, 11.5 ms against 8).
-  const bool amx = dtype == at::kBFloat16 && cpu_amx();
-  const int64_t elem = amx ? 2 : c10::elementSize(compute_type(dtype));
   Gemm p{};
   p.a =
       ConvArgs{g.N,        g.C,     g.H,     g.W,     g.K,     g.R,      g.S, g.P, g.Q, g.stride_h,
@@ -216,8 +211,14 @@ Gemm plan(const conv::ConvGeom& g, int act, const at::Tensor& out_like, at::Scal
   // its output even for a 1x1 stride-1 unpadded kernel.
   p.direct = g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 &&
              g.pad_w == 0 && g.P == g.H && g.Q == g.W;
-  p.wino = amx ? 0 : winograd_tile(g, elem, inference);
   p.taps = g.groups == 1 && !p.direct && valid_taps(g) <= kTapsMaxValid;
+  // bfloat16 operands multiplied on AMX tiles (gemm_bf16; not on the per-tap GEMMs, which widen
+  // them): im2col panels of bfloat16 in blocks of whole 32-row tile blocks, and no Winograd
+  // (float32 only, which the tiles outrun: 32 images of 64 channels on 56x56, forward, 11.5 ms
+  // against 8).
+  const bool amx = dtype == at::kBFloat16 && !p.taps && cpu_amx();
+  const int64_t elem = amx ? 2 : c10::elementSize(compute_type(dtype));
+  p.wino = amx ? 0 : winograd_tile(g, elem, inference);
   // Both 0 for a conv without input and output channels.
   const int64_t panel_rows = kPanelBytes / (elem * std::max({p.j, p.kg, int64_t{1}}));
   p.rows = block_rows(panel_rows < kDeepRows ? kMinRows : panel_rows, p.M);

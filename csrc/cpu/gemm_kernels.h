@@ -480,8 +480,8 @@ inline void block(const GemmBf16& g, const uint32_t* bp, int64_t k0, int64_t k1,
   if (!g.ta) {
     row_tiles(g, g.a + k0, g.lda, 0, g.m, bp, kc, kp, n0, n1, beta);
   } else {
-    // gemm_bf16's workspace for a transposed A (kGemmMc x kGemmKcBf16 / 2 words) holds as many
-    // rows of kGemmKcBf16 bfloat16 values.
+    // gemm_bf16's workspace for a transposed A (kGemmMc x (kc + 1) / 2 words) holds as many
+    // rows of kc bfloat16 values rounded up to a pair.
     uint16_t* rows = reinterpret_cast<uint16_t*>(g.apack);
     const int64_t ld = (kc + 1) / 2 * 2;
     for (int64_t m0 = 0; m0 < g.m; m0 += kGemmMc) {

@@ -310,6 +310,43 @@ def test_every_isa_nchw_winograd(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_nchw_winograd_wide_rows(isa, grad):
+    """NCHW Winograd on rows of 9 to 60 tiles, F(4x4) without grad and F(2x2) with: partial last
+    tiles and tile rows, blocks of one or several tile rows, some across two images (their slabs
+    transposed from both), each epilogue; a NaN and an Inf land where torch's conv puts them."""
+    torch.manual_seed(0)
+    shapes = [(2, 16, 24, 30, 61), (3, 20, 16, 17, 33), (2, 40, 40, 9, 120)]
+    for n, c, k, h, width in shapes:
+        x = torch.randn(n, c, h, width, requires_grad=grad)
+        w = torch.randn(k, c, 3, 3) / 6
+        b, res = torch.randn(k), torch.randn(n, k, h, width)
+        previous = _ext.cpu_isa()
+        _ext.set_cpu_isa(isa)
+        try:
+            with fastdl.backend(NATIVE_CPU.name), torch.set_grad_enabled(grad):
+                ys = [
+                    fastdl.conv2d(x, w, b, 1, 1, activation="silu", residual=res),
+                    fastdl.conv2d(x, w, None, 1, 1),
+                ]
+        finally:
+            _ext.set_cpu_isa(previous)
+        xd = x.detach().double()
+        want = ref_conv2d(xd, w.double(), b.double(), 1, 1, 1, 1, "silu", res.double())
+        assert_close(ys[0], want, torch.float32)
+        assert_close(ys[1], ref_conv2d(xd, w.double(), None, 1, 1, 1, 1), torch.float32)
+    x = torch.randn(2, 16, 12, 40)
+    x[1, 3, 5, 7], x[0, 2, 0, 0] = float("nan"), float("inf")
+    w = torch.randn(16, 16, 3, 3)
+    with fastdl.backend(NATIVE_CPU.name), torch.no_grad():
+        y = fastdl.conv2d(x, w, None, 1, 1)
+    want = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1)
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isinf(), want.isinf())
+    finite = want.isfinite()
+    assert_close(y[finite], want[finite], torch.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_every_isa_streamed_outputs(isa, layout):
     """Per ISA and layout: outputs of >= 8 MiB are written with non-temporal stores where a whole

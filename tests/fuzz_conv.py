@@ -6,10 +6,13 @@ Each case (float32 or bfloat16, NCHW or channels_last, groups, strides, dilation
 with or without gradients) is drawn from SEED alone and printed before it runs, so a crash names
 the case it reached; FILTER, a Python expression over the case's names (e.g. "grad and dt ==
 torch.bfloat16"), runs only the matching cases of the same sequence. float32 outputs and
-gradients must be within 2e-5 of the largest float64 magnitude, bfloat16 ones within twice
-torch's own bfloat16 error (+1e-3), both relative to the largest float64 magnitude (at least 1).
-Long runs with 2 threads have ended in heap corruption (`free(): invalid next size`) after
-~30,000 cases (README, Not done): each case is printed before it runs for that reason.
+gradients must be within 2e-5, bfloat16 ones within twice torch's own bfloat16 error (one
+bfloat16 ulp where torch's has NaNs) + 1e-3, both relative to the largest sum of |terms| (the
+float64 op on absolute values, at least 1: sums that cancel keep their terms' rounding).
+torch's float32 convs are not run: on a Sapphire Rapids Xeon with torch 2.13.0+cpu its oneDNN
+convs corrupt the heap in long random runs with 2 threads, with fastdl not even imported (a
+segfault or `free(): invalid next size` after hundreds to ~30,000 cases; caught at once in
+dnnl::impl::malloc under glibc's MALLOC_CHECK_=3 with libc_malloc_debug.so preloaded).
 """
 
 import random
@@ -61,12 +64,15 @@ def run(c, fn, ts):
     return fn.conv2d(*ts, c["st"], c["pd"], c["dl"], c["g"])
 
 
-def close(got, want, lowp, dt):
-    scale = max(want.abs().max().item(), 1.0)
+def close(got, want, lowp, bound, dt):
+    scale = max(bound.max().item(), 1.0)
     err = (got.double() - want).abs().max().item() / scale
     if dt == torch.float32:
         return err <= 2e-5, err
-    return err <= 2 * (lowp.double() - want).abs().max().item() / scale + 1e-3, err
+    theirs = (lowp.double() - want).abs().max().item() / scale
+    if theirs != theirs:  # torch's own bfloat16 result has NaNs (e.g. some grouped convs): one ulp
+        theirs = 2.0**-8
+    return err <= 2 * theirs + 1e-3, err
 
 
 def main():
@@ -94,24 +100,27 @@ def main():
         try:
             y = run(c, fastdl, ts)
         except RuntimeError as e:  # e.g. a kernel larger than the padded input, refused alike
-            try:
-                run(c, F, tl)
+            try:  # float64: torch's float32 conv_transpose2d returns an empty output for size 0
+                run(c, F, td)
             except RuntimeError:
                 continue
             raise e
-        yd, yl = run(c, F, td), run(c, F, tl)
-        checks = [("out", y, yd, yl)]
+        lowp = c["dt"] == torch.bfloat16  # torch's own result only bounds bfloat16's error
+        ta = [t.detach().abs().requires_grad_(c["grad"]) for t in td]  # the sums of |terms|
+        yd, yl, ya = run(c, F, td), run(c, F, tl) if lowp else None, run(c, F, ta)
+        checks = [("out", y, yd, yl, ya)]
         if c["grad"]:
             g = torch.randn_like(yd)
             pairs = zip(
                 torch.autograd.grad(y, ts, g.to(c["dt"])),
                 torch.autograd.grad(yd, td, g),
-                torch.autograd.grad(yl, tl, g.to(c["dt"])),
+                torch.autograd.grad(yl, tl, g.to(c["dt"])) if lowp else [None] * 3,
+                torch.autograd.grad(ya, ta, g.abs()),
                 strict=True,
             )
             checks += [(f"grad{i}", *p) for i, p in enumerate(pairs)]
-        for what, got, want, lowp in checks:
-            ok, err = close(got, want, lowp, c["dt"])
+        for what, got, want, lowp, bound in checks:
+            ok, err = close(got, want, lowp, bound, c["dt"])
             if not ok:
                 fails += 1
                 print("FAIL", index, what, f"{err:.3g}", flush=True)

@@ -13,6 +13,17 @@
 // (float for bf16), stores narrow with round-to-nearest-even, NaN -> quiet NaN (as c10::BFloat16).
 // Partial loads (n < W lanes) fill the remaining lanes with zero; partial stores write n lanes.
 
+// Masked, non-temporal and AMX tile stores are builtins that AddressSanitizer does not see: in a
+// sanitizer build (README, Developers) they first report the range they write.
+#ifdef __SANITIZE_ADDRESS__
+extern "C" void __asan_storeN(void*, unsigned long);
+inline void check_store(const void* p, int64_t bytes) {
+  if (bytes > 0) __asan_storeN(const_cast<void*>(p), static_cast<unsigned long>(bytes));
+}
+#else
+inline void check_store(const void*, int64_t) {}
+#endif
+
 struct bf16 {
   uint16_t bits;
 };
@@ -209,11 +220,23 @@ struct VecF {
   }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(bf16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16()); }
-  void store(float* p, int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
-  void store(bf16* p, int64_t n) const { _mm256_mask_storeu_epi16(p, mask(n), to_bf16()); }
+  void store(float* p, int64_t n) const {
+    check_store(p, n * 4);
+    _mm512_mask_storeu_ps(p, mask(n), v);
+  }
+  void store(bf16* p, int64_t n) const {
+    check_store(p, n * 2);
+    _mm256_mask_storeu_epi16(p, mask(n), to_bf16());
+  }
   // Non-temporal stores; p must be aligned to W * sizeof(*p).
-  void stream(float* p) const { _mm512_stream_ps(p, v); }
-  void stream(bf16* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16()); }
+  void stream(float* p) const {
+    check_store(p, W * 4);
+    _mm512_stream_ps(p, v);
+  }
+  void stream(bf16* p) const {
+    check_store(p, W * 2);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16());
+  }
   static void fence() { _mm_sfence(); }
   VecF first(int64_t n) const { return {_mm512_maskz_mov_ps(mask(n), v)}; }
   VecF round_bf16() const { return {from_bf16(to_bf16())}; }
@@ -349,14 +372,23 @@ struct VecF {
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store(bf16* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16()); }
-  void store(float* p, int64_t n) const { _mm256_maskstore_ps(p, mask(n), v); }
+  void store(float* p, int64_t n) const {
+    check_store(p, n * 4);
+    _mm256_maskstore_ps(p, mask(n), v);
+  }
   void store(bf16* p, int64_t n) const {
     bf16 t[W];
     store(t);
     for (int64_t i = 0; i < n; ++i) p[i] = t[i];
   }
-  void stream(float* p) const { _mm256_stream_ps(p, v); }
-  void stream(bf16* p) const { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16()); }
+  void stream(float* p) const {
+    check_store(p, W * 4);
+    _mm256_stream_ps(p, v);
+  }
+  void stream(bf16* p) const {
+    check_store(p, W * 2);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16());
+  }
   static void fence() { _mm_sfence(); }
   VecF first(int64_t n) const { return {_mm256_and_ps(v, _mm256_castsi256_ps(mask(n)))}; }
   VecF round_bf16() const { return {from_bf16(to_bf16())}; }

@@ -246,8 +246,10 @@ void conv_transpose(const void* src_, int64_t lds, void* dst_, int64_t ldd, int6
         for (int j = 0; j < 16; ++j) {
           if (nr == 16)
             _mm512_storeu_ps(dst + (c + j) * ldd + r, a[j]);
-          else
+          else {
+            check_store(dst + (c + j) * ldd + r, nr * 4);
             _mm512_mask_storeu_ps(dst + (c + j) * ldd + r, live, a[j]);
+          }
         }
       }
       for (; c < cols; ++c)

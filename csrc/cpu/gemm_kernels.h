@@ -392,6 +392,7 @@ inline void tile_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_
   alignas(64) float tmp[2 * kTileRows * 32];
   float* out = direct ? c : tmp;
   const int64_t ldo = direct ? ldc : 32;
+  for (int r = 0; r < kTr * 16; ++r) check_store(out + r * ldo, 32 * 4);
   _tile_stored(0, out, ldo * 4);
   _tile_stored(1, out + 16, ldo * 4);
   if constexpr (kTr == 2) {
@@ -466,8 +467,10 @@ inline void pack_rows(const GemmBf16& g, int64_t k0, int64_t kc, int64_t m0, int
       }
       transpose16(w);  // row r: words of A^T's row m + r
       const __mmask16 qm = VecF::mask(imin(16, kq - q0));
-      for (int64_t r = 0; r < rows; ++r)
+      for (int64_t r = 0; r < rows; ++r) {
+        check_store(dw + (m - m0 + r) * ldw + q0, imin(16, kq - q0) * 4);
         _mm512_mask_storeu_ps(dw + (m - m0 + r) * ldw + q0, qm, w[r]);
+      }
     }
   }
 }

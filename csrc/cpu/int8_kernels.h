@@ -277,6 +277,7 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, int64_t m, int64_t n
   if constexpr (kIsI32<O>) {
 #if FASTDL_VEC == 512
     if (stream) {
+      check_store(out, kPanel * 4);
       for (int64_t j = 0; j < kPanel; j += 16)
         _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j),
                             _mm512_sub_epi32(_mm512_loadu_si512(acc + j), offset_vec(colsum + j)));
@@ -297,6 +298,7 @@ inline void epilogue_row(const Gemm& g, const int32_t* acc, int64_t m, int64_t n
 #if FASTDL_VEC == 512
     if constexpr (sizeof(O) == 4) {
       if (stream) {
+        check_store(out, kPanel * 4);
         for (int64_t j = 0; j < kPanel; j += 16)
           _mm512_stream_ps(reinterpret_cast<float*>(out + j), _mm512_loadu_ps(v + j));
         return;
@@ -394,6 +396,7 @@ __attribute__((always_inline)) inline void micro(const Gemm& g, int64_t m, int64
       for (int r = 0; r < MR; ++r) {
         O* out = static_cast<O*>(g.out) + (m + r) * g.ldo + n;
         const bool stream = g.stream && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
+        if (stream) check_store(out, 64);
         const __m512i x = _mm512_sub_epi32(acc[r][v], off);
         if constexpr (kIsI32<O>) {
           if (stream)

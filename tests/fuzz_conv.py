@@ -35,8 +35,9 @@ def draw(rng):
     N, H, W = rng.choice([1, 2, 3]), rng.randint(R * dl[0], 40), rng.randint(S * dl[1], 40)
     dt = rng.choice([torch.float32, torch.float32, torch.bfloat16])
     cl, grad = rng.random() < 0.5, rng.random() < 0.6
-    tr = rng.random() < 0.2 and groups == 1 and dl == (1, 1)
-    op = (rng.randint(0, st[0] - 1), rng.randint(0, st[1] - 1)) if tr else (0, 0)
+    tr = rng.random() < 0.2
+    # output_padding below the stride or the dilation
+    op = tuple(rng.randint(0, max(s, d) - 1) for s, d in zip(st, dl, strict=True)) if tr else (0, 0)
     return {
         "N": N,
         "C": cg * groups,
@@ -60,7 +61,7 @@ def draw(rng):
 
 def run(c, fn, ts):
     if c["tr"]:
-        return fn.conv_transpose2d(*ts, c["st"], c["pd"], c["op"], 1, c["dl"])
+        return fn.conv_transpose2d(*ts, c["st"], c["pd"], c["op"], c["g"], c["dl"])
     return fn.conv2d(*ts, c["st"], c["pd"], c["dl"], c["g"])
 
 
@@ -88,7 +89,7 @@ def main():
         if c["cl"]:
             x = x.contiguous(memory_format=torch.channels_last)
         fan = (c["C"] if c["tr"] else c["cg"]) * c["R"] * c["S"]
-        wshape = (c["C"], c["K"]) if c["tr"] else (c["K"], c["cg"])
+        wshape = (c["C"], c["K"] // c["g"]) if c["tr"] else (c["K"], c["cg"])
         w = (torch.randn(*wshape, c["R"], c["S"]) / fan**0.5).to(c["dt"])
         b = torch.randn(c["K"]).to(c["dt"])
         if only is not None and not eval(only, {"torch": torch}, dict(c)):

@@ -106,16 +106,16 @@ def main():
             except RuntimeError:
                 continue
             raise e
-        lowp = c["dt"] == torch.bfloat16  # torch's own result only bounds bfloat16's error
+        bf16 = c["dt"] == torch.bfloat16  # torch's own result only bounds bfloat16's error
         ta = [t.detach().abs().requires_grad_(c["grad"]) for t in td]  # the sums of |terms|
-        yd, yl, ya = run(c, F, td), run(c, F, tl) if lowp else None, run(c, F, ta)
+        yd, yl, ya = run(c, F, td), run(c, F, tl) if bf16 else None, run(c, F, ta)
         checks = [("out", y, yd, yl, ya)]
         if c["grad"]:
             g = torch.randn_like(yd)
             pairs = zip(
                 torch.autograd.grad(y, ts, g.to(c["dt"])),
                 torch.autograd.grad(yd, td, g),
-                torch.autograd.grad(yl, tl, g.to(c["dt"])) if lowp else [None] * 3,
+                torch.autograd.grad(yl, tl, g.to(c["dt"])) if bf16 else [None] * 3,
                 torch.autograd.grad(ya, ta, g.abs()),
                 strict=True,
             )

@@ -64,9 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     device = _device(args.device)
     plan = timing.QUICK if args.quick else timing.FULL
     header = machine.describe(device)
+    header["steady_allocator"] = timing.steady_allocator()
     out = args.out or RESULTS / ("quick" if args.quick else "") / f"{header['machine']}.json"
     versions = ", ".join(f"{k} {v}" for k, v in header["versions"].items())
-    print(f"{header['device_name']} ({header['machine']}), {header['threads']} threads; {versions}")
+    malloc = ", malloc held steady" if header["steady_allocator"] else ""
+    print(
+        f"{header['device_name']} ({header['machine']}), {header['threads']} threads{malloc}; "
+        f"{versions}"
+    )
     header["peaks"] = peaks = machine.peaks(device, plan)
     print(f"measured peaks: {report.peaks_line(peaks)}\n")
     table = report.Table(selected)

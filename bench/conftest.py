@@ -19,6 +19,10 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    timing.steady_allocator()  # as python -m bench does: see bench/timing.py
+
+
 def pytest_generate_tests(metafunc):
     """A suite module lists its CASES; its test takes (case, candidate), case-major so that
     one case's inputs are built once and freed before the next case's."""

@@ -1,9 +1,10 @@
 """The package: import and public API, `python -m fastdl info`, backend choice (setter, context
 manager, FASTDL_BACKEND), Triton ops' schemas against the native ones, and importing without the
-compiled extension."""
+compiled extension; the benchmark's steady allocator."""
 
 import copy
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -399,3 +400,33 @@ def test_patched_modules_under_autocast(name, dtype):
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
     got.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_bench_steady_allocator_reuses_large_buffers():
+    """bench's steady_allocator: a 24 MiB buffer freed and allocated again is not mapped and
+    zeroed anew (by default glibc maps the first, and the second grows the heap; either way
+    thousands of page faults)."""
+    r = _python(
+        """
+        import ctypes, resource
+        from bench import timing
+        applied = timing.steady_allocator()
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        n, faults = 24 * 2**20, []
+        for _ in range(3):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            p = libc.malloc(n)
+            ctypes.memset(p, 1, n)
+            libc.free(p)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print(applied, *faults)
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    applied, first, second, third = r.stdout.split()
+    assert applied == "True"
+    assert int(first) > 1000  # the first touch of 24 MiB faults its pages in
+    assert int(second) < 100 and int(third) < 100, r.stdout

@@ -115,6 +115,14 @@ inline Tile tile(const ConvArgs& a, int64_t t) {
   return {t / (th * tw), p0, q0, imin(kM, a.P - p0), imin(kM, a.Q - q0)};
 }
 
+// The sum of n running sums.
+template <int n, typename V>
+inline V total(const V (&sums)[n]) {
+  V t = sums[0];
+  for (int i = 1; i < n; ++i) t = t + sums[i];
+  return t;
+}
+
 // Whether every lane of a running sum is finite (a NaN or Inf among its terms, or an overflow).
 template <typename T, typename V>
 inline bool finite(V sum) {
@@ -185,25 +193,36 @@ bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t row0, int64_
   const T* x = static_cast<const T*>(x_);
   T* v = static_cast<T*>(v_);
   const int64_t C = a.C;
-  V sum = V::zero();
+  V sums[kIn];  // by tile row: one running sum had chained every load's add
+  for (V& sm : sums) sm = V::zero();
   for (int64_t l = 0; l < nt; ++l) {
     const winograd::Tile tl = winograd::tile<kM>(a, t0 + l);
-    const int64_t n = tl.n, h0 = tl.p0 - a.pad_h, w0 = tl.q0 - a.pad_w;
+    const int64_t h0 = tl.p0 - a.pad_h, w0 = tl.q0 - a.pad_w;
+    // The pixel (h0, w0) of the tile's corner, x's row tl.n * H + h0 from row0 (outside x at
+    // the edges: only the pixels inside are read).
+    const int64_t corner = (tl.n * a.H + h0 - row0) * a.W + w0;
+    // A tile whose pixels all lie inside x (all but the edge ones) loads without bounds checks.
+    const bool inside = h0 >= 0 && h0 + kIn <= a.H && w0 >= 0 && w0 + kIn <= a.W;
     for_vectors<V::W>(0, C, [&](int64_t c, int64_t len) {
-      winograd::transform_2d<kIn, kIn, V>(
-          [](const V* d, V* o) { winograd::input_1d<kM, T>(d, o); },
-          [&](int64_t r, int64_t s) {
-            const int64_t h = h0 + r, w = w0 + s;
-            const V d = h >= 0 && h < a.H && w >= 0 && w < a.W
-                            ? ld<V>(x + ((n * a.H + h - row0) * a.W + w) * C + c, len)
-                            : V::zero();
-            sum = sum + d;
-            return d;
-          },
-          [&](int64_t i, int64_t j, V o) { st(v + (i * kIn + j) * ldv + l * C + c, o, len); });
+      const auto run = [&](auto in_x) {
+        winograd::transform_2d<kIn, kIn, V>(
+            [](const V* d, V* o) { winograd::input_1d<kM, T>(d, o); },
+            [&](int64_t r, int64_t s) {
+              const V d = in_x(r, s) ? ld<V>(x + (corner + r * a.W + s) * C + c, len) : V::zero();
+              sums[r] = sums[r] + d;
+              return d;
+            },
+            [&](int64_t i, int64_t j, V o) { st(v + (i * kIn + j) * ldv + l * C + c, o, len); });
+      };
+      if (inside)
+        run([](int64_t, int64_t) { return true; });
+      else
+        run([&](int64_t r, int64_t s) {
+          return h0 + r >= 0 && h0 + r < a.H && w0 + s >= 0 && w0 + s < a.W;
+        });
     });
   }
-  return winograd::finite<T>(sum);
+  return winograd::finite<T>(winograd::total(sums));
 }
 
 // Output transform of tiles [t0, t0 + nt) from m ((m + 2)^2, nt, K), its points ldm elements
@@ -220,14 +239,21 @@ void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t ldm, int64_
   const int64_t K = a.K;
   for (int64_t l = 0; l < nt; ++l) {
     const winograd::Tile tl = winograd::tile<kM>(a, t0 + l);
+    T* corner = acc + ((tl.n * a.P + tl.p0) * a.Q + tl.q0 - m0) * K;  // the tile's first pixel
     for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
-      winograd::transform_2d<kIn, kM, V>(
-          [](const V* d, V* o) { winograd::output_1d<kM, T>(d, o); },
-          [&](int64_t r, int64_t s) { return ld<V>(m + (r * kIn + s) * ldm + l * K + k, len); },
-          [&](int64_t i, int64_t j, V y) {
-            if (i < tl.np && j < tl.nq)
-              st(acc + ((tl.n * a.P + tl.p0 + i) * a.Q + tl.q0 + j - m0) * K + k, y, len);
-          });
+      const auto run = [&](auto in_out) {
+        winograd::transform_2d<kIn, kM, V>(
+            [](const V* d, V* o) { winograd::output_1d<kM, T>(d, o); },
+            [&](int64_t r, int64_t s) { return ld<V>(m + (r * kIn + s) * ldm + l * K + k, len); },
+            [&](int64_t i, int64_t j, V y) {
+              if (in_out(i, j)) st(corner + (i * a.Q + j) * K + k, y, len);
+            });
+      };
+      // A tile wholly inside the output (all but the partial ones at its edges) stores unchecked.
+      if (tl.np == kM && tl.nq == kM)
+        run([](int64_t, int64_t) { return true; });
+      else
+        run([&](int64_t i, int64_t j) { return i < tl.np && j < tl.nq; });
     });
   }
 }
@@ -243,7 +269,8 @@ bool conv_winograd_grad_output(const ConvArgs& a, const void* gy_, int64_t t0, i
   const T* gy = static_cast<const T*>(gy_);
   T* dm = static_cast<T*>(dm_);
   const int64_t K = a.K;
-  V sum = V::zero();
+  V sums[kM];
+  for (V& sm : sums) sm = V::zero();
   for (int64_t l = 0; l < nt; ++l) {
     const winograd::Tile tl = winograd::tile<kM>(a, t0 + l);
     for_vectors<V::W>(0, K, [&](int64_t k, int64_t len) {
@@ -253,13 +280,13 @@ bool conv_winograd_grad_output(const ConvArgs& a, const void* gy_, int64_t t0, i
             const V y = i < tl.np && j < tl.nq
                             ? ld<V>(gy + ((tl.n * a.P + tl.p0 + i) * a.Q + tl.q0 + j) * K + k, len)
                             : V::zero();
-            sum = sum + y;
+            sums[i] = sums[i] + y;
             return y;
           },
           [&](int64_t r, int64_t s, V o) { st(dm + (r * kIn + s) * ldd + l * K + k, o, len); });
     });
   }
-  return winograd::finite<T>(sum);
+  return winograd::finite<T>(winograd::total(sums));
 }
 
 // Adjoint weight transform of input channels [c0, c1): dw (C, 3, 3, K) = G^T du G for

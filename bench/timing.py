@@ -11,7 +11,8 @@ triton.testing.do_bench).
 The process's glibc malloc is held in one state for the whole run (steady_allocator): left to
 itself, whether a large host buffer is a fresh mapping (page faults, the kernel zeroing each
 page) or reused heap depends on what the process allocated before, and torch's own NCHW 3x3
-conv of the issue-4 layer took 45 ms in one state and 26 ms in the other.
+conv of the issue-4 layer took 45 ms in one state and 26 ms in the other (its 7x7 stem, whose
+102 MB output glibc maps afresh above 32 MiB, 78 and 34 ms).
 """
 
 import ctypes
@@ -43,25 +44,23 @@ FULL = Plan(warmup=2, min_reps=5, max_reps=100, budget_s=8.0)
 QUICK = Plan(warmup=1, min_reps=3, max_reps=3, budget_s=0.0)
 
 
-# glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit machines.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_MAX = 32 * 2**20
+# glibc's mallopt parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def steady_allocator() -> bool:
-    """Fix glibc malloc's thresholds for this process: host buffers up to 32 MiB come from the
-    heap, and freed memory stays there (trimmed only beyond 1 GiB). By default both thresholds
-    move with the sizes freed so far (glibc's dynamic mmap threshold), so that the same call
-    either reuses memory or maps and zeroes it anew, by history. True when applied (a glibc
-    process); elsewhere nothing changes."""
+    """Hold glibc malloc steady for this process: every host buffer comes from the heap (no
+    mmap'd chunks) and freed memory stays there (trimmed only beyond 1 GiB), so a buffer freed
+    is reused by the next call of its size. By default glibc maps large buffers afresh, and
+    below 32 MiB moves its thresholds with the sizes freed so far, so that the same call either
+    reuses memory or maps and zeroes it anew, by history. True when applied (a glibc process);
+    elsewhere nothing changes."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, 2**30)
-    )
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
 
 
 def _cpu_cache_bytes() -> int:

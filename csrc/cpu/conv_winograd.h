@@ -158,7 +158,8 @@ inline void transform_2d(F f, Load load, Store store) {
 // (the output channels contiguous: one SIMD vector covers W of them). False when a weight it read
 // is not finite.
 template <int kM, typename T>
-bool conv_winograd_weight(const void* w_, int64_t C, int64_t K, int64_t c0, int64_t c1, void* u_) {
+FASTDL_FLATTEN bool conv_winograd_weight(const void* w_, int64_t C, int64_t K, int64_t c0,
+                                         int64_t c1, void* u_) {
   using V = Vec<T>;
   constexpr int64_t kIn = kM + 2;
   const T* w = static_cast<const T*>(w_);
@@ -186,8 +187,8 @@ bool conv_winograd_weight(const void* w_, int64_t C, int64_t K, int64_t c0, int6
 // over whole tiles, and conv_winograd.cpp recomputes such blocks directly so that they propagate as
 // torch's conv does.
 template <int kM, typename T>
-bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t row0, int64_t t0, int64_t nt,
-                         void* v_, int64_t ldv) {
+FASTDL_FLATTEN bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t row0, int64_t t0,
+                                        int64_t nt, void* v_, int64_t ldv) {
   using V = Vec<T>;
   constexpr int64_t kIn = kM + 2;
   const T* x = static_cast<const T*>(x_);
@@ -230,8 +231,8 @@ bool conv_winograd_input(const ConvArgs& a, const void* x_, int64_t row0, int64_
 // pixels from m0 on (row m = (n * P + p) * Q + q at (m - m0) * K): the pixels of the tiles that lie
 // inside the output.
 template <int kM, typename T>
-void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t ldm, int64_t t0, int64_t nt,
-                          int64_t m0, void* acc_) {
+FASTDL_FLATTEN void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t ldm, int64_t t0,
+                                         int64_t nt, int64_t m0, void* acc_) {
   using V = Vec<T>;
   constexpr int64_t kIn = kM + 2;
   const T* m = static_cast<const T*>(m_);
@@ -262,8 +263,8 @@ void conv_winograd_output(const ConvArgs& a, const void* m_, int64_t ldm, int64_
 // its points ldd elements apart, = A dy A^T of each tile's m x m pixels of gy (N, P, Q, K) (zero
 // outside the output). False when a value it read is not finite.
 template <int kM, typename T>
-bool conv_winograd_grad_output(const ConvArgs& a, const void* gy_, int64_t t0, int64_t nt,
-                               void* dm_, int64_t ldd) {
+FASTDL_FLATTEN bool conv_winograd_grad_output(const ConvArgs& a, const void* gy_, int64_t t0,
+                                              int64_t nt, void* dm_, int64_t ldd) {
   using V = Vec<T>;
   constexpr int64_t kIn = kM + 2;
   const T* gy = static_cast<const T*>(gy_);
@@ -292,8 +293,8 @@ bool conv_winograd_grad_output(const ConvArgs& a, const void* gy_, int64_t t0, i
 // Adjoint weight transform of input channels [c0, c1): dw (C, 3, 3, K) = G^T du G for
 // du ((m + 2)^2, C, K).
 template <int kM, typename T>
-void conv_winograd_grad_weight(const void* du_, int64_t C, int64_t K, int64_t c0, int64_t c1,
-                               void* dw_) {
+FASTDL_FLATTEN void conv_winograd_grad_weight(const void* du_, int64_t C, int64_t K, int64_t c0,
+                                              int64_t c1, void* dw_) {
   using V = Vec<T>;
   constexpr int64_t kIn = kM + 2;
   const T* du = static_cast<const T*>(du_);

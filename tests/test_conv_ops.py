@@ -179,24 +179,26 @@ def test_deep_layer_backward(weight_cl):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_isa(isa):
-    """A depthwise, grouped ones (3 groups of 4: one partial vector on AVX-512; groups of 8, 16,
-    24 and 32 output channels on the broadcast kernels, 8 and 24 in eight-lane vectors on
-    AVX-512, four groups of 8 in and out in pairs there) and a dense conv, every gradient, under
-    each ISA's kernels."""
+    """A depthwise, grouped ones (3 groups of 4: one partial vector on AVX-512; 6 groups of 2;
+    both rotated in registers on the SIMD ISAs; groups of 8, 16, 24 and 32 output channels on
+    the broadcast kernels, 8 and 24 in eight-lane vectors on AVX-512, four groups of 8 in and
+    out in pairs there) and a dense conv, every gradient, under each ISA's kernels."""
     x = torch.randn(2, 12, 7, 6, requires_grad=True).contiguous(memory_format=torch.channels_last)
     w = torch.randn(12, 1, 3, 3, requires_grad=True)
     wg = torch.randn(12, 4, 3, 3, requires_grad=True)
+    wg2 = torch.randn(12, 2, 3, 3, requires_grad=True)
     w8 = torch.randn(32, 3, 3, 3, requires_grad=True)
     w88 = torch.randn(32, 8, 3, 3, requires_grad=True)
     w16 = torch.randn(32, 16, 3, 3, requires_grad=True)
     w24 = torch.randn(48, 16, 1, 3, requires_grad=True)
     w32 = torch.randn(64, 24, 3, 3, requires_grad=True)
     w2 = torch.randn(5, 64, 3, 2, requires_grad=True)
-    params = (x, w, wg, w8, w88, w16, w24, w32, w2)
+    params = (x, w, wg, wg2, w8, w88, w16, w24, w32, w2)
 
-    def net(x, w, wg, w8, w88, w16, w24, w32, w2, conv):
+    def net(x, w, wg, wg2, w8, w88, w16, w24, w32, w2, conv):
         y = conv(x, w, None, 1, 1, 1, 12, "gelu")
         y = conv(y, wg, None, 1, 1, 1, 3, "relu")
+        y = conv(y, wg2, None, 1, 1, 1, 6, "none") / 2
         y = conv(y, w8, None, 1, 1, 1, 4, "none") / 4  # kg 8, cg 3
         y = conv(y, w88, None, 1, 1, 1, 4, "relu") / 4  # kg 8, cg 8
         y = conv(y, w16, None, 1, 1, 1, 2, "relu") / 4  # kg 16, cg 16

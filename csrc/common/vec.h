@@ -91,6 +91,21 @@ struct ArrVec {
       if (lanes >> i & 1u) r.v[i] = widen(p[i]);
     return r;
   }
+  // Each group of g lanes (g divides N) rotated t places (t < g): lane i from lane
+  // i - i % g + (i % g + t) % g. rotation(g, t) is the permutation, rotate applies it.
+  struct Rotation {
+    int from[N];
+  };
+  static Rotation rotation(int g, int t) {
+    Rotation r;
+    for (int i = 0; i < N; ++i) r.from[i] = i - i % g + (i % g + t) % g;
+    return r;
+  }
+  ArrVec rotate(const Rotation& r) const {
+    ArrVec o;
+    for (int i = 0; i < N; ++i) o.v[i] = v[r.from[i]];
+    return o;
+  }
   // The 2 N elements at p split into the even (2i) and odd (2i + 1) ones, element j read where
   // bit j of `lanes` is set (else zero; its memory not read).
   static void deinterleave(const A* p, uint32_t lanes, ArrVec& even, ArrVec& odd) {
@@ -211,6 +226,14 @@ struct VecF {
   static VecF load(const bf16* p, int64_t n) {
     return {from_bf16(_mm256_maskz_loadu_epi16(mask(n), p))};
   }
+  // As ArrVec's: one permute.
+  using Rotation = __m512i;
+  static Rotation rotation(int g, int t) {
+    int from[W];
+    for (int i = 0; i < W; ++i) from[i] = i - i % g + (i % g + t) % g;
+    return _mm512_loadu_si512(from);
+  }
+  VecF rotate(Rotation r) const { return {_mm512_permutexvar_ps(r, v)}; }
   // As ArrVec::deinterleave: two masked loads, two two-source permutes.
   static void deinterleave(const float* p, uint32_t lanes, VecF& even, VecF& odd) {
     const __m512 lo = load_lanes(p, lanes & 0xffffu).v, hi = load_lanes(p + W, lanes >> 16).v;
@@ -361,6 +384,14 @@ struct VecF {
     for (int64_t i = 0; i < n; ++i) t[i] = p[i];
     return load(t);
   }
+  // As ArrVec's: one permute.
+  using Rotation = __m256i;
+  static Rotation rotation(int g, int t) {
+    int from[W];
+    for (int i = 0; i < W; ++i) from[i] = i - i % g + (i % g + t) % g;
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from));
+  }
+  VecF rotate(Rotation r) const { return {_mm256_permutevar8x32_ps(v, r)}; }
   // As ArrVec::deinterleave: per 128-bit half the even (odd) pairs of both, then the 64-bit
   // quarters in order.
   static void deinterleave(const float* p, uint32_t lanes, VecF& even, VecF& odd) {

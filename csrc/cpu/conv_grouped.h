@@ -8,24 +8,23 @@
 
 // The loads of the grouped kernels (kg channels a group, a vector spanning whole groups): at
 // step t each lane k reads its group's channel t further on, wrapping, that is x[k + t] in the
-// lanes where k % kg + t < kg and x[k + t - kg] in the others: two loads of disjoint lanes,
-// `in` (a mask of lanes) limiting both. The other lanes' memory is not read, so no channel of
-// another group, Inf or NaN, enters a sum.
+// lanes where k % kg + t < kg and x[k + t - kg] in the others: one load of the vector's lanes
+// (`in`, a mask of whole groups, limiting it), each group then rotated t lanes in registers. No
+// channel of another group, Inf or NaN, enters a sum. (Two loads of disjoint lanes at x + t and
+// x + t - kg, each split across two cache lines, had held a ResNeXt 128-channel layer's forward
+// to ~13% of the FMA peak.)
 template <typename V>
 struct GroupLanes {
-  uint32_t near[4], far[4];
-  int64_t kg;
+  typename V::Rotation rot[4];
 
-  explicit GroupLanes(int64_t kg_) : kg(kg_) {
-    for (int64_t t = 0; t < kg; ++t) {
-      near[t] = far[t] = 0;
-      for (int i = 0; i < V::W; ++i) (i % kg + t < kg ? near[t] : far[t]) |= 1u << i;
-    }
+  explicit GroupLanes(int64_t kg) {
+    for (int64_t t = 0; t < kg; ++t)
+      rot[t] = V::rotation(static_cast<int>(kg), static_cast<int>(t));
   }
   template <typename T>
   V load(const T* x, int64_t t, uint32_t in) const {
-    return V::load_lanes(x + t, near[t] & in) +
-           V::load_lanes(x + t - kg, (t > 0 ? far[t] : 0u) & in);
+    const V v = V::load_lanes(x, in);
+    return t == 0 ? v : v.rotate(rot[t]);
   }
 };
 

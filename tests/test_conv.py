@@ -31,6 +31,9 @@ CONV_SHAPES = {
     # Groups of 2, 4 or 8 channels in and out (ResNeXt's): the CPU's direct grouped kernels (a
     # stride-1 input gradient by the adjoint's forward, a strided one on the implicit GEMM).
     "grouped_kg4": (2, 8, 7, 6, 8, 3, 3, 1, 1, 1, 2),
+    # Stride-1 rows of 3 taps load each pixel once for the tile's taps: columns padded by 2 (reads
+    # left of and past the row), a last tile of 3 pixels.
+    "grouped_kg4_padw2": (1, 8, 6, 9, 8, 3, 3, 1, (0, 2), 1, 2),
     "grouped_kg2_strided": (1, 6, 9, 8, 6, 3, 2, (2, 1), (1, 0), (1, 2), 3),
     "grouped_kg8_5x5": (1, 16, 6, 7, 16, 5, 5, 1, 2, 1, 2),
     # Groups of 8 to 32 output channels, any input width: the CPU's broadcast kernels (pixel

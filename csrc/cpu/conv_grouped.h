@@ -34,8 +34,8 @@ struct GroupLanes {
 // channels, against wt (R, S, kg, C) with wt[r][s][t][k] = w[k][(k % kg + t) % kg][r][s]. An
 // im2col per group moved 9 copies of every input for 36 multiply-adds an output.
 template <typename T>
-void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const ConvEpilogue& e,
-                      int64_t r0, int64_t r1, void*) {
+FASTDL_FLATTEN void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_,
+                                     const ConvEpilogue& e, int64_t r0, int64_t r1, void*) {
   using V = Vec<T>;
   constexpr int64_t kTile = 4;
   const T* x = static_cast<const T*>(x_);
@@ -48,33 +48,53 @@ void conv_grouped_fwd(const ConvArgs& a, const void* x_, const void* w_, const C
       const int64_t nq = imin(kTile, a.Q - q0);
       for_vectors<V::W>(0, C, [&](int64_t c0, int64_t len) {
         const uint32_t live = static_cast<uint32_t>((uint64_t{1} << len) - 1u);
-        direct_tile<T, kTile>(a, x, e, n, p, q0, nq, c0, len,
-                              [&](V* acc, const T* xrow, int64_t r, int64_t s) {
-                                const T* wp = wt + (r * a.S + s) * kg * C + c0;
-                                // The tile's pixels that read inside the row (the others' lanes all
-                                // off).
-                                const T* xp[kTile];
-                                uint32_t on[kTile];
+        // The lanes of the input pixel of column wi (none outside the row) and its channel c0.
+        const auto pixel = [&](const T* xrow, int64_t wi, uint32_t& on) {
+          const bool in = wi >= 0 && wi < a.W;
+          on = in ? live : 0u;
+          return xrow + (in ? wi : 0) * C;
+        };
+        direct_tile<T, kTile>(
+            a, x, e, n, p, q0, nq, c0, len, [&](V* acc, const T* xrow, int64_t r) {
+              const T* wr = wt + r * a.S * kg * C + c0;
+              if (a.S == 3 && a.stride_w == 1 && a.dil_w == 1) {
+                // The kTile + 2 pixels the tile's three taps read, each loaded and rotated once a
+                // step (not once for each tap that reads it).
+                constexpr int64_t kIn = kTile + 2;
+                const T* xp[kIn];
+                uint32_t on[kIn];
+#pragma GCC unroll 8
+                for (int64_t j = 0; j < kIn; ++j) xp[j] = pixel(xrow, q0 - a.pad_w + j, on[j]);
+                for (int64_t t = 0; t < kg; ++t) {
+                  V xv[kIn];
+#pragma GCC unroll 8
+                  for (int64_t j = 0; j < kIn; ++j) xv[j] = lanes.load(xp[j], t, on[j]);
+#pragma GCC unroll 3
+                  for (int64_t s = 0; s < 3; ++s) {
+                    const V wv = ld<V>(wr + (s * kg + t) * C, len);
 #pragma GCC unroll 4
-                                for (int64_t j = 0; j < kTile; ++j) {
-                                  const int64_t wi = (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w;
-                                  const bool in = j < nq && wi >= 0 && wi < a.W;
-                                  xp[j] = xrow + (in ? wi : 0) * C;
-                                  on[j] = in ? live : 0u;
-                                }
-                                V a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-                                for (int64_t t = 0; t < kg; ++t) {
-                                  const V wv = ld<V>(wp + t * C, len);
-                                  const auto step = [&](V& sum, const T* px, uint32_t in) {
-                                    sum = fma(lanes.load(px, t, in), wv, sum);
-                                  };
-                                  step(a0, xp[0], on[0]);
-                                  step(a1, xp[1], on[1]);
-                                  step(a2, xp[2], on[2]);
-                                  step(a3, xp[3], on[3]);
-                                }
-                                acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
-                              });
+                    for (int64_t j = 0; j < kTile; ++j) acc[j] = fma(xv[j + s], wv, acc[j]);
+                  }
+                }
+                return;
+              }
+              for (int64_t s = 0; s < a.S; ++s) {
+                // The tile's pixels that read inside the row (the others' lanes all off).
+                const T* xp[kTile];
+                uint32_t on[kTile];
+#pragma GCC unroll 4
+                for (int64_t j = 0; j < kTile; ++j) {
+                  xp[j] = pixel(xrow, (q0 + j) * a.stride_w - a.pad_w + s * a.dil_w, on[j]);
+                  if (j >= nq) on[j] = 0u;
+                }
+                for (int64_t t = 0; t < kg; ++t) {
+                  const V wv = ld<V>(wr + (s * kg + t) * C, len);
+#pragma GCC unroll 4
+                  for (int64_t j = 0; j < kTile; ++j)
+                    acc[j] = fma(lanes.load(xp[j], t, on[j]), wv, acc[j]);
+                }
+              }
+            });
       });
     }
   }

@@ -452,12 +452,12 @@ FASTDL_FLATTEN void conv_epilogue(const ConvArgs& a, const ConvEpilogue& e, int6
 }
 
 // kTile output pixels of a direct conv from (n, p, q0), nq of them real, channels [c0, c0 + len):
-// tap(acc, xrow, r, s) adds tap (r, s)'s products into acc[kTile] from the input row xrow (at
-// channel c0 of its first pixel), for the taps whose row lies inside x; then the epilogue, with
-// the bias. kTile independent accumulators hide the FMA latency and reuse each weight load.
+// taps(acc, xrow, r) adds the products of tap row r into acc[kTile] from the input row xrow (at
+// channel c0 of its first pixel), for the tap rows that lie inside x; then the epilogue, with the
+// bias. kTile independent accumulators hide the FMA latency and reuse each weight load.
 template <typename T, int64_t kTile, typename Tap>
 inline void direct_tile(const ConvArgs& a, const T* x, const ConvEpilogue& e, int64_t n, int64_t p,
-                        int64_t q0, int64_t nq, int64_t c0, int64_t len, Tap&& tap) {
+                        int64_t q0, int64_t nq, int64_t c0, int64_t len, Tap&& taps) {
   using V = Vec<T>;
   V acc[kTile];
   for (int64_t j = 0; j < kTile; ++j) acc[j] = V::zero();
@@ -465,7 +465,7 @@ inline void direct_tile(const ConvArgs& a, const T* x, const ConvEpilogue& e, in
     const int64_t h = p * a.stride_h - a.pad_h + r * a.dil_h;
     if (h < 0 || h >= a.H) continue;
     const T* xrow = x + (n * a.H + h) * a.W * a.C + c0;
-    for (int64_t s = 0; s < a.S; ++s) tap(acc, xrow, r, s);
+    taps(acc, xrow, r);
   }
   const T* bias = static_cast<const T*>(e.bias);
   const V vb = bias != nullptr ? ld<V>(bias + c0, len) : V::zero();

@@ -58,6 +58,12 @@ inline void narrow(bf16* p, float v) {
   p->bits = static_cast<uint16_t>(u >> 16);
 }
 
+// The lane that lane i takes when each group of g lanes (g divides the width) is rotated t places
+// (t < g): Vec::rotation's permutation.
+inline int rotated_lane(int i, int g, int t) {
+  return i - i % g + (i % g + t) % g;
+}
+
 // Portable N-lane vector of A (float or double); plain loops the optimizer vectorizes.
 template <typename A, int N>
 struct ArrVec {
@@ -92,13 +98,13 @@ struct ArrVec {
     return r;
   }
   // Each group of g lanes (g divides N) rotated t places (t < g): lane i from lane
-  // i - i % g + (i % g + t) % g. rotation(g, t) is the permutation, rotate applies it.
+  // rotated_lane(i, g, t). rotation(g, t) is the permutation, rotate applies it.
   struct Rotation {
     int from[N];
   };
   static Rotation rotation(int g, int t) {
     Rotation r;
-    for (int i = 0; i < N; ++i) r.from[i] = i - i % g + (i % g + t) % g;
+    for (int i = 0; i < N; ++i) r.from[i] = rotated_lane(i, g, t);
     return r;
   }
   ArrVec rotate(const Rotation& r) const {
@@ -230,7 +236,7 @@ struct VecF {
   using Rotation = __m512i;
   static Rotation rotation(int g, int t) {
     int from[W];
-    for (int i = 0; i < W; ++i) from[i] = i - i % g + (i % g + t) % g;
+    for (int i = 0; i < W; ++i) from[i] = rotated_lane(i, g, t);
     return _mm512_loadu_si512(from);
   }
   VecF rotate(Rotation r) const { return {_mm512_permutexvar_ps(r, v)}; }
@@ -388,7 +394,7 @@ struct VecF {
   using Rotation = __m256i;
   static Rotation rotation(int g, int t) {
     int from[W];
-    for (int i = 0; i < W; ++i) from[i] = i - i % g + (i % g + t) % g;
+    for (int i = 0; i < W; ++i) from[i] = rotated_lane(i, g, t);
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from));
   }
   VecF rotate(Rotation r) const { return {_mm256_permutevar8x32_ps(v, r)}; }

@@ -224,6 +224,53 @@ def test_every_isa(isa):
         assert_close(got, want, torch.float32, scale=4.0)
 
 
+# NCHW convs of few input channels on the CPU's direct plane kernel (conv_plane.h), (N, C, H, W,
+# K, R, S, stride, padding, dilation, activation, residual): the 7x7 stride-2 stem with a partial
+# tile of output channels (12 = 8 + 4) and a last tile of one pixel vector; a column dilation of 3
+# at stride 2 (taps in both halves of the split rows); stride 1 with rows of 37 (a partial vector)
+# and a row stride of 3; one channel, a 2x3 kernel padded beyond its reach; 200-pixel rows in two
+# blocks of output rows, the last one shorter; 16 channels of 5x5 (400 taps).
+PLANE_CASES = [
+    (2, 3, 25, 30, 12, 7, 7, 2, 3, 1, "relu", False),
+    (1, 4, 11, 40, 9, 3, 3, (1, 2), (2, 1), (1, 3), "gelu", True),
+    (2, 2, 13, 37, 8, 3, 5, (3, 1), (0, 2), (2, 1), "none", False),
+    (3, 1, 6, 9, 5, 2, 3, 1, (3, 4), 1, "silu", True),
+    (1, 3, 50, 200, 16, 3, 3, 1, 1, 1, "relu", True),
+    (2, 16, 9, 20, 24, 5, 5, 1, 2, 1, "none", False),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_isa_plane(isa, dtype):
+    """The dense direct conv on NCHW planes under each ISA's kernels (two pixel vectors a tile on
+    AVX-512, one elsewhere), in float32 and float64, each epilogue, on non-contiguous inputs:
+    outputs and every gradient equal to float64."""
+    torch.manual_seed(0)
+    for n, c, h, w, k, r, s, stride, padding, dilation, act, with_res in PLANE_CASES:
+        x = torch.randn(n, c, h, 2 * w, dtype=dtype)[..., ::2].requires_grad_()
+        wt = (torch.randn(k, c, r, s, dtype=dtype) / (c * r * s) ** 0.5).requires_grad_()
+        b = torch.randn(k, dtype=dtype, requires_grad=True)
+        shape = ref_conv2d(x.detach(), wt.detach(), None, stride, padding, dilation, 1).shape
+        res = torch.randn(shape, dtype=dtype, requires_grad=True) if with_res else None
+        leaves = [t for t in (x, wt, b, res) if t is not None]
+        previous = _ext.cpu_isa()
+        _ext.set_cpu_isa(isa)
+        try:
+            with fastdl.backend(NATIVE_CPU.name):
+                y = fastdl.conv2d(x, wt, b, stride, padding, dilation, activation=act, residual=res)
+                grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+        finally:
+            _ext.set_cpu_isa(previous)
+        doubles = [t.detach().double().requires_grad_() for t in leaves]
+        rd = doubles[3] if with_res else None
+        yd = ref_conv2d(*doubles[:3], stride, padding, dilation, 1, act, rd)
+        assert y.dtype == dtype and y.is_contiguous()
+        assert_close(y, yd, dtype)
+        for got, want in zip(grads, torch.autograd.grad(yd.sum(), doubles), strict=True):
+            assert_close(got, want, dtype, scale=4.0)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("stride, kernel", [(1, 3), (2, 5), ((1, 2), 2)])
 def test_bfloat16_depthwise_channels_last(isa, stride, kernel):
@@ -354,12 +401,13 @@ def test_every_isa_streamed_outputs(isa, layout):
     """Per ISA and layout: outputs of >= 8 MiB are written with non-temporal stores where a whole
     vector lands aligned, ordinary ones elsewhere (rows of 131 pixels: vectors straddle the
     alignment), through the Winograd epilogue with bias + residual + ReLU, the implicit GEMM's
-    (1x1) and both depthwise kernels; equal to float64."""
+    (1x1), both depthwise kernels and (NCHW) the plane kernel's lean one; equal to float64."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(2, 16, 131, 131).contiguous(memory_format=fmt)
     w, w1 = torch.randn(64, 16, 3, 3) / 12, torch.randn(64, 16, 1, 1) / 4
     b, res = torch.randn(64), torch.randn(2, 64, 131, 131).contiguous(memory_format=fmt)
     wd = torch.randn(64, 1, 3, 3) / 3
+    w3 = torch.randn(64, 3, 5, 5) / 8
     previous = _ext.cpu_isa()
     _ext.set_cpu_isa(isa)
     try:
@@ -367,9 +415,15 @@ def test_every_isa_streamed_outputs(isa, layout):
             y = fastdl.conv2d(x, w, b, 1, 1, activation="relu", residual=res)
             y1 = fastdl.conv2d(x, w1, b)
             z = fastdl.conv2d(y, wd, None, 1, 1, 1, 64)
+            y3 = fastdl.conv2d(x[:, :3], w3, b, 1, 2, activation="relu")
     finally:
         _ext.set_cpu_isa(previous)
     assert y.numel() * 4 >= 8 << 20 and y.is_contiguous(memory_format=fmt)
+    assert_close(
+        y3,
+        ref_conv2d(x[:, :3].double(), w3.double(), b.double(), 1, 2, 1, 1, "relu"),
+        torch.float32,
+    )
     yd = ref_conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 1, "relu", res.double())
     assert_close(y, yd, torch.float32)
     assert_close(y1, ref_conv2d(x.double(), w1.double(), b.double(), 1, 0, 1, 1), torch.float32)

@@ -16,7 +16,8 @@
 // the (pixel, tap) pairs read padding, run one GEMM per tap on the pixels that read the image
 // instead (conv_taps.cpp), stride-1 3x3 convs with enough pixels Winograd (conv_winograd.cpp),
 // and depthwise convs and groups of 2 or 4 channels, or of 8 to 32 output channels, direct
-// kernels (conv_direct.cpp).
+// kernels (conv_direct.cpp), as do NCHW convs of few input channels (an image model's stem:
+// plane_suits), SIMD over the pixels of the output planes.
 // conv_transpose2d is the adjoint conv2d (common/conv.h), so its forward is the conv2d input
 // gradient.
 //
@@ -655,6 +656,7 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                  out.scalar_type() == at::kBFloat16};
   const ConvArgs& a = p.a;
   if (direct_conv(a)) return direct_forward<T>(p, x, weight, e);
+  if (plane_forward<T>(p, x, weight, e)) return;
   if constexpr (std::is_same_v<T, float>) {
     if (bf16_products(p, x.scalar_type())) {
       const at::Tensor xb = as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast);

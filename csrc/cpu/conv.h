@@ -135,6 +135,13 @@ ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor&
                        const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,
                        at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias);
 
+// conv_direct.cpp too: the forward of a dense conv of few input channels and taps on NCHW
+// (conv_plane_fwd where plane_suits and Winograd does not run, x in T, out NCHW); false, having
+// written nothing, for the others.
+template <typename T>
+bool plane_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
+                   const ConvEpilogue& e);
+
 // conv_taps.cpp: the fraction of g's (output pixel, tap) pairs whose tap reads inside the input
 // (plan runs the GEMMs per tap at or below kTapsMaxValid), and the three products per tap.
 double valid_taps(const conv::ConvGeom& g);

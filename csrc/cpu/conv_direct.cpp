@@ -9,7 +9,8 @@
 // summed over chunks of output rows fixed by the shapes and merged in order (deterministic). All on
 // NHWC in the compute dtype (bfloat16 widened), but for depthwise convs with unit column stride on
 // NCHW planes (and both gradients of flat ones, depthwise_plane_grads); the forward's epilogue
-// writes any layout and dtype.
+// writes any layout and dtype. Also the forward of dense NCHW convs of few input channels
+// (plane_forward: conv_plane.h), whose gradients are the implicit GEMM's.
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -352,6 +353,34 @@ template void direct_forward<float>(const Gemm&, const at::Tensor&, const at::Te
                                     const ConvEpilogue&);
 template void direct_forward<double>(const Gemm&, const at::Tensor&, const at::Tensor&,
                                      const ConvEpilogue&);
+
+template <typename T>
+bool plane_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
+                   const ConvEpilogue& e) {
+  const ConvArgs& a = p.a;
+  const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+  if (!plane_suits(a) || p.wino > 0 || x.scalar_type() != ct || a.out_spq != 1 ||
+      a.out_sk != a.P * a.Q || a.out_sn != a.K * a.P * a.Q)
+    return false;
+  const at::Tensor xc = x.contiguous();
+  const int64_t kb = (a.K + kPlaneChannels - 1) / kPlaneChannels;
+  const int64_t taps = a.C * a.R * a.S;
+  const at::Tensor wt =
+      at::constant_pad_nd(weight.to(ct).reshape({a.K, taps}), {0, 0, 0, kb * kPlaneChannels - a.K})
+          .reshape({kb, kPlaneChannels, taps})
+          .transpose(1, 2)
+          .contiguous();
+  const PlaneFwdFn fn = kernels().plane_fwd[dt<T>()];
+  at::parallel_for(0, a.N * plane_rows(a, sizeof(T)).blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> scratch(plane_scratch(a, sizeof(T)));
+    fn(a, xc.const_data_ptr<T>(), wt.const_data_ptr<T>(), e, b0, b1, scratch.data());
+  });
+  return true;
+}
+template bool plane_forward<float>(const Gemm&, const at::Tensor&, const at::Tensor&,
+                                   const ConvEpilogue&);
+template bool plane_forward<double>(const Gemm&, const at::Tensor&, const at::Tensor&,
+                                    const ConvEpilogue&);
 
 ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor& x,
                        const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,

@@ -1,7 +1,7 @@
 // The conv kernels around the GEMMs (csrc/cpu/conv_params.h): im2col, col2im, the fused
 // epilogue (bias + residual + activation) and its backward, the direct depthwise conv and its
-// gradients, the grouped convs (cpu/conv_grouped.h) and the Winograd transforms
-// (cpu/conv_winograd.h).
+// gradients, the grouped convs (cpu/conv_grouped.h), the dense direct conv on NCHW planes
+// (cpu/conv_plane.h) and the Winograd transforms (cpu/conv_winograd.h).
 // Included inside an ISA namespace by csrc/cpu/isa/*.cpp; plain loops the compiler vectorizes
 // for that ISA (the innermost loops run over contiguous NHWC channels). No torch, no std
 // templates (see vec.h).
@@ -625,12 +625,17 @@ inline void two_chains(int64_t S, V& even, V& odd, Tap&& tap) {
 
 // acc + vb into out (e.out) at element o: directly where lean (lean_epilogue, ReLU where relu_;
 // all three read once by the caller, as stores through out may alias e), else by store_vec.
+// Streamed as store_vec streams.
 template <typename T, typename V>
 inline void store_plane_vec(const ConvArgs& a, const ConvEpilogue& e, T* out, bool lean, bool relu_,
                             V acc, V vb, int64_t o, int64_t len) {
   if (!lean) return store_vec<T>(a, e, acc, vb, o, len);
-  const V y = acc + vb;
-  st(out + o, relu_ ? relu(y) : y, len);
+  V y = acc + vb;
+  if (relu_) y = relu(y);
+  if (e.stream && len == V::W && reinterpret_cast<uintptr_t>(out + o) % (V::W * sizeof(T)) == 0)
+    y.stream(out + o);
+  else
+    st(out + o, y, len);
 }
 
 // Plane (n, c)'s weights w + c RS (broadcast once, when their number kRS is known at compile
@@ -1030,6 +1035,7 @@ void conv_depthwise_bwd_params(const ConvArgs& a, const void* x_, const void* gy
 }
 
 #include "cpu/conv_grouped.h"
+#include "cpu/conv_plane.h"
 #include "cpu/conv_winograd.h"
 
 const ConvKernels kConvKernels = {
@@ -1046,6 +1052,7 @@ const ConvKernels kConvKernels = {
                                    conv_depthwise_plane_bwd_params<double>},
     .grouped_bwd_params = {conv_grouped_bwd_params<float>, conv_grouped_bwd_params<double>},
     .grouped_bcast_fwd = {conv_grouped_bcast_fwd<float>, conv_grouped_bcast_fwd<double>},
+    .plane_fwd = {conv_plane_fwd<float>, conv_plane_fwd<double>},
     .grouped_bcast_bwd_params = {conv_grouped_bcast_bwd_params<float>,
                                  conv_grouped_bcast_bwd_params<double>},
     .grouped_pairs_fwd = kGroupedPairsFwd,

@@ -224,8 +224,8 @@ def test_every_isa(isa):
         assert_close(got, want, torch.float32, scale=4.0)
 
 
-# NCHW convs of few input channels on the CPU's direct plane kernel (conv_plane.h), (N, C, H, W,
-# K, R, S, stride, padding, dilation, activation, residual): the 7x7 stride-2 stem with a partial
+# Convs of few input channels on the CPU's direct plane kernel (conv_plane.h), (N, C, H, W, K,
+# R, S, stride, padding, dilation, activation, residual): the 7x7 stride-2 stem with a partial
 # tile of output channels (12 = 8 + 4) and a last tile of one pixel vector; a column dilation of 3
 # at stride 2 (taps in both halves of the split rows); stride 1 with rows of 37 (a partial vector)
 # and a row stride of 3; one channel, a 2x3 kernel padded beyond its reach; 200-pixel rows in two
@@ -242,17 +242,23 @@ PLANE_CASES = [
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_isa_plane(isa, dtype):
-    """The dense direct conv on NCHW planes under each ISA's kernels (two pixel vectors a tile on
-    AVX-512, one elsewhere), in float32 and float64, each epilogue, on non-contiguous inputs:
-    outputs and every gradient equal to float64."""
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_isa_plane(isa, dtype, layout):
+    """The dense direct conv SIMD over output planes under each ISA's kernels (two pixel vectors
+    a tile on AVX-512, one elsewhere), in float32 and float64, each epilogue: NCHW x not
+    contiguous (copied), written plane by plane; channels_last x read in place, its output
+    transposed a tile at a time. Outputs and every gradient equal to float64."""
     torch.manual_seed(0)
+    cl = layout == "channels_last"
+    fmt = torch.channels_last if cl else torch.contiguous_format
     for n, c, h, w, k, r, s, stride, padding, dilation, act, with_res in PLANE_CASES:
-        x = torch.randn(n, c, h, 2 * w, dtype=dtype)[..., ::2].requires_grad_()
+        x = torch.randn(n, c, h, 2 * w, dtype=dtype)[..., ::2]
+        x = (x.contiguous(memory_format=fmt) if cl else x).requires_grad_()
         wt = (torch.randn(k, c, r, s, dtype=dtype) / (c * r * s) ** 0.5).requires_grad_()
         b = torch.randn(k, dtype=dtype, requires_grad=True)
         shape = ref_conv2d(x.detach(), wt.detach(), None, stride, padding, dilation, 1).shape
-        res = torch.randn(shape, dtype=dtype, requires_grad=True) if with_res else None
+        res = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt) if with_res else None
+        res = res.requires_grad_() if with_res else None
         leaves = [t for t in (x, wt, b, res) if t is not None]
         previous = _ext.cpu_isa()
         _ext.set_cpu_isa(isa)
@@ -265,7 +271,8 @@ def test_every_isa_plane(isa, dtype):
         doubles = [t.detach().double().requires_grad_() for t in leaves]
         rd = doubles[3] if with_res else None
         yd = ref_conv2d(*doubles[:3], stride, padding, dilation, 1, act, rd)
-        assert y.dtype == dtype and y.is_contiguous()
+        out_fmt = fmt if c > 1 else torch.contiguous_format  # one channel: NCHW is NHWC
+        assert y.dtype == dtype and y.is_contiguous(memory_format=out_fmt)
         assert_close(y, yd, dtype)
         for got, want in zip(grads, torch.autograd.grad(yd.sum(), doubles), strict=True):
             assert_close(got, want, dtype, scale=4.0)

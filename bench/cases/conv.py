@@ -184,6 +184,7 @@ CASES = [
     _case("conv2d 3x3 s2", "fwd", (32, 128, 56, 56), F32, "", None, 128, 3, 2, 1, _conv(2, 1)),
     _case("conv2d 3x3 s2", "fwd", (32, 128, 56, 56), BF16, "", None, 128, 3, 2, 1, _conv(2, 1)),
     _case("conv2d 7x7 s2 stem", "fwd", (32, 3, 224, 224), F32, "", None, 64, 7, 2, 3, _conv(2, 3)),
+    _case("conv2d 7x7 s2 stem", "fwd", (32, 3, 224, 224), F32, CL, None, 64, 7, 2, 3, _conv(2, 3)),
     _case(
         "conv_transpose2d 4x4 s2",
         "fwd",

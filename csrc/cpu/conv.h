@@ -135,9 +135,9 @@ ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor&
                        const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,
                        at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias);
 
-// conv_direct.cpp too: the forward of a dense conv of few input channels and taps on NCHW
-// (conv_plane_fwd where plane_suits and Winograd does not run, x in T, out NCHW); false, having
-// written nothing, for the others.
+// conv_direct.cpp too: the forward of a dense conv of few input channels and taps
+// (conv_plane_fwd where plane_suits and Winograd does not run, x in T, out dense NCHW or NHWC);
+// false, having written nothing, for the others.
 template <typename T>
 bool plane_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                    const ConvEpilogue& e);

@@ -359,10 +359,14 @@ bool plane_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                    const ConvEpilogue& e) {
   const ConvArgs& a = p.a;
   const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
-  if (!plane_suits(a) || p.wino > 0 || x.scalar_type() != ct || a.out_spq != 1 ||
-      a.out_sk != a.P * a.Q || a.out_sn != a.K * a.P * a.Q)
+  const int64_t pq = a.P * a.Q;
+  const bool out_nchw = a.out_spq == 1 && a.out_sk == pq && a.out_sn == a.K * pq;
+  const bool out_nhwc = a.out_sk == 1 && a.out_spq == a.K && a.out_sn == pq * a.K;
+  if (!plane_suits(a) || p.wino > 0 || x.scalar_type() != ct || !(out_nchw || out_nhwc))
     return false;
-  const at::Tensor xc = x.contiguous();
+  // x as it is where dense NHWC (read element by element), else NCHW memory.
+  const bool x_cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor xc = x_cl ? x : x.contiguous();
   const int64_t kb = (a.K + kPlaneChannels - 1) / kPlaneChannels;
   const int64_t taps = a.C * a.R * a.S;
   const at::Tensor wt =
@@ -373,7 +377,7 @@ bool plane_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
   const PlaneFwdFn fn = kernels().plane_fwd[dt<T>()];
   at::parallel_for(0, a.N * plane_rows(a, sizeof(T)).blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> scratch(plane_scratch(a, sizeof(T)));
-    fn(a, xc.const_data_ptr<T>(), wt.const_data_ptr<T>(), e, b0, b1, scratch.data());
+    fn(a, xc.const_data_ptr<T>(), x_cl, wt.const_data_ptr<T>(), e, b0, b1, scratch.data());
   });
   return true;
 }

@@ -103,16 +103,17 @@ using DepthwisePlaneFwdFn = void (*)(const ConvArgs&, const void* x, bool x_bf16
                                      void* scratch);
 
 // Dense convs (groups 1, not 1x1) with few input channels and taps (plane_suits: an image
-// model's stem) on NCHW x and out, stride_w 1 or 2 (csrc/cpu/conv_plane.h): SIMD over the pixels
-// of the output planes. A block of output rows first copies the input rows it reads, of every
-// channel, zero-padded into scratch: `halves` rows of `len` elements for each (at stride_w 2 two,
-// its even and odd columns, so that every tap is a contiguous load), from column -pad_w on, whole
-// 16-lane vectors of output columns plus the farthest tap's shift. Blocks of `rows` output rows
-// of one image (the last one shorter), their `in_rows` input rows aiming at ~96 KiB (in L2).
-// Against the implicit GEMM (im2col, then the output transposed back to NCHW), on 32 images:
-// the 7x7 stride-2 stem of 224x224 RGB 32 against 53 ms, a 3x3 of 3 channels 27 against 64, of
-// 16 channels stride 2 3.1 against 3.5, a 5x5 of 16 channels 41 against 67; at 24 to 44 channels
-// of 3x3 the GEMMs were 0-10% faster (Winograd, where it runs, as fast at 16).
+// model's stem), stride_w 1 or 2 (csrc/cpu/conv_plane.h): SIMD over the pixels of the output
+// planes (NCHW out; NHWC out transposed a tile at a time). A block of output rows first copies
+// the input rows it reads, of every channel, zero-padded into scratch: `halves` rows of `len`
+// elements for each (at stride_w 2 two, its even and odd columns, so that every tap is a
+// contiguous load), from column -pad_w on, whole 16-lane vectors of output columns plus the
+// farthest tap's shift. Blocks of `rows` output rows of one image (the last one shorter), their
+// `in_rows` input rows aiming at ~96 KiB (in L2). Against the implicit GEMM (im2col, then the
+// output transposed back to NCHW), on 32 NCHW images: the 7x7 stride-2 stem of 224x224 RGB 32
+// against 53 ms, a 3x3 of 3 channels 27 against 64, of 16 channels stride 2 3.1 against 3.5, a
+// 5x5 of 16 channels 41 against 67; at 24 to 44 channels of 3x3 the GEMMs were 0-10% faster
+// (Winograd, where it runs, as fast at 16).
 constexpr int64_t kPlaneMaxChannels = 16, kPlaneMaxTaps = 512;
 inline bool plane_suits(const ConvArgs& a) {
   return a.groups == 1 && a.stride_w <= 2 && a.R * a.S > 1 && a.C <= kPlaneMaxChannels &&
@@ -132,16 +133,21 @@ inline PlaneRows plane_rows(const ConvArgs& a, int64_t elem) {
   g.blocks = (a.P + g.rows - 1) / g.rows;
   return g;
 }
+// Output channels a tile (wt's last dimension), and the most pixels a tile (two vectors of 16).
+constexpr int64_t kPlaneChannels = 8, kPlanePixels = 32;
+// Scratch elements: the input rows; for a channels_last out, a tile's accumulators of every
+// channel, then the tile transposed (a pixel's channels a row); room to align it.
 inline int64_t plane_scratch(const ConvArgs& a, int64_t elem) {
   const PlaneRows g = plane_rows(a, elem);
-  return a.C * g.in_rows * g.halves * g.len + 64 / elem;  // and room to align it
+  const int64_t kp = (a.K + kPlaneChannels - 1) / kPlaneChannels * kPlaneChannels;
+  return a.C * g.in_rows * g.halves * g.len + kPlanePixels * (kp + a.K) + 64 / elem;
 }
 // The forward of blocks [b0, b1) (block b: image b / blocks, its rows from b % blocks * rows on),
-// x in the kernel's dtype, the weight as wt (ceil(K / 4), C R S, 4), zero past K: wt[k / 4][t][k
-// % 4] = w[k][t] (t = (c, r, s)).
-using PlaneFwdFn = void (*)(const ConvArgs&, const void* x, const void* wt, const ConvEpilogue&,
-                            int64_t b0, int64_t b1, void* scratch);
-constexpr int64_t kPlaneChannels = 8;  // output channels a tile (wt's last dimension)
+// x in the kernel's dtype, NCHW memory or (x_cl) NHWC, out NCHW or NHWC; the weight as wt
+// (ceil(K / kPlaneChannels), C R S, kPlaneChannels), zero past K: wt[k / kPlaneChannels][t][k %
+// kPlaneChannels] = w[k][t] (t = (c, r, s)).
+using PlaneFwdFn = void (*)(const ConvArgs&, const void* x, bool x_cl, const void* wt,
+                            const ConvEpilogue&, int64_t b0, int64_t b1, void* scratch);
 
 // Grouped convs on NHWC x, for output rows (n, p) in [r0, r1), out/pre via the epilogue
 // (csrc/cpu/conv_grouped.h). grouped_fwd: C == K and kg = C / groups in {2, 4}, the weight as

@@ -9,8 +9,8 @@
 // summed over chunks of output rows fixed by the shapes and merged in order (deterministic). All on
 // NHWC in the compute dtype (bfloat16 widened), but for depthwise convs with unit column stride on
 // NCHW planes (and both gradients of flat ones, depthwise_plane_grads); the forward's epilogue
-// writes any layout and dtype. Also the forward of dense NCHW convs of few input channels
-// (plane_forward: conv_plane.h), whose gradients are the implicit GEMM's.
+// writes any layout and dtype. Also the forward of dense convs of few input channels
+// (plane_forward: conv_plane.h; NCHW or NHWC), whose gradients are the implicit GEMM's.
 #include <algorithm>
 #include <cstdint>
 #include <tuple>

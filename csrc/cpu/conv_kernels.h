@@ -1,7 +1,7 @@
 // The conv kernels around the GEMMs (csrc/cpu/conv_params.h): im2col, col2im, the fused
 // epilogue (bias + residual + activation) and its backward, the direct depthwise conv and its
-// gradients, the grouped convs (cpu/conv_grouped.h), the dense direct conv on NCHW planes
-// (cpu/conv_plane.h) and the Winograd transforms (cpu/conv_winograd.h).
+// gradients, the grouped convs (cpu/conv_grouped.h), the dense direct conv SIMD over output
+// planes (cpu/conv_plane.h) and the Winograd transforms (cpu/conv_winograd.h).
 // Included inside an ISA namespace by csrc/cpu/isa/*.cpp; plain loops the compiler vectorizes
 // for that ISA (the innermost loops run over contiguous NHWC channels). No torch, no std
 // templates (see vec.h).
@@ -274,6 +274,12 @@ namespace conv_detail {
 // bias: v + residual, pre stored when asked, then the activation (ReLU in SIMD, the
 // transcendental ones per lane), residual, pre and out stored as S. A whole vector at an
 // aligned `out` is streamed when e.stream.
+// Whether the len outputs at out are streamed (e.stream): a whole vector, aligned to its size.
+template <typename V, typename S>
+inline bool streams(const ConvEpilogue& e, const S* out, int64_t len) {
+  return e.stream && len == V::W && reinterpret_cast<uintptr_t>(out) % (V::W * sizeof(S)) == 0;
+}
+
 template <typename S, typename T, typename V>
 inline void store_vec_as(const ConvArgs& a, const ConvEpilogue& e, V v, int64_t o, int64_t len) {
   if (e.residual != nullptr) v = v + ld<V>(static_cast<const S*>(e.residual) + o, len);
@@ -281,7 +287,7 @@ inline void store_vec_as(const ConvArgs& a, const ConvEpilogue& e, V v, int64_t 
   S* out = static_cast<S*>(e.out) + o;
   if (a.activation == 0 || a.activation == kRelu) {
     const V y = a.activation == kRelu ? relu(v) : v;
-    if (e.stream && len == V::W && reinterpret_cast<uintptr_t>(out) % (V::W * sizeof(S)) == 0)
+    if (streams<V>(e, out, len))
       y.stream(out);
     else
       st(out, y, len);
@@ -632,7 +638,7 @@ inline void store_plane_vec(const ConvArgs& a, const ConvEpilogue& e, T* out, bo
   if (!lean) return store_vec<T>(a, e, acc, vb, o, len);
   V y = acc + vb;
   if (relu_) y = relu(y);
-  if (e.stream && len == V::W && reinterpret_cast<uintptr_t>(out + o) % (V::W * sizeof(T)) == 0)
+  if (streams<V>(e, out + o, len))
     y.stream(out + o);
   else
     st(out + o, y, len);

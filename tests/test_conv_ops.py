@@ -181,8 +181,9 @@ def test_deep_layer_backward(weight_cl):
 def test_every_isa(isa):
     """A depthwise, grouped ones (3 groups of 4: one partial vector on AVX-512; 6 groups of 2;
     both rotated in registers on the SIMD ISAs; groups of 8, 16, 24 and 32 output channels on
-    the broadcast kernels, 8 and 24 in eight-lane vectors on AVX-512, four groups of 8 in and
-    out in pairs there) and a dense conv, every gradient, under each ISA's kernels."""
+    the broadcast kernels, 8 and 24 (16 too on AMD) in eight-lane vectors on AVX-512, four
+    groups of 8 in and out in pairs there) and a dense conv, every gradient, under each ISA's
+    kernels."""
     x = torch.randn(2, 12, 7, 6, requires_grad=True).contiguous(memory_format=torch.channels_last)
     w = torch.randn(12, 1, 3, 3, requires_grad=True)
     wg = torch.randn(12, 4, 3, 3, requires_grad=True)

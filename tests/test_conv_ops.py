@@ -258,8 +258,9 @@ def test_every_isa_plane(isa, dtype, layout):
         wt = (torch.randn(k, c, r, s, dtype=dtype) / (c * r * s) ** 0.5).requires_grad_()
         b = torch.randn(k, dtype=dtype, requires_grad=True)
         shape = ref_conv2d(x.detach(), wt.detach(), None, stride, padding, dilation, 1).shape
-        res = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt) if with_res else None
-        res = res.requires_grad_() if with_res else None
+        res = None
+        if with_res:
+            res = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
         leaves = [t for t in (x, wt, b, res) if t is not None]
         previous = _ext.cpu_isa()
         _ext.set_cpu_isa(isa)

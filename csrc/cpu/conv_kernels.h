@@ -270,16 +270,16 @@ void conv_transpose(const void* src_, int64_t lds, void* dst_, int64_t ldd, int6
 
 namespace conv_detail {
 
-// The epilogue of len contiguous outputs at element offset o (one SIMD vector of T) after the
-// bias: v + residual, pre stored when asked, then the activation (ReLU in SIMD, the
-// transcendental ones per lane), residual, pre and out stored as S. A whole vector at an
-// aligned `out` is streamed when e.stream.
 // Whether the len outputs at out are streamed (e.stream): a whole vector, aligned to its size.
 template <typename V, typename S>
 inline bool streams(const ConvEpilogue& e, const S* out, int64_t len) {
   return e.stream && len == V::W && reinterpret_cast<uintptr_t>(out) % (V::W * sizeof(S)) == 0;
 }
 
+// The epilogue of len contiguous outputs at element offset o (one SIMD vector of T) after the
+// bias: v + residual, pre stored when asked, then the activation (ReLU in SIMD, the
+// transcendental ones per lane), residual, pre and out stored as S. A whole vector at an
+// aligned `out` is streamed when e.stream.
 template <typename S, typename T, typename V>
 inline void store_vec_as(const ConvArgs& a, const ConvEpilogue& e, V v, int64_t o, int64_t len) {
   if (e.residual != nullptr) v = v + ld<V>(static_cast<const S*>(e.residual) + o, len);

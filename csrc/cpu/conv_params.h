@@ -135,12 +135,13 @@ inline PlaneRows plane_rows(const ConvArgs& a, int64_t elem) {
 }
 // Output channels a tile (wt's last dimension), and the most pixels a tile (two vectors of 16).
 constexpr int64_t kPlaneChannels = 8, kPlanePixels = 32;
-// Scratch elements: the input rows; for a channels_last out, a tile's accumulators of every
-// channel, then the tile transposed (a pixel's channels a row); room to align it.
+// Scratch elements: the input rows; for an NHWC out (out_spq != 1), a tile's accumulators of
+// every channel, then the tile transposed (a pixel's channels a row); room to align it.
 inline int64_t plane_scratch(const ConvArgs& a, int64_t elem) {
   const PlaneRows g = plane_rows(a, elem);
   const int64_t kp = (a.K + kPlaneChannels - 1) / kPlaneChannels * kPlaneChannels;
-  return a.C * g.in_rows * g.halves * g.len + kPlanePixels * (kp + a.K) + 64 / elem;
+  const int64_t tiles = a.out_spq == 1 ? 0 : kPlanePixels * (kp + a.K);
+  return a.C * g.in_rows * g.halves * g.len + tiles + 64 / elem;
 }
 // The forward of blocks [b0, b1) (block b: image b / blocks, its rows from b % blocks * rows on),
 // x in the kernel's dtype, NCHW memory or (x_cl) NHWC, out NCHW or NHWC; the weight as wt

@@ -302,6 +302,80 @@ def test_bfloat16_depthwise_channels_last(isa, stride, kernel):
     assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 * 1.01 + 1e-4).all()
 
 
+# Dense stride-1 bfloat16 convs on AMX tiles without im2col (conv_amx.h; C and K multiples of
+# 32), (N, C, H, W, K, R, S, padding, dilation): rows of 25 padded pixels, whose rows of flat
+# positions wrap around the 64-position ring; one image split into bands of rows (each copying
+# its own halo); a 5x3 kernel with a row dilation of 2 and no column padding; padding beyond the
+# taps' reach (whole zero rows and columns); a 1x3 kernel over 40-pixel rows; 3 images of 5x6.
+AMX_CASES = [
+    (2, 64, 9, 23, 64, 3, 3, 1, 1),
+    (1, 32, 23, 7, 96, 3, 3, 1, 1),
+    (3, 96, 11, 13, 32, 5, 3, (4, 0), (2, 1)),
+    (2, 32, 6, 5, 64, 3, 3, 3, 1),
+    (1, 128, 5, 40, 64, 1, 3, (0, 1), 1),
+    (3, 64, 5, 6, 128, 2, 2, 0, (1, 3)),
+]
+
+
+@pytest.mark.skipif("amx" not in BF16_ISAS, reason="this CPU has no AMX tiles")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("epilogue", ["none", "bias_res_relu", "gelu"])
+def test_bfloat16_amx_direct(layout, epilogue):
+    """bfloat16 stride-1 convs of 32k channels on AMX tiles reading the zero-padded input rows in
+    place: outputs within half an ulp (plus the float32 sums' error) of float64, through the lean
+    bfloat16 channels_last epilogue (bias, residual, ReLU), the general one (GELU; NCHW out), and
+    in training (GELU saves its pre-activation: the general epilogue) with every gradient, the
+    input gradient as the adjoint's forward on the tiles (but where padded beyond the taps'
+    reach: the GEMMs)."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    act = {"none": None, "bias_res_relu": "relu", "gelu": "gelu"}[epilogue]
+    previous = _ext.cpu_isa()
+    for n, c, h, w, k, r, s, padding, dilation in AMX_CASES:
+        x = torch.randn(n, c, h, 2 * w).bfloat16()[..., ::2].contiguous(memory_format=fmt)
+        wt = (torch.randn(k, c, r, s) / (c * r * s) ** 0.5).bfloat16()
+        b = torch.randn(k).bfloat16() if epilogue == "bias_res_relu" else None
+        exact = torch.nn.functional.conv2d(
+            x.double(), wt.double(), None if b is None else b.double(), 1, padding, dilation
+        )
+        res = None
+        if epilogue == "bias_res_relu":
+            res = torch.randn(exact.shape).bfloat16().contiguous(memory_format=fmt)
+            exact = (exact + res.double()).relu()
+        elif act == "gelu":
+            exact = torch.nn.functional.gelu(exact)
+        _ext.set_cpu_isa("amx")
+        try:
+            with fastdl.backend(NATIVE_CPU.name), torch.no_grad():
+                y = fastdl.conv2d(x, wt, b, 1, padding, dilation, activation=act, residual=res)
+        finally:
+            _ext.set_cpu_isa(previous)
+        assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
+        assert y.shape == exact.shape
+        assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 * 1.01 + 1e-4).all()
+    if act != "gelu":
+        return
+    for n, c, h, w, k, r, s, padding, dilation in AMX_CASES:
+        leaves = [
+            torch.randn(n, c, h, w).bfloat16().contiguous(memory_format=fmt).requires_grad_(),
+            (torch.randn(k, c, r, s) / (c * r * s) ** 0.5).bfloat16().requires_grad_(),
+            torch.randn(k).bfloat16().requires_grad_(),
+        ]
+        _ext.set_cpu_isa("amx")
+        try:
+            with fastdl.backend(NATIVE_CPU.name):
+                y = fastdl.conv2d(*leaves, 1, padding, dilation, activation=act)
+                g = torch.randn_like(y)
+                grads = torch.autograd.grad(y, leaves, g)
+        finally:
+            _ext.set_cpu_isa(previous)
+        doubles = [t.detach().double().requires_grad_() for t in leaves]
+        yd = ref_conv2d(*doubles, 1, padding, dilation, 1, act)
+        assert_close(y, yd, torch.bfloat16)
+        for got, want in zip(grads, torch.autograd.grad(yd, doubles, g.double()), strict=True):
+            assert_close(got, want, torch.bfloat16, scale=4.0)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kg", [8, 32])
 def test_grouped_weight_grad_in_group_slices(isa, kg):

@@ -52,6 +52,9 @@ namespace {
 
 constexpr const char* kConv = "fastdl.conv2d";
 constexpr const char* kConvT = "fastdl.conv_transpose2d";
+static_assert(kRelu == static_cast<int>(conv::Activation::kRelu) &&
+              kSilu == static_cast<int>(conv::Activation::kSilu) &&
+              kGelu == static_cast<int>(conv::Activation::kGelu));
 constexpr std::initializer_list<c10::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kBFloat16};
 // Output channels a group below which the implicit GEMM runs transposed (forward_narrow), and
 // the bytes of its im2col of all groups of a block (in L2 / L3 between im2col and the GEMMs).
@@ -658,6 +661,7 @@ void conv_fwd_impl(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
   if (direct_conv(a)) return direct_forward<T>(p, x, weight, e);
   if (plane_forward<T>(p, x, weight, e)) return;
   if constexpr (std::is_same_v<T, float>) {
+    if (amx_forward(p, x, weight, e)) return;
     if (bf16_products(p, x.scalar_type())) {
       const at::Tensor xb = as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast);
       const at::Tensor wb = weight_matrix(weight, p, at::kBFloat16);
@@ -736,6 +740,7 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
       bf16 ? as_output(gpre, at::kBFloat16, at::MemoryFormat::ChannelsLast) : nhwc(gpre);
   const auto opts = gp.options().dtype(ct);
   if (want_input && !bf16) r.input = winograd_input_grad(g, gp, weight, fmt);
+  if (want_input && bf16) r.input = adjoint_input_grad(g, gp, weight, fmt, dtype);  // AMX tiles
   if (r.input.defined()) {
     r.input = as_output(r.input, dtype, fmt);
   } else if (want_input && p.direct) {

@@ -2,7 +2,8 @@
 // of a conv's GEMMs, the layout helpers and the entry points of each path. conv.cpp holds the ops,
 // the plan and the implicit GEMM; conv_winograd.cpp the Winograd drivers (their transforms are
 // kernels: conv_winograd.h, compiled per ISA); conv_taps.cpp the GEMMs per tap for small images;
-// conv_direct.cpp the drivers of the depthwise and grouped direct kernels (conv_kernels.h).
+// conv_direct.cpp the drivers of the depthwise and grouped direct kernels (conv_kernels.h) and of
+// the bfloat16 conv on AMX tiles (conv_amx.h).
 #pragma once
 
 #include <cstdint>
@@ -135,12 +136,28 @@ ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor&
                        const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,
                        at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias);
 
+// conv_direct.cpp too: the input gradient (in `fmt` and `dtype`) of a stride-1 conv g as the
+// forward of its adjoint (in and out channels swapped, each group's weight transposed and
+// flipped, padding dil (R - 1) - pad) on a direct kernel or AMX tiles (amx_forward, gpre in
+// bfloat16); undefined where that does not apply (strided, padded beyond the kernel's reach, or
+// an adjoint neither takes).
+at::Tensor adjoint_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
+                              const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype);
+
 // conv_direct.cpp too: the forward of a dense conv of few input channels and taps
 // (conv_plane_fwd where plane_suits and Winograd does not run, x in T, out dense NCHW or NHWC);
 // false, having written nothing, for the others.
 template <typename T>
 bool plane_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                    const ConvEpilogue& e);
+
+// conv_direct.cpp too: whether the conv runs on AMX tiles without im2col (bfloat16 operands on a
+// CPU with AMX, groups 1, stride 1, not 1x1, C and K multiples of 32, not per tap), and that
+// forward (conv_amx.h; x in any layout, out through e); false, having written nothing, for the
+// others.
+bool amx_suits(const Gemm& p, at::ScalarType dtype);
+bool amx_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
+                 const ConvEpilogue& e);
 
 // conv_taps.cpp: the fraction of g's (output pixel, tap) pairs whose tap reads inside the input
 // (plan runs the GEMMs per tap at or below kTapsMaxValid), and the three products per tap.

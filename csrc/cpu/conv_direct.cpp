@@ -10,7 +10,9 @@
 // NHWC in the compute dtype (bfloat16 widened), but for depthwise convs with unit column stride on
 // NCHW planes (and both gradients of flat ones, depthwise_plane_grads); the forward's epilogue
 // writes any layout and dtype. Also the forward of dense convs of few input channels
-// (plane_forward: conv_plane.h; NCHW or NHWC), whose gradients are the implicit GEMM's.
+// (plane_forward: conv_plane.h; NCHW or NHWC), whose gradients are the implicit GEMM's, and the
+// forward and input gradient of dense stride-1 bfloat16 convs on AMX tiles (amx_forward:
+// conv_amx.h).
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -20,6 +22,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "common/isa.h"
 #include "cpu/conv.h"
 #include "cpu/output.h"
 
@@ -158,11 +161,9 @@ std::pair<at::Tensor, at::Tensor> direct_params(const ConvArgs& a, const at::Ten
   return {gw, gb};
 }
 
-// The input gradient (in `fmt` and `dtype`) of a stride-1 grouped conv g: the forward of its
-// adjoint (the same groups, in and out channels swapped, each group's weight transposed and
-// flipped, padding dil (R - 1) - pad) by a direct kernel; undefined where that does not apply
-// (strided, padded beyond the kernel's reach, or an adjoint no direct kernel takes).
-at::Tensor grouped_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
+}  // namespace
+
+at::Tensor adjoint_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
                               const at::Tensor& weight, at::MemoryFormat fmt,
                               at::ScalarType dtype) {
   conv::ConvGeom adj = g;
@@ -179,12 +180,15 @@ at::Tensor grouped_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
   const at::ScalarType ct = compute_type(gpre);
   at::Tensor gx = new_output({g.N, g.C, g.H, g.W}, gpre.options().dtype(dtype), fmt);
   if (gx.numel() == 0) return gx;
-  const Gemm p = plan(adj, 0, gx, ct, wa);
+  const Gemm p = plan(adj, 0, gx, gpre.scalar_type(), wa);
+  if (amx_forward(p, gpre, wa, plain_epilogue(gx))) return gx;
   if (!direct_conv(p.a)) return {};
-  AT_DISPATCH_FLOATING_TYPES(ct, "conv_grouped_dgrad",
+  AT_DISPATCH_FLOATING_TYPES(ct, "conv_adjoint_dgrad",
                              [&] { direct_forward<scalar_t>(p, gpre, wa, plain_epilogue(gx)); });
   return gx;
 }
+
+namespace {
 
 ConvGrads depthwise_grads(const ConvArgs& a, const at::Tensor& x, const at::Tensor& gy,
                           const at::Tensor& weight, at::MemoryFormat fmt, at::ScalarType dtype,
@@ -223,7 +227,7 @@ ConvGrads depthwise_plane_grads(const conv::ConvGeom& g, const ConvArgs& a, cons
   const at::ScalarType ct = compute_type(gpre);
   const at::Tensor gc = as_output(gpre, ct, at::MemoryFormat::Contiguous);  // once, for both
   if (want_input) {
-    r.input = grouped_input_grad(g, gc, weight, at::MemoryFormat::Contiguous, dtype);
+    r.input = adjoint_input_grad(g, gc, weight, at::MemoryFormat::Contiguous, dtype);
     if (!r.input.defined())  // padded beyond the taps' reach: gathered per input pixel
       r.input = depthwise_grads(a, x, nhwc(gpre), weight, at::MemoryFormat::Contiguous, dtype, true,
                                 false, false)
@@ -252,7 +256,7 @@ ConvGrads grouped_grads(const conv::ConvGeom& g, const ConvArgs& a, const at::Te
                         const at::Tensor& gy, const at::Tensor& weight, at::MemoryFormat fmt,
                         at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias) {
   ConvGrads r;
-  if (want_input) r.input = grouped_input_grad(g, gy, weight, fmt, dtype);
+  if (want_input) r.input = adjoint_input_grad(g, gy, weight, fmt, dtype);
   if ((!want_weight && !want_bias) || a.N * a.P * a.Q == 0) {
     if (want_weight) r.weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
     if (want_bias) r.bias = at::zeros({a.K}, gy.options().dtype(dtype));
@@ -386,6 +390,74 @@ template bool plane_forward<float>(const Gemm&, const at::Tensor&, const at::Ten
 template bool plane_forward<double>(const Gemm&, const at::Tensor&, const at::Tensor&,
                                     const ConvEpilogue&);
 
+namespace {
+
+// The weight (K, C, R, S) as conv_amx.h's B tiles: per 32 output channels, tap (r, s) and 32
+// input channels, two tiles of 16 pairs of channels x 16 output channels, a pair in a word (its
+// lower channel in the low half).
+at::Tensor amx_weight(const at::Tensor& weight) {
+  const int64_t K = weight.size(0), C = weight.size(1), rs = weight.size(2) * weight.size(3);
+  const at::Tensor w = as_output(weight.permute({0, 2, 3, 1}), at::kBFloat16,
+                                 at::MemoryFormat::Contiguous);  // (K, R, S, C)
+  const uint16_t* src = static_cast<const uint16_t*>(w.const_data_ptr());
+  at::Tensor packed = at::empty({K * rs * C / 2}, w.options().dtype(at::kInt));
+  uint32_t* dst = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  const int64_t cb = C / 32;
+  at::parallel_for(0, K / 32 * rs, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t kb = t / rs, tap = t % rs;
+      for (int64_t c = 0; c < cb; ++c)
+        for (int64_t half = 0; half < 2; ++half)
+          for (int64_t q = 0; q < 16; ++q)
+            for (int64_t col = 0; col < 16; ++col) {
+              const uint16_t* v =
+                  src + ((kb * 32 + half * 16 + col) * rs + tap) * C + c * 32 + 2 * q;
+              dst[((t * cb + c) * 2 + half) * 256 + q * 16 + col] = uint32_t{v[0]} | uint32_t{v[1]}
+                                                                                         << 16;
+            }
+    }
+  });
+  return packed;
+}
+
+}  // namespace
+
+bool amx_suits(const Gemm& p, at::ScalarType dtype) {
+  const ConvArgs& a = p.a;
+  return dtype == at::kBFloat16 && cpu_amx() && a.groups == 1 && a.stride_h == 1 &&
+         a.stride_w == 1 && a.R * a.S > 1 && a.C > 0 && a.C % 32 == 0 && a.K % 32 == 0 && !p.taps;
+}
+
+bool amx_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
+                 const ConvEpilogue& e) {
+#if defined(__x86_64__)
+  const ConvArgs& a = p.a;
+  if (!amx_suits(p, x.scalar_type())) return false;
+  const at::Tensor xb = as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = amx_weight(weight);
+  // Whole images a task where there are enough of them, else bands of rows (each copying the
+  // taps' reach of rows more).
+  const int64_t per = std::clamp<int64_t>((2 * at::get_num_threads() + a.N - 1) / a.N, 1, a.P);
+  const int64_t band = (a.P + per - 1) / per, bands = (a.P + band - 1) / band;
+  const int64_t wp = a.W + 2 * a.pad_w;
+  const AmxBandFn fn = conv_amx_band();
+  const EpilogueFn epi = kernels().epilogue[kConvF32];
+  const auto* xs = static_cast<const uint16_t*>(xb.const_data_ptr());
+  const auto* ws = reinterpret_cast<const uint32_t*>(w.const_data_ptr<int32_t>());
+  at::parallel_for(0, a.N * bands, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint16_t> pad(amx_pad_rows(a, band) * wp * a.C);
+    std::vector<float> ring(amx_ring_positions(a) * a.K);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / bands, p0 = b % bands * band;
+      fn(a, xs, ws, n, p0, std::min(a.P, p0 + band), pad.data(), ring.data(), e, epi);
+    }
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
 ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor& x,
                        const at::Tensor& gpre, const at::Tensor& weight, at::MemoryFormat fmt,
                        at::ScalarType dtype, bool want_input, bool want_weight, bool want_bias) {
@@ -408,7 +480,7 @@ ConvGrads direct_grads(const conv::ConvGeom& g, const Gemm& p, const at::Tensor&
   if (depthwise(p.a)) {
     // Stride 1: the input gradient is the adjoint's forward (the depthwise forward on gy), in
     // fmt and dtype directly; else gathered per input pixel.
-    const at::Tensor gx = want_input ? grouped_input_grad(g, gy, weight, fmt, dtype) : at::Tensor();
+    const at::Tensor gx = want_input ? adjoint_input_grad(g, gy, weight, fmt, dtype) : at::Tensor();
     ConvGrads r = depthwise_grads(p.a, x, gy, weight, fmt, dtype, want_input && !gx.defined(),
                                   want_weight, want_bias);
     if (gx.defined()) r.input = gx;

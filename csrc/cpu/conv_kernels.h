@@ -8,8 +8,6 @@
 
 namespace conv_detail {
 
-constexpr int kRelu = 1, kSilu = 2, kGelu = 3;
-
 template <typename T>
 inline T activate(T v, int act) {
   switch (act) {

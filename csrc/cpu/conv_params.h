@@ -14,6 +14,9 @@
 
 namespace fastdl::cpu {
 
+// ConvArgs::activation's values (fastdl::conv::Activation's).
+constexpr int kRelu = 1, kSilu = 2, kGelu = 3;
+
 struct ConvArgs {
   int64_t N, C, H, W, K, R, S, P, Q;
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
@@ -287,10 +290,32 @@ struct ConvKernels {
   Im2colFn im2col_bf16;  // bfloat16 bits, for the forward on gemm_bf16
 };
 
+// Dense stride-1 convs of bfloat16 NHWC x on AMX tiles without im2col (csrc/cpu/conv_amx.h; only
+// where cpu_amx()): output rows [p0, p1) of image n, the blocks of kAmxBlock flat positions (Wp =
+// W + 2 pad_w a row) read from `pad`, a zero-padded copy of the input rows (amx_pad_rows of Wp x C
+// values, zeroed by the caller before its first band), into `ring` (amx_ring_positions x K
+// floats), each finished output row through `epi` with e. C and K multiples of 32; w packed by
+// conv_direct.cpp's amx_weight.
+constexpr int64_t kAmxBlock = 32;
+inline int64_t amx_pad_rows(const ConvArgs& a, int64_t band) {
+  const int64_t wp = a.W + 2 * a.pad_w;
+  const int64_t end = (band * wp + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
+  return (end + (a.R - 1) * a.dil_h * wp + (a.S - 1) * a.dil_w + wp - 1) / wp;
+}
+// From the start of the oldest row not yet through the epilogue to the end of the block being
+// computed: at most Wp + kAmxBlock positions, in whole blocks.
+inline int64_t amx_ring_positions(const ConvArgs& a) {
+  return (a.W + 2 * a.pad_w + kAmxBlock - 1) / kAmxBlock * kAmxBlock + kAmxBlock;
+}
+using AmxBandFn = void (*)(const ConvArgs&, const uint16_t* x, const uint32_t* w, int64_t n,
+                           int64_t p0, int64_t p1, uint16_t* pad, float* ring,
+                           const ConvEpilogue& e, EpilogueFn epi);
+
 const ConvKernels& conv_kernels_scalar();
 #if defined(__x86_64__)
 const ConvKernels& conv_kernels_avx2();
 const ConvKernels& conv_kernels_avx512();
+AmxBandFn conv_amx_band();
 #endif
 
 }  // namespace fastdl::cpu

@@ -1,12 +1,16 @@
 // The GEMM kernels compiled once more for AVX-512 with AMX-TILE and AMX-BF16 (Sapphire Rapids
-// on): the same table, its bfloat16 block kernel on AMX tiles (cpu/gemm_kernels.h, gemm_amx).
-// csrc/cpu/gemm.cpp runs it where cpu_amx() says so. See csrc/common/vec.h for the ODR rules.
+// on): the same table, its bfloat16 block kernel on AMX tiles (cpu/gemm_kernels.h, gemm_amx),
+// and the bfloat16 stride-1 conv on tiles (cpu/conv_amx.h). csrc/cpu/gemm.cpp and conv_direct.cpp
+// run them where cpu_amx() says so. See csrc/common/vec.h for the ODR rules.
 #if defined(__x86_64__)
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include <immintrin.h>
 
+#include "cpu/conv_params.h"
 #include "cpu/gemm_params.h"
 
 #pragma GCC push_options
@@ -20,6 +24,7 @@
 namespace fastdl::cpu::amx {
 #include "common/vec.h"
 #include "cpu/gemm_kernels.h"
+#include "cpu/conv_amx.h"
 }  // namespace fastdl::cpu::amx
 #undef FASTDL_AMX
 #undef FASTDL_VEC
@@ -29,6 +34,9 @@ namespace fastdl::cpu::amx {
 namespace fastdl::cpu {
 const GemmKernels& gemm_kernels_amx() {
   return amx::kGemmKernels;
+}
+AmxBandFn conv_amx_band() {
+  return &amx::conv_amx::band;
 }
 }  // namespace fastdl::cpu
 

@@ -1,0 +1,159 @@
+// A dense stride-1 conv of bfloat16 NHWC x on AMX tiles, no im2col (csrc/cpu/isa/amx.cpp compiles
+// it for CPUs with AMX-BF16; the driver is conv_direct.cpp's amx_forward). Included inside an
+// ISA namespace after common/vec.h and cpu/gemm_kernels.h (gemm_amx's tile configuration).
+//
+// A band of output rows [p0, p1) of image n copies the input rows it reads, zero-padded, into
+// `pad` as it goes (a row ahead of the tiles, the next rows fetched into L2 meanwhile): rows of
+// Wp = W + 2 pad_w pixels of C channels. Output pixel (p, q) of the band is flat position
+// f = (p - p0) Wp + q, and its tap (r, s) reads padded pixel f + r dil_h Wp + s dil_w: 16
+// consecutive flat positions at a tap are 16 consecutive padded pixels, one A tile (16 rows of 32
+// channels, C apart) loaded straight from the copy. The positions with q >= Q (the row's last
+// Wp - Q) are computed and dropped. Blocks of 32 positions x 32 output channels are four 16 x 16
+// float tiles, each step of 32 input channels at a tap two A and two B tiles for four TDPBF16PS;
+// B is the weight packed by amx_weight: per 32 output channels, tap and 32 input channels two B
+// tiles (16 pairs of channels x 16 output channels, a word each) of 1 KiB. The tiles are stored
+// into `ring` (rows of K floats, flat position f at row f % amx_ring_positions), and each output
+// row, once its blocks are done, goes through the conv's epilogue as the GEMM rows of its Q
+// pixels.
+#if defined(FASTDL_AMX)
+namespace conv_amx {
+
+// The lean epilogue of one output pixel (see band): its K accumulators plus the bias (float) and
+// the residual (bfloat16, as out), ReLU'd where asked, stored as bfloat16 at element o of out, 32
+// channels (a cache line) at a time, streamed when e.stream and aligned.
+inline void store_position(const ConvArgs& a, const ConvEpilogue& e, const float* acc, int64_t o) {
+  const float* bias = static_cast<const float*>(e.bias);
+  const uint16_t* res = static_cast<const uint16_t*>(e.residual);
+  uint16_t* out = static_cast<uint16_t*>(e.out) + o;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t k = 0; k < a.K; k += 32) {
+    __m512 lo = _mm512_loadu_ps(acc + k), hi = _mm512_loadu_ps(acc + k + 16);
+    if (bias != nullptr) {
+      lo = _mm512_add_ps(lo, _mm512_loadu_ps(bias + k));
+      hi = _mm512_add_ps(hi, _mm512_loadu_ps(bias + k + 16));
+    }
+    if (res != nullptr) {
+      const __m512i r = _mm512_loadu_si512(res + o + k);
+      lo = _mm512_add_ps(lo, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                 _mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16)));
+      hi = _mm512_add_ps(hi, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                 _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16)));
+    }
+    if (a.activation == kRelu) {
+      lo = _mm512_max_ps(lo, zero);
+      hi = _mm512_max_ps(hi, zero);
+    }
+    const __m512i y = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    check_store(out + k, 64);
+    if (e.stream && reinterpret_cast<uintptr_t>(out + k) % 64 == 0)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(out + k), y);
+    else
+      _mm512_storeu_si512(out + k, y);
+  }
+}
+
+// The band's tiles and epilogue (see above); `pad` holds amx_pad_rows(a, p1 - p0) rows, its
+// padding columns zero (the caller zeroes it once, this writes only the W x C inside of each row),
+// `ring` amx_ring_positions(a) rows of K floats.
+inline void band(const ConvArgs& a, const uint16_t* x, const uint32_t* wp, int64_t n, int64_t p0,
+                 int64_t p1, uint16_t* pad, float* ring, const ConvEpilogue& e, EpilogueFn epi) {
+  const int64_t C = a.C, K = a.K, Wp = a.W + 2 * a.pad_w, rows = amx_pad_rows(a, p1 - p0);
+  const int64_t nf = (p1 - p0) * Wp, steps = a.R * a.S * (C / 32), rp = amx_ring_positions(a);
+  const int64_t sa = C * 2, sc = K * 4, row_bytes = a.W * C * 2;
+  const uint16_t* xn = x + n * a.H * a.W * C;
+  // Padded row i of the band is input row p0 - pad_h + i (zeros outside the image).
+  int64_t copied = 0;
+  auto fill = [&](int64_t upto) {
+    for (; copied < imin(upto, rows); ++copied) {
+      const int64_t h = p0 - a.pad_h + copied;
+      uint16_t* dst = pad + (copied * Wp + a.pad_w) * C;
+      if (h >= 0 && h < a.H)
+        std::memcpy(dst, xn + h * a.W * C, row_bytes);
+      else
+        std::memset(dst, 0, row_bytes);
+    }
+  };
+  // Input lines fetched ahead into L2, two a step, from the first row not copied yet to two rows
+  // past it.
+  const char* const image = reinterpret_cast<const char*>(xn);
+  auto row_at = [&](int64_t h) { return image + std::clamp<int64_t>(h, 0, a.H) * row_bytes; };
+  const char* ahead = row_at(p0 - a.pad_h);
+  // A bfloat16 NHWC out with at most a bias, residual and ReLU (the common case) takes a lean
+  // epilogue of its own, a few positions of the previous block after each step of this one's
+  // tiles (vector work in the shadow of the tile products; after a block, as whole rows through
+  // `epi`, it had cost ~30% of the tiles' time); the others go through epi row by row.
+  const bool lean =
+      e.bf16 && a.out_sk == 1 && e.pre == nullptr && (a.activation == 0 || a.activation == kRelu);
+  const int64_t per = (kAmxBlock + K / 32 * steps - 1) / (K / 32 * steps);
+  int64_t done = 0, ready = 0;  // lean: positions [done, ready) are in the ring, not yet stored
+  auto lean_store = [&](int64_t count) {
+    for (const int64_t end = imin(ready, done + count); done < end; ++done) {
+      const int64_t i = done / Wp, q = done - i * Wp;
+      if (q >= a.Q) continue;
+      store_position(a, e, ring + done % rp * K, n * a.out_sn + ((p0 + i) * a.Q + q) * a.out_spq);
+    }
+  };
+  int64_t next = 0;  // not lean: the first output row of the band not stored yet
+  gemm_amx::configure();
+  for (int64_t f0 = 0; f0 < nf; f0 += kAmxBlock) {
+    fill((f0 + kAmxBlock + (a.R - 1) * a.dil_h * Wp + (a.S - 1) * a.dil_w + Wp - 1) / Wp);
+    const int64_t h_next = p0 - a.pad_h + copied;
+    ahead = std::max(ahead, row_at(h_next));
+    const char* const limit = row_at(h_next + 2);
+    float* c = ring + f0 % rp * K;
+    for (int64_t nh = 0; nh < K; nh += 32) {
+      const uint32_t* b = wp + nh / 32 * steps * 512;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t r = 0; r < a.R; ++r)
+        for (int64_t s = 0; s < a.S; ++s) {
+          const uint16_t* tap = pad + (f0 + r * a.dil_h * Wp + s * a.dil_w) * C;
+          for (int64_t cc = 0; cc < C; cc += 32, b += 512) {
+            _tile_loadd(4, tap + cc, sa);
+            _tile_loadd(6, b, 64);
+            _tile_loadd(7, b + 256, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(5, tap + 16 * C + cc, sa);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+            if (ahead < limit) {
+              _mm_prefetch(ahead, _MM_HINT_T1);
+              _mm_prefetch(ahead + 64, _MM_HINT_T1);
+              ahead += 128;
+            }
+            if (lean) lean_store(per);
+          }
+        }
+      for (int64_t i = 0; i < kAmxBlock; ++i) check_store(c + i * K + nh, 32 * 4);
+      _tile_stored(0, c + nh, sc);
+      _tile_stored(1, c + nh + 16, sc);
+      _tile_stored(2, c + 16 * K + nh, sc);
+      _tile_stored(3, c + 16 * K + nh + 16, sc);
+    }
+    ready = imin(nf, f0 + kAmxBlock);
+    // The rows whose Q pixels this block completed, through the epilogue (in two runs where a
+    // row wraps around the ring's end).
+    for (; !lean && next < p1 - p0 && next * Wp + a.Q <= f0 + kAmxBlock; ++next) {
+      const int64_t start = next * Wp % rp, first = imin(a.Q, rp - start);
+      const int64_t m0 = (n * a.P + p0 + next) * a.Q;
+      ConvEpilogue eb = e;
+      eb.acc = ring + start * K;
+      epi(a, eb, m0, first, 0);
+      if (first < a.Q) {
+        eb.acc = ring;
+        epi(a, eb, m0 + first, a.Q - first, 0);
+      }
+    }
+  }
+  if (lean) {
+    lean_store(ready - done);
+    if (e.stream) _mm_sfence();
+  }
+  _tile_release();
+}
+
+}  // namespace conv_amx
+#endif  // FASTDL_AMX

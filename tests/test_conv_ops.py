@@ -322,8 +322,10 @@ AMX_CASES = [
 @pytest.mark.parametrize("epilogue", ["none", "bias_res_relu", "gelu"])
 def test_bfloat16_amx_direct(layout, epilogue):
     """bfloat16 stride-1 convs of 32k channels on AMX tiles reading the zero-padded input rows in
-    place: outputs within half an ulp (plus the float32 sums' error) of float64, through the lean
-    bfloat16 channels_last epilogue (bias, residual, ReLU), the general one (GELU; NCHW out), and
+    place (an NCHW x's rows transposed as they are copied, 32 x 32 at a time with partial blocks;
+    a strided one copied to NHWC first): outputs within half an ulp (plus the float32 sums' error)
+    of float64, through the lean bfloat16 epilogues (bias, residual, ReLU; channels_last between
+    the tile steps, NCHW a row at a time transposed in registers), the general one (GELU), and
     in training (GELU saves its pre-activation: the general epilogue) with every gradient, the
     input gradient as the adjoint's forward on the tiles (but where padded beyond the taps'
     reach: the GEMMs)."""
@@ -331,8 +333,10 @@ def test_bfloat16_amx_direct(layout, epilogue):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     act = {"none": None, "bias_res_relu": "relu", "gelu": "gelu"}[epilogue]
     previous = _ext.cpu_isa()
-    for n, c, h, w, k, r, s, padding, dilation in AMX_CASES:
-        x = torch.randn(n, c, h, 2 * w).bfloat16()[..., ::2].contiguous(memory_format=fmt)
+    for i, (n, c, h, w, k, r, s, padding, dilation) in enumerate(AMX_CASES):
+        x = torch.randn(n, c, h, 2 * w).bfloat16()[..., ::2]
+        if i % 2 == 0 or fmt == torch.channels_last:  # else strided (copied to NHWC)
+            x = x.contiguous(memory_format=fmt)
         wt = (torch.randn(k, c, r, s) / (c * r * s) ** 0.5).bfloat16()
         b = torch.randn(k).bfloat16() if epilogue == "bias_res_relu" else None
         exact = torch.nn.functional.conv2d(

@@ -34,10 +34,8 @@ inline void store_position(const ConvArgs& a, const ConvEpilogue& e, const float
     }
     if (res != nullptr) {
       const __m512i r = _mm512_loadu_si512(res + o + k);
-      lo = _mm512_add_ps(lo, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                 _mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16)));
-      hi = _mm512_add_ps(hi, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                 _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16)));
+      lo = _mm512_add_ps(lo, VecF::from_bf16(_mm512_castsi512_si256(r)));
+      hi = _mm512_add_ps(hi, VecF::from_bf16(_mm512_extracti64x4_epi64(r, 1)));
     }
     if (a.activation == kRelu) {
       lo = _mm512_max_ps(lo, zero);
@@ -52,38 +50,116 @@ inline void store_position(const ConvArgs& a, const ConvEpilogue& e, const float
   }
 }
 
+// A 32 x 32 block of bfloat16 transposed: dst row j (j < cols, ldd apart) = column j of the 32
+// rows at src (lds apart, their first `cols` elements read). As 16 x 16 words (pairs of columns)
+// twice, each pair then split into its two columns' rows.
+inline void transpose32(const uint16_t* src, int64_t lds, int64_t cols, uint16_t* dst,
+                        int64_t ldd) {
+  alignas(64) static constexpr uint16_t kEven[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                                     22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+                                                     44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+  const __m512i even = _mm512_load_si512(kEven);
+  const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+  const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << cols) - 1);
+  __m512 lo[16], hi[16];
+  for (int i = 0; i < 16; ++i) {
+    lo[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, src + i * lds));
+    hi[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, src + (16 + i) * lds));
+  }
+  transpose16(lo);  // lo[j]: columns 2j and 2j + 1 of rows 0-15, a word a row
+  transpose16(hi);
+  for (int64_t j = 0; 2 * j < cols; ++j) {
+    const __m512i l = _mm512_castps_si512(lo[j]), h = _mm512_castps_si512(hi[j]);
+    check_store(dst + 2 * j * ldd, 64);
+    _mm512_storeu_si512(dst + 2 * j * ldd, _mm512_permutex2var_epi16(l, even, h));
+    if (2 * j + 1 == cols) break;
+    check_store(dst + (2 * j + 1) * ldd, 64);
+    _mm512_storeu_si512(dst + (2 * j + 1) * ldd, _mm512_permutex2var_epi16(l, odd, h));
+  }
+}
+
+// Rows [from, to) of a band's zero-padded copy (see band): padded row i is input row
+// p0 - pad_h + i of image n, zeros outside the image; only the W x C inside of each row is
+// written. x is NHWC, or with x_nchw NCHW (each row's C x W values transposed 32 x 32 at a time).
+inline void fill_rows(const ConvArgs& a, const uint16_t* x, bool x_nchw, int64_t n, int64_t p0,
+                      uint16_t* pad, int64_t from, int64_t to) {
+  const int64_t Wp = a.W + 2 * a.pad_w, hw = a.H * a.W, C = a.C;
+  for (int64_t i = from; i < to; ++i) {
+    const int64_t h = p0 - a.pad_h + i;
+    uint16_t* dst = pad + (i * Wp + a.pad_w) * C;
+    if (h < 0 || h >= a.H) {
+      std::memset(dst, 0, a.W * C * 2);
+    } else if (!x_nchw) {
+      std::memcpy(dst, x + (n * hw + h * a.W) * C, a.W * C * 2);
+    } else {
+      for (int64_t c0 = 0; c0 < C; c0 += 32)
+        for (int64_t w0 = 0; w0 < a.W; w0 += 32)
+          transpose32(x + (n * C + c0) * hw + h * a.W + w0, hw, imin(32, a.W - w0),
+                      dst + w0 * C + c0, C);
+    }
+  }
+}
+
+// The lean epilogue of output row p of image n into a bfloat16 NCHW out (see band): its Q
+// positions' K accumulators (position q at ring row (start + q) % rp), 16 pixels x 16 channels
+// at a time transposed in registers, plus the bias and the residual, ReLU'd where asked, each
+// channel's 16 pixels stored at once.
+inline void store_row_nchw(const ConvArgs& a, const ConvEpilogue& e, const float* ring, int64_t rp,
+                           int64_t start, int64_t n, int64_t p) {
+  const float* bias = static_cast<const float*>(e.bias);
+  const uint16_t* res = static_cast<const uint16_t*>(e.residual);
+  uint16_t* out = static_cast<uint16_t*>(e.out);
+  for (int64_t q0 = 0; q0 < a.Q; q0 += 16) {
+    const int64_t nq = imin(16, a.Q - q0);
+    const __mmask16 mask = VecF::mask(nq);
+    const int64_t o = n * a.out_sn + p * a.Q + q0;
+    for (int64_t k0 = 0; k0 < a.K; k0 += 16) {
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = _mm512_loadu_ps(ring + (start + q0 + imin(i, nq - 1)) % rp * a.K + k0);
+      transpose16(r);  // r[j]: channel k0 + j of the 16 pixels
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t ok = o + (k0 + j) * a.out_sk;
+        __m512 v = r[j];
+        if (bias != nullptr) v = _mm512_add_ps(v, _mm512_set1_ps(bias[k0 + j]));
+        if (res != nullptr)
+          v = _mm512_add_ps(v, VecF::from_bf16(_mm256_maskz_loadu_epi16(mask, res + ok)));
+        if (a.activation == kRelu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+        check_store(out + ok, nq * 2);
+        _mm256_mask_storeu_epi16(out + ok, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+      }
+    }
+  }
+}
+
 // The band's tiles and epilogue (see above); `pad` holds amx_pad_rows(a, p1 - p0) rows, its
 // padding columns zero (the caller zeroes it once, this writes only the W x C inside of each row),
 // `ring` amx_ring_positions(a) rows of K floats.
-inline void band(const ConvArgs& a, const uint16_t* x, const uint32_t* wp, int64_t n, int64_t p0,
-                 int64_t p1, uint16_t* pad, float* ring, const ConvEpilogue& e, EpilogueFn epi) {
+inline void band(const ConvArgs& a, const uint16_t* x, bool x_nchw, const uint32_t* wp, int64_t n,
+                 int64_t p0, int64_t p1, uint16_t* pad, float* ring, const ConvEpilogue& e,
+                 EpilogueFn epi) {
   const int64_t C = a.C, K = a.K, Wp = a.W + 2 * a.pad_w, rows = amx_pad_rows(a, p1 - p0);
   const int64_t nf = (p1 - p0) * Wp, steps = a.R * a.S * (C / 32), rp = amx_ring_positions(a);
   const int64_t sa = C * 2, sc = K * 4, row_bytes = a.W * C * 2;
-  const uint16_t* xn = x + n * a.H * a.W * C;
-  // Padded row i of the band is input row p0 - pad_h + i (zeros outside the image).
   int64_t copied = 0;
   auto fill = [&](int64_t upto) {
-    for (; copied < imin(upto, rows); ++copied) {
-      const int64_t h = p0 - a.pad_h + copied;
-      uint16_t* dst = pad + (copied * Wp + a.pad_w) * C;
-      if (h >= 0 && h < a.H)
-        std::memcpy(dst, xn + h * a.W * C, row_bytes);
-      else
-        std::memset(dst, 0, row_bytes);
-    }
+    fill_rows(a, x, x_nchw, n, p0, pad, copied, imin(upto, rows));
+    copied = std::max(copied, imin(upto, rows));
   };
-  // Input lines fetched ahead into L2, two a step, from the first row not copied yet to two rows
-  // past it.
-  const char* const image = reinterpret_cast<const char*>(xn);
-  auto row_at = [&](int64_t h) { return image + std::clamp<int64_t>(h, 0, a.H) * row_bytes; };
+  // An NHWC x's lines fetched ahead into L2, two a step, from the first row not copied yet to two
+  // rows past it (an NCHW x's rows are C planes apart: left to the hardware's prefetchers).
+  const char* const image = reinterpret_cast<const char*>(x + n * a.H * a.W * C);
+  auto row_at = [&](int64_t h) {
+    return image + (x_nchw ? 0 : std::clamp<int64_t>(h, 0, a.H) * row_bytes);
+  };
   const char* ahead = row_at(p0 - a.pad_h);
-  // A bfloat16 NHWC out with at most a bias, residual and ReLU (the common case) takes a lean
-  // epilogue of its own, a few positions of the previous block after each step of this one's
-  // tiles (vector work in the shadow of the tile products; after a block, as whole rows through
-  // `epi`, it had cost ~30% of the tiles' time); the others go through epi row by row.
-  const bool lean =
-      e.bf16 && a.out_sk == 1 && e.pre == nullptr && (a.activation == 0 || a.activation == kRelu);
+  // A bfloat16 out with at most a bias, residual and ReLU (the common case) takes a lean epilogue
+  // of its own: NHWC a few positions of the previous block after each step of this one's tiles
+  // (vector work in the shadow of the tile products; after a block, as whole rows through `epi`,
+  // it had cost ~30% of the tiles' time), NCHW each row once done (store_row_nchw). The others go
+  // through epi row by row.
+  const bool simple = e.bf16 && e.pre == nullptr && (a.activation == 0 || a.activation == kRelu);
+  const bool lean = simple && a.out_sk == 1, lean_nchw = simple && a.out_spq == 1;
   const int64_t per = (kAmxBlock + K / 32 * steps - 1) / (K / 32 * steps);
   int64_t done = 0, ready = 0;  // lean: positions [done, ready) are in the ring, not yet stored
   auto lean_store = [&](int64_t count) {
@@ -139,6 +215,10 @@ inline void band(const ConvArgs& a, const uint16_t* x, const uint32_t* wp, int64
     for (; !lean && next < p1 - p0 && next * Wp + a.Q <= f0 + kAmxBlock; ++next) {
       const int64_t start = next * Wp % rp, first = imin(a.Q, rp - start);
       const int64_t m0 = (n * a.P + p0 + next) * a.Q;
+      if (lean_nchw) {
+        store_row_nchw(a, e, ring, rp, start, n, p0 + next);
+        continue;
+      }
       ConvEpilogue eb = e;
       eb.acc = ring + start * K;
       epi(a, eb, m0, first, 0);

@@ -433,7 +433,9 @@ bool amx_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
 #if defined(__x86_64__)
   const ConvArgs& a = p.a;
   if (!amx_suits(p, x.scalar_type())) return false;
-  const at::Tensor xb = as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast);
+  // An NCHW x as it is (each band transposes the rows it copies), any other as NHWC.
+  const bool x_nchw = x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor xb = x_nchw ? x : as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast);
   const at::Tensor w = amx_weight(weight);
   // Whole images a task where there are enough of them, else bands of rows (each copying the
   // taps' reach of rows more).
@@ -449,7 +451,7 @@ bool amx_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
     std::vector<float> ring(amx_ring_positions(a) * a.K);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / bands, p0 = b % bands * band;
-      fn(a, xs, ws, n, p0, std::min(a.P, p0 + band), pad.data(), ring.data(), e, epi);
+      fn(a, xs, x_nchw, ws, n, p0, std::min(a.P, p0 + band), pad.data(), ring.data(), e, epi);
     }
   });
   return true;

@@ -290,12 +290,12 @@ struct ConvKernels {
   Im2colFn im2col_bf16;  // bfloat16 bits, for the forward on gemm_bf16
 };
 
-// Dense stride-1 convs of bfloat16 NHWC x on AMX tiles without im2col (csrc/cpu/conv_amx.h; only
-// where cpu_amx()): output rows [p0, p1) of image n, the blocks of kAmxBlock flat positions (Wp =
-// W + 2 pad_w a row) read from `pad`, a zero-padded copy of the input rows (amx_pad_rows of Wp x C
-// values, zeroed by the caller before its first band), into `ring` (amx_ring_positions x K
-// floats), each finished output row through `epi` with e. C and K multiples of 32; w packed by
-// conv_direct.cpp's amx_weight.
+// Dense stride-1 convs of bfloat16 x (NHWC, or NCHW with x_nchw) on AMX tiles without im2col
+// (csrc/cpu/conv_amx.h; only where cpu_amx()): output rows [p0, p1) of image n, the blocks of
+// kAmxBlock flat positions (Wp = W + 2 pad_w a row) read from `pad`, a zero-padded copy of the
+// input rows (amx_pad_rows of Wp x C values, zeroed by the caller before its first band), into
+// `ring` (amx_ring_positions x K floats), each finished output row through `epi` with e. C and K
+// multiples of 32; w packed by conv_direct.cpp's amx_weight.
 constexpr int64_t kAmxBlock = 32;
 inline int64_t amx_pad_rows(const ConvArgs& a, int64_t band) {
   const int64_t wp = a.W + 2 * a.pad_w;
@@ -307,8 +307,8 @@ inline int64_t amx_pad_rows(const ConvArgs& a, int64_t band) {
 inline int64_t amx_ring_positions(const ConvArgs& a) {
   return (a.W + 2 * a.pad_w + kAmxBlock - 1) / kAmxBlock * kAmxBlock + kAmxBlock;
 }
-using AmxBandFn = void (*)(const ConvArgs&, const uint16_t* x, const uint32_t* w, int64_t n,
-                           int64_t p0, int64_t p1, uint16_t* pad, float* ring,
+using AmxBandFn = void (*)(const ConvArgs&, const uint16_t* x, bool x_nchw, const uint32_t* w,
+                           int64_t n, int64_t p0, int64_t p1, uint16_t* pad, float* ring,
                            const ConvEpilogue& e, EpilogueFn epi);
 
 const ConvKernels& conv_kernels_scalar();

@@ -306,7 +306,8 @@ def test_bfloat16_depthwise_channels_last(isa, stride, kernel):
 # 32), (N, C, H, W, K, R, S, padding, dilation): rows of 25 padded pixels, whose rows of flat
 # positions wrap around the 64-position ring; one image split into bands of rows (each copying
 # its own halo); a 5x3 kernel with a row dilation of 2 and no column padding; padding beyond the
-# taps' reach (whole zero rows and columns); a 1x3 kernel over 40-pixel rows; 3 images of 5x6.
+# taps' reach (whole zero rows and columns); a 1x3 kernel over 40-pixel rows; 3 images of 5x6; a
+# padded 1x1 (on the tiles for an NCHW x only).
 AMX_CASES = [
     (2, 64, 9, 23, 64, 3, 3, 1, 1),
     (1, 32, 23, 7, 96, 3, 3, 1, 1),
@@ -314,6 +315,7 @@ AMX_CASES = [
     (2, 32, 6, 5, 64, 3, 3, 3, 1),
     (1, 128, 5, 40, 64, 1, 3, (0, 1), 1),
     (3, 64, 5, 6, 128, 2, 2, 0, (1, 3)),
+    (2, 64, 7, 9, 32, 1, 1, 1, 1),
 ]
 
 

@@ -152,9 +152,9 @@ bool plane_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                    const ConvEpilogue& e);
 
 // conv_direct.cpp too: whether the conv runs on AMX tiles without im2col (bfloat16 operands on a
-// CPU with AMX, groups 1, stride 1, not 1x1, C and K multiples of 32, not per tap), and that
-// forward (conv_amx.h; x in any layout, out through e); false, having written nothing, for the
-// others.
+// CPU with AMX, groups 1, stride 1, C and K multiples of 32, not per tap), and that forward
+// (conv_amx.h; x in any layout, but a 1x1 conv's NCHW only; out through e); false, having
+// written nothing, for the others.
 bool amx_suits(const Gemm& p, at::ScalarType dtype);
 bool amx_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                  const ConvEpilogue& e);

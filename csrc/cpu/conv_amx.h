@@ -1,20 +1,21 @@
-// A dense stride-1 conv of bfloat16 NHWC x on AMX tiles, no im2col (csrc/cpu/isa/amx.cpp compiles
-// it for CPUs with AMX-BF16; the driver is conv_direct.cpp's amx_forward). Included inside an
-// ISA namespace after common/vec.h and cpu/gemm_kernels.h (gemm_amx's tile configuration).
+// A dense stride-1 conv of bfloat16 x (NHWC or NCHW) on AMX tiles, no im2col (csrc/cpu/isa/amx.cpp
+// compiles it for CPUs with AMX-BF16; the driver is conv_direct.cpp's amx_forward, which also runs
+// the input gradient through it as the adjoint's forward). Included inside an ISA namespace after
+// common/vec.h and cpu/gemm_kernels.h (gemm_amx's tile configuration).
 //
 // A band of output rows [p0, p1) of image n copies the input rows it reads, zero-padded, into
-// `pad` as it goes (a row ahead of the tiles, the next rows fetched into L2 meanwhile): rows of
-// Wp = W + 2 pad_w pixels of C channels. Output pixel (p, q) of the band is flat position
-// f = (p - p0) Wp + q, and its tap (r, s) reads padded pixel f + r dil_h Wp + s dil_w: 16
-// consecutive flat positions at a tap are 16 consecutive padded pixels, one A tile (16 rows of 32
-// channels, C apart) loaded straight from the copy. The positions with q >= Q (the row's last
-// Wp - Q) are computed and dropped. Blocks of 32 positions x 32 output channels are four 16 x 16
-// float tiles, each step of 32 input channels at a tap two A and two B tiles for four TDPBF16PS;
-// B is the weight packed by amx_weight: per 32 output channels, tap and 32 input channels two B
-// tiles (16 pairs of channels x 16 output channels, a word each) of 1 KiB. The tiles are stored
-// into `ring` (rows of K floats, flat position f at row f % amx_ring_positions), and each output
-// row, once its blocks are done, goes through the conv's epilogue as the GEMM rows of its Q
-// pixels.
+// `pad` as it goes (a row ahead of the tiles, the next rows fetched into L2 meanwhile; an NCHW
+// x's rows transposed on the way): rows of Wp = W + 2 pad_w pixels of C channels. Output pixel (p,
+// q) of the band is flat position f = (p - p0) Wp + q, and its tap (r, s) reads padded pixel f + r
+// dil_h Wp + s dil_w: 16 consecutive flat positions at a tap are 16 consecutive padded pixels, one
+// A tile (16 rows of 32 channels, C apart) loaded straight from the copy. The positions with q >= Q
+// (the row's last Wp - Q) are computed and dropped. Blocks of 32 positions x 32 output channels are
+// four 16 x 16 float tiles, each step of 32 input channels at a tap two A and two B tiles for four
+// TDPBF16PS; B is the weight packed by amx_weight: per 32 output channels, tap and 32 input
+// channels two B tiles (16 pairs of channels x 16 output channels, a word each) of 1 KiB. The tiles
+// are stored into `ring` (rows of K floats, flat position f at row f % amx_ring_positions), and
+// each output row, once its blocks are done, goes through the conv's epilogue as the GEMM rows of
+// its Q pixels.
 #if defined(FASTDL_AMX)
 namespace conv_amx {
 

@@ -294,8 +294,9 @@ struct ConvKernels {
 // (csrc/cpu/conv_amx.h; only where cpu_amx()): output rows [p0, p1) of image n, the blocks of
 // kAmxBlock flat positions (Wp = W + 2 pad_w a row) read from `pad`, a zero-padded copy of the
 // input rows (amx_pad_rows of Wp x C values, zeroed by the caller before its first band), into
-// `ring` (amx_ring_positions x K floats), each finished output row through `epi` with e. C and K
-// multiples of 32; w packed by conv_direct.cpp's amx_weight.
+// `ring` (amx_ring_positions x K floats), each finished output row through e's epilogue (the
+// common bfloat16 ones in the kernel, the others through `epi`). C and K multiples of 32; w
+// packed by conv_direct.cpp's amx_weight.
 constexpr int64_t kAmxBlock = 32;
 inline int64_t amx_pad_rows(const ConvArgs& a, int64_t band) {
   const int64_t wp = a.W + 2 * a.pad_w;

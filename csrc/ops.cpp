@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/isa.h"
+#include "cpu/conv.h"
 #include "cpu/gemm.h"
 #include "cpu/int8_params.h"
 #include "cpu/output.h"
@@ -238,6 +239,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_int8_peak_gops", [] { return fastdl::cpu::int8_peak_gops(); });
   // Test hook (tests/test_gemm.py): whether gemm_bf16 runs on AVX512-BF16 under the current ISA.
   m.def("_gemm_bf16_native", [] { return fastdl::cpu::gemm_bf16_native(); });
+  // Test hook (tests/test_conv_ops.py): how many convs have run on the AMX conv kernel.
+  m.def("_conv_amx_runs", [] { return fastdl::cpu::conv_impl::conv_amx_runs(); });
   // Test hook (tests/test_output_cache.py): the sizes of the output cache's free blocks.
   m.def("_output_cache_blocks", [] { return fastdl::cpu::output_cache_blocks(); });
   // Test hook for the block GEMM of cpu/gemm.h (tests/test_gemm.py), not an op: c (m, n) =

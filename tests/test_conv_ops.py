@@ -303,20 +303,44 @@ def test_bfloat16_depthwise_channels_last(isa, stride, kernel):
 
 
 # Dense stride-1 bfloat16 convs on AMX tiles without im2col (conv_amx.h; C and K multiples of
-# 32), (N, C, H, W, K, R, S, padding, dilation): rows of 25 padded pixels, whose rows of flat
-# positions wrap around the 64-position ring; one image split into bands of rows (each copying
-# its own halo); a 5x3 kernel with a row dilation of 2 and no column padding; padding beyond the
-# taps' reach (whole zero rows and columns); a 1x3 kernel over 40-pixel rows; 3 images of 5x6; a
+# 32), (N, C, H, W, K, R, S, padding, dilation), each with more than 3/4 of its taps (and of its
+# adjoint's) inside the input, below which the GEMMs per tap run: rows of 25 padded pixels,
+# whose rows of flat positions wrap around the 64-position ring; one image split into bands of
+# rows (each copying its own halo); a 5x3 kernel with a row dilation of 2 and no column padding;
+# padding beyond the taps' reach (whole zero rows and columns; its input gradient on the GEMMs);
+# a 1x3 kernel over 40-pixel rows; a 2x2 with a column dilation of 3 (an even-sized adjoint); a
 # padded 1x1 (on the tiles for an NCHW x only).
 AMX_CASES = [
     (2, 64, 9, 23, 64, 3, 3, 1, 1),
     (1, 32, 23, 7, 96, 3, 3, 1, 1),
-    (3, 96, 11, 13, 32, 5, 3, (4, 0), (2, 1)),
-    (2, 32, 6, 5, 64, 3, 3, 3, 1),
+    (2, 96, 21, 29, 32, 5, 3, (4, 0), (2, 1)),
+    (2, 32, 30, 28, 64, 3, 3, 3, 1),
     (1, 128, 5, 40, 64, 1, 3, (0, 1), 1),
-    (3, 64, 5, 6, 128, 2, 2, 0, (1, 3)),
-    (2, 64, 7, 9, 32, 1, 1, 1, 1),
+    (2, 64, 12, 24, 128, 2, 2, 0, (1, 3)),
+    (2, 64, 16, 17, 32, 1, 1, 1, 1),
 ]
+
+
+def _pair(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def _amx_conv(*args, **kwargs):
+    """fastdl.conv2d under the "amx" ISA and the number of convs it ran on the AMX kernel."""
+    previous, before = _ext.cpu_isa(), _ext._C._conv_amx_runs()
+    _ext.set_cpu_isa("amx")
+    try:
+        with fastdl.backend(NATIVE_CPU.name):
+            return fastdl.conv2d(*args, **kwargs), _ext._C._conv_amx_runs() - before
+    finally:
+        _ext.set_cpu_isa(previous)
+
+
+def _within_half_ulp(y, exact):
+    """bfloat16 y rounded from float32 sums of exact bfloat16 products: within half an ulp of the
+    float64 value plus the sums' error."""
+    assert y.dtype == torch.bfloat16 and y.shape == exact.shape
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 * 1.01 + 1e-4).all()
 
 
 @pytest.mark.skipif("amx" not in BF16_ISAS, reason="this CPU has no AMX tiles")
@@ -325,16 +349,15 @@ AMX_CASES = [
 def test_bfloat16_amx_direct(layout, epilogue):
     """bfloat16 stride-1 convs of 32k channels on AMX tiles reading the zero-padded input rows in
     place (an NCHW x's rows transposed as they are copied, 32 x 32 at a time with partial blocks;
-    a strided one copied to NHWC first): outputs within half an ulp (plus the float32 sums' error)
-    of float64, through the lean bfloat16 epilogues (bias, residual, ReLU; channels_last between
-    the tile steps, NCHW a row at a time transposed in registers), the general one (GELU), and
-    in training (GELU saves its pre-activation: the general epilogue) with every gradient, the
-    input gradient as the adjoint's forward on the tiles (but where padded beyond the taps'
-    reach: the GEMMs)."""
+    a strided one copied to NHWC first), each counted on the kernel's hook: outputs within half an
+    ulp (plus the float32 sums' error) of float64, through the lean bfloat16 epilogues (bias,
+    residual, ReLU; channels_last between the tile steps, NCHW a row at a time transposed in
+    registers) and the general one (GELU); in training the input gradient as the adjoint's
+    forward on the tiles (where the padding is within the taps' reach), within half an ulp
+    without an activation, and every gradient against float64."""
     torch.manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     act = {"none": None, "bias_res_relu": "relu", "gelu": "gelu"}[epilogue]
-    previous = _ext.cpu_isa()
     for i, (n, c, h, w, k, r, s, padding, dilation) in enumerate(AMX_CASES):
         x = torch.randn(n, c, h, 2 * w).bfloat16()[..., ::2]
         if i % 2 == 0 or fmt == torch.channels_last:  # else strided (copied to NHWC)
@@ -350,16 +373,13 @@ def test_bfloat16_amx_direct(layout, epilogue):
             exact = (exact + res.double()).relu()
         elif act == "gelu":
             exact = torch.nn.functional.gelu(exact)
-        _ext.set_cpu_isa("amx")
-        try:
-            with fastdl.backend(NATIVE_CPU.name), torch.no_grad():
-                y = fastdl.conv2d(x, wt, b, 1, padding, dilation, activation=act, residual=res)
-        finally:
-            _ext.set_cpu_isa(previous)
-        assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
-        assert y.shape == exact.shape
-        assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 * 1.01 + 1e-4).all()
-    if act != "gelu":
+        with torch.no_grad():
+            y, runs = _amx_conv(x, wt, b, 1, padding, dilation, activation=act, residual=res)
+        tiles = r * s > 1 or (x.is_contiguous() and fmt == torch.contiguous_format)
+        assert runs == int(tiles), (i, runs)
+        assert y.is_contiguous(memory_format=fmt)
+        _within_half_ulp(y, exact)
+    if epilogue == "bias_res_relu":
         return
     for n, c, h, w, k, r, s, padding, dilation in AMX_CASES:
         leaves = [
@@ -367,19 +387,51 @@ def test_bfloat16_amx_direct(layout, epilogue):
             (torch.randn(k, c, r, s) / (c * r * s) ** 0.5).bfloat16().requires_grad_(),
             torch.randn(k).bfloat16().requires_grad_(),
         ]
+        y, runs = _amx_conv(*leaves, 1, padding, dilation, activation=act)
+        assert runs == int(r * s > 1 or fmt == torch.contiguous_format)
+        g = torch.randn_like(y)
+        before = _ext._C._conv_amx_runs()
+        previous = _ext.cpu_isa()
         _ext.set_cpu_isa("amx")
         try:
-            with fastdl.backend(NATIVE_CPU.name):
-                y = fastdl.conv2d(*leaves, 1, padding, dilation, activation=act)
-                g = torch.randn_like(y)
-                grads = torch.autograd.grad(y, leaves, g)
+            grads = torch.autograd.grad(y, leaves, g)
         finally:
             _ext.set_cpu_isa(previous)
+        (ph, pw), (dh, dw) = _pair(padding), _pair(dilation)
+        adjoint = r * s > 1 and ph <= dh * (r - 1) and pw <= dw * (s - 1)
+        assert _ext._C._conv_amx_runs() - before == int(adjoint)
         doubles = [t.detach().double().requires_grad_() for t in leaves]
-        yd = ref_conv2d(*doubles, 1, padding, dilation, 1, act)
+        yd = ref_conv2d(*doubles, 1, padding, dilation, 1, act or "none")
+        want = torch.autograd.grad(yd, doubles, g.double())
         assert_close(y, yd, torch.bfloat16)
-        for got, want in zip(grads, torch.autograd.grad(yd, doubles, g.double()), strict=True):
-            assert_close(got, want, torch.bfloat16, scale=4.0)
+        if act is None:
+            _within_half_ulp(grads[0], want[0])
+        for got, ref in zip(grads, want, strict=True):
+            assert_close(got, ref, torch.bfloat16, scale=4.0)
+
+
+@pytest.mark.skipif("amx" not in BF16_ISAS, reason="this CPU has no AMX tiles")
+@pytest.mark.parametrize("kernel, dilation, output_padding", [(3, 2, 1), ((3, 1), (1, 2), (0, 1))])
+def test_bfloat16_amx_transpose_output_padding(kernel, dilation, output_padding):
+    """A stride-1 bfloat16 conv_transpose2d with output_padding (below the dilation): its output
+    rows are wider than the padded input's reach of the conv it is the adjoint of, so it stays off
+    the AMX conv kernel (whose last columns would read the next row's pixels, or leave a band's
+    last row unwritten): equal to float64 within bfloat16's rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 40, 40).bfloat16()
+    w = (torch.randn(32, 32, *_pair(kernel)) / 17).bfloat16()
+    padding = 4 if kernel == 3 else 0
+    previous = _ext.cpu_isa()
+    _ext.set_cpu_isa("amx")
+    try:
+        with fastdl.backend(NATIVE_CPU.name), torch.no_grad():
+            y = fastdl.conv_transpose2d(x, w, None, 1, padding, output_padding, 1, dilation)
+    finally:
+        _ext.set_cpu_isa(previous)
+    exact = torch.nn.functional.conv_transpose2d(
+        x.double(), w.double(), None, 1, padding, output_padding, 1, dilation
+    )
+    _within_half_ulp(y, exact)
 
 
 @pytest.mark.parametrize("isa", ISAS)

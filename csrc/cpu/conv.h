@@ -156,6 +156,8 @@ bool plane_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
 // (conv_amx.h; x in any layout, but a 1x1 conv's NCHW only; out through e); false, having
 // written nothing, for the others.
 bool amx_suits(const Gemm& p, at::ScalarType dtype);
+// Test hook: how many convs amx_forward has run (forwards and input gradients).
+int64_t conv_amx_runs();
 bool amx_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                  const ConvEpilogue& e);
 

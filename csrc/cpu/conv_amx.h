@@ -4,8 +4,8 @@
 // common/vec.h and cpu/gemm_kernels.h (gemm_amx's tile configuration).
 //
 // A band of output rows [p0, p1) of image n copies the input rows it reads, zero-padded, into
-// `pad` as it goes (a row ahead of the tiles, the next rows fetched into L2 meanwhile; an NCHW
-// x's rows transposed on the way): rows of Wp = W + 2 pad_w pixels of C channels. Output pixel (p,
+// `pad` as the blocks reach them (the next rows fetched into L2 meanwhile; an NCHW x's rows
+// transposed on the way): rows of Wp = W + 2 pad_w pixels of C channels. Output pixel (p,
 // q) of the band is flat position f = (p - p0) Wp + q, and its tap (r, s) reads padded pixel f + r
 // dil_h Wp + s dil_w: 16 consecutive flat positions at a tap are 16 consecutive padded pixels, one
 // A tile (16 rows of 32 channels, C apart) loaded straight from the copy. The positions with q >= Q
@@ -19,9 +19,14 @@
 #if defined(FASTDL_AMX)
 namespace conv_amx {
 
-// The lean epilogue of one output pixel (see band): its K accumulators plus the bias (float) and
-// the residual (bfloat16, as out), ReLU'd where asked, stored as bfloat16 at element o of out, 32
-// channels (a cache line) at a time, streamed when e.stream and aligned.
+// The epilogues of a bfloat16 out with at most a bias, residual and ReLU, of this kernel's own
+// rather than conv_kernels.h's (store_pixels_lean, nchw_block_lean: float32 out, and compiled in
+// the AVX-512 table, which this file does not include): rounded by AVX512-BF16's conversions,
+// called a position at a time between the tile steps.
+//
+// One output pixel (see band): its K accumulators plus the bias (float) and the residual
+// (bfloat16, as out), ReLU'd where asked, stored as bfloat16 at element o of out, 32 channels (a
+// cache line) at a time, streamed when e.stream and aligned.
 inline void store_position(const ConvArgs& a, const ConvEpilogue& e, const float* acc, int64_t o) {
   const float* bias = static_cast<const float*>(e.bias);
   const uint16_t* res = static_cast<const uint16_t*>(e.residual);
@@ -107,7 +112,7 @@ inline void fill_rows(const ConvArgs& a, const uint16_t* x, bool x_nchw, int64_t
   }
 }
 
-// The lean epilogue of output row p of image n into a bfloat16 NCHW out (see band): its Q
+// Output row p of image n into a bfloat16 NCHW out (see band): its Q
 // positions' K accumulators (position q at ring row (start + q) % rp), 16 pixels x 16 channels
 // at a time transposed in registers, plus the bias and the residual, ReLU'd where asked, each
 // channel's 16 pixels stored at once.
@@ -166,17 +171,17 @@ inline void band(const ConvArgs& a, const uint16_t* x, bool x_nchw, const uint32
   // it had cost ~30% of the tiles' time), NCHW each row once done (store_row_nchw). The others go
   // through epi row by row.
   const bool simple = e.bf16 && e.pre == nullptr && (a.activation == 0 || a.activation == kRelu);
-  const bool lean = simple && a.out_sk == 1, lean_nchw = simple && a.out_spq == 1;
-  const int64_t per = (kAmxBlock + K / 32 * steps - 1) / (K / 32 * steps);
-  int64_t done = 0, ready = 0;  // lean: positions [done, ready) are in the ring, not yet stored
-  auto lean_store = [&](int64_t count) {
+  const bool own_nhwc = simple && a.out_sk == 1, own_nchw = simple && a.out_spq == 1;
+  const int64_t per_step = (kAmxBlock + K / 32 * steps - 1) / (K / 32 * steps);
+  int64_t done = 0, ready = 0;  // own_nhwc: positions [done, ready) are in the ring, not stored
+  auto store_ready = [&](int64_t count) {
     for (const int64_t end = imin(ready, done + count); done < end; ++done) {
       const int64_t i = done / Wp, q = done - i * Wp;
       if (q >= a.Q) continue;
       store_position(a, e, ring + done % rp * K, n * a.out_sn + ((p0 + i) * a.Q + q) * a.out_spq);
     }
   };
-  int64_t next = 0;  // not lean: the first output row of the band not stored yet
+  int64_t next = 0;  // not own_nhwc: the first output row of the band not stored yet
   gemm_amx::configure();
   for (int64_t f0 = 0; f0 < nf; f0 += kAmxBlock) {
     fill((f0 + kAmxBlock + (a.R - 1) * a.dil_h * Wp + (a.S - 1) * a.dil_w + Wp - 1) / Wp);
@@ -205,9 +210,9 @@ inline void band(const ConvArgs& a, const uint16_t* x, bool x_nchw, const uint32
             if (ahead < limit) {
               _mm_prefetch(ahead, _MM_HINT_T1);
               _mm_prefetch(ahead + 64, _MM_HINT_T1);
-              ahead += 128;
+              ahead = std::min(ahead + 128, limit);
             }
-            if (lean) lean_store(per);
+            if (own_nhwc) store_ready(per_step);
           }
         }
       for (int64_t i = 0; i < kAmxBlock; ++i) check_store(c + i * K + nh, 32 * 4);
@@ -219,10 +224,10 @@ inline void band(const ConvArgs& a, const uint16_t* x, bool x_nchw, const uint32
     ready = imin(nf, f0 + kAmxBlock);
     // The rows whose Q pixels this block completed, through the epilogue (in two runs where a
     // row wraps around the ring's end).
-    for (; !lean && next < p1 - p0 && next * Wp + a.Q <= f0 + kAmxBlock; ++next) {
+    for (; !own_nhwc && next < p1 - p0 && next * Wp + a.Q <= f0 + kAmxBlock; ++next) {
       const int64_t start = next * Wp % rp, first = imin(a.Q, rp - start);
       const int64_t m0 = (n * a.P + p0 + next) * a.Q;
-      if (lean_nchw) {
+      if (own_nchw) {
         store_row_nchw(a, e, ring, rp, start, n, p0 + next);
         continue;
       }
@@ -235,8 +240,8 @@ inline void band(const ConvArgs& a, const uint16_t* x, bool x_nchw, const uint32
       }
     }
   }
-  if (lean) {
-    lean_store(ready - done);
+  if (own_nhwc) {
+    store_ready(ready - done);
     if (e.stream) _mm_sfence();
   }
   _tile_release();

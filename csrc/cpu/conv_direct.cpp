@@ -14,6 +14,7 @@
 // forward and input gradient of dense stride-1 bfloat16 convs on AMX tiles (amx_forward:
 // conv_amx.h).
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 #include <utility>
@@ -161,6 +162,18 @@ std::pair<at::Tensor, at::Tensor> direct_params(const ConvArgs& a, const at::Ten
   return {gw, gb};
 }
 
+// The shape half of amx_suits, on a ConvArgs or a conv::ConvGeom: output rows no wider than the
+// padded input's reach (the adjoint of a conv_transpose2d with output_padding can be wider: its
+// last columns would read the next row's pixels).
+template <typename G>
+bool amx_shape(const G& a, at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && cpu_amx() && a.groups == 1 && a.stride_h == 1 &&
+         a.stride_w == 1 && a.C > 0 && a.C % 32 == 0 && a.K % 32 == 0 &&
+         a.Q <= a.W + 2 * a.pad_w - a.dil_w * (a.S - 1);
+}
+
+std::atomic<int64_t> amx_runs{0};
+
 }  // namespace
 
 at::Tensor adjoint_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
@@ -172,6 +185,9 @@ at::Tensor adjoint_input_grad(const conv::ConvGeom& g, const at::Tensor& gpre,
   adj.pad_h = g.dil_h * (g.R - 1) - g.pad_h;
   adj.pad_w = g.dil_w * (g.S - 1) - g.pad_w;
   if (g.stride_h != 1 || g.stride_w != 1 || adj.pad_h < 0 || adj.pad_w < 0) return {};
+  // A dense conv's adjoint runs only on AMX tiles: nothing copied or allocated where they do not
+  // apply.
+  if (g.groups == 1 && !amx_shape(adj, gpre.scalar_type())) return {};
   const int64_t kg = g.K / g.groups, cg = g.C / g.groups;
   const at::Tensor wa = weight.reshape({g.groups, kg, cg, g.R, g.S})
                             .transpose(1, 2)
@@ -423,9 +439,11 @@ at::Tensor amx_weight(const at::Tensor& weight) {
 }  // namespace
 
 bool amx_suits(const Gemm& p, at::ScalarType dtype) {
-  const ConvArgs& a = p.a;
-  return dtype == at::kBFloat16 && cpu_amx() && a.groups == 1 && a.stride_h == 1 &&
-         a.stride_w == 1 && a.C > 0 && a.C % 32 == 0 && a.K % 32 == 0 && !p.taps;
+  return amx_shape(p.a, dtype) && !p.taps;
+}
+
+int64_t conv_amx_runs() {
+  return amx_runs.load();
 }
 
 bool amx_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
@@ -441,6 +459,7 @@ bool amx_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
   if (a.R * a.S == 1 && !x_nchw) return false;
   const at::Tensor xb = x_nchw ? x : as_output(x, at::kBFloat16, at::MemoryFormat::ChannelsLast);
   const at::Tensor w = amx_weight(weight);
+  ++amx_runs;
   // Whole images a task where there are enough of them, else bands of rows (each copying the
   // taps' reach of rows more).
   const int64_t per = std::clamp<int64_t>((2 * at::get_num_threads() + a.N - 1) / a.N, 1, a.P);

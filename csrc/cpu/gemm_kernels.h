@@ -346,7 +346,11 @@ struct TileConfig {
 // configuration built in a local had its stores dropped once inlined (SIGILL at the first tile
 // instruction, seen in a standalone test of conv_amx.h's loop).
 inline constexpr TileConfig kTileConfig = {
-    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+    1,
+    0,
+    {},
+    {64, 64, 64, 64, 64, 64, 64, 64},
+    {kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows}};
 
 inline void configure() {
   _tile_loadconfig(&kTileConfig);

@@ -2,6 +2,8 @@
 gradcheck in float64 (CPU native) through the fused epilogue, torch.compile(fullgraph=True)
 against eager, bit-identical repeated backward, and the CPU kernels under every ISA."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import BF16_ISAS, ISAS, NATIVE_CPU
@@ -280,6 +282,13 @@ def test_every_isa_plane(isa, dtype, layout):
             assert_close(got, want, dtype, scale=4.0)
 
 
+def _within_half_ulp(y, exact):
+    """bfloat16 y rounded from float32 sums of exact bfloat16 products: within half an ulp of the
+    float64 value plus the sums' error."""
+    assert y.dtype == torch.bfloat16 and y.shape == exact.shape
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 * 1.01 + 1e-4).all()
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("stride, kernel", [(1, 3), (2, 5), ((1, 2), 2)])
 def test_bfloat16_depthwise_channels_last(isa, stride, kernel):
@@ -297,9 +306,8 @@ def test_bfloat16_depthwise_channels_last(isa, stride, kernel):
     finally:
         _ext.set_cpu_isa(previous)
     exact = torch.nn.functional.conv2d(x.double(), w.double(), None, stride, kernel // 2, 1, 21)
-    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
-    assert y.shape == exact.shape
-    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 * 1.01 + 1e-4).all()
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    _within_half_ulp(y, exact)
 
 
 # Dense stride-1 bfloat16 convs on AMX tiles without im2col (conv_amx.h; C and K multiples of
@@ -325,22 +333,23 @@ def _pair(v):
     return v if isinstance(v, tuple) else (v, v)
 
 
-def _amx_conv(*args, **kwargs):
-    """fastdl.conv2d under the "amx" ISA and the number of convs it ran on the AMX kernel."""
-    previous, before = _ext.cpu_isa(), _ext._C._conv_amx_runs()
+@contextlib.contextmanager
+def _amx():
+    """The native CPU backend under the "amx" ISA, restored after."""
+    previous = _ext.cpu_isa()
     _ext.set_cpu_isa("amx")
     try:
         with fastdl.backend(NATIVE_CPU.name):
-            return fastdl.conv2d(*args, **kwargs), _ext._C._conv_amx_runs() - before
+            yield
     finally:
         _ext.set_cpu_isa(previous)
 
 
-def _within_half_ulp(y, exact):
-    """bfloat16 y rounded from float32 sums of exact bfloat16 products: within half an ulp of the
-    float64 value plus the sums' error."""
-    assert y.dtype == torch.bfloat16 and y.shape == exact.shape
-    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 * 1.01 + 1e-4).all()
+def _amx_conv(*args, **kwargs):
+    """fastdl.conv2d under _amx and the number of convs it ran on the AMX kernel."""
+    before = _ext._C._conv_amx_runs()
+    with _amx():
+        return fastdl.conv2d(*args, **kwargs), _ext._C._conv_amx_runs() - before
 
 
 @pytest.mark.skipif("amx" not in BF16_ISAS, reason="this CPU has no AMX tiles")
@@ -391,12 +400,8 @@ def test_bfloat16_amx_direct(layout, epilogue):
         assert runs == int(r * s > 1 or fmt == torch.contiguous_format)
         g = torch.randn_like(y)
         before = _ext._C._conv_amx_runs()
-        previous = _ext.cpu_isa()
-        _ext.set_cpu_isa("amx")
-        try:
+        with _amx():
             grads = torch.autograd.grad(y, leaves, g)
-        finally:
-            _ext.set_cpu_isa(previous)
         (ph, pw), (dh, dw) = _pair(padding), _pair(dilation)
         adjoint = r * s > 1 and ph <= dh * (r - 1) and pw <= dw * (s - 1)
         assert _ext._C._conv_amx_runs() - before == int(adjoint)
@@ -421,13 +426,8 @@ def test_bfloat16_amx_transpose_output_padding(kernel, dilation, output_padding)
     x = torch.randn(2, 32, 40, 40).bfloat16()
     w = (torch.randn(32, 32, *_pair(kernel)) / 17).bfloat16()
     padding = 4 if kernel == 3 else 0
-    previous = _ext.cpu_isa()
-    _ext.set_cpu_isa("amx")
-    try:
-        with fastdl.backend(NATIVE_CPU.name), torch.no_grad():
-            y = fastdl.conv_transpose2d(x, w, None, 1, padding, output_padding, 1, dilation)
-    finally:
-        _ext.set_cpu_isa(previous)
+    with _amx(), torch.no_grad():
+        y = fastdl.conv_transpose2d(x, w, None, 1, padding, output_padding, 1, dilation)
     exact = torch.nn.functional.conv_transpose2d(
         x.double(), w.double(), None, 1, padding, output_padding, 1, dilation
     )

@@ -739,8 +739,9 @@ ConvGrads conv_grads(const conv::ConvGeom& g, const at::Tensor& x, const at::Ten
   const at::Tensor gp =
       bf16 ? as_output(gpre, at::kBFloat16, at::MemoryFormat::ChannelsLast) : nhwc(gpre);
   const auto opts = gp.options().dtype(ct);
-  if (want_input && !bf16) r.input = winograd_input_grad(g, gp, weight, fmt);
-  if (want_input && bf16) r.input = adjoint_input_grad(g, gp, weight, fmt, dtype);  // AMX tiles
+  if (want_input)  // bfloat16 on AMX tiles
+    r.input = bf16 ? adjoint_input_grad(g, gp, weight, fmt, dtype)
+                   : winograd_input_grad(g, gp, weight, fmt);
   if (r.input.defined()) {
     r.input = as_output(r.input, dtype, fmt);
   } else if (want_input && p.direct) {

@@ -151,15 +151,13 @@ template <typename T>
 bool plane_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                    const ConvEpilogue& e);
 
-// conv_direct.cpp too: whether the conv runs on AMX tiles without im2col (bfloat16 operands on a
-// CPU with AMX, groups 1, stride 1, C and K multiples of 32, not per tap), and that forward
-// (conv_amx.h; x in any layout, but a 1x1 conv's NCHW only; out through e); false, having
-// written nothing, for the others.
-bool amx_suits(const Gemm& p, at::ScalarType dtype);
-// Test hook: how many convs amx_forward has run (forwards and input gradients).
-int64_t conv_amx_runs();
+// conv_direct.cpp too: the forward on AMX tiles without im2col of a bfloat16 conv that suits
+// them (groups 1, stride 1, C and K multiples of 32, not per tap; conv_amx.h; x in any layout,
+// but a 1x1 conv's NCHW only; out through e); false, having written nothing, for the others.
 bool amx_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
                  const ConvEpilogue& e);
+// Test hook: how many convs amx_forward has run (forwards and input gradients).
+int64_t conv_amx_runs();
 
 // conv_taps.cpp: the fraction of g's (output pixel, tap) pairs whose tap reads inside the input
 // (plan runs the GEMMs per tap at or below kTapsMaxValid), and the three products per tap.

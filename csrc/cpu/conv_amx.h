@@ -90,7 +90,7 @@ inline void transpose32(const uint16_t* src, int64_t lds, int64_t cols, uint16_t
 // the row after next of every plane fetched meanwhile: 32x256x56x56 1x1, 13.1 -> 6.7 ms).
 inline void fill_rows(const ConvArgs& a, const uint16_t* x, bool x_nchw, int64_t n, int64_t p0,
                       uint16_t* pad, int64_t from, int64_t to) {
-  const int64_t Wp = a.W + 2 * a.pad_w, hw = a.H * a.W, C = a.C;
+  const int64_t Wp = amx_padded_width(a), hw = a.H * a.W, C = a.C;
   for (int64_t i = from; i < to; ++i) {
     const int64_t h = p0 - a.pad_h + i;
     uint16_t* dst = pad + (i * Wp + a.pad_w) * C;
@@ -150,7 +150,7 @@ inline void store_row_nchw(const ConvArgs& a, const ConvEpilogue& e, const float
 inline void band(const ConvArgs& a, const uint16_t* x, bool x_nchw, const uint32_t* wp, int64_t n,
                  int64_t p0, int64_t p1, uint16_t* pad, float* ring, const ConvEpilogue& e,
                  EpilogueFn epi) {
-  const int64_t C = a.C, K = a.K, Wp = a.W + 2 * a.pad_w, rows = amx_pad_rows(a, p1 - p0);
+  const int64_t C = a.C, K = a.K, Wp = amx_padded_width(a), rows = amx_pad_rows(a, p1 - p0);
   const int64_t nf = (p1 - p0) * Wp, steps = a.R * a.S * (C / 32), rp = amx_ring_positions(a);
   const int64_t sa = C * 2, sc = K * 4, row_bytes = a.W * C * 2;
   int64_t copied = 0;
@@ -184,7 +184,7 @@ inline void band(const ConvArgs& a, const uint16_t* x, bool x_nchw, const uint32
   int64_t next = 0;  // not own_nhwc: the first output row of the band not stored yet
   gemm_amx::configure();
   for (int64_t f0 = 0; f0 < nf; f0 += kAmxBlock) {
-    fill((f0 + kAmxBlock + (a.R - 1) * a.dil_h * Wp + (a.S - 1) * a.dil_w + Wp - 1) / Wp);
+    fill(amx_rows_read(a, f0 + kAmxBlock));
     const int64_t h_next = p0 - a.pad_h + copied;
     ahead = std::max(ahead, row_at(h_next));
     const char* const limit = row_at(h_next + 2);
@@ -225,12 +225,12 @@ inline void band(const ConvArgs& a, const uint16_t* x, bool x_nchw, const uint32
     // The rows whose Q pixels this block completed, through the epilogue (in two runs where a
     // row wraps around the ring's end).
     for (; !own_nhwc && next < p1 - p0 && next * Wp + a.Q <= f0 + kAmxBlock; ++next) {
-      const int64_t start = next * Wp % rp, first = imin(a.Q, rp - start);
-      const int64_t m0 = (n * a.P + p0 + next) * a.Q;
+      const int64_t start = next * Wp % rp;
       if (own_nchw) {
         store_row_nchw(a, e, ring, rp, start, n, p0 + next);
         continue;
       }
+      const int64_t first = imin(a.Q, rp - start), m0 = (n * a.P + p0 + next) * a.Q;
       ConvEpilogue eb = e;
       eb.acc = ring + start * K;
       epi(a, eb, m0, first, 0);

@@ -162,9 +162,11 @@ std::pair<at::Tensor, at::Tensor> direct_params(const ConvArgs& a, const at::Ten
   return {gw, gb};
 }
 
-// The shape half of amx_suits, on a ConvArgs or a conv::ConvGeom: output rows no wider than the
-// padded input's reach (the adjoint of a conv_transpose2d with output_padding can be wider: its
-// last columns would read the next row's pixels).
+// Whether a conv runs on AMX tiles without im2col (amx_forward): bfloat16 operands on a CPU with
+// AMX, groups 1, stride 1, C and K multiples of 32, output rows no wider than the padded input's
+// reach (the adjoint of a conv_transpose2d with output_padding can be wider: its last columns
+// would read the next row's pixels), not per tap. amx_shape: all but the last, on a ConvArgs or a
+// conv::ConvGeom.
 template <typename G>
 bool amx_shape(const G& a, at::ScalarType dtype) {
   return dtype == at::kBFloat16 && cpu_amx() && a.groups == 1 && a.stride_h == 1 &&
@@ -173,6 +175,10 @@ bool amx_shape(const G& a, at::ScalarType dtype) {
 }
 
 std::atomic<int64_t> amx_runs{0};
+
+bool amx_suits(const Gemm& p, at::ScalarType dtype) {
+  return amx_shape(p.a, dtype) && !p.taps;
+}
 
 }  // namespace
 
@@ -438,10 +444,6 @@ at::Tensor amx_weight(const at::Tensor& weight) {
 
 }  // namespace
 
-bool amx_suits(const Gemm& p, at::ScalarType dtype) {
-  return amx_shape(p.a, dtype) && !p.taps;
-}
-
 int64_t conv_amx_runs() {
   return amx_runs.load();
 }
@@ -464,13 +466,12 @@ bool amx_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight,
   // taps' reach of rows more).
   const int64_t per = std::clamp<int64_t>((2 * at::get_num_threads() + a.N - 1) / a.N, 1, a.P);
   const int64_t band = (a.P + per - 1) / per, bands = (a.P + band - 1) / band;
-  const int64_t wp = a.W + 2 * a.pad_w;
   const AmxBandFn fn = conv_amx_band();
   const EpilogueFn epi = kernels().epilogue[kConvF32];
   const auto* xs = static_cast<const uint16_t*>(xb.const_data_ptr());
   const auto* ws = reinterpret_cast<const uint32_t*>(w.const_data_ptr<int32_t>());
   at::parallel_for(0, a.N * bands, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint16_t> pad(amx_pad_rows(a, band) * wp * a.C);
+    std::vector<uint16_t> pad(amx_pad_rows(a, band) * amx_padded_width(a) * a.C);
     std::vector<float> ring(amx_ring_positions(a) * a.K);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / bands, p0 = b % bands * band;

@@ -298,15 +298,22 @@ struct ConvKernels {
 // common bfloat16 ones in the kernel, the others through `epi`). C and K multiples of 32; w
 // packed by conv_direct.cpp's amx_weight.
 constexpr int64_t kAmxBlock = 32;
-inline int64_t amx_pad_rows(const ConvArgs& a, int64_t band) {
-  const int64_t wp = a.W + 2 * a.pad_w;
-  const int64_t end = (band * wp + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
+inline int64_t amx_padded_width(const ConvArgs& a) {
+  return a.W + 2 * a.pad_w;
+}
+// The padded rows that flat positions [0, end) read, the taps' reach included.
+inline int64_t amx_rows_read(const ConvArgs& a, int64_t end) {
+  const int64_t wp = amx_padded_width(a);
   return (end + (a.R - 1) * a.dil_h * wp + (a.S - 1) * a.dil_w + wp - 1) / wp;
+}
+// A band's: its positions in whole blocks (the last block's overrun is read, then dropped).
+inline int64_t amx_pad_rows(const ConvArgs& a, int64_t band) {
+  return amx_rows_read(a, (band * amx_padded_width(a) + kAmxBlock - 1) / kAmxBlock * kAmxBlock);
 }
 // From the start of the oldest row not yet through the epilogue to the end of the block being
 // computed: at most Wp + kAmxBlock positions, in whole blocks.
 inline int64_t amx_ring_positions(const ConvArgs& a) {
-  return (a.W + 2 * a.pad_w + kAmxBlock - 1) / kAmxBlock * kAmxBlock + kAmxBlock;
+  return (amx_padded_width(a) + kAmxBlock - 1) / kAmxBlock * kAmxBlock + kAmxBlock;
 }
 using AmxBandFn = void (*)(const ConvArgs&, const uint16_t* x, bool x_nchw, const uint32_t* w,
                            int64_t n, int64_t p0, int64_t p1, uint16_t* pad, float* ring,

@@ -18,15 +18,20 @@ COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 GEMM_N = {"cpu": 2048, "cuda": 8192}
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` of /proc/cpuinfo, None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _cores() -> int:
@@ -40,12 +45,16 @@ def device_name(device: torch.device) -> str:
 
 
 def slug(device: torch.device) -> str:
-    """'h200' for an NVIDIA H200; 'intel-xeon-gold-6430-2c' for a CPU: model and core count."""
+    """'h200' for an NVIDIA H200; 'intel-xeon-gold-6430-2c' for a CPU: model and core count, and
+    'avx2' after the model where the CPU has no AVX-512 (a VM's model name may be just "AMD
+    EPYC" for a Zen 3 with AVX2 and a Zen 4 with AVX-512, whose kernels differ)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).removeprefix("NVIDIA ")
         suffix = ""
     else:
-        name, suffix = _cpu_model(), f"-{_cores()}c"
+        flags = (_cpuinfo("flags") or "").split()
+        name = _cpu_model() + (" avx2" if "avx2" in flags and "avx512f" not in flags else "")
+        suffix = f"-{_cores()}c"
     name = re.sub(r"\((R|TM)\)|\bCPU\b|\bProcessor\b|@.*$", " ", name, flags=re.IGNORECASE)
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + suffix
 

@@ -394,7 +394,16 @@ def test_patched_modules_under_autocast(name, dtype):
     fastdl.patch(model)
     x = torch.randn(shape).to(dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, got = ref(x), model[0](x)
+        try:
+            expected = ref(x)
+        except RuntimeError as e:
+            # torch's LSTM under autocast with a float32 x fails in oneDNN on CPUs without
+            # AVX-512 ("could not create a primitive descriptor", torch 2.13 on a Zen 3); x cast
+            # to bfloat16 first, as autocast casts it, runs.
+            if name != "lstm" or "primitive descriptor" not in str(e):
+                raise
+            expected = ref(x.bfloat16())
+        got = model[0](x)
     expected, got = (o[0] if isinstance(o, tuple) else o for o in (expected, got))
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastdl
 from fastdl import _backend, _ext
-from fastdl.ops import conv, norm
+from fastdl.ops import _library, conv, norm
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND_KEYS = ("cpu (C++)", "cuda (native .cu)", "triton")
@@ -307,6 +307,38 @@ def test_create_graph_then_double_backward_raises(case):
     (penalty,) = torch.autograd.grad(fn(*inputs).sum(), inputs[0], create_graph=True)
     with pytest.raises(RuntimeError, match="not differentiable"):
         penalty.square().sum().backward()
+
+
+def _node_names(t: torch.Tensor) -> set[str]:
+    """The class names of every node of t's autograd graph."""
+    names, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("case", list(_double_backward_cases()))
+def test_eager_calls_apply_the_registered_formula(case, monkeypatch):
+    """In eager grad mode the public functions apply their op's registered autograd formula
+    themselves (ops/_library.call, past torch.library's wrapper): the same outputs and gradients,
+    bit for bit, as through that wrapper."""
+    fn, inputs = _double_backward_cases()[case]
+    results = {}
+    for path in ("eager", "wrapper"):
+        if path == "wrapper":
+            monkeypatch.setattr(_library, "_EAGER", {})
+        out = fn(*inputs)
+        names = _node_names(out)
+        mine = {n for n in names if n.startswith("Eager_fastdl_")}
+        theirs = {n for n in names if n.startswith("GeneratedBackwardFor_fastdl_")}
+        assert (bool(mine), bool(theirs)) == (path == "eager", path == "wrapper"), names
+        results[path] = out, torch.autograd.grad(out.square().sum(), inputs)
+    assert torch.equal(results["eager"][0], results["wrapper"][0])
+    for a, b in zip(results["eager"][1], results["wrapper"][1], strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("case", list(_double_backward_cases()))

@@ -19,20 +19,52 @@ def register(
     for name, fake in fakes.items():
         torch.library.register_fake(getattr(ops, name), fake)
     for op, (setup, make_backward) in autograd.items():
+        fwd = getattr(ops, op + "_fwd")
         backward = _once_differentiable(make_backward(getattr(ops, op + "_bwd")))
-        torch.library.register_autograd(getattr(ops, op + "_fwd"), backward, setup_context=setup)
+        torch.library.register_autograd(fwd, backward, setup_context=setup)
+        _EAGER[fwd] = _eager_function(fwd, setup, backward)
     return ops
 
 
+# {forward op: the autograd.Function that call() runs it through in eager grad mode}.
+_EAGER: dict[Callable, type[torch.autograd.Function]] = {}
+
+
+def _eager_function(op: Callable, setup: Callable, backward: Callable):
+    """The autograd.Function torch.library builds around ``op`` from the same setup_context and
+    backward, for call(): applied straight from Python, it skips the dispatcher's trip to the
+    autograd wrapper, which fills the schema's defaults back in per call (~40 us of a small
+    conv's 70). setup_context sees every argument, defaults filled in, as there."""
+    schema = getattr(op, "_opoverload", op)._schema  # a CustomOpDef (Triton) or an OpOverload
+    defaults = tuple(a.default_value for a in schema.arguments)
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+        setup(ctx, args + defaults[len(args) :], out)
+        return out
+
+    name = "Eager_" + schema.name.replace("::", "_")  # its node: Eager_fastdl_<op>Backward
+    body = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), body)
+
+
 def call(op: Callable, *args):
-    """``op(*args)``; with grad mode off (and outside torch.compile, whose graphs need the op as
-    it is) straight to the kernel below autograd, past the Python autograd wrapper torch.library
-    puts around an op with a registered backward, as that wrapper does itself under no_grad: it
-    costs ~10 us a call (a 1x8x8x8 conv: 23 -> 13 us; a cold-cache int8 GEMV: ~0.1 of 1 ms)."""
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    """``op(*args)``, in eager mode past the Python autograd wrapper torch.library puts around an
+    op with a registered backward: with grad mode off straight to the kernel below autograd, as
+    that wrapper does itself under no_grad (it costs ~10 us a call: a 1x8x8x8 conv 23 -> 13 us, a
+    cold-cache int8 GEMV ~0.1 of 1 ms); with grad mode on through the same autograd formula
+    applied from here (_eager_function). torch.compile's graphs, torch.jit traces and torch.func
+    transforms take the op as it is."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if not torch.is_grad_enabled():
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
-    return op(*args)
+    fn = _EAGER.get(op)
+    if fn is None or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return op(*args)
+    return fn.apply(*args)
 
 
 def _once_differentiable(backward: Callable) -> Callable:

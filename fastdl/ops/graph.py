@@ -286,7 +286,7 @@ def spmm(
     w = graph.edge_values(op, "edge_weight", edge_weight)
     x2 = _rows(x)
     t = _carry(graph, x, w)
-    out, _ = _ops(op, x).spmm_fwd(graph.rowptr, graph.col, w, x2, reduce, *t)
+    out, _ = _library.call(_ops(op, x).spmm_fwd, graph.rowptr, graph.col, w, x2, reduce, *t)
     return out.view(x.shape)
 
 
@@ -326,7 +326,7 @@ def gcn_aggregate(
     x2 = _rows(x)
     t = _carry(graph, x, eps)
     fill = 2.0 if improved else 1.0
-    out, _ = _ops(op, x).gcn_fwd(graph.rowptr, graph.col, w, x2, eps, fill, *t)
+    out, _ = _library.call(_ops(op, x).gcn_fwd, graph.rowptr, graph.col, w, x2, eps, fill, *t)
     return out.view(x.shape)
 
 
@@ -345,7 +345,7 @@ def sddmm(graph: Graph, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             f"{op}: a and b must both be (num_nodes, F), got {list(a.shape)} and {list(b.shape)}"
         )
     t = _carry(graph, a, b)
-    out = _ops(op, a).sddmm_fwd(graph.rowptr, graph.col, a, b, *t)
+    out = _library.call(_ops(op, a).sddmm_fwd, graph.rowptr, graph.col, a, b, *t)
     return graph.to_edge_order(out)
 
 
@@ -393,7 +393,15 @@ def gat_aggregate(
         scale = 0.0 if dropout >= 1 else 1.0 / (1.0 - dropout)
         drop = keep.to(_acc(h)) * scale
     t = _carry(graph, h, att_src, att_dst)
-    out = _ops(op, h).gat_fwd(
-        graph.rowptr, graph.col, h3, att_src, att_dst, float(negative_slope), drop, *t
+    out = _library.call(
+        _ops(op, h).gat_fwd,
+        graph.rowptr,
+        graph.col,
+        h3,
+        att_src,
+        att_dst,
+        float(negative_slope),
+        drop,
+        *t,
     )[0]
     return out.view(h.shape)

@@ -254,7 +254,7 @@ def _forward(op, name, x, residual, *args) -> tuple[torch.Tensor, torch.Tensor]:
     if args[-2] == 0:
         s = x if residual is None else x + residual
         return s.clone(), s
-    return tuple(getattr(_ops(op, x), name)(x, residual, *args)[:2])
+    return tuple(_library.call(getattr(_ops(op, x), name), x, residual, *args)[:2])
 
 
 def layer_norm(
@@ -392,8 +392,8 @@ def batch_norm(
         raise RuntimeError(f"{op}: running_mean and running_var are required in eval mode")
     ops = _ops(op, x)
     rm, rv = (None, None) if training else (running_mean, running_var)
-    out, mean, invstd = ops.batch_norm_fwd(
-        x, weight, bias, rm, rv, training, eps, activation == "relu"
+    out, mean, invstd = _library.call(
+        ops.batch_norm_fwd, x, weight, bias, rm, rv, training, eps, activation == "relu"
     )
     if training and running_mean is not None and count > 0:
         _update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)

@@ -406,12 +406,25 @@ def _rnn(
             xd = x.narrow(-1, d * w_hh.shape[0], w_hh.shape[0]) if split and layer == 0 else x
             idx = index if layer == 0 else None
             if gates == 4:
-                y, h, c, _, _ = ops.lstm_layer_fwd(
-                    xd, h0[i], c0[i], w_ih, w_hh, b_ih, b_hh, w_hr, lens, d == 1, idx
+                y, h, c, _, _ = _library.call(
+                    ops.lstm_layer_fwd,
+                    xd,
+                    h0[i],
+                    c0[i],
+                    w_ih,
+                    w_hh,
+                    b_ih,
+                    b_hh,
+                    w_hr,
+                    lens,
+                    d == 1,
+                    idx,
                 )
                 cn.append(c)
             else:
-                y, h, _ = ops.gru_layer_fwd(xd, h0[i], w_ih, w_hh, b_ih, b_hh, lens, d == 1, idx)
+                y, h, _ = _library.call(
+                    ops.gru_layer_fwd, xd, h0[i], w_ih, w_hh, b_ih, b_hh, lens, d == 1, idx
+                )
             outs.append(y)
             hn.append(h)
         x = outs[0] if dirs == 1 else torch.cat(outs, -1)
@@ -588,8 +601,8 @@ def lstm_cell(
     h, c = _lstm_state(LSTM, hx)
     input, h, c, w_ih, w_hh, b_ih, b_hh = _autocast.follow_x(input, h, c, w_ih, w_hh, b_ih, b_hh)
     unbatched, x, (h, c) = _cell_input(LSTM, input, (("h", h), ("c", c)), w_ih, w_hh, b_ih, b_hh)
-    _, hn, cn, _, _ = _ops(LSTM, x).lstm_layer_fwd(
-        x, h, c, w_ih, w_hh, b_ih, b_hh, None, None, False
+    _, hn, cn, _, _ = _library.call(
+        _ops(LSTM, x).lstm_layer_fwd, x, h, c, w_ih, w_hh, b_ih, b_hh, None, None, False
     )
     return (hn[0], cn[0]) if unbatched else (hn, cn)
 
@@ -608,5 +621,5 @@ def gru_cell(
         raise TypeError(f"{GRU}: hx must be a tensor (B, H) or None")
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast.follow_x(input, hx, w_ih, w_hh, b_ih, b_hh)
     unbatched, x, (h,) = _cell_input(GRU, input, (("h", hx),), w_ih, w_hh, b_ih, b_hh)
-    _, hn, _ = _ops(GRU, x).gru_layer_fwd(x, h, w_ih, w_hh, b_ih, b_hh, None, False)
+    _, hn, _ = _library.call(_ops(GRU, x).gru_layer_fwd, x, h, w_ih, w_hh, b_ih, b_hh, None, False)
     return hn[0] if unbatched else hn

@@ -33,8 +33,9 @@ _EAGER: dict[Callable, type[torch.autograd.Function]] = {}
 def _eager_function(op: Callable, setup: Callable, backward: Callable):
     """The autograd.Function torch.library builds around ``op`` from the same setup_context and
     backward, for call(): applied straight from Python, it skips the dispatcher's trip to the
-    autograd wrapper, which fills the schema's defaults back in per call (~40 us of a small
-    conv's 70). setup_context sees every argument, defaults filled in, as there."""
+    autograd wrapper, which fills the schema's defaults back in per call (a 1x8x8x8 conv's
+    forward with grad: 145-200 -> 91-97 us on a Zen 3). setup_context sees every argument,
+    defaults filled in, as there."""
     schema = getattr(op, "_opoverload", op)._schema  # a CustomOpDef (Triton) or an OpOverload
     defaults = tuple(a.default_value for a in schema.arguments)
 

@@ -701,6 +701,9 @@ void depthwise_flat_planes(const ConvArgs& a, PlaneX&& plane_x, const T* w, cons
     const T* xp = plane_x(plane) - a.pad_h * a.W - a.pad_w;
     for_vectors<V::W>(0, pq, [&](int64_t o, int64_t len) {
       const uint32_t* m = masks + o / V::W * RS;
+      // The last tap row's lines 1 KB ahead: AVX2's masked loads waited on them from memory
+      // (34% of the kernel's samples on one of them on a Zen 3: 32 x 256 x 28 x 28 6.2 -> 4.8 ms).
+      __builtin_prefetch(xp + o + (R - 1) * a.dil_h * a.W + 256);
       V acc0 = V::zero(), acc1 = V::zero();
       for (int64_t r = 0; r < R; ++r) {
         const T* row = xp + o + r * a.dil_h * a.W;

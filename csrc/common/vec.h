@@ -459,6 +459,29 @@ inline VecF where_pos(VecF y, VecF a, VecF b) {
   return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(y.v, _mm256_setzero_ps(), _CMP_GT_OQ))};
 }
 
+// The 8 x 8 block a[0..8) transposed in registers (lane j of a[i] to lane i of a[j]), as
+// transpose16 in three rounds of shuffles.
+inline void transpose8(__m256 (&a)[8]) {
+  __m256 b[8];
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+    b[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int g = 0; g < 8; g += 4) {  // 4x4 blocks transposed within each 128-bit lane
+    const __m256d lo01 = _mm256_castps_pd(b[g]), hi01 = _mm256_castps_pd(b[g + 1]);
+    const __m256d lo23 = _mm256_castps_pd(b[g + 2]), hi23 = _mm256_castps_pd(b[g + 3]);
+    a[g] = _mm256_castpd_ps(_mm256_unpacklo_pd(lo01, lo23));
+    a[g + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(lo01, lo23));
+    a[g + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(hi01, hi23));
+    a[g + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(hi01, hi23));
+  }
+  for (int j = 0; j < 4; ++j) {  // row 4 L + j of the result: lane L of both row groups
+    b[j] = _mm256_permute2f128_ps(a[j], a[4 + j], 0x20);
+    b[4 + j] = _mm256_permute2f128_ps(a[j], a[4 + j], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) a[i] = b[i];
+}
+
 #else
 
 using VecF = ArrVec<float, 8>;

@@ -225,7 +225,9 @@ constexpr int64_t kTransposeAhead = 4;
 // image for conv.cpp (torch's permute copy moved ~15 GB/s here) and the NCHW epilogue's blocks.
 // AVX-512 transposes 16 x 16 blocks in registers (transpose16), a last block of
 // fewer rows through masked loads and stores (the epilogue's tiles of 14 pixels had run the plain
-// loop); the remaining columns, and the other ISAs, run plain loops. The AVX-512 loop prefetches
+// loop), AVX2 whole 8 x 8 blocks (transpose8); the remaining rows and columns, and the scalar
+// build, run plain loops (AVX2's had: its NCHW Winograd forward's transposes ~15% of its time
+// on a Zen 3, as much as the GEMMs'). The AVX-512 loop prefetches
 // the source kTransposeAhead blocks ahead: its rows are often the channel planes of an NCHW
 // image, 16 streams from memory at once (the NCHW Winograd forward's input, 3-4% faster).
 template <typename T>
@@ -259,6 +261,20 @@ void conv_transpose(const void* src_, int64_t lds, void* dst_, int64_t ldd, int6
       }
       for (; c < cols; ++c)
         for (int64_t i = r; i < r + nr; ++i) dst[c * ldd + i] = src[i * lds + c];
+    }
+  }
+#elif FASTDL_VEC == 256
+  if constexpr (sizeof(T) == 4) {
+    for (; r + 8 <= rows; r += 8) {
+      int64_t c = 0;
+      for (; c + 8 <= cols; c += 8) {
+        __m256 a[8];
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(src + (r + i) * lds + c);
+        transpose8(a);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (c + j) * ldd + r, a[j]);
+      }
+      for (; c < cols; ++c)
+        for (int64_t i = r; i < r + 8; ++i) dst[c * ldd + i] = src[i * lds + c];
     }
   }
 #endif
@@ -369,16 +385,21 @@ inline void store_pixels(const ConvArgs& a, const ConvEpilogue& e, const V* acc,
 template <typename T>
 inline bool nchw_block_lean(const ConvArgs& a, const ConvEpilogue& e, const T* acc, int64_t lda,
                             int64_t len, int64_t nk, const T* bias, int64_t k, int64_t o) {
-#if FASTDL_VEC == 512
+#if FASTDL_VEC == 512 || FASTDL_VEC == 256
   if constexpr (sizeof(T) == 4) {
-    if (len != VecF::W || nk != VecF::W || !lean_epilogue(a, e)) return false;
-    __m512 r[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(acc + i * lda);
+    constexpr int W = VecF::W;
+    if (len != W || nk != W || !lean_epilogue(a, e)) return false;
+    decltype(VecF::v) r[W];
+    for (int i = 0; i < W; ++i) r[i] = VecF::load(acc + i * lda).v;
+#if FASTDL_VEC == 512
     transpose16(r);
+#else
+    transpose8(r);
+#endif
     T* out = static_cast<T*>(e.out) + o;
     const bool stream =
-        e.stream && a.out_sk % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
-    for (int i = 0; i < 16; ++i) {
+        e.stream && a.out_sk % W == 0 && reinterpret_cast<uintptr_t>(out) % (W * 4) == 0;
+    for (int i = 0; i < W; ++i) {
       VecF y{r[i]};
       if (bias != nullptr) y = y + VecF::set1(bias[k + i]);
       if (a.activation == kRelu) y = relu(y);

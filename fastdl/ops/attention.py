@@ -285,20 +285,8 @@ def scaled_dot_product_attention(
         q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     if attn_mask is not None and attn_mask.dim() > 4:
         raise RuntimeError(f"{op}: attn_mask of shape {list(attn_mask.shape)} has rank > 4")
-    out = _library.call(
-        _ops(op, q).attention_fwd,
-        q,
-        k,
-        v,
-        attn_mask,
-        dropout_p,
-        seed,
-        offset,
-        left,
-        right,
-        br,
-        scale,
-    )[0]
+    args = (q, k, v, attn_mask, dropout_p, seed, offset, left, right, br, scale)
+    out = _library.call(_ops(op, q).attention_fwd, *args)[0]
     return out if len(out_shape) == 4 else out.reshape(out_shape)
 
 
@@ -337,20 +325,6 @@ def varlen_attention(
     left, right, br = _band(op, is_causal, window, causal_alignment)
     seed, offset = _dropout_args(op, dropout_p, seed)
     scale = None if scale is None else float(scale)  # None: 1 / sqrt(E), in the op
-    return _library.call(
-        _ops(op, q).varlen_attention_fwd,
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        seed,
-        offset,
-        left,
-        right,
-        br,
-        scale,
-    )[0]
+    lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    args = (q, k, v, *lens, dropout_p, seed, offset, left, right, br, scale)
+    return _library.call(_ops(op, q).varlen_attention_fwd, *args)[0]

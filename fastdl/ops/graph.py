@@ -393,15 +393,6 @@ def gat_aggregate(
         scale = 0.0 if dropout >= 1 else 1.0 / (1.0 - dropout)
         drop = keep.to(_acc(h)) * scale
     t = _carry(graph, h, att_src, att_dst)
-    out = _library.call(
-        _ops(op, h).gat_fwd,
-        graph.rowptr,
-        graph.col,
-        h3,
-        att_src,
-        att_dst,
-        float(negative_slope),
-        drop,
-        *t,
-    )[0]
+    args = (graph.rowptr, graph.col, h3, att_src, att_dst, float(negative_slope), drop, *t)
+    out = _library.call(_ops(op, h).gat_fwd, *args)[0]
     return out.view(h.shape)

@@ -406,20 +406,8 @@ def _rnn(
             xd = x.narrow(-1, d * w_hh.shape[0], w_hh.shape[0]) if split and layer == 0 else x
             idx = index if layer == 0 else None
             if gates == 4:
-                y, h, c, _, _ = _library.call(
-                    ops.lstm_layer_fwd,
-                    xd,
-                    h0[i],
-                    c0[i],
-                    w_ih,
-                    w_hh,
-                    b_ih,
-                    b_hh,
-                    w_hr,
-                    lens,
-                    d == 1,
-                    idx,
-                )
+                args = (xd, h0[i], c0[i], w_ih, w_hh, b_ih, b_hh, w_hr, lens, d == 1, idx)
+                y, h, c, _, _ = _library.call(ops.lstm_layer_fwd, *args)
                 cn.append(c)
             else:
                 y, h, _ = _library.call(

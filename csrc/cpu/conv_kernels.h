@@ -377,36 +377,49 @@ inline void store_pixels(const ConvArgs& a, const ConvEpilogue& e, const V* acc,
   }
 }
 
-// The NCHW epilogue of a whole W x W block of acc (W pixels, lda apart, of W channels from k)
-// with at most a ReLU, in registers: transposed, the bias added, each channel's W pixels stored
-// at out + o + k' out_sk (streamed when e.stream and aligned). False, with nothing done, for the
-// other blocks and epilogues (transposed through memory then, and stored by store_vec: 14% of
-// an NCHW Winograd 3x3 forward).
+// The pixels of an NCHW block that nchw_block_lean stores: two vectors on AVX2, whose 8 floats
+// are half a cache line; a channel's two vectors then fill their line back to back (streamed one
+// vector at a time, a channel's half lines waited for the next block of pixels, 64 channels
+// later, in the write-combining buffers: the NCHW Winograd 3x3 forward's epilogue ~20% of its
+// time on a Zen 3).
+template <typename T>
+constexpr int64_t kNchwSpan = Vec<T>::W * (FASTDL_VEC == 256 && sizeof(T) == 4 ? 2 : 1);
+
+// The NCHW epilogue of len pixels (a whole number of vectors, at most kNchwSpan; lda apart in
+// acc) of W channels from k, with at most a ReLU, in registers: each W x W block transposed, the
+// bias added, each channel's pixels stored at out + o + k' out_sk (streamed when e.stream and
+// aligned). False, with nothing done, for the other blocks and epilogues (transposed through
+// memory then, and stored by store_vec: 14% of an NCHW Winograd 3x3 forward).
 template <typename T>
 inline bool nchw_block_lean(const ConvArgs& a, const ConvEpilogue& e, const T* acc, int64_t lda,
                             int64_t len, int64_t nk, const T* bias, int64_t k, int64_t o) {
 #if FASTDL_VEC == 512 || FASTDL_VEC == 256
   if constexpr (sizeof(T) == 4) {
-    constexpr int W = VecF::W;
-    if (len != W || nk != W || !lean_epilogue(a, e)) return false;
-    decltype(VecF::v) r[W];
-    for (int i = 0; i < W; ++i) r[i] = VecF::load(acc + i * lda).v;
+    constexpr int W = VecF::W, kBlocks = kNchwSpan<T> / W;
+    if (len % W != 0 || nk != W || !lean_epilogue(a, e)) return false;
+    const int blocks = static_cast<int>(len / W);
+    decltype(VecF::v) r[kBlocks][W];
+    for (int h = 0; h < blocks; ++h) {
+      for (int i = 0; i < W; ++i) r[h][i] = VecF::load(acc + (h * W + i) * lda).v;
 #if FASTDL_VEC == 512
-    transpose16(r);
+      transpose16(r[h]);
 #else
-    transpose8(r);
+      transpose8(r[h]);
 #endif
+    }
     T* out = static_cast<T*>(e.out) + o;
     const bool stream =
         e.stream && a.out_sk % W == 0 && reinterpret_cast<uintptr_t>(out) % (W * 4) == 0;
     for (int i = 0; i < W; ++i) {
-      VecF y{r[i]};
-      if (bias != nullptr) y = y + VecF::set1(bias[k + i]);
-      if (a.activation == kRelu) y = relu(y);
-      if (stream)
-        y.stream(out + i * a.out_sk);
-      else
-        y.store(out + i * a.out_sk);
+      const VecF vb = VecF::set1(bias != nullptr ? bias[k + i] : T(0));
+      for (int h = 0; h < blocks; ++h) {
+        VecF y = VecF{r[h][i]} + vb;
+        if (a.activation == kRelu) y = relu(y);
+        if (stream)
+          y.stream(out + i * a.out_sk + h * W);
+        else
+          y.store(out + i * a.out_sk + h * W);
+      }
     }
     return true;
   }
@@ -445,20 +458,22 @@ void epilogue_rows(const ConvArgs& a, const ConvEpilogue& e, int64_t m0, int64_t
   for (int64_t i0 = 0; i0 < mb;) {
     const int64_t m = m0 + i0, run = imin(mb - i0, pq - m % pq);
     const int64_t base = m / pq * a.out_sn + m % pq;
-    // A vector of pixels at a time, W channels at a time: that W x W block of acc transposed into
-    // the tile, whose rows are then one channel's pixels each.
-    for_vectors<V::W>(0, run, [&](int64_t j, int64_t len) {
+    // kNchwSpan pixels at a time, W channels at a time: in registers (nchw_block_lean), or each
+    // W x W block of acc transposed into the tile, whose rows are then one channel's pixels each.
+    for_vectors<kNchwSpan<T>>(0, run, [&](int64_t j0, int64_t span) {
       for (int64_t kc = 0; kc < kg; kc += V::W) {
         const int64_t nk = imin(V::W, kg - kc);
-        if (nchw_block_lean<T>(a, e, acc + (i0 + j) * kg + kc, kg, len, nk, bias, k0 + kc,
-                               base + (k0 + kc) * a.out_sk + j))
+        if (nchw_block_lean<T>(a, e, acc + (i0 + j0) * kg + kc, kg, span, nk, bias, k0 + kc,
+                               base + (k0 + kc) * a.out_sk + j0))
           continue;
-        conv_transpose<T>(acc + (i0 + j) * kg + kc, kg, tile, V::W, len, nk);
-        for (int64_t k = kc; k < kc + nk; ++k) {
-          const V vb = V::set1(bias != nullptr ? bias[k0 + k] : T(0));
-          store_vec<T>(a, e, ld<V>(tile + (k - kc) * V::W, len), vb, base + (k0 + k) * a.out_sk + j,
-                       len);
-        }
+        for_vectors<V::W>(j0, j0 + span, [&](int64_t j, int64_t len) {
+          conv_transpose<T>(acc + (i0 + j) * kg + kc, kg, tile, V::W, len, nk);
+          for (int64_t k = kc; k < kc + nk; ++k) {
+            const V vb = V::set1(bias != nullptr ? bias[k0 + k] : T(0));
+            store_vec<T>(a, e, ld<V>(tile + (k - kc) * V::W, len), vb,
+                         base + (k0 + k) * a.out_sk + j, len);
+          }
+        });
       }
     });
     i0 += run;

@@ -59,19 +59,20 @@ void plane_copy_pixels(const ConvArgs& a, const PlaneRows& g, const T* xn, int64
   }
 }
 
-// acc[j][i] = the sum over taps t of in[j][off[t]:] (a vector) times wk[t kK + i]: the tile's
-// products, a function of its own so that nothing else the caller keeps in registers (the
-// deinterleave's permutes, the epilogue's constants) pushes the accumulators out (they had
+// acc[j][i] = the sum over taps t of in[j][off[t]:] (a vector) times wk[t kPlaneChannels + i]:
+// the tile's products, a function of its own so that nothing else the caller keeps in registers
+// (the deinterleave's permutes, the epilogue's constants) pushes the accumulators out (they had
 // spilled, once the function held both layouts' epilogues: 32 -> 61 ms on the stem).
 template <typename V, int kV, int kK, typename T>
 __attribute__((noinline)) void plane_products(const T* const (&in)[kV], const int64_t* off,
                                               const T* wk, int64_t taps, V (&acc)[kV][kK]) {
+  static_assert(kPlaneChannels % kK == 0);
   V sum[kV][kK];
 #pragma GCC unroll 8
   for (int j = 0; j < kV; ++j)
 #pragma GCC unroll 8
     for (int i = 0; i < kK; ++i) sum[j][i] = V::zero();
-  for (int64_t t = 0; t < taps; ++t, wk += kK) {
+  for (int64_t t = 0; t < taps; ++t, wk += kPlaneChannels) {
     V xv[kV];
 #pragma GCC unroll 8
     for (int j = 0; j < kV; ++j) xv[j] = V::load(in[j] + off[t]);
@@ -90,9 +91,11 @@ __attribute__((noinline)) void plane_products(const T* const (&in)[kV], const in
 
 // Blocks [b0, b1) of output rows (PlaneRows): the block's input rows copied into scratch, then
 // tiles of kV output vectors (consecutive in the block, across its rows; the last tile repeats
-// its last vector, unstored) by kPlaneChannels output channels: kV kPlaneChannels FMAs for kV
-// loads and kPlaneChannels broadcasts a tap. On the stem of 32 224x224 images 2 x 8 took 32-34
-// ms, 4 x 4 (more loads, 3 in 4 across two cache lines) 33-36; streamed stores 29-31. An NCHW
+// its last vector, unstored) by kK output channels: kV kK FMAs for kV loads and kK broadcasts a
+// tap. On the stem of 32 224x224 images, AVX-512: 2 x 8 took 32-34 ms, 4 x 4 (more loads, 3 in
+// 4 across two cache lines) 33-36; streamed stores 29-31. AVX2 (16 registers): 3 x 4, half of a
+// weight block a tile, ran its products at 94 GFLOP/s a Zen 3 core, 1 x 8 at 61-73 (8 FMA chains
+// of 4 cycles' latency leave no slack for 2 FMAs a cycle), 2 x 4 at 86. An NCHW
 // out (kPlanes) is stored plane by plane; an NHWC one takes a tile's accumulators of every
 // channel into scratch, transposed there to a pixel's channels a row (the tile's pixels are
 // consecutive rows m of the conv's GEMM view), then stored a vector of a pixel's channels at a
@@ -101,9 +104,10 @@ template <typename T, bool kPlanes>
 FASTDL_FLATTEN void plane_blocks(const ConvArgs& a, const void* x_, bool x_cl, const void* w_,
                                  const ConvEpilogue& e, int64_t b0, int64_t b1, void* scratch) {
   using V = Vec<T>;
-  // kV kK accumulators, kV inputs and a weight in registers: 19 of AVX-512's 32, else 10 (of
+  // kV kK accumulators, kV inputs and a weight in registers: 19 of AVX-512's 32, else 16 (of
   // AVX2's 16).
-  constexpr int kV = FASTDL_VEC == 512 ? 2 : 1, kK = kPlaneChannels;
+  constexpr int kV = FASTDL_VEC == 512 ? 2 : 3, kK = FASTDL_VEC == 512 ? 8 : 4;
+  static_assert(kV * Vec<T>::W <= kPlanePixels);
   const T* x = static_cast<const T*>(x_);
   const T* wt = static_cast<const T*>(w_);
   const T* bias = static_cast<const T*>(e.bias);
@@ -144,7 +148,9 @@ FASTDL_FLATTEN void plane_blocks(const ConvArgs& a, const void* x_, bool x_cl, c
       }
       for (int64_t k0 = 0; k0 < a.K; k0 += kK) {
         V acc[kV][kK];
-        plane_products<V, kV, kK>(in, off.data(), wt + k0 * taps, taps, acc);
+        plane_products<V, kV, kK>(in, off.data(),
+                                  wt + (k0 - k0 % kPlaneChannels) * taps + k0 % kPlaneChannels,
+                                  taps, acc);
 #pragma GCC unroll 8
         for (int i = 0; i < kK; ++i) {
           if constexpr (!kPlanes) {

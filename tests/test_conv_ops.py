@@ -247,8 +247,9 @@ PLANE_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_every_isa_plane(isa, dtype, layout):
-    """The dense direct conv SIMD over output planes under each ISA's kernels (two pixel vectors
-    a tile on AVX-512, one elsewhere), in float32 and float64, each epilogue: NCHW x not
+    """The dense direct conv SIMD over output planes under each ISA's kernels (tiles of two pixel
+    vectors by 8 channels on AVX-512, three by 4 elsewhere: the last tiles of 12, 9 and 5
+    channels partial), in float32 and float64, each epilogue: NCHW x not
     contiguous (copied), written plane by plane; channels_last x read in place, its output
     transposed a tile at a time. Outputs and every gradient equal to float64."""
     torch.manual_seed(0)

@@ -275,10 +275,16 @@ inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t r
   if (gy != nullptr) lines(gy + row0 * a.Q * a.K, (row1 - row0) * a.Q, a.K, g0 * kg, g1 * kg);
 }
 
-// The pixels of a forward tile: kPixels, or half that where it wastes fewer (7 x 7 images).
-inline int64_t group_tile_pixels(const ConvArgs& a, int64_t pixels) {
-  const auto waste = [&](int64_t n) { return (a.Q + n - 1) / n * n - a.Q; };
-  return waste((pixels + 1) / 2) < waste(pixels) ? (pixels + 1) / 2 : pixels;
+// The pixels of a forward tile of nv vectors a pixel: `pixels`, or half that where an output
+// row's tiles take less time. A tile's n nv accumulators are as many FMA chains, and fewer than
+// kFmaChains (4 cycles' latency x 2 FMA units) leave the units idle: a tile costs max(n,
+// kFmaChains / nv) pixels' time. (Counting only the pixels computed past the row had halved 32
+// groups of 32 channels on 7 x 7 images to tiles of one pixel, 4 chains, on AVX2: 32 x 1024 x 7
+// x 7 on a Zen 3, alternating processes, 10.4-13.3 -> 10.2-10.9 ms.)
+inline int64_t group_tile_pixels(const ConvArgs& a, int64_t pixels, int64_t nv) {
+  constexpr int64_t kFmaChains = 8;
+  const auto cost = [&](int64_t n) { return (a.Q + n - 1) / n * std::max(n, kFmaChains / nv); };
+  return cost((pixels + 1) / 2) < cost(pixels) ? (pixels + 1) / 2 : pixels;
 }
 
 // kP output pixels of output row `row` from column q0, group g: the sums over the taps and the
@@ -462,7 +468,7 @@ void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
   ConvEpilogue et = e_;
   et.stream = e_.stream && a.out_sk == 1 && !e_.bf16;  // whole lines of 16 floats
   et.acc = tile;
-  const int64_t np = conv_detail::group_tile_pixels(a, kP);
+  const int64_t np = conv_detail::group_tile_pixels(a, kP, 1);
   float* rows = static_cast<float*>(scratch);
   conv_detail::group_forward_walk<float>(
       a2, static_cast<const float*>(x_), et, r0, r1, np, rows,
@@ -517,7 +523,7 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
     using G = decltype(shape);
     T tile[G::kPixels * G::kNV * G::V::W];
     et.acc = tile;
-    const int64_t np = conv_detail::group_tile_pixels(a, G::kPixels);
+    const int64_t np = conv_detail::group_tile_pixels(a, G::kPixels, G::kNV);
     conv_detail::group_forward_walk<T>(
         a, static_cast<const T*>(x_), et, r0, r1, np, rows,
         [&](int64_t row, int64_t q0, int64_t g, const T* taps) {

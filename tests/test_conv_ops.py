@@ -501,6 +501,44 @@ def test_every_isa_nchw_winograd(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_every_isa_depthwise_flat_edges(isa):
+    """Per ISA: the 3x3 depthwise forward on flat NCHW planes reads the vectors away from the
+    plane's top and bottom rows whole (a row's first and last columns then read the neighbouring
+    rows' pixels, masked off by column). Rows of 5 to 28 pixels (column masks repeating every 1
+    to 13 vectors, vectors across up to 4 rows), a dilation of 2, the lean epilogue and the full
+    one; Inf and NaN at the rows' ends and the plane's corners land where torch's conv puts them,
+    not in the pixels of the neighbouring rows."""
+    torch.manual_seed(0)
+    previous = _ext.cpu_isa()
+    for h, width, dil in [(9, 5, 1), (7, 12, 1), (11, 13, 1), (6, 16, 1), (10, 28, 1), (12, 13, 2)]:
+        x = torch.randn(2, 3, h, width)
+        x[0, 0, 3, 0], x[0, 1, 4, width - 1] = float("inf"), float("nan")
+        x[1, 2, 0, 0], x[1, 0, h - 1, width - 1] = float("nan"), float("-inf")
+        x[1, 1, h // 2, width - 1], x[1, 1, h // 2 + 1, 0] = float("inf"), float("inf")
+        w, b = torch.randn(3, 1, 3, 3), torch.randn(3)
+        res = torch.randn(2, 3, h, width)
+        _ext.set_cpu_isa(isa)
+        try:
+            with fastdl.backend(NATIVE_CPU.name), torch.no_grad():
+                ys = [
+                    fastdl.conv2d(x, w, b, 1, dil, dil, 3, activation="relu"),
+                    fastdl.conv2d(x, w, b, 1, dil, dil, 3, activation="silu", residual=res),
+                ]
+        finally:
+            _ext.set_cpu_isa(previous)
+        xd, wd, bd = x.double(), w.double(), b.double()
+        wants = [
+            ref_conv2d(xd, wd, bd, 1, dil, dil, 3, "relu"),
+            ref_conv2d(xd, wd, bd, 1, dil, dil, 3, "silu", res.double()),
+        ]
+        for y, want in zip(ys, wants, strict=True):
+            assert torch.equal(y.isnan(), want.isnan()), (h, width, dil)
+            assert torch.equal(y.isinf(), want.isinf()), (h, width, dil)
+            finite = want.isfinite()
+            assert_close(y[finite], want[finite], torch.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("grad", [False, True])
 def test_nchw_winograd_wide_rows(isa, grad):
     """NCHW Winograd on rows of 9 to 60 tiles, F(4x4) without grad and F(2x2) with: partial last

@@ -701,42 +701,124 @@ struct PlaneWeights {
 // The lane masks of the flat planes (depthwise_flat): bit j of masks[v R S + r S + s] is set
 // where pixel v kW + j of an output plane exists and its tap (r, s) lies inside the input plane;
 // for each tap, ranges of bits: the output rows and columns whose tap row and column are inside.
+// Not made for the vectors of [skip0, skip1) (output pixels, multiples of kW), read whole.
 template <int kW>
-void depthwise_flat_masks(const ConvArgs& a, uint32_t* masks) {
+void depthwise_flat_masks(const ConvArgs& a, uint32_t* masks, int64_t skip0 = 0,
+                          int64_t skip1 = 0) {
   const int64_t pq = a.P * a.Q, rs = a.R * a.S;
-  for (int64_t i = 0; i < (pq + kW - 1) / kW * rs; ++i) masks[i] = 0;
+  for (int64_t i = 0; i < (pq + kW - 1) / kW; ++i)
+    if (i * kW < skip0 || i * kW >= skip1)
+      for (int64_t t = 0; t < rs; ++t) masks[i * rs + t] = 0;
   const auto clamp = [](int64_t v, int64_t hi) { return v < 0 ? int64_t{0} : imin(v, hi); };
   for (int64_t r = 0; r < a.R; ++r)
     for (int64_t s = 0; s < a.S; ++s) {
       const int64_t dh = r * a.dil_h - a.pad_h, dw = s * a.dil_w - a.pad_w;
       const int64_t p1 = clamp(a.H - dh, a.P), q0 = clamp(-dw, a.Q), q1 = clamp(a.W - dw, a.Q);
-      for (int64_t p = clamp(-dh, a.P); p < p1; ++p)
+      for (int64_t p = clamp(-dh, a.P); p < p1; ++p) {
+        if (p * a.Q >= skip0 && (p + 1) * a.Q <= skip1) continue;
         for (int64_t o = p * a.Q + q0, end = p * a.Q + q1; o < end;) {
           const int64_t j = o % kW, n = imin(end - o, kW - j);
           masks[o / kW * rs + r * a.S + s] |= ((1u << n) - 1u) << j;  // n <= kW <= 16
           o += n;
         }
+      }
     }
+}
+
+// The vectors of a 3x3 kernel's flat planes (depthwise_flat_fwd) read whole, as output pixels
+// [first, second) (multiples of kW): those whose lanes' rows p have every tap row inside the
+// plane (pad_h <= p < P - pad_h) and whose reads stay inside it.
+template <int kW>
+std::pair<int64_t, int64_t> flat_whole_range(const ConvArgs& a) {
+  const int64_t pq = a.P * a.Q, shift = a.pad_h * a.W + a.pad_w;
+  const int64_t end =
+      imin((a.P - a.pad_h) * a.Q, a.H * a.W + shift - 2 * a.dil_h * a.W - 2 * a.dil_w);
+  const int64_t begin = imin((std::max(a.pad_h * a.Q, shift) + kW - 1) / kW * kW, pq);
+  return {begin, std::max(begin, end / kW * kW)};
+}
+
+// The column masks of a 3x3 kernel's flat planes (depthwise_flat_fwd, so pad_w == dil_w) in cm:
+// lane i of cm[2 v kW ..] (cm[(2 v + 1) kW ..]) is 1 where output column (v kW + i) % Q reads the
+// kernel's left (right) column inside the input row, else 0, for the Q / gcd(Q, kW) vectors v
+// after which an output plane's columns repeat (returned).
+template <typename T, int kW>
+int64_t depthwise_flat_col_masks(const ConvArgs& a, T* cm) {
+  int64_t g = kW;
+  while (a.Q % g != 0) g /= 2;  // kW is a power of 2
+  const int64_t period = a.Q / g;
+  for (int64_t v = 0; v < period; ++v)
+    for (int64_t i = 0; i < kW; ++i) {
+      const int64_t q = (v * kW + i) % a.Q;
+      cm[2 * v * kW + i] = T(q >= a.dil_w ? 1 : 0);
+      cm[(2 * v + 1) * kW + i] = T(q + a.dil_w < a.W ? 1 : 0);
+    }
+  return period;
+}
+
+// Vectors [o0, o1) of a flat plane of a 3x3 depthwise conv (x at xp, shifted as in
+// depthwise_flat_planes; its output from element base of out, e.out) read whole: each tap column
+// summed apart, the outer two then masked by their column masks cm (lanes 1 or 0). The taps in
+// named locals: GCC had kept an array of them in memory and reloaded each for every vector (a
+// loop of 9 loads more, 1.3-1.5x the time). kDilW: dil_w at compile time (0: at run time), so that
+// a row's taps take one address register. Out of line: inlined, the same loop had spilled them.
+template <typename T, int kDilW, typename V>
+__attribute__((noinline)) void flat_whole_vectors_3x3(const ConvArgs& a, const ConvEpilogue& e,
+                                                      const T* xp, T* out, int64_t base,
+                                                      const T* wc, V vb, bool lean, bool relu_,
+                                                      int64_t o0, int64_t o1, const T* cm,
+                                                      int64_t period) {
+  constexpr int kW = V::W;
+  const V w0 = V::set1(wc[0]), w1 = V::set1(wc[1]), w2 = V::set1(wc[2]);
+  const V w3 = V::set1(wc[3]), w4 = V::set1(wc[4]), w5 = V::set1(wc[5]);
+  const V w6 = V::set1(wc[6]), w7 = V::set1(wc[7]), w8 = V::set1(wc[8]);
+  const int64_t row = a.dil_h * a.W, col = kDilW > 0 ? kDilW : a.dil_w;
+  const T* m = cm + o0 / kW % period * 2 * kW;
+  const T* const m_end = cm + period * 2 * kW;
+  for (int64_t o = o0; o < o1; o += kW) {
+    const T* x0 = xp + o;
+    const T* x1 = x0 + row;
+    const T* x2 = x1 + row;
+    __builtin_prefetch(x2 + 256);
+    V left = V::load(x0) * w0, mid = V::load(x0 + col) * w1, right = V::load(x0 + 2 * col) * w2;
+    left = fma(V::load(x1), w3, left);
+    mid = fma(V::load(x1 + col), w4, mid);
+    right = fma(V::load(x1 + 2 * col), w5, right);
+    left = fma(V::load(x2), w6, left);
+    mid = fma(V::load(x2 + col), w7, mid);
+    right = fma(V::load(x2 + 2 * col), w8, right);
+    const V y = where_pos(V::load(m), left) + mid + where_pos(V::load(m + kW), right);
+    store_plane_vec<T>(a, e, out, lean, relu_, y, vb, base + o, kW);
+    m += 2 * kW;
+    if (m == m_end) m = cm;
+  }
 }
 
 // Planes [plane0, plane1) taken flat: output rows as wide as the input's and stride 1, so a
 // vector of W consecutive outputs of a plane (across its rows) reads tap (r, s) from one shift of
-// the flat input plane, (r dil_h - pad_h) W + s dil_w - pad_w, with the lanes whose tap falls
-// outside the plane masked off (not read). No copy, no partial vectors but the plane's last. The
-// kR x kS kernel at compile time, or (0, 0) for any at run time.
+// the flat input plane, (r dil_h - pad_h) W + s dil_w - pad_w. A 3x3 kernel's vectors whose every
+// tap row lies inside the plane (all but those of the first and last pad_h rows or so) read it
+// whole (flat_whole_vectors_3x3: a row's first and last columns read the neighbouring rows'
+// pixels, masked off by column, Inf and NaN included). The others read each tap with its lanes
+// outside the plane masked off (`masks`, not read): on AVX2 a masked load and the mask's
+// making per tap, 2-3x the time of a whole vector (22-26 cycles against 10 on a Zen 3). No
+// copy, no partial vectors but the plane's last. The kR x kS kernel at compile time, or (0, 0)
+// for any at run time.
 template <typename T, int kR, int kS, typename PlaneX>
 void depthwise_flat_planes(const ConvArgs& a, PlaneX&& plane_x, const T* w, const ConvEpilogue& e,
-                           int64_t plane0, int64_t plane1, const uint32_t* masks) {
+                           int64_t plane0, int64_t plane1, const uint32_t* masks,
+                           std::pair<int64_t, int64_t> whole, const T* cm, int64_t period) {
   using V = Vec<T>;
+  constexpr int kW = V::W;
   const int64_t R = kR > 0 ? kR : a.R, S = kS > 0 ? kS : a.S, RS = R * S;
-  const int64_t pq = a.P * a.Q;
+  const int64_t pq = a.P * a.Q, shift = a.pad_h * a.W + a.pad_w;
+  const auto [whole0, whole1] = whole;
   T* out = static_cast<T*>(e.out);
   const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
     const PlaneWeights<T, V, kR * kS> pw(a, e, w, plane, RS);
-    const T* xp = plane_x(plane) - a.pad_h * a.W - a.pad_w;
-    for_vectors<V::W>(0, pq, [&](int64_t o, int64_t len) {
-      const uint32_t* m = masks + o / V::W * RS;
+    const T* xp = plane_x(plane) - shift;
+    const auto masked = [&](int64_t o, int64_t len) {
+      const uint32_t* m = masks + o / kW * RS;
       // The last tap row's lines 1 KB ahead: AVX2's masked loads waited on them from memory
       // (34% of the kernel's samples on one of them on a Zen 3: 32 x 256 x 28 x 28 6.2 -> 4.8 ms).
       __builtin_prefetch(xp + o + (R - 1) * a.dil_h * a.W + 256);
@@ -749,7 +831,14 @@ void depthwise_flat_planes(const ConvArgs& a, PlaneX&& plane_x, const T* w, cons
         });
       }
       store_plane_vec<T>(a, e, out, lean, relu_, acc0 + acc1, pw.vb, pw.base + o, len);
-    });
+    };
+    for_vectors<kW>(0, whole0, masked);
+    if constexpr (kR == 3 && kS == 3) {
+      const auto whole_vectors =
+          a.dil_w == 1 ? flat_whole_vectors_3x3<T, 1, V> : flat_whole_vectors_3x3<T, 0, V>;
+      whole_vectors(a, e, xp, out, pw.base, pw.wc, pw.vb, lean, relu_, whole0, whole1, cm, period);
+    }
+    for_vectors<kW>(whole1, pq, masked);
   }
 }
 
@@ -932,10 +1021,17 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, bool x_bf16, co
   }
   if (depthwise_flat_fwd(a)) {
     uint32_t* masks = static_cast<uint32_t*>(scratch);
-    depthwise_flat_masks<Vec<T>::W>(a, masks);
-    if (a.R == 3 && a.S == 3)
-      return depthwise_flat_planes<T, 3, 3>(a, plane_x, w, e, plane0, plane1, masks);
-    return depthwise_flat_planes<T, 0, 0>(a, plane_x, w, e, plane0, plane1, masks);
+    if (a.R == 3 && a.S == 3) {
+      const std::pair<int64_t, int64_t> whole = flat_whole_range<V::W>(a);
+      depthwise_flat_masks<V::W>(a, masks, whole.first, whole.second);
+      T* cm = static_cast<T*>(scratch) + depthwise_mask_bytes(a) / int64_t{sizeof(T)} + 1;
+      const int64_t period = depthwise_flat_col_masks<T, V::W>(a, cm);
+      return depthwise_flat_planes<T, 3, 3>(a, plane_x, w, e, plane0, plane1, masks, whole, cm,
+                                            period);
+    }
+    depthwise_flat_masks<V::W>(a, masks);
+    return depthwise_flat_planes<T, 0, 0>(a, plane_x, w, e, plane0, plane1, masks, {0, 0}, nullptr,
+                                          0);
   }
   const bool unit = a.stride_h == 1 && a.dil_h == 1;
   if (unit && a.R == 3 && a.S == 3)

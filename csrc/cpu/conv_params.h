@@ -90,13 +90,19 @@ inline bool depthwise_flat_fwd(const ConvArgs& a) {
 inline int64_t depthwise_split_len(const ConvArgs& a) {
   return (a.Q + (a.S - 1) * a.dil_w / 2 + 15) / 16 * 16;
 }
+// Elements of the column masks of the flat NCHW 3x3 depthwise forward (conv_kernels.h): two
+// vectors (of 16 lanes or fewer) for each of an output row's period of Q / gcd(Q, lanes) vectors.
+inline int64_t depthwise_col_mask_elems(const ConvArgs& a) {
+  return a.Q * 2 * 16;
+}
 // Scratch of the NCHW depthwise forward (DepthwisePlaneFwdFn) in elements of `elem` bytes: the
-// split rows at stride_w 2 (and a zero one), the lane masks where depthwise_flat_fwd; then, for
-// a bfloat16 x, one plane widened.
+// split rows at stride_w 2 (and a zero one), the lane masks and the column masks where
+// depthwise_flat_fwd; then, for a bfloat16 x, one plane widened.
 inline int64_t depthwise_plane_scratch(const ConvArgs& a, int64_t elem, bool x_bf16) {
   const int64_t wide = x_bf16 ? a.H * a.W : 0;
   if (a.stride_w == 2) return 2 * (a.H + 1) * depthwise_split_len(a) + wide;
-  return (depthwise_flat_fwd(a) ? depthwise_mask_bytes(a) / elem + 1 : 0) + wide;
+  if (!depthwise_flat_fwd(a)) return wide;
+  return depthwise_mask_bytes(a) / elem + 1 + depthwise_col_mask_elems(a) + wide;
 }
 // Depthwise conv with stride_w 1 or 2 on NCHW x and out/pre/residual (out_spq == 1), weight
 // (C, R, S), for planes (n, c) in [plane0, plane1); x in the kernel's dtype or, with x_bf16 (a

@@ -261,7 +261,7 @@ ConvGrads depthwise_plane_grads(const conv::ConvGeom& g, const ConvArgs& a, cons
   at::Tensor sums = at::empty({a.N, a.C, rs + 1}, gc.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "conv_depthwise_plane_wgrad", [&] {
     at::parallel_for(0, a.N * a.C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<scalar_t> masks(depthwise_mask_bytes(a) / int64_t{sizeof(scalar_t)} + 1);
+      std::vector<scalar_t> masks(depthwise_flat_scratch(a, sizeof(scalar_t)));
       kernels().depthwise_plane_bwd_params[dt<scalar_t>()](
           a, want_weight ? xc.const_data_ptr<scalar_t>() : nullptr, gc.const_data_ptr<scalar_t>(),
           sums.data_ptr<scalar_t>(), c0, c1, masks.data());

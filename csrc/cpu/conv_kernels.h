@@ -1043,21 +1043,69 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, bool x_bf16, co
   depthwise_row_tiles<T, 1, 0, 0>(a, plane_x, w, e, plane0, plane1);
 }
 
+namespace conv_detail {
+
+// The weight gradient of a 3x3 depthwise conv from the vectors [o0, o1) of a flat plane (x at xp,
+// shifted as in depthwise_flat_planes; gy at gp) read whole, as flat_whole_vectors_3x3 reads them:
+// the outer tap columns' row-edge lanes of x zeroed by the column masks cm (the products of the
+// neighbouring rows' pixels dropped, Inf and NaN included). Added to sums[0, 9).
+template <typename T, int kDilW, typename V>
+__attribute__((noinline)) void flat_whole_params_3x3(const ConvArgs& a, const T* xp, const T* gp,
+                                                     int64_t o0, int64_t o1, const T* cm,
+                                                     int64_t period, T* sums) {
+  constexpr int kW = V::W;
+  const int64_t row = a.dil_h * a.W, col = kDilW > 0 ? kDilW : a.dil_w;
+  V s0 = V::zero(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0, s8 = s0;
+  const T* m = cm + o0 / kW % period * 2 * kW;
+  const T* const m_end = cm + period * 2 * kW;
+  for (int64_t o = o0; o < o1; o += kW) {
+    const T* x0 = xp + o;
+    const T* x1 = x0 + row;
+    const T* x2 = x1 + row;
+    const V g = V::load(gp + o), left = V::load(m), right = V::load(m + kW);
+    s0 = fma(where_pos(left, V::load(x0)), g, s0);
+    s1 = fma(V::load(x0 + col), g, s1);
+    s2 = fma(where_pos(right, V::load(x0 + 2 * col)), g, s2);
+    s3 = fma(where_pos(left, V::load(x1)), g, s3);
+    s4 = fma(V::load(x1 + col), g, s4);
+    s5 = fma(where_pos(right, V::load(x1 + 2 * col)), g, s5);
+    s6 = fma(where_pos(left, V::load(x2)), g, s6);
+    s7 = fma(V::load(x2 + col), g, s7);
+    s8 = fma(where_pos(right, V::load(x2 + 2 * col)), g, s8);
+    m += 2 * kW;
+    if (m == m_end) m = cm;
+  }
+  sums[0] += s0.sum(), sums[1] += s1.sum(), sums[2] += s2.sum();
+  sums[3] += s3.sum(), sums[4] += s4.sum(), sums[5] += s5.sum();
+  sums[6] += s6.sum(), sums[7] += s7.sum(), sums[8] += s8.sum();
+}
+
+}  // namespace conv_detail
+
 // Weight and bias gradients of a depthwise conv on flat NCHW planes (depthwise_flat), planes
 // (n, c) in [plane0, plane1): sums[plane (R S + 1) + t] = the sum over the plane's outputs of gy
-// times what tap t = r S + s reads of x (the forward's lane masks, in scratch), and
-// sums[plane (R S + 1) + R S] = the sum of gy (alone when x is null). Up to 9 taps a pass over
-// the plane (in L1 for planes up to ~64x64, L2 beyond), gy loaded once for them.
+// times what tap t = r S + s reads of x, and sums[plane (R S + 1) + R S] = the sum of gy (alone
+// when x is null). Up to 9 taps a pass over the plane (in L1 for planes up to ~64x64, L2
+// beyond), gy loaded once for them, x through the forward's lane masks; a 3x3 kernel's vectors
+// away from the top and bottom rows read whole (flat_whole_params_3x3). Scratch of
+// depthwise_flat_scratch.
 template <typename T>
 void conv_depthwise_plane_bwd_params(const ConvArgs& a, const void* x_, const void* gy_,
                                      void* sums_, int64_t plane0, int64_t plane1, void* scratch) {
+  using namespace conv_detail;
   using V = Vec<T>;
   constexpr int kTaps = 9;
   const T* x = static_cast<const T*>(x_);
   const T* gy = static_cast<const T*>(gy_);
   T* sums = static_cast<T*>(sums_);
   uint32_t* masks = static_cast<uint32_t*>(scratch);
-  conv_detail::depthwise_flat_masks<V::W>(a, masks);
+  const bool k3x3 = a.R == 3 && a.S == 3;
+  const auto [whole0, whole1] = k3x3 ? flat_whole_range<V::W>(a) : std::pair<int64_t, int64_t>{};
+  depthwise_flat_masks<V::W>(a, masks, whole0, whole1);
+  T* cm = static_cast<T*>(scratch) + depthwise_mask_bytes(a) / int64_t{sizeof(T)} + 1;
+  const int64_t period = k3x3 ? depthwise_flat_col_masks<T, V::W>(a, cm) : 0;
+  const auto whole_params =
+      a.dil_w == 1 ? flat_whole_params_3x3<T, 1, V> : flat_whole_params_3x3<T, 0, V>;
   const int64_t rs = a.R * a.S, pq = a.P * a.Q;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
     const T* gp = gy + plane * pq;
@@ -1072,14 +1120,17 @@ void conv_depthwise_plane_bwd_params(const ConvArgs& a, const void* x_, const vo
         off[j] = (t0 + j) / a.S * a.dil_h * a.W + (t0 + j) % a.S * a.dil_w;
       V acc[kTaps];
       for (int j = 0; j < kTaps; ++j) acc[j] = V::zero();
-      for_vectors<V::W>(0, pq, [&](int64_t o, int64_t len) {
+      const auto masked = [&](int64_t o, int64_t len) {
         const V g = ld<V>(gp + o, len);
         const uint32_t* m = masks + o / V::W * rs + t0;
         for (int j = 0; j < kTaps; ++j)
           if (j < nt) acc[j] = fma(V::load_lanes(xp + o + off[j], m[j]), g, acc[j]);
-      });
+      };
+      for_vectors<V::W>(0, whole0, masked);
+      for_vectors<V::W>(whole1, pq, masked);
       for (int64_t j = 0; j < nt; ++j) out[t0 + j] = acc[j].sum();
     }
+    if (whole1 > whole0) whole_params(a, xp, gp, whole0, whole1, cm, period, out);
   }
 }
 

@@ -90,19 +90,23 @@ inline bool depthwise_flat_fwd(const ConvArgs& a) {
 inline int64_t depthwise_split_len(const ConvArgs& a) {
   return (a.Q + (a.S - 1) * a.dil_w / 2 + 15) / 16 * 16;
 }
-// Elements of the column masks of the flat NCHW 3x3 depthwise forward (conv_kernels.h): two
+// Elements of the column masks of the flat NCHW 3x3 depthwise kernels (conv_kernels.h): two
 // vectors (of 16 lanes or fewer) for each of an output row's period of Q / gcd(Q, lanes) vectors.
 inline int64_t depthwise_col_mask_elems(const ConvArgs& a) {
   return a.Q * 2 * 16;
 }
+// Scratch of the kernels on flat NCHW planes in elements of `elem` bytes: the lane masks, then
+// the column masks.
+inline int64_t depthwise_flat_scratch(const ConvArgs& a, int64_t elem) {
+  return depthwise_mask_bytes(a) / elem + 1 + depthwise_col_mask_elems(a);
+}
 // Scratch of the NCHW depthwise forward (DepthwisePlaneFwdFn) in elements of `elem` bytes: the
-// split rows at stride_w 2 (and a zero one), the lane masks and the column masks where
-// depthwise_flat_fwd; then, for a bfloat16 x, one plane widened.
+// split rows at stride_w 2 (and a zero one), depthwise_flat_scratch where depthwise_flat_fwd;
+// then, for a bfloat16 x, one plane widened.
 inline int64_t depthwise_plane_scratch(const ConvArgs& a, int64_t elem, bool x_bf16) {
   const int64_t wide = x_bf16 ? a.H * a.W : 0;
   if (a.stride_w == 2) return 2 * (a.H + 1) * depthwise_split_len(a) + wide;
-  if (!depthwise_flat_fwd(a)) return wide;
-  return depthwise_mask_bytes(a) / elem + 1 + depthwise_col_mask_elems(a) + wide;
+  return (depthwise_flat_fwd(a) ? depthwise_flat_scratch(a, elem) : 0) + wide;
 }
 // Depthwise conv with stride_w 1 or 2 on NCHW x and out/pre/residual (out_spq == 1), weight
 // (C, R, S), for planes (n, c) in [plane0, plane1); x in the kernel's dtype or, with x_bf16 (a
@@ -180,7 +184,7 @@ using DirectParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, 
                                 int64_t r0, int64_t r1, int64_t g0, int64_t g1, void* scratch);
 // Weight and bias gradients of a depthwise conv on flat NCHW planes (depthwise_flat): each plane
 // (n, c) in [plane0, plane1)'s R S + 1 sums (its taps' weight gradients, then its bias gradient;
-// the latter alone when x is null) into sums (N C, R S + 1); scratch of depthwise_mask_bytes.
+// the latter alone when x is null) into sums (N C, R S + 1); scratch of depthwise_flat_scratch.
 using DepthwisePlaneParamsFn = void (*)(const ConvArgs&, const void* x, const void* gy, void* sums,
                                         int64_t plane0, int64_t plane1, void* scratch);
 

@@ -507,7 +507,8 @@ def test_every_isa_depthwise_flat_edges(isa):
     rows' pixels, masked off by column). Rows of 5 to 28 pixels (column masks repeating every 1
     to 13 vectors, vectors across up to 4 rows), a dilation of 2, the lean epilogue and the full
     one; Inf and NaN at the rows' ends and the plane's corners land where torch's conv puts them,
-    not in the pixels of the neighbouring rows."""
+    not in the pixels of the neighbouring rows, nor in the weight gradients of the taps that do
+    not read them."""
     torch.manual_seed(0)
     previous = _ext.cpu_isa()
     for h, width, dil in [(9, 5, 1), (7, 12, 1), (11, 13, 1), (6, 16, 1), (10, 28, 1), (12, 13, 2)]:
@@ -515,23 +516,26 @@ def test_every_isa_depthwise_flat_edges(isa):
         x[0, 0, 3, 0], x[0, 1, 4, width - 1] = float("inf"), float("nan")
         x[1, 2, 0, 0], x[1, 0, h - 1, width - 1] = float("nan"), float("-inf")
         x[1, 1, h // 2, width - 1], x[1, 1, h // 2 + 1, 0] = float("inf"), float("inf")
-        w, b = torch.randn(3, 1, 3, 3), torch.randn(3)
-        res = torch.randn(2, 3, h, width)
+        w, b = torch.randn(3, 1, 3, 3, requires_grad=True), torch.randn(3)
+        res, g = torch.randn(2, 3, h, width), torch.randn(2, 3, h, width)
         _ext.set_cpu_isa(isa)
         try:
-            with fastdl.backend(NATIVE_CPU.name), torch.no_grad():
-                ys = [
-                    fastdl.conv2d(x, w, b, 1, dil, dil, 3, activation="relu"),
-                    fastdl.conv2d(x, w, b, 1, dil, dil, 3, activation="silu", residual=res),
-                ]
+            with fastdl.backend(NATIVE_CPU.name):
+                with torch.no_grad():
+                    ys = [
+                        fastdl.conv2d(x, w, b, 1, dil, dil, 3, activation="relu"),
+                        fastdl.conv2d(x, w, b, 1, dil, dil, 3, activation="silu", residual=res),
+                    ]
+                (gw,) = torch.autograd.grad(fastdl.conv2d(x, w, b, 1, dil, dil, 3), w, g)
         finally:
             _ext.set_cpu_isa(previous)
-        xd, wd, bd = x.double(), w.double(), b.double()
+        xd, wd, bd = x.double(), w.detach().double().requires_grad_(), b.double()
         wants = [
             ref_conv2d(xd, wd, bd, 1, dil, dil, 3, "relu"),
             ref_conv2d(xd, wd, bd, 1, dil, dil, 3, "silu", res.double()),
         ]
-        for y, want in zip(ys, wants, strict=True):
+        (want_gw,) = torch.autograd.grad(ref_conv2d(xd, wd, bd, 1, dil, dil, 3), wd, g.double())
+        for y, want in zip([*ys, gw], [*wants, want_gw], strict=True):
             assert torch.equal(y.isnan(), want.isnan()), (h, width, dil)
             assert torch.equal(y.isinf(), want.isinf()), (h, width, dil)
             finite = want.isfinite()

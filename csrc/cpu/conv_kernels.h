@@ -755,6 +755,23 @@ int64_t depthwise_flat_col_masks(const ConvArgs& a, T* cm) {
   return period;
 }
 
+// Calls f(o, x0, x1, x2, m) for the vectors [o0, o1) of a flat plane read whole by a 3x3 kernel
+// (x at xp, shifted as in depthwise_flat_planes; tap rows `row` elements apart): x0, x1, x2 the
+// tap rows' first columns, m the vector's column masks (left, then right), from cm
+// (depthwise_flat_col_masks, `period` vectors).
+template <int kW, typename T, typename F>
+inline void for_whole_vectors_3x3(const T* xp, int64_t row, int64_t o0, int64_t o1, const T* cm,
+                                  int64_t period, F&& f) {
+  const T* m = cm + o0 / kW % period * 2 * kW;
+  const T* const m_end = cm + period * 2 * kW;
+  for (int64_t o = o0; o < o1; o += kW) {
+    const T* x0 = xp + o;
+    f(o, x0, x0 + row, x0 + 2 * row, m);
+    m += 2 * kW;
+    if (m == m_end) m = cm;
+  }
+}
+
 // Vectors [o0, o1) of a flat plane of a 3x3 depthwise conv (x at xp, shifted as in
 // depthwise_flat_planes; its output from element base of out, e.out) read whole: each tap column
 // summed apart, the outer two then masked by their column masks cm (lanes 1 or 0). The taps in
@@ -772,25 +789,20 @@ __attribute__((noinline)) void flat_whole_vectors_3x3(const ConvArgs& a, const C
   const V w3 = V::set1(wc[3]), w4 = V::set1(wc[4]), w5 = V::set1(wc[5]);
   const V w6 = V::set1(wc[6]), w7 = V::set1(wc[7]), w8 = V::set1(wc[8]);
   const int64_t row = a.dil_h * a.W, col = kDilW > 0 ? kDilW : a.dil_w;
-  const T* m = cm + o0 / kW % period * 2 * kW;
-  const T* const m_end = cm + period * 2 * kW;
-  for (int64_t o = o0; o < o1; o += kW) {
-    const T* x0 = xp + o;
-    const T* x1 = x0 + row;
-    const T* x2 = x1 + row;
-    __builtin_prefetch(x2 + 256);
-    V left = V::load(x0) * w0, mid = V::load(x0 + col) * w1, right = V::load(x0 + 2 * col) * w2;
-    left = fma(V::load(x1), w3, left);
-    mid = fma(V::load(x1 + col), w4, mid);
-    right = fma(V::load(x1 + 2 * col), w5, right);
-    left = fma(V::load(x2), w6, left);
-    mid = fma(V::load(x2 + col), w7, mid);
-    right = fma(V::load(x2 + 2 * col), w8, right);
-    const V y = where_pos(V::load(m), left) + mid + where_pos(V::load(m + kW), right);
-    store_plane_vec<T>(a, e, out, lean, relu_, y, vb, base + o, kW);
-    m += 2 * kW;
-    if (m == m_end) m = cm;
-  }
+  for_whole_vectors_3x3<kW>(
+      xp, row, o0, o1, cm, period,
+      [&](int64_t o, const T* x0, const T* x1, const T* x2, const T* m) {
+        __builtin_prefetch(x2 + 256);
+        V left = V::load(x0) * w0, mid = V::load(x0 + col) * w1, right = V::load(x0 + 2 * col) * w2;
+        left = fma(V::load(x1), w3, left);
+        mid = fma(V::load(x1 + col), w4, mid);
+        right = fma(V::load(x1 + 2 * col), w5, right);
+        left = fma(V::load(x2), w6, left);
+        mid = fma(V::load(x2 + col), w7, mid);
+        right = fma(V::load(x2 + 2 * col), w8, right);
+        const V y = where_pos(V::load(m), left) + mid + where_pos(V::load(m + kW), right);
+        store_plane_vec<T>(a, e, out, lean, relu_, y, vb, base + o, kW);
+      });
 }
 
 // Planes [plane0, plane1) taken flat: output rows as wide as the input's and stride 1, so a
@@ -1056,25 +1068,20 @@ __attribute__((noinline)) void flat_whole_params_3x3(const ConvArgs& a, const T*
   constexpr int kW = V::W;
   const int64_t row = a.dil_h * a.W, col = kDilW > 0 ? kDilW : a.dil_w;
   V s0 = V::zero(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0, s8 = s0;
-  const T* m = cm + o0 / kW % period * 2 * kW;
-  const T* const m_end = cm + period * 2 * kW;
-  for (int64_t o = o0; o < o1; o += kW) {
-    const T* x0 = xp + o;
-    const T* x1 = x0 + row;
-    const T* x2 = x1 + row;
-    const V g = V::load(gp + o), left = V::load(m), right = V::load(m + kW);
-    s0 = fma(where_pos(left, V::load(x0)), g, s0);
-    s1 = fma(V::load(x0 + col), g, s1);
-    s2 = fma(where_pos(right, V::load(x0 + 2 * col)), g, s2);
-    s3 = fma(where_pos(left, V::load(x1)), g, s3);
-    s4 = fma(V::load(x1 + col), g, s4);
-    s5 = fma(where_pos(right, V::load(x1 + 2 * col)), g, s5);
-    s6 = fma(where_pos(left, V::load(x2)), g, s6);
-    s7 = fma(V::load(x2 + col), g, s7);
-    s8 = fma(where_pos(right, V::load(x2 + 2 * col)), g, s8);
-    m += 2 * kW;
-    if (m == m_end) m = cm;
-  }
+  for_whole_vectors_3x3<kW>(xp, row, o0, o1, cm, period,
+                            [&](int64_t o, const T* x0, const T* x1, const T* x2, const T* m) {
+                              const V g = V::load(gp + o), left = V::load(m),
+                                      right = V::load(m + kW);
+                              s0 = fma(where_pos(left, V::load(x0)), g, s0);
+                              s1 = fma(V::load(x0 + col), g, s1);
+                              s2 = fma(where_pos(right, V::load(x0 + 2 * col)), g, s2);
+                              s3 = fma(where_pos(left, V::load(x1)), g, s3);
+                              s4 = fma(V::load(x1 + col), g, s4);
+                              s5 = fma(where_pos(right, V::load(x1 + 2 * col)), g, s5);
+                              s6 = fma(where_pos(left, V::load(x2)), g, s6);
+                              s7 = fma(V::load(x2 + col), g, s7);
+                              s8 = fma(where_pos(right, V::load(x2 + 2 * col)), g, s8);
+                            });
   sums[0] += s0.sum(), sums[1] += s1.sum(), sums[2] += s2.sum();
   sums[3] += s3.sum(), sums[4] += s4.sum(), sums[5] += s5.sum();
   sums[6] += s6.sum(), sums[7] += s7.sum(), sums[8] += s8.sum();

@@ -524,11 +524,11 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
     T tile[G::kPixels * G::kNV * G::V::W];
     et.acc = tile;
     const int64_t np = conv_detail::group_tile_pixels(a, G::kPixels, G::kNV);
+    constexpr int kg = G::kNV * G::V::W;
+    const bool dense = a.stride_w * (a.C / a.groups) == kg;
     conv_detail::group_forward_walk<T>(
         a, static_cast<const T*>(x_), et, r0, r1, np, rows,
         [&](int64_t row, int64_t q0, int64_t g, const T* taps) {
-          constexpr int kg = G::kNV * G::V::W;
-          const bool dense = a.stride_w * (a.C / a.groups) == kg;
           if (np != G::kPixels) {
             if (dense)
               conv_detail::group_fwd_tile<T, G, G::kHalf, kg>(a, taps, w, row, q0, g, tile);

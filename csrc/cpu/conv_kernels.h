@@ -755,6 +755,29 @@ int64_t depthwise_flat_col_masks(const ConvArgs& a, T* cm) {
   return period;
 }
 
+// The masks of flat planes (depthwise_flat), in scratch of depthwise_flat_scratch: a 3x3
+// kernel's vectors read whole, [whole.first, whole.second), with their column masks cm
+// (`period` vectors), and the lane masks of the others; any other kernel's lane masks alone.
+template <typename T>
+struct FlatMasks {
+  const uint32_t* lanes;
+  std::pair<int64_t, int64_t> whole;
+  const T* cm;
+  int64_t period;
+};
+template <typename T, int kW>
+FlatMasks<T> flat_masks(const ConvArgs& a, void* scratch) {
+  uint32_t* lanes = static_cast<uint32_t*>(scratch);
+  T* cm = static_cast<T*>(scratch) + depthwise_mask_bytes(a) / int64_t{sizeof(T)} + 1;
+  if (a.R != 3 || a.S != 3) {
+    depthwise_flat_masks<kW>(a, lanes);
+    return {lanes, {0, 0}, cm, 0};
+  }
+  const std::pair<int64_t, int64_t> whole = flat_whole_range<kW>(a);
+  depthwise_flat_masks<kW>(a, lanes, whole.first, whole.second);
+  return {lanes, whole, cm, depthwise_flat_col_masks<T, kW>(a, cm)};
+}
+
 // Calls f(o, x0, x1, x2, m) for the vectors [o0, o1) of a flat plane read whole by a 3x3 kernel
 // (x at xp, shifted as in depthwise_flat_planes; tap rows `row` elements apart): x0, x1, x2 the
 // tap rows' first columns, m the vector's column masks (left, then right), from cm
@@ -811,26 +834,25 @@ __attribute__((noinline)) void flat_whole_vectors_3x3(const ConvArgs& a, const C
 // tap row lies inside the plane (all but those of the first and last pad_h rows or so) read it
 // whole (flat_whole_vectors_3x3: a row's first and last columns read the neighbouring rows'
 // pixels, masked off by column, Inf and NaN included). The others read each tap with its lanes
-// outside the plane masked off (`masks`, not read): on AVX2 a masked load and the mask's
+// outside the plane masked off (FlatMasks::lanes, not read): on AVX2 a masked load and the mask's
 // making per tap, 2-3x the time of a whole vector (22-26 cycles against 10 on a Zen 3). No
 // copy, no partial vectors but the plane's last. The kR x kS kernel at compile time, or (0, 0)
 // for any at run time.
 template <typename T, int kR, int kS, typename PlaneX>
 void depthwise_flat_planes(const ConvArgs& a, PlaneX&& plane_x, const T* w, const ConvEpilogue& e,
-                           int64_t plane0, int64_t plane1, const uint32_t* masks,
-                           std::pair<int64_t, int64_t> whole, const T* cm, int64_t period) {
+                           int64_t plane0, int64_t plane1, const FlatMasks<T>& fm) {
   using V = Vec<T>;
   constexpr int kW = V::W;
   const int64_t R = kR > 0 ? kR : a.R, S = kS > 0 ? kS : a.S, RS = R * S;
   const int64_t pq = a.P * a.Q, shift = a.pad_h * a.W + a.pad_w;
-  const auto [whole0, whole1] = whole;
+  const auto [whole0, whole1] = fm.whole;
   T* out = static_cast<T*>(e.out);
   const bool lean = lean_epilogue(a, e), relu_ = a.activation == kRelu;
   for (int64_t plane = plane0; plane < plane1; ++plane) {
     const PlaneWeights<T, V, kR * kS> pw(a, e, w, plane, RS);
     const T* xp = plane_x(plane) - shift;
     const auto masked = [&](int64_t o, int64_t len) {
-      const uint32_t* m = masks + o / kW * RS;
+      const uint32_t* m = fm.lanes + o / kW * RS;
       // The last tap row's lines 1 KB ahead: AVX2's masked loads waited on them from memory
       // (34% of the kernel's samples on one of them on a Zen 3: 32 x 256 x 28 x 28 6.2 -> 4.8 ms).
       __builtin_prefetch(xp + o + (R - 1) * a.dil_h * a.W + 256);
@@ -848,7 +870,8 @@ void depthwise_flat_planes(const ConvArgs& a, PlaneX&& plane_x, const T* w, cons
     if constexpr (kR == 3 && kS == 3) {
       const auto whole_vectors =
           a.dil_w == 1 ? flat_whole_vectors_3x3<T, 1, V> : flat_whole_vectors_3x3<T, 0, V>;
-      whole_vectors(a, e, xp, out, pw.base, pw.wc, pw.vb, lean, relu_, whole0, whole1, cm, period);
+      whole_vectors(a, e, xp, out, pw.base, pw.wc, pw.vb, lean, relu_, whole0, whole1, fm.cm,
+                    fm.period);
     }
     for_vectors<kW>(whole1, pq, masked);
   }
@@ -1032,18 +1055,10 @@ void conv_depthwise_plane_fwd(const ConvArgs& a, const void* x_, bool x_bf16, co
     return depthwise_split_planes<T, 0, 0>(a, plane_x, w, e, plane0, plane1, split);
   }
   if (depthwise_flat_fwd(a)) {
-    uint32_t* masks = static_cast<uint32_t*>(scratch);
-    if (a.R == 3 && a.S == 3) {
-      const std::pair<int64_t, int64_t> whole = flat_whole_range<V::W>(a);
-      depthwise_flat_masks<V::W>(a, masks, whole.first, whole.second);
-      T* cm = static_cast<T*>(scratch) + depthwise_mask_bytes(a) / int64_t{sizeof(T)} + 1;
-      const int64_t period = depthwise_flat_col_masks<T, V::W>(a, cm);
-      return depthwise_flat_planes<T, 3, 3>(a, plane_x, w, e, plane0, plane1, masks, whole, cm,
-                                            period);
-    }
-    depthwise_flat_masks<V::W>(a, masks);
-    return depthwise_flat_planes<T, 0, 0>(a, plane_x, w, e, plane0, plane1, masks, {0, 0}, nullptr,
-                                          0);
+    const FlatMasks<T> fm = flat_masks<T, V::W>(a, scratch);
+    if (a.R == 3 && a.S == 3)
+      return depthwise_flat_planes<T, 3, 3>(a, plane_x, w, e, plane0, plane1, fm);
+    return depthwise_flat_planes<T, 0, 0>(a, plane_x, w, e, plane0, plane1, fm);
   }
   const bool unit = a.stride_h == 1 && a.dil_h == 1;
   if (unit && a.R == 3 && a.S == 3)
@@ -1105,12 +1120,8 @@ void conv_depthwise_plane_bwd_params(const ConvArgs& a, const void* x_, const vo
   const T* x = static_cast<const T*>(x_);
   const T* gy = static_cast<const T*>(gy_);
   T* sums = static_cast<T*>(sums_);
-  uint32_t* masks = static_cast<uint32_t*>(scratch);
-  const bool k3x3 = a.R == 3 && a.S == 3;
-  const auto [whole0, whole1] = k3x3 ? flat_whole_range<V::W>(a) : std::pair<int64_t, int64_t>{};
-  depthwise_flat_masks<V::W>(a, masks, whole0, whole1);
-  T* cm = static_cast<T*>(scratch) + depthwise_mask_bytes(a) / int64_t{sizeof(T)} + 1;
-  const int64_t period = k3x3 ? depthwise_flat_col_masks<T, V::W>(a, cm) : 0;
+  const FlatMasks<T> fm = flat_masks<T, V::W>(a, scratch);
+  const auto [whole0, whole1] = fm.whole;
   const auto whole_params =
       a.dil_w == 1 ? flat_whole_params_3x3<T, 1, V> : flat_whole_params_3x3<T, 0, V>;
   const int64_t rs = a.R * a.S, pq = a.P * a.Q;
@@ -1129,7 +1140,7 @@ void conv_depthwise_plane_bwd_params(const ConvArgs& a, const void* x_, const vo
       for (int j = 0; j < kTaps; ++j) acc[j] = V::zero();
       const auto masked = [&](int64_t o, int64_t len) {
         const V g = ld<V>(gp + o, len);
-        const uint32_t* m = masks + o / V::W * rs + t0;
+        const uint32_t* m = fm.lanes + o / V::W * rs + t0;
         for (int j = 0; j < kTaps; ++j)
           if (j < nt) acc[j] = fma(V::load_lanes(xp + o + off[j], m[j]), g, acc[j]);
       };
@@ -1137,7 +1148,7 @@ void conv_depthwise_plane_bwd_params(const ConvArgs& a, const void* x_, const vo
       for_vectors<V::W>(whole1, pq, masked);
       for (int64_t j = 0; j < nt; ++j) out[t0 + j] = acc[j].sum();
     }
-    if (whole1 > whole0) whole_params(a, xp, gp, whole0, whole1, cm, period, out);
+    if (whole1 > whole0) whole_params(a, xp, gp, whole0, whole1, fm.cm, fm.period, out);
   }
 }
 

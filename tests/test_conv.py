@@ -42,6 +42,9 @@ CONV_SHAPES = {
     "grouped_kg16_tail": (2, 32, 5, 17, 32, 3, 3, 1, 1, 1, 2),
     "grouped_kg24_cg3_strided": (1, 6, 9, 11, 48, 3, 2, (2, 1), (1, 0), (1, 2), 2),
     "grouped_kg32_7x7": (1, 64, 7, 7, 64, 3, 3, 1, 1, 1, 2),
+    # Input rows copied a chunk of groups at a time (256 bytes of a pixel's channels): 12 groups
+    # of 8 as chunks of 8 and 4 (float32; 4 a chunk in float64).
+    "grouped_kg8_chunks": (2, 96, 6, 9, 96, 3, 3, 1, 1, 1, 12),
     "depthwise_mult8": (1, 3, 6, 5, 24, 3, 3, 1, 1, 1, 3),
     # Channel multipliers of 2 to 7: the depthwise kernels on each channel repeated m times.
     "depthwise_mult3_strided": (2, 5, 7, 9, 15, 3, 2, (2, 1), (1, 0), (1, 2), 5),

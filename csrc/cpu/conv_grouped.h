@@ -208,27 +208,42 @@ inline bool tap_row_inside(const ConvArgs& a, int64_t row, int64_t r) {
   return h >= 0 && h < a.H;
 }
 
-// The input rows that output rows [row0, row0 + nb) of one image read, for group g, into rows
-// (conv_params.h): row i holds input row h0 + i (h0 = p0 stride_h - pad_h, (n, p0) = row0), the
-// group's channels of group_row_width(a) pixels from column -pad_w on, zero outside x; rows
-// outside x are not written (tap_row_inside skips them). Tap row r of output row row0 + b is
-// row b stride_h + r dil_h: each input row is copied once per block, not once per tap row.
+// The input rows that output rows [row0, row0 + nb) of one image read, for groups [g0, g1), into
+// rows (conv_params.h), group g's group_rows_elems from (g - g0) times that on: row i holds input
+// row h0 + i (h0 = p0 stride_h - pad_h, (n, p0) = row0), the group's channels of
+// group_row_width(a) pixels from column -pad_w on, zero outside x; rows outside x are not written
+// (tap_row_inside skips them). Tap row r of output row row0 + b is row b stride_h + r dil_h: each
+// input row is copied once per block, not once per tap row.
 template <typename T>
-void group_input_rows(const ConvArgs& a, const T* x, int64_t row0, int64_t nb, int64_t g, T* rows) {
+void group_input_rows(const ConvArgs& a, const T* x, int64_t row0, int64_t nb, int64_t g0,
+                      int64_t g1, T* rows) {
   using V = Vec<T>;
   const int64_t cg = a.C / a.groups, width = group_row_width(a);
+  const int64_t per = group_rows_elems(a, sizeof(T));
+  // The columns the output pixels read; those past them, read only by a forward tile's pixels
+  // past the row (computed, never stored), are left as they are.
+  const int64_t used = (a.Q - 1) * a.stride_w + (a.S - 1) * a.dil_w + 1;
   const int64_t n = row0 / a.P, h0 = row0 % a.P * a.stride_h - a.pad_h;
   for (int64_t i = 0; i < group_input_row_count(a, nb); ++i) {
     const int64_t h = h0 + i;
     if (h < 0 || h >= a.H) continue;
-    const T* src = x + (n * a.H + h) * a.W * a.C + g * cg;
+    const T* src = x + (n * a.H + h) * a.W * a.C + g0 * cg;
     T* dst = rows + i * width * cg;
-    for (int64_t w = 0; w < width; ++w) {
+    for (int64_t w = 0; w < used; ++w) {
       const int64_t wi = w - a.pad_w;
       const bool in = wi >= 0 && wi < a.W;
-      for_vectors<V::W>(0, cg, [&](int64_t c, int64_t len) {
-        st(dst + w * cg + c, in ? ld<V>(src + wi * a.C + c, len) : V::zero(), len);
-      });
+      const T* s = src + wi * a.C;
+      T* d = dst + w * cg;
+      if (cg % V::W == 0) {
+        for (int64_t g = 0; g < g1 - g0; ++g, s += cg, d += per)
+          for (int64_t c = 0; c < cg; c += V::W)
+            (in ? V::load(s + c) : V::zero()).store(d + c);
+        continue;
+      }
+      for (int64_t g = 0; g < g1 - g0; ++g)
+        for_vectors<V::W>(0, cg, [&](int64_t c, int64_t len) {
+          st(d + g * per + c, in ? ld<V>(s + g * cg + c, len) : V::zero(), len);
+        });
     }
   }
 }
@@ -297,15 +312,15 @@ inline int64_t group_tile_pixels(const ConvArgs& a, int64_t pixels, int64_t nv) 
 // 28 x 28 in 32 groups on a Zen 3, alternating processes: 13.5-15.1 -> 12.7-14.2 ms; 512 x 14
 // x 14: 12.0-13.4 -> 9.8-10.1).
 template <typename T, typename G, int kP, int kXs>
-inline void group_fwd_tile(const ConvArgs& a, const T* rows, const T* w, int64_t row, int64_t q0,
-                           int64_t g, T* tile) {
+inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* rows, const T* w,
+                           int64_t row, int64_t q0, int64_t g, T* tile) {
   using V = typename G::V;
   constexpr int kNV = G::kNV, kW = V::W;
   const int64_t cg = a.C / a.groups, kg = kNV * kW, width = group_row_width(a);
   const int64_t xs = kXs > 0 ? kXs : a.stride_w * cg;
-  V acc[kP][kNV];
+  V acc[kNV][kP];
   for (int i = 0; i < kP; ++i)
-    for (int v = 0; v < kNV; ++v) acc[i][v] = V::zero();
+    for (int v = 0; v < kNV; ++v) acc[v][i] = V::zero();
   // Undilated, a tap row's S taps read S cg consecutive elements from each pixel's first: one
   // run of (s, c) (longer inner loops, the same pointers).
   const int64_t runs = a.dil_w == 1 ? 1 : a.S, len = a.dil_w == 1 ? a.S * cg : cg;
@@ -319,13 +334,29 @@ inline void group_fwd_tile(const ConvArgs& a, const T* rows, const T* w, int64_t
         for (int v = 0; v < kNV; ++v) wv[v] = V::load(wb + j * kg + v * kW);
         for (int i = 0; i < kP; ++i) {
           const V xv = V::set1(xb[i * xs + j]);
-          for (int v = 0; v < kNV; ++v) acc[i][v] = fma(xv, wv[v], acc[i][v]);
+          for (int v = 0; v < kNV; ++v) acc[v][i] = fma(xv, wv[v], acc[v][i]);
         }
       }
     }
   }
+  // Channels_last: stored from the registers (through epilogue_rows, one call a tile, its
+  // per-pixel work had been ~20% of a ResNeXt forward in groups of 8 channels on AVX2). Not for
+  // AVX-512's eight-lane vectors, which have no epilogue of their own.
+  if constexpr (V::W == Vec<T>::W) {
+    if (a.out_sk == 1) {
+      const T* bias = static_cast<const T*>(e.bias);
+      const int64_t base = row / a.P * a.out_sn + (row % a.P * a.Q + q0) * a.out_spq;
+      for (int v = 0; v < kNV; ++v) {
+        const int64_t k = g * kg + v * kW;
+        store_pixels<T>(a, e, acc[v], imin(kP, a.Q - q0), base, k, kW,
+                        bias != nullptr ? V::load(bias + k) : V::zero());
+      }
+      return true;
+    }
+  }
   for (int i = 0; i < kP; ++i)
-    for (int v = 0; v < kNV; ++v) acc[i][v].store(tile + i * kg + v * kW);
+    for (int v = 0; v < kNV; ++v) acc[v][i].store(tile + i * kg + v * kW);
+  return false;
 }
 
 // Rows [c0, c0 + kC) of the weight gradient of group g at tap (r, s), part (groups, R, S, cg,
@@ -359,47 +390,66 @@ inline void group_params_tile(const ConvArgs& a, const T* rows, const T* gy, int
     for (int v = 0; v < kNV; ++v) acc[i][v].store(pp + i * kg + v * kW);
 }
 
-// The forward walk of the broadcast kernels over output rows [r0, r1): blocks of
-// group_block_rows rows of one image (their input in L2 for every group, the next block's
-// prefetched), per group the block's input rows copied zero-padded (group_input_rows), then per
-// row tiles of np pixels, tile(row, q0, g, row's tap row 0) writing et.acc, through the
-// epilogue.
-template <typename T, typename Tile>
-inline void group_forward_walk(const ConvArgs& a, const T* x, const ConvEpilogue& et, int64_t r0,
-                               int64_t r1, int64_t np, T* rows, Tile&& tile) {
-  const int64_t block = group_block_rows(a, sizeof(T));
-  const int64_t row_elems = group_row_width(a) * (a.C / a.groups);
+// Calls f(row0, row1, g0, g1) for the blocks [row0, row1) of group_block_rows output rows of
+// one image in [r0, r1) and in each block for the chunks [g0, g1) of group_chunk groups in
+// [c0, c1), in that order, each after prefetching into L2 the next one's input rows (and output
+// gradient, gy not null). A chunk ahead, not a block: a whole block's lines prefetched at the
+// start of the one before had left L2 again (beside that block's input, output and copies) by
+// the time they were read, the copies waiting on them for ~20% of a ResNeXt forward (32 groups
+// of 8 channels, 28 x 28, Zen 3).
+template <typename T, typename F>
+inline void for_group_chunks(const ConvArgs& a, const T* x, const T* gy, int64_t r0, int64_t r1,
+                             int64_t c0, int64_t c1, F&& f) {
+  const int64_t block = group_block_rows(a, sizeof(T)), chunk = group_chunk(a, sizeof(T));
   for (int64_t row0 = r0, row1; row0 < r1; row0 = row1) {
     row1 = group_block_end(a, row0, r1, block);
-    prefetch_block<T>(a, x, nullptr, row1, group_block_end(a, row1, r1, block), 0, a.groups);
-    for (int64_t g = 0; g < a.groups; ++g) {
-      group_input_rows<T>(a, x, row0, row1 - row0, g, rows);
-      for (int64_t row = row0; row < row1; ++row)
-        for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
-          tile(row, q0, g, rows + (row - row0) * a.stride_h * row_elems);
-          epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
-        }
+    for (int64_t g0 = c0; g0 < c1; g0 += chunk) {
+      const int64_t g1 = imin(c1, g0 + chunk);
+      if (g1 < c1)
+        prefetch_block<T>(a, x, gy, row0, row1, g1, imin(c1, g1 + chunk));
+      else
+        prefetch_block<T>(a, x, gy, row1, group_block_end(a, row1, r1, block), c0,
+                          imin(c1, c0 + chunk));
+      f(row0, row1, g0, g1);
     }
   }
 }
 
-// The weight-gradient walk over output rows [r0, r1) and groups [g0, g1): blocks of
-// group_block_rows rows of one image (the next one's x and gy prefetched), per group the block's
-// input rows (group_input_rows), then tap(row0, nb, g, r, s) for every tap.
+// The forward walk of the broadcast kernels over output rows [r0, r1) by for_group_chunks: per
+// chunk of groups the block's input rows copied zero-padded (group_input_rows), then per group
+// and row tiles of np pixels, tile(row, q0, g, row's tap row 0 in the group's copy), which stores
+// the tile (true) or leaves it in et.acc for the epilogue.
+template <typename T, typename Tile>
+inline void group_forward_walk(const ConvArgs& a, const T* x, const ConvEpilogue& et, int64_t r0,
+                               int64_t r1, int64_t np, T* rows, Tile&& tile) {
+  const int64_t row_elems = group_row_width(a) * (a.C / a.groups);
+  const int64_t per = group_rows_elems(a, sizeof(T));
+  for_group_chunks<T>(a, x, nullptr, r0, r1, 0, a.groups,
+                      [&](int64_t row0, int64_t row1, int64_t g0, int64_t g1) {
+    group_input_rows<T>(a, x, row0, row1 - row0, g0, g1, rows);
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t row = row0; row < row1; ++row)
+        for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
+          if (!tile(row, q0, g, rows + (g - g0) * per + (row - row0) * a.stride_h * row_elems))
+            epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
+        }
+  });
+}
+
+// The weight-gradient walk over output rows [r0, r1) and groups [g0, g1) by for_group_chunks:
+// per chunk of groups the block's input rows (group_input_rows), then per group tap(row0, nb, g,
+// the group's copy, r, s) for every tap.
 template <typename T, typename Tap>
 inline void group_params_walk(const ConvArgs& a, const T* x, const T* gy, int64_t r0, int64_t r1,
                               int64_t g0, int64_t g1, T* rows, Tap&& tap) {
-  const int64_t block = group_block_rows(a, sizeof(T));
-  for (int64_t row0 = r0, row1; row0 < r1; row0 = row1) {
-    row1 = group_block_end(a, row0, r1, block);
-    const int64_t nb = row1 - row0;
-    prefetch_block<T>(a, x, gy, row1, group_block_end(a, row1, r1, block), g0, g1);
-    for (int64_t g = g0; g < g1; ++g) {
-      group_input_rows<T>(a, x, row0, nb, g, rows);
+  const int64_t per = group_rows_elems(a, sizeof(T));
+  for_group_chunks<T>(a, x, gy, r0, r1, g0, g1,
+                      [&](int64_t row0, int64_t row1, int64_t c0, int64_t c1) {
+    group_input_rows<T>(a, x, row0, row1 - row0, c0, c1, rows);
+    for (int64_t g = c0; g < c1; ++g)
       for (int64_t r = 0; r < a.R; ++r)
-        for (int64_t s = 0; s < a.S; ++s) tap(row0, nb, g, r, s);
-    }
-  }
+        for (int64_t s = 0; s < a.S; ++s) tap(row0, row1 - row0, g, rows + (g - c0) * per, r, s);
+  });
 }
 
 #if FASTDL_VEC == 512
@@ -477,6 +527,7 @@ void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
           conv_detail::pair_fwd_tile<kP>(a2, taps, w, row, q0, h, tile);
         else
           conv_detail::pair_fwd_tile<(kP + 1) / 2>(a2, taps, w, row, q0, h, tile);
+        return false;
       });
   if (et.stream) VecF::fence();
 }
@@ -494,8 +545,8 @@ void conv_grouped_pairs_bwd_params(const ConvArgs& a, const void* x_, const void
   if (x_ == nullptr) return;
   conv_detail::group_params_walk<float>(
       a2, static_cast<const float*>(x_), gy, r0, r1, h0, h1, rows,
-      [&](int64_t row0, int64_t nb, int64_t h, int64_t r, int64_t s) {
-        conv_detail::pair_params_tap(a2, rows, gy, row0, nb, h, r, s, part);
+      [&](int64_t row0, int64_t nb, int64_t h, const float* taps, int64_t r, int64_t s) {
+        conv_detail::pair_params_tap(a2, taps, gy, row0, nb, h, r, s, part);
       });
 }
 constexpr GroupedFwdFn kGroupedPairsFwd = conv_grouped_pairs_fwd;
@@ -531,14 +582,16 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
         [&](int64_t row, int64_t q0, int64_t g, const T* taps) {
           if (np != G::kPixels) {
             if (dense)
-              conv_detail::group_fwd_tile<T, G, G::kHalf, kg>(a, taps, w, row, q0, g, tile);
-            else
-              conv_detail::group_fwd_tile<T, G, G::kHalf, 0>(a, taps, w, row, q0, g, tile);
-          } else if (dense) {
-            conv_detail::group_fwd_tile<T, G, G::kPixels, kg>(a, taps, w, row, q0, g, tile);
-          } else {
-            conv_detail::group_fwd_tile<T, G, G::kPixels, 0>(a, taps, w, row, q0, g, tile);
+              return conv_detail::group_fwd_tile<T, G, G::kHalf, kg>(a, et, taps, w, row, q0, g,
+                                                                      tile);
+            return conv_detail::group_fwd_tile<T, G, G::kHalf, 0>(a, et, taps, w, row, q0, g,
+                                                                   tile);
           }
+          if (dense)
+            return conv_detail::group_fwd_tile<T, G, G::kPixels, kg>(a, et, taps, w, row, q0, g,
+                                                                      tile);
+          return conv_detail::group_fwd_tile<T, G, G::kPixels, 0>(a, et, taps, w, row, q0, g,
+                                                                   tile);
         });
   });
   if (et.stream) Vec<T>::fence();
@@ -561,13 +614,13 @@ void conv_grouped_bcast_bwd_params(const ConvArgs& a, const void* x_, const void
     using G = decltype(shape);
     conv_detail::group_params_walk<T>(
         a, static_cast<const T*>(x_), gy, r0, r1, g0, g1, rows,
-        [&](int64_t row0, int64_t nb, int64_t g, int64_t r, int64_t s) {
+        [&](int64_t row0, int64_t nb, int64_t g, const T* taps, int64_t r, int64_t s) {
           int64_t c = 0;
           for (; c + G::kChannels <= cg; c += G::kChannels)
-            conv_detail::group_params_tile<T, G, G::kChannels>(a, rows, gy, row0, nb, g, r, s, c,
+            conv_detail::group_params_tile<T, G, G::kChannels>(a, taps, gy, row0, nb, g, r, s, c,
                                                                part);
           for (; c < cg; ++c)
-            conv_detail::group_params_tile<T, G, 1>(a, rows, gy, row0, nb, g, r, s, c, part);
+            conv_detail::group_params_tile<T, G, 1>(a, taps, gy, row0, nb, g, r, s, c, part);
         });
   });
 }

@@ -236,8 +236,7 @@ void group_input_rows(const ConvArgs& a, const T* x, int64_t row0, int64_t nb, i
       T* d = dst + w * cg;
       if (cg % V::W == 0) {
         for (int64_t g = 0; g < g1 - g0; ++g, s += cg, d += per)
-          for (int64_t c = 0; c < cg; c += V::W)
-            (in ? V::load(s + c) : V::zero()).store(d + c);
+          for (int64_t c = 0; c < cg; c += V::W) (in ? V::load(s + c) : V::zero()).store(d + c);
         continue;
       }
       for (int64_t g = 0; g < g1 - g0; ++g)
@@ -424,16 +423,16 @@ inline void group_forward_walk(const ConvArgs& a, const T* x, const ConvEpilogue
                                int64_t r1, int64_t np, T* rows, Tile&& tile) {
   const int64_t row_elems = group_row_width(a) * (a.C / a.groups);
   const int64_t per = group_rows_elems(a, sizeof(T));
-  for_group_chunks<T>(a, x, nullptr, r0, r1, 0, a.groups,
-                      [&](int64_t row0, int64_t row1, int64_t g0, int64_t g1) {
-    group_input_rows<T>(a, x, row0, row1 - row0, g0, g1, rows);
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t row = row0; row < row1; ++row)
-        for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
-          if (!tile(row, q0, g, rows + (g - g0) * per + (row - row0) * a.stride_h * row_elems))
-            epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
-        }
-  });
+  for_group_chunks<T>(
+      a, x, nullptr, r0, r1, 0, a.groups, [&](int64_t row0, int64_t row1, int64_t g0, int64_t g1) {
+        group_input_rows<T>(a, x, row0, row1 - row0, g0, g1, rows);
+        for (int64_t g = g0; g < g1; ++g)
+          for (int64_t row = row0; row < row1; ++row)
+            for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
+              if (!tile(row, q0, g, rows + (g - g0) * per + (row - row0) * a.stride_h * row_elems))
+                epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
+            }
+      });
 }
 
 // The weight-gradient walk over output rows [r0, r1) and groups [g0, g1) by for_group_chunks:
@@ -445,11 +444,12 @@ inline void group_params_walk(const ConvArgs& a, const T* x, const T* gy, int64_
   const int64_t per = group_rows_elems(a, sizeof(T));
   for_group_chunks<T>(a, x, gy, r0, r1, g0, g1,
                       [&](int64_t row0, int64_t row1, int64_t c0, int64_t c1) {
-    group_input_rows<T>(a, x, row0, row1 - row0, c0, c1, rows);
-    for (int64_t g = c0; g < c1; ++g)
-      for (int64_t r = 0; r < a.R; ++r)
-        for (int64_t s = 0; s < a.S; ++s) tap(row0, row1 - row0, g, rows + (g - c0) * per, r, s);
-  });
+                        group_input_rows<T>(a, x, row0, row1 - row0, c0, c1, rows);
+                        for (int64_t g = c0; g < c1; ++g)
+                          for (int64_t r = 0; r < a.R; ++r)
+                            for (int64_t s = 0; s < a.S; ++s)
+                              tap(row0, row1 - row0, g, rows + (g - c0) * per, r, s);
+                      });
 }
 
 #if FASTDL_VEC == 512
@@ -583,15 +583,13 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
           if (np != G::kPixels) {
             if (dense)
               return conv_detail::group_fwd_tile<T, G, G::kHalf, kg>(a, et, taps, w, row, q0, g,
-                                                                      tile);
-            return conv_detail::group_fwd_tile<T, G, G::kHalf, 0>(a, et, taps, w, row, q0, g,
-                                                                   tile);
+                                                                     tile);
+            return conv_detail::group_fwd_tile<T, G, G::kHalf, 0>(a, et, taps, w, row, q0, g, tile);
           }
           if (dense)
             return conv_detail::group_fwd_tile<T, G, G::kPixels, kg>(a, et, taps, w, row, q0, g,
-                                                                      tile);
-          return conv_detail::group_fwd_tile<T, G, G::kPixels, 0>(a, et, taps, w, row, q0, g,
-                                                                   tile);
+                                                                     tile);
+          return conv_detail::group_fwd_tile<T, G, G::kPixels, 0>(a, et, taps, w, row, q0, g, tile);
         });
   });
   if (et.stream) Vec<T>::fence();

@@ -189,12 +189,13 @@ using DepthwisePlaneParamsFn = void (*)(const ConvArgs&, const void* x, const vo
                                         int64_t plane0, int64_t plane1, void* scratch);
 
 // The grouped broadcast kernels read x through zero-padded copies of each group's input rows
-// (group_chunk groups at a time): for a block of up to group_block_rows output rows of one image, the group_input_row_count
-// input rows they read, each group_row_width(a) pixels of C / groups channels from column -pad_w
-// on. A forward tile has at most kGroupTile pixels, and may read past the last output pixel up
-// to the end of its tile. Blocks aim at ~128 KiB of input rows (in L2 for every group, with the
-// next block's and the output gradient's), at least 32 output pixels (for which each group's
-// weights are read once; a whole image where that is over half of it), at most 64 rows.
+// (group_chunk groups at a time): for a block of up to group_block_rows output rows of one image,
+// the group_input_row_count input rows they read, each group_row_width(a) pixels of C / groups
+// channels from column -pad_w on. A forward tile has at most kGroupTile pixels, and may read past
+// the last output pixel up to the end of its tile. Blocks aim at ~128 KiB of input rows (in L2 for
+// every group, with the next block's and the output gradient's), at least 32 output pixels (for
+// which each group's weights are read once; a whole image where that is over half of it), at most
+// 64 rows.
 constexpr int64_t kGroupTile = 14;
 inline int64_t group_block_rows(const ConvArgs& a, int64_t elem) {
   const int64_t row_bytes = a.stride_h * a.W * a.C * elem;

@@ -153,7 +153,7 @@ struct GroupShape {
   // Output pixels of a forward tile (kPixels x kNV accumulators, kNV weights and a broadcast in
   // registers) and input channels of a weight-gradient tile (a power of 2: it divides the usual
   // group widths; kChannels x kNV accumulators, kNV output-gradient vectors and a broadcast).
-  static constexpr int kFit = (kVecRegs - kNV - 2) / kNV;
+  static constexpr int kFit = (kVecRegs - kNV - 1) / kNV;
   static constexpr int kPixels = kFit < kGroupTile ? kFit : int{kGroupTile};
   static constexpr int kHalf = (kPixels + 1) / 2;
   static constexpr int kChannels = kNV == 1   ? (kVecRegs == 32 ? 16 : 8)
@@ -346,8 +346,11 @@ inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* ro
       const T* bias = static_cast<const T*>(e.bias);
       const int64_t base = row / a.P * a.out_sn + (row % a.P * a.Q + q0) * a.out_spq;
       for (int v = 0; v < kNV; ++v) {
+        // A copy: acc itself passed by address had been zeroed in memory (rep stos) per tile.
+        V pixels[kP];
+        for (int i = 0; i < kP; ++i) pixels[i] = acc[v][i];
         const int64_t k = g * kg + v * kW;
-        store_pixels<T>(a, e, acc[v], imin(kP, a.Q - q0), base, k, kW,
+        store_pixels<T>(a, e, pixels, imin(kP, a.Q - q0), base, k, kW,
                         bias != nullptr ? V::load(bias + k) : V::zero());
       }
       return true;

@@ -395,10 +395,11 @@ inline void group_params_tile(const ConvArgs& a, const T* rows, const T* gy, int
 // Calls f(row0, row1, g0, g1) for the blocks [row0, row1) of group_block_rows output rows of
 // one image in [r0, r1) and in each block for the chunks [g0, g1) of group_chunk groups in
 // [c0, c1), in that order, each after prefetching into L2 the next one's input rows (and output
-// gradient, gy not null). A chunk ahead, not a block: a whole block's lines prefetched at the
-// start of the one before had left L2 again (beside that block's input, output and copies) by
-// the time they were read, the copies waiting on them for ~20% of a ResNeXt forward (32 groups
-// of 8 channels, 28 x 28, Zen 3).
+// gradient, gy not null): a chunk's lines a chunk ahead, rather than a whole block's a block
+// ahead beside that block's input, output and copies (over half of a Zen 3's 512 KiB L2 for
+// 256 channels of 28 x 28). On the Zen 3 neither prefetch measured any faster than none; the
+// copies still spend ~15% of a ResNeXt forward (32 groups of 8 channels) waiting on their loads
+// of x, about as much with x in L2 and L3 (one image) as from memory.
 template <typename T, typename F>
 inline void for_group_chunks(const ConvArgs& a, const T* x, const T* gy, int64_t r0, int64_t r1,
                              int64_t c0, int64_t c1, F&& f) {

@@ -344,7 +344,7 @@ inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* ro
   if constexpr (V::W == Vec<T>::W) {
     if (a.out_sk == 1) {
       const T* bias = static_cast<const T*>(e.bias);
-      const int64_t base = row / a.P * a.out_sn + (row % a.P * a.Q + q0) * a.out_spq;
+      const int64_t base = OutPixel(a, row * a.Q + q0).out_offset(a);
       for (int v = 0; v < kNV; ++v) {
         // A copy: acc itself passed by address had been zeroed in memory (rep stos) per tile.
         V pixels[kP];

@@ -768,7 +768,7 @@ struct FlatMasks {
 template <typename T, int kW>
 FlatMasks<T> flat_masks(const ConvArgs& a, void* scratch) {
   uint32_t* lanes = static_cast<uint32_t*>(scratch);
-  T* cm = static_cast<T*>(scratch) + depthwise_mask_bytes(a) / int64_t{sizeof(T)} + 1;
+  T* cm = static_cast<T*>(scratch) + depthwise_col_mask_offset(a, sizeof(T));
   if (a.R != 3 || a.S != 3) {
     depthwise_flat_masks<kW>(a, lanes);
     return {lanes, {0, 0}, cm, 0};

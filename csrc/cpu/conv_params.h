@@ -96,9 +96,12 @@ inline int64_t depthwise_col_mask_elems(const ConvArgs& a) {
   return a.Q * 2 * 16;
 }
 // Scratch of the kernels on flat NCHW planes in elements of `elem` bytes: the lane masks, then
-// the column masks.
+// from depthwise_col_mask_offset on the column masks.
+inline int64_t depthwise_col_mask_offset(const ConvArgs& a, int64_t elem) {
+  return depthwise_mask_bytes(a) / elem + 1;
+}
 inline int64_t depthwise_flat_scratch(const ConvArgs& a, int64_t elem) {
-  return depthwise_mask_bytes(a) / elem + 1 + depthwise_col_mask_elems(a);
+  return depthwise_col_mask_offset(a, elem) + depthwise_col_mask_elems(a);
 }
 // Scratch of the NCHW depthwise forward (DepthwisePlaneFwdFn) in elements of `elem` bytes: the
 // split rows at stride_w 2 (and a zero one), depthwise_flat_scratch where depthwise_flat_fwd;

@@ -42,6 +42,9 @@ CONV_SHAPES = {
     "grouped_kg16_tail": (2, 32, 5, 17, 32, 3, 3, 1, 1, 1, 2),
     "grouped_kg24_cg3_strided": (1, 6, 9, 11, 48, 3, 2, (2, 1), (1, 0), (1, 2), 2),
     "grouped_kg32_7x7": (1, 64, 7, 7, 64, 3, 3, 1, 1, 1, 2),
+    # Channels_last forward tiles of two output rows (rows of at most 7 pixels) a stride and a
+    # dilation apart, an odd row count (the last row alone), input rows outside x read as zeros.
+    "grouped_kg16_row_pairs": (2, 12, 13, 6, 32, 3, 3, (2, 1), (2, 1), (2, 1), 2),
     # Input rows copied a chunk of groups at a time (256 bytes of a pixel's channels): 12 groups
     # of 8 as chunks of 8 and 4 (float32; 4 a chunk in float64).
     "grouped_kg8_chunks": (2, 96, 6, 9, 96, 3, 3, 1, 1, 1, 12),

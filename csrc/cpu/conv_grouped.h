@@ -151,14 +151,28 @@ struct GroupShape {
   using V = V_;
   static constexpr int kNV = kNV_;
   // Output pixels of a forward tile (kPixels x kNV accumulators, kNV weights and a broadcast in
-  // registers) and input channels of a weight-gradient tile (a power of 2: it divides the usual
-  // group widths; kChannels x kNV accumulators, kNV output-gradient vectors and a broadcast).
+  // registers).
   static constexpr int kFit = (kVecRegs - kNV - 1) / kNV;
   static constexpr int kPixels = kFit < kGroupTile ? kFit : int{kGroupTile};
-  static constexpr int kHalf = (kPixels + 1) / 2;
-  static constexpr int kChannels = kNV == 1   ? (kVecRegs == 32 ? 16 : 8)
-                                   : kNV <= 3 ? (kVecRegs == 32 ? 8 : 4)
-                                              : (kVecRegs == 32 ? 4 : 2);
+  // A forward tile stored from the registers (channels_last) takes kSlice of the kNV vectors:
+  // one where all kNV would leave it fewer than kGroupTile pixels (AVX2's groups of 16 to 32
+  // channels), kSlicePixels pixels a row, in pairs of rows where a row fits in half a tile
+  // (kSlicePairs). Tiles of 2 pixels by 4 vectors (32 channels on AVX2) had read each weight
+  // vector for two broadcasts, and the group's weight (36 KiB for 32 channels in) from L2 at
+  // every tile; a slice's is a quarter of it, read for the block's rows.
+  static constexpr int kSlice = kFit < kGroupTile ? 1 : kNV;
+  static constexpr int kSliceFit = (kVecRegs - kSlice - 1) / kSlice;
+  static constexpr int kSlicePixels = kSliceFit < kGroupTile ? kSliceFit : int{kGroupTile};
+  static constexpr bool kSlicePairs = (kSlicePixels + 1) / 2 * 2 <= kSliceFit;
+  // A weight-gradient tile's vectors (kParamVectors of the kNV) and input channels (kChannels, a
+  // power of 2: it divides the usual group widths): as many accumulators as both make, an
+  // output-gradient vector each and a broadcast in registers. Four vectors by two channels
+  // (AVX2's groups of 32) had GCC read each output-gradient vector from memory for both
+  // channels, 10 loads for 8 FMAs; two by four, 1.5x faster (32 x 1024 x 7 x 7 on a Zen 3).
+  static constexpr int kParamVectors = kNV == 4 ? 2 : kNV;
+  static constexpr int kChannels = kParamVectors == 1   ? (kVecRegs == 32 ? 16 : 8)
+                                   : kParamVectors <= 3 ? (kVecRegs == 32 ? 8 : 4)
+                                                        : (kVecRegs == 32 ? 4 : 2);
 };
 
 // Whether AVX-512 takes a group of 16 output channels as two eight-lane vectors a broadcast
@@ -211,9 +225,10 @@ inline bool tap_row_inside(const ConvArgs& a, int64_t row, int64_t r) {
 // The input rows that output rows [row0, row0 + nb) of one image read, for groups [g0, g1), into
 // rows (conv_params.h), group g's group_rows_elems from (g - g0) times that on: row i holds input
 // row h0 + i (h0 = p0 stride_h - pad_h, (n, p0) = row0), the group's channels of
-// group_row_width(a) pixels from column -pad_w on, zero outside x; rows outside x are not written
-// (tap_row_inside skips them). Tap row r of output row row0 + b is row b stride_h + r dil_h: each
-// input row is copied once per block, not once per tap row.
+// group_row_width(a) pixels from column -pad_w on, zero outside x (rows outside x too: a forward
+// tile of two output rows reads them, where the others skip them by tap_row_inside). Tap row r of
+// output row row0 + b is row b stride_h + r dil_h: each input row is copied once per block, not
+// once per tap row.
 template <typename T>
 void group_input_rows(const ConvArgs& a, const T* x, int64_t row0, int64_t nb, int64_t g0,
                       int64_t g1, T* rows) {
@@ -226,7 +241,11 @@ void group_input_rows(const ConvArgs& a, const T* x, int64_t row0, int64_t nb, i
   const int64_t n = row0 / a.P, h0 = row0 % a.P * a.stride_h - a.pad_h;
   for (int64_t i = 0; i < group_input_row_count(a, nb); ++i) {
     const int64_t h = h0 + i;
-    if (h < 0 || h >= a.H) continue;
+    if (h < 0 || h >= a.H) {
+      for (int64_t g = 0; g < g1 - g0; ++g)
+        std::fill_n(rows + g * per + i * width * cg, used * cg, T(0));
+      continue;
+    }
     const T* src = x + (n * a.H + h) * a.W * a.C + g0 * cg;
     T* dst = rows + i * width * cg;
     for (int64_t w = 0; w < used; ++w) {
@@ -289,99 +308,117 @@ inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t r
   if (gy != nullptr) lines(gy + row0 * a.Q * a.K, (row1 - row0) * a.Q, a.K, g0 * kg, g1 * kg);
 }
 
-// The pixels of a forward tile of nv vectors a pixel: `pixels`, or half that where an output
-// row's tiles take less time. A tile's n nv accumulators are as many FMA chains, and fewer than
-// kFmaChains (4 cycles' latency x 2 FMA units) leave the units idle: a tile costs max(n,
-// kFmaChains / nv) pixels' time. (Counting only the pixels computed past the row had halved 32
-// groups of 32 channels on 7 x 7 images to tiles of one pixel, 4 chains, on AVX2: 32 x 1024 x 7
-// x 7 on a Zen 3, alternating processes, 10.4-13.3 -> 10.2-10.9 ms.)
-inline int64_t group_tile_pixels(const ConvArgs& a, int64_t pixels, int64_t nv) {
-  constexpr int64_t kFmaChains = 8;
-  const auto cost = [&](int64_t n) { return (a.Q + n - 1) / n * std::max(n, kFmaChains / nv); };
-  return cost((pixels + 1) / 2) < cost(pixels) ? (pixels + 1) / 2 : pixels;
-}
-
-// kP output pixels of output row `row` from column q0, group g: the sums over the taps and the
-// group's input channels of the broadcast input times the weight vectors (w (groups, R, S, cg,
-// kg)), from the row's input rows (group_input_rows; rows: its tap row 0), into tile (kP, kg).
-// kXs: the distance between the tile's pixels in the rows, stride_w cg, where it is kg (stride 1,
-// as many channels in as out: ResNeXt's), else 0 (read at run time). The broadcasts then address
-// one pointer at constant offsets: at run time each took a pointer of its own, and on AVX2 (16
-// general registers) 7 pixels' pointers were reloaded from the stack at every step (32 x 256 x
-// 28 x 28 in 32 groups on a Zen 3, alternating processes: 13.5-15.1 -> 12.7-14.2 ms; 512 x 14
-// x 14: 12.0-13.4 -> 9.8-10.1).
-template <typename T, typename G, int kP, int kXs>
+// kRows output rows from `row` (a pair where their tap rows are consecutive in `rows`), kP
+// pixels each from column q0, of vectors [v0, v0 + kTV) of group g's output channels: the sums
+// over the taps and the group's input channels of the broadcast input times the weight vectors
+// (w (groups, R, S, cg, kg)), from the rows' input rows (group_input_rows; rows: the first one's
+// tap row 0). kLean (channels_last outputs of Vec<T>): stored from the registers (true); else
+// (one row, all kNV vectors) to tile (kP, kg) for the epilogue. kXs: the distance between a
+// row's pixels in the rows, stride_w cg, where it is kg (stride 1, as many channels in as out:
+// ResNeXt's), else 0 (read at run time). The broadcasts then address one pointer a row at
+// constant offsets: at run time each took a pointer of its own, and on AVX2 (16 general
+// registers) 7 pixels' pointers were reloaded from the stack at every step (32 x 256 x 28 x 28
+// in 32 groups on a Zen 3, alternating processes: 13.5-15.1 -> 12.7-14.2 ms; 512 x 14 x 14:
+// 12.0-13.4 -> 9.8-10.1).
+template <typename T, typename G, int kTV, int kP, int kRows, int kXs, bool kLean>
 inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* rows, const T* w,
-                           int64_t row, int64_t q0, int64_t g, T* tile) {
+                           int64_t row, int64_t q0, int64_t g, int64_t v0, T* tile) {
   using V = typename G::V;
-  constexpr int kNV = G::kNV, kW = V::W;
-  const int64_t cg = a.C / a.groups, kg = kNV * kW, width = group_row_width(a);
-  const int64_t xs = kXs > 0 ? kXs : a.stride_w * cg;
-  V acc[kNV][kP];
-  for (int i = 0; i < kP; ++i)
-    for (int v = 0; v < kNV; ++v) acc[v][i] = V::zero();
+  constexpr int kW = V::W, kN = kRows * kP;
+  constexpr int64_t kg = G::kNV * kW;
+  const int64_t cg = a.C / a.groups, width = group_row_width(a);
+  const int64_t xs = kXs > 0 ? kXs : a.stride_w * cg, next = a.stride_h * width * cg;
+  V acc[kTV][kN];
+  for (int i = 0; i < kN; ++i)
+    for (int v = 0; v < kTV; ++v) acc[v][i] = V::zero();
   // Undilated, a tap row's S taps read S cg consecutive elements from each pixel's first: one
   // run of (s, c) (longer inner loops, the same pointers).
   const int64_t runs = a.dil_w == 1 ? 1 : a.S, len = a.dil_w == 1 ? a.S * cg : cg;
   for (int64_t r = 0; r < a.R; ++r) {
-    if (!tap_row_inside(a, row, r)) continue;
+    if (kRows == 1 && !tap_row_inside(a, row, r)) continue;
     for (int64_t s = 0; s < runs; ++s) {
       const T* xb = rows + (r * a.dil_h * width + q0 * a.stride_w + s * a.dil_w) * cg;
-      const T* wb = w + ((g * a.R + r) * a.S + s) * cg * kg;
+      const T* wb = w + ((g * a.R + r) * a.S + s) * cg * kg + v0 * kW;
       for (int64_t j = 0; j < len; ++j) {
-        V wv[kNV];
-        for (int v = 0; v < kNV; ++v) wv[v] = V::load(wb + j * kg + v * kW);
-        for (int i = 0; i < kP; ++i) {
-          const V xv = V::set1(xb[i * xs + j]);
-          for (int v = 0; v < kNV; ++v) acc[v][i] = fma(xv, wv[v], acc[v][i]);
-        }
+        V wv[kTV];
+        for (int v = 0; v < kTV; ++v) wv[v] = V::load(wb + j * kg + v * kW);
+        for (int b = 0; b < kRows; ++b)
+          for (int i = 0; i < kP; ++i) {
+            const V xv = V::set1(xb[b * next + i * xs + j]);
+            for (int v = 0; v < kTV; ++v) acc[v][b * kP + i] = fma(xv, wv[v], acc[v][b * kP + i]);
+          }
       }
     }
   }
   // Channels_last: stored from the registers (through epilogue_rows, one call a tile, its
   // per-pixel work had been ~20% of a ResNeXt forward in groups of 8 channels on AVX2). Not for
   // AVX-512's eight-lane vectors, which have no epilogue of their own.
-  if constexpr (V::W == Vec<T>::W) {
-    if (a.out_sk == 1) {
-      const T* bias = static_cast<const T*>(e.bias);
-      const int64_t base = OutPixel(a, row * a.Q + q0).out_offset(a);
-      for (int v = 0; v < kNV; ++v) {
+  if constexpr (kLean) {
+    const T* bias = static_cast<const T*>(e.bias);
+    for (int b = 0; b < kRows; ++b) {
+      const int64_t base = OutPixel(a, (row + b) * a.Q + q0).out_offset(a);
+      for (int v = 0; v < kTV; ++v) {
         // A copy: acc itself passed by address had been zeroed in memory (rep stos) per tile.
         V pixels[kP];
-        for (int i = 0; i < kP; ++i) pixels[i] = acc[v][i];
-        const int64_t k = g * kg + v * kW;
+        for (int i = 0; i < kP; ++i) pixels[i] = acc[v][b * kP + i];
+        const int64_t k = g * kg + (v0 + v) * kW;
         store_pixels<T>(a, e, pixels, imin(kP, a.Q - q0), base, k, kW,
                         bias != nullptr ? V::load(bias + k) : V::zero());
       }
-      return true;
     }
+    return true;
+  } else {
+    static_assert(kRows == 1 && kTV == G::kNV);
+    for (int i = 0; i < kP; ++i)
+      for (int v = 0; v < kTV; ++v) acc[v][i].store(tile + i * kg + v * kW);
+    return false;
   }
-  for (int i = 0; i < kP; ++i)
-    for (int v = 0; v < kNV; ++v) acc[v][i].store(tile + i * kg + v * kW);
-  return false;
 }
 
-// Rows [c0, c0 + kC) of the weight gradient of group g at tap (r, s), part (groups, R, S, cg,
-// kg) (DirectParamsFn): += x (broadcast, from the input rows of output rows [row0, row0 + nb),
-// group_input_rows) times gy (N P Q, K).
-template <typename T, typename G, int kC>
+// group_fwd_tile for a tile of nr rows (2 only where kPairs) and np pixels a row (kP or half
+// that), vectors [v0, v0 + kTV), dense as its kXs; kLean: stored from the registers (kPairs and
+// kTV < kNV only then).
+template <typename T, typename G, int kTV, int kP, bool kPairs, bool kLean>
+inline bool group_fwd_tiles(const ConvArgs& a, const ConvEpilogue& e, const T* rows, const T* w,
+                            int64_t row, int64_t nr, int64_t q0, int64_t np, int64_t g, int64_t v0,
+                            bool dense, T* tile) {
+  constexpr int kH = (kP + 1) / 2, kXs = G::kNV * G::V::W;
+  if constexpr (kPairs) {
+    if (nr == 2)
+      return dense
+                 ? group_fwd_tile<T, G, kTV, kH, 2, kXs, kLean>(a, e, rows, w, row, q0, g, v0, tile)
+                 : group_fwd_tile<T, G, kTV, kH, 2, 0, kLean>(a, e, rows, w, row, q0, g, v0, tile);
+  }
+  if (np == kP)
+    return dense ? group_fwd_tile<T, G, kTV, kP, 1, kXs, kLean>(a, e, rows, w, row, q0, g, v0, tile)
+                 : group_fwd_tile<T, G, kTV, kP, 1, 0, kLean>(a, e, rows, w, row, q0, g, v0, tile);
+  return dense ? group_fwd_tile<T, G, kTV, kH, 1, kXs, kLean>(a, e, rows, w, row, q0, g, v0, tile)
+               : group_fwd_tile<T, G, kTV, kH, 1, 0, kLean>(a, e, rows, w, row, q0, g, v0, tile);
+}
+
+// Rows [c0, c0 + kC), vectors [v0, v0 + kNV) of the weight gradient of group g at tap (r, s),
+// part (groups, R, S, cg, kg) (DirectParamsFn): += x (broadcast, from the input rows of output
+// rows [row0, row0 + nb), group_input_rows) times gy (the group's, group_gy_rows).
+template <typename T, typename G, int kC, int kNV>
 inline void group_params_tile(const ConvArgs& a, const T* rows, const T* gy, int64_t row0,
-                              int64_t nb, int64_t g, int64_t r, int64_t s, int64_t c0, T* part) {
+                              int64_t nb, int64_t g, int64_t r, int64_t s, int64_t c0, int64_t v0,
+                              T* part) {
   using V = typename G::V;
-  constexpr int kNV = G::kNV, kW = V::W;
-  const int64_t cg = a.C / a.groups, kg = kNV * kW, width = group_row_width(a);
+  constexpr int kW = V::W;
+  constexpr int64_t kg = G::kNV * kW;
+  const int64_t cg = a.C / a.groups, width = group_row_width(a);
   const int64_t xs = a.stride_w * cg;
-  T* pp = part + (((g * a.R + r) * a.S + s) * cg + c0) * kg;
+  T* pp = part + (((g * a.R + r) * a.S + s) * cg + c0) * kg + v0 * kW;
   V acc[kC][kNV];
   for (int i = 0; i < kC; ++i)
     for (int v = 0; v < kNV; ++v) acc[i][v] = V::load(pp + i * kg + v * kW);
   for (int64_t b = 0; b < nb; ++b) {
     if (!tap_row_inside(a, row0 + b, r)) continue;
     const T* xb = rows + ((b * a.stride_h + r * a.dil_h) * width + s * a.dil_w) * cg + c0;
-    const T* gb = gy + (row0 + b) * a.Q * a.K + g * kg;
+    const T* gb = gy + b * a.Q * kg + v0 * kW;
     for (int64_t q = 0; q < a.Q; ++q) {
       V gv[kNV];
-      for (int v = 0; v < kNV; ++v) gv[v] = V::load(gb + q * a.K + v * kW);
+      for (int v = 0; v < kNV; ++v) gv[v] = V::load(gb + q * kg + v * kW);
       for (int i = 0; i < kC; ++i) {
         const V xv = V::set1(xb[q * xs + i]);
         for (int v = 0; v < kNV; ++v) acc[i][v] = fma(xv, gv[v], acc[i][v]);
@@ -419,41 +456,72 @@ inline void for_group_chunks(const ConvArgs& a, const T* x, const T* gy, int64_t
 }
 
 // The forward walk of the broadcast kernels over output rows [r0, r1) by for_group_chunks: per
-// chunk of groups the block's input rows copied zero-padded (group_input_rows), then per group
-// and row tiles of np pixels, tile(row, q0, g, row's tap row 0 in the group's copy), which stores
-// the tile (true) or leaves it in et.acc for the epilogue.
+// chunk of groups the block's input rows copied zero-padded (group_input_rows), then per group,
+// slice v of its output vectors (v < slices) and row tiles of np pixels: np = full, or half that
+// for the row's last pixels where as few are left (a tile's n kNV accumulators are as many FMA
+// chains, and fewer than 8 (4 cycles' latency x 2 FMA units) leave the units idle: full tiles
+// with a short one at the end compute the fewest pixels past the row at little more than the
+// cost of half tiles), in pairs of rows (nr = 2) where `pairs` and a row fits in half a tile.
+// tile(row, nr, q0, np, g, v, row's tap row 0 in the group's copy) stores the tile (true) or
+// leaves it in et.acc for the epilogue.
 template <typename T, typename Tile>
 inline void group_forward_walk(const ConvArgs& a, const T* x, const ConvEpilogue& et, int64_t r0,
-                               int64_t r1, int64_t np, T* rows, Tile&& tile) {
+                               int64_t r1, int64_t full, int64_t slices, bool pairs, T* rows,
+                               Tile&& tile) {
   const int64_t row_elems = group_row_width(a) * (a.C / a.groups);
-  const int64_t per = group_rows_elems(a, sizeof(T));
+  const int64_t per = group_rows_elems(a, sizeof(T)), half = (full + 1) / 2;
+  const int64_t step = pairs && a.Q <= half ? 2 : 1;
   for_group_chunks<T>(
       a, x, nullptr, r0, r1, 0, a.groups, [&](int64_t row0, int64_t row1, int64_t g0, int64_t g1) {
         group_input_rows<T>(a, x, row0, row1 - row0, g0, g1, rows);
         for (int64_t g = g0; g < g1; ++g)
-          for (int64_t row = row0; row < row1; ++row)
-            for (int64_t q0 = 0; q0 < a.Q; q0 += np) {
-              if (!tile(row, q0, g, rows + (g - g0) * per + (row - row0) * a.stride_h * row_elems))
-                epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
+          for (int64_t v = 0; v < slices; ++v)
+            for (int64_t row = row0, nr; row < row1; row += nr) {
+              nr = imin(step, row1 - row);
+              const T* taps = rows + (g - g0) * per + (row - row0) * a.stride_h * row_elems;
+              for (int64_t q0 = 0, np; q0 < a.Q; q0 += np) {
+                np = a.Q - q0 <= half ? half : full;
+                if (!tile(row, nr, q0, np, g, v, taps))
+                  epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
+              }
             }
       });
 }
 
+// The output gradient of output rows [row0, row0 + nb) for groups [g0, g1) into dst, group g's
+// group_gy_elems from (g - g0) times that on, (nb Q, kg).
+template <typename T>
+void group_gy_rows(const ConvArgs& a, const T* gy, int64_t row0, int64_t nb, int64_t g0, int64_t g1,
+                   T* dst) {
+  using V = Vec<T>;
+  const int64_t kg = a.K / a.groups, per = group_gy_elems(a, sizeof(T));
+  for (int64_t m = 0; m < nb * a.Q; ++m) {
+    const T* s = gy + (row0 * a.Q + m) * a.K + g0 * kg;
+    T* d = dst + m * kg;
+    for (int64_t g = 0; g < g1 - g0; ++g, s += kg, d += per)
+      for_vectors<V::W>(0, kg, [&](int64_t k, int64_t len) { st(d + k, ld<V>(s + k, len), len); });
+  }
+}
+
 // The weight-gradient walk over output rows [r0, r1) and groups [g0, g1) by for_group_chunks:
-// per chunk of groups the block's input rows (group_input_rows), then per group tap(row0, nb, g,
-// the group's copy, r, s) for every tap.
+// per chunk of groups the block's input rows (group_input_rows) and output gradient
+// (group_gy_rows, after the rows in `rows`: read straight from gy, a group's vectors of a
+// block's pixels, K elements apart, fell in few of L1's sets), then per group tap(row0, nb, g,
+// the group's input rows, its output gradient, r, s) for every tap.
 template <typename T, typename Tap>
 inline void group_params_walk(const ConvArgs& a, const T* x, const T* gy, int64_t r0, int64_t r1,
                               int64_t g0, int64_t g1, T* rows, Tap&& tap) {
-  const int64_t per = group_rows_elems(a, sizeof(T));
-  for_group_chunks<T>(a, x, gy, r0, r1, g0, g1,
-                      [&](int64_t row0, int64_t row1, int64_t c0, int64_t c1) {
-                        group_input_rows<T>(a, x, row0, row1 - row0, c0, c1, rows);
-                        for (int64_t g = c0; g < c1; ++g)
-                          for (int64_t r = 0; r < a.R; ++r)
-                            for (int64_t s = 0; s < a.S; ++s)
-                              tap(row0, row1 - row0, g, rows + (g - c0) * per, r, s);
-                      });
+  const int64_t per = group_rows_elems(a, sizeof(T)), gper = group_gy_elems(a, sizeof(T));
+  T* gys = rows + group_chunk(a, sizeof(T)) * per;
+  for_group_chunks<T>(
+      a, x, gy, r0, r1, g0, g1, [&](int64_t row0, int64_t row1, int64_t c0, int64_t c1) {
+        group_input_rows<T>(a, x, row0, row1 - row0, c0, c1, rows);
+        group_gy_rows<T>(a, gy, row0, row1 - row0, c0, c1, gys);
+        for (int64_t g = c0; g < c1; ++g)
+          for (int64_t r = 0; r < a.R; ++r)
+            for (int64_t s = 0; s < a.S; ++s)
+              tap(row0, row1 - row0, g, rows + (g - c0) * per, gys + (g - c0) * gper, r, s);
+      });
 }
 
 #if FASTDL_VEC == 512
@@ -486,7 +554,8 @@ inline void pair_fwd_tile(const ConvArgs& a2, const float* rows, const float* w,
 }
 
 // The pairs' weight gradient at tap (r, s): part (pairs, R, S, 8, 16) += the spread inputs
-// times gy over the input rows of output rows [row0, row0 + nb) (group_input_rows).
+// times gy (the pair's, group_gy_rows) over the input rows of output rows [row0, row0 + nb)
+// (group_input_rows).
 inline void pair_params_tap(const ConvArgs& a2, const float* rows, const float* gy, int64_t row0,
                             int64_t nb, int64_t h, int64_t r, int64_t s, float* part) {
   const int64_t width = group_row_width(a2), xs = a2.stride_w * 16;
@@ -496,9 +565,9 @@ inline void pair_params_tap(const ConvArgs& a2, const float* rows, const float* 
   for (int64_t b = 0; b < nb; ++b) {
     if (!tap_row_inside(a2, row0 + b, r)) continue;
     const float* xb = rows + ((b * a2.stride_h + r * a2.dil_h) * width + s * a2.dil_w) * 16;
-    const float* gb = gy + (row0 + b) * a2.Q * a2.K + h * 16;
+    const float* gb = gy + b * a2.Q * 16;
     for (int64_t q = 0; q < a2.Q; ++q) {
-      const VecF gv = VecF::load(gb + q * a2.K), xv = VecF::load(xb + q * xs);
+      const VecF gv = VecF::load(gb + q * 16), xv = VecF::load(xb + q * xs);
       for (int c = 0; c < 8; ++c) acc[c] = fma(xv.spread_halves(c), gv, acc[c]);
     }
   }
@@ -522,11 +591,10 @@ void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
   ConvEpilogue et = e_;
   et.stream = e_.stream && a.out_sk == 1 && !e_.bf16;  // whole lines of 16 floats
   et.acc = tile;
-  const int64_t np = conv_detail::group_tile_pixels(a, kP, 1);
   float* rows = static_cast<float*>(scratch);
   conv_detail::group_forward_walk<float>(
-      a2, static_cast<const float*>(x_), et, r0, r1, np, rows,
-      [&](int64_t row, int64_t q0, int64_t h, const float* taps) {
+      a2, static_cast<const float*>(x_), et, r0, r1, kP, 1, false, rows,
+      [&](int64_t row, int64_t, int64_t q0, int64_t np, int64_t h, int64_t, const float* taps) {
         if (np == kP)
           conv_detail::pair_fwd_tile<kP>(a2, taps, w, row, q0, h, tile);
         else
@@ -549,9 +617,8 @@ void conv_grouped_pairs_bwd_params(const ConvArgs& a, const void* x_, const void
   if (x_ == nullptr) return;
   conv_detail::group_params_walk<float>(
       a2, static_cast<const float*>(x_), gy, r0, r1, h0, h1, rows,
-      [&](int64_t row0, int64_t nb, int64_t h, const float* taps, int64_t r, int64_t s) {
-        conv_detail::pair_params_tap(a2, taps, gy, row0, nb, h, r, s, part);
-      });
+      [&](int64_t row0, int64_t nb, int64_t h, const float* taps, const float* gys, int64_t r,
+          int64_t s) { conv_detail::pair_params_tap(a2, taps, gys, row0, nb, h, r, s, part); });
 }
 constexpr GroupedFwdFn kGroupedPairsFwd = conv_grouped_pairs_fwd;
 constexpr DirectParamsFn kGroupedPairsBwdParams = conv_grouped_pairs_bwd_params;
@@ -561,12 +628,14 @@ constexpr DirectParamsFn kGroupedPairsBwdParams = nullptr;
 #endif
 
 // Grouped conv whose groups have kg = K / groups output channels, a multiple of 8 up to 32 (any
-// input width cg), on NHWC x, output rows (n, p) in [r0, r1) by group_forward_walk: tiles of
-// group_tile_pixels pixels by group_fwd_tile, through the epilogue. Each weight load serves a
-// tile's pixels, each broadcast one to four vectors of output channels.
+// input width cg), on NHWC x, output rows (n, p) in [r0, r1) by group_forward_walk: tiles by
+// group_fwd_tile, channels_last of GroupShape's kSlice vectors, the others of all kNV, through
+// the epilogue. Each weight load serves a tile's pixels, each broadcast one to four vectors of
+// output channels.
 template <typename T>
 void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
                             const ConvEpilogue& e_, int64_t r0, int64_t r1, void* scratch) {
+  const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
   T* rows = static_cast<T*>(scratch);
   const int64_t kg = a.K / a.groups;
@@ -578,22 +647,25 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
     using G = decltype(shape);
     T tile[G::kPixels * G::kNV * G::V::W];
     et.acc = tile;
-    const int64_t np = conv_detail::group_tile_pixels(a, G::kPixels, G::kNV);
-    constexpr int kg = G::kNV * G::V::W;
-    const bool dense = a.stride_w * (a.C / a.groups) == kg;
+    const bool dense = a.stride_w * (a.C / a.groups) == G::kNV * G::V::W;
+    if constexpr (G::V::W == Vec<T>::W) {
+      if (a.out_sk == 1) {
+        constexpr int kTV = G::kSlice, kP = G::kSlicePixels;
+        conv_detail::group_forward_walk<T>(
+            a, x, et, r0, r1, kP, G::kNV / kTV, G::kSlicePairs, rows,
+            [&](int64_t row, int64_t nr, int64_t q0, int64_t np, int64_t g, int64_t v,
+                const T* taps) {
+              return conv_detail::group_fwd_tiles<T, G, kTV, kP, G::kSlicePairs, true>(
+                  a, et, taps, w, row, nr, q0, np, g, v * kTV, dense, tile);
+            });
+        return;
+      }
+    }
     conv_detail::group_forward_walk<T>(
-        a, static_cast<const T*>(x_), et, r0, r1, np, rows,
-        [&](int64_t row, int64_t q0, int64_t g, const T* taps) {
-          if (np != G::kPixels) {
-            if (dense)
-              return conv_detail::group_fwd_tile<T, G, G::kHalf, kg>(a, et, taps, w, row, q0, g,
-                                                                     tile);
-            return conv_detail::group_fwd_tile<T, G, G::kHalf, 0>(a, et, taps, w, row, q0, g, tile);
-          }
-          if (dense)
-            return conv_detail::group_fwd_tile<T, G, G::kPixels, kg>(a, et, taps, w, row, q0, g,
-                                                                     tile);
-          return conv_detail::group_fwd_tile<T, G, G::kPixels, 0>(a, et, taps, w, row, q0, g, tile);
+        a, x, et, r0, r1, G::kPixels, 1, false, rows,
+        [&](int64_t row, int64_t nr, int64_t q0, int64_t np, int64_t g, int64_t, const T* taps) {
+          return conv_detail::group_fwd_tiles<T, G, G::kNV, G::kPixels, false, false>(
+              a, et, taps, w, row, nr, q0, np, g, 0, dense, tile);
         });
   });
   if (et.stream) Vec<T>::fence();
@@ -601,8 +673,9 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
 
 // Weight and bias gradients of conv_grouped_bcast_fwd's convs, output rows (n, p) in [r0, r1):
 // part (groups, R, S, cg, kg) and the bias row (K) as DirectParamsFn; blocks of
-// group_block_rows rows by group_params_walk, per tap a tile of kChannels input channels (then
-// one at a time for the rest) summed over the block's pixels.
+// group_block_rows rows by group_params_walk, per tap and kParamVectors of the group's output
+// vectors tiles of kChannels input channels (then one at a time for the rest) summed over the
+// block's pixels.
 template <typename T>
 void conv_grouped_bcast_bwd_params(const ConvArgs& a, const void* x_, const void* gy_, void* part_,
                                    int64_t r0, int64_t r1, int64_t g0, int64_t g1, void* scratch) {
@@ -614,15 +687,19 @@ void conv_grouped_bcast_bwd_params(const ConvArgs& a, const void* x_, const void
   if (x_ == nullptr) return;
   conv_detail::group_dispatch<T>(kg, [&](auto shape) {
     using G = decltype(shape);
-    conv_detail::group_params_walk<T>(
-        a, static_cast<const T*>(x_), gy, r0, r1, g0, g1, rows,
-        [&](int64_t row0, int64_t nb, int64_t g, const T* taps, int64_t r, int64_t s) {
-          int64_t c = 0;
-          for (; c + G::kChannels <= cg; c += G::kChannels)
-            conv_detail::group_params_tile<T, G, G::kChannels>(a, taps, gy, row0, nb, g, r, s, c,
-                                                               part);
-          for (; c < cg; ++c)
-            conv_detail::group_params_tile<T, G, 1>(a, taps, gy, row0, nb, g, r, s, c, part);
-        });
+    conv_detail::group_params_walk<T>(a, static_cast<const T*>(x_), gy, r0, r1, g0, g1, rows,
+                                      [&](int64_t row0, int64_t nb, int64_t g, const T* taps,
+                                          const T* gys, int64_t r, int64_t s) {
+                                        constexpr int kC = G::kChannels, kTV = G::kParamVectors;
+                                        for (int64_t v0 = 0; v0 < G::kNV; v0 += kTV) {
+                                          int64_t c = 0;
+                                          for (; c + kC <= cg; c += kC)
+                                            conv_detail::group_params_tile<T, G, kC, kTV>(
+                                                a, taps, gys, row0, nb, g, r, s, c, v0, part);
+                                          for (; c < cg; ++c)
+                                            conv_detail::group_params_tile<T, G, 1, kTV>(
+                                                a, taps, gys, row0, nb, g, r, s, c, v0, part);
+                                        }
+                                      });
   });
 }

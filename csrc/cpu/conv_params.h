@@ -228,8 +228,12 @@ inline int64_t group_chunk(const ConvArgs& a, int64_t elem) {
   const int64_t chunk = bytes > 0 ? 256 / bytes : 1;
   return chunk < 1 ? 1 : (chunk > a.groups ? a.groups : chunk);
 }
+// One group's copy of a block's output gradient (the weight gradient's; pixels of K / groups).
+inline int64_t group_gy_elems(const ConvArgs& a, int64_t elem) {
+  return group_block_rows(a, elem) * a.Q * (a.K / a.groups);
+}
 inline int64_t group_scratch(const ConvArgs& a, int64_t elem) {
-  return group_chunk(a, elem) * group_rows_elems(a, elem);
+  return group_chunk(a, elem) * (group_rows_elems(a, elem) + group_gy_elems(a, elem));
 }
 
 // The NHWC depthwise forward reads x through a ring of `slots` zero-padded copies of input rows

@@ -81,15 +81,18 @@ bool grouped_pairs(const ConvArgs& a, at::ScalarType ct) {
          a.C / a.groups == 8 && a.K / a.groups == 8;
 }
 
-// w (K, cg, R, S) as the broadcast kernels read it, (groups, R, S, cg, kg), or in pairs
-// (groups / 2, R, S, 8, 16) with [h][r][s][c][8 j + k] = w[(2 h + j) 8 + k][c][r][s], in dtype
-// ct; bcast_weight_grad takes a gradient in that layout back to w's.
+// w (K, cg, R, S) as the broadcast forward reads it, (groups, kg / sw, R, S, cg, sw) for sw =
+// grouped_bcast_slice, or in pairs (groups / 2, R, S, 8, 16) with [h][r][s][c][8 j + k] =
+// w[(2 h + j) 8 + k][c][r][s], in dtype ct. The weight gradients' part is (groups, R, S, cg, kg)
+// (sw = kg) or the pairs' layout: bcast_weight_grad takes it back to w's.
 at::Tensor bcast_weight(const at::Tensor& w, const ConvArgs& a, at::ScalarType ct, bool pairs) {
   const at::Tensor wc = w.to(ct);
   if (pairs)
     return wc.view({a.groups / 2, 2, 8, 8, a.R, a.S}).permute({0, 4, 5, 3, 1, 2}).contiguous();
-  return wc.view({a.groups, a.K / a.groups, a.C / a.groups, a.R, a.S})
-      .permute({0, 3, 4, 2, 1})
+  const int64_t kg = a.K / a.groups;
+  const int64_t sw = kernels().grouped_bcast_slice[ct == at::kDouble ? kConvF64 : kConvF32](a);
+  return wc.view({a.groups, kg / sw, sw, a.C / a.groups, a.R, a.S})
+      .permute({0, 1, 4, 5, 3, 2})
       .contiguous();
 }
 at::Tensor bcast_weight_grad(const at::Tensor& gw, const ConvArgs& a, bool pairs) {

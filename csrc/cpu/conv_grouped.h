@@ -311,7 +311,8 @@ inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t r
 // kRows output rows from `row` (a pair where their tap rows are consecutive in `rows`), kP
 // pixels each from column q0, of vectors [v0, v0 + kTV) of group g's output channels: the sums
 // over the taps and the group's input channels of the broadcast input times the weight vectors
-// (w (groups, R, S, cg, kg)), from the rows' input rows (group_input_rows; rows: the first one's
+// (w (groups, kNV / kTV, R, S, cg, kTV W): each slice of kTV vectors apart, its weight in one
+// run), from the rows' input rows (group_input_rows; rows: the first one's
 // tap row 0). kLean (channels_last outputs of Vec<T>): stored from the registers (true); else
 // (one row, all kNV vectors) to tile (kP, kg) for the epilogue. kXs: the distance between a
 // row's pixels in the rows, stride_w cg, where it is kg (stride 1, as many channels in as out:
@@ -325,11 +326,15 @@ inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* ro
                            int64_t row, int64_t q0, int64_t g, int64_t v0, T* tile) {
   using V = typename G::V;
   constexpr int kW = V::W, kN = kRows * kP;
-  constexpr int64_t kg = G::kNV * kW;
+  constexpr int64_t kg = G::kNV * kW, kSW = kTV * kW;
   const int64_t cg = a.C / a.groups, width = group_row_width(a);
   const int64_t xs = kXs > 0 ? kXs : a.stride_w * cg, next = a.stride_h * width * cg;
   V acc[kTV][kN];
+  // Unrolled: as a loop GCC made it a memset of acc in memory (rep stos, ~5% of the tile's time
+  // out of line).
+#pragma GCC unroll 32
   for (int i = 0; i < kN; ++i)
+#pragma GCC unroll 4
     for (int v = 0; v < kTV; ++v) acc[v][i] = V::zero();
   // Undilated, a tap row's S taps read S cg consecutive elements from each pixel's first: one
   // run of (s, c) (longer inner loops, the same pointers).
@@ -338,10 +343,10 @@ inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* ro
     if (kRows == 1 && !tap_row_inside(a, row, r)) continue;
     for (int64_t s = 0; s < runs; ++s) {
       const T* xb = rows + (r * a.dil_h * width + q0 * a.stride_w + s * a.dil_w) * cg;
-      const T* wb = w + ((g * a.R + r) * a.S + s) * cg * kg + v0 * kW;
+      const T* wb = w + (((g * G::kNV + v0) / kTV * a.R + r) * a.S + s) * cg * kSW;
       for (int64_t j = 0; j < len; ++j) {
         V wv[kTV];
-        for (int v = 0; v < kTV; ++v) wv[v] = V::load(wb + j * kg + v * kW);
+        for (int v = 0; v < kTV; ++v) wv[v] = V::load(wb + j * kSW + v * kW);
         for (int b = 0; b < kRows; ++b)
           for (int i = 0; i < kP; ++i) {
             const V xv = V::set1(xb[b * next + i * xs + j]);
@@ -375,25 +380,42 @@ inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* ro
   }
 }
 
-// group_fwd_tile for a tile of nr rows (2 only where kPairs) and np pixels a row (kP or half
-// that), vectors [v0, v0 + kTV), dense as its kXs; kLean: stored from the registers (kPairs and
-// kTV < kNV only then).
+// group_fwd_tile out of line, for the tiles of one of a group's several vectors: inlined in
+// conv_grouped_bcast_fwd, GCC kept one of the 14 accumulators of 16-channel groups' tiles on the
+// stack (a store-forwarded chain, half of the forward's samples). Their taps take S cg >= 48
+// steps a tap row, against which the call is small; the 8-channel groups' tiles (24 steps) stay
+// inline, ~10% faster than out of line.
+template <typename T, typename G, int kTV, int kP, int kRows, int kXs, bool kLean>
+__attribute__((noinline)) bool group_fwd_tile_outlined(const ConvArgs& a, const ConvEpilogue& e,
+                                                       const T* rows, const T* w, int64_t row,
+                                                       int64_t q0, int64_t g, int64_t v0, T* tile) {
+  return group_fwd_tile<T, G, kTV, kP, kRows, kXs, kLean>(a, e, rows, w, row, q0, g, v0, tile);
+}
+
+// group_fwd_tile (out of line where kTV < kNV) for a tile of nr rows (2 only where kPairs) and np
+// pixels a row (kP or half that), vectors [v0, v0 + kTV), dense as its kXs; kLean: stored from
+// the registers (kPairs and kTV < kNV only then).
 template <typename T, typename G, int kTV, int kP, bool kPairs, bool kLean>
 inline bool group_fwd_tiles(const ConvArgs& a, const ConvEpilogue& e, const T* rows, const T* w,
                             int64_t row, int64_t nr, int64_t q0, int64_t np, int64_t g, int64_t v0,
                             bool dense, T* tile) {
   constexpr int kH = (kP + 1) / 2, kXs = G::kNV * G::V::W;
+  const auto run = [&]<int kN, int kRows>() {
+    if constexpr (kTV < G::kNV)
+      return dense ? group_fwd_tile_outlined<T, G, kTV, kN, kRows, kXs, kLean>(a, e, rows, w, row,
+                                                                               q0, g, v0, tile)
+                   : group_fwd_tile_outlined<T, G, kTV, kN, kRows, 0, kLean>(a, e, rows, w, row, q0,
+                                                                             g, v0, tile);
+    else
+      return dense ? group_fwd_tile<T, G, kTV, kN, kRows, kXs, kLean>(a, e, rows, w, row, q0, g, v0,
+                                                                      tile)
+                   : group_fwd_tile<T, G, kTV, kN, kRows, 0, kLean>(a, e, rows, w, row, q0, g, v0,
+                                                                    tile);
+  };
   if constexpr (kPairs) {
-    if (nr == 2)
-      return dense
-                 ? group_fwd_tile<T, G, kTV, kH, 2, kXs, kLean>(a, e, rows, w, row, q0, g, v0, tile)
-                 : group_fwd_tile<T, G, kTV, kH, 2, 0, kLean>(a, e, rows, w, row, q0, g, v0, tile);
+    if (nr == 2) return run.template operator()<kH, 2>();
   }
-  if (np == kP)
-    return dense ? group_fwd_tile<T, G, kTV, kP, 1, kXs, kLean>(a, e, rows, w, row, q0, g, v0, tile)
-                 : group_fwd_tile<T, G, kTV, kP, 1, 0, kLean>(a, e, rows, w, row, q0, g, v0, tile);
-  return dense ? group_fwd_tile<T, G, kTV, kH, 1, kXs, kLean>(a, e, rows, w, row, q0, g, v0, tile)
-               : group_fwd_tile<T, G, kTV, kH, 1, 0, kLean>(a, e, rows, w, row, q0, g, v0, tile);
+  return np == kP ? run.template operator()<kP, 1>() : run.template operator()<kH, 1>();
 }
 
 // Rows [c0, c0 + kC), vectors [v0, v0 + kNV) of the weight gradient of group g at tap (r, s),
@@ -627,6 +649,29 @@ constexpr GroupedFwdFn kGroupedPairsFwd = nullptr;
 constexpr DirectParamsFn kGroupedPairsBwdParams = nullptr;
 #endif
 
+namespace conv_detail {
+// Whether conv_grouped_bcast_fwd stores a's tiles of shape G from the registers (channels_last
+// outputs, vectors of Vec<T>), its tiles then of G::kSlice vectors.
+template <typename T, typename G>
+bool group_lean(const ConvArgs& a) {
+  if constexpr (G::V::W == Vec<T>::W) return a.out_sk == 1;
+  return false;
+}
+}  // namespace conv_detail
+
+// The output channels of conv_grouped_bcast_fwd's tiles of a (GroupedSliceFn): its weight's sw.
+// A slice's weight in one run: the 32-channel groups' slices of 8 (AVX2) had read a 32-byte
+// quarter of every 128-byte weight row, ~8% slower (32 x 1024 x 7 x 7 on a Zen 3).
+template <typename T>
+int64_t conv_grouped_bcast_slice(const ConvArgs& a) {
+  int64_t sw = a.K / a.groups;
+  conv_detail::group_dispatch<T>(sw, [&](auto shape) {
+    using G = decltype(shape);
+    if (conv_detail::group_lean<T, G>(a)) sw = G::kSlice * G::V::W;
+  });
+  return sw;
+}
+
 // Grouped conv whose groups have kg = K / groups output channels, a multiple of 8 up to 32 (any
 // input width cg), on NHWC x, output rows (n, p) in [r0, r1) by group_forward_walk: tiles by
 // group_fwd_tile, channels_last of GroupShape's kSlice vectors, the others of all kNV, through
@@ -649,7 +694,7 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
     et.acc = tile;
     const bool dense = a.stride_w * (a.C / a.groups) == G::kNV * G::V::W;
     if constexpr (G::V::W == Vec<T>::W) {
-      if (a.out_sk == 1) {
+      if (conv_detail::group_lean<T, G>(a)) {
         constexpr int kTV = G::kSlice, kP = G::kSlicePixels;
         conv_detail::group_forward_walk<T>(
             a, x, et, r0, r1, kP, G::kNV / kTV, G::kSlicePairs, rows,

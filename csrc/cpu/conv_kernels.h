@@ -1260,6 +1260,7 @@ const ConvKernels kConvKernels = {
                                    conv_depthwise_plane_bwd_params<double>},
     .grouped_bwd_params = {conv_grouped_bwd_params<float>, conv_grouped_bwd_params<double>},
     .grouped_bcast_fwd = {conv_grouped_bcast_fwd<float>, conv_grouped_bcast_fwd<double>},
+    .grouped_bcast_slice = {conv_grouped_bcast_slice<float>, conv_grouped_bcast_slice<double>},
     .plane_fwd = {conv_plane_fwd<float>, conv_plane_fwd<double>},
     .grouped_bcast_bwd_params = {conv_grouped_bcast_bwd_params<float>,
                                  conv_grouped_bcast_bwd_params<double>},

@@ -169,10 +169,12 @@ using PlaneFwdFn = void (*)(const ConvArgs&, const void* x, bool x_cl, const voi
 // Grouped convs on NHWC x, for output rows (n, p) in [r0, r1), out/pre via the epilogue
 // (csrc/cpu/conv_grouped.h). grouped_fwd: C == K and kg = C / groups in {2, 4}, the weight as
 // wt (R, S, kg, C). grouped_bcast_fwd: kg = K / groups a multiple of 8 up to 32, any C / groups,
-// the weight as (R, S, C / groups, K); scratch of group_scratch(a) elements (the other ignores
-// it).
+// the weight as (groups, kg / sw, R, S, C / groups, sw), sw = grouped_bcast_slice(a) (the output
+// channels a forward tile computes: kg, or a slice of them); scratch of group_scratch(a) elements
+// (the other ignores it).
 using GroupedFwdFn = void (*)(const ConvArgs&, const void* x, const void* wt, const ConvEpilogue&,
                               int64_t r0, int64_t r1, void* scratch);
+using GroupedSliceFn = int64_t (*)(const ConvArgs&);
 // Gradients of a depthwise conv (groups == C == K) on NHWC gy (N, P, Q, C): the input gradient
 // of input rows (n, h) in [r0, r1) written into gx (N, H, W, C), weight w_rsc (R, S, C). And the
 // weight and bias gradients of the direct kernels, over output rows (n, p) in [r0, r1): part
@@ -306,6 +308,7 @@ struct ConvKernels {
   DepthwisePlaneParamsFn depthwise_plane_bwd_params[kNumConvDtypes];
   DirectParamsFn grouped_bwd_params[kNumConvDtypes];
   GroupedFwdFn grouped_bcast_fwd[kNumConvDtypes];
+  GroupedSliceFn grouped_bcast_slice[kNumConvDtypes];
   PlaneFwdFn plane_fwd[kNumConvDtypes];
   DirectParamsFn grouped_bcast_bwd_params[kNumConvDtypes];
   // float32, 8 channels a group in and out, an even number of groups, in pairs of groups: the

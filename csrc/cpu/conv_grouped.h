@@ -312,11 +312,11 @@ inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t r
 // pixels each from column q0, of vectors [v0, v0 + kTV) of group g's output channels: the sums
 // over the taps and the group's input channels of the broadcast input times the weight vectors
 // (w (groups, kNV / kTV, R, S, cg, kTV W): each slice of kTV vectors apart, its weight in one
-// run), from the rows' input rows (group_input_rows; rows: the first one's
-// tap row 0). kLean (channels_last outputs of Vec<T>): stored from the registers (true); else
-// (one row, all kNV vectors) to tile (kP, kg) for the epilogue. kXs: the distance between a
-// row's pixels in the rows, stride_w cg, where it is kg (stride 1, as many channels in as out:
-// ResNeXt's), else 0 (read at run time). The broadcasts then address one pointer a row at
+// run), from the rows' input rows (group_input_rows; rows: the first one's tap row 0). kLean
+// (channels_last outputs of Vec<T>): stored from the registers (true); else (one row, all kNV
+// vectors) to tile (kP, kg) for the epilogue. kXs: the distance between a row's pixels in the
+// rows, stride_w cg, where it is kg (stride 1, as many channels in as out: ResNeXt's), else 0
+// (read at run time). The broadcasts then address one pointer a row at
 // constant offsets: at run time each took a pointer of its own, and on AVX2 (16 general
 // registers) 7 pixels' pointers were reloaded from the stack at every step (32 x 256 x 28 x 28
 // in 32 groups on a Zen 3, alternating processes: 13.5-15.1 -> 12.7-14.2 ms; 512 x 14 x 14:

@@ -83,14 +83,15 @@ bool grouped_pairs(const ConvArgs& a, at::ScalarType ct) {
 
 // w (K, cg, R, S) as the broadcast forward reads it, (groups, kg / sw, R, S, cg, sw) for sw =
 // grouped_bcast_slice, or in pairs (groups / 2, R, S, 8, 16) with [h][r][s][c][8 j + k] =
-// w[(2 h + j) 8 + k][c][r][s], in dtype ct. The weight gradients' part is (groups, R, S, cg, kg)
+// w[(2 h + j) 8 + k][c][r][s], in dtype T. The weight gradients' part is (groups, R, S, cg, kg)
 // (sw = kg) or the pairs' layout: bcast_weight_grad takes it back to w's.
-at::Tensor bcast_weight(const at::Tensor& w, const ConvArgs& a, at::ScalarType ct, bool pairs) {
-  const at::Tensor wc = w.to(ct);
+template <typename T>
+at::Tensor bcast_weight(const at::Tensor& w, const ConvArgs& a, bool pairs) {
+  const at::Tensor wc = w.to(c10::CppTypeToScalarType<T>::value);
   if (pairs)
     return wc.view({a.groups / 2, 2, 8, 8, a.R, a.S}).permute({0, 4, 5, 3, 1, 2}).contiguous();
   const int64_t kg = a.K / a.groups;
-  const int64_t sw = kernels().grouped_bcast_slice[ct == at::kDouble ? kConvF64 : kConvF32](a);
+  const int64_t sw = kernels().grouped_bcast_slice[dt<T>()](a);
   return wc.view({a.groups, kg / sw, sw, a.C / a.groups, a.R, a.S})
       .permute({0, 1, 4, 5, 3, 2})
       .contiguous();
@@ -338,7 +339,7 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
   if (grouped(a) || grouped_bcast(a)) {
     const at::Tensor xn = nhwc(x);
     const bool bcast = grouped_bcast(a), pairs = bcast && grouped_pairs(a, ct);
-    const at::Tensor wt = bcast ? bcast_weight(weight, a, ct, pairs) : grouped_weight(weight, ct);
+    const at::Tensor wt = bcast ? bcast_weight<T>(weight, a, pairs) : grouped_weight(weight, ct);
     const GroupedFwdFn fn =
         pairs ? kr.grouped_pairs_fwd : (bcast ? kr.grouped_bcast_fwd : kr.grouped_fwd)[dt<T>()];
     at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {

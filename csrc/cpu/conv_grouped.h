@@ -150,17 +150,17 @@ template <typename V_, int kNV_>
 struct GroupShape {
   using V = V_;
   static constexpr int kNV = kNV_;
-  // Output pixels of a forward tile (kPixels x kNV accumulators, kNV weights and a broadcast in
-  // registers).
-  static constexpr int kFit = (kVecRegs - kNV - 1) / kNV;
-  static constexpr int kPixels = kFit < kGroupTile ? kFit : int{kGroupTile};
-  // A forward tile stored from the registers (channels_last) takes kSlice of the kNV vectors:
-  // one where all kNV would leave it fewer than kGroupTile pixels (AVX2's groups of 16 to 32
-  // channels), kSlicePixels pixels a row, in pairs of rows where a row fits in half a tile
-  // (kSlicePairs). Tiles of 2 pixels by 4 vectors (32 channels on AVX2) had read each weight
+  // A forward tile: kSlice of the kNV vectors, kSlicePixels pixels a row, in pairs of rows where
+  // a row fits in half a tile (kSlicePairs); kSlice x kSlicePixels accumulators, kSlice weights
+  // and a broadcast in registers. One vector where all kNV would leave fewer than kGroupTile
+  // pixels (AVX2's groups of 16 to 32 channels), except for AVX-512's eight-lane float vectors
+  // (group_dispatch), whose 24-channel groups keep 3 x 9 tiles (a slice's 15 loads for 14 FMAs,
+  // unmeasured there). Tiles of 2 pixels by 4 vectors (32 channels on AVX2) had read each weight
   // vector for two broadcasts, and the group's weight (36 KiB for 32 channels in) from L2 at
   // every tile; a slice's is a quarter of it, read for the block's rows.
-  static constexpr int kSlice = kFit < kGroupTile ? 1 : kNV;
+  static constexpr int kFit = (kVecRegs - kNV - 1) / kNV;
+  static constexpr bool kHalfWidth = std::is_same_v<V, VecF8> && VecF8::W != VecF::W;
+  static constexpr int kSlice = kFit < kGroupTile && !kHalfWidth ? 1 : kNV;
   static constexpr int kSliceFit = (kVecRegs - kSlice - 1) / kSlice;
   static constexpr int kSlicePixels = kSliceFit < kGroupTile ? kSliceFit : int{kGroupTile};
   static constexpr bool kSlicePairs = (kSlicePixels + 1) / 2 * 2 <= kSliceFit;
@@ -313,17 +313,17 @@ inline void prefetch_block(const ConvArgs& a, const T* x, const T* gy, int64_t r
 // over the taps and the group's input channels of the broadcast input times the weight vectors
 // (w (groups, kNV / kTV, R, S, cg, kTV W): each slice of kTV vectors apart, its weight in one
 // run), from the rows' input rows (group_input_rows; rows: the first one's tap row 0). kLean
-// (channels_last outputs of Vec<T>): stored from the registers (true); else (one row, all kNV
-// vectors) to tile (kP, kg) for the epilogue. kXs: the distance between a row's pixels in the
-// rows, stride_w cg, where it is kg (stride 1, as many channels in as out: ResNeXt's), else 0
-// (read at run time). The broadcasts then address one pointer a row at
-// constant offsets: at run time each took a pointer of its own, and on AVX2 (16 general
-// registers) 7 pixels' pointers were reloaded from the stack at every step (32 x 256 x 28 x 28
-// in 32 groups on a Zen 3, alternating processes: 13.5-15.1 -> 12.7-14.2 ms; 512 x 14 x 14:
-// 12.0-13.4 -> 9.8-10.1).
+// (channels_last outputs of Vec<T>): stored from the registers; else the pixels inside the row
+// into the group's block of outputs for the epilogue (group_forward_walk), `out` at the first
+// one's channel 0 (kg channels a pixel, Q pixels a row). kXs: the distance between a row's pixels
+// in the rows, stride_w cg, where it is kg (stride 1, as many channels in as out: ResNeXt's), else
+// 0 (read at run time). The broadcasts then address one pointer a row at constant offsets: at run
+// time each took a pointer of its own, and on AVX2 (16 general registers) 7 pixels' pointers were
+// reloaded from the stack at every step (32 x 256 x 28 x 28 in 32 groups on a Zen 3, alternating
+// processes: 13.5-15.1 -> 12.7-14.2 ms; 512 x 14 x 14: 12.0-13.4 -> 9.8-10.1).
 template <typename T, typename G, int kTV, int kP, int kRows, int kXs, bool kLean>
-inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* rows, const T* w,
-                           int64_t row, int64_t q0, int64_t g, int64_t v0, T* tile) {
+inline void group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* rows, const T* w,
+                           int64_t row, int64_t q0, int64_t g, int64_t v0, T* out) {
   using V = typename G::V;
   constexpr int kW = V::W, kN = kRows * kP;
   constexpr int64_t kg = G::kNV * kW, kSW = kTV * kW;
@@ -358,6 +358,7 @@ inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* ro
   // Channels_last: stored from the registers (through epilogue_rows, one call a tile, its
   // per-pixel work had been ~20% of a ResNeXt forward in groups of 8 channels on AVX2). Not for
   // AVX-512's eight-lane vectors, which have no epilogue of their own.
+  const int64_t nq = imin(kP, a.Q - q0);
   if constexpr (kLean) {
     const T* bias = static_cast<const T*>(e.bias);
     for (int b = 0; b < kRows; ++b) {
@@ -367,16 +368,15 @@ inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* ro
         V pixels[kP];
         for (int i = 0; i < kP; ++i) pixels[i] = acc[v][b * kP + i];
         const int64_t k = g * kg + (v0 + v) * kW;
-        store_pixels<T>(a, e, pixels, imin(kP, a.Q - q0), base, k, kW,
+        store_pixels<T>(a, e, pixels, nq, base, k, kW,
                         bias != nullptr ? V::load(bias + k) : V::zero());
       }
     }
-    return true;
   } else {
-    static_assert(kRows == 1 && kTV == G::kNV);
-    for (int i = 0; i < kP; ++i)
-      for (int v = 0; v < kTV; ++v) acc[v][i].store(tile + i * kg + v * kW);
-    return false;
+    for (int b = 0; b < kRows; ++b)
+      for (int i = 0; i < nq; ++i)
+        for (int v = 0; v < kTV; ++v)
+          acc[v][b * kP + i].store(out + (b * a.Q + i) * kg + (v0 + v) * kW);
   }
 }
 
@@ -386,36 +386,39 @@ inline bool group_fwd_tile(const ConvArgs& a, const ConvEpilogue& e, const T* ro
 // steps a tap row, against which the call is small; the 8-channel groups' tiles (24 steps) stay
 // inline, ~10% faster than out of line.
 template <typename T, typename G, int kTV, int kP, int kRows, int kXs, bool kLean>
-__attribute__((noinline)) bool group_fwd_tile_outlined(const ConvArgs& a, const ConvEpilogue& e,
+__attribute__((noinline)) void group_fwd_tile_outlined(const ConvArgs& a, const ConvEpilogue& e,
                                                        const T* rows, const T* w, int64_t row,
-                                                       int64_t q0, int64_t g, int64_t v0, T* tile) {
-  return group_fwd_tile<T, G, kTV, kP, kRows, kXs, kLean>(a, e, rows, w, row, q0, g, v0, tile);
+                                                       int64_t q0, int64_t g, int64_t v0, T* out) {
+  group_fwd_tile<T, G, kTV, kP, kRows, kXs, kLean>(a, e, rows, w, row, q0, g, v0, out);
 }
 
-// group_fwd_tile (out of line where kTV < kNV) for a tile of nr rows (2 only where kPairs) and np
-// pixels a row (kP or half that), vectors [v0, v0 + kTV), dense as its kXs; kLean: stored from
-// the registers (kPairs and kTV < kNV only then).
-template <typename T, typename G, int kTV, int kP, bool kPairs, bool kLean>
-inline bool group_fwd_tiles(const ConvArgs& a, const ConvEpilogue& e, const T* rows, const T* w,
+// group_fwd_tile of G's kSlice vectors from v0 (out of line where fewer than kNV) for a tile of
+// nr rows (2 only where kSlicePairs) and np pixels a row (kSlicePixels or half that), dense as
+// its kXs.
+template <typename T, typename G, bool kLean>
+inline void group_fwd_tiles(const ConvArgs& a, const ConvEpilogue& e, const T* rows, const T* w,
                             int64_t row, int64_t nr, int64_t q0, int64_t np, int64_t g, int64_t v0,
-                            bool dense, T* tile) {
-  constexpr int kH = (kP + 1) / 2, kXs = G::kNV * G::V::W;
+                            bool dense, T* out) {
+  constexpr int kTV = G::kSlice, kP = G::kSlicePixels, kH = (kP + 1) / 2;
+  constexpr int kXs = G::kNV * G::V::W;
   const auto run = [&]<int kN, int kRows>() {
-    if constexpr (kTV < G::kNV)
-      return dense ? group_fwd_tile_outlined<T, G, kTV, kN, kRows, kXs, kLean>(a, e, rows, w, row,
-                                                                               q0, g, v0, tile)
-                   : group_fwd_tile_outlined<T, G, kTV, kN, kRows, 0, kLean>(a, e, rows, w, row, q0,
-                                                                             g, v0, tile);
-    else
-      return dense ? group_fwd_tile<T, G, kTV, kN, kRows, kXs, kLean>(a, e, rows, w, row, q0, g, v0,
-                                                                      tile)
-                   : group_fwd_tile<T, G, kTV, kN, kRows, 0, kLean>(a, e, rows, w, row, q0, g, v0,
-                                                                    tile);
+    if constexpr (kTV < G::kNV) {
+      if (dense)
+        return group_fwd_tile_outlined<T, G, kTV, kN, kRows, kXs, kLean>(a, e, rows, w, row, q0, g,
+                                                                         v0, out);
+      return group_fwd_tile_outlined<T, G, kTV, kN, kRows, 0, kLean>(a, e, rows, w, row, q0, g, v0,
+                                                                     out);
+    } else {
+      if (dense)
+        return group_fwd_tile<T, G, kTV, kN, kRows, kXs, kLean>(a, e, rows, w, row, q0, g, v0, out);
+      return group_fwd_tile<T, G, kTV, kN, kRows, 0, kLean>(a, e, rows, w, row, q0, g, v0, out);
+    }
   };
-  if constexpr (kPairs) {
+  if constexpr (G::kSlicePairs) {
     if (nr == 2) return run.template operator()<kH, 2>();
   }
-  return np == kP ? run.template operator()<kP, 1>() : run.template operator()<kH, 1>();
+  if (np == kP) return run.template operator()<kP, 1>();
+  run.template operator()<kH, 1>();
 }
 
 // Rows [c0, c0 + kC), vectors [v0, v0 + kNV) of the weight gradient of group g at tap (r, s),
@@ -484,29 +487,36 @@ inline void for_group_chunks(const ConvArgs& a, const T* x, const T* gy, int64_t
 // chains, and fewer than 8 (4 cycles' latency x 2 FMA units) leave the units idle: full tiles
 // with a short one at the end compute the fewest pixels past the row at little more than the
 // cost of half tiles), in pairs of rows (nr = 2) where `pairs` and a row fits in half a tile.
-// tile(row, nr, q0, np, g, v, row's tap row 0 in the group's copy) stores the tile (true) or
-// leaves it in et.acc for the epilogue.
+// tile(row, nr, q0, np, g, v, row's tap row 0 in the group's copy, out) stores the tile (lean),
+// else puts it at out in the group's block of outputs (Q kg a row, in the scratch after the
+// rows, where the weight gradient copies gy), which then takes the epilogue at once: NCHW
+// outputs transposed 16 pixels at a time, not a tile's 2 to 14 (the epilogue of 2-pixel tiles
+// had been ~40% of a 32 x 1024 x 7 x 7 forward in 32 groups on a Zen 3).
 template <typename T, typename Tile>
-inline void group_forward_walk(const ConvArgs& a, const T* x, const ConvEpilogue& et, int64_t r0,
-                               int64_t r1, int64_t full, int64_t slices, bool pairs, T* rows,
-                               Tile&& tile) {
-  const int64_t row_elems = group_row_width(a) * (a.C / a.groups);
+inline void group_forward_walk(const ConvArgs& a, const T* x, const ConvEpilogue& e, int64_t r0,
+                               int64_t r1, int64_t full, int64_t slices, bool pairs, bool lean,
+                               T* rows, Tile&& tile) {
+  const int64_t kg = a.K / a.groups, row_elems = group_row_width(a) * (a.C / a.groups);
   const int64_t per = group_rows_elems(a, sizeof(T)), half = (full + 1) / 2;
   const int64_t step = pairs && a.Q <= half ? 2 : 1;
+  T* block = rows + group_chunk(a, sizeof(T)) * per;
+  ConvEpilogue eb = e;
+  eb.acc = block;
   for_group_chunks<T>(
       a, x, nullptr, r0, r1, 0, a.groups, [&](int64_t row0, int64_t row1, int64_t g0, int64_t g1) {
         group_input_rows<T>(a, x, row0, row1 - row0, g0, g1, rows);
-        for (int64_t g = g0; g < g1; ++g)
+        for (int64_t g = g0; g < g1; ++g) {
           for (int64_t v = 0; v < slices; ++v)
             for (int64_t row = row0, nr; row < row1; row += nr) {
               nr = imin(step, row1 - row);
               const T* taps = rows + (g - g0) * per + (row - row0) * a.stride_h * row_elems;
               for (int64_t q0 = 0, np; q0 < a.Q; q0 += np) {
                 np = a.Q - q0 <= half ? half : full;
-                if (!tile(row, nr, q0, np, g, v, taps))
-                  epilogue_rows<T>(a, et, row * a.Q + q0, imin(np, a.Q - q0), g);
+                tile(row, nr, q0, np, g, v, taps, block + ((row - row0) * a.Q + q0) * kg);
               }
             }
+          if (!lean) epilogue_rows<T>(a, eb, row0 * a.Q, (row1 - row0) * a.Q, g);
+        }
       });
 }
 
@@ -552,10 +562,11 @@ inline void group_params_walk(const ConvArgs& a, const T* x, const T* gy, int64_
 // reaches its lanes by a permute of the pixel's 16 input channels (VecF::spread_halves: lanes
 // 0-7 take channel c, 8-15 channel 8 + c), so no channel of the other group enters a sum. The
 // plain kernel spent a broadcast load on every 8-lane FMA, at ~a quarter of the FMA peak. a2:
-// the conv with groups / 2 (pairs) groups; w (pairs, R, S, 8, 16), tile (kP, 16).
+// the conv with groups / 2 (pairs) groups; w (pairs, R, S, 8, 16); the pixels inside the row to
+// out, 16 floats apart.
 template <int kP>
 inline void pair_fwd_tile(const ConvArgs& a2, const float* rows, const float* w, int64_t row,
-                          int64_t q0, int64_t h, float* tile) {
+                          int64_t q0, int64_t h, float* out) {
   const int64_t width = group_row_width(a2), xs = a2.stride_w * 16;
   VecF acc[kP];
   for (int i = 0; i < kP; ++i) acc[i] = VecF::zero();
@@ -572,7 +583,11 @@ inline void pair_fwd_tile(const ConvArgs& a2, const float* rows, const float* w,
       }
     }
   }
-  for (int i = 0; i < kP; ++i) acc[i].store(tile + i * 16);
+  // A test in the unrolled loop, not a run-time bound: GCC had kept acc in memory for it.
+  const int64_t nq = imin(kP, a2.Q - q0);
+#pragma GCC unroll 16
+  for (int i = 0; i < kP; ++i)
+    if (i < nq) acc[i].store(out + i * 16);
 }
 
 // The pairs' weight gradient at tap (r, s): part (pairs, R, S, 8, 16) += the spread inputs
@@ -609,19 +624,17 @@ void conv_grouped_pairs_fwd(const ConvArgs& a, const void* x_, const void* w_,
   const float* w = static_cast<const float*>(w_);
   ConvArgs a2 = a;
   a2.groups = a.groups / 2;
-  float tile[kP * 16];
   ConvEpilogue et = e_;
   et.stream = e_.stream && a.out_sk == 1 && !e_.bf16;  // whole lines of 16 floats
-  et.acc = tile;
   float* rows = static_cast<float*>(scratch);
   conv_detail::group_forward_walk<float>(
-      a2, static_cast<const float*>(x_), et, r0, r1, kP, 1, false, rows,
-      [&](int64_t row, int64_t, int64_t q0, int64_t np, int64_t h, int64_t, const float* taps) {
+      a2, static_cast<const float*>(x_), et, r0, r1, kP, 1, false, false, rows,
+      [&](int64_t row, int64_t, int64_t q0, int64_t np, int64_t h, int64_t, const float* taps,
+          float* out) {
         if (np == kP)
-          conv_detail::pair_fwd_tile<kP>(a2, taps, w, row, q0, h, tile);
+          conv_detail::pair_fwd_tile<kP>(a2, taps, w, row, q0, h, out);
         else
-          conv_detail::pair_fwd_tile<(kP + 1) / 2>(a2, taps, w, row, q0, h, tile);
-        return false;
+          conv_detail::pair_fwd_tile<(kP + 1) / 2>(a2, taps, w, row, q0, h, out);
       });
   if (et.stream) VecF::fence();
 }
@@ -649,34 +662,25 @@ constexpr GroupedFwdFn kGroupedPairsFwd = nullptr;
 constexpr DirectParamsFn kGroupedPairsBwdParams = nullptr;
 #endif
 
-namespace conv_detail {
-// Whether conv_grouped_bcast_fwd stores a's tiles of shape G from the registers (channels_last
-// outputs, vectors of Vec<T>), its tiles then of G::kSlice vectors.
-template <typename T, typename G>
-bool group_lean(const ConvArgs& a) {
-  if constexpr (G::V::W == Vec<T>::W) return a.out_sk == 1;
-  return false;
-}
-}  // namespace conv_detail
-
-// The output channels of conv_grouped_bcast_fwd's tiles of a (GroupedSliceFn): its weight's sw.
-// A slice's weight in one run: the 32-channel groups' slices of 8 (AVX2) had read a 32-byte
-// quarter of every 128-byte weight row, ~8% slower (32 x 1024 x 7 x 7 on a Zen 3).
+// The output channels of conv_grouped_bcast_fwd's tiles of a (GroupedSliceFn): its weight's sw,
+// GroupShape's kSlice vectors. A slice's weight in one run: the 32-channel groups' slices of 8
+// (AVX2) had read a 32-byte quarter of every 128-byte weight row, ~8% slower (32 x 1024 x 7 x 7
+// on a Zen 3).
 template <typename T>
 int64_t conv_grouped_bcast_slice(const ConvArgs& a) {
   int64_t sw = a.K / a.groups;
   conv_detail::group_dispatch<T>(sw, [&](auto shape) {
     using G = decltype(shape);
-    if (conv_detail::group_lean<T, G>(a)) sw = G::kSlice * G::V::W;
+    sw = G::kSlice * G::V::W;
   });
   return sw;
 }
 
 // Grouped conv whose groups have kg = K / groups output channels, a multiple of 8 up to 32 (any
-// input width cg), on NHWC x, output rows (n, p) in [r0, r1) by group_forward_walk: tiles by
-// group_fwd_tile, channels_last of GroupShape's kSlice vectors, the others of all kNV, through
-// the epilogue. Each weight load serves a tile's pixels, each broadcast one to four vectors of
-// output channels.
+// input width cg), on NHWC x, output rows (n, p) in [r0, r1) by group_forward_walk: tiles of
+// GroupShape's kSlice vectors by group_fwd_tile, stored from the registers where the output is
+// channels_last of vectors of Vec<T>, else through the epilogue a block at a time. Each weight
+// load serves a tile's pixels, each broadcast one to four vectors of output channels.
 template <typename T>
 void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
                             const ConvEpilogue& e_, int64_t r0, int64_t r1, void* scratch) {
@@ -690,28 +694,21 @@ void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
   et.stream = e_.stream && a.out_sk == 1 && kg * (e_.bf16 ? 2 : int64_t(sizeof(T))) % 64 == 0;
   conv_detail::group_dispatch<T>(kg, [&](auto shape) {
     using G = decltype(shape);
-    T tile[G::kPixels * G::kNV * G::V::W];
-    et.acc = tile;
     const bool dense = a.stride_w * (a.C / a.groups) == G::kNV * G::V::W;
+    const auto walk = [&]<bool kLean>() {
+      conv_detail::group_forward_walk<T>(
+          a, x, et, r0, r1, G::kSlicePixels, G::kNV / G::kSlice, G::kSlicePairs, kLean, rows,
+          [&](int64_t row, int64_t nr, int64_t q0, int64_t np, int64_t g, int64_t v, const T* taps,
+              T* out) {
+            conv_detail::group_fwd_tiles<T, G, kLean>(a, et, taps, w, row, nr, q0, np, g,
+                                                      v * G::kSlice, dense, out);
+          });
+    };
+    // Stored from the registers: channels_last, vectors of Vec<T> (store_pixels').
     if constexpr (G::V::W == Vec<T>::W) {
-      if (conv_detail::group_lean<T, G>(a)) {
-        constexpr int kTV = G::kSlice, kP = G::kSlicePixels;
-        conv_detail::group_forward_walk<T>(
-            a, x, et, r0, r1, kP, G::kNV / kTV, G::kSlicePairs, rows,
-            [&](int64_t row, int64_t nr, int64_t q0, int64_t np, int64_t g, int64_t v,
-                const T* taps) {
-              return conv_detail::group_fwd_tiles<T, G, kTV, kP, G::kSlicePairs, true>(
-                  a, et, taps, w, row, nr, q0, np, g, v * kTV, dense, tile);
-            });
-        return;
-      }
+      if (a.out_sk == 1) return walk.template operator()<true>();
     }
-    conv_detail::group_forward_walk<T>(
-        a, x, et, r0, r1, G::kPixels, 1, false, rows,
-        [&](int64_t row, int64_t nr, int64_t q0, int64_t np, int64_t g, int64_t, const T* taps) {
-          return conv_detail::group_fwd_tiles<T, G, G::kNV, G::kPixels, false, false>(
-              a, et, taps, w, row, nr, q0, np, g, 0, dense, tile);
-        });
+    walk.template operator()<false>();
   });
   if (et.stream) Vec<T>::fence();
 }

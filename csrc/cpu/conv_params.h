@@ -230,7 +230,8 @@ inline int64_t group_chunk(const ConvArgs& a, int64_t elem) {
   const int64_t chunk = bytes > 0 ? 256 / bytes : 1;
   return chunk < 1 ? 1 : (chunk > a.groups ? a.groups : chunk);
 }
-// One group's copy of a block's output gradient (the weight gradient's; pixels of K / groups).
+// One group's copy of a block's output gradient (the weight gradient's), or its outputs before
+// the epilogue (the forward's): pixels of K / groups.
 inline int64_t group_gy_elems(const ConvArgs& a, int64_t elem) {
   return group_block_rows(a, elem) * a.Q * (a.K / a.groups);
 }

@@ -104,6 +104,14 @@ at::Tensor bcast_weight_grad(const at::Tensor& gw, const ConvArgs& a, bool pairs
   return g.reshape({a.K, cg, a.R, a.S});
 }
 
+// x as the broadcast kernels read it in ct, a's x_nchw set to match: NCHW memory as it is, else
+// NHWC (nhwc: no copy where x is already).
+at::Tensor bcast_input(const at::Tensor& x, ConvArgs& a, at::ScalarType ct) {
+  a.x_nchw = x.scalar_type() == ct && x.is_contiguous() &&
+             !x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return a.x_nchw ? x : nhwc(x);
+}
+
 // The scratch of a broadcast kernel, in elements (a pair's input rows hold both groups'
 // channels).
 int64_t bcast_scratch(const ConvArgs& a, int64_t elem, bool pairs) {
@@ -293,10 +301,11 @@ ConvGrads grouped_grads(const conv::ConvGeom& g, const ConvArgs& a, const at::Te
     const ConvKernels& kr = kernels();
     const bool pairs = grouped_pairs(a, gy.scalar_type());
     const DirectParamsFn paired[kNumConvDtypes] = {kr.grouped_pairs_bwd_params, nullptr};
-    const auto [gw, gb] =
-        direct_params(a, want_weight ? nhwc(x) : at::Tensor(), gy, a.R * a.S * (a.C / a.groups),
-                      pairs ? paired : kr.grouped_bcast_bwd_params,
-                      bcast_scratch(a, gy.element_size(), pairs), pairs ? a.groups / 2 : a.groups);
+    ConvArgs ax = a;
+    const at::Tensor xn = want_weight ? bcast_input(x, ax, gy.scalar_type()) : at::Tensor();
+    const auto [gw, gb] = direct_params(
+        ax, xn, gy, a.R * a.S * (a.C / a.groups), pairs ? paired : kr.grouped_bcast_bwd_params,
+        bcast_scratch(a, gy.element_size(), pairs), pairs ? a.groups / 2 : a.groups);
     if (want_weight)
       r.weight = bcast_weight_grad(gw, a, pairs).to(weight.scalar_type()).contiguous();
     if (want_bias) r.bias = gb.to(dtype);
@@ -337,14 +346,15 @@ void direct_forward(const Gemm& p, const at::Tensor& x, const at::Tensor& weight
     return direct_forward<T>(pe, expand_channels(x, a.K / a.C), weight, e);
   }
   if (grouped(a) || grouped_bcast(a)) {
-    const at::Tensor xn = nhwc(x);
     const bool bcast = grouped_bcast(a), pairs = bcast && grouped_pairs(a, ct);
+    ConvArgs ax = a;
+    const at::Tensor xn = bcast ? bcast_input(x, ax, ct) : nhwc(x);
     const at::Tensor wt = bcast ? bcast_weight<T>(weight, a, pairs) : grouped_weight(weight, ct);
     const GroupedFwdFn fn =
         pairs ? kr.grouped_pairs_fwd : (bcast ? kr.grouped_bcast_fwd : kr.grouped_fwd)[dt<T>()];
     at::parallel_for(0, a.N * a.P, 1, [&](int64_t r0, int64_t r1) {
       std::vector<T> rows(bcast ? bcast_scratch(a, sizeof(T), pairs) : 0);
-      fn(a, xn.const_data_ptr<T>(), wt.const_data_ptr<T>(), e, r0, r1, rows.data());
+      fn(ax, xn.const_data_ptr<T>(), wt.const_data_ptr<T>(), e, r0, r1, rows.data());
     });
     return;
   }

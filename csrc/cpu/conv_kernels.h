@@ -225,7 +225,8 @@ constexpr int64_t kTransposeAhead = 4;
 // image for conv.cpp (torch's permute copy moved ~15 GB/s here) and the NCHW epilogue's blocks.
 // AVX-512 transposes 16 x 16 blocks in registers (transpose16), a last block of
 // fewer rows through masked loads and stores (the epilogue's tiles of 14 pixels had run the plain
-// loop), AVX2 whole 8 x 8 blocks (transpose8); the remaining rows and columns, and the scalar
+// loop), AVX2 8 x 8 blocks (transpose8), the last ones of fewer rows or columns masked (the
+// grouped kernels' copies of NCHW rows of 7 pixels); AVX-512's remaining columns, and the scalar
 // build, run plain loops (AVX2's had: its NCHW Winograd forward's transposes ~15% of its time
 // on a Zen 3, as much as the GEMMs'). The AVX-512 loop prefetches
 // the source kTransposeAhead blocks ahead: its rows are often the channel planes of an NCHW
@@ -265,16 +266,16 @@ void conv_transpose(const void* src_, int64_t lds, void* dst_, int64_t ldd, int6
   }
 #elif FASTDL_VEC == 256
   if constexpr (sizeof(T) == 4) {
-    for (; r + 8 <= rows; r += 8) {
-      int64_t c = 0;
-      for (; c + 8 <= cols; c += 8) {
+    for (; r < rows; r += 8) {
+      const int64_t nr = imin(8, rows - r);
+      for (int64_t c = 0; c < cols; c += 8) {
+        const int64_t nc = imin(8, cols - c);
         __m256 a[8];
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(src + (r + i) * lds + c);
+        for (int i = 0; i < 8; ++i)
+          a[i] = i < nr ? ld<VecF>(src + (r + i) * lds + c, nc).v : _mm256_setzero_ps();
         transpose8(a);
-        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (c + j) * ldd + r, a[j]);
+        for (int j = 0; j < nc; ++j) st(dst + (c + j) * ldd + r, VecF{a[j]}, nr);
       }
-      for (; c < cols; ++c)
-        for (int64_t i = r; i < r + 8; ++i) dst[c * ldd + i] = src[i * lds + c];
     }
   }
 #endif

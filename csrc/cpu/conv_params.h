@@ -28,6 +28,9 @@ struct ConvArgs {
   // than (r, s, c). conv.cpp picks it for deep layers, whose weight the GEMMs then read and
   // write in torch's layout (no copy either way).
   bool crs;
+  // x is contiguous NCHW, not NHWC: read so by the grouped broadcast kernels (their copies of
+  // x's rows, group_input_rows), the only ones that take it.
+  bool x_nchw = false;
 };
 
 // Epilogue of one block of GEMM rows [m0, m0 + mb) and one group g: acc is (mb, K / groups),

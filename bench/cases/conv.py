@@ -207,14 +207,15 @@ CASES = [
     _case("conv2d 3x3 s2", "fwd+bwd", (32, 128, 56, 56), BF16, "", None, 128, 3, 2, 1, _conv(2, 1)),
     _case("conv2d 3x3", "fwd+bwd", RESNET, BF16, CL, None, 64, 3, 1, 1, _3x3),
     # ResNeXt-50 (32x4d)'s grouped 3x3 convs, 32 groups, one per stage (4, 8, 16 and 32 channels
-    # a group; no target of the issue): the direct grouped kernels.
+    # a group; no target of the issue): the direct grouped kernels; NCHW for two of the stages
+    # (the broadcast kernels' NCHW reads and epilogue).
     *(
         _case(
             f"resnext 3x3 g32 {c}ch {h}x{h}",
             mode,
             (32, c, h, h),
             F32,
-            CL,
+            variant,
             None,
             c,
             3,
@@ -223,7 +224,11 @@ CASES = [
             _conv(1, 1, 32),
             groups=32,
         )
-        for c, h in ((128, 56), (256, 28), (512, 14), (1024, 7))
+        for variant, stages in (
+            (CL, ((128, 56), (256, 28), (512, 14), (1024, 7))),
+            ("", ((256, 28), (1024, 7))),
+        )
+        for c, h in stages
         for mode in ("fwd", "fwd+bwd")
     ),
     # ResNet-18 on 32x32 images: the deep layers (many channels, few pixels; reported beside

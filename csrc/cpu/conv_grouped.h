@@ -699,10 +699,11 @@ int64_t conv_grouped_bcast_slice(const ConvArgs& a) {
 }
 
 // Grouped conv whose groups have kg = K / groups output channels, a multiple of 8 up to 32 (any
-// input width cg), on NHWC x, output rows (n, p) in [r0, r1) by group_forward_walk: tiles of
-// GroupShape's kSlice vectors by group_fwd_tile, stored from the registers where the output is
-// channels_last of vectors of Vec<T>, else through the epilogue a block at a time. Each weight
-// load serves a tile's pixels, each broadcast one to four vectors of output channels.
+// input width cg), on NHWC x (NCHW: a.x_nchw), output rows (n, p) in [r0, r1) by
+// group_forward_walk: tiles of GroupShape's kSlice vectors by group_fwd_tile, stored from the
+// registers where the output is channels_last of vectors of Vec<T>, else through the epilogue a
+// block at a time. Each weight load serves a tile's pixels, each broadcast one to four vectors
+// of output channels.
 template <typename T>
 void conv_grouped_bcast_fwd(const ConvArgs& a, const void* x_, const void* w_,
                             const ConvEpilogue& e_, int64_t r0, int64_t r1, void* scratch) {

@@ -169,12 +169,12 @@ inline int64_t plane_scratch(const ConvArgs& a, int64_t elem) {
 using PlaneFwdFn = void (*)(const ConvArgs&, const void* x, bool x_cl, const void* wt,
                             const ConvEpilogue&, int64_t b0, int64_t b1, void* scratch);
 
-// Grouped convs on NHWC x, for output rows (n, p) in [r0, r1), out/pre via the epilogue
-// (csrc/cpu/conv_grouped.h). grouped_fwd: C == K and kg = C / groups in {2, 4}, the weight as
-// wt (R, S, kg, C). grouped_bcast_fwd: kg = K / groups a multiple of 8 up to 32, any C / groups,
-// the weight as (groups, kg / sw, R, S, C / groups, sw), sw = grouped_bcast_slice(a) (the output
-// channels a forward tile computes: kg, or a slice of them); scratch of group_scratch(a) elements
-// (the other ignores it).
+// Grouped convs on NHWC x (NCHW where a.x_nchw, grouped_bcast_fwd only), for output rows (n, p)
+// in [r0, r1), out/pre via the epilogue (csrc/cpu/conv_grouped.h). grouped_fwd: C == K and kg = C /
+// groups in {2, 4}, the weight as wt (R, S, kg, C). grouped_bcast_fwd: kg = K / groups a multiple
+// of 8 up to 32, any C / groups, the weight as (groups, kg / sw, R, S, C / groups, sw), sw =
+// grouped_bcast_slice(a) (the output channels a forward tile computes: kg, or a slice of them);
+// scratch of group_scratch(a) elements (the other ignores it).
 using GroupedFwdFn = void (*)(const ConvArgs&, const void* x, const void* wt, const ConvEpilogue&,
                               int64_t r0, int64_t r1, void* scratch);
 using GroupedSliceFn = int64_t (*)(const ConvArgs&);

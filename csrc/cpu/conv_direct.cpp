@@ -91,7 +91,7 @@ at::Tensor bcast_weight(const at::Tensor& w, const ConvArgs& a, bool pairs) {
   if (pairs)
     return wc.view({a.groups / 2, 2, 8, 8, a.R, a.S}).permute({0, 4, 5, 3, 1, 2}).contiguous();
   const int64_t kg = a.K / a.groups;
-  const int64_t sw = kernels().grouped_bcast_slice[dt<T>()](a);
+  const int64_t sw = kernels().grouped_bcast_slice[dt<T>()](kg);
   return wc.view({a.groups, kg / sw, sw, a.C / a.groups, a.R, a.S})
       .permute({0, 1, 4, 5, 3, 2})
       .contiguous();

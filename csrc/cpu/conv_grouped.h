@@ -684,13 +684,13 @@ constexpr GroupedFwdFn kGroupedPairsFwd = nullptr;
 constexpr DirectParamsFn kGroupedPairsBwdParams = nullptr;
 #endif
 
-// The output channels of conv_grouped_bcast_fwd's tiles of a (GroupedSliceFn): its weight's sw,
-// GroupShape's kSlice vectors. A slice's weight in one run: the 32-channel groups' slices of 8
-// (AVX2) had read a 32-byte quarter of every 128-byte weight row, ~8% slower (32 x 1024 x 7 x 7
-// on a Zen 3).
+// The output channels of conv_grouped_bcast_fwd's tiles for groups of kg output channels
+// (GroupedSliceFn): its weight's sw, GroupShape's kSlice vectors. A slice's weight in one run: the
+// 32-channel groups' slices of 8 (AVX2) had read a 32-byte quarter of every 128-byte weight row,
+// ~8% slower (32 x 1024 x 7 x 7 on a Zen 3).
 template <typename T>
-int64_t conv_grouped_bcast_slice(const ConvArgs& a) {
-  int64_t sw = a.K / a.groups;
+int64_t conv_grouped_bcast_slice(int64_t kg) {
+  int64_t sw = kg;
   conv_detail::group_dispatch<T>(sw, [&](auto shape) {
     using G = decltype(shape);
     sw = G::kSlice * G::V::W;

@@ -173,11 +173,11 @@ using PlaneFwdFn = void (*)(const ConvArgs&, const void* x, bool x_cl, const voi
 // in [r0, r1), out/pre via the epilogue (csrc/cpu/conv_grouped.h). grouped_fwd: C == K and kg = C /
 // groups in {2, 4}, the weight as wt (R, S, kg, C). grouped_bcast_fwd: kg = K / groups a multiple
 // of 8 up to 32, any C / groups, the weight as (groups, kg / sw, R, S, C / groups, sw), sw =
-// grouped_bcast_slice(a) (the output channels a forward tile computes: kg, or a slice of them);
+// grouped_bcast_slice(kg) (the output channels a forward tile computes: kg, or a slice of them);
 // scratch of group_scratch(a) elements (the other ignores it).
 using GroupedFwdFn = void (*)(const ConvArgs&, const void* x, const void* wt, const ConvEpilogue&,
                               int64_t r0, int64_t r1, void* scratch);
-using GroupedSliceFn = int64_t (*)(const ConvArgs&);
+using GroupedSliceFn = int64_t (*)(int64_t kg);
 // Gradients of a depthwise conv (groups == C == K) on NHWC gy (N, P, Q, C): the input gradient
 // of input rows (n, h) in [r0, r1) written into gx (N, H, W, C), weight w_rsc (R, S, C). And the
 // weight and bias gradients of the direct kernels, over output rows (n, p) in [r0, r1): part

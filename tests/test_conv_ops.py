@@ -585,7 +585,9 @@ def test_every_isa_streamed_outputs(isa, layout):
     """Per ISA and layout: outputs of >= 8 MiB are written with non-temporal stores where a whole
     vector lands aligned, ordinary ones elsewhere (rows of 131 pixels: vectors straddle the
     alignment), through the Winograd epilogue with bias + residual + ReLU, the implicit GEMM's
-    (1x1), both depthwise kernels and (NCHW) the plane kernel's lean one; equal to float64."""
+    (1x1), both depthwise kernels (with bias + ReLU; channels_last on AVX2: a pixel's two
+    half-line vectors streamed back to back) and (NCHW) the plane kernel's lean one; equal to
+    float64."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(2, 16, 131, 131).contiguous(memory_format=fmt)
     w, w1 = torch.randn(64, 16, 3, 3) / 12, torch.randn(64, 16, 1, 1) / 4
@@ -598,7 +600,7 @@ def test_every_isa_streamed_outputs(isa, layout):
         with fastdl.backend(NATIVE_CPU.name), torch.no_grad():
             y = fastdl.conv2d(x, w, b, 1, 1, activation="relu", residual=res)
             y1 = fastdl.conv2d(x, w1, b)
-            z = fastdl.conv2d(y, wd, None, 1, 1, 1, 64)
+            z = fastdl.conv2d(y, wd, b, 1, 1, 1, 64, activation="relu")
             y3 = fastdl.conv2d(x[:, :3], w3, b, 1, 2, activation="relu")
     finally:
         _ext.set_cpu_isa(previous)
@@ -611,7 +613,8 @@ def test_every_isa_streamed_outputs(isa, layout):
     yd = ref_conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 1, "relu", res.double())
     assert_close(y, yd, torch.float32)
     assert_close(y1, ref_conv2d(x.double(), w1.double(), b.double(), 1, 0, 1, 1), torch.float32)
-    assert_close(z, ref_conv2d(y.double(), wd.double(), None, 1, 1, 1, 64), torch.float32)
+    zd = ref_conv2d(y.double(), wd.double(), b.double(), 1, 1, 1, 64, "relu")
+    assert_close(z, zd, torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

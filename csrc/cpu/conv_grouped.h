@@ -21,10 +21,11 @@ struct GroupLanes {
     for (int64_t t = 0; t < kg; ++t)
       rot[t] = V::rotation(static_cast<int>(kg), static_cast<int>(t));
   }
+  // The lanes of step t from v, a vector loaded at the group's channel 0.
+  V rotated(V v, int64_t t) const { return t == 0 ? v : v.rotate(rot[t]); }
   template <typename T>
   V load(const T* x, int64_t t, uint32_t in) const {
-    const V v = V::load_lanes(x, in);
-    return t == 0 ? v : v.rotate(rot[t]);
+    return rotated(V::load_lanes(x, in), t);
   }
 };
 
@@ -59,23 +60,41 @@ FASTDL_FLATTEN void conv_grouped_fwd(const ConvArgs& a, const void* x_, const vo
               const T* wr = wt + r * a.S * kg * C + c0;
               if (a.S == 3 && a.stride_w == 1 && a.dil_w == 1) {
                 // The kTile + 2 pixels the tile's three taps read, each loaded and rotated once a
-                // step (not once for each tap that reads it).
+                // step (not once for each tap that reads it): whole vectors by plain loads where
+                // all of them lie inside the row (all but a row's first and last tiles), else
+                // masked ones. The sums in registers meanwhile: acc, which a float load may
+                // alias, had been stored back at every step.
                 constexpr int64_t kIn = kTile + 2;
                 const T* xp[kIn];
                 uint32_t on[kIn];
+                bool whole = len == V::W;
 #pragma GCC unroll 8
-                for (int64_t j = 0; j < kIn; ++j) xp[j] = pixel(xrow, q0 - a.pad_w + j, on[j]);
-                for (int64_t t = 0; t < kg; ++t) {
-                  V xv[kIn];
-#pragma GCC unroll 8
-                  for (int64_t j = 0; j < kIn; ++j) xv[j] = lanes.load(xp[j], t, on[j]);
-#pragma GCC unroll 3
-                  for (int64_t s = 0; s < 3; ++s) {
-                    const V wv = ld<V>(wr + (s * kg + t) * C, len);
-#pragma GCC unroll 4
-                    for (int64_t j = 0; j < kTile; ++j) acc[j] = fma(xv[j + s], wv, acc[j]);
-                  }
+                for (int64_t j = 0; j < kIn; ++j) {
+                  xp[j] = pixel(xrow, q0 - a.pad_w + j, on[j]);
+                  whole = whole && on[j] == live;
                 }
+                V sum[kTile];
+#pragma GCC unroll 4
+                for (int64_t j = 0; j < kTile; ++j) sum[j] = acc[j];
+                const auto steps = [&](auto load) {
+                  for (int64_t t = 0; t < kg; ++t) {
+                    V xv[kIn];
+#pragma GCC unroll 8
+                    for (int64_t j = 0; j < kIn; ++j) xv[j] = load(j, t);
+#pragma GCC unroll 3
+                    for (int64_t s = 0; s < 3; ++s) {
+                      const V wv = ld<V>(wr + (s * kg + t) * C, len);
+#pragma GCC unroll 4
+                      for (int64_t j = 0; j < kTile; ++j) sum[j] = fma(xv[j + s], wv, sum[j]);
+                    }
+                  }
+                };
+                if (whole)
+                  steps([&](int64_t j, int64_t t) { return lanes.rotated(V::load(xp[j]), t); });
+                else
+                  steps([&](int64_t j, int64_t t) { return lanes.load(xp[j], t, on[j]); });
+#pragma GCC unroll 4
+                for (int64_t j = 0; j < kTile; ++j) acc[j] = sum[j];
                 return;
               }
               for (int64_t s = 0; s < a.S; ++s) {

@@ -1,6 +1,13 @@
 // Every family's CPU kernels for the baseline target (no ISA extension assumed; the compiler
 // vectorizes the portable vectors for it): the fallback on any CPU and the reference for the
 // SIMD builds.
+//
+// Optimized as at -O2, not the extension's -O3: GCC 12 took 5 minutes over this file at -O3 (the
+// longest of the build, alone on one of CI's two cores at its end), under 3 so, which still
+// vectorizes the portable vectors' fixed-length loops.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("O2")
+#endif
 #include <cstdint>
 
 #include "cpu/graph_params.h"

@@ -3,8 +3,8 @@
 // SIMD builds.
 //
 // Optimized as at -O2, not the extension's -O3: GCC 12 took 5 minutes over this file at -O3 (the
-// longest of the build, alone on one of CI's two cores at its end), under 3 so, which still
-// vectorizes the portable vectors' fixed-length loops.
+// longest of the build, alone on one of CI's two cores at its end) and under 3 at -O2, which
+// still vectorizes the portable vectors' fixed-length loops.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("O2")
 #endif
